@@ -1,0 +1,158 @@
+"""The feature pipeline shared by training (batch) and serving (the Bytewax flow).
+
+Serving runs the same steps as `FeatureEngine.process`, one keyed Bytewax step per entity:
+`index_transaction` / `join_label` keyed by txn_id, then `EntityPlan.observe` /
+`observe_label` keyed by each entity, then `assemble`. Training replays a file through
+`FeatureEngine`, which holds the same per-key states in dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+
+from features.events import DeadLetter, Label, Transaction
+from features.spec import FeatureSet
+from features.state import NAN, EntityPlan, EntityState
+
+
+class TxnEntry(msgspec.Struct, array_like=True, gc=False):
+    """What a label needs, days later, to reach its transaction's entities."""
+
+    ts_ms: int
+    keys: tuple[str | None, ...]
+    labelled: bool = False
+
+
+class LabelEvent(msgspec.Struct, frozen=True, gc=False):
+    """A label joined to its transaction: event time, entity keys (one per plan, None if absent)."""
+
+    txn_id: str
+    is_fraud: bool
+    ts_ms: int
+    txn_ts_ms: int
+    keys: tuple[str | None, ...]
+    received_ns: int = 0
+
+
+@dataclass
+class FeatureRow:
+    """A transaction on its way through the entity steps, collecting feature values."""
+
+    txn: Transaction
+    keys: tuple[str | None, ...]
+    parts: list[list[float]] = field(default_factory=list)
+    late: bool = False
+
+
+def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
+    """Features of the transaction alone (no history)."""
+    days = txn.ts_ms // 86_400_000
+    known = {
+        "amount": txn.amount,
+        "hour_of_day": float((txn.ts_ms // 3_600_000) % 24),
+        "day_of_week": float((days + 3) % 7),  # 1970-01-01 was a Thursday; Monday = 0
+        "is_online": float(txn.channel == "online"),
+        "has_device": float(txn.device_id is not None),
+        "mcc_code": float(txn.mcc) if txn.mcc and txn.mcc.isdigit() else NAN,
+    }
+    return [known[n] for n in names]
+
+
+class Pipeline:
+    """The compiled feature set: one `EntityPlan` per entity, in declaration order."""
+
+    def __init__(self, feature_set: FeatureSet, allowed_lateness_ms: int) -> None:
+        self.feature_set = feature_set
+        self.plans = [EntityPlan(e, feature_set.for_entity(e), allowed_lateness_ms) for e in feature_set.entities]
+        self.names = feature_set.names
+        self.schema_hash = feature_set.schema_hash
+
+    def start(self, txn: Transaction) -> tuple[FeatureRow, TxnEntry]:
+        keys = tuple(p.key_of(txn) for p in self.plans)
+        return FeatureRow(txn, keys), TxnEntry(txn.ts_ms, keys)
+
+    def assemble(self, row: FeatureRow) -> list[float]:
+        values = txn_features(row.txn, self.feature_set.txn)
+        for part in row.parts:
+            values.extend(part)
+        return values
+
+    def observe(self, i: int, state: EntityState | None, row: FeatureRow) -> None:
+        """Step `i` of the chain: add this entity's features to `row` (NaN when its key is absent)."""
+        plan = self.plans[i]
+        if state is None:
+            row.parts.append([NAN] * len(plan.names))
+            return
+        values, late = plan.observe(state, row.txn)
+        row.parts.append(values)
+        row.late = row.late or late
+
+    def observe_label(self, i: int, state: EntityState, label: LabelEvent) -> None:
+        if label.is_fraud:
+            self.plans[i].observe_label(state, label.txn_ts_ms, label.ts_ms)
+
+
+def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent | DeadLetter:
+    """Attach a label to its remembered transaction, or explain why it cannot be used."""
+    raw = msgspec.json.encode({"txn_id": label.txn_id, "is_fraud": label.is_fraud, "ts": label.ts_ms}).decode()
+    if entry is None:
+        return DeadLetter("label", "unknown_txn", f"no transaction {txn_id!r} seen (or it expired)", raw, txn_id)
+    if entry.labelled:
+        return DeadLetter("label", "duplicate_label", f"transaction {txn_id!r} is already labelled", raw, txn_id)
+    entry.labelled = True
+    return LabelEvent(txn_id, label.is_fraud, label.ts_ms, entry.ts_ms, entry.keys, label.received_ns)
+
+
+def duplicate_txn(txn: Transaction) -> DeadLetter:
+    from features.events import encode
+
+    return DeadLetter("txn", "duplicate_txn", f"transaction {txn.txn_id!r} was already seen", encode(txn).decode(), txn.txn_id)
+
+
+@dataclass
+class Scored:
+    """Batch-mode output: a transaction with its feature vector."""
+
+    txn: Transaction
+    values: list[float]
+    late: bool
+
+
+class FeatureEngine:
+    """Batch mode: replay events in arrival order through the same steps the flow runs."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.index: dict[str, TxnEntry] = {}
+        self.states: list[dict[str, EntityState]] = [{} for _ in pipeline.plans]
+
+    def process(self, event: Transaction | Label) -> Scored | LabelEvent | DeadLetter:
+        p = self.pipeline
+        if isinstance(event, Label):
+            joined = join_label(event.txn_id, self.index.get(event.txn_id), event)
+            if isinstance(joined, LabelEvent):
+                for i, key in enumerate(joined.keys):
+                    if key is not None:
+                        p.observe_label(i, self._state(i, key), joined)
+            return joined
+        if event.txn_id in self.index:
+            return duplicate_txn(event)
+        row, entry = p.start(event)
+        self.index[event.txn_id] = entry
+        for i, key in enumerate(row.keys):
+            p.observe(i, None if key is None else self._state(i, key), row)
+        return Scored(event, p.assemble(row), row.late)
+
+    def _state(self, i: int, key: str) -> EntityState:
+        states = self.states[i]
+        s = states.get(key)
+        if s is None:
+            s = states[key] = self.pipeline.plans[i].new_state()
+        return s
+
+    def run(self, events: Iterable[Transaction | Label]) -> Iterator[Scored | LabelEvent | DeadLetter]:
+        for e in events:
+            yield self.process(e)

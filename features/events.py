@@ -1,0 +1,196 @@
+"""The event contract: transactions and labels, decoded and validated once at the edge.
+
+A record that fails decoding becomes a `DeadLetter` carrying its raw payload and a reason code
+from the bounded set `REASONS` (safe as a metrics label); nothing here raises on bad input.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+MIN_TS_MS = 946_684_800_000  # 2000-01-01: smaller epoch values are almost always seconds, not ms
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
+
+REASONS = (
+    "bad_json",
+    "schema",
+    "bad_amount",
+    "bad_time",
+    "bad_location",
+    "unknown_kind",
+    "duplicate_txn",
+    "unknown_txn",
+    "duplicate_label",
+)
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class _WireTransaction(msgspec.Struct, forbid_unknown_fields=False):
+    txn_id: NonEmpty
+    ts: int | AwareTime
+    card_id: NonEmpty
+    merchant_id: NonEmpty
+    amount: float
+    currency: str | None = None
+    mcc: str | None = None
+    country: str | None = None
+    channel: str | None = None
+    device_id: str | None = None
+    ip: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+
+class _WireLabel(msgspec.Struct):
+    txn_id: NonEmpty
+    is_fraud: bool
+    ts: int | AwareTime
+
+
+class Transaction(msgspec.Struct, frozen=True, gc=False):
+    """A validated card transaction. `ts_ms` is event time in epoch milliseconds (UTC)."""
+
+    txn_id: str
+    ts_ms: int
+    card_id: str
+    merchant_id: str
+    amount: float
+    currency: str | None = None
+    mcc: str | None = None
+    country: str | None = None
+    channel: str | None = None
+    device_id: str | None = None
+    ip: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    received_ns: int = 0
+
+
+class Label(msgspec.Struct, frozen=True, gc=False):
+    """A fraud verdict for `txn_id`, known from `ts_ms` on (chargebacks arrive days later)."""
+
+    txn_id: str
+    is_fraud: bool
+    ts_ms: int
+    received_ns: int = 0
+
+
+class DeadLetter(msgspec.Struct, frozen=True, gc=False):
+    """A record that could not be used, with why. `raw` is the payload exactly as received."""
+
+    kind: str
+    reason: str
+    detail: str
+    raw: str
+    txn_id: str | None = None
+
+
+Kind = Literal["txn", "label"]
+Decoded = Transaction | Label | DeadLetter
+
+_txn_decoder = msgspec.json.Decoder(_WireTransaction)
+_label_decoder = msgspec.json.Decoder(_WireLabel)
+
+
+class _Invalid(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def to_epoch_ms(ts: int | datetime) -> int:
+    """Epoch milliseconds from an RFC 3339 time with offset or an epoch-milliseconds integer."""
+    ms = ts if isinstance(ts, int) else round(ts.timestamp() * 1000)
+    if not MIN_TS_MS <= ms < MAX_TS_MS:
+        raise _Invalid("bad_time", f"ts {ts!r} is outside 2000..2100 (epoch values must be milliseconds)")
+    return ms
+
+
+def _schema_reason(e: msgspec.ValidationError) -> str:
+    msg = str(e)
+    if msg.endswith("`$.ts`"):
+        return "bad_time"
+    if msg.endswith("`$.amount`"):
+        return "bad_amount"
+    if msg.endswith(("`$.lat`", "`$.lon`")):
+        return "bad_location"
+    return "schema"
+
+
+def _text(raw: bytes | str) -> str:
+    return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+
+
+def decode_transaction(raw: bytes | str, received_ns: int = 0) -> Transaction | DeadLetter:
+    try:
+        w = _txn_decoder.decode(raw)
+        if not (math.isfinite(w.amount) and w.amount >= 0):
+            raise _Invalid("bad_amount", f"amount must be a finite number >= 0, got {w.amount!r}")
+        if (w.lat is None) != (w.lon is None):
+            raise _Invalid("bad_location", "lat and lon must be given together")
+        if w.lat is not None and w.lon is not None and not (-90 <= w.lat <= 90 and -180 <= w.lon <= 180):
+            raise _Invalid("bad_location", f"lat/lon out of range: {w.lat!r}, {w.lon!r}")
+        return Transaction(
+            w.txn_id, to_epoch_ms(w.ts), w.card_id, w.merchant_id, w.amount, w.currency, w.mcc,
+            w.country, w.channel, w.device_id or None, w.ip or None, w.lat, w.lon, received_ns,
+        )  # fmt: skip
+    except msgspec.ValidationError as e:
+        return DeadLetter("txn", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw))
+    except msgspec.DecodeError as e:
+        return DeadLetter("txn", "bad_json", str(e), _text(raw))
+    except _Invalid as e:
+        return DeadLetter("txn", e.reason, e.detail, _text(raw), _txn_id_of(raw))
+
+
+def decode_label(raw: bytes | str, received_ns: int = 0) -> Label | DeadLetter:
+    try:
+        w = _label_decoder.decode(raw)
+        return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns)
+    except msgspec.ValidationError as e:
+        return DeadLetter("label", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw))
+    except msgspec.DecodeError as e:
+        return DeadLetter("label", "bad_json", str(e), _text(raw))
+    except _Invalid as e:
+        return DeadLetter("label", e.reason, e.detail, _text(raw), _txn_id_of(raw))
+
+
+def decode(kind: str, raw: bytes | str, received_ns: int = 0) -> Decoded:
+    """Decode one record of `kind` ("txn" or "label"); never raises."""
+    if kind == "txn":
+        return decode_transaction(raw, received_ns)
+    if kind == "label":
+        return decode_label(raw, received_ns)
+    return DeadLetter(str(kind)[:32], "unknown_kind", f"unknown record kind {kind!r}", _text(raw))
+
+
+class _HasTxnId(msgspec.Struct):
+    txn_id: str | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_HasTxnId)
+
+
+def _txn_id_of(raw: bytes | str) -> str | None:
+    """Best-effort txn_id of a record that failed validation, so dead letters can be traced."""
+    try:
+        return _id_decoder.decode(raw).txn_id
+    except msgspec.DecodeError:
+        return None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: Transaction | Label) -> bytes:
+    """Wire JSON of an event (ts as epoch ms), the inverse of `decode` up to `received_ns`."""
+    d = msgspec.structs.asdict(event)
+    d.pop("received_ns")
+    d["ts"] = d.pop("ts_ms")
+    return _encoder.encode({k: v for k, v in d.items() if v is not None})

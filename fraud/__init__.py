@@ -1,0 +1,1 @@
+"""Application layer: settings, metrics, CLI, synthetic data and Redis helpers."""

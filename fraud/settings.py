@@ -1,0 +1,56 @@
+"""The one settings object. Every `FRAUD_*` environment variable is declared here, nowhere else."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SAMPLES = Path("data/samples")
+
+
+class Settings(BaseSettings):
+    """Runtime configuration, read once from `FRAUD_*` environment variables (or a `.env` file)."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAUD_", env_file=".env", frozen=True, extra="ignore")
+
+    # Inputs
+    transactions_path: Path = Field(SAMPLES / "transactions.jsonl.gz", description="Transactions file replayed by the flow.")
+    labels_path: Path | None = Field(SAMPLES / "labels.jsonl.gz", description="Labels file merged in event time; empty to disable.")
+    source_batch_size: int = Field(1000, ge=1, description="Records handed to Bytewax per source poll.")
+
+    # Redis
+    redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL; unset starts an embedded server.")
+    redis_dir: Path = Field(Path(".fraud/redis"), description="Data directory of the embedded Redis server.")
+    alerts_stream: str = Field("fraud:alerts", description="Stream that receives alerts.")
+    dlq_stream: str = Field("fraud:dlq", description="Stream that receives dead letters.")
+    stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate MAXLEN trim applied on every XADD.")
+
+    # Features
+    allowed_lateness_s: float = Field(300.0, ge=0, description="Out-of-orderness tolerated with exact features.")
+    label_ttl_days: float = Field(60.0, gt=0, description="How long a scored transaction waits for its label.")
+
+    # Models and scoring
+    model_path: Path = Field(Path("models/artifacts/default"), description="Artifact directory written by `fraud train`.")
+    threshold: float | None = Field(None, ge=0, le=1, description="Alert threshold; unset uses the artifact's.")
+    scoring_batch_size: int = Field(256, ge=1, description="Transactions per vectorised XGBoost call (at most).")
+    xgb_device: Literal["cpu", "cuda"] = Field("cpu", description="XGBoost device for training and scoring.")
+    xgb_nthread: int = Field(1, ge=1, description="XGBoost threads inside the flow (Bytewax owns a core).")
+    online_weight: float = Field(0.5, ge=0, le=1, description="Weight of the River score in the final score.")
+    online_warmup_labels: int = Field(500, ge=0, description="Labels River must learn before it counts.")
+    top_reasons: int = Field(3, ge=0, description="Feature contributions listed in each alert.")
+
+    # Operations
+    progress_interval_s: float = Field(2.0, gt=0, description="Seconds between progress lines.")
+    metrics_port: int | None = Field(None, description="Serve /metrics on this port (besides Bytewax's API).")
+
+    def redis_url_value(self) -> str | None:
+        return self.redis_url.get_secret_value() if self.redis_url else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,247 @@
+"""The feature engine against a brute-force recomputation over the raw events."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from features.catalog import FEATURES
+from features.engine import FeatureEngine, LabelEvent, Pipeline, Scored, txn_features
+from features.events import DeadLetter, Label, Transaction
+from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
+from features.state import haversine_km, stable_hash
+
+CARD = Entity("card", ("card_id",))
+MERCHANT = Entity("merchant", ("merchant_id",))
+DEVICE = Entity("device", ("device_id",))
+PAIR = Entity("card_merchant", ("card_id", "merchant_id"))
+
+WIDE = FeatureSet(
+    windows=(
+        *expand(CARD, ["count"], ["1s", "1m", "1h", "1d", "90d"]),
+        *expand(CARD, ["sum", "mean", "std", "min", "max", "ratio_to_mean", "zscore"], ["1s", "1h", "90d"], "amount"),
+        WindowFeature(CARD, "time_since_last"),
+        WindowFeature(CARD, "distance_km"),
+        WindowFeature(CARD, "speed_kmh"),
+        *expand(CARD, ["distinct", "is_new"], ["1m", "7d"], "merchant_id"),
+        WindowFeature(CARD, "is_new", "device_id", "30d"),
+        WindowFeature(CARD, "label_count", window="30d"),
+        WindowFeature(CARD, "label_rate", window="7d", label_delay="1d"),
+        *expand(MERCHANT, ["count"], ["1h", "7d"]),
+        WindowFeature(MERCHANT, "distinct", "card_id", "1d"),
+        WindowFeature(MERCHANT, "label_rate", window="30d"),
+        WindowFeature(DEVICE, "count", window="1d"),
+        WindowFeature(DEVICE, "time_since_last"),
+        WindowFeature(PAIR, "sum", "amount", "1d"),
+    )
+)
+LATENESS_MS = 60_000
+T0 = 1_767_225_600_000
+GAPS = [0, 1, 500, 1_000, 30_000, 600_000, 7_200_000, 86_400_000, 20 * 86_400_000]
+CITIES = [(48.85, 2.35), (52.52, 13.40), (40.42, -3.70)]
+
+
+def key(entity: Entity, t: Transaction) -> str | None:
+    parts = [getattr(t, f) for f in entity.fields]
+    return None if any(p is None for p in parts) else "|".join(parts)
+
+
+def brute_force(f: WindowFeature, t: Transaction, arrived: list[Transaction], frauds: dict[str, tuple[int, int]], lookback: int) -> float:
+    """The definition, by scanning every earlier arrival; `arrived` ends with `t` itself."""
+    k = key(f.entity, t)
+    if k is None:
+        return math.nan
+    hist = [(i, x) for i, x in enumerate(arrived) if key(f.entity, x) == k and x.ts_ms <= t.ts_ms]
+    before = hist[:-1]
+    now = t.ts_ms
+    if f.agg == "time_since_last":
+        prev = [x.ts_ms for _, x in before if x.ts_ms > now - lookback]
+        return (now - max(prev)) / 1000 if prev else math.nan
+    if f.agg in ("distance_km", "speed_kmh"):
+        located = [(x.ts_ms, i, x) for i, x in before if x.lat is not None and x.ts_ms > now - lookback]
+        if t.lat is None or not located:
+            return math.nan
+        _, _, p = max(located, key=lambda r: (r[0], r[1]))
+        km = haversine_km(p.lat, p.lon, t.lat, t.lon)  # type: ignore[arg-type]
+        return km if f.agg == "distance_km" else km / max((now - p.ts_ms) / 3_600_000, 1 / 60)
+    if f.agg in ("label_count", "label_rate"):
+        lo, hi = now - f.delay_ms - f.window_ms, now - f.delay_ms
+        txns = [x for _, x in hist if lo < x.ts_ms <= hi]
+        n_fraud = sum(1 for x in txns if x.txn_id in frauds and frauds[x.txn_id][1] <= now)
+        if f.agg == "label_count":
+            return float(n_fraud)
+        return n_fraud / len(txns) if txns else math.nan
+    win = [x for _, x in hist if x.ts_ms > now - f.window_ms]
+    if f.agg == "count":
+        return float(len(win))
+    if f.agg == "distinct":
+        return float(len({getattr(x, f.field) for x in win if getattr(x, f.field) is not None}))  # type: ignore[arg-type]
+    if f.agg == "is_new":
+        v = getattr(t, f.field)  # type: ignore[arg-type]
+        return math.nan if v is None else float(v not in {getattr(x, f.field) for x in win[:-1]})  # type: ignore[arg-type]
+    vals = [x.amount for x in win]
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+    return {
+        "sum": sum(vals), "mean": mean, "std": std, "min": min(vals), "max": max(vals),
+        "ratio_to_mean": t.amount / mean if mean > 0 else math.nan,
+        "zscore": (t.amount - mean) / std if std > 0 else math.nan,
+    }[f.agg]  # fmt: skip
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@st.composite
+def event_streams(draw: st.DrawFn) -> list[Transaction | Label]:
+    n = draw(st.integers(1, 45))
+    ts = T0
+    txns: list[Transaction] = []
+    for i in range(n):
+        ts += draw(st.sampled_from(GAPS))
+        loc = draw(st.sampled_from([None, *CITIES]))
+        txns.append(
+            Transaction(
+                f"t{i}", ts, draw(st.sampled_from(["c1", "c2", "c3"])), draw(st.sampled_from(["m1", "m2", "m3"])),
+                draw(st.sampled_from([0.0, 1.0, 9.99, 250.0, 1e4])),
+                device_id=draw(st.sampled_from([None, "d1", "d2"])),
+                lat=None if loc is None else loc[0], lon=None if loc is None else loc[1],
+            )
+        )  # fmt: skip
+    # Arrival order: event time plus a jitter, mostly within the allowed lateness, sometimes beyond.
+    jitter = st.integers(0, LATENESS_MS) | st.integers(0, 3 * LATENESS_MS)
+    arrivals: list[tuple[int, int, Transaction | Label]] = [(t.ts_ms + draw(jitter), i, t) for i, t in enumerate(txns)]
+    for i, t in enumerate(txns):
+        if draw(st.booleans()):
+            label_ts = t.ts_ms + draw(st.sampled_from([0, 60_000, 86_400_000, 10 * 86_400_000]))
+            arrivals.append((label_ts + draw(jitter), n + i, Label(t.txn_id, draw(st.booleans()), label_ts)))
+    return [e for _, _, e in sorted(arrivals, key=lambda a: (a[0], a[1]))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event_streams())
+def test_features_equal_brute_force(events: list[Transaction | Label]) -> None:
+    pipeline = Pipeline(WIDE, LATENESS_MS)
+    engine = FeatureEngine(pipeline)
+    lookback = {p.entity: p.lookback_ms for p in pipeline.plans}
+    arrived: list[Transaction] = []
+    frauds: dict[str, tuple[int, int]] = {}
+    seen: set[str] = set()
+    checked = 0
+    for e in events:
+        out = engine.process(e)
+        if isinstance(e, Label):
+            ok = e.txn_id in {t.txn_id for t in arrived} and e.txn_id not in seen
+            assert isinstance(out, LabelEvent) == ok
+            if ok:
+                seen.add(e.txn_id)
+                if e.is_fraud:
+                    txn = next(t for t in arrived if t.txn_id == e.txn_id)
+                    frauds[e.txn_id] = (txn.ts_ms, e.ts_ms)
+            continue
+        arrived.append(e)
+        assert isinstance(out, Scored)
+        late = any(
+            e.ts_ms < max(x.ts_ms for x in arrived if key(p.entity, x) == k) - LATENESS_MS
+            for p in pipeline.plans
+            if (k := key(p.entity, e)) is not None
+        )
+        assert out.late == late
+        if out.late:
+            continue
+        expected = txn_features(e, WIDE.txn) + [brute_force(f, e, arrived, frauds, lookback[f.entity]) for f in WIDE.windows]
+        for name, got, want in zip(WIDE.names, out.values, expected, strict=True):
+            assert same(got, want), f"{name} of {e.txn_id}: engine {got} != brute force {want}"
+        checked += 1
+    assert checked >= 1 or not arrived  # the first arrival is never late, so something was compared
+
+
+def test_late_flag_only_beyond_allowed_lateness() -> None:
+    engine = FeatureEngine(Pipeline(WIDE, LATENESS_MS))
+    mk = lambda i, ts: Transaction(f"t{i}", ts, "c1", "m1", 10.0)  # noqa: E731
+    assert not engine.process(mk(0, T0 + 120_000)).late  # type: ignore[union-attr]
+    assert not engine.process(mk(1, T0 + 60_000)).late  # type: ignore[union-attr]  # exactly at the limit
+    assert engine.process(mk(2, T0 + 59_999)).late  # type: ignore[union-attr]
+
+
+def test_out_of_order_within_lateness_sees_only_earlier_event_time() -> None:
+    engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
+    names = FEATURES.names
+    first = engine.process(Transaction("a", T0 + 30_000, "c1", "m1", 100.0))
+    second = engine.process(Transaction("b", T0, "c1", "m1", 5.0))
+    assert isinstance(first, Scored) and isinstance(second, Scored)
+    assert second.values[names.index("count_by_card_1h")] == 1.0
+    assert second.values[names.index("amount_sum_by_card_1h")] == 5.0
+    third = engine.process(Transaction("c", T0 + 40_000, "c1", "m2", 1.0))
+    assert isinstance(third, Scored)
+    assert third.values[names.index("amount_sum_by_card_1h")] == 106.0
+    assert third.values[names.index("time_since_last_by_card")] == 10.0
+
+
+def test_merchant_risk_counts_only_labels_already_arrived() -> None:
+    engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
+    rate = FEATURES.names.index("fraud_rate_by_merchant_30d")
+    engine.process(Transaction("a", T0, "c1", "m1", 10.0))
+    engine.process(Transaction("b", T0 + 1000, "c2", "m1", 10.0))
+    # The label is known only from T0 + 1 day: a transaction before that must not see it.
+    label = engine.process(Label("a", True, T0 + 86_400_000))
+    assert isinstance(label, LabelEvent)
+    before = engine.process(Transaction("c", T0 + 2000, "c3", "m1", 10.0))
+    after = engine.process(Transaction("d", T0 + 86_400_000, "c4", "m1", 10.0))
+    assert isinstance(before, Scored) and isinstance(after, Scored)
+    assert before.values[rate] == 0.0
+    assert after.values[rate] == pytest.approx(1 / 4)
+
+
+def test_labels_and_duplicates_become_dead_letters() -> None:
+    engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
+    unknown = engine.process(Label("nope", True, T0))
+    assert isinstance(unknown, DeadLetter) and unknown.reason == "unknown_txn"
+    engine.process(Transaction("a", T0, "c1", "m1", 10.0))
+    dup = engine.process(Transaction("a", T0, "c1", "m1", 10.0))
+    assert isinstance(dup, DeadLetter) and dup.reason == "duplicate_txn" and dup.txn_id == "a"
+    assert isinstance(engine.process(Label("a", False, T0)), LabelEvent)
+    again = engine.process(Label("a", True, T0))
+    assert isinstance(again, DeadLetter) and again.reason == "duplicate_label"
+
+
+def test_state_is_evicted_and_pickles_compactly() -> None:
+    pipeline = Pipeline(FEATURES, LATENESS_MS)
+    engine = FeatureEngine(pipeline)
+    for i in range(200):  # ~3 a day for 66 days: only the last 30 days (+ lateness) stay
+        engine.process(Transaction(f"t{i}", T0 + i * 8 * 3_600_000, "c1", f"m{i % 7}", 10.0 + i, device_id="d1"))
+    state = engine.states[0]["card:c1"]
+    span = state.ts[-1] - state.ts[0]
+    assert span <= pipeline.plans[0].retention_ms and len(state) >= 89
+    clone = pickle.loads(pickle.dumps(state))
+    assert pickle.dumps(clone) == pickle.dumps(state)
+    assert [c.tobytes() for c in clone.num] == [c.tobytes() for c in state.num] and clone.cat == state.cat
+
+
+def test_declarations_are_validated_with_clear_errors() -> None:
+    with pytest.raises(SpecError, match="numeric"):
+        WindowFeature(CARD, "sum", "merchant_id", "1h")
+    with pytest.raises(SpecError, match="needs a window"):
+        WindowFeature(CARD, "count")
+    with pytest.raises(SpecError, match="bad duration"):
+        duration_ms("1 week")
+    with pytest.raises(SpecError, match="duplicate"):
+        FeatureSet(windows=(WindowFeature(CARD, "count", window="1h"),) * 2)
+
+
+def test_schema_hash_follows_the_declaration() -> None:
+    other = FeatureSet(windows=(*FEATURES.windows, WindowFeature(CARD, "std", "amount", "7d")))
+    assert other.schema_hash != FEATURES.schema_hash
+    assert "amount_std_by_card_7d" in other.names
+    assert FeatureSet(windows=FEATURES.windows).schema_hash == FEATURES.schema_hash
+
+
+def test_stable_hash_is_not_salted() -> None:
+    # A fixed value: a salted hash (Python's `hash`) would differ between processes and break restored state.
+    assert stable_hash("m0007") == int.from_bytes(__import__("hashlib").blake2b(b"m0007", digest_size=8).digest(), "little", signed=True)
+    assert stable_hash("m0007") != stable_hash("m0008")
