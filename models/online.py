@@ -1,0 +1,105 @@
+"""River online model: learns from fraud labels as they arrive, days after scoring.
+
+The caller keeps the feature values a transaction was SCORED with and hands them to `learn_one`
+when its label arrives, so the model learns what was knowable at decision time (no leakage from
+features computed later). It complements the offline XGBoost model with patterns that appeared
+after training; `models.combine` merges the two scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from river import linear_model, optim, preprocessing
+
+
+def x_dict(names: Sequence[str], row: Sequence[float] | Any) -> dict[str, float]:
+    """Feature dict for River from an ordered row, without missing values.
+
+    River has no notion of NaN (one NaN would poison the scaler's running mean forever), so
+    missing features are simply absent; after standard scaling an absent feature contributes
+    exactly what an average value would. Infinities are dropped for the same reason.
+    """
+    values = row.tolist() if hasattr(row, "tolist") else row  # numpy scalars are slow to iterate
+    if len(names) != len(values):
+        raise ValueError(f"{len(names)} names but {len(values)} values")
+    out: dict[str, float] = {}
+    for name, value in zip(names, values, strict=True):
+        v = float(value)
+        if math.isfinite(v):
+            out[name] = v
+    return out
+
+
+def _clean(x: Mapping[str, float]) -> dict[str, float]:
+    """Copy of `x` without NaN/inf, for callers that built the dict themselves."""
+    return {k: float(v) for k, v in x.items() if math.isfinite(v)}
+
+
+class OnlineModel:
+    """StandardScaler | LogisticRegression(SGD), class-weighted, with a warm-up gate.
+
+    Class imbalance: positives are learned with sample weight `pos_weight`. River 0.26.1's
+    `LogisticRegression.learn_one(x, y, w=1.0)` accepts a weight and `Pipeline.learn_one`
+    routes `w` only to the steps whose `learn_one` declares it, so the scaler's statistics stay
+    unweighted (they describe the traffic) while the gradient of a positive is scaled. This is
+    cheaper than repeating `learn_one` and does not count a positive several times in the scaler.
+
+    Warm-up: an untrained logistic regression says 0.5 for everything, which the noisy-or
+    combination would read as strong evidence. So `predict_proba_one` returns 0.0 (no evidence)
+    until `warmup` labels including at least one positive have been learned.
+
+    Picklable (Bytewax snapshots it): only River objects and plain counters are held.
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float = 0.01,
+        l2: float = 0.0,
+        pos_weight: float = 10.0,
+        warmup: int = 500,
+    ) -> None:
+        if lr <= 0 or l2 < 0 or pos_weight <= 0 or warmup < 0:
+            raise ValueError("need lr > 0, l2 >= 0, pos_weight > 0 and warmup >= 0")
+        self.lr = lr
+        self.l2 = l2
+        self.pos_weight = pos_weight
+        self.warmup = warmup
+        self.n_learned = 0
+        self.n_positive = 0
+        self._scaler = preprocessing.StandardScaler()
+        self.pipeline = self._scaler | linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
+
+    @property
+    def ready(self) -> bool:
+        """Whether predictions are trusted: warm-up reached and at least one positive seen."""
+        return self.n_learned >= self.warmup and self.n_positive > 0
+
+    def learn_one(self, x: Mapping[str, float], y: bool) -> None:
+        """Learn one labelled transaction from the features it was scored with."""
+        label = bool(y)
+        self.pipeline.learn_one(_clean(x), label, w=self.pos_weight if label else 1.0)
+        self.n_learned += 1
+        self.n_positive += int(label)
+
+    def predict_proba_one(self, x: Mapping[str, float]) -> float:
+        """Probability of fraud in [0, 1]; 0.0 while not `ready`. Never changes the model.
+
+        Features the scaler has never seen are dropped first: River would scale them to 0.0
+        anyway, but looking them up inserts keys into the scaler's defaultdicts, a (harmless but
+        real) mutation on a predict path that must be side-effect free.
+        """
+        if not self.ready:
+            return 0.0
+        seen = self._scaler.counts
+        xs = {k: v for k, v in _clean(x).items() if k in seen}
+        return float(self.pipeline.predict_proba_one(xs)[True])
+
+    def __repr__(self) -> str:
+        return (
+            f"OnlineModel(lr={self.lr}, l2={self.l2}, pos_weight={self.pos_weight}, "
+            f"warmup={self.warmup}, n_learned={self.n_learned}, n_positive={self.n_positive})"
+        )

@@ -1,0 +1,328 @@
+"""Shared scoring-contract checks for every model, plus XGBoost, River and combine() specifics."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import xgboost as xgb
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models.combine import combine
+from models.metrics import roc_auc
+from models.online import OnlineModel, x_dict
+from models.xgb import NUM_BOOST_ROUND, XGBScorer, train_xgb
+
+NAMES = [f"f{i}" for i in range(6)]  # f0 carries the signal, the others are noise
+
+
+def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Separable-ish problem: fraud iff f0 is large (plus a little label noise), ~7% positives."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, len(NAMES)))
+    y = (X[:, 0] + 0.2 * rng.normal(size=n) > 1.5).astype(np.int8)
+    X[:, 1:][rng.random((n, len(NAMES) - 1)) < 0.05] = np.nan  # noise features sometimes missing
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    X_train, y_train = make_data(3000, seed=1)
+    X_eval, y_eval = make_data(1000, seed=2)
+    X_test, y_test = make_data(2000, seed=3)
+    return {"train": (X_train, y_train), "eval": (X_eval, y_eval), "test": (X_test, y_test)}
+
+
+@pytest.fixture(scope="module")
+def booster(data: dict[str, Any]) -> xgb.Booster:
+    X, y = data["train"]
+    return train_xgb(X, y, NAMES, nthread=2, seed=0, eval_set=data["eval"])
+
+
+@pytest.fixture(scope="module")
+def online_trained(data: dict[str, Any]) -> OnlineModel:
+    model = OnlineModel(lr=0.05, warmup=50, pos_weight=5.0)
+    X, y = data["train"]
+    for row, label in zip(X, y, strict=True):
+        model.learn_one(x_dict(NAMES, row), bool(label))
+    return model
+
+
+# --- the scoring contract, parametrised over every model ------------------------------------
+
+
+@dataclass
+class Contract:
+    """Adapter: batch scoring, a fingerprint of the model state, and a pickle round trip."""
+
+    name: str
+    score: Callable[[np.ndarray], np.ndarray]
+    state: Callable[[], bytes]
+    roundtrip: Callable[[], Callable[[np.ndarray], np.ndarray]]
+
+
+def xgb_contract(booster: xgb.Booster) -> Contract:
+    scorer = XGBScorer(booster, NAMES, nthread=1)
+
+    def state() -> bytes:
+        return bytes(scorer.booster.save_raw("ubj")) + scorer.booster.save_config().encode()
+
+    def roundtrip() -> Callable[[np.ndarray], np.ndarray]:
+        return pickle.loads(pickle.dumps(scorer)).score
+
+    return Contract("xgb", scorer.score, state, roundtrip)
+
+
+def online_contract(model: OnlineModel) -> Contract:
+    def score_with(m: OnlineModel) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda X: np.array([m.predict_proba_one(x_dict(NAMES, row)) for row in X])
+
+    def roundtrip() -> Callable[[np.ndarray], np.ndarray]:
+        return score_with(pickle.loads(pickle.dumps(model)))
+
+    return Contract("online", score_with(model), lambda: pickle.dumps(model), roundtrip)
+
+
+@pytest.fixture(params=["xgb", "online"])
+def contract(request: pytest.FixtureRequest) -> Contract:
+    if request.param == "xgb":
+        return xgb_contract(request.getfixturevalue("booster"))
+    return online_contract(request.getfixturevalue("online_trained"))
+
+
+def test_contract_probabilities_in_unit_interval(contract: Contract, data: dict[str, Any]) -> None:
+    X, _ = data["test"]
+    p = contract.score(X)
+    assert p.shape == (len(X),)
+    assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+    assert p.std() > 0, f"{contract.name} scores are constant"
+
+
+def test_contract_predict_has_no_side_effects(contract: Contract, data: dict[str, Any]) -> None:
+    X, _ = data["test"]
+    before = contract.state()
+    first = contract.score(X)
+    second = contract.score(X)
+    np.testing.assert_array_equal(first, second)
+    assert contract.state() == before, f"scoring changed the {contract.name} model"
+
+
+def test_contract_pickle_round_trip(contract: Contract, data: dict[str, Any]) -> None:
+    X, _ = data["test"]
+    np.testing.assert_array_equal(contract.roundtrip()(X), contract.score(X))
+
+
+def test_contract_tolerates_missing_features(contract: Contract, data: dict[str, Any]) -> None:
+    X = data["test"][0][:50].copy()
+    X[::2, 0] = np.nan
+    X[-1, :] = np.nan  # nothing known at all
+    p = contract.score(X)
+    assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+
+
+# --- XGBoost ----------------------------------------------------------------------------------
+
+
+def test_xgb_learns_separable_problem(booster: xgb.Booster, data: dict[str, Any]) -> None:
+    X, y = data["test"]
+    assert roc_auc(y, XGBScorer(booster, NAMES).score(X)) > 0.9
+    assert booster.feature_names == NAMES
+
+
+def test_xgb_early_stopping_keeps_exactly_the_best_rounds(booster: xgb.Booster, data: dict[str, Any]) -> None:
+    X_eval, y_eval = data["eval"]
+    deval = xgb.DMatrix(X_eval, label=y_eval, feature_names=NAMES)
+    rounds = booster.num_boosted_rounds()
+    assert rounds < NUM_BOOST_ROUND
+    aucpr = [float(booster[:k].eval(deval).rsplit(":", 1)[1]) for k in range(1, rounds + 1)]
+    assert int(np.argmax(aucpr)) == rounds - 1  # no trailing rounds past the best one
+
+
+def test_xgb_training_is_deterministic_and_params_override(data: dict[str, Any]) -> None:
+    X, y = data["train"]
+    a = train_xgb(X, y, NAMES, seed=7, params={"num_boost_round": 7})
+    b = train_xgb(X, y, NAMES, seed=7, params={"num_boost_round": 7})
+    assert a.num_boosted_rounds() == 7
+    np.testing.assert_array_equal(a.inplace_predict(X), b.inplace_predict(X))
+
+
+def test_xgb_top_contribution_is_the_informative_feature(booster: xgb.Booster, data: dict[str, Any]) -> None:
+    X, _ = data["test"]
+    scorer = XGBScorer(booster, NAMES)
+    top_rows = X[np.argsort(-scorer.score(X))[:30]]
+    scores, reasons = scorer.score_with_reasons(top_rows, top_k=3)
+    assert scores.shape == (30,) and len(reasons) == 30
+    for row, row_reasons in zip(top_rows, reasons, strict=True):
+        assert 1 <= len(row_reasons) <= 3
+        assert row_reasons[0][0] == "f0"
+        contribs = [c for _, _, c in row_reasons]
+        assert contribs == sorted(contribs, reverse=True) and min(contribs) > 0
+        for name, value, _ in row_reasons:
+            expected = float(np.float32(row[NAMES.index(name)]))
+            assert value == expected or (math.isnan(value) and math.isnan(expected))
+    assert scorer.contributions(top_rows[:2], top_k=0) == [[], []]
+
+
+def test_xgb_one_call_per_batch(
+    booster: xgb.Booster, data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scorer = XGBScorer(booster, NAMES)
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    real_inplace, real_predict = scorer.booster.inplace_predict, scorer.booster.predict
+
+    def inplace(X: np.ndarray, **kw: Any) -> np.ndarray:
+        assert X.dtype == np.float32 and X.flags.c_contiguous
+        calls.append(("inplace", X.shape))
+        return real_inplace(X, **kw)
+
+    def predict(d: xgb.DMatrix, **kw: Any) -> np.ndarray:
+        calls.append(("contribs", (d.num_row(), d.num_col())))
+        return real_predict(d, **kw)
+
+    monkeypatch.setattr(scorer.booster, "inplace_predict", inplace)
+    monkeypatch.setattr(scorer.booster, "predict", predict)
+    X = data["test"][0][:256]
+    scores, reasons = scorer.score_with_reasons(X, top_k=2)
+    assert calls == [("inplace", (256, 6)), ("contribs", (256, 6))]
+    assert scores.shape == (256,) and scores.dtype == np.float64 and len(reasons) == 256
+
+    calls.clear()  # reasons only for alerting rows: still one call each, on the subset
+    threshold = float(np.sort(scores)[-5])
+    _, few = scorer.score_with_reasons(X, top_k=2, min_score=threshold)
+    assert calls == [("inplace", (256, 6)), ("contribs", (5, 6))]
+    assert [bool(r) for r in few] == (scores >= threshold).tolist()
+    assert repr([r for r in few if r]) == repr([reasons[i] for i in np.flatnonzero(scores >= threshold)])
+    calls.clear()
+    assert scorer.score_with_reasons(X, top_k=2, min_score=2.0)[1] == [[]] * 256
+    assert calls == [("inplace", (256, 6))]
+
+
+def test_xgb_scorer_pins_threads_without_touching_callers_booster(booster: xgb.Booster) -> None:
+    def nthread(b: xgb.Booster) -> str:
+        return json.loads(b.save_config())["learner"]["generic_param"]["nthread"]
+
+    original = nthread(booster)
+    scorer = XGBScorer(booster, NAMES, nthread=2)
+    assert nthread(scorer.booster) == "2"
+    assert nthread(pickle.loads(pickle.dumps(scorer)).booster) == "2"
+    assert nthread(booster) == original
+
+
+def test_xgb_scorer_rejects_wrong_schema(booster: xgb.Booster) -> None:
+    with pytest.raises(ValueError, match="feature names"):
+        XGBScorer(booster, [*NAMES[1:], "f0"])
+    scorer = XGBScorer(booster, NAMES)
+    with pytest.raises(ValueError, match="matrix"):
+        scorer.score(np.zeros((3, 5)))
+    assert scorer.score(np.zeros((0, 6))).shape == (0,)
+
+
+# --- River online model -----------------------------------------------------------------------
+
+
+def test_online_untrained_and_warmup_give_zero() -> None:
+    model = OnlineModel(warmup=3)
+    x = {"a": 1.0}
+    assert model.predict_proba_one(x) == 0.0
+    for _ in range(5):
+        model.learn_one(x, False)
+    assert model.predict_proba_one(x) == 0.0  # warm-up reached but no positive yet
+    model.learn_one({"a": 3.0}, True)
+    assert (model.n_learned, model.n_positive) == (6, 1)
+    p = model.predict_proba_one(x)
+    assert 0.0 < p < 1.0 and p != 0.5
+
+
+def test_online_improves_auc_on_a_stream(data: dict[str, Any]) -> None:
+    X_test, y_test = data["test"]
+    model = OnlineModel(lr=0.05, warmup=50, pos_weight=5.0)
+
+    def auc() -> float:
+        s = [model.predict_proba_one(x_dict(NAMES, row)) for row in X_test]
+        return roc_auc(y_test, s)
+
+    assert auc() == 0.5  # everything scores 0.0 before learning
+    X, y = data["train"]
+    for row, label in zip(X, y, strict=True):
+        model.learn_one(x_dict(NAMES, row), bool(label))
+    assert auc() > 0.9
+
+
+def test_online_pos_weight_raises_positive_scores(data: dict[str, Any]) -> None:
+    X, y = data["train"]
+    plain, weighted = OnlineModel(pos_weight=1.0, warmup=1), OnlineModel(pos_weight=10.0, warmup=1)
+    for row, label in zip(X[:1500], y[:1500], strict=True):
+        plain.learn_one(x_dict(NAMES, row), bool(label))
+        weighted.learn_one(x_dict(NAMES, row), bool(label))
+    positives = [x_dict(NAMES, row) for row, label in zip(X, y, strict=True) if label]
+    mean_plain = np.mean([plain.predict_proba_one(x) for x in positives])
+    mean_weighted = np.mean([weighted.predict_proba_one(x) for x in positives])
+    assert mean_weighted > mean_plain + 0.1
+
+
+def test_online_drops_nan_and_keeps_learning_identically_after_pickle() -> None:
+    model = OnlineModel(warmup=1)
+    model.learn_one({"a": 1.0, "b": float("nan")}, True)
+    model.learn_one({"a": -1.0, "b": 2.0}, False)
+    assert all(math.isfinite(v) for v in model._scaler.means.values())
+    clone = pickle.loads(pickle.dumps(model))
+    for m in (model, clone):
+        m.learn_one({"a": 0.5, "b": float("inf")}, True)
+    x = {"a": 0.7, "b": float("nan")}
+    assert clone.predict_proba_one(x) == model.predict_proba_one(x)
+    assert (clone.n_learned, clone.n_positive) == (3, 2)
+
+
+def test_online_predict_with_unseen_feature_leaves_state_unchanged(
+    online_trained: OnlineModel,
+) -> None:
+    before = pickle.dumps(online_trained)
+    x = {"f0": 2.0, "never_seen": 1.0}
+    assert online_trained.predict_proba_one(x) == online_trained.predict_proba_one({"f0": 2.0})
+    assert pickle.dumps(online_trained) == before
+
+
+def test_x_dict_drops_missing_values() -> None:
+    assert x_dict(["a", "b", "c"], np.array([1.0, np.nan, -np.inf])) == {"a": 1.0}
+    assert x_dict(["a"], [2]) == {"a": 2.0}
+    with pytest.raises(ValueError):
+        x_dict(["a", "b"], [1.0])
+
+
+# --- combine ----------------------------------------------------------------------------------
+
+prob = st.floats(0.0, 1.0)
+
+
+@given(prob, prob)
+def test_combine_identities(x: float, o: float) -> None:
+    assert combine(x, o, 0.0) == x
+    assert combine(x, 0.0, 1.0) == x
+    assert x <= combine(x, o, 0.7) <= 1.0
+    assert combine(x, o, 1.0) == pytest.approx(1 - (1 - x) * (1 - o), abs=1e-15)
+
+
+@given(prob, prob, prob, prob, st.floats(0.0, 1.0))
+def test_combine_is_monotone(x1: float, x2: float, o1: float, o2: float, w: float) -> None:
+    (x1, x2), (o1, o2) = sorted((x1, x2)), sorted((o1, o2))
+    assert combine(x1, o1, w) <= combine(x1, o2, w)  # exactly, in the online score
+    assert combine(x1, o1, w) <= combine(x2, o1, w) + 1e-15  # up to one rounding, in xgb
+
+
+def test_combine_vectorised() -> None:
+    x = np.array([0.0, 1e-20, 0.3, 1.0], dtype=np.float32)
+    np.testing.assert_array_equal(combine(x, np.zeros(4), 1.0), x)
+    np.testing.assert_array_equal(combine(x, np.ones(4), 0.0), x)
+    out = combine(x, 0.5, 0.5)
+    assert isinstance(out, np.ndarray) and out.shape == (4,)
+    np.testing.assert_allclose(out, 1 - (1 - x.astype(np.float64)) * 0.75)
+    assert isinstance(combine(0.2, 0.5, 0.5), float)
+    with pytest.raises(ValueError):
+        combine(0.2, 0.5, 1.5)
