@@ -1,0 +1,1 @@
+"""Bytewax dataflows and their connectors (files, Redis)."""

@@ -1,0 +1,303 @@
+"""Redis I/O against real servers: embedded server, stream sink (inside Bytewax), consumer."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import bytewax.operators as op
+import pytest
+import redis
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSource, run_main
+
+from flows.redis_sink import RedisSinkError, RedisStreamSink, xadd_batch
+from fraud.consumer import (
+    ack,
+    consume,
+    ensure_group,
+    format_alert,
+    pending_count,
+    read_alerts,
+    stream_length,
+)
+from fraud.redis_server import EmbeddedRedis, connect, redact, redis_url
+from fraud.settings import Settings
+
+if TYPE_CHECKING:
+    from conftest import RedisTestServer
+
+pytestmark = pytest.mark.redis
+
+STREAM = "t:alerts"
+
+
+def make_alert(i: int) -> dict[str, str]:
+    reasons = [
+        {"feature": "amount_z", "value": 4.2, "contribution": 0.31},
+        {"feature": "merchant_new", "value": None, "contribution": -0.05},
+    ]
+    return {
+        "txn_id": f"t{i}",
+        "card_id": f"c{i % 3}",
+        "merchant_id": "m7",
+        "ts": "2024-05-01T12:00:00Z",
+        "score": "0.9134",
+        "xgb_score": "0.95",
+        "online_score": "0.84",
+        "threshold": "0.5",
+        "model_version": "v3",
+        "reasons": json.dumps(reasons),
+        "latency_ms": "1.5",
+    }
+
+
+def txn_ids(client: redis.Redis, stream: str = STREAM) -> list[str]:
+    return [fields[b"txn_id"].decode() for _, fields in client.xrange(stream)]
+
+
+def run_sink_flow(url: str, items: list[dict[str, str]], maxlen: int = 1000) -> None:
+    flow = Dataflow("redis_sink_test")
+    stream = op.input("inp", flow, TestingSource(items, batch_size=7))
+    op.output("alerts", stream, RedisStreamSink(url, STREAM, maxlen))
+    run_main(flow)
+
+
+# -- embedded server --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded_dir(tmp_path: Path) -> Iterator[Path]:
+    """A data dir whose embedded server (if any) is stopped after the test."""
+    data_dir = tmp_path / "r"
+    yield data_dir
+    EmbeddedRedis(data_dir).stop()
+
+
+def test_embedded_redis_persists_across_restart(embedded_dir: Path) -> None:
+    server = EmbeddedRedis(embedded_dir).start()
+    assert not server.reused
+    assert server.url == f"unix://{embedded_dir.resolve()}/redis.sock"
+    with connect(server.url) as client:
+        assert client.config_get("port") == {"port": "0"}  # no TCP listener
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        xadd_batch(client, STREAM, [make_alert(i) for i in range(5)], 1000)
+    server.stop()
+    assert not server.is_running()
+
+    again = EmbeddedRedis(embedded_dir).start()
+    assert not again.reused
+    with connect(again.url) as client:
+        assert txn_ids(client) == [f"t{i}" for i in range(5)]
+
+
+def test_embedded_redis_reuses_running_server(embedded_dir: Path) -> None:
+    first = EmbeddedRedis(embedded_dir).start()
+    second = EmbeddedRedis(embedded_dir).start()
+    assert second.reused
+    with connect(first.url) as a, connect(second.url) as b:
+        assert a.info("server")["run_id"] == b.info("server")["run_id"]
+        a.set("k", "v")
+        assert b.get("k") == b"v"
+
+
+def test_redis_url_prefers_configured_url(embedded_dir: Path) -> None:
+    configured = Settings(redis_url="redis://:pw@example.invalid:6379/0", redis_dir=embedded_dir)
+    assert redis_url(configured) == "redis://:pw@example.invalid:6379/0"
+    assert not EmbeddedRedis(embedded_dir).is_running()  # nothing started for it
+
+    url = redis_url(Settings(redis_url=None, redis_dir=embedded_dir))
+    assert url.startswith("unix://")
+    with connect(url) as client:
+        assert client.ping()
+
+
+# -- sink -------------------------------------------------------------------------------------
+
+
+def test_xadd_batch_returns_ids_in_order(redis_client: redis.Redis) -> None:
+    ids = xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(4)], 1000)
+    assert [entry_id for entry_id, _ in redis_client.xrange(STREAM)] == [i.encode() for i in ids]
+    assert all(isinstance(i, str) for i in ids)
+    assert xadd_batch(redis_client, STREAM, [], 1000) == []
+
+
+def test_sink_in_dataflow_writes_every_item_in_order(redis_url: str, redis_client: redis.Redis) -> None:
+    items = [make_alert(i) for i in range(50)]
+    run_sink_flow(redis_url, items)
+    assert txn_ids(redis_client) == [f"t{i}" for i in range(50)]
+    _, fields = redis_client.xrange(STREAM, count=1)[0]
+    assert {k.decode(): v.decode() for k, v in fields.items()} == items[0]
+
+
+def test_sink_trims_the_stream(redis_url: str, redis_client: redis.Redis) -> None:
+    n = 3000
+    run_sink_flow(redis_url, [{"txn_id": f"t{i}"} for i in range(n)], maxlen=10)
+    length = redis_client.xlen(STREAM)
+    assert 10 <= length < 300  # approximate: whole macro nodes (100 entries) are dropped
+    _, last = redis_client.xrevrange(STREAM, count=1)[0]
+    assert last[b"txn_id"] == f"t{n - 1}".encode()
+
+
+def test_sink_rides_out_a_restart(
+    redis_server_factory: Callable[..., RedisTestServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(password="s3cret", appendonly=True)
+    sink = RedisStreamSink(server.url, STREAM, 1000)
+    part = sink.build("alerts", 0, 1)
+    restarter = threading.Timer(0.5, server.start)
+    try:
+        part.write_batch([make_alert(i) for i in range(10)])
+        server.stop()
+        restarter.start()
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="flows.redis_sink"):
+            part.write_batch([make_alert(i) for i in range(10, 20)])
+        assert time.monotonic() - started >= 0.4  # it really waited for the restart
+    finally:
+        restarter.join()  # before the fixture stops the server, even if the test failed
+        part.close()
+    with connect(server.url) as client:
+        assert txn_ids(client) == [f"t{i}" for i in range(20)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "flows.redis_sink"]
+    assert warnings, "each failed attempt must be logged"
+    assert all("'alerts'" in w and ":***@" in w and "s3cret" not in w for w in warnings)
+
+
+def test_sink_gives_up_naming_the_step(
+    redis_server_factory: Callable[..., RedisTestServer],
+) -> None:
+    server = redis_server_factory(password="s3cret")
+    url = server.url
+    server.stop()
+    sink = RedisStreamSink(url, STREAM, 1000, max_attempts=2, initial_backoff_s=0.01)
+    part = sink.build("alerts_out", 0, 1)
+    try:
+        with pytest.raises(RedisSinkError, match=r"'alerts_out'.*after 2 attempts") as info:
+            part.write_batch([make_alert(0)])
+    finally:
+        part.close()
+    assert "s3cret" not in str(info.value)
+
+
+# -- consumer ---------------------------------------------------------------------------------
+
+
+def test_ensure_group_is_idempotent(redis_client: redis.Redis) -> None:
+    assert ensure_group(redis_client, STREAM, "g") is True
+    assert ensure_group(redis_client, STREAM, "g") is False
+    assert stream_length(redis_client, STREAM) == 0  # MKSTREAM created it
+    assert [g["name"] for g in redis_client.xinfo_groups(STREAM)] == [b"g"]
+
+
+def test_read_and_ack(redis_client: redis.Redis) -> None:
+    ensure_group(redis_client, STREAM, "g")
+    ids = xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(3)], 1000)
+    alerts = read_alerts(redis_client, STREAM, "g", "me", count=10)
+    assert [entry_id for entry_id, _ in alerts] == ids
+    assert alerts[0][1] == make_alert(0)
+    assert pending_count(redis_client, STREAM, "g") == 3
+    assert ack(redis_client, STREAM, "g", ids) == 3
+    assert pending_count(redis_client, STREAM, "g") == 0
+    assert read_alerts(redis_client, STREAM, "g", "me") == []
+
+
+def drain(
+    client: redis.Redis,
+    group: str,
+    consumer: str = "me",
+    *,
+    as_json: bool,
+    limit: int | None = None,
+) -> tuple[int, str]:
+    """consume() without follow; returns (count printed, printed text)."""
+    out = io.StringIO()
+    n = consume(client, STREAM, group, consumer, follow=False, as_json=as_json, limit=limit, out=out)
+    return n, out.getvalue()
+
+
+def test_consume_prints_readable_lines_once_per_group(redis_client: redis.Redis) -> None:
+    xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(3)], 1000)
+    n, text = drain(redis_client, "g", as_json=False)
+    lines = text.splitlines()
+    assert n == 3 and len(lines) == 3
+    assert "txn=t1" in lines[1] and "card=c1" in lines[1] and "merchant=m7" in lines[1]
+    assert "2024-05-01T12:00:00Z" in lines[1]
+    assert "score=0.913 (xgb 0.950, online 0.840" in lines[1]
+    assert "model=v3" in lines[1]
+    assert "amount_z=4.2 (+0.310)" in lines[1] and "merchant_new=na (-0.050)" in lines[1]
+    assert pending_count(redis_client, STREAM, "g") == 0
+
+    assert drain(redis_client, "g", "other", as_json=False) == (0, "")  # same group: nothing new
+    assert drain(redis_client, "g2", as_json=False)[0] == 3  # another group sees everything
+
+
+def test_consume_as_json_with_limit(redis_client: redis.Redis) -> None:
+    ids = xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(5)], 1000)
+    n, text = drain(redis_client, "g", as_json=True, limit=2)
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert n == 2 and [row["id"] for row in rows] == ids[:2]
+    assert rows[0]["fields"]["txn_id"] == "t0"
+    reason = {"feature": "amount_z", "value": 4.2, "contribution": 0.31}
+    assert rows[0]["fields"]["reasons"][0] == reason
+    assert pending_count(redis_client, STREAM, "g") == 0  # only what was printed was read
+    n, text = drain(redis_client, "g", as_json=True)
+    assert n == 3 and [json.loads(line)["id"] for line in text.splitlines()] == ids[2:]
+
+
+def test_consume_follow_waits_for_new_alerts(redis_url: str, redis_client: redis.Redis) -> None:
+    def produce() -> None:
+        with connect(redis_url) as producer:
+            xadd_batch(producer, STREAM, [make_alert(i) for i in range(3)], 1000)
+
+    ensure_group(redis_client, STREAM, "g", start_id="$")
+    timer = threading.Timer(0.3, produce)
+    timer.start()
+    out = io.StringIO()
+    try:
+        n = consume(redis_client, STREAM, "g", "me", follow=True, as_json=False, limit=3, out=out)
+    finally:
+        timer.join()
+    assert n == 3
+    shown = [line.split("txn=")[1].split()[0] for line in out.getvalue().splitlines()]
+    assert shown == ["t0", "t1", "t2"]
+
+
+def test_malformed_alert_is_printed_not_fatal(redis_client: redis.Redis) -> None:
+    bad = {"txn_id": "t9", "score": "abc", "reasons": "not json"}
+    line = format_alert(bad)
+    assert "txn=t9" in line and "card=?" in line and "score=? (xgb ?" in line
+    assert line.endswith("reasons: ?") and "model=?" in line
+    odd = format_alert({"reasons": json.dumps([{"feature": "x", "value": None}, 3])})
+    assert "reasons: x=na (?), ?" in odd
+    assert format_alert({"reasons": "[]"}).endswith("reasons: none")
+
+    xadd_batch(redis_client, STREAM, [bad, make_alert(1)], 1000)
+    n, text = drain(redis_client, "g", as_json=False)
+    assert n == 2 and "txn=t9" in text
+    n, text = drain(redis_client, "g_json", as_json=True)
+    assert n == 2 and json.loads(text.splitlines()[0])["fields"]["reasons"] == "not json"
+
+
+# -- redaction --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+        ("rediss://user:s3cret@host:6380/2", "rediss://user:***@host:6380/2"),
+        ("redis://user:p@ss@host", "redis://user:***@host"),
+        ("unix:///tmp/r.sock?db=0&password=s3cret", "unix:///tmp/r.sock?db=0&password=***"),
+        ("redis://host:6379", "redis://host:6379"),
+        ("unix:///tmp/r.sock", "unix:///tmp/r.sock"),
+    ],
+)
+def test_redact_hides_passwords(url: str, expected: str) -> None:
+    assert redact(url) == expected
