@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from features.events import DeadLetter, Label, Transaction
+from features.events import DeadLetter, Label, Transaction, encode
 from features.spec import FeatureSet
 from features.state import NAN, EntityPlan, EntityState
 
@@ -35,6 +35,7 @@ class LabelEvent(msgspec.Struct, frozen=True, gc=False):
     txn_ts_ms: int
     keys: tuple[str | None, ...]
     received_ns: int = 0
+    seq: int = 0
 
 
 @dataclass
@@ -45,6 +46,10 @@ class FeatureRow:
     keys: tuple[str | None, ...]
     parts: list[list[float]] = field(default_factory=list)
     late: bool = False
+
+    @property
+    def seq(self) -> int:
+        return self.txn.seq
 
 
 def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
@@ -66,7 +71,9 @@ class Pipeline:
 
     def __init__(self, feature_set: FeatureSet, allowed_lateness_ms: int) -> None:
         self.feature_set = feature_set
-        self.plans = [EntityPlan(e, feature_set.for_entity(e), allowed_lateness_ms) for e in feature_set.entities]
+        self.plans = [
+            EntityPlan(e, feature_set.for_entity(e), allowed_lateness_ms) for e in feature_set.entities
+        ]
         self.names = feature_set.names
         self.schema_hash = feature_set.schema_hash
 
@@ -97,23 +104,29 @@ class Pipeline:
 
 def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent | DeadLetter:
     """Attach a label to its remembered transaction, or explain why it cannot be used."""
-    raw = msgspec.json.encode({"txn_id": label.txn_id, "is_fraud": label.is_fraud, "ts": label.ts_ms}).decode()
+    raw = label.raw or encode(label).decode()
     if entry is None:
-        return DeadLetter("label", "unknown_txn", f"no transaction {txn_id!r} seen (or it expired)", raw, txn_id)
+        return DeadLetter(
+            "label", "unknown_txn", f"no transaction {txn_id!r} seen (or it expired)", raw, txn_id
+        )
     if entry.labelled:
-        return DeadLetter("label", "duplicate_label", f"transaction {txn_id!r} is already labelled", raw, txn_id)
+        return DeadLetter(
+            "label", "duplicate_label", f"transaction {txn_id!r} is already labelled", raw, txn_id
+        )
     entry.labelled = True
-    return LabelEvent(txn_id, label.is_fraud, label.ts_ms, entry.ts_ms, entry.keys, label.received_ns)
+    return LabelEvent(
+        txn_id, label.is_fraud, label.ts_ms, entry.ts_ms, entry.keys, label.received_ns, label.seq
+    )
 
 
 def duplicate_txn(txn: Transaction) -> DeadLetter:
-    from features.events import encode
-
-    return DeadLetter("txn", "duplicate_txn", f"transaction {txn.txn_id!r} was already seen", encode(txn).decode(), txn.txn_id)
+    """The second arrival of a transaction id: scored once, the copy dead-lettered as received."""
+    raw = txn.raw or encode(txn).decode()
+    return DeadLetter("txn", "duplicate_txn", f"transaction {txn.txn_id!r} was already seen", raw, txn.txn_id)
 
 
 @dataclass
-class Scored:
+class FeatureVector:
     """Batch-mode output: a transaction with its feature vector."""
 
     txn: Transaction
@@ -129,8 +142,10 @@ class FeatureEngine:
         self.index: dict[str, TxnEntry] = {}
         self.states: list[dict[str, EntityState]] = [{} for _ in pipeline.plans]
 
-    def process(self, event: Transaction | Label) -> Scored | LabelEvent | DeadLetter:
+    def process(self, event: Transaction | Label | DeadLetter) -> FeatureVector | LabelEvent | DeadLetter:
         p = self.pipeline
+        if isinstance(event, DeadLetter):
+            return event
         if isinstance(event, Label):
             joined = join_label(event.txn_id, self.index.get(event.txn_id), event)
             if isinstance(joined, LabelEvent):
@@ -144,7 +159,7 @@ class FeatureEngine:
         self.index[event.txn_id] = entry
         for i, key in enumerate(row.keys):
             p.observe(i, None if key is None else self._state(i, key), row)
-        return Scored(event, p.assemble(row), row.late)
+        return FeatureVector(event, p.assemble(row), row.late)
 
     def _state(self, i: int, key: str) -> EntityState:
         states = self.states[i]
@@ -153,6 +168,8 @@ class FeatureEngine:
             s = states[key] = self.pipeline.plans[i].new_state()
         return s
 
-    def run(self, events: Iterable[Transaction | Label]) -> Iterator[Scored | LabelEvent | DeadLetter]:
+    def run(
+        self, events: Iterable[Transaction | Label | DeadLetter]
+    ) -> Iterator[FeatureVector | LabelEvent | DeadLetter]:
         for e in events:
             yield self.process(e)

@@ -70,6 +70,8 @@ class Transaction(msgspec.Struct, frozen=True, gc=False):
     lat: float | None = None
     lon: float | None = None
     received_ns: int = 0
+    seq: int = 0
+    raw: str = ""
 
 
 class Label(msgspec.Struct, frozen=True, gc=False):
@@ -79,6 +81,8 @@ class Label(msgspec.Struct, frozen=True, gc=False):
     is_fraud: bool
     ts_ms: int
     received_ns: int = 0
+    seq: int = 0
+    raw: str = ""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, gc=False):
@@ -98,7 +102,7 @@ _txn_decoder = msgspec.json.Decoder(_WireTransaction)
 _label_decoder = msgspec.json.Decoder(_WireLabel)
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
@@ -128,7 +132,7 @@ def _text(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
 
 
-def decode_transaction(raw: bytes | str, received_ns: int = 0) -> Transaction | DeadLetter:
+def decode_transaction(raw: bytes | str, received_ns: int = 0, seq: int = 0) -> Transaction | DeadLetter:
     try:
         w = _txn_decoder.decode(raw)
         if not (math.isfinite(w.amount) and w.amount >= 0):
@@ -139,7 +143,7 @@ def decode_transaction(raw: bytes | str, received_ns: int = 0) -> Transaction | 
             raise _Invalid("bad_location", f"lat/lon out of range: {w.lat!r}, {w.lon!r}")
         return Transaction(
             w.txn_id, to_epoch_ms(w.ts), w.card_id, w.merchant_id, w.amount, w.currency, w.mcc,
-            w.country, w.channel, w.device_id or None, w.ip or None, w.lat, w.lon, received_ns,
+            w.country, w.channel, w.device_id or None, w.ip or None, w.lat, w.lon, received_ns, seq, _text(raw),
         )  # fmt: skip
     except msgspec.ValidationError as e:
         return DeadLetter("txn", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw))
@@ -149,10 +153,10 @@ def decode_transaction(raw: bytes | str, received_ns: int = 0) -> Transaction | 
         return DeadLetter("txn", e.reason, e.detail, _text(raw), _txn_id_of(raw))
 
 
-def decode_label(raw: bytes | str, received_ns: int = 0) -> Label | DeadLetter:
+def decode_label(raw: bytes | str, received_ns: int = 0, seq: int = 0) -> Label | DeadLetter:
     try:
         w = _label_decoder.decode(raw)
-        return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns)
+        return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns, seq, _text(raw))
     except msgspec.ValidationError as e:
         return DeadLetter("label", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw))
     except msgspec.DecodeError as e:
@@ -161,12 +165,17 @@ def decode_label(raw: bytes | str, received_ns: int = 0) -> Label | DeadLetter:
         return DeadLetter("label", e.reason, e.detail, _text(raw), _txn_id_of(raw))
 
 
-def decode(kind: str, raw: bytes | str, received_ns: int = 0) -> Decoded:
-    """Decode one record of `kind` ("txn" or "label"); never raises."""
+def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0) -> Decoded:
+    """Decode one record of `kind` ("txn" or "label"); never raises.
+
+    `received_ns` (wall clock at arrival) measures latency; `seq` (arrival order) lets keyed steps
+    put a batch back in arrival order, which Bytewax does not keep across keys; `raw` is kept so a
+    record refused later (duplicate, unknown transaction) is dead-lettered exactly as received.
+    """
     if kind == "txn":
-        return decode_transaction(raw, received_ns)
+        return decode_transaction(raw, received_ns, seq)
     if kind == "label":
-        return decode_label(raw, received_ns)
+        return decode_label(raw, received_ns, seq)
     return DeadLetter(str(kind)[:32], "unknown_kind", f"unknown record kind {kind!r}", _text(raw))
 
 
@@ -189,8 +198,9 @@ _encoder = msgspec.json.Encoder()
 
 
 def encode(event: Transaction | Label) -> bytes:
-    """Wire JSON of an event (ts as epoch ms), the inverse of `decode` up to `received_ns`."""
+    """Wire JSON of an event (ts as epoch ms), the inverse of `decode` up to arrival metadata."""
     d = msgspec.structs.asdict(event)
-    d.pop("received_ns")
+    for meta in ("received_ns", "seq", "raw"):
+        d.pop(meta)
     d["ts"] = d.pop("ts_ms")
     return _encoder.encode({k: v for k, v in d.items() if v is not None})

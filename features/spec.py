@@ -21,7 +21,9 @@ Agg = Literal[
 
 NUMERIC_AGGS = frozenset({"sum", "mean", "std", "min", "max", "ratio_to_mean", "zscore"})
 CATEGORICAL_AGGS = frozenset({"distinct", "is_new"})
-FIELDLESS_AGGS = frozenset({"count", "time_since_last", "distance_km", "speed_kmh", "label_count", "label_rate"})
+FIELDLESS_AGGS = frozenset(
+    {"count", "time_since_last", "distance_km", "speed_kmh", "label_count", "label_rate"}
+)
 UNWINDOWED_AGGS = frozenset({"time_since_last", "distance_km", "speed_kmh"})
 LABEL_AGGS = frozenset({"label_count", "label_rate"})
 
@@ -97,7 +99,11 @@ class WindowFeature:
 
     @property
     def name(self) -> str:
-        head = f"{self.field}_{self.agg}" if self.field else {"label_count": "fraud_count", "label_rate": "fraud_rate"}.get(self.agg, self.agg)
+        head = (
+            f"{self.field}_{self.agg}"
+            if self.field
+            else {"label_count": "fraud_count", "label_rate": "fraud_rate"}.get(self.agg, self.agg)
+        )
         tail = f"_{self.window}" if self.window else ""
         delay = f"_delay_{self.label_delay}" if self.label_delay else ""
         return f"{head}_by_{self.entity.name}{tail}{delay}"
@@ -156,7 +162,9 @@ class FeatureSet:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def expand(entity: Entity, aggs: Iterable[Agg], windows: Iterable[str], field: str | None = None) -> list[WindowFeature]:
+def expand(
+    entity: Entity, aggs: Iterable[Agg], windows: Iterable[str], field: str | None = None
+) -> list[WindowFeature]:
     """Every (aggregation, window) pair for one entity and field, in a stable order."""
     ws = list(windows)
     return [WindowFeature(entity, a, field, w) for a in aggs for w in ws]

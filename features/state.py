@@ -70,20 +70,25 @@ class EntityPlan:
         self.features = features
         self.names = [f.name for f in features]
         geo = any(f.agg in ("distance_km", "speed_kmh") for f in features)
-        num = sorted({f.field for f in features if f.agg in NUMERIC_AGGS and f.field} | ({"lat", "lon"} if geo else set()))
+        num = sorted(
+            {f.field for f in features if f.agg in NUMERIC_AGGS and f.field}
+            | ({"lat", "lon"} if geo else set())
+        )
         cat = sorted({f.field for f in features if f.agg in CATEGORICAL_AGGS and f.field})
         self.num_fields, self.cat_fields = num, cat
         self.uses_labels = any(f.agg in LABEL_AGGS for f in features)
         self.lookback_ms = max(f.window_ms + f.delay_ms for f in features)
         self.retention_ms = self.lookback_ms + allowed_lateness_ms
         self.allowed_lateness_ms = allowed_lateness_ms
-        self._steps = [
-            (f.agg, num.index(f.field) if f.agg in NUMERIC_AGGS else cat.index(f.field) if f.agg in CATEGORICAL_AGGS else -1,
-             f.window_ms, f.delay_ms)
-            for f in features
-        ]  # fmt: skip
+        self._steps = [(f.agg, self._column(f), f.window_ms, f.delay_ms) for f in features]
         self._lat = num.index("lat") if geo else -1
         self._lon = num.index("lon") if geo else -1
+
+    def _column(self, f: WindowFeature) -> int:
+        """Index of the feature's source column among the numeric or categorical ones, else -1."""
+        if f.field is None:
+            return -1
+        return (self.num_fields if f.agg in NUMERIC_AGGS else self.cat_fields).index(f.field)
 
     def new_state(self) -> EntityState:
         return EntityState(len(self.num_fields), len(self.cat_fields))

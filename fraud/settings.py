@@ -18,29 +18,49 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FRAUD_", env_file=".env", frozen=True, extra="ignore")
 
     # Inputs
-    transactions_path: Path = Field(SAMPLES / "transactions.jsonl.gz", description="Transactions file replayed by the flow.")
-    labels_path: Path | None = Field(SAMPLES / "labels.jsonl.gz", description="Labels file merged in event time; empty to disable.")
+    transactions_path: Path = Field(
+        SAMPLES / "transactions.jsonl.gz", description="Transactions file replayed by the flow."
+    )
+    labels_path: Path | None = Field(
+        SAMPLES / "labels.jsonl.gz",
+        description="Labels file merged in event time; empty to disable.",
+    )
     source_batch_size: int = Field(1000, ge=1, description="Records handed to Bytewax per source poll.")
 
     # Redis
-    redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL; unset starts an embedded server.")
+    redis_url: SecretStr | None = Field(
+        None, description="redis:// or rediss:// URL; unset starts an embedded server."
+    )
     redis_dir: Path = Field(Path(".fraud/redis"), description="Data directory of the embedded Redis server.")
     alerts_stream: str = Field("fraud:alerts", description="Stream that receives alerts.")
     dlq_stream: str = Field("fraud:dlq", description="Stream that receives dead letters.")
     stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate MAXLEN trim applied on every XADD.")
 
     # Features
-    allowed_lateness_s: float = Field(300.0, ge=0, description="Out-of-orderness tolerated with exact features.")
-    label_ttl_days: float = Field(60.0, gt=0, description="How long a scored transaction waits for its label.")
+    allowed_lateness_s: float = Field(
+        300.0, ge=0, description="Out-of-orderness tolerated with exact features."
+    )
+    label_ttl_days: float = Field(
+        60.0, gt=0, description="How long a scored transaction waits for its label."
+    )
 
     # Models and scoring
-    model_path: Path = Field(Path("models/artifacts/default"), description="Artifact directory written by `fraud train`.")
-    threshold: float | None = Field(None, ge=0, le=1, description="Alert threshold; unset uses the artifact's.")
-    scoring_batch_size: int = Field(256, ge=1, description="Transactions per vectorised XGBoost call (at most).")
+    model_path: Path = Field(
+        Path("models/artifacts/default"), description="Artifact directory written by `fraud train`."
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Alert threshold; unset uses the artifact's."
+    )
+    scoring_batch_size: int = Field(
+        256, ge=1, description="Transactions per vectorised XGBoost call (at most)."
+    )
     xgb_device: Literal["cpu", "cuda"] = Field("cpu", description="XGBoost device for training and scoring.")
     xgb_nthread: int = Field(1, ge=1, description="XGBoost threads inside the flow (Bytewax owns a core).")
     online_weight: float = Field(0.5, ge=0, le=1, description="Weight of the River score in the final score.")
-    online_warmup_labels: int = Field(500, ge=0, description="Labels River must learn before it counts.")
+    online_warmup_labels: int = Field(2000, ge=0, description="Labels River must learn before it counts.")
+    online_lr: float = Field(0.01, gt=0, description="River SGD learning rate.")
+    online_l2: float = Field(0.0, ge=0, description="River L2 regularisation.")
+    online_pos_weight: float = Field(1.0, gt=0, description="Weight of a fraud label in River's loss.")
     top_reasons: int = Field(3, ge=0, description="Feature contributions listed in each alert.")
 
     # Operations

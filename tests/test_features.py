@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features.catalog import FEATURES
-from features.engine import FeatureEngine, LabelEvent, Pipeline, Scored, txn_features
+from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline, txn_features
 from features.events import DeadLetter, Label, Transaction
 from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
 from features.state import haversine_km, stable_hash
@@ -23,7 +23,12 @@ PAIR = Entity("card_merchant", ("card_id", "merchant_id"))
 WIDE = FeatureSet(
     windows=(
         *expand(CARD, ["count"], ["1s", "1m", "1h", "1d", "90d"]),
-        *expand(CARD, ["sum", "mean", "std", "min", "max", "ratio_to_mean", "zscore"], ["1s", "1h", "90d"], "amount"),
+        *expand(
+            CARD,
+            ["sum", "mean", "std", "min", "max", "ratio_to_mean", "zscore"],
+            ["1s", "1h", "90d"],
+            "amount",
+        ),
         WindowFeature(CARD, "time_since_last"),
         WindowFeature(CARD, "distance_km"),
         WindowFeature(CARD, "speed_kmh"),
@@ -50,7 +55,13 @@ def key(entity: Entity, t: Transaction) -> str | None:
     return None if any(p is None for p in parts) else "|".join(parts)
 
 
-def brute_force(f: WindowFeature, t: Transaction, arrived: list[Transaction], frauds: dict[str, tuple[int, int]], lookback: int) -> float:
+def brute_force(
+    f: WindowFeature,
+    t: Transaction,
+    arrived: list[Transaction],
+    frauds: dict[str, tuple[int, int]],
+    lookback: int,
+) -> float:
     """The definition, by scanning every earlier arrival; `arrived` ends with `t` itself."""
     k = key(f.entity, t)
     if k is None:
@@ -115,7 +126,9 @@ def event_streams(draw: st.DrawFn) -> list[Transaction | Label]:
         )  # fmt: skip
     # Arrival order: event time plus a jitter, mostly within the allowed lateness, sometimes beyond.
     jitter = st.integers(0, LATENESS_MS) | st.integers(0, 3 * LATENESS_MS)
-    arrivals: list[tuple[int, int, Transaction | Label]] = [(t.ts_ms + draw(jitter), i, t) for i, t in enumerate(txns)]
+    arrivals: list[tuple[int, int, Transaction | Label]] = [
+        (t.ts_ms + draw(jitter), i, t) for i, t in enumerate(txns)
+    ]
     for i, t in enumerate(txns):
         if draw(st.booleans()):
             label_ts = t.ts_ms + draw(st.sampled_from([0, 60_000, 86_400_000, 10 * 86_400_000]))
@@ -145,7 +158,7 @@ def test_features_equal_brute_force(events: list[Transaction | Label]) -> None:
                     frauds[e.txn_id] = (txn.ts_ms, e.ts_ms)
             continue
         arrived.append(e)
-        assert isinstance(out, Scored)
+        assert isinstance(out, FeatureVector)
         late = any(
             e.ts_ms < max(x.ts_ms for x in arrived if key(p.entity, x) == k) - LATENESS_MS
             for p in pipeline.plans
@@ -154,7 +167,9 @@ def test_features_equal_brute_force(events: list[Transaction | Label]) -> None:
         assert out.late == late
         if out.late:
             continue
-        expected = txn_features(e, WIDE.txn) + [brute_force(f, e, arrived, frauds, lookback[f.entity]) for f in WIDE.windows]
+        expected = txn_features(e, WIDE.txn) + [
+            brute_force(f, e, arrived, frauds, lookback[f.entity]) for f in WIDE.windows
+        ]
         for name, got, want in zip(WIDE.names, out.values, expected, strict=True):
             assert same(got, want), f"{name} of {e.txn_id}: engine {got} != brute force {want}"
         checked += 1
@@ -174,11 +189,11 @@ def test_out_of_order_within_lateness_sees_only_earlier_event_time() -> None:
     names = FEATURES.names
     first = engine.process(Transaction("a", T0 + 30_000, "c1", "m1", 100.0))
     second = engine.process(Transaction("b", T0, "c1", "m1", 5.0))
-    assert isinstance(first, Scored) and isinstance(second, Scored)
+    assert isinstance(first, FeatureVector) and isinstance(second, FeatureVector)
     assert second.values[names.index("count_by_card_1h")] == 1.0
     assert second.values[names.index("amount_sum_by_card_1h")] == 5.0
     third = engine.process(Transaction("c", T0 + 40_000, "c1", "m2", 1.0))
-    assert isinstance(third, Scored)
+    assert isinstance(third, FeatureVector)
     assert third.values[names.index("amount_sum_by_card_1h")] == 106.0
     assert third.values[names.index("time_since_last_by_card")] == 10.0
 
@@ -193,7 +208,7 @@ def test_merchant_risk_counts_only_labels_already_arrived() -> None:
     assert isinstance(label, LabelEvent)
     before = engine.process(Transaction("c", T0 + 2000, "c3", "m1", 10.0))
     after = engine.process(Transaction("d", T0 + 86_400_000, "c4", "m1", 10.0))
-    assert isinstance(before, Scored) and isinstance(after, Scored)
+    assert isinstance(before, FeatureVector) and isinstance(after, FeatureVector)
     assert before.values[rate] == 0.0
     assert after.values[rate] == pytest.approx(1 / 4)
 
@@ -214,7 +229,9 @@ def test_state_is_evicted_and_pickles_compactly() -> None:
     pipeline = Pipeline(FEATURES, LATENESS_MS)
     engine = FeatureEngine(pipeline)
     for i in range(200):  # ~3 a day for 66 days: only the last 30 days (+ lateness) stay
-        engine.process(Transaction(f"t{i}", T0 + i * 8 * 3_600_000, "c1", f"m{i % 7}", 10.0 + i, device_id="d1"))
+        engine.process(
+            Transaction(f"t{i}", T0 + i * 8 * 3_600_000, "c1", f"m{i % 7}", 10.0 + i, device_id="d1")
+        )
     state = engine.states[0]["card:c1"]
     span = state.ts[-1] - state.ts[0]
     assert span <= pipeline.plans[0].retention_ms and len(state) >= 89
@@ -243,5 +260,7 @@ def test_schema_hash_follows_the_declaration() -> None:
 
 def test_stable_hash_is_not_salted() -> None:
     # A fixed value: a salted hash (Python's `hash`) would differ between processes and break restored state.
-    assert stable_hash("m0007") == int.from_bytes(__import__("hashlib").blake2b(b"m0007", digest_size=8).digest(), "little", signed=True)
+    assert stable_hash("m0007") == int.from_bytes(
+        __import__("hashlib").blake2b(b"m0007", digest_size=8).digest(), "little", signed=True
+    )
     assert stable_hash("m0007") != stable_hash("m0008")

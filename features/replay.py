@@ -1,0 +1,66 @@
+"""Read transactions and labels files (.jsonl or .jsonl.gz) merged in event time.
+
+The same reader feeds the flow's file source and the trainer, so both see one arrival order:
+event time, with a label after the transactions of the same millisecond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import heapq
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from features.events import AwareTime, DeadLetter, Label, Transaction, decode, to_epoch_ms
+
+
+class _Ts(msgspec.Struct):
+    ts: int | AwareTime
+
+
+_ts_decoder = msgspec.json.Decoder(_Ts)
+
+
+def open_text(path: Path) -> IO[str]:
+    """Open a .jsonl or .jsonl.gz file for reading text."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open("r", encoding="utf-8")
+
+
+def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, int, str, str]]:
+    """(event time, line number, kind, line); unparseable times sort with the line before them."""
+    last = -(2**62)
+    with open_text(path) as f:
+        for n, line in enumerate(islice(f, skip, None), start=skip):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            with contextlib.suppress(msgspec.DecodeError, ValueError):  # dead-lettered by `decode`
+                last = to_epoch_ms(_ts_decoder.decode(line).ts)
+            yield last, n, kind, line
+
+
+def merged_records(
+    txns: Path, labels: Path | None, skip: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[str, str, int]]:
+    """Records of both files in event-time order; labels come after transactions of the same time.
+
+    Yields (kind, line, line number in its own file).
+    """
+    streams = [_keyed_lines(txns, "txn", skip[0])]
+    if labels is not None:
+        streams.append(_keyed_lines(labels, "label", skip[1]))
+    for _, n, kind, line in heapq.merge(*streams, key=lambda r: (r[0], r[2] == "label")):
+        yield kind, line, n
+
+
+def replay(txns: Path, labels: Path | None) -> Iterator[Transaction | Label | DeadLetter]:
+    """Decoded events of both files in arrival order."""
+    for kind, line, _ in merged_records(txns, labels):
+        yield decode(kind, line)

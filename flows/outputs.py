@@ -1,0 +1,134 @@
+"""What leaves the flow: alert and dead-letter stream entries, metrics, progress lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from typing import TextIO
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from prometheus_client import REGISTRY
+
+from features.events import DeadLetter
+from fraud import metrics
+from models.serving import Decision
+
+
+def rfc3339(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, str] | None:
+    """The `fraud:alerts` stream entry of an alerting decision, None for the others."""
+    if not d.alert:
+        return None
+    t = d.txn
+    reasons = [
+        {
+            "feature": name,
+            "value": None if value != value else round(value, 4),
+            "contribution": round(c, 4),
+        }
+        for name, value, c in d.reasons
+    ]
+    return {
+        "txn_id": t.txn_id,
+        "card_id": t.card_id,
+        "merchant_id": t.merchant_id,
+        "ts": rfc3339(t.ts_ms),
+        "ts_ms": str(t.ts_ms),
+        "amount": repr(t.amount),
+        "score": f"{d.score:.6f}",
+        "xgb_score": f"{d.xgb:.6f}",
+        "online_score": f"{d.online:.6f}",
+        "threshold": f"{threshold:.6f}",
+        "model_version": model_version,
+        "reasons": json.dumps(reasons),
+        "late": "1" if d.late else "0",
+        "latency_ms": "" if d.latency_s is None else f"{d.latency_s * 1000:.3f}",
+    }
+
+
+def dlq_entry(d: DeadLetter) -> dict[str, str]:
+    """The `fraud:dlq` stream entry: the raw payload, untouched, and why it was refused."""
+    return {
+        "kind": d.kind,
+        "reason": d.reason,
+        "detail": d.detail[:1000],
+        "raw": d.raw,
+        "txn_id": d.txn_id or "",
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+    }
+
+
+def count_decisions(decisions: list[Decision]) -> None:
+    metrics.TRANSACTIONS.inc(len(decisions))
+    for d in decisions:
+        if d.alert:
+            metrics.ALERTS.inc()
+        if d.late:
+            metrics.LATE_EVENTS.inc()
+        if d.latency_s is not None:
+            metrics.LATENCY.observe(d.latency_s)
+        metrics.SCORES.observe(d.score)
+
+
+def count_dead_letter(d: object) -> DeadLetter:
+    """Count a record of the dead-letter branch (typed loosely: Bytewax's branch keeps the union)."""
+    assert isinstance(d, DeadLetter), f"not a dead letter: {type(d).__name__}"
+    metrics.DEAD_LETTERS.labels(kind=d.kind, reason=d.reason).inc()
+    return d
+
+
+def _total(name: str) -> float:
+    total = 0.0
+    for family in REGISTRY.collect():
+        if family.name == name:
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+def progress_line(elapsed_s: float, prefix: str) -> str:
+    txns = _total("fraud_transactions")
+    rate = txns / elapsed_s if elapsed_s > 0 else 0.0
+    return (
+        f"{prefix} {txns:,.0f} transactions ({rate:,.0f}/s) · {_total('fraud_alerts'):,.0f} alerts · "
+        f"{_total('fraud_dead_letters'):,.0f} dead letters · {_total('fraud_labels'):,.0f} labels · "
+        f"{elapsed_s:,.1f}s"
+    )
+
+
+class _ProgressPartition(StatelessSinkPartition[object]):
+    def __init__(self, interval_s: float, out: TextIO, label: str) -> None:
+        self.interval_s, self.out, self.label = interval_s, out, label
+        self.started = self.last = time.monotonic()
+
+    def write_batch(self, items: list[object]) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            print(
+                progress_line(now - self.started, f"[progress{self.label}]"),
+                file=self.out,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        print(
+            progress_line(time.monotonic() - self.started, f"[done{self.label}]"),
+            file=self.out,
+            flush=True,
+        )
+
+
+class ProgressSink(DynamicSink[object]):
+    """Prints processed / rate / alerts / dead letters every `interval_s`, and a summary at the end."""
+
+    def __init__(self, interval_s: float, out: TextIO = sys.stdout) -> None:
+        self.interval_s, self.out = interval_s, out
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProgressPartition:
+        label = f" w{worker_index}" if worker_count > 1 else ""
+        return _ProgressPartition(self.interval_s, self.out, label)

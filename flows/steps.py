@@ -1,0 +1,178 @@
+"""The logic of each stateful flow step: thin adapters from Bytewax to `features` and `models`.
+
+Each class holds compact, plain state and returns a cheap, immutable snapshot: Bytewax calls
+`snapshot()` for every touched key at every epoch close, with or without recovery.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeGuard
+
+from bytewax.operators import StatefulBatchLogic
+
+from features.engine import (
+    FeatureRow,
+    FeatureVector,
+    LabelEvent,
+    Pipeline,
+    TxnEntry,
+    duplicate_txn,
+    join_label,
+)
+from features.events import DeadLetter, Decoded, Label, Transaction, decode
+from features.state import EntityState
+from flows.outputs import count_decisions
+from fraud import metrics
+from models.serving import Decision, Scorer
+
+Chained = FeatureRow | LabelEvent
+
+
+_arrivals = itertools.count()
+
+
+def decode_record(record: tuple[str, str]) -> Decoded:
+    """Decode at the edge, stamping arrival time (latency) and arrival order (`seq`)."""
+    kind, raw = record
+    return decode(kind, raw, time.time_ns(), next(_arrivals))
+
+
+def in_arrival_order(items: list[Any]) -> list[Any]:
+    """Bytewax hands a keyed step its batch grouped by key; the features depend on arrival order."""
+    items.sort(key=_seq)
+    return items
+
+
+_seq = operator.attrgetter("seq")
+
+
+def is_valid(event: Decoded) -> TypeGuard[Transaction | Label]:
+    return not isinstance(event, DeadLetter)
+
+
+def is_joined(item: Chained | DeadLetter) -> TypeGuard[Chained]:
+    return not isinstance(item, DeadLetter)
+
+
+def txn_key(event: Transaction | Label) -> str:
+    return event.txn_id
+
+
+def entity_key(i: int) -> Callable[[Chained], str]:
+    """Key of chain step `i`; an item whose entity is absent gets a private pass-through key."""
+
+    def key(item: Chained) -> str:
+        k = item.keys[i]
+        if k is not None:
+            return k
+        return f"~{item.txn.txn_id}" if isinstance(item, FeatureRow) else f"~{item.txn_id}"
+
+    return key
+
+
+class IndexLogic(StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, tuple[Any, ...]]):
+    """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
+
+    An entry lives `ttl` of wall-clock time (labels arrive days later); a label for a transaction
+    never seen, or already labelled, becomes a dead letter.
+    """
+
+    def __init__(self, pipeline: Pipeline, ttl: timedelta, resume: tuple[Any, ...] | None) -> None:
+        self.pipeline = pipeline
+        self.entry = TxnEntry(*resume) if resume else None
+        self.expires = datetime.now(UTC) + ttl
+
+    def on_batch(self, items: list[Transaction | Label]) -> tuple[list[Chained | DeadLetter], bool]:
+        out: list[Chained | DeadLetter] = []
+        for item in in_arrival_order(items):
+            if isinstance(item, Label):
+                out.append(join_label(item.txn_id, self.entry, item))
+            elif self.entry is not None:
+                out.append(duplicate_txn(item))
+            else:
+                row, self.entry = self.pipeline.start(item)
+                out.append(row)
+        return out, self.entry is None
+
+    def notify_at(self) -> datetime | None:
+        return self.expires if self.entry is not None else None
+
+    def on_notify(self) -> tuple[list[Chained | DeadLetter], bool]:
+        return [], StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> tuple[Any, ...]:
+        e = self.entry
+        assert e is not None, "a key without an entry is discarded, never snapshotted"
+        return (e.ts_ms, e.keys, e.labelled)
+
+
+class EntityLogic(StatefulBatchLogic[Chained, Chained, tuple[Any, ...]]):
+    """Keyed by one entity (card, merchant, device...): adds its window features to each row."""
+
+    def __init__(self, pipeline: Pipeline, i: int, resume: tuple[Any, ...] | None) -> None:
+        self.pipeline, self.i = pipeline, i
+        self.state: EntityState | None = None
+        if resume is not None:
+            self.state = pipeline.plans[i].new_state()
+            self.state.__setstate__(resume)
+
+    def on_batch(self, items: list[Chained]) -> tuple[list[Chained], bool]:
+        p, i = self.pipeline, self.i
+        for item in in_arrival_order(items):
+            if self.state is None and item.keys[i] is not None:
+                self.state = p.plans[i].new_state()
+            if isinstance(item, FeatureRow):
+                p.observe(i, self.state, item)
+            elif self.state is not None:
+                p.observe_label(i, self.state, item)
+        return items, self.state is None
+
+    def snapshot(self) -> tuple[Any, ...]:
+        s = self.state
+        assert s is not None, "a pass-through key is discarded, never snapshotted"
+        return (
+            s.ts[:],
+            [c[:] for c in s.num],
+            [c[:] for c in s.cat],
+            s.lab_txn_ts[:],
+            s.lab_label_ts[:],
+            s.max_ts,
+        )
+
+
+class ScoringLogic(StatefulBatchLogic[Chained, Decision, tuple[Any, ...]]):
+    """Assembles feature vectors, scores them in vectorised batches, feeds labels to River."""
+
+    def __init__(
+        self, pipeline: Pipeline, new_scorer: Callable[[], Scorer], resume: tuple[Any, ...] | None
+    ) -> None:
+        self.pipeline, self.scorer = pipeline, new_scorer()
+        if resume is not None:
+            self.scorer.restore(resume)
+
+    def on_batch(self, items: list[Chained]) -> tuple[list[Decision], bool]:
+        assemble = self.pipeline.assemble
+        batch = [
+            FeatureVector(it.txn, assemble(it), it.late) if isinstance(it, FeatureRow) else it for it in items
+        ]
+        started = time.perf_counter()
+        decisions = self.scorer.process(batch)
+        stats = self.scorer.last
+        if stats.rows:
+            metrics.SCORING_SECONDS.observe(time.perf_counter() - started)
+            metrics.SCORING_BATCH.observe(stats.rows)
+        metrics.ONLINE_LEARNED.inc(stats.labels_learned)
+        for it in batch:
+            if isinstance(it, LabelEvent):
+                metrics.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
+        metrics.PENDING.set(len(self.scorer.pending))
+        count_decisions(decisions)
+        return decisions, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return self.scorer.snapshot()

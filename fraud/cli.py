@@ -1,0 +1,189 @@
+"""`fraud …`: generate data, train, evaluate, run the flow, read alerts. Calls what the flow calls."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fraud.settings import SAMPLES, get_settings
+
+app = typer.Typer(help="Real-time card fraud scoring.", no_args_is_help=True, add_completion=False)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _print_json(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=2, default=str))
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = SAMPLES,
+    seed: int = 7,
+    days: int = 90,
+    cards: int = 1000,
+    merchants: int = 200,
+    fraud_rate: float = 0.009,
+    drift_day: Annotated[int, typer.Option(help="Day the late fraud pattern starts; 0 disables it.")] = 60,
+    gzip: Annotated[bool, typer.Option("--gzip/--no-gzip", help="Write .jsonl.gz files.")] = True,
+) -> None:
+    """Write deterministic synthetic transactions.jsonl and labels.jsonl (delayed labels)."""
+    from fraud.datagen import GeneratorConfig, write_files
+
+    cfg = GeneratorConfig(
+        seed=seed, days=days, n_cards=cards, n_merchants=merchants, fraud_rate_target=fraud_rate,
+        drift_day=drift_day or None,
+    )  # fmt: skip
+    _print_json(write_files(out, cfg, compress=gzip))
+
+
+@app.command()
+def train(
+    transactions: Path | None = None,
+    labels: Path | None = None,
+    out: Annotated[Path | None, typer.Option(help="Artifact directory (default: FRAUD_MODEL_PATH).")] = None,
+    train_days: float = 40,
+    valid_days: float = 10,
+    test_days: float = 10,
+    seed: int = 0,
+) -> None:
+    """Replay a file through the feature engine, train XGBoost, evaluate on a later window, save."""
+    from fraud import train as training
+    from fraud.runtime import new_pipeline
+
+    s = get_settings()
+    txns = transactions or s.transactions_path
+    labs = labels or s.labels_path
+    if labs is None:
+        raise typer.BadParameter("training needs a labels file (--labels or FRAUD_LABELS_PATH)")
+    report = training.train(
+        s, new_pipeline(s), txns, labs, out or s.model_path,
+        train_days=train_days, valid_days=valid_days, test_days=test_days, seed=seed,
+    )  # fmt: skip
+    _print_json(report)
+
+
+@app.command()
+def evaluate(
+    transactions: Path | None = None,
+    labels: Path | None = None,
+    drift_day: Annotated[
+        float, typer.Option(help="Split periods at this day (the late pattern's start).")
+    ] = 60,
+    end_day: float = 90,
+    start_day: float = 50,
+) -> None:
+    """Replay through the serving scorer; compare XGBoost alone with XGBoost + online model."""
+    from fraud import train as training
+    from fraud.runtime import load_model, new_pipeline
+
+    s = get_settings()
+    pipeline = new_pipeline(s)
+    labs = labels or s.labels_path
+    if labs is None:
+        raise typer.BadParameter("evaluation needs a labels file")
+    periods = [("before_drift", start_day, drift_day), ("after_drift", drift_day, end_day)]
+    report = training.evaluate(
+        s, pipeline, load_model(s, pipeline), transactions or s.transactions_path, labs, periods
+    )
+    _print_json(report)
+
+
+@app.command()
+def run() -> None:
+    """Run the flow in this process (same as `python -m bytewax.run flows.fraud`)."""
+    from bytewax.testing import run_main
+
+    from flows.fraud import build
+
+    s = get_settings()
+    if s.metrics_port:
+        from fraud.metrics import serve
+
+        serve(s.metrics_port)
+    run_main(build(s))
+
+
+@app.command()
+def alerts(
+    stream: Annotated[str | None, typer.Option(help="Stream to read (default: FRAUD_ALERTS_STREAM).")] = None,
+    group: str = "fraud-cli",
+    consumer: str = "cli",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep waiting for new alerts.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+) -> None:
+    """Read alerts as a member of a consumer group (XREADGROUP, then XACK once printed)."""
+    from fraud.consumer import consume
+    from fraud.redis_server import connect, redis_url
+
+    s = get_settings()
+    client = connect(redis_url(s))
+    try:
+        n = consume(
+            client,
+            stream or s.alerts_stream,
+            group,
+            consumer,
+            follow=follow,
+            as_json=as_json,
+            limit=limit,
+            out=sys.stdout,
+        )
+    finally:
+        client.close()
+    typer.echo(f"{n} alert(s)", err=True)
+
+
+@app.command("dead-letters")
+def dead_letters(
+    count: Annotated[int, typer.Option(help="How many of the newest to show.")] = 20,
+) -> None:
+    """Show the newest dead letters with their reasons (read-only: XREVRANGE)."""
+    from fraud.redis_server import connect, redis_url
+
+    s = get_settings()
+    client = connect(redis_url(s))
+    try:
+        entries = client.xrevrange(s.dlq_stream, count=count)
+        total = client.xlen(s.dlq_stream)
+    finally:
+        client.close()
+    for entry_id, fields in entries or []:
+        f = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        typer.echo(
+            f"{_text(entry_id)} {f.get('kind')}:{f.get('reason')} txn={f.get('txn_id') or '?'} {f.get('detail')}"
+        )
+        typer.echo(f"    raw: {f.get('raw', '')[:200]}")
+    typer.echo(f"{total} dead letter(s) in {s.dlq_stream}", err=True)
+
+
+@app.command()
+def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = False) -> None:
+    """Delete the alerts and dead-letter streams (and their consumer groups) for a clean replay."""
+    from fraud.redis_server import connect, redact, redis_url
+
+    s = get_settings()
+    if not yes:
+        raise typer.BadParameter("this deletes streams; pass --yes")
+    url = redis_url(s)
+    client = connect(url)
+    try:
+        n = client.delete(s.alerts_stream, s.dlq_stream)
+    finally:
+        client.close()
+    typer.echo(f"reset {redact(url)}: deleted {n} stream(s) ({s.alerts_stream}, {s.dlq_stream})")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,73 @@
+"""Every Prometheus metric of the project, declared once. Labels are bounded: never a card id.
+
+They live in prometheus_client's default registry, which Bytewax's API server exposes on
+`/metrics` when `BYTEWAX_DATAFLOW_API_ENABLED=1`; `serve(port)` exposes it on a port of our own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+from features.events import REASONS
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+TRANSACTIONS = Counter("fraud_transactions", "Transactions scored.")
+LABELS = Counter("fraud_labels", "Labels joined to their transaction.", ["is_fraud"])
+ALERTS = Counter("fraud_alerts", "Alerts emitted (final score at or above the threshold).")
+DEAD_LETTERS = Counter("fraud_dead_letters", "Records sent to the dead-letter stream.", ["kind", "reason"])
+LATE_EVENTS = Counter(
+    "fraud_late_events", "Transactions older than the allowed lateness for one of their keys."
+)
+ONLINE_LEARNED = Counter("fraud_online_labels_learned", "Labels the online model learned from.")
+PENDING = Gauge("fraud_pending_transactions", "Scored transactions still waiting for their label.")
+SCORING_BATCH = Histogram(
+    "fraud_scoring_batch_size", "Transactions per vectorised XGBoost call.", buckets=BATCH_BUCKETS
+)
+SCORING_SECONDS = Histogram(
+    "fraud_scoring_batch_seconds",
+    "Wall time of one scoring batch (both models).",
+    buckets=LATENCY_BUCKETS,
+)
+LATENCY = Histogram(
+    "fraud_end_to_end_latency_seconds",
+    "From a record's arrival to its scored decision.",
+    buckets=LATENCY_BUCKETS,
+)
+SCORES = Histogram(
+    "fraud_score",
+    "Final scores, to watch their distribution drift.",
+    buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
+)
+REDIS_ERRORS = Counter("fraud_redis_errors", "Redis operations that failed and were retried.", ["op"])
+MODEL = Info("fraud_model", "The XGBoost artifact being served.")
+
+
+def init_labels() -> None:
+    """Create every bounded label combination at 0 so dashboards see the series before any event."""
+    for kind in ("txn", "label"):
+        for reason in REASONS:
+            DEAD_LETTERS.labels(kind=kind, reason=reason)
+    for v in ("true", "false"):
+        LABELS.labels(is_fraud=v)
+
+
+def serve(port: int) -> None:
+    """Expose the default registry on http://0.0.0.0:`port`/metrics (in a daemon thread)."""
+    start_http_server(port)

@@ -1,0 +1,81 @@
+"""Everything the flow and the CLI resolve from settings: feature pipeline, model, Redis URL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from features.catalog import FEATURES
+from features.engine import Pipeline
+from fraud import metrics
+from fraud.settings import Settings, get_settings
+from models.artifact import ModelArtifact, check_schema, load
+from models.online import OnlineModel
+from models.serving import Scorer
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    pipeline: Pipeline
+    artifact: ModelArtifact
+    redis_url: str
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    @property
+    def threshold(self) -> float:
+        s = self.settings
+        return self.artifact.threshold if s.threshold is None else s.threshold
+
+    def new_scorer(self) -> Scorer:
+        return new_scorer(self.settings, self.artifact)
+
+
+def new_pipeline(settings: Settings) -> Pipeline:
+    return Pipeline(FEATURES, round(settings.allowed_lateness_s * 1000))
+
+
+def new_online_model(settings: Settings) -> OnlineModel:
+    return OnlineModel(
+        lr=settings.online_lr,
+        l2=settings.online_l2,
+        pos_weight=settings.online_pos_weight,
+        warmup=settings.online_warmup_labels,
+    )
+
+
+def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
+    return Scorer(
+        artifact,
+        new_online_model(settings),
+        threshold=settings.threshold,
+        online_weight=settings.online_weight,
+        batch_size=settings.scoring_batch_size,
+        top_reasons=settings.top_reasons,
+        label_ttl_ms=round(settings.label_ttl_days * 86_400_000),
+        device=settings.xgb_device,
+        nthread=settings.xgb_nthread,
+    )
+
+
+def load_model(settings: Settings, pipeline: Pipeline) -> ModelArtifact:
+    """The configured artifact, refused with a clear message if trained on another feature schema."""
+    artifact = load(settings.model_path)
+    check_schema(artifact, pipeline.schema_hash, pipeline.names)
+    return artifact
+
+
+def load_runtime(settings: Settings | None = None, *, need_redis: bool = True) -> Runtime:
+    s = settings or get_settings()
+    pipeline = new_pipeline(s)
+    artifact = load_model(s, pipeline)
+    url = ""
+    if need_redis:
+        from fraud.redis_server import redis_url
+
+        url = redis_url(s)
+    metrics.init_labels()
+    metrics.MODEL.info({"version": artifact.version, "schema_hash": artifact.schema_hash[:12]})
+    return Runtime(s, pipeline, artifact, url)

@@ -1,0 +1,170 @@
+"""End to end: the dataflow on a small generated dataset with injected bad records, real Redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import redis
+from bytewax.testing import TestingSink, run_main
+from typer.testing import CliRunner
+
+from features.engine import FeatureEngine, FeatureVector
+from features.replay import replay
+from flows.fraud import build
+from fraud.cli import app
+from fraud.datagen import GeneratorConfig, write_files
+from fraud.settings import Settings
+from models.artifact import ArtifactError, load, save
+from models.serving import Decision
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+BAD_TXNS = {
+    "bad_json": '{"txn_id": "bad-1", "ts": ',
+    "schema": '{"txn_id": "bad-2", "ts": "2026-01-06T10:00:00+00:00", "merchant_id": "m0001", "amount": 3}',
+    "bad_amount": '{"txn_id": "bad-3", "ts": "2026-01-06T10:00:00+00:00", "card_id": "c1", "merchant_id": "m1", "amount": -5}',
+    "bad_time": '{"txn_id": "bad-4", "ts": "yesterday", "card_id": "c1", "merchant_id": "m1", "amount": 5}',
+    "bad_location": '{"txn_id": "bad-5", "ts": 1767693600000, "card_id": "c1", "merchant_id": "m1", "amount": 5, "lat": 95, "lon": 2}',
+}
+DUPLICATE = ""
+BAD_LABEL = '{"txn_id": "never-seen", "is_fraud": true, "ts": "2026-01-07T00:00:00+00:00"}'
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, int]:
+    """20 days of generated traffic with bad records spliced in, plus a duplicated transaction."""
+    out = tmp_path_factory.mktemp("data")
+    write_files(out, GeneratorConfig(seed=3, days=20, n_cards=150, n_merchants=60, drift_day=None))
+    txns = (out / "transactions.jsonl").read_text().splitlines()
+    labels = (out / "labels.jsonl").read_text().splitlines()
+    n_txn, n_label = len(txns), len(labels)
+    for i, line in enumerate(BAD_TXNS.values()):
+        txns.insert(100 + 37 * i, line)
+    global DUPLICATE
+    DUPLICATE = txns[499]
+    txns.insert(500, DUPLICATE)  # the same transaction twice: scored once, the copy dead-lettered
+    labels.insert(10, BAD_LABEL)
+    (out / "transactions.jsonl").write_text("\n".join(txns) + "\n")
+    (out / "labels.jsonl").write_text("\n".join(labels) + "\n")
+    return out / "transactions.jsonl", out / "labels.jsonl", n_txn, n_label
+
+
+def settings_for(dataset: tuple[Path, Path, int, int], redis_url: str, **kw: object) -> Settings:
+    txns, labels, _, _ = dataset
+    return Settings(
+        transactions_path=txns,
+        labels_path=labels,
+        redis_url=redis_url,
+        progress_interval_s=60,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(stream)]
+
+
+def test_flow_alerts_and_dead_letters(
+    dataset: tuple[Path, Path, int, int], redis_url: str, redis_client: redis.Redis
+) -> None:
+    settings = settings_for(dataset, redis_url, threshold=0.2)
+    decisions: list[Decision] = []
+    run_main(build(settings, decisions=TestingSink(decisions)))
+    _, _, n_txn, n_label = dataset
+
+    # Every valid transaction scored exactly once.
+    ids = [d.txn.txn_id for d in decisions]
+    assert len(ids) == len(set(ids)) == n_txn
+
+    # One alert per transaction at or above the threshold, with every documented field.
+    alerts = entries(redis_client, settings.alerts_stream)
+    expected = {d.txn.txn_id for d in decisions if d.score >= 0.2}
+    assert len(alerts) == len(expected) > 0
+    assert {a["txn_id"] for a in alerts} == expected
+    by_id = {d.txn.txn_id: d for d in decisions}
+    names = load(settings.model_path).feature_names
+    for a in alerts:
+        d = by_id[a["txn_id"]]
+        assert a["card_id"] == d.txn.card_id and a["merchant_id"] == d.txn.merchant_id
+        assert float(a["score"]) == pytest.approx(d.score, abs=1e-6) and float(a["score"]) >= 0.2
+        assert float(a["xgb_score"]) == pytest.approx(d.xgb, abs=1e-6)
+        assert float(a["online_score"]) == pytest.approx(d.online, abs=1e-6)
+        assert a["model_version"].startswith("xgb-") and a["ts"].endswith("+00:00")
+        assert float(a["latency_ms"]) >= 0
+        reasons = json.loads(a["reasons"])
+        assert 1 <= len(reasons) <= settings.top_reasons
+        assert all(r["contribution"] > 0 and r["feature"] in names for r in reasons)
+
+    # Every bad record in the dead-letter stream, raw payload intact, with its reason.
+    dead = entries(redis_client, settings.dlq_stream)
+    got = {(d["kind"], d["reason"], d["raw"]) for d in dead}
+    for reason, raw in BAD_TXNS.items():
+        assert ("txn", reason, raw) in got
+    assert ("label", "unknown_txn", BAD_LABEL) in got
+    duplicates = [d for d in dead if d["reason"] == "duplicate_txn"]
+    assert len(duplicates) == 1 and duplicates[0]["raw"] == DUPLICATE
+    assert len(dead) == len(BAD_TXNS) + 2
+
+    # Nothing lost: records in = scored + dead-lettered + labels joined.
+    records_in = n_txn + len(BAD_TXNS) + 1 + n_label + 1
+    assert records_in == len(decisions) + len(dead) + n_label
+
+
+def test_serving_features_equal_training_features(
+    dataset: tuple[Path, Path, int, int], redis_url: str
+) -> None:
+    """The flow (per event, keyed steps) and `fraud train` (batch engine) give identical vectors."""
+    settings = settings_for(dataset, redis_url)
+    decisions: list[Decision] = []
+    run_main(
+        build(
+            settings, decisions=TestingSink(decisions), alerts=TestingSink([]), dead_letters=TestingSink([])
+        )
+    )
+    txns, labels, _, _ = dataset
+    from fraud.runtime import new_pipeline
+
+    batch = {
+        o.txn.txn_id: o.values
+        for o in FeatureEngine(new_pipeline(settings)).run(replay(txns, labels))
+        if isinstance(o, FeatureVector)
+    }
+    assert len(batch) == len(decisions)
+    for d in decisions:
+        want = batch[d.txn.txn_id]
+        assert all(
+            (math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(d.values, want, strict=True)
+        ), d.txn.txn_id
+
+
+def test_flow_refuses_a_model_of_another_feature_schema(tmp_path: Path, redis_url: str) -> None:
+    art = load(Settings().model_path)
+    from dataclasses import replace
+
+    save(replace(art, schema_hash="0" * 64), tmp_path)
+    with pytest.raises(ArtifactError, match="fraud train"):
+        build(Settings(model_path=tmp_path, redis_url=redis_url))  # type: ignore[arg-type]
+
+
+def test_cli_alerts_reads_as_a_consumer_group(
+    dataset: tuple[Path, Path, int, int],
+    redis_url: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings_for(dataset, redis_url, threshold=0.2)
+    run_main(build(settings))
+    n_alerts = redis_client.xlen(settings.alerts_stream)
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    runner = CliRunner()
+    first = runner.invoke(app, ["alerts", "--json", "--limit", "3"])
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 3 and all("txn_id" in line["fields"] for line in lines)
+    rest = runner.invoke(app, ["alerts"])
+    assert rest.exit_code == 0
+    assert f"{n_alerts - 3} alert(s)" in rest.output
+    assert redis_client.xpending(settings.alerts_stream, "fraud-cli")["pending"] == 0
