@@ -28,8 +28,9 @@ from flows.steps import (
     is_valid,
     txn_key,
 )
+from fraud import metrics
 from fraud.runtime import Runtime, load_runtime
-from fraud.settings import Settings
+from fraud.settings import Settings, get_settings
 
 
 def build(
@@ -104,5 +105,9 @@ def build(
 def __getattr__(name: str) -> Dataflow:
     """`flow` is built on first access, so importing this module has no side effects."""
     if name == "flow":
-        return build()
+        flow = build()
+        settings = get_settings()
+        if settings.metrics_port:
+            metrics.serve(settings.metrics_port)
+        return flow
     raise AttributeError(name)

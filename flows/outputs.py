@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -14,6 +15,8 @@ from prometheus_client import REGISTRY
 from features.events import DeadLetter
 from fraud import metrics
 from models.serving import Decision
+
+MAX_LATENCY_SAMPLES = 1_000_000
 
 
 def rfc3339(ts_ms: int) -> str:
@@ -104,23 +107,29 @@ class _ProgressPartition(StatelessSinkPartition[object]):
     def __init__(self, interval_s: float, out: TextIO, label: str) -> None:
         self.interval_s, self.out, self.label = interval_s, out, label
         self.started = self.last = time.monotonic()
+        self.latencies: list[float] = []
 
     def write_batch(self, items: list[object]) -> None:
+        if len(self.latencies) < MAX_LATENCY_SAMPLES:
+            self.latencies.extend(
+                d.latency_s for d in items if isinstance(d, Decision) and d.latency_s is not None
+            )
         now = time.monotonic()
         if now - self.last >= self.interval_s:
             self.last = now
-            print(
-                progress_line(now - self.started, f"[progress{self.label}]"),
-                file=self.out,
-                flush=True,
-            )
+            self._print(progress_line(now - self.started, f"[progress{self.label}]"))
 
     def close(self) -> None:
-        print(
-            progress_line(time.monotonic() - self.started, f"[done{self.label}]"),
-            file=self.out,
-            flush=True,
-        )
+        self._print(progress_line(time.monotonic() - self.started, f"[done{self.label}]"))
+        if len(self.latencies) >= 2:
+            q = statistics.quantiles(self.latencies, n=100, method="inclusive")
+            self._print(
+                f"[done{self.label}] arrival-to-decision latency: p50 {q[49] * 1000:.1f} ms · "
+                f"p95 {q[94] * 1000:.1f} ms · p99 {q[98] * 1000:.1f} ms ({len(self.latencies):,} transactions)"
+            )
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
 
 
 class ProgressSink(DynamicSink[object]):

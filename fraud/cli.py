@@ -138,7 +138,40 @@ def alerts(
         )
     finally:
         client.close()
+    sys.stdout.flush()
     typer.echo(f"{n} alert(s)", err=True)
+
+
+@app.command("alert-precision")
+def alert_precision(labels: Path | None = None) -> None:
+    """Precision and recall of the alerts now in the stream, judged by a labels file (read-only)."""
+    from fraud.redis_server import connect, redis_url
+    from fraud.train import read_truth
+
+    s = get_settings()
+    labs = labels or s.labels_path
+    if labs is None:
+        raise typer.BadParameter("needs a labels file (--labels or FRAUD_LABELS_PATH)")
+    truth = read_truth(labs)
+    client = connect(redis_url(s))
+    try:
+        alerted = [_text(f.get(b"txn_id", b"")) for _, f in client.xrange(s.alerts_stream) or []]  # type: ignore[union-attr]
+    finally:
+        client.close()
+    labelled = [t for t in alerted if t in truth]
+    hits = sum(truth[t] for t in labelled)
+    frauds = sum(truth.values())
+    _print_json(
+        {
+            "alerts": len(alerted),
+            "distinct_transactions": len(set(alerted)),
+            "alerts_with_a_label": len(labelled),
+            "true_frauds_alerted": hits,
+            "precision": hits / len(labelled) if labelled else None,
+            "frauds_in_labels": frauds,
+            "recall": hits / frauds if frauds else None,
+        }
+    )
 
 
 @app.command("dead-letters")

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SAMPLES = Path("data/samples")
@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     # Operations
     progress_interval_s: float = Field(2.0, gt=0, description="Seconds between progress lines.")
     metrics_port: int | None = Field(None, description="Serve /metrics on this port (besides Bytewax's API).")
+
+    @field_validator("labels_path", "redis_url", "threshold", "metrics_port", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     def redis_url_value(self) -> str | None:
         return self.redis_url.get_secret_value() if self.redis_url else None

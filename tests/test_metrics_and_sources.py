@@ -1,0 +1,87 @@
+"""Metrics exposed over HTTP after a run, and the file source's resumable position."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from bytewax.testing import TestingSink, run_main
+from prometheus_client import REGISTRY
+
+from features.replay import merged_records
+from flows.file_source import FileReplaySource
+from flows.fraud import build
+from fraud import metrics
+from fraud.datagen import GeneratorConfig, write_files
+from fraud.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("small")
+    write_files(
+        out, GeneratorConfig(seed=5, days=12, n_cards=80, n_merchants=50, drift_day=None), compress=True
+    )
+    return out
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_the_run_and_are_scrapable(small: Path) -> None:
+    settings = Settings(
+        transactions_path=small / "transactions.jsonl.gz", labels_path=small / "labels.jsonl.gz"
+    )
+    before = (
+        value("fraud_transactions_total"),
+        value("fraud_alerts_total"),
+        value("fraud_scoring_batch_size_count"),
+    )
+    alerts: list[dict[str, str]] = []
+    run_main(build(settings, alerts=TestingSink(alerts), dead_letters=TestingSink([])))
+    n_txn = sum(
+        1 for k, _, _ in merged_records(settings.transactions_path, settings.labels_path) if k == "txn"
+    )
+    assert value("fraud_transactions_total") - before[0] == n_txn
+    assert value("fraud_alerts_total") - before[1] == len(alerts)
+    assert value("fraud_scoring_batch_size_count") > before[2]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics.serve(port)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for name in (
+        "fraud_transactions_total",
+        "fraud_alerts_total",
+        'fraud_dead_letters_total{kind="txn",reason="bad_json"}',
+        "fraud_scoring_batch_seconds_bucket",
+        "fraud_end_to_end_latency_seconds_bucket",
+        "fraud_model_info",
+    ):
+        assert name in body
+    assert "card_id" not in body and "c000" not in body  # no high-cardinality labels
+
+
+def test_file_source_resumes_after_its_snapshot(small: Path) -> None:
+    txns, labels = small / "transactions.jsonl.gz", small / "labels.jsonl.gz"
+    source = FileReplaySource(txns, labels, batch_size=100)
+    part = source.build_part("read", "replay", None)
+    first = [r for _ in range(3) for r in part.next_batch()]
+    resumed = source.build_part("read", "replay", part.snapshot())
+    rest: list[tuple[str, str]] = []
+    while True:
+        try:
+            rest.extend(resumed.next_batch())
+        except StopIteration:
+            break
+    everything = [(k, line) for k, line, _ in merged_records(txns, labels)]
+    assert first + rest == everything
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="FRAUD_TRANSACTIONS_PATH"):
+        FileReplaySource(tmp_path / "nope.jsonl")
