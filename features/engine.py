@@ -134,13 +134,22 @@ class FeatureVector:
     late: bool
 
 
+EXPIRY_EVERY = 100_000
+
+
 class FeatureEngine:
     """Batch mode: replay events in arrival order through the same steps the flow runs."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, index_ttl_ms: int | None = None) -> None:
+        """`index_ttl_ms`: how long (event time) a transaction waits for its label; None keeps
+        every transaction (training on a file), 0 keeps none (features only: no labels, no
+        duplicate detection)."""
         self.pipeline = pipeline
+        self.index_ttl_ms = index_ttl_ms
         self.index: dict[str, TxnEntry] = {}
         self.states: list[dict[str, EntityState]] = [{} for _ in pipeline.plans]
+        self.watermark = -(2**62)
+        self._until_sweep = EXPIRY_EVERY
 
     def process(self, event: Transaction | Label | DeadLetter) -> FeatureVector | LabelEvent | DeadLetter:
         p = self.pipeline
@@ -155,11 +164,40 @@ class FeatureEngine:
             return joined
         if event.txn_id in self.index:
             return duplicate_txn(event)
-        row, entry = p.start(event)
-        self.index[event.txn_id] = entry
-        for i, key in enumerate(row.keys):
-            p.observe(i, None if key is None else self._state(i, key), row)
-        return FeatureVector(event, p.assemble(row), row.late)
+        keys = tuple(plan.key_of(event) for plan in p.plans)
+        if self.index_ttl_ms != 0:
+            self.index[event.txn_id] = TxnEntry(event.ts_ms, keys)
+        self._expire(event.ts_ms)
+        values = txn_features(event, p.feature_set.txn)
+        late = False
+        for i, key in enumerate(keys):
+            plan = p.plans[i]
+            if key is None:
+                values.extend([NAN] * len(plan.names))
+                continue
+            states = self.states[i]
+            state = states.get(key)
+            if state is None:
+                state = states[key] = plan.new_state()
+            part, part_late = plan.observe(state, event)
+            values.extend(part)
+            late = late or part_late
+        return FeatureVector(event, values, late)
+
+    def _expire(self, now_ms: int) -> None:
+        """Every `EXPIRY_EVERY` transactions, drop keys whose newest event left every window."""
+        self.watermark = max(self.watermark, now_ms)
+        self._until_sweep -= 1
+        if self._until_sweep > 0:
+            return
+        self._until_sweep = EXPIRY_EVERY
+        if self.index_ttl_ms:
+            oldest = self.watermark - self.index_ttl_ms
+            for txn_id in [t for t, e in self.index.items() if e.ts_ms < oldest]:
+                del self.index[txn_id]
+        for plan, states in zip(self.pipeline.plans, self.states, strict=True):
+            for key in [k for k, s in states.items() if plan.expired(s, self.watermark)]:
+                del states[key]
 
     def _state(self, i: int, key: str) -> EntityState:
         states = self.states[i]

@@ -16,7 +16,7 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows.file_source import FileReplaySource
-from flows.outputs import ProgressSink, alert_entry, count_dead_letter, dlq_entry
+from flows.outputs import ProgressSink, alert_entry, count_dead_letter, dlq_entry, late_entry
 from flows.redis_sink import RedisStreamSink
 from flows.steps import (
     EntityLogic,
@@ -40,9 +40,10 @@ def build(
     alerts: Sink[Any] | None = None,
     dead_letters: Sink[Any] | None = None,
     decisions: Sink[Any] | None = None,
+    late: Sink[Any] | None = None,
 ) -> Dataflow:
     """The dataflow for `settings`; tests swap the source and sinks for in-memory ones."""
-    rt: Runtime = load_runtime(settings, need_redis=alerts is None or dead_letters is None)
+    rt: Runtime = load_runtime(settings, need_redis=None in (alerts, dead_letters, late))
     s, pipeline = rt.settings, rt.pipeline
     flow = Dataflow("fraud")
 
@@ -95,6 +96,9 @@ def build(
         op.map("dlq_entry", dead, dlq_entry),
         dead_letters or RedisStreamSink(rt.redis_url, s.dlq_stream, s.stream_maxlen),
     )
+
+    late_entries = op.filter_map("late", scored, late_entry)
+    op.output("late_out", late_entries, late or RedisStreamSink(rt.redis_url, s.late_stream, s.stream_maxlen))
 
     op.output("progress", op.merge("activity", scored, dead), ProgressSink(s.progress_interval_s))
     if decisions is not None:

@@ -54,6 +54,21 @@ def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, 
     }
 
 
+def late_entry(d: Decision) -> dict[str, str] | None:
+    """The `fraud:late` side-output entry of a transaction beyond the allowed lateness, else None."""
+    if not d.late:
+        return None
+    t = d.txn
+    return {
+        "txn_id": t.txn_id,
+        "card_id": t.card_id,
+        "merchant_id": t.merchant_id,
+        "ts": rfc3339(t.ts_ms),
+        "score": f"{d.score:.6f}",
+        "alert": "1" if d.alert else "0",
+    }
+
+
 def dlq_entry(d: DeadLetter) -> dict[str, str]:
     """The `fraud:dlq` stream entry: the raw payload, untouched, and why it was refused."""
     return {

@@ -112,37 +112,42 @@ class IndexLogic(StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, t
 
 
 class EntityLogic(StatefulBatchLogic[Chained, Chained, tuple[Any, ...]]):
-    """Keyed by one entity (card, merchant, device...): adds its window features to each row."""
+    """Keyed by one entity (card, merchant, device...): adds its window features to each row.
+
+    Idle keys are dropped: `notify_at` fires once the key's retention has passed in wall-clock
+    time since its last event (event time runs at wall-clock speed in production; a fast replay
+    keeps every key until it ends), and `on_notify` discards the key if it has expired.
+    """
 
     def __init__(self, pipeline: Pipeline, i: int, resume: tuple[Any, ...] | None) -> None:
         self.pipeline, self.i = pipeline, i
-        self.state: EntityState | None = None
-        if resume is not None:
-            self.state = pipeline.plans[i].new_state()
-            self.state.__setstate__(resume)
+        self.plan = pipeline.plans[i]
+        self.state: EntityState | None = None if resume is None else self.plan.restore(resume)
+        self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
 
     def on_batch(self, items: list[Chained]) -> tuple[list[Chained], bool]:
         p, i = self.pipeline, self.i
         for item in in_arrival_order(items):
             if self.state is None and item.keys[i] is not None:
-                self.state = p.plans[i].new_state()
+                self.state = self.plan.new_state()
             if isinstance(item, FeatureRow):
                 p.observe(i, self.state, item)
             elif self.state is not None:
                 p.observe_label(i, self.state, item)
+        self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
         return items, self.state is None
+
+    def notify_at(self) -> datetime | None:
+        return self.idle_until if self.state is not None else None
+
+    def on_notify(self) -> tuple[list[Chained], bool]:
+        assert self.state is not None
+        return [], self.plan.expired(self.state, int(datetime.now(UTC).timestamp() * 1000))
 
     def snapshot(self) -> tuple[Any, ...]:
         s = self.state
         assert s is not None, "a pass-through key is discarded, never snapshotted"
-        return (
-            s.ts[:],
-            [c[:] for c in s.num],
-            [c[:] for c in s.cat],
-            s.lab_txn_ts[:],
-            s.lab_label_ts[:],
-            s.max_ts,
-        )
+        return s.snapshot()
 
 
 class ScoringLogic(StatefulBatchLogic[Chained, Decision, tuple[Any, ...]]):
@@ -158,7 +163,8 @@ class ScoringLogic(StatefulBatchLogic[Chained, Decision, tuple[Any, ...]]):
     def on_batch(self, items: list[Chained]) -> tuple[list[Decision], bool]:
         assemble = self.pipeline.assemble
         batch = [
-            FeatureVector(it.txn, assemble(it), it.late) if isinstance(it, FeatureRow) else it for it in items
+            FeatureVector(it.txn, assemble(it), it.late) if isinstance(it, FeatureRow) else it
+            for it in in_arrival_order(items)
         ]
         started = time.perf_counter()
         decisions = self.scorer.process(batch)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     redis_dir: Path = Field(Path(".fraud/redis"), description="Data directory of the embedded Redis server.")
     alerts_stream: str = Field("fraud:alerts", description="Stream that receives alerts.")
     dlq_stream: str = Field("fraud:dlq", description="Stream that receives dead letters.")
+    late_stream: str = Field(
+        "fraud:late", description="Side output: transactions beyond the allowed lateness."
+    )
     stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate MAXLEN trim applied on every XADD.")
 
     # Features

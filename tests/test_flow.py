@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ BAD_TXNS = {
     "bad_location": '{"txn_id": "bad-5", "ts": 1767693600000, "card_id": "c1", "merchant_id": "m1", "amount": 5, "lat": 95, "lon": 2}',
 }
 DUPLICATE = ""
+LATE_ID = ""
 BAD_LABEL = '{"txn_id": "never-seen", "is_fraud": true, "ts": "2026-01-07T00:00:00+00:00"}'
 
 
@@ -43,7 +45,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, 
     n_txn, n_label = len(txns), len(labels)
     for i, line in enumerate(BAD_TXNS.values()):
         txns.insert(100 + 37 * i, line)
-    global DUPLICATE
+    global DUPLICATE, LATE_ID
+    late = json.loads(txns[600])
+    LATE_ID = late["txn_id"] = "late-1"
+    six_hours_earlier = datetime.fromisoformat(late["ts"]) - timedelta(hours=6)
+    late["ts"] = six_hours_earlier.isoformat(timespec="milliseconds")
+    txns.insert(800, json.dumps(late))  # six hours older than its card's newest events: beyond lateness
     DUPLICATE = txns[499]
     txns.insert(500, DUPLICATE)  # the same transaction twice: scored once, the copy dead-lettered
     labels.insert(10, BAD_LABEL)
@@ -75,9 +82,12 @@ def test_flow_alerts_and_dead_letters(
     run_main(build(settings, decisions=TestingSink(decisions)))
     _, _, n_txn, n_label = dataset
 
-    # Every valid transaction scored exactly once.
+    # Every valid transaction scored exactly once, the late one included (flagged, on the side output).
     ids = [d.txn.txn_id for d in decisions]
-    assert len(ids) == len(set(ids)) == n_txn
+    assert len(ids) == len(set(ids)) == n_txn + 1
+    late = entries(redis_client, settings.late_stream)
+    assert LATE_ID in {e["txn_id"] for e in late}
+    assert {e["txn_id"] for e in late} == {d.txn.txn_id for d in decisions if d.late}
 
     # One alert per transaction at or above the threshold, with every documented field.
     alerts = entries(redis_client, settings.alerts_stream)
@@ -109,7 +119,7 @@ def test_flow_alerts_and_dead_letters(
     assert len(dead) == len(BAD_TXNS) + 2
 
     # Nothing lost: records in = scored + dead-lettered + labels joined.
-    records_in = n_txn + len(BAD_TXNS) + 1 + n_label + 1
+    records_in = n_txn + 1 + len(BAD_TXNS) + 1 + n_label + 1
     assert records_in == len(decisions) + len(dead) + n_label
 
 
