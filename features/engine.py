@@ -8,7 +8,7 @@ Serving runs the same steps as `FeatureEngine.process`, one keyed Bytewax step p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -52,18 +52,28 @@ class FeatureRow:
         return self.txn.seq
 
 
+def _mcc_code(mcc: str | None) -> float:
+    return float(mcc) if mcc and mcc.isdigit() else NAN
+
+
+TXN_FEATURE_CODE = {
+    "amount": "t.amount",
+    "hour_of_day": "float((t.ts_ms // 3600000) % 24)",
+    "day_of_week": "float((t.ts_ms // 86400000 + 3) % 7)",  # 1970-01-01 was a Thursday; Monday = 0
+    "is_online": "float(t.channel == 'online')",
+    "has_device": "float(t.device_id is not None)",
+    "mcc_code": "mcc_code(t.mcc)",
+}
+_compiled: dict[tuple[str, ...], Callable[[Transaction], list[float]]] = {}
+
+
 def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
-    """Features of the transaction alone (no history)."""
-    days = txn.ts_ms // 86_400_000
-    known = {
-        "amount": txn.amount,
-        "hour_of_day": float((txn.ts_ms // 3_600_000) % 24),
-        "day_of_week": float((days + 3) % 7),  # 1970-01-01 was a Thursday; Monday = 0
-        "is_online": float(txn.channel == "online"),
-        "has_device": float(txn.device_id is not None),
-        "mcc_code": float(txn.mcc) if txn.mcc and txn.mcc.isdigit() else NAN,
-    }
-    return [known[n] for n in names]
+    """Features of the transaction alone (no history), in the order of `names`."""
+    fn = _compiled.get(names)
+    if fn is None:
+        src = "lambda t: [" + ", ".join(TXN_FEATURE_CODE[n] for n in names) + "]"
+        fn = _compiled[names] = eval(src, {"mcc_code": _mcc_code, "NAN": NAN})
+    return fn(txn)
 
 
 class Pipeline:
@@ -150,6 +160,7 @@ class FeatureEngine:
         self.states: list[dict[str, EntityState]] = [{} for _ in pipeline.plans]
         self.watermark = -(2**62)
         self._until_sweep = EXPIRY_EVERY
+        self._plans = list(zip(pipeline.plans, self.states, strict=True))
 
     def process(self, event: Transaction | Label | DeadLetter) -> FeatureVector | LabelEvent | DeadLetter:
         p = self.pipeline
@@ -164,32 +175,33 @@ class FeatureEngine:
             return joined
         if event.txn_id in self.index:
             return duplicate_txn(event)
-        keys = tuple(plan.key_of(event) for plan in p.plans)
-        if self.index_ttl_ms != 0:
-            self.index[event.txn_id] = TxnEntry(event.ts_ms, keys)
-        self._expire(event.ts_ms)
+        t = event.ts_ms
+        if t > self.watermark:
+            self.watermark = t
+        self._until_sweep -= 1
+        if not self._until_sweep:
+            self._expire()
         values = txn_features(event, p.feature_set.txn)
         late = False
-        for i, key in enumerate(keys):
-            plan = p.plans[i]
+        keys = []
+        for plan, states in self._plans:
+            key = plan.key_of(event)
+            keys.append(key)
             if key is None:
                 values.extend([NAN] * len(plan.names))
                 continue
-            states = self.states[i]
             state = states.get(key)
             if state is None:
                 state = states[key] = plan.new_state()
             part, part_late = plan.observe(state, event)
             values.extend(part)
             late = late or part_late
+        if self.index_ttl_ms != 0:
+            self.index[event.txn_id] = TxnEntry(t, tuple(keys))
         return FeatureVector(event, values, late)
 
-    def _expire(self, now_ms: int) -> None:
+    def _expire(self) -> None:
         """Every `EXPIRY_EVERY` transactions, drop keys whose newest event left every window."""
-        self.watermark = max(self.watermark, now_ms)
-        self._until_sweep -= 1
-        if self._until_sweep > 0:
-            return
         self._until_sweep = EXPIRY_EVERY
         if self.index_ttl_ms:
             oldest = self.watermark - self.index_ttl_ms

@@ -144,7 +144,12 @@ class FeatureSet:
 
     @property
     def names(self) -> list[str]:
-        return [*self.txn, *(f.name for f in self.windows)]
+        """Transaction features, then each entity's features (entities in order of first mention)."""
+        entities: list[Entity] = []
+        for f in self.windows:
+            if f.entity not in entities:
+                entities.append(f.entity)
+        return [*self.txn, *(f.name for e in entities for f in self.windows if f.entity == e)]
 
     def for_entity(self, entity: Entity) -> tuple[WindowFeature, ...]:
         return tuple(f for f in self.windows if f.entity == entity)

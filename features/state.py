@@ -18,6 +18,7 @@ distance and speed from the previous located event) look back as far as the enti
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from array import array
 from bisect import bisect_right
@@ -117,10 +118,7 @@ class EntityPlan:
         self.ts_code = "I" if self.retention_ms < OFFSET_LIMIT * 3 // 4 else "q"
         self.windows = sorted({f.window_ms for f in features if f.window_ms and not f.delay_ms})
         self._steps = [(f.agg, self._column(f), f.window_ms, f.delay_ms) for f in features]
-        self._fast = self._compile()
-        self._get_fields = attrgetter(*self.fields) if self.fields else (lambda _: ())
-        self._many = len(self.fields) != 1
-        self._codes = list(enumerate(self.col_codes))
+        self._fast, self.observe = self._compile()  # type: ignore[method-assign]
         self._get: Callable[[Transaction], Any] = attrgetter(*entity.fields)
         self._single = len(entity.fields) == 1
         self._prefix = entity.name + ":"
@@ -167,46 +165,10 @@ class EntityPlan:
     def observe(self, state: EntityState, txn: Transaction) -> tuple[list[float], bool]:
         """Add `txn` to `state`; return its feature values and whether it arrived too late to be exact.
 
-        The common case, a transaction newer than everything the key holds, is appended in place;
-        anything else (first event, out of order, re-basing, a non-cent amount) takes `_observe`.
+        Replaced per instance by the compiled in-order append (see `_compile`), which falls back
+        here for anything else: first event, out of order, re-basing, a non-cent amount.
         """
-        ts = state.ts
-        if not ts:
-            return self._observe(state, txn)
-        t = txn.ts_ms
-        base = state.base
-        rel = t - base
-        last = ts[-1]
-        if rel < last or (rel >= OFFSET_LIMIT and self.ts_code == "I"):
-            return self._observe(state, txn)
-        row = self._get_fields(txn) if self._many else (self._get_fields(txn),)
-        cols = state.cols
-        appended = []
-        for j, code in self._codes:
-            v = row[j]
-            if code == "i":
-                c = round(v * 100) if v is not None else None
-                if c is None or c / 100 != v or not -CENTS_LIMIT < c < CENTS_LIMIT or cols[j].typecode != "i":
-                    return self._observe(state, txn)
-                appended.append(c)
-            elif code == "I":
-                appended.append(0 if v is None else (zlib.crc32(v.encode()) or 1))
-            else:
-                appended.append(NAN if v is None else float(v))
-        ts.append(rel)
-        for col, v in zip(cols, appended, strict=True):
-            col.append(v)
-        pre = state.prefix
-        if pre is not None:
-            for j, p in pre.items():
-                p.append(p[-1] + appended[j])
-        elif self.summed and len(ts) >= PREFIX_MIN:
-            self._build_prefix(state)
-        idx = len(ts) - 1
-        values = self._fast(state, idx, rel)
-        if ts[0] <= rel - self.retention_ms or state.labels is not None:
-            self._evict(state)
-        return values, False
+        return self._observe(state, txn)
 
     def _observe(self, state: EntityState, txn: Transaction) -> tuple[list[float], bool]:
         """The general insertion: any event time, any amount."""
@@ -349,27 +311,27 @@ class EntityPlan:
             return self._geo(s, idx, rel, agg)
         return _label_feature(s, agg, s.base + rel, w, delay)
 
-    def _compile(self) -> Any:
-        """Straight-line Python for this plan's features: the per-event hot path.
+    def _compile(self) -> tuple[Any, Any]:
+        """Straight-line Python for this plan: `fast(s, idx, rel)` computes the features of the
+        event at `idx`; `append(s, txn)` is the whole in-order hot path (append, features, evict).
 
         Counts, sums, means, max/min over cent columns and time since last are inlined; other
-        aggregations call `_feature`. A key whose amounts fell back to float64 takes `_compute`.
+        aggregations call `_feature`. A key whose amounts fell back to float64 takes `_compute`,
+        and anything but an in-order append of whole cents takes `_observe`.
         """
-        cents = sorted(
-            {j for agg, j, _, _ in self._steps if agg in NUMERIC_AGGS and self.col_codes[j] == "i"}
-        )
-        lines = ["def fast(s, idx, rel):", "    cols = s.cols"]
-        lines += [f"    if cols[{j}].typecode != 'i': return slow(s, idx, rel)" for j in cents]
-        lines += ["    ts = s.ts", "    end = idx + 1", "    pre = s.prefix"]
-        lines += [f"    st{w} = bisect_right(ts, rel - {w}, 0, idx)" for w in self.windows]
-        for j in sorted({j for agg, j, _, _ in self._steps if agg in ("sum", "mean")}):
-            lines += [f"    c{j} = cols[{j}]", f"    p{j} = pre.get({j}) if pre is not None else None"]
-        for j, w in sorted({(j, w) for agg, j, w, _ in self._steps if agg in ("sum", "mean")}):
-            lines.append(
+        steps, codes = self._steps, self.col_codes
+        cents = sorted({j for agg, j, _, _ in steps if agg in NUMERIC_AGGS and codes[j] == "i"})
+        summed = sorted({j for agg, j, _, _ in steps if agg in ("sum", "mean")})
+        body = ["    end = idx + 1", "    pre = s.prefix"]
+        body += [f"    st{w} = bisect_right(ts, rel - {w}, 0, idx)" for w in self.windows]
+        for j in summed:
+            body += [f"    c{j} = cols[{j}]", f"    p{j} = pre.get({j}) if pre is not None else None"]
+        for j, w in sorted({(j, w) for agg, j, w, _ in steps if agg in ("sum", "mean")}):
+            body.append(
                 f"    t{j}_{w} = (p{j}[end] - p{j}[st{w}] if p{j} is not None else sum(c{j}[st{w}:end])) / 100"
             )
         exprs = []
-        for k, (agg, j, w, _) in enumerate(self._steps):
+        for k, (agg, j, w, _) in enumerate(steps):
             if agg == "count":
                 exprs.append(f"float(end - st{w})")
             elif agg == "sum":
@@ -385,16 +347,51 @@ class EntityPlan:
             else:
                 start = f"st{w}" if w in self.windows else "0"
                 exprs.append(f"feature(s, idx, rel, {start}, *steps[{k}])")
-        lines.append("    return [" + ", ".join(exprs) + "]")
-        scope = {
-            "bisect_right": bisect_right,
-            "NAN": NAN,
-            "slow": self._compute,
-            "feature": self._feature,
-            "steps": self._steps,
-        }
-        exec("\n".join(lines), scope)
-        return scope["fast"]
+        values = "[" + ", ".join(exprs) + "]"
+
+        fast = ["def fast(s, idx, rel):", "    cols = s.cols", "    ts = s.ts"]
+        fast += [f"    if cols[{j}].typecode != 'i': return slow(s, idx, rel)" for j in cents]
+        fast += [*body, f"    return {values}"]
+
+        append = ["def append(s, txn):", "    ts = s.ts", "    if not ts: return general(s, txn)"]
+        append += ["    rel = txn.ts_ms - s.base", "    if rel < ts[-1]: return general(s, txn)"]
+        if self.ts_code == "I":
+            append.append(f"    if rel >= {OFFSET_LIMIT}: return general(s, txn)")
+        append.append("    cols = s.cols")
+        for j, (field, code) in enumerate(zip(self.fields, codes, strict=True)):
+            append.append(f"    v{j} = txn.{field}")
+            if code == "i":
+                append += [
+                    f"    if v{j} is None or cols[{j}].typecode != 'i': return general(s, txn)",
+                    f"    a{j} = round(v{j} * 100)",
+                    f"    if a{j} / 100 != v{j} or not -{CENTS_LIMIT} < a{j} < {CENTS_LIMIT}: return general(s, txn)",
+                ]
+            elif code == "I":
+                append.append(f"    a{j} = 0 if v{j} is None else (crc32(v{j}.encode()) or 1)")
+            else:
+                append.append(f"    a{j} = NAN if v{j} is None else float(v{j})")
+        append.append("    ts.append(rel)")
+        append += [f"    cols[{j}].append(a{j})" for j in range(len(codes))]
+        append.append("    idx = len(ts) - 1")
+        if summed:
+            append.append("    if s.prefix is not None:")
+            append += [
+                f"        q = s.prefix.get({j})\n        if q is not None: q.append(q[-1] + a{j})"
+                for j in summed
+            ]
+            append.append("    elif idx + 1 >= module.PREFIX_MIN: build_prefix(s)")
+        append += [*body, f"    out = {values}"]
+        append.append(f"    if ts[0] <= rel - {self.retention_ms} or s.labels is not None: evict(s)")
+        append.append("    return out, False")
+
+        scope: dict[str, Any] = {
+            "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32, "module": sys.modules[__name__],
+            "slow": self._compute, "feature": self._feature, "steps": steps, "general": self._observe,
+            "build_prefix": self._build_prefix, "evict": self._evict,
+        }  # fmt: skip
+        exec("\n".join(fast), scope)
+        exec("\n".join(append), scope)
+        return scope["fast"], scope["append"]
 
     def _geo(self, s: EntityState, idx: int, rel: int, agg: str) -> float:
         lats, lons, ts = s.cols[self._lat], s.cols[self._lon], s.ts

@@ -142,6 +142,30 @@ def alerts(
     typer.echo(f"{n} alert(s)", err=True)
 
 
+@app.command()
+def features(
+    out: Annotated[Path, typer.Option(help="CSV file to write (.csv.gz for gzip).")],
+    transactions: Path | None = None,
+    labels: Path | None = None,
+) -> None:
+    """Replay a file through the feature engine; write one CSV row of features per transaction."""
+    from features.export import export_matrix
+    from fraud.runtime import new_pipeline
+
+    s = get_settings()
+    stats = export_matrix(new_pipeline(s), transactions or s.transactions_path, labels or s.labels_path, out)
+    _print_json(
+        {
+            "out": str(out),
+            "rows": stats.rows,
+            "late": stats.late,
+            "labels_joined": stats.labels,
+            "dead_letters": stats.dead_letter_total,
+            "dead_letters_by_reason": dict(sorted(stats.dead_letters.items())),
+        }
+    )
+
+
 @app.command("alert-precision")
 def alert_precision(labels: Path | None = None) -> None:
     """Precision and recall of the alerts now in the stream, judged by a labels file (read-only)."""

@@ -277,3 +277,21 @@ def test_stable_hash_is_not_salted() -> None:
     # A fixed value: a salted hash (Python's `hash`) would differ between processes and break restored state.
     assert stable_hash("m0007") == zlib.crc32(b"m0007") != 0
     assert stable_hash("m0007") != stable_hash("m0008")
+
+
+def test_names_line_up_with_values_when_entities_are_interleaved() -> None:
+    mixed = FeatureSet(
+        windows=(
+            WindowFeature(CARD, "count", window="1h"),
+            WindowFeature(MERCHANT, "sum", "amount", "1h"),
+            WindowFeature(CARD, "max", "amount", "1h"),
+        )
+    )
+    engine = FeatureEngine(Pipeline(mixed, LATENESS_MS))
+    engine.process(Transaction("a", T0, "c1", "m1", 5.0))
+    out = engine.process(Transaction("b", T0 + 1, "c1", "m2", 7.0))
+    assert isinstance(out, FeatureVector)
+    named = dict(zip(mixed.names, out.values, strict=True))
+    assert named["count_by_card_1h"] == 2.0
+    assert named["amount_max_by_card_1h"] == 7.0
+    assert named["amount_sum_by_merchant_1h"] == 7.0
