@@ -1,0 +1,242 @@
+"""The Redis shard-stream source and `fraud replay`, against a real Redis server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, run_main
+from prometheus_client import REGISTRY
+from typer.testing import CliRunner
+
+from features.replay import merged_records
+from flows.redis_source import RedisShardSource, _ShardPartition
+from fraud.cli import app
+from fraud.datagen import GeneratorConfig, write_files
+from fraud.redis_server import connect
+from fraud.replay import replay_files, shard_of, shard_stream
+from fraud.settings import get_settings
+
+if TYPE_CHECKING:
+    from conftest import RedisTestServer
+
+pytestmark = pytest.mark.redis
+
+Record = tuple[str, str]
+GENEROUS_S = 2.0  # a liveness bound, not a performance assertion
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("replay-small")
+    write_files(out, GeneratorConfig(seed=2, days=3, n_cards=30, n_merchants=50, drift_day=None))
+    return out / "transactions.jsonl", out / "labels.jsonl"
+
+
+def expected(files: tuple[Path, Path]) -> list[Record]:
+    return [(kind, line) for kind, line, _ in merged_records(*files)]
+
+
+def drain(part: _ShardPartition, timeout_s: float = 10.0) -> list[Record]:
+    """Poll until an empty batch (after having data or not)."""
+    out: list[Record] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = part.next_batch()
+        if not batch:
+            return out
+        out.extend(batch)
+    raise AssertionError("shard did not drain")
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_replay_then_read_every_shard_exactly_once_in_card_order(
+    redis_url: str, redis_client: redis.Redis, small: tuple[Path, Path]
+) -> None:
+    shards = 3
+    summary = replay_files(redis_client, *small, "t:in", shards, batch=64)
+    want = expected(small)
+    assert summary["records"] == len(want) == sum(summary["per_shard"])
+    assert summary["transactions"] == sum(1 for k, _ in want if k == "txn")
+
+    source = RedisShardSource(redis_url, "t:in", shards, batch_size=50, block_ms=0)
+    assert source.list_parts() == ["0", "1", "2"]
+    got: dict[int, list[Record]] = {}
+    for i in range(shards):
+        part = source.build_part("in", str(i), None)
+        try:
+            got[i] = drain(part)
+        finally:
+            part.close()
+    assert [len(got[i]) for i in range(shards)] == summary["per_shard"]
+    assert Counter(r for recs in got.values() for r in recs) == Counter(want)  # each exactly once
+
+    txn_shard: dict[str, int] = {}
+    for i, recs in got.items():
+        by_card: dict[str, list[str]] = defaultdict(list)
+        for kind, line in recs:
+            doc = json.loads(line)
+            if kind == "txn":
+                assert shard_of(doc["card_id"], shards) == i
+                txn_shard[doc["txn_id"]] = i
+                by_card[doc["card_id"]].append(line)
+        for card, lines in by_card.items():  # per-card order is the file's (event-time) order
+            assert lines == [ln for k, ln in want if k == "txn" and json.loads(ln)["card_id"] == card]
+    for i, recs in got.items():
+        for kind, line in recs:
+            if kind == "label":
+                assert txn_shard[json.loads(line)["txn_id"]] == i  # a label sits with its transaction
+
+
+def test_unroutable_records_go_to_shard_zero(redis_client: redis.Redis, tmp_path: Path) -> None:
+    txns, labels = tmp_path / "t.jsonl", tmp_path / "l.jsonl"
+    good = {"txn_id": "t1", "ts": 1000, "card_id": "card-a", "merchant_id": "m", "amount": 1}
+    txns.write_text(json.dumps(good) + '\nnot json\n{"txn_id": "t2", "ts": 2000}\n')
+    labels.write_text('{"txn_id": "t1", "is_fraud": true, "ts": 3000}\n{"txn_id": "zz", "ts": 4000}\n')
+    shards = 7
+    card_shard = shard_of("card-a", shards)
+    assert card_shard != 0
+    summary = replay_files(redis_client, txns, labels, "u:in", shards)
+    assert summary["per_shard"][card_shard] == 2  # the transaction and its label
+    assert summary["per_shard"][0] == 3  # not JSON, no card_id, label of an unknown transaction
+
+
+def test_resume_from_snapshot_has_no_gap_and_no_repeat(
+    redis_url: str, redis_client: redis.Redis, small: tuple[Path, Path]
+) -> None:
+    replay_files(redis_client, *small, "r:in", 1)
+    source = RedisShardSource(redis_url, "r:in", 1, batch_size=40, block_ms=0)
+    part = source.build_part("in", "0", None)
+    first = part.next_batch() + part.next_batch()
+    state = part.snapshot()
+    part.close()
+    resumed = source.build_part("in", "0", state)
+    try:
+        rest = drain(resumed)
+    finally:
+        resumed.close()
+    assert len(first) == 80
+    assert first + rest == expected(small)
+
+
+def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    for block_ms in (0, 50):
+        part = RedisShardSource(redis_url, "e:in", 1, block_ms=block_ms).build_part("in", "0", None)
+        t0 = time.monotonic()
+        assert part.next_batch() == []  # block_ms=0 must not mean "block forever"
+        assert time.monotonic() - t0 < GENEROUS_S
+        part.close()
+
+    stream = shard_stream("e:in", 0)
+    redis_client.xadd(stream, {"payload": '{"txn_id": "x"}'})
+    redis_client.xadd(stream, {"kind": "weird", "payload": "{}"})
+    redis_client.xadd(stream, {"kind": "txn", "payload": b"\xff{}"})
+    part = RedisShardSource(redis_url, "e:in", 1, block_ms=0, idle_exit_s=0.2).build_part("in", "0", None)
+    try:
+        batch = part.next_batch()
+        assert [k for k, _ in batch] == ["unknown", "unknown", "txn"]
+        assert json.loads(batch[0][1]) == {"payload": '{"txn_id": "x"}'}
+        assert json.loads(batch[1][1]) == {"kind": "weird", "payload": "{}"}
+        assert batch[2][1] == "\ufffd{}"
+        deadline = time.monotonic() + 10
+        with pytest.raises(StopIteration):
+            while time.monotonic() < deadline:
+                assert part.next_batch() == []
+                time.sleep(0.05)
+    finally:
+        part.close()
+
+
+def test_redis_restart_mid_read_loses_and_repeats_nothing(
+    redis_server_factory: Callable[..., RedisTestServer],
+    small: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="flows.redis_source")
+    server = redis_server_factory(appendonly=True, password="s3cret")
+    with connect(server.url) as client:
+        replay_files(client, *small, "k:in", 1)
+    part = RedisShardSource(server.url, "k:in", 1, batch_size=30, block_ms=0).build_part("in", "0", None)
+    try:
+        got = part.next_batch()
+        errors = metric("fraud_redis_errors_total", op="xread")
+        server.stop()
+        for _ in range(3):
+            assert part.next_batch() == []  # down: nothing, no exception
+        awake = part.next_awake()
+        assert awake is not None and awake > datetime.now(UTC)  # Bytewax is told to back off
+        assert metric("fraud_redis_errors_total", op="xread") >= errors + 3
+        assert part.snapshot() == part.snapshot()
+        server.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (batch := part.next_batch()):
+            time.sleep(0.05)
+        got += batch + drain(part)
+        assert part.next_awake() is None
+    finally:
+        part.close()
+    assert got == expected(small)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per outage, not once per failed poll
+    assert any("again after" in r.getMessage() for r in caplog.records)
+    assert "s3cret" not in caplog.text and "***" in caplog.text
+
+
+def test_lag_gauge_follows_the_position(redis_url: str, redis_client: redis.Redis) -> None:
+    stream = shard_stream("g:in", 0)
+    redis_client.xadd(stream, {"kind": "txn", "payload": "{}"}, id="1000-0")
+    redis_client.xadd(stream, {"kind": "txn", "payload": "{}"}, id="4000-0")
+    part = RedisShardSource(redis_url, "g:in", 1, batch_size=1, block_ms=0).build_part("in", "0", None)
+    try:
+        part.next_batch()  # reads 1000-0; the first unread entry is the newest one: no lag
+        assert metric("fraud_source_lag_seconds", shard="0") == 0.0
+        behind = RedisShardSource(redis_url, "g:in", 1, block_ms=0).build_part("in", "0", None)
+        try:
+            behind._refresh_lag(time.monotonic())  # nothing read: 1000-0 unread, newest 4000-0
+            assert metric("fraud_source_lag_seconds", shard="0") == 3.0
+        finally:
+            behind.close()
+    finally:
+        part.close()
+
+
+def test_bytewax_dataflow_reads_everything_and_ends_when_idle(
+    redis_url: str, redis_client: redis.Redis, small: tuple[Path, Path]
+) -> None:
+    replay_files(redis_client, *small, "f:in", 2)
+    out: list[Record] = []
+    flow = Dataflow("redis_source_test")
+    records = op.input("in", flow, RedisShardSource(redis_url, "f:in", 2, batch_size=100, idle_exit_s=0.5))
+    op.output("out", records, TestingSink(out))
+    run_main(flow)
+    assert Counter(out) == Counter(expected(small))
+
+
+def test_cli_replay_pushes_the_file_into_the_shards(
+    redis_url: str, redis_client: redis.Redis, small: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    txns, labels = small
+    result = CliRunner().invoke(app, ["replay", str(txns), "--labels", str(labels), "--shards", "3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    want = expected(small)
+    assert summary["records"] == len(want)
+    assert summary["labels"] == sum(1 for k, _ in want if k == "label")
+    assert [redis_client.xlen(shard_stream("fraud:in", i)) for i in range(3)] == summary["per_shard"]
