@@ -1,7 +1,8 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
-read -> decode -> index (txn_id) -> one feature step per entity -> score -> alerts / dead letters.
-This module only wires steps; the logic lives in `features`, `models` and `flows.steps`.
+read -> decode -> index (txn_id) -> one feature step per entity -> score -> alerts, late side
+output, decision log; bad records -> dead letters. This module only wires steps: the logic lives
+in `features`, `models`, `flows.steps`, `flows.outputs` and `flows.connectors`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from flows.file_source import FileReplaySource
-from flows.outputs import ProgressSink, alert_entry, count_dead_letter, dlq_entry, late_entry
-from flows.redis_sink import RedisStreamSink
+from flows import connectors
+from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
 from flows.steps import (
     EntityLogic,
     IndexLogic,
@@ -29,7 +29,7 @@ from flows.steps import (
     txn_key,
 )
 from fraud import metrics
-from fraud.runtime import Runtime, load_runtime
+from fraud.runtime import load_runtime
 from fraud.settings import Settings, get_settings
 
 
@@ -43,66 +43,60 @@ def build(
     late: Sink[Any] | None = None,
 ) -> Dataflow:
     """The dataflow for `settings`; tests swap the source and sinks for in-memory ones."""
-    rt: Runtime = load_runtime(settings, need_redis=None in (alerts, dead_letters, late))
+    rt = load_runtime(settings, need_redis=source is None or None in (alerts, dead_letters, late))
     s, pipeline = rt.settings, rt.pipeline
     flow = Dataflow("fraud")
 
-    records = op.input(
-        "read",
-        flow,
-        source or FileReplaySource(s.transactions_path, s.labels_path, s.source_batch_size),
-    )
-    decoded = op.branch(
-        "validate",
-        op.map("decode", records, decode_record),
-        is_valid,
-    )
+    records = op.input("read", flow, source or connectors.source(rt))
+    decoded = op.branch("validate", op.map("decode", records, decode_record), is_valid)
 
-    by_txn = op.key_on("key_txn", decoded.trues, txn_key)
     index = partial(IndexLogic, pipeline, timedelta(days=s.label_ttl_days))
-    indexed = op.branch(
-        "joined",
-        op.key_rm("unkey_txn", op.stateful_batch("index", by_txn, index)),
-        is_joined,
-    )
+    indexed = op.stateful_batch("index", op.key_on("key_txn", decoded.trues, txn_key), index)
+    joined = op.branch("joined", op.key_rm("unkey_txn", indexed), is_joined)
 
-    rows = indexed.trues
+    rows = joined.trues
     for i, plan in enumerate(pipeline.plans):
         name = plan.entity.name
         keyed = op.key_on(f"key_{name}", rows, entity_key(i))
-        rows = op.key_rm(
-            f"unkey_{name}",
-            op.stateful_batch(f"{name}_features", keyed, partial(EntityLogic, pipeline, i)),
-        )
+        features = op.stateful_batch(f"{name}_features", keyed, partial(EntityLogic, pipeline, i))
+        rows = op.key_rm(f"unkey_{name}", features)
 
     to_scorer = op.key_on("key_scorer", rows, lambda _: "scorer")
     scored = op.key_rm(
-        "unkey_scorer",
-        op.stateful_batch("score", to_scorer, partial(ScoringLogic, pipeline, rt.new_scorer)),
+        "unkey_scorer", op.stateful_batch("score", to_scorer, partial(ScoringLogic, pipeline, rt.new_scorer))
     )
 
-    alert_entries = op.filter_map(
-        "alert", scored, partial(alert_entry, model_version=rt.version, threshold=rt.threshold)
-    )
+    card = rt.card_ref
+    alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold, card_ref=card)
     op.output(
         "alerts_out",
-        alert_entries,
-        alerts or RedisStreamSink(rt.redis_url, s.alerts_stream, s.stream_maxlen),
+        op.filter_map("alert", scored, alert),
+        alerts or connectors.stream(rt, s.alerts_stream, "txn_id"),
     )
+    late_out = op.filter_map("late", scored, partial(late_entry, card_ref=card))
+    op.output("late_out", late_out, late or connectors.stream(rt, s.late_stream, "txn_id"))
 
-    dead = op.map("count_dead", op.merge("dead", decoded.falses, indexed.falses), count_dead_letter)
-    op.output(
-        "dlq_out",
-        op.map("dlq_entry", dead, dlq_entry),
-        dead_letters or RedisStreamSink(rt.redis_url, s.dlq_stream, s.stream_maxlen),
-    )
+    dead = op.map("count_dead", op.merge("dead", decoded.falses, joined.falses), count_dead_letter)
+    dlq = op.map("dlq_entry", dead, dlq_entry)
+    op.output("dlq_out", dlq, dead_letters or connectors.stream(rt, s.dlq_stream, "id"))
 
-    late_entries = op.filter_map("late", scored, late_entry)
-    op.output("late_out", late_entries, late or RedisStreamSink(rt.redis_url, s.late_stream, s.stream_maxlen))
-
-    op.output("progress", op.merge("activity", scored, dead), ProgressSink(s.progress_interval_s))
     if decisions is not None:
         op.output("decisions_out", scored, decisions)
+    elif s.decision_log:
+        log = partial(
+            decision_entry,
+            model_version=rt.version,
+            threshold=rt.threshold,
+            names=pipeline.names,
+            card_ref=card,
+        )
+        op.output(
+            "decision_log",
+            op.map("decision", scored, log),
+            connectors.stream(rt, s.decision_stream, "txn_id", s.decision_dedupe_ttl_s),
+        )
+
+    op.output("progress", op.merge("activity", scored, dead), ProgressSink(s.progress_interval_s))
     return flow
 
 

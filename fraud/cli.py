@@ -96,18 +96,24 @@ def evaluate(
 
 
 @app.command()
-def run() -> None:
-    """Run the flow in this process (same as `python -m bytewax.run flows.fraud`)."""
-    from bytewax.testing import run_main
+def run(
+    process_id: Annotated[
+        int, typer.Option("--process-id", "-i", help="This process's index in --addresses.")
+    ] = 0,
+    addresses: Annotated[
+        str | None, typer.Option("--addresses", "-a", help="host:port;host:port of every process.")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker threads in this process.")] = 1,
+) -> None:
+    """Run the flow here with recovery (FRAUD_RECOVERY_DIR, created if missing), alone or in a cluster."""
+    from flows.runner import run as run_flow
 
-    from flows.fraud import build
-
-    s = get_settings()
-    if s.metrics_port:
-        from fraud.metrics import serve
-
-        serve(s.metrics_port)
-    run_main(build(s))
+    run_flow(
+        get_settings(),
+        process_id=process_id,
+        addresses=addresses.split(";") if addresses else None,
+        workers=workers,
+    )
 
 
 @app.command()
@@ -164,6 +170,61 @@ def features(
             "dead_letters_by_reason": dict(sorted(stats.dead_letters.items())),
         }
     )
+
+
+@app.command()
+def replay(
+    transactions: Annotated[
+        Path | None, typer.Argument(help="Transactions file (default: FRAUD_TRANSACTIONS_PATH).")
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file (default: FRAUD_LABELS_PATH).")] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Records per second overall (default: as fast as possible)."),
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="Shard streams (default: FRAUD_INPUT_SHARDS).")
+    ] = None,
+    maxlen: Annotated[
+        int | None,
+        typer.Option(min=0, help="Approximate trim per shard (default: FRAUD_STREAM_MAXLEN; 0: none)."),
+    ] = None,
+) -> None:
+    """Push a file (+ labels) into the input shard streams in event time, for `FRAUD_SOURCE=redis`."""
+    import redis
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fraud.redis_server import connect, redact, redis_url
+    from fraud.replay import count_lines, replay_files
+
+    s = get_settings()
+    txns = transactions or s.transactions_path
+    labs = labels or s.labels_path
+    for p in (txns, labs):
+        if p is not None and not p.is_file():
+            raise typer.BadParameter(f"input file {p} does not exist")
+    n_shards = shards or s.input_shards
+    trim = s.stream_maxlen if maxlen is None else (maxlen or None)
+    url = redis_url(s)
+    client = connect(url)
+    progress = Progress(
+        TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    try:
+        with progress:
+            task = progress.add_task("replay", total=count_lines(txns, labs))
+            summary = replay_files(
+                client, txns, labs, s.input_stream, n_shards, rate=rate, maxlen=trim,
+                on_progress=lambda n: progress.advance(task, n),
+            )  # fmt: skip
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        typer.echo(f"replay to {redact(url)} failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        client.close()
+    _print_json({"redis": redact(url), **summary})
 
 
 @app.command("alert-precision")

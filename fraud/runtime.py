@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from features.catalog import FEATURES
 from features.engine import Pipeline
+from features.privacy import card_token, identity
 from fraud import metrics
 from fraud.settings import Settings, get_settings
 from models.artifact import ModelArtifact, check_schema, load
@@ -28,6 +30,12 @@ class Runtime:
     def threshold(self) -> float:
         s = self.settings
         return self.artifact.threshold if s.threshold is None else s.threshold
+
+    @property
+    def card_ref(self) -> Callable[[str], str]:
+        """How card ids appear in outputs: tokenized with FRAUD_CARD_TOKEN_KEY, else as they are."""
+        key = self.settings.card_token_key
+        return identity if key is None else card_token(key.get_secret_value().encode())
 
     def new_scorer(self) -> Scorer:
         return new_scorer(self.settings, self.artifact)

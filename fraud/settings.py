@@ -18,6 +18,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FRAUD_", env_file=".env", frozen=True, extra="ignore")
 
     # Inputs
+    source: Literal["file", "redis"] = Field("file", description="Replay files, or read Redis shard streams.")
+    input_stream: str = Field(
+        "fraud:in", description="Prefix of the input shard streams: <prefix>:{0} .. {n-1}."
+    )
+    input_shards: int = Field(4, ge=1, description="Number of input shard streams (Bytewax partitions).")
+    source_block_ms: int = Field(50, ge=0, le=1000, description="Longest a Redis read may wait for data.")
+    source_idle_exit_s: float | None = Field(
+        None, gt=0, description="Stop once every shard was empty this long."
+    )
     transactions_path: Path = Field(
         SAMPLES / "transactions.jsonl.gz", description="Transactions file replayed by the flow."
     )
@@ -38,6 +47,22 @@ class Settings(BaseSettings):
         "fraud:late", description="Side output: transactions beyond the allowed lateness."
     )
     stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate MAXLEN trim applied on every XADD.")
+    stream_retention_days: float | None = Field(
+        None, gt=0, description="Also trim entries older than this (MINID)."
+    )
+    decision_log: bool = Field(
+        False, description="Write every decision (features, scores, reasons) to the decision stream."
+    )
+    decision_stream: str = Field("fraud:decisions", description="Stream of the decision log (audit trail).")
+    dedupe_ttl_s: int = Field(
+        7 * 86_400, ge=1, description="How long a sent marker prevents a duplicate alert."
+    )
+    decision_dedupe_ttl_s: int = Field(
+        3_600, ge=1, description="Marker lifetime for decision-log entries (one per transaction)."
+    )
+    card_token_key: SecretStr | None = Field(
+        None, description="Key of the HMAC that replaces card ids in outputs."
+    )
 
     # Features
     allowed_lateness_s: float = Field(
@@ -67,10 +92,27 @@ class Settings(BaseSettings):
     top_reasons: int = Field(3, ge=0, description="Feature contributions listed in each alert.")
 
     # Operations
+    recovery_dir: Path | None = Field(
+        None, description="Bytewax recovery directory (`fraud run` creates it)."
+    )
+    recovery_partitions: int = Field(
+        8, ge=1, description="Recovery partitions created (>= workers ever used)."
+    )
+    snapshot_interval_s: float = Field(5.0, gt=0, description="Epoch and snapshot interval with recovery on.")
     progress_interval_s: float = Field(2.0, gt=0, description="Seconds between progress lines.")
     metrics_port: int | None = Field(None, description="Serve /metrics on this port (besides Bytewax's API).")
 
-    @field_validator("labels_path", "redis_url", "threshold", "metrics_port", mode="before")
+    @field_validator(
+        "labels_path",
+        "redis_url",
+        "threshold",
+        "metrics_port",
+        "source_idle_exit_s",
+        "stream_retention_days",
+        "card_token_key",
+        "recovery_dir",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
