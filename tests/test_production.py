@@ -1,30 +1,30 @@
 """Production I/O end to end, with real processes: SIGKILL and resume, Redis restarts, a cluster.
 
 Each test replays a generated file into Redis shard streams and runs `fraud run` as separate OS
-processes reading them (FRAUD_SOURCE=redis), with recovery on, until the shards are idle.
+processes reading them (FRAUD_SOURCE=redis) with recovery on, until the shards are idle.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from fraud import drill
 from fraud.datagen import GeneratorConfig, write_files
 from fraud.redis_server import connect
 from fraud.replay import replay_files
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
-ROOT = Path(__file__).resolve().parents[1]
-DEADLINE_S = 120
+RUN = {  # small batches and 50 ms epochs: many snapshots, so kills land between and inside epochs
+    "FRAUD_SOURCE_BATCH_SIZE": "100",
+    "FRAUD_SNAPSHOT_INTERVAL_S": "0.05",
+    "FRAUD_DECISION_LOG": "1",
+    "FRAUD_THRESHOLD": "0.2",
+    "FRAUD_ONLINE_WARMUP_LABELS": "100",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,153 +34,99 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out / "transactions.jsonl", out / "labels.jsonl"
 
 
-def fill(client: redis.Redis, dataset: tuple[Path, Path], prefix: str, shards: int) -> int:
-    summary = replay_files(client, dataset[0], dataset[1], f"{prefix}:in", shards)
-    return int(summary["transactions"])
+def fill(client: redis.Redis, dataset: tuple[Path, Path], tag: str, shards: int) -> int:
+    return int(replay_files(client, dataset[0], dataset[1], f"{tag}:in", shards)["transactions"])
 
 
-def env_for(url: str, tag: str, tmp: Path, shards: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
-    env.update(
-        FRAUD_SOURCE="redis",
-        FRAUD_REDIS_URL=url,
-        FRAUD_INPUT_STREAM=f"{tag}:in",
-        FRAUD_INPUT_SHARDS=str(shards),
-        FRAUD_SOURCE_IDLE_EXIT_S="1.5",
-        FRAUD_SOURCE_BATCH_SIZE="100",
-        FRAUD_ALERTS_STREAM=f"{tag}:alerts",
-        FRAUD_DLQ_STREAM=f"{tag}:dlq",
-        FRAUD_LATE_STREAM=f"{tag}:late",
-        FRAUD_DECISION_LOG="1",
-        FRAUD_DECISION_STREAM=f"{tag}:decisions",
-        FRAUD_THRESHOLD="0.2",
-        FRAUD_ONLINE_WARMUP_LABELS="100",
-        FRAUD_RECOVERY_DIR=str(tmp / f"{tag}-recovery"),
-        FRAUD_SNAPSHOT_INTERVAL_S="0.05",
-        FRAUD_PROGRESS_INTERVAL_S="60",
-        PYTHONPATH=str(ROOT),
-        **extra,
-    )
-    return env
-
-
-def start(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fraud.cli", "run", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def finish(proc: subprocess.Popen[bytes]) -> str:
-    out, _ = proc.communicate(timeout=DEADLINE_S)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-3000:]
-    return text
-
-
-def wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not check():
-        assert proc.poll() is None, "the flow ended before the kill point"
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.005)
-
-
-def scores(client: redis.Redis, stream: str) -> dict[str, tuple[str, str, str]]:
-    """txn_id -> (score, xgb, online) from a decision log; asserts each transaction is there once."""
-    entries = [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(stream)]
-    counts = Counter(e["txn_id"] for e in entries)
-    assert not [t for t, n in counts.items() if n > 1], "a decision was written twice"
-    return {e["txn_id"]: (e["score"], e["xgb_score"], e["online_score"]) for e in entries}
-
-
-def alert_ids(client: redis.Redis, stream: str) -> list[str]:
-    return [f[b"txn_id"].decode() for _, f in client.xrange(stream)]
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def baseline(
-    dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
-) -> Iterator[tuple[int, list[str], dict]]:
+    dataset: tuple[Path, Path], redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[int, drill.Outcome]]:
     """One uninterrupted run over a single shard: the reference alerts and scores."""
     client = connect(redis_url)
-    client.flushall()
+    client.delete(*client.keys("base:*") or ["base:none"])
     n = fill(client, dataset, "base", 1)
-    finish(start(env_for(redis_url, "base", tmp_path, 1)))
-    yield n, alert_ids(client, "base:alerts"), scores(client, "base:decisions")
+    drill.finish(drill.start(drill.flow_env(redis_url, "base", 1, tmp_path_factory.mktemp("base"), **RUN)))
+    outcome = drill.Outcome.read(client, "base")
     client.close()
+    assert len(outcome.scores) == n and outcome.alerts
+    yield n, outcome
 
 
-def test_sigkill_at_several_points_then_resume(
-    baseline: tuple[int, list[str], dict], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    "kills", [(0.2,), (0.5,), (0.8,), (0.2, 0.5, 0.8)], ids=["20%", "50%", "80%", "all-three"]
+)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(
+    kills: tuple[float, ...],
+    baseline: tuple[int, drill.Outcome],
+    dataset: tuple[Path, Path],
+    redis_url: str,
+    tmp_path: Path,
 ) -> None:
-    n, expected_alerts, expected_scores = baseline
-    assert len(expected_scores) == n and expected_alerts
+    n, expected = baseline
+    tag = "crash" + "-".join(str(int(k * 100)) for k in kills)
     client = connect(redis_url)
-    fill(client, dataset, "crash", 1)
-    env = env_for(redis_url, "crash", tmp_path, 1)
-    for fraction in (0.2, 0.5, 0.8):  # kill -9 when this share of transactions has been decided
-        proc = start(env)
-        wait_until(lambda f=fraction: client.xlen("crash:decisions") >= f * n, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-        assert client.xlen("crash:decisions") < n, "killed too late to test anything"
-    finish(start(env))
-
-    alerts = alert_ids(client, "crash:alerts")
-    assert len(alerts) == len(set(alerts)), "an alert was written twice"
-    assert set(alerts) == set(expected_alerts), "alerts missing or extra after the kills"
-    assert scores(client, "crash:decisions") == expected_scores  # state and online model survived
+    fill(client, dataset, tag, 1)
+    env = drill.flow_env(redis_url, tag, 1, tmp_path, **RUN)
+    for fraction in kills:  # kill -9 once this share of transactions has been decided
+        drill.kill_when(drill.start(env), lambda f=fraction: client.xlen(f"{tag}:decisions") >= f * n)
+        assert client.xlen(f"{tag}:decisions") < n, "killed too late to test anything"
+    drill.finish(drill.start(env))
+    report = drill.Outcome.read(client, tag).compare(expected)
+    assert report["missing"] == report["extra"] == report["duplicated"] == 0, report
+    assert report["decisions_duplicated"] == 0 and report["scores_different"] == 0, report
     client.close()
 
 
 def test_redis_restart_mid_run_loses_nothing(
-    baseline: tuple[int, list[str], dict],
+    baseline: tuple[int, drill.Outcome],
     dataset: tuple[Path, Path],
     tmp_path: Path,
     redis_server_factory: Callable[..., object],
 ) -> None:
-    n, expected_alerts, expected_scores = baseline
+    n, expected = baseline
     server = redis_server_factory(appendonly=True)
-    client = connect(server.url)  # type: ignore[attr-defined]
+    url: str = server.url  # type: ignore[attr-defined]
+    client = connect(url)
     fill(client, dataset, "bounce", 1)
-    proc = start(env_for(server.url, "bounce", tmp_path, 1))  # type: ignore[attr-defined]
-    wait_until(lambda: client.xlen("bounce:decisions") >= 0.3 * n, proc)
+    proc = drill.start(drill.flow_env(url, "bounce", 1, tmp_path, **RUN))
+    while client.xlen("bounce:decisions") < 0.3 * n:
+        assert proc.poll() is None
     client.close()
     server.stop()  # type: ignore[attr-defined]
+    import time
+
     time.sleep(1.5)
     server.start()  # type: ignore[attr-defined]
-    text = finish(proc)
-    client = connect(server.url)  # type: ignore[attr-defined]
-    alerts = alert_ids(client, "bounce:alerts")
-    assert len(alerts) == len(set(alerts)) and set(alerts) == set(expected_alerts)
-    assert scores(client, "bounce:decisions") == expected_scores
-    assert "unreachable" in text.lower() or "retry" in text.lower(), text[-2000:]
+    output = drill.finish(proc)
+    client = connect(url)
+    report = drill.Outcome.read(client, "bounce").compare(expected)
+    assert report["missing"] == report["extra"] == report["duplicated"] == report["scores_different"] == 0, (
+        report
+    )
+    assert "redis" in output.lower() and ("unreachable" in output.lower() or "retry" in output.lower()), (
+        output[-2000:]
+    )
+    assert ":secret@" not in output  # nothing here has a password, but no URL is logged raw either
     client.close()
 
 
 def test_two_processes_over_two_shards_score_everything_once(
-    baseline: tuple[int, list[str], dict], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
+    baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
 ) -> None:
-    n, _, _ = baseline
+    n, _ = baseline
     client = connect(redis_url)
     fill(client, dataset, "pair", 2)
-    ports = [_free_port(), _free_port()]
-    addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
-    env = env_for(redis_url, "pair", tmp_path, 2, FRAUD_RECOVERY_PARTITIONS="2")
-    procs = [start(env, "-i", str(i), "-a", addresses) for i in range(2)]
-    for p in procs:
-        finish(p)
-    decided = scores(client, "pair:decisions")  # asserts no transaction was decided twice
-    assert len(decided) == n
-    alerts = alert_ids(client, "pair:alerts")
-    assert len(alerts) == len(set(alerts)) > 0
-    assert set(alerts) == {t for t, (score, _, _) in decided.items() if float(score) >= 0.2}
+    addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(2))
+    env = drill.flow_env(redis_url, "pair", 2, tmp_path, FRAUD_RECOVERY_PARTITIONS="2", **RUN)
+    for proc in [drill.start(env, "-i", str(i), "-a", addresses) for i in range(2)]:
+        drill.finish(proc)
+    outcome = drill.Outcome.read(client, "pair")
+    assert len(outcome.scores) == outcome.decisions_written == n  # every transaction decided once
+    assert len(outcome.alerts) == len(set(outcome.alerts)) > 0
+    assert set(outcome.alerts) == {t for t, (score, _, _) in outcome.scores.items() if float(score) >= 0.2}
     # Not asserted: equality with the one-process alerts. Keyed steps see events in the order they
-    # arrive from other workers, which differs between cluster layouts (see README, Scale-out).
+    # arrive from other workers, which differs between cluster layouts (README, Scale-out).
     client.close()
 
 

