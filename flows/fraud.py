@@ -23,9 +23,10 @@ from flows.steps import (
     IndexLogic,
     ScoringLogic,
     decode_record,
-    entity_key,
-    is_joined,
     is_valid,
+    joined_value,
+    rekey,
+    to_scorer,
     txn_key,
 )
 from fraud import metrics
@@ -52,18 +53,18 @@ def build(
 
     index = partial(IndexLogic, pipeline, timedelta(days=s.label_ttl_days))
     indexed = op.stateful_batch("index", op.key_on("key_txn", decoded.trues, txn_key), index)
-    joined = op.branch("joined", op.key_rm("unkey_txn", indexed), is_joined)
+    joined = op.branch("joined", indexed, joined_value)
 
-    rows = joined.trues
+    rows: Any = joined.trues
     for i, plan in enumerate(pipeline.plans):
         name = plan.entity.name
-        keyed = op.key_on(f"key_{name}", rows, entity_key(i))
-        features = op.stateful_batch(f"{name}_features", keyed, partial(EntityLogic, pipeline, i))
-        rows = op.key_rm(f"unkey_{name}", features)
+        rows = op.stateful_batch(
+            f"{name}_features", op.map(f"key_{name}", rows, rekey(i)), partial(EntityLogic, pipeline, i)
+        )
 
-    to_scorer = op.key_on("key_scorer", rows, lambda _: "scorer")
+    scoring = partial(ScoringLogic, pipeline, rt.new_scorer)
     scored = op.key_rm(
-        "unkey_scorer", op.stateful_batch("score", to_scorer, partial(ScoringLogic, pipeline, rt.new_scorer))
+        "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", rows, to_scorer), scoring)
     )
 
     card = rt.card_ref
@@ -76,7 +77,11 @@ def build(
     late_out = op.filter_map("late", scored, partial(late_entry, card_ref=card))
     op.output("late_out", late_out, late or connectors.stream(rt, s.late_stream, "txn_id"))
 
-    dead = op.map("count_dead", op.merge("dead", decoded.falses, joined.falses), count_dead_letter)
+    dead = op.map(
+        "count_dead",
+        op.merge("dead", decoded.falses, op.key_rm("unkey_dead", joined.falses)),
+        count_dead_letter,
+    )
     dlq = op.map("dlq_entry", dead, dlq_entry)
     op.output("dlq_out", dlq, dead_letters or connectors.stream(rt, s.dlq_stream, "id"))
 

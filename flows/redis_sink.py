@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,26 @@ class RedisSinkError(RuntimeError):
 def marker_key(stream: str, value: str) -> str:
     """The key whose existence says the entry identified by `value` was written to `stream`."""
     return f"{stream}:sent:{value}"
+
+
+def reset_streams(client: redis.Redis, streams: Sequence[str]) -> tuple[int, int]:
+    """Delete `streams` and their de-duplication markers (else a replay would write nothing).
+
+    Returns (streams deleted, markers deleted).
+    """
+    deleted = int(client.delete(*streams)) if streams else 0
+    markers = 0
+    for stream in streams:
+        pattern = marker_key(re.sub(r"([*?\[\]\\])", r"\\\1", stream), "*")
+        batch: list[Any] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                markers += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            markers += int(client.delete(*batch))
+    return deleted, markers
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,27 @@ def is_valid(event: Decoded) -> TypeGuard[Transaction | Label]:
     return not isinstance(event, DeadLetter)
 
 
-def is_joined(item: Chained | DeadLetter) -> TypeGuard[Chained]:
-    return not isinstance(item, DeadLetter)
-
-
 def txn_key(event: Transaction | Label) -> str:
     return event.txn_id
+
+
+def rekey(i: int) -> Callable[[tuple[str, Chained]], tuple[str, Chained]]:
+    """Route a keyed item straight to chain step `i` (one map instead of key_rm + key_on)."""
+    key = entity_key(i)
+
+    def route(kv: tuple[str, Chained]) -> tuple[str, Chained]:
+        return key(kv[1]), kv[1]
+
+    return route
+
+
+def to_scorer(kv: tuple[str, Chained]) -> tuple[str, Chained]:
+    """Every row and label goes to the one scorer key (one River model sees all labels)."""
+    return "scorer", kv[1]
+
+
+def joined_value(kv: tuple[str, Chained | DeadLetter]) -> bool:
+    return not isinstance(kv[1], DeadLetter)
 
 
 def entity_key(i: int) -> Callable[[Chained], str]:

@@ -284,19 +284,21 @@ def dead_letters(
 
 @app.command()
 def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = False) -> None:
-    """Delete the alerts and dead-letter streams (and their consumer groups) for a clean replay."""
+    """Delete the output streams (with their consumer groups and de-duplication markers)."""
+    from flows.redis_sink import reset_streams
     from fraud.redis_server import connect, redact, redis_url
 
     s = get_settings()
     if not yes:
         raise typer.BadParameter("this deletes streams; pass --yes")
     url = redis_url(s)
+    streams = [s.alerts_stream, s.dlq_stream, s.late_stream, s.decision_stream]
     client = connect(url)
     try:
-        n = client.delete(s.alerts_stream, s.dlq_stream)
+        n, markers = reset_streams(client, streams)
     finally:
         client.close()
-    typer.echo(f"reset {redact(url)}: deleted {n} stream(s) ({s.alerts_stream}, {s.dlq_stream})")
+    typer.echo(f"reset {redact(url)}: deleted {n} stream(s) of {', '.join(streams)} and {markers} marker(s)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

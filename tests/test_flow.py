@@ -178,3 +178,24 @@ def test_cli_alerts_reads_as_a_consumer_group(
     assert rest.exit_code == 0
     assert f"{n_alerts - 3} alert(s)" in rest.output
     assert redis_client.xpending(settings.alerts_stream, "fraud-cli")["pending"] == 0
+
+
+def test_reset_then_replay_writes_the_alerts_again(
+    dataset: tuple[Path, Path, int, int],
+    redis_url: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replaying the same file is de-duplicated; `fraud reset` clears streams and markers."""
+    settings = settings_for(dataset, redis_url, threshold=0.2)
+    run_main(build(settings))
+    first = redis_client.xlen(settings.alerts_stream)
+    run_main(build(settings))
+    assert redis_client.xlen(settings.alerts_stream) == first > 0  # the replay wrote nothing twice
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    result = CliRunner().invoke(app, ["reset", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert redis_client.xlen(settings.alerts_stream) == 0
+    assert not list(redis_client.scan_iter(match=f"{settings.alerts_stream}:sent:*"))
+    run_main(build(settings))
+    assert redis_client.xlen(settings.alerts_stream) == first
