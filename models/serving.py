@@ -92,7 +92,9 @@ class Scorer:
                     self.online.learn_one(x_dict(self.names, seen[1]), it.is_fraud)
                     stats.labels_learned += 1
                 continue
-            online = self.online.predict_proba_one(x_dict(self.names, it.values))
+            online = (
+                self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
+            )
             xs = float(xgb_scores[j])
             j += 1
             final = float(combine(xs, online, self.weight))
