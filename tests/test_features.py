@@ -295,3 +295,20 @@ def test_names_line_up_with_values_when_entities_are_interleaved() -> None:
     assert named["count_by_card_1h"] == 2.0
     assert named["amount_max_by_card_1h"] == 7.0
     assert named["amount_sum_by_merchant_1h"] == 7.0
+
+
+def test_idle_keys_expire_once_their_longest_window_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import features.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "EXPIRY_EVERY", 1)
+    pipeline = Pipeline(FEATURES, LATENESS_MS)
+    engine = FeatureEngine(pipeline)
+    engine.process(Transaction("a", T0, "c-old", "m1", 10.0))
+    engine.process(Transaction("b", T0 + 86_400_000, "c-new", "m1", 10.0))
+    assert "card:c-old" in engine.states[0]  # one day later: still inside its 30-day window
+    engine.process(Transaction("c", T0 + 31 * 86_400_000, "c-new", "m2", 10.0))
+    engine.process(Transaction("d", T0 + 31 * 86_400_000 + 1, "c-new", "m2", 10.0))
+    assert "card:c-old" not in engine.states[0] and "card:c-new" in engine.states[0]
+    card = pipeline.plans[0]
+    state = engine.states[0]["card:c-new"]
+    assert not card.expired(state, T0 + 31 * 86_400_000) and card.expired(state, T0 + 62 * 86_400_000)

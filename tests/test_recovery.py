@@ -63,3 +63,25 @@ def test_resume_gives_the_uninterrupted_features_and_scores(tmp_path: Path, cras
         assert same(d.values, e.values), txn_id
         assert (d.xgb, d.online, d.score) == (e.xgb, e.online, e.score), txn_id
     assert any(d.online > 0 for d in second)  # the online model was restored, not restarted
+
+
+def test_flow_entity_keys_are_dropped_after_their_retention() -> None:
+    """EntityLogic schedules a wall-clock notification one retention after its last event."""
+    from datetime import UTC, datetime
+
+    from features.engine import Pipeline
+    from features.events import Transaction
+    from flows.steps import EntityLogic
+    from fraud.runtime import new_pipeline
+
+    pipeline: Pipeline = new_pipeline(Settings())
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    row, _ = pipeline.start(Transaction("t1", now_ms, "c1", "m1", 5.0))
+    logic = EntityLogic(pipeline, 0, None)
+    _, discard = logic.on_batch([row])
+    assert not discard and logic.state is not None
+    wake = logic.notify_at()
+    assert wake is not None and (wake - datetime.now(UTC)).total_seconds() > 29 * 86_400
+    assert logic.on_notify() == ([], False)  # fired early (e.g. after a restart): still fresh, kept
+    logic.state.base -= 31 * 86_400_000  # as if its only event were 31 days old
+    assert logic.on_notify() == ([], True)
