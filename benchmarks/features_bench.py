@@ -430,7 +430,6 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
     process = engine.process
     engine_s = gen_s = 0.0
     fed = 0
-    index_sample: dict[str, Any] | None = None
     next_report = 0.1
     wall0 = time.perf_counter()
     for k in range(per_card):
@@ -483,14 +482,6 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
     t0 = time.perf_counter()
     mem = memory_report(engine, args.cards)
     mem["measure_seconds"] = time.perf_counter() - t0
-    if index_sample is not None:
-        per_entry = index_sample["bytes"] / index_sample["entries"]
-        mem["txn_index"] = {
-            "kept": False,
-            "measured_on_entries": index_sample["entries"],
-            "bytes_per_entry": per_entry,
-            "bytes_per_card_if_kept": per_entry * per_card,
-        }
     if traced is not None:
         mem["tracemalloc_features_code_bytes"] = traced
     report["memory"] = mem

@@ -44,24 +44,37 @@ def _reasons_json(d: Decision) -> str:
     return json.dumps(reasons)
 
 
+def _about(d: Decision, card_ref: Callable[[str], str], card_field: str = "card_id") -> dict[str, str]:
+    """The fields every per-transaction entry starts with: which transaction, whose, when."""
+    t = d.txn
+    return {
+        "txn_id": t.txn_id,
+        card_field: card_ref(t.card_id),
+        "merchant_id": t.merchant_id,
+        "ts": rfc3339(t.ts_ms),
+    }
+
+
+def _scores(d: Decision, threshold: float) -> dict[str, str]:
+    return {
+        "score": f"{d.score:.6f}",
+        "xgb_score": f"{d.xgb:.6f}",
+        "online_score": f"{d.online:.6f}",
+        "threshold": f"{threshold:.6f}",
+    }
+
+
 def alert_entry(
     d: Decision, model_version: str, threshold: float, *, card_ref: Callable[[str], str] = identity
 ) -> dict[str, str] | None:
     """The `fraud:alerts` stream entry of an alerting decision, None for the others."""
     if not d.alert:
         return None
-    t = d.txn
     return {
-        "txn_id": t.txn_id,
-        "card_id": card_ref(t.card_id),
-        "merchant_id": t.merchant_id,
-        "ts": rfc3339(t.ts_ms),
-        "ts_ms": str(t.ts_ms),
-        "amount": repr(t.amount),
-        "score": f"{d.score:.6f}",
-        "xgb_score": f"{d.xgb:.6f}",
-        "online_score": f"{d.online:.6f}",
-        "threshold": f"{threshold:.6f}",
+        **_about(d, card_ref),
+        "ts_ms": str(d.txn.ts_ms),
+        "amount": repr(d.txn.amount),
+        **_scores(d, threshold),
         "model_version": model_version,
         "reasons": _reasons_json(d),
         "late": "1" if d.late else "0",
@@ -81,20 +94,13 @@ def decision_entry(
     `features` is a JSON object feature name -> value (non-finite values as null), in the order of
     `names`, the artifact's feature names, which must match the decision's vector.
     """
-    t = d.txn
     features = {
         name: float(value) if math.isfinite(value) else None
         for name, value in zip(names, d.values, strict=True)
     }
     return {
-        "txn_id": t.txn_id,
-        "card": card_ref(t.card_id),
-        "merchant_id": t.merchant_id,
-        "ts": rfc3339(t.ts_ms),
-        "score": f"{d.score:.6f}",
-        "xgb_score": f"{d.xgb:.6f}",
-        "online_score": f"{d.online:.6f}",
-        "threshold": f"{threshold:.6f}",
+        **_about(d, card_ref, card_field="card"),
+        **_scores(d, threshold),
         "alert": "1" if d.alert else "0",
         "model_version": model_version,
         "features": json.dumps(features),
@@ -107,12 +113,8 @@ def late_entry(d: Decision, *, card_ref: Callable[[str], str] = identity) -> dic
     """The `fraud:late` side-output entry of a transaction beyond the allowed lateness, else None."""
     if not d.late:
         return None
-    t = d.txn
     return {
-        "txn_id": t.txn_id,
-        "card_id": card_ref(t.card_id),
-        "merchant_id": t.merchant_id,
-        "ts": rfc3339(t.ts_ms),
+        **_about(d, card_ref),
         "score": f"{d.score:.6f}",
         "alert": "1" if d.alert else "0",
     }

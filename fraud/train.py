@@ -9,10 +9,11 @@ compares XGBoost alone with the combined score period by period.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -39,6 +40,9 @@ class _Pattern(msgspec.Struct):
     pattern: str | None = None
 
 
+_Row = TypeVar("_Row", _Truth, _Pattern)
+
+
 @dataclass
 class Dataset:
     """Feature vectors of a file's transactions, in arrival order, with their eventual label."""
@@ -55,35 +59,26 @@ class Dataset:
         return (self.ts_ms >= t0 + start_day * DAY_MS) & (self.ts_ms < t0 + end_day * DAY_MS) & (self.y >= 0)
 
 
-def read_truth(labels: Path | None) -> dict[str, bool]:
-    """Every verdict in a labels file, whenever it arrived (for offline training only)."""
-    truth: dict[str, bool] = {}
-    if labels is None:
-        return truth
-    dec = msgspec.json.Decoder(_Truth)
-    with open_text(labels) as f:
+def _records(path: Path, kind: type[_Row]) -> Iterator[_Row]:
+    """The lines of a .jsonl(.gz) file decoded as `kind`; lines that do not decode are skipped
+    (the flow dead-letters them; offline evaluation only needs the good ones)."""
+    dec = msgspec.json.Decoder(kind)
+    with open_text(path) as f:
         for line in f:
             try:
-                t = dec.decode(line)
+                yield dec.decode(line)
             except msgspec.DecodeError:
                 continue
-            truth[t.txn_id] = t.is_fraud
-    return truth
+
+
+def read_truth(labels: Path | None) -> dict[str, bool]:
+    """Every verdict in a labels file, whenever it arrived (for offline training only)."""
+    return {} if labels is None else {t.txn_id: t.is_fraud for t in _records(labels, _Truth)}
 
 
 def read_patterns(transactions: Path) -> dict[str, str]:
     """The generator's ground-truth `pattern` of each fraud transaction (not part of the contract)."""
-    dec = msgspec.json.Decoder(_Pattern)
-    out: dict[str, str] = {}
-    with open_text(transactions) as f:
-        for line in f:
-            try:
-                p = dec.decode(line)
-            except msgspec.DecodeError:
-                continue
-            if p.pattern:
-                out[p.txn_id] = p.pattern
-    return out
+    return {p.txn_id: p.pattern for p in _records(transactions, _Pattern) if p.pattern}
 
 
 def build_dataset(pipeline: Pipeline, transactions: Path, labels: Path | None) -> Dataset:

@@ -46,7 +46,6 @@ class Decision:
 class BatchStats:
     rows: int = 0
     labels_learned: int = 0
-    xgb_calls: int = 0
 
 
 class Scorer:
@@ -116,7 +115,6 @@ class Scorer:
         parts = []
         for start in range(0, len(vectors), self.batch_size):
             parts.append(self.xgb.score(X[start : start + self.batch_size]))
-            stats.xgb_calls += 1
         stats.rows = len(vectors)
         return np.concatenate(parts)
 
