@@ -52,8 +52,7 @@ def run_cluster(url: str, tag: str, shards: int, processes: int, workdir: Path) 
         for i in range(processes)
     ]
     total, longest = 0, 0.0
-    for p in procs:
-        out = drill.finish(p, timeout_s=1800)
+    for out in drill.finish_all(procs, timeout_s=1800):
         done = DONE.findall(out)
         if not done:
             raise SystemExit(f"no summary line:\n{out[-3000:]}")

@@ -7,6 +7,7 @@ interval from settings, so the documented command is one line.
 
 from __future__ import annotations
 
+import fcntl
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,10 +20,17 @@ from fraud.settings import Settings
 
 
 def recovery_config(directory: Path, partitions: int) -> RecoveryConfig:
-    """Bytewax recovery in `directory`, creating its partition files the first time."""
+    """Bytewax recovery in `directory`, creating its partition files the first time.
+
+    The processes of a cluster start together and may share the directory: an exclusive lock on
+    `.init.lock` makes exactly one of them create the partitions while the others wait, instead of
+    racing into a UNIQUE-constraint panic inside Bytewax.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.iterdir()):
-        init_db_dir(directory, partitions)
+    with open(directory / ".init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not any(directory.glob("part-*.sqlite3")):
+            init_db_dir(directory, partitions)
     return RecoveryConfig(str(directory))
 
 

@@ -92,25 +92,51 @@ def start(env: Mapping[str, str], *args: str) -> subprocess.Popen[bytes]:
     )
 
 
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `proc` if it still runs and collect it, so no process or pipe outlives its caller."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 def finish(proc: subprocess.Popen[bytes], timeout_s: float = 600) -> str:
-    """Wait for a run to end by itself; its output, or an error carrying the output's tail."""
-    out = proc.communicate(timeout=timeout_s)[0].decode(errors="replace")
+    """Wait for a run to end by itself; its output, or an error carrying the output's tail.
+
+    On a timeout the process is killed and collected before the error propagates.
+    """
+    try:
+        out = proc.communicate(timeout=timeout_s)[0].decode(errors="replace")
+    finally:
+        reap(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"fraud run exited with {proc.returncode}:\n{out[-3000:]}")
     return out
 
 
+def finish_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 600) -> list[str]:
+    """`finish` each process of a cluster; if one fails, the others are killed and collected too."""
+    try:
+        return [finish(proc, timeout_s) for proc in procs]
+    finally:
+        for proc in procs:
+            reap(proc)
+
+
 def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout_s: float = 120) -> None:
     """SIGKILL `proc` as soon as `ready()` holds (polled every 5 ms)."""
     deadline = time.monotonic() + timeout_s
-    while not ready():
-        if proc.poll() is not None:
-            raise RuntimeError("the run ended before the kill point")
-        if time.monotonic() > deadline:
-            raise RuntimeError("kill point not reached in time")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise RuntimeError("the run ended before the kill point")
+            if time.monotonic() > deadline:
+                raise RuntimeError("kill point not reached in time")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        reap(proc)
 
 
 def _entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:

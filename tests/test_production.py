@@ -91,7 +91,8 @@ def test_redis_restart_mid_run_loses_nothing(
     fill(client, dataset, "bounce", 1)
     proc = drill.start(drill.flow_env(url, "bounce", 1, tmp_path, **RUN))
     while client.xlen("bounce:decisions") < 0.3 * n:
-        assert proc.poll() is None
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before the restart:\n{drill.finish(proc)[-3000:]}")
     client.close()
     server.stop()  # type: ignore[attr-defined]
     import time
@@ -119,8 +120,7 @@ def test_two_processes_over_two_shards_score_everything_once(
     fill(client, dataset, "pair", 2)
     addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(2))
     env = drill.flow_env(redis_url, "pair", 2, tmp_path, FRAUD_RECOVERY_PARTITIONS="2", **RUN)
-    for proc in [drill.start(env, "-i", str(i), "-a", addresses) for i in range(2)]:
-        drill.finish(proc)
+    drill.finish_all([drill.start(env, "-i", str(i), "-a", addresses) for i in range(2)])
     outcome = drill.Outcome.read(client, "pair")
     assert len(outcome.scores) == outcome.decisions_written == n  # every transaction decided once
     assert len(outcome.alerts) == len(set(outcome.alerts)) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bytewax.recovery import RecoveryConfig, init_db_dir
@@ -85,3 +86,27 @@ def test_flow_entity_keys_are_dropped_after_their_retention() -> None:
     assert logic.on_notify() == ([], False)  # fired early (e.g. after a restart): still fresh, kept
     logic.state.base -= 31 * 86_400_000  # as if its only event were 31 days old
     assert logic.on_notify() == ([], True)
+
+
+def _make_recovery(directory: str, start: Any) -> None:
+    from flows.runner import recovery_config
+
+    start.wait(60)  # all processes reach recovery_config at the same moment, as a cluster's do
+    recovery_config(Path(directory), 4)
+
+
+def test_processes_starting_together_share_one_recovery_directory(tmp_path: Path) -> None:
+    """The processes of a cluster all create the recovery partitions on start: exactly one must."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        directory = tmp_path / f"r{attempt}"
+        start = ctx.Barrier(4)
+        procs = [ctx.Process(target=_make_recovery, args=(str(directory), start)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        assert sorted(f.name for f in directory.glob("part-*")) == [f"part-{i}.sqlite3" for i in range(4)]
