@@ -53,14 +53,18 @@ def redis_server_binary() -> Path:
 
 
 def redact(url: str) -> str:
-    """`url` with any password (userinfo or `?password=` query) replaced by `***`, for logs."""
+    """`url` with any password (userinfo or `?password=` query) replaced by `***`, for logs.
+
+    A userinfo without a colon (`redis://TOKEN@host`) is hidden whole: some clients and providers
+    put the password there, and a log cannot tell a user name from a token.
+    """
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
-        if parts.password is not None:
+        if "@" in netloc:
             userinfo, _, hostinfo = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostinfo}"
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{hostinfo}" if colon else f"***@{hostinfo}"
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)

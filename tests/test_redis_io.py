@@ -294,6 +294,8 @@ def test_malformed_alert_is_printed_not_fatal(redis_client: redis.Redis) -> None
         ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
         ("rediss://user:s3cret@host:6380/2", "rediss://user:***@host:6380/2"),
         ("redis://user:p@ss@host", "redis://user:***@host"),
+        ("redis://s3cret@host:6379", "redis://***@host:6379"),
+        ("rediss://user:@host", "rediss://user:***@host"),
         ("unix:///tmp/r.sock?db=0&password=s3cret", "unix:///tmp/r.sock?db=0&password=***"),
         ("redis://host:6379", "redis://host:6379"),
         ("unix:///tmp/r.sock", "unix:///tmp/r.sock"),
