@@ -135,7 +135,7 @@ def duplicate_txn(txn: Transaction) -> DeadLetter:
     return DeadLetter("txn", "duplicate_txn", f"transaction {txn.txn_id!r} was already seen", raw, txn.txn_id)
 
 
-@dataclass
+@dataclass(slots=True)
 class FeatureVector:
     """Batch-mode output: a transaction with its feature vector."""
 
@@ -160,7 +160,12 @@ class FeatureEngine:
         self.states: list[dict[str, EntityState]] = [{} for _ in pipeline.plans]
         self.watermark = -(2**62)
         self._until_sweep = EXPIRY_EVERY
-        self._plans = list(zip(pipeline.plans, self.states, strict=True))
+        # Per plan, pre-bound for the per-transaction loop: key function, states, observe, new state,
+        # and the values of a transaction without this entity.
+        self._plans = [
+            (p.key_of, states, p.observe, p.new_state, [NAN] * len(p.names))
+            for p, states in zip(pipeline.plans, self.states, strict=True)
+        ]
 
     def process(self, event: Transaction | Label | DeadLetter) -> FeatureVector | LabelEvent | DeadLetter:
         p = self.pipeline
@@ -184,18 +189,19 @@ class FeatureEngine:
         values = txn_features(event, p.feature_set.txn)
         late = False
         keys = []
-        for plan, states in self._plans:
-            key = plan.key_of(event)
+        for key_of, states, observe, new_state, absent in self._plans:
+            key = key_of(event)
             keys.append(key)
             if key is None:
-                values.extend([NAN] * len(plan.names))
+                values += absent
                 continue
             state = states.get(key)
             if state is None:
-                state = states[key] = plan.new_state()
-            part, part_late = plan.observe(state, event)
-            values.extend(part)
-            late = late or part_late
+                state = states[key] = new_state()
+            part, part_late = observe(state, event)
+            values += part
+            if part_late:
+                late = True
         if self.index_ttl_ms != 0:
             self.index[event.txn_id] = TxnEntry(t, tuple(keys))
         return FeatureVector(event, values, late)

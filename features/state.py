@@ -1,11 +1,17 @@
 """Per-key event-time state and the exact look-back aggregations over it.
 
-An `EntityState` keeps one key's events inside the retention horizon (longest window + label
-delay + allowed lateness), sorted by event time, in flat typed arrays: event times as 32-bit
-millisecond offsets from a per-key base, amounts as 32-bit integer cents (exactly the float that
-arrived; a key falls back to float64 the first time a value is not a whole number of cents),
-categorical values as 32-bit hashes. A card with 90 events in 30 days fits in under 1 KB, and the
-snapshot is a handful of byte buffers.
+An `EntityState` is one key's events inside the retention horizon (longest window + label delay +
+allowed lateness), sorted by event time, in ONE flat typed buffer (the state object is the array):
+
+    [base, t_0 .. t_{n-1}, c0_0 .. c0_{n-1}, c1_0 .. c1_{n-1}, ...]
+
+`base` is the key's time origin in minutes; event times are millisecond offsets from it, signed
+32-bit with a 2**31 bias (a 49.7-day span; plans that look back further use 64-bit 'q' buffers
+with no origin). Numeric columns are scaled integers that are exactly the float that arrived
+(amounts in cents, coordinates in 1e-7 degrees), categorical columns 32-bit hashes (0 = absent).
+A key whose value cannot be stored exactly (a non-cent amount, a NaN...) is widened for good: its
+events move to a float64 buffer of the same layout in the `wide` slot. A card with 90 events in 30
+days is one ~830-byte object; the snapshot is one bytes object.
 
 `EntityPlan.observe` inserts a transaction at its event-time position and computes each declared
 feature over (t - window, t], the transaction itself included, from the events that arrived before
@@ -22,7 +28,7 @@ import sys
 import zlib
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from operator import attrgetter
 from typing import Any
@@ -32,14 +38,24 @@ from features.spec import CATEGORICAL_AGGS, LABEL_AGGS, NUMERIC_AGGS, Entity, Wi
 
 NAN = float("nan")
 MINUTE_H = 1 / 60
-OFFSET_LIMIT = 2**32  # event-time offsets are unsigned 32-bit milliseconds (49.7 days)
-CENTS_LIMIT = 2**31
+MINUTE_MS = 60_000
+OFFSET_LIMIT = 2**32  # a 32-bit buffer spans 2**32 ms (49.7 days) of event time
+BIAS = 2**31  # offsets are stored signed: t - base - BIAS
+INT_LIMIT = 2**31
+MISSING = -(2**31)  # an absent coordinate in an integer column (never a valid scaled value)
 PREFIX_MIN = 128  # keys this long keep prefix sums: O(1) window sums for hot merchants
+SCALES = {"lat": 10**7, "lon": 10**7}  # integer units per 1.0; other numeric fields: cents
+GEO_FIELDS = ("lat", "lon")
 
 
 def stable_hash(value: str) -> int:
     """A non-zero 32-bit hash that is the same in every process (Python's `hash` is salted)."""
     return zlib.crc32(value.encode()) or 1
+
+
+def _signed(h: int) -> int:
+    """A 32-bit unsigned hash as the signed value stored in the buffer (0 stays 0 = absent)."""
+    return (h ^ 0x80000000) - 0x80000000
 
 
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -49,49 +65,63 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(a)))
 
 
-def _cents(v: float) -> int | None:
-    """`v` as integer cents when that is exact and fits 32 bits, else None."""
+def _scaled(v: float, scale: int) -> int | None:
+    """`v` as an integer number of 1/scale units when that is exact and fits 32 bits, else None."""
     if v != v or v in (math.inf, -math.inf):
         return None
-    c = round(v * 100)
-    return c if c / 100 == v and -CENTS_LIMIT < c < CENTS_LIMIT else None
+    c = round(v * scale)
+    return c if c / scale == v and -INT_LIMIT < c < INT_LIMIT else None
 
 
-class EntityState:
-    """Events of one key: `ts` offsets from `base`, one array per column, fraud labels.
+class EntityState(array):
+    """Events of one key in one flat buffer (see the module docstring for the layout).
 
-    `cols` holds numeric columns ('i' cents or 'd' floats) then categorical hashes ('I');
-    `prefix` (derived, not snapshotted) holds running sums of the summed numeric columns;
-    `labels` is None until the key's first fraud label: (transaction times, label times).
+    Slots: `wide` is None, or the float64 buffer that holds the events once the key was widened
+    (this buffer is then empty); `labels` is None until the key's first fraud label: (transaction
+    times, label times); `prefix` (derived, never snapshotted) maps a summed column to its
+    running sums.
     """
 
-    __slots__ = ("base", "cols", "labels", "prefix", "ts")
+    __slots__ = ("labels", "prefix", "wide")
 
-    def __init__(self, ts_code: str, col_codes: tuple[str, ...]) -> None:
-        self.base = 0
-        self.ts = array(ts_code)
-        self.cols: tuple[array[Any], ...] = tuple(array(c) for c in col_codes)
-        self.prefix: dict[int, array[int]] | None = None
-        self.labels: tuple[array[int], array[int]] | None = None
+    wide: array[float] | None
+    labels: tuple[array[int], array[int]] | None
+    prefix: dict[int, array[int]] | None
 
-    def __len__(self) -> int:
-        return len(self.ts)
+    def __new__(cls, typecode: str) -> EntityState:
+        self = super().__new__(cls, typecode)
+        self.wide = self.labels = self.prefix = None
+        return self
 
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (self.base, self.ts, self.cols, self.labels)
-
-    def __setstate__(self, s: tuple[Any, ...]) -> None:
-        self.base, self.ts, self.cols, self.labels = s
-        self.prefix = None
+    def data(self) -> array[Any]:
+        """The buffer that holds the events: this one, or the float64 one once widened."""
+        return self if self.wide is None else self.wide
 
     def snapshot(self) -> tuple[Any, ...]:
         """An immutable copy (Bytewax may pickle it after the state has changed again)."""
-        labels = None if self.labels is None else (self.labels[0][:], self.labels[1][:])
-        return (self.base, self.ts[:], tuple(c[:] for c in self.cols), labels)
+        d = self.data()
+        labels = None if self.labels is None else (self.labels[0].tobytes(), self.labels[1].tobytes())
+        return (self.typecode, d.typecode, d.tobytes(), labels)
 
-    @property
-    def max_ts(self) -> int:
-        return self.base + self.ts[-1] if self.ts else -(2**62)
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:  # array's own would drop the slots
+        return (restore_state, (self.snapshot(),))
+
+
+def restore_state(snap: tuple[Any, ...]) -> EntityState:
+    """The state `EntityState.snapshot` describes (prefix sums are rebuilt on the next event)."""
+    code, data_code, raw, labels = snap
+    s = EntityState(code)
+    if data_code == code:
+        s.frombytes(raw)
+    else:
+        s.wide = array(data_code)
+        s.wide.frombytes(raw)
+    if labels is not None:
+        txns, known = array("q"), array("q")
+        txns.frombytes(labels[0])
+        known.frombytes(labels[1])
+        s.labels = (txns, known)
+    return s
 
 
 class EntityPlan:
@@ -104,18 +134,25 @@ class EntityPlan:
         geo = any(f.agg in ("distance_km", "speed_kmh") for f in features)
         num = sorted(
             {f.field for f in features if f.agg in NUMERIC_AGGS and f.field}
-            | ({"lat", "lon"} if geo else set())
+            | (set(GEO_FIELDS) if geo else set())
         )
         cat = sorted({f.field for f in features if f.agg in CATEGORICAL_AGGS and f.field})
         self.num_fields, self.cat_fields = num, cat
         self.fields = [*num, *cat]
-        self.col_codes = tuple("d" if f in ("lat", "lon") else "i" for f in num) + ("I",) * len(cat)
+        self.width = 1 + len(self.fields)  # segments: event times, then one per column
+        self.scales = [SCALES.get(f, 100) for f in num]
+        # A column only the geo features read may hold MISSING; one a numeric aggregation reads may
+        # not (an absent value there widens the key to floats, where it is a NaN).
+        aggregated = {f.field for f in features if f.agg in NUMERIC_AGGS}
+        self.nullable = [f in GEO_FIELDS and f not in aggregated for f in num]
         self.summed = sorted({num.index(f.field) for f in features if f.agg in ("sum", "mean") and f.field})
         self.uses_labels = any(f.agg in LABEL_AGGS for f in features)
         self.lookback_ms = max(f.window_ms + f.delay_ms for f in features)
         self.retention_ms = self.lookback_ms + allowed_lateness_ms
         self.allowed_lateness_ms = allowed_lateness_ms
-        self.ts_code = "I" if self.retention_ms < OFFSET_LIMIT * 3 // 4 else "q"
+        # 32-bit offsets from a per-key origin when the retention fits comfortably in their span.
+        self.code = "i" if self.retention_ms < OFFSET_LIMIT * 3 // 4 else "q"
+        self.bias = BIAS if self.code == "i" else 0
         self.windows = sorted({f.window_ms for f in features if f.window_ms and not f.delay_ms})
         self._steps = [(f.agg, self._column(f), f.window_ms, f.delay_ms) for f in features]
         self._fast, self.observe = self._compile()  # type: ignore[method-assign]
@@ -126,7 +163,7 @@ class EntityPlan:
         self._lon = num.index("lon") if geo else -1
 
     def _column(self, f: WindowFeature) -> int:
-        """Index of the feature's source column in `EntityState.cols`, or -1."""
+        """Index of the feature's source column (0 = first after the event times), or -1."""
         if f.field is None:
             return -1
         return (
@@ -136,12 +173,10 @@ class EntityPlan:
         )
 
     def new_state(self) -> EntityState:
-        return EntityState(self.ts_code, self.col_codes)
+        return EntityState(self.code)
 
     def restore(self, snapshot: tuple[Any, ...]) -> EntityState:
-        state = self.new_state()
-        state.__setstate__(snapshot)
-        return state
+        return restore_state(snapshot)
 
     def key_of(self, txn: Transaction) -> str | None:
         """The state key of `txn` for this entity, or None when a key field is missing."""
@@ -153,9 +188,39 @@ class EntityPlan:
             return None
         return self._prefix + "|".join(parts)
 
+    # -- layout -----------------------------------------------------------------------------
+
+    def count(self, state: EntityState) -> int:
+        """Number of events the key holds."""
+        d = state.data()
+        return (len(d) - 1) // self.width if len(d) else 0
+
+    def _base(self, d: array[Any]) -> int:
+        return int(d[0]) * MINUTE_MS + self.bias
+
+    def event_times(self, state: EntityState) -> list[int]:
+        """The held events' times (epoch ms), oldest first."""
+        d, n = state.data(), self.count(state)
+        base = self._base(d) if n else 0
+        return [base + int(x) for x in d[1 : 1 + n]]
+
+    def column(self, state: EntityState, field: str) -> list[Any]:
+        """The held events' values of `field`, decoded (numbers as floats, categories as hashes)."""
+        d, n = state.data(), self.count(state)
+        j = self.fields.index(field)
+        if j < len(self.num_fields):
+            return self._numbers(d, n, j, 0, n)
+        o = 1 + (j + 1) * n
+        return [int(c) for c in d[o : o + n]]
+
+    def max_ts(self, state: EntityState) -> int:
+        d = state.data()
+        n = (len(d) - 1) // self.width if len(d) else 0
+        return self._base(d) + int(d[n]) if n else -(2**62)
+
     def expired(self, state: EntityState, now_ms: int) -> bool:
         """True once the key's newest event has left every window (the key can be dropped)."""
-        newest = state.max_ts
+        newest = self.max_ts(state)
         if state.labels is not None and state.labels[0]:
             newest = max(newest, state.labels[0][-1])
         return newest <= now_ms - self.retention_ms
@@ -166,37 +231,85 @@ class EntityPlan:
         """Add `txn` to `state`; return its feature values and whether it arrived too late to be exact.
 
         Replaced per instance by the compiled in-order append (see `_compile`), which falls back
-        here for anything else: first event, out of order, re-basing, a non-cent amount.
+        here for anything else: first event, out of order, re-basing, a value to widen.
         """
         return self._observe(state, txn)
 
-    def _observe(self, state: EntityState, txn: Transaction) -> tuple[list[float], bool]:
-        """The general insertion: any event time, any amount."""
+    def _observe(self, s: EntityState, txn: Transaction) -> tuple[list[float], bool]:
+        """The general insertion: any event time, any value."""
         t = txn.ts_ms
-        newest = state.max_ts
-        late = t < newest - self.allowed_lateness_ms
-        if not state.ts:
-            state.base = t - self.allowed_lateness_ms if self.ts_code == "I" else 0
-        elif t <= newest - self.retention_ms:  # older than everything kept: it can only see itself
-            return self._observe(self.new_state(), txn)[0], True
-        elif self.ts_code == "I" and t - state.base >= OFFSET_LIMIT:
-            self._rebase(state, t - self.retention_ms)  # what falls below the new base is evicted below
-        elif self.ts_code == "I" and t < state.base:
-            self._rebase(state, t)
-        rel = t - state.base
-        ts = state.ts
-        idx = bisect_right(ts, rel)
-        appended = idx == len(ts)
-        ts.insert(idx, rel)
-        for j, f in enumerate(self.fields):
-            self._insert(state, j, idx, getattr(txn, f))
-        if state.prefix is not None:
-            self._update_prefix(state, idx, appended)
-        elif len(ts) >= PREFIX_MIN and self.summed:
-            self._build_prefix(state)
-        values = self._fast(state, idx, rel)
-        self._evict(state)
+        d = s.data()
+        n = (len(d) - 1) // self.width if len(d) else 0
+        late = False
+        if not len(d):
+            d.append((t - self.allowed_lateness_ms) // MINUTE_MS if self.code == "i" else 0)
+        elif n:
+            newest = self._base(d) + int(d[n])
+            late = t < newest - self.allowed_lateness_ms
+            if t <= newest - self.retention_ms:  # older than everything kept: it can only see itself
+                return self._observe(self.new_state(), txn)[0], True
+        if d is s and self.code == "i":
+            rel = t - self._base(s)
+            if rel >= INT_LIMIT:  # past the span: what falls below the new origin is evicted below
+                self._rebase(s, n, (t - self.retention_ms) // MINUTE_MS)
+            elif rel < -INT_LIMIT:
+                self._rebase(s, n, t // MINUTE_MS)
+        row: Sequence[float] | None = self._encode(txn) if d is s else None
+        if row is None:
+            if d is s:
+                d = self._widen(s, n)
+            row = self._encode_wide(txn)
+        rel = t - self._base(d)
+        with memoryview(d) as view:
+            idx = bisect_right(view, rel, 1, 1 + n) - 1
+        for seg in range(self.width - 1, 0, -1):
+            d.insert(1 + seg * n + idx, row[seg - 1])
+        d.insert(1 + idx, rel)
+        n += 1
+        if d is s and self.summed:
+            if s.prefix is not None:
+                self._update_prefix(s, n, idx)
+            elif n >= PREFIX_MIN:
+                self._build_prefix(s, n)
+        values = self._fast(s, n, idx, rel) if d is s else self._compute(d, n, s, idx, rel)
+        self._evict(s, d, n)
         return values, late
+
+    def _encode(self, txn: Transaction) -> list[int] | None:
+        """The integer columns of `txn`, or None when a value cannot be stored exactly."""
+        row: list[int] = []
+        for j, f in enumerate(self.num_fields):
+            v = getattr(txn, f)
+            if v is None and self.nullable[j]:
+                row.append(MISSING)
+                continue
+            c = None if v is None else _scaled(float(v), self.scales[j])
+            if c is None:
+                return None
+            row.append(c)
+        for f in self.cat_fields:
+            v = getattr(txn, f)
+            row.append(0 if v is None else _signed(stable_hash(v)))
+        return row
+
+    def _encode_wide(self, txn: Transaction) -> list[float]:
+        row = [NAN if (v := getattr(txn, f)) is None else float(v) for f in self.num_fields]
+        for f in self.cat_fields:
+            v = getattr(txn, f)
+            row.append(0.0 if v is None else float(_signed(stable_hash(v))))
+        return row
+
+    def _widen(self, s: EntityState, n: int) -> array[float]:
+        """Move the key's events to a float64 buffer of the same layout, for good."""
+        w = array("d", [float(s[0])] if len(s) else [0.0])
+        w.extend(float(x) for x in s[1 : 1 + n])
+        for j in range(len(self.num_fields)):
+            w.extend(self._numbers(s, n, j, 0, n))
+        o = 1 + (1 + len(self.num_fields)) * n
+        w.extend(float(x) for x in s[o : o + len(self.cat_fields) * n])
+        del s[:]
+        s.wide, s.prefix = w, None
+        return w
 
     def observe_label(self, state: EntityState, txn_ts: int, label_ts: int) -> None:
         """Record a fraud label (known from `label_ts`) on a transaction of this key at `txn_ts`."""
@@ -209,126 +322,157 @@ class EntityPlan:
         txns.insert(i, txn_ts)
         known.insert(i, label_ts)
 
-    def _insert(self, state: EntityState, j: int, idx: int, value: Any) -> None:
-        col: array[Any] = state.cols[j]
-        code = col.typecode
-        if code == "I":
-            col.insert(idx, 0 if value is None else stable_hash(value))
-        elif code == "d":
-            col.insert(idx, NAN if value is None else float(value))
-        else:
-            c = None if value is None else _cents(float(value))
-            if c is None:  # not whole cents: this key's column becomes float64 for good
-                col = array("d", (x / 100 for x in col))
-                state.cols = (*state.cols[:j], col, *state.cols[j + 1 :])
-                if state.prefix is not None:
-                    state.prefix.pop(j, None)
-                col.insert(idx, NAN if value is None else float(value))
-            else:
-                col.insert(idx, c)
-
-    def _build_prefix(self, state: EntityState) -> None:
-        state.prefix = {
-            j: array("q", accumulate(state.cols[j], initial=0))
-            for j in self.summed
-            if state.cols[j].typecode == "i"
+    def _build_prefix(self, s: EntityState, n: int) -> None:
+        s.prefix = {
+            j: array("q", accumulate(s[1 + (j + 1) * n : 1 + (j + 2) * n], initial=0)) for j in self.summed
         }
 
-    def _update_prefix(self, state: EntityState, idx: int, appended: bool) -> None:
-        assert state.prefix is not None
-        for j, p in state.prefix.items():
-            col = state.cols[j]
-            if appended:
-                p.append(p[-1] + col[idx])
+    def _update_prefix(self, s: EntityState, n: int, idx: int) -> None:
+        assert s.prefix is not None
+        for j, p in s.prefix.items():
+            o = 1 + (j + 1) * n
+            if idx == n - 1:
+                p.append(p[-1] + s[o + idx])
             else:  # out of order: recompute the running sums after the insertion point
                 del p[idx + 1 :]
-                sums = accumulate(col[idx:], initial=p[idx])
+                sums = accumulate(s[o + idx : o + n], initial=p[idx])
                 next(sums)
                 p.extend(sums)
 
-    def _rebase(self, state: EntityState, new_base: int) -> None:
-        shift = state.base - new_base
-        state.ts = array("I", (max(0, x + shift) for x in state.ts))
-        state.base = new_base
+    def _rebase(self, s: EntityState, n: int, new_base: int) -> None:
+        """Move the key's origin to minute `new_base`; offsets that fall below it are clamped (and
+        evicted right after the insertion, being older than the retention)."""
+        shift = (int(s[0]) - new_base) * MINUTE_MS
+        lo, hi = -INT_LIMIT, INT_LIMIT - 1
+        s[1 : 1 + n] = array(s.typecode, (min(hi, max(lo, x + shift)) for x in s[1 : 1 + n]))
+        s[0] = new_base
 
-    def _evict(self, state: EntityState) -> None:
-        horizon = state.max_ts - self.retention_ms
-        n = bisect_right(state.ts, horizon - state.base)
-        if n:
-            del state.ts[:n]
-            for col in state.cols:
-                del col[:n]
-            if state.prefix is not None:
-                for p in state.prefix.values():
-                    del p[:n]
-        if state.labels is not None:
-            m = bisect_right(state.labels[0], horizon)
+    def _evict(self, s: EntityState, d: array[Any], n: int) -> None:
+        horizon = d[n] - self.retention_ms
+        with memoryview(d) as view:
+            k = bisect_right(view, horizon, 1, 1 + n) - 1
+        if k:
+            for seg in range(self.width - 1, -1, -1):
+                del d[1 + seg * n : 1 + seg * n + k]
+            if s.prefix is not None:
+                for p in s.prefix.values():
+                    del p[:k]
+        if s.labels is not None:
+            m = bisect_right(s.labels[0], self._base(d) + horizon)
             if m:
-                del state.labels[0][:m]
-                del state.labels[1][:m]
+                del s.labels[0][:m]
+                del s.labels[1][:m]
 
     # -- features ---------------------------------------------------------------------------
 
-    def _compute(self, s: EntityState, idx: int, rel: int) -> list[float]:
+    def _numbers(self, d: array[Any], n: int, j: int, start: int, end: int) -> list[float]:
+        """Numeric column `j`, events [start, end), as floats (NaN where absent)."""
+        o = 1 + (j + 1) * n
+        if d.typecode == "d":
+            return list(d[o + start : o + end])
+        scale = self.scales[j]
+        return [NAN if c == MISSING else c / scale for c in d[o + start : o + end]]
+
+    def _compute(self, d: array[Any], n: int, s: EntityState, idx: int, rel: int) -> list[float]:
         """The reference implementation, feature by feature (the compiled one is `_fast`)."""
-        ts = s.ts
-        starts = {w: bisect_right(ts, rel - w, 0, idx) for w in self.windows}
-        return [self._feature(s, idx, rel, starts.get(w, 0), agg, j, w, d) for agg, j, w, d in self._steps]
+        with memoryview(d) as view:
+            starts = {w: bisect_right(view, rel - w, 1, 1 + idx) - 1 for w in self.windows}
+        return [
+            self._feature(d, n, s, idx, rel, starts.get(w, 0), agg, j, w, delay)
+            for agg, j, w, delay in self._steps
+        ]
 
     def _feature(
-        self, s: EntityState, idx: int, rel: int, start: int, agg: str, j: int, w: int, delay: int
-    ) -> float:
-        """One feature of the event at `idx`; `start` is the first index of its window."""
-        ts, cols = s.ts, s.cols
-        end = idx + 1  # the window slice [start, end) ends with this transaction
+        self, d: array[Any], n: int, s: EntityState, idx: int, rel: int, start: int, agg: str, j: int, w: int,
+        delay: int,
+    ) -> float:  # fmt: skip
+        """One feature of the event at `idx` of buffer `d` (`n` events); `start` is the first index
+        of its window."""
+        end = idx + 1  # the window [start, end) ends with this transaction
+        o = 1 + (j + 1) * n
         if agg == "count":
             return float(end - start)
         if agg in ("sum", "mean"):
-            col = cols[j]
-            p = s.prefix.get(j) if s.prefix is not None else None
-            if p is not None:
-                total = (p[end] - p[start]) / 100
-            elif col.typecode == "i":
-                total = sum(col[start:end]) / 100
-            else:
-                vals = [v for v in col[start:end] if v == v]
-                if not vals:
-                    return NAN
-                return float(sum(vals)) if agg == "sum" else sum(vals) / len(vals)
-            return total if agg == "sum" else total / (end - start)
+            if d.typecode != "d":
+                p = s.prefix.get(j) if s.prefix is not None else None
+                total = (p[end] - p[start] if p is not None else sum(d[o + start : o + end])) / self.scales[j]
+                return total if agg == "sum" else total / (end - start)
+            vals = [v for v in d[o + start : o + end] if v == v]
+            if not vals:
+                return NAN
+            return float(sum(vals)) if agg == "sum" else sum(vals) / len(vals)
         if agg in NUMERIC_AGGS:
-            col = cols[j]
-            window = list(col[start:end]) if col.typecode == "d" else [c / 100 for c in col[start:end]]
+            window = self._numbers(d, n, j, start, end)
             return _numeric(agg, [v for v in window if v == v], window[-1])
         if agg == "distinct":
-            return float(len({c for c in cols[j][start:end] if c}))
+            return float(len({c for c in d[o + start : o + end] if c}))
         if agg == "is_new":
-            c = cols[j][idx]
-            return NAN if not c else float(c not in cols[j][start:idx])
-        if agg == "time_since_last":
-            return (rel - ts[idx - 1]) / 1000.0 if idx and ts[idx - 1] > rel - self.lookback_ms else NAN
+            c = d[o + idx]
+            return NAN if not c else float(c not in d[o + start : o + idx])
+        if agg == "time_since_last":  # the previous event is at position idx (times start at 1)
+            return (rel - d[idx]) / 1000.0 if idx and d[idx] > rel - self.lookback_ms else NAN
         if agg in ("distance_km", "speed_kmh"):
-            return self._geo(s, idx, rel, agg)
-        return _label_feature(s, agg, s.base + rel, w, delay)
+            return self._geo(d, n, idx, rel, agg)
+        return self._label_feature(d, n, s, agg, self._base(d) + rel, w, delay)
+
+    def _geo(self, d: array[Any], n: int, idx: int, rel: int, agg: str) -> float:
+        lats = self._numbers(d, n, self._lat, 0, idx + 1)
+        lons = self._numbers(d, n, self._lon, 0, idx + 1)
+        lat, lon = lats[idx], lons[idx]
+        if lat != lat:
+            return NAN
+        oldest = rel - self.lookback_ms
+        for i in range(idx - 1, -1, -1):
+            ti = d[1 + i]
+            if ti <= oldest:
+                break
+            if lats[i] == lats[i]:
+                km = haversine_km(lats[i], lons[i], lat, lon)
+                if agg == "distance_km":
+                    return km
+                return km / max((rel - ti) / 3_600_000, MINUTE_H)
+        return NAN
+
+    def _label_feature(
+        self, d: array[Any], n: int, s: EntityState, agg: str, t: int, w: int, delay: int
+    ) -> float:
+        """Fraud labels known by t on this key's transactions in (t - delay - w, t - delay]."""
+        hi, lo = t - delay, t - delay - w
+        frauds = 0
+        if s.labels is not None:
+            txns, known = s.labels
+            frauds = sum(1 for i in range(bisect_right(txns, lo), bisect_right(txns, hi)) if known[i] <= t)
+        if agg == "label_count":
+            return float(frauds)
+        base = self._base(d)
+        with memoryview(d) as view:
+            count = bisect_right(view, hi - base, 1, 1 + n) - bisect_right(view, lo - base, 1, 1 + n)
+        return frauds / count if count else NAN
 
     def _compile(self) -> tuple[Any, Any]:
-        """Straight-line Python for this plan: `fast(s, idx, rel)` computes the features of the
-        event at `idx`; `append(s, txn)` is the whole in-order hot path (append, features, evict).
+        """Straight-line Python for this plan's integer buffers: `fast(s, n, idx, rel)` computes the
+        features of the event at `idx`; `append(s, txn)` is the whole in-order hot path (append,
+        features, evict).
 
-        Counts, sums, means, max/min over cent columns and time since last are inlined; other
-        aggregations call `_feature`. A key whose amounts fell back to float64 takes `_compute`,
-        and anything but an in-order append of whole cents takes `_observe`.
+        Counts, sums, means, max/min over scaled-integer columns and time since last are inlined;
+        other aggregations call `_feature`. A widened key takes `_compute`, and anything but an
+        in-order append of exactly storable values takes `_observe`.
         """
-        steps, codes = self._steps, self.col_codes
-        cents = sorted({j for agg, j, _, _ in steps if agg in NUMERIC_AGGS and codes[j] == "i"})
+        steps, width = self._steps, self.width
+        ints = {j for j in range(len(self.num_fields)) if not self.nullable[j]}
         summed = sorted({j for agg, j, _, _ in steps if agg in ("sum", "mean")})
-        body = ["    end = idx + 1", "    pre = s.prefix"]
-        body += [f"    st{w} = bisect_right(ts, rel - {w}, 0, idx)" for w in self.windows]
+        # Binary searches go through a memoryview: on an array subclass `bisect` pays a Python-level
+        # __getitem__ per probe (3x slower); the view is released before the buffer is resized.
+        body = ["    end = idx + 1", "    pre = s.prefix", "    m = memoryview(s)"]
+        body += [f"    st{w} = bisect_right(m, rel - {w}, 1, end) - 1" for w in self.windows]
+        used = sorted({j for agg, j, _, _ in steps if j >= 0})
+        body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
         for j in summed:
-            body += [f"    c{j} = cols[{j}]", f"    p{j} = pre.get({j}) if pre is not None else None"]
+            body.append(f"    p{j} = pre.get({j}) if pre is not None else None")
         for j, w in sorted({(j, w) for agg, j, w, _ in steps if agg in ("sum", "mean")}):
             body.append(
-                f"    t{j}_{w} = (p{j}[end] - p{j}[st{w}] if p{j} is not None else sum(c{j}[st{w}:end])) / 100"
+                f"    t{j}_{w} = (p{j}[end] - p{j}[st{w}] if p{j} is not None"
+                f" else sum(s[o{j} + st{w}:o{j} + end])) / {self.scales[j]}"
             )
         exprs = []
         for k, (agg, j, w, _) in enumerate(steps):
@@ -338,76 +482,89 @@ class EntityPlan:
                 exprs.append(f"t{j}_{w}")
             elif agg == "mean":
                 exprs.append(f"t{j}_{w} / (end - st{w})")
-            elif agg in ("max", "min") and j in cents:
-                exprs.append(f"{agg}(cols[{j}][st{w}:end]) / 100")
+            elif agg in ("max", "min") and j in ints:
+                exprs.append(f"{agg}(s[o{j} + st{w}:o{j} + end]) / {self.scales[j]}")
             elif agg == "time_since_last":
                 exprs.append(
-                    f"((rel - ts[idx - 1]) / 1000.0 if idx and ts[idx - 1] > rel - {self.lookback_ms} else NAN)"
+                    f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {self.lookback_ms} else NAN)"
                 )
             else:
                 start = f"st{w}" if w in self.windows else "0"
-                exprs.append(f"feature(s, idx, rel, {start}, *steps[{k}])")
+                exprs.append(f"feature(s, n, s, idx, rel, {start}, *steps[{k}])")
         values = "[" + ", ".join(exprs) + "]"
+        fast = [
+            "def fast(s, n, idx, rel):",
+            *body,
+            f"    out = {values}",
+            "    m.release()",
+            "    return out",
+        ]
 
-        fast = ["def fast(s, idx, rel):", "    cols = s.cols", "    ts = s.ts"]
-        fast += [f"    if cols[{j}].typecode != 'i': return slow(s, idx, rel)" for j in cents]
-        fast += [*body, f"    return {values}"]
-
-        append = ["def append(s, txn):", "    ts = s.ts", "    if not ts: return general(s, txn)"]
-        append += ["    rel = txn.ts_ms - s.base", "    if rel < ts[-1]: return general(s, txn)"]
-        if self.ts_code == "I":
-            append.append(f"    if rel >= {OFFSET_LIMIT}: return general(s, txn)")
-        append.append("    cols = s.cols")
-        for j, (field, code) in enumerate(zip(self.fields, codes, strict=True)):
+        append = [
+            "def append(s, txn):",
+            "    size = len(s)",
+            "    if size < 2: return general(s, txn)",  # a new or widened key
+            f"    n = (size - 1) // {width}",
+            f"    rel = txn.ts_ms - s[0] * {MINUTE_MS} - {self.bias}",
+            "    if rel < s[n]: return general(s, txn)",
+        ]
+        if self.code == "i":
+            append.append(f"    if rel >= {INT_LIMIT}: return general(s, txn)")
+        for j, field in enumerate(self.fields):
             append.append(f"    v{j} = txn.{field}")
-            if code == "i":
+            if j < len(self.num_fields):
+                scale = self.scales[j]
+                missing = f"a{j} = {MISSING}" if self.nullable[j] else "return general(s, txn)"
                 append += [
-                    f"    if v{j} is None or cols[{j}].typecode != 'i': return general(s, txn)",
-                    f"    a{j} = round(v{j} * 100)",
-                    f"    if a{j} / 100 != v{j} or not -{CENTS_LIMIT} < a{j} < {CENTS_LIMIT}: return general(s, txn)",
+                    f"    if v{j} is None: {missing}",
+                    "    else:",
+                    f"        a{j} = round(v{j} * {scale})",
+                    f"        if a{j} / {scale} != v{j} or not -{INT_LIMIT} < a{j} < {INT_LIMIT}:"
+                    " return general(s, txn)",
                 ]
-            elif code == "I":
-                append.append(f"    a{j} = 0 if v{j} is None else (crc32(v{j}.encode()) or 1)")
             else:
-                append.append(f"    a{j} = NAN if v{j} is None else float(v{j})")
-        append.append("    ts.append(rel)")
-        append += [f"    cols[{j}].append(a{j})" for j in range(len(codes))]
-        append.append("    idx = len(ts) - 1")
+                append.append(
+                    f"    a{j} = 0 if v{j} is None else ((crc32(v{j}.encode()) or 1) ^ {BIAS}) - {BIAS}"
+                )
+        # Insert each column's value at the end of its segment, last segment first.
+        cols = len(self.fields)
+        for j in range(cols - 1, -1, -1):
+            append.append(f"    s.append(a{j})" if j == cols - 1 else f"    s.insert(1 + {j + 2} * n, a{j})")
+        append.append("    s.insert(1 + n, rel)")
+        append += ["    idx = n", "    n += 1"]
         if summed:
             append.append("    if s.prefix is not None:")
             append += [
                 f"        q = s.prefix.get({j})\n        if q is not None: q.append(q[-1] + a{j})"
                 for j in summed
             ]
-            append.append("    elif idx + 1 >= module.PREFIX_MIN: build_prefix(s)")
+            append.append("    elif n >= module.PREFIX_MIN: build_prefix(s, n)")
         append += [*body, f"    out = {values}"]
-        append.append(f"    if ts[0] <= rel - {self.retention_ms} or s.labels is not None: evict(s)")
-        append.append("    return out, False")
+        # Eviction inline: in an in-order append the newest event is this one, at position n.
+        R = self.retention_ms
+        append += [
+            "    if s.labels is not None:",
+            "        m.release()",
+            "        evict(s, s, n)",
+            f"    elif s[1] <= rel - {R}:",
+            f"        k = bisect_right(m, rel - {R}, 1, n) - 1",
+            "        m.release()",
+            *[f"        del s[1 + {seg} * n:1 + {seg} * n + k]" for seg in range(width - 1, -1, -1)],
+            "        if s.prefix is not None:",
+            "            for q in s.prefix.values(): del q[:k]",
+            "    else:",
+            "        m.release()",
+            "    return out, False",
+        ]
 
         scope: dict[str, Any] = {
             "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32, "module": sys.modules[__name__],
-            "slow": self._compute, "feature": self._feature, "steps": steps, "general": self._observe,
+            "feature": self._feature, "steps": steps, "general": self._observe,
             "build_prefix": self._build_prefix, "evict": self._evict,
         }  # fmt: skip
         exec("\n".join(fast), scope)
         exec("\n".join(append), scope)
         return scope["fast"], scope["append"]
-
-    def _geo(self, s: EntityState, idx: int, rel: int, agg: str) -> float:
-        lats, lons, ts = s.cols[self._lat], s.cols[self._lon], s.ts
-        lat, lon = lats[idx], lons[idx]
-        if lat != lat:
-            return NAN
-        oldest = rel - self.lookback_ms
-        for i in range(idx - 1, -1, -1):
-            if ts[i] <= oldest:
-                break
-            if lats[i] == lats[i]:
-                km = haversine_km(lats[i], lons[i], lat, lon)
-                if agg == "distance_km":
-                    return km
-                return km / max((rel - ts[i]) / 3_600_000, MINUTE_H)
-        return NAN
 
 
 def _numeric(agg: str, vals: list[float], current: float) -> float:
@@ -425,16 +582,3 @@ def _numeric(agg: str, vals: list[float], current: float) -> float:
     if agg == "std":
         return std
     return (current - mean) / std if std > 0 else NAN  # zscore
-
-
-def _label_feature(s: EntityState, agg: str, t: int, w: int, delay: int) -> float:
-    """Fraud labels known by t on this key's transactions in (t - delay - w, t - delay]."""
-    hi, lo = t - delay, t - delay - w
-    frauds = 0
-    if s.labels is not None:
-        txns, known = s.labels
-        frauds = sum(1 for i in range(bisect_right(txns, lo), bisect_right(txns, hi)) if known[i] <= t)
-    if agg == "label_count":
-        return float(frauds)
-    n = bisect_right(s.ts, hi - s.base) - bisect_right(s.ts, lo - s.base)
-    return frauds / n if n else NAN

@@ -244,15 +244,38 @@ def test_state_is_evicted_and_pickles_compactly() -> None:
         engine.process(
             Transaction(f"t{i}", T0 + i * 8 * 3_600_000, "c1", f"m{i % 7}", 10.0 + i, device_id="d1")
         )
+    plan = pipeline.plans[0]
     state = engine.states[0]["card:c1"]
-    span = state.ts[-1] - state.ts[0]
-    assert span <= pipeline.plans[0].retention_ms and len(state) >= 89
+    times = plan.event_times(state)
+    assert times == [T0 + i * 8 * 3_600_000 for i in range(200 - len(times), 200)]
+    assert times[-1] - times[0] <= plan.retention_ms and plan.count(state) >= 89
+    assert plan.column(state, "amount") == [10.0 + i for i in range(200 - len(times), 200)]
+    assert state.wide is None  # whole cents: one 32-bit buffer, never widened
     clone = pickle.loads(pickle.dumps(state))
-    assert pickle.dumps(clone) == pickle.dumps(state)
-    assert [c.tobytes() for c in clone.cols] == [c.tobytes() for c in state.cols] and clone.base == state.base
-    restored = pipeline.plans[0].restore(state.snapshot())
+    assert pickle.dumps(clone) == pickle.dumps(state) and clone.tobytes() == state.tobytes()
+    assert plan.event_times(clone) == times and plan.column(clone, "merchant_id") == plan.column(
+        state, "merchant_id"
+    )
+    restored = plan.restore(state.snapshot())
     assert pickle.dumps(restored) == pickle.dumps(state)
-    assert len(pickle.dumps(state)) < 40 * len(state)  # flat buffers, not Python objects per event
+    # 7 columns of 4 bytes plus the time: flat buffers, not Python objects per event
+    assert len(pickle.dumps(state)) < 4 * plan.width * plan.count(state) + 200
+
+
+def test_widened_key_keeps_its_values_and_survives_a_snapshot() -> None:
+    """A non-cent amount moves the key to float64 for good, with earlier events converted exactly."""
+    pipeline = Pipeline(FEATURES, LATENESS_MS)
+    plan = pipeline.plans[0]
+    engine = FeatureEngine(pipeline)
+    amounts = [10.0, 20.5, 1 / 3, 7.25]
+    for i, a in enumerate(amounts):
+        engine.process(Transaction(f"t{i}", T0 + i * 60_000, "c1", "m1", a, lat=41.3874, lon=2.1686))
+    state = engine.states[0]["card:c1"]
+    assert state.wide is not None and len(state) == 0
+    assert plan.column(state, "amount") == amounts and plan.column(state, "lat") == [41.3874] * 4
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.wide is not None and plan.column(restored, "amount") == amounts
+    assert plan.event_times(restored) == [T0 + i * 60_000 for i in range(4)]
 
 
 def test_declarations_are_validated_with_clear_errors() -> None:
