@@ -117,11 +117,21 @@ def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent 
     raw = label.raw or encode(label).decode()
     if entry is None:
         return DeadLetter(
-            "label", "unknown_txn", f"no transaction {txn_id!r} seen (or it expired)", raw, txn_id
+            "label",
+            "unknown_txn",
+            f"no transaction {txn_id!r} seen (or it expired)",
+            raw,
+            txn_id,
+            label.origin,
         )
     if entry.labelled:
         return DeadLetter(
-            "label", "duplicate_label", f"transaction {txn_id!r} is already labelled", raw, txn_id
+            "label",
+            "duplicate_label",
+            f"transaction {txn_id!r} is already labelled",
+            raw,
+            txn_id,
+            label.origin,
         )
     entry.labelled = True
     return LabelEvent(
@@ -132,7 +142,8 @@ def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent 
 def duplicate_txn(txn: Transaction) -> DeadLetter:
     """The second arrival of a transaction id: scored once, the copy dead-lettered as received."""
     raw = txn.raw or encode(txn).decode()
-    return DeadLetter("txn", "duplicate_txn", f"transaction {txn.txn_id!r} was already seen", raw, txn.txn_id)
+    detail = f"transaction {txn.txn_id!r} was already seen"
+    return DeadLetter("txn", "duplicate_txn", detail, raw, txn.txn_id, txn.origin)
 
 
 @dataclass(slots=True)

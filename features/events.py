@@ -72,6 +72,7 @@ class Transaction(msgspec.Struct, frozen=True, gc=False):
     received_ns: int = 0
     seq: int = 0
     raw: str = ""
+    origin: str = ""  # where the record was read (stream entry, file line): its identity in dead letters
 
 
 class Label(msgspec.Struct, frozen=True, gc=False):
@@ -83,16 +84,19 @@ class Label(msgspec.Struct, frozen=True, gc=False):
     received_ns: int = 0
     seq: int = 0
     raw: str = ""
+    origin: str = ""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, gc=False):
-    """A record that could not be used, with why. `raw` is the payload exactly as received."""
+    """A record that could not be used, with why. `raw` is the payload exactly as received;
+    `origin` where it was read (`<stream>#<entry id>`, `<file>:<line>`), empty when unknown."""
 
     kind: str
     reason: str
     detail: str
     raw: str
     txn_id: str | None = None
+    origin: str = ""
 
 
 Kind = Literal["txn", "label"]
@@ -132,7 +136,9 @@ def _text(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
 
 
-def decode_transaction(raw: bytes | str, received_ns: int = 0, seq: int = 0) -> Transaction | DeadLetter:
+def decode_transaction(
+    raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
+) -> Transaction | DeadLetter:
     try:
         w = _txn_decoder.decode(raw)
         if not (math.isfinite(w.amount) and w.amount >= 0):
@@ -144,28 +150,31 @@ def decode_transaction(raw: bytes | str, received_ns: int = 0, seq: int = 0) -> 
         return Transaction(
             w.txn_id, to_epoch_ms(w.ts), w.card_id, w.merchant_id, w.amount, w.currency, w.mcc,
             w.country, w.channel, w.device_id or None, w.ip or None, w.lat, w.lon, received_ns, seq, _text(raw),
+            origin,
         )  # fmt: skip
     except msgspec.ValidationError as e:
-        return DeadLetter("txn", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw))
+        return DeadLetter("txn", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw), origin)
     except msgspec.DecodeError as e:
-        return DeadLetter("txn", "bad_json", str(e), _text(raw))
+        return DeadLetter("txn", "bad_json", str(e), _text(raw), None, origin)
     except _Invalid as e:
-        return DeadLetter("txn", e.reason, e.detail, _text(raw), _txn_id_of(raw))
+        return DeadLetter("txn", e.reason, e.detail, _text(raw), _txn_id_of(raw), origin)
 
 
-def decode_label(raw: bytes | str, received_ns: int = 0, seq: int = 0) -> Label | DeadLetter:
+def decode_label(
+    raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
+) -> Label | DeadLetter:
     try:
         w = _label_decoder.decode(raw)
-        return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns, seq, _text(raw))
+        return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns, seq, _text(raw), origin)
     except msgspec.ValidationError as e:
-        return DeadLetter("label", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw))
+        return DeadLetter("label", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw), origin)
     except msgspec.DecodeError as e:
-        return DeadLetter("label", "bad_json", str(e), _text(raw))
+        return DeadLetter("label", "bad_json", str(e), _text(raw), None, origin)
     except _Invalid as e:
-        return DeadLetter("label", e.reason, e.detail, _text(raw), _txn_id_of(raw))
+        return DeadLetter("label", e.reason, e.detail, _text(raw), _txn_id_of(raw), origin)
 
 
-def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0) -> Decoded:
+def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = "") -> Decoded:
     """Decode one record of `kind` ("txn" or "label"); never raises.
 
     `received_ns` (wall clock at arrival) measures latency; `seq` (arrival order) lets keyed steps
@@ -173,10 +182,12 @@ def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0) -> D
     record refused later (duplicate, unknown transaction) is dead-lettered exactly as received.
     """
     if kind == "txn":
-        return decode_transaction(raw, received_ns, seq)
+        return decode_transaction(raw, received_ns, seq, origin)
     if kind == "label":
-        return decode_label(raw, received_ns, seq)
-    return DeadLetter(str(kind)[:32], "unknown_kind", f"unknown record kind {kind!r}", _text(raw))
+        return decode_label(raw, received_ns, seq, origin)
+    return DeadLetter(
+        str(kind)[:32], "unknown_kind", f"unknown record kind {kind!r}", _text(raw), None, origin
+    )
 
 
 class _HasTxnId(msgspec.Struct):
@@ -200,7 +211,7 @@ _encoder = msgspec.json.Encoder()
 def encode(event: Transaction | Label) -> bytes:
     """Wire JSON of an event (ts as epoch ms), the inverse of `decode` up to arrival metadata."""
     d = msgspec.structs.asdict(event)
-    for meta in ("received_ns", "seq", "raw"):
+    for meta in ("received_ns", "seq", "raw", "origin"):
         d.pop(meta)
     d["ts"] = d.pop("ts_ms")
     return _encoder.encode({k: v for k, v in d.items() if v is not None})

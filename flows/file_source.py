@@ -14,7 +14,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.replay import merged_records
 
-Record = tuple[str, str]  # (kind, raw JSON line)
+Record = tuple[str, str, str]  # (kind, raw JSON line, origin "<file>:<line>")
 
 
 class _ReplayPartition(StatefulSourcePartition[Record, tuple[int, int]]):
@@ -23,12 +23,13 @@ class _ReplayPartition(StatefulSourcePartition[Record, tuple[int, int]]):
     ) -> None:
         self._pos = list(resume or (0, 0))
         self._records = merged_records(txns, labels, (self._pos[0], self._pos[1]))
+        self._names = {"txn": txns.name, "label": labels.name if labels is not None else ""}
         self._batch_size = batch_size
 
     def next_batch(self) -> list[Record]:
         batch = []
         for kind, line, n in islice(self._records, self._batch_size):
-            batch.append((kind, line))
+            batch.append((kind, line, f"{self._names[kind]}:{n + 1}"))
             self._pos[kind == "label"] = n + 1
         if not batch:
             raise StopIteration

@@ -120,24 +120,28 @@ def late_entry(d: Decision, *, card_ref: Callable[[str], str] = identity) -> dic
     }
 
 
-def dead_letter_id(kind: str, reason: str, raw: str) -> str:
+def dead_letter_id(kind: str, reason: str, raw: str, origin: str = "") -> str:
     """Identity of a dead letter: a replayed one gets the same id, so the sink can skip it.
 
-    The parts are joined with NUL, which neither `kind` nor `reason` contains, so that no two
-    different (kind, reason, raw) triples share the hashed text.
+    With an origin (stream entry id, file line) the same bad payload sent twice is two dead
+    letters, and only a replay of the same record after a restart is skipped. Without one (a
+    source that cannot say where a record came from) identical payloads share an id. The parts are
+    joined with NUL, which none of them but `raw` contains, so that no two different tuples share
+    the hashed text.
     """
-    return hashlib.sha256(f"{kind}\0{reason}\0{raw}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{kind}\0{reason}\0{origin}\0{raw}".encode()).hexdigest()[:32]
 
 
 def dlq_entry(d: DeadLetter) -> dict[str, str]:
     """The `fraud:dlq` stream entry: the raw payload, untouched, why it was refused, and its id."""
     return {
-        "id": dead_letter_id(d.kind, d.reason, d.raw),
+        "id": dead_letter_id(d.kind, d.reason, d.raw, d.origin),
         "kind": d.kind,
         "reason": d.reason,
         "detail": d.detail[:1000],
         "raw": d.raw,
         "txn_id": d.txn_id or "",
+        "origin": d.origin,
         "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
     }
 

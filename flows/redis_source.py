@@ -34,7 +34,7 @@ from fraud.replay import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
 
 logger = logging.getLogger(__name__)
 
-Record = tuple[str, str]  # (kind, raw JSON payload)
+Record = tuple[str, str, str]  # (kind, raw JSON payload, origin "<stream>#<entry id>")
 KINDS = frozenset({"txn", "label"})
 UNKNOWN = "unknown"
 INITIAL_BACKOFF_S = 0.1
@@ -51,13 +51,14 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-def to_record(fields: dict[Any, Any] | None) -> Record:
-    """The `(kind, payload)` of one stream entry; anything unusable becomes an "unknown" record."""
+def to_record(fields: dict[Any, Any] | None, origin: str = "") -> Record:
+    """The `(kind, payload, origin)` of one stream entry; anything unusable becomes an "unknown"
+    record."""
     f = {_text(k): _text(v) for k, v in (fields or {}).items()}
     kind, payload = f.get(ENTRY_KIND), f.get(ENTRY_PAYLOAD)
     if kind in KINDS and payload is not None:
-        return kind, payload
-    return UNKNOWN, json.dumps(f, ensure_ascii=False, sort_keys=True)
+        return kind, payload, origin
+    return UNKNOWN, json.dumps(f, ensure_ascii=False, sort_keys=True), origin
 
 
 class _ShardPartition(StatefulSourcePartition[Record, str]):
@@ -103,8 +104,8 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
         batch: list[Record] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                batch.append(to_record(fields))
                 self._position = _text(entry_id)
+                batch.append(to_record(fields, f"{self._stream}#{self._position}"))
         now = time.monotonic()
         if batch:
             self._last_data = now

@@ -53,6 +53,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, 
     txns.insert(800, json.dumps(late))  # six hours older than its card's newest events: beyond lateness
     DUPLICATE = txns[499]
     txns.insert(500, DUPLICATE)  # the same transaction twice: scored once, the copy dead-lettered
+    txns.insert(1500, BAD_TXNS["bad_json"])  # the same bad line again: a second dead letter, not a replay
     labels.insert(10, BAD_LABEL)
     (out / "transactions.jsonl").write_text("\n".join(txns) + "\n")
     (out / "labels.jsonl").write_text("\n".join(labels) + "\n")
@@ -116,10 +117,23 @@ def test_flow_alerts_and_dead_letters(
     assert ("label", "unknown_txn", BAD_LABEL) in got
     duplicates = [d for d in dead if d["reason"] == "duplicate_txn"]
     assert len(duplicates) == 1 and duplicates[0]["raw"] == DUPLICATE
-    assert len(dead) == len(BAD_TXNS) + 2
+    assert len(dead) == len(BAD_TXNS) + 3
+    # Each dead letter says where it was read: the file line holding exactly its payload.
+    txn_file, label_file, _, _ = dataset
+    lines = {
+        txn_file.name: txn_file.read_text().splitlines(),
+        label_file.name: label_file.read_text().splitlines(),
+    }
+    for d in dead:
+        name, _, line_no = d["origin"].rpartition(":")
+        assert lines[name][int(line_no) - 1] == d["raw"], d
+    repeated = [d for d in dead if d["reason"] == "bad_json"]
+    assert (
+        len(repeated) == 2 and len({d["origin"] for d in repeated}) == len({d["id"] for d in repeated}) == 2
+    )
 
     # Nothing lost: records in = scored + dead-lettered + labels joined.
-    records_in = n_txn + 1 + len(BAD_TXNS) + 1 + n_label + 1
+    records_in = n_txn + 1 + len(BAD_TXNS) + 1 + 1 + n_label + 1
     assert records_in == len(decisions) + len(dead) + n_label
 
 

@@ -72,13 +72,17 @@ def test_file_source_resumes_after_its_snapshot(small: Path) -> None:
     part = source.build_part("read", "replay", None)
     first = [r for _ in range(3) for r in part.next_batch()]
     resumed = source.build_part("read", "replay", part.snapshot())
-    rest: list[tuple[str, str]] = []
+    rest: list[tuple[str, str, str]] = []
     while True:
         try:
             rest.extend(resumed.next_batch())
         except StopIteration:
             break
-    everything = [(k, line) for k, line, _ in merged_records(txns, labels)]
+    # Same records, same origins (file and 1-based line) after the resume: a dead letter's identity.
+    everything = [
+        (k, line, f"{(txns if k == 'txn' else labels).name}:{n + 1}")
+        for k, line, n in merged_records(txns, labels)
+    ]
     assert first + rest == everything
 
 

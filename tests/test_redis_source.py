@@ -48,14 +48,19 @@ def expected(files: tuple[Path, Path]) -> list[Record]:
 
 
 def drain(part: _ShardPartition, timeout_s: float = 10.0) -> list[Record]:
-    """Poll until an empty batch (after having data or not)."""
+    """Poll until an empty batch (after having data or not); (kind, payload) of each record, after
+    checking that its origin names the shard stream and the entry id the position moved to."""
     out: list[Record] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         batch = part.next_batch()
         if not batch:
             return out
-        out.extend(batch)
+        for kind, payload, origin in batch:
+            stream, _, entry_id = origin.partition("#")
+            assert stream == part._stream and entry_id.count("-") == 1, origin
+            out.append((kind, payload))
+        assert batch[-1][2] == f"{part._stream}#{part.snapshot()}"
     raise AssertionError("shard did not drain")
 
 
@@ -120,7 +125,7 @@ def test_resume_from_snapshot_has_no_gap_and_no_repeat(
     replay_files(redis_client, *small, "r:in", 1)
     source = RedisShardSource(redis_url, "r:in", 1, batch_size=40, block_ms=0)
     part = source.build_part("in", "0", None)
-    first = part.next_batch() + part.next_batch()
+    first = [(kind, payload) for kind, payload, _ in part.next_batch() + part.next_batch()]
     state = part.snapshot()
     part.close()
     resumed = source.build_part("in", "0", state)
@@ -149,7 +154,8 @@ def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
     part = RedisShardSource(redis_url, "e:in", 1, block_ms=0, idle_exit_s=0.2).build_part("in", "0", None)
     try:
         batch = part.next_batch()
-        assert [k for k, _ in batch] == ["unknown", "unknown", "txn"]
+        assert [k for k, _, _ in batch] == ["unknown", "unknown", "txn"]
+        assert len({origin for _, _, origin in batch}) == 3
         assert json.loads(batch[0][1]) == {"payload": '{"txn_id": "x"}'}
         assert json.loads(batch[1][1]) == {"kind": "weird", "payload": "{}"}
         assert batch[2][1] == "\ufffd{}"
@@ -173,7 +179,7 @@ def test_redis_restart_mid_read_loses_and_repeats_nothing(
         replay_files(client, *small, "k:in", 1)
     part = RedisShardSource(server.url, "k:in", 1, batch_size=30, block_ms=0).build_part("in", "0", None)
     try:
-        got = part.next_batch()
+        got = [(kind, payload) for kind, payload, _ in part.next_batch()]
         errors = metric("fraud_redis_errors_total", op="xread")
         server.stop()
         for _ in range(3):
@@ -186,7 +192,7 @@ def test_redis_restart_mid_read_loses_and_repeats_nothing(
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (batch := part.next_batch()):
             time.sleep(0.05)
-        got += batch + drain(part)
+        got += [(kind, payload) for kind, payload, _ in batch] + drain(part)
         assert part.next_awake() is None
     finally:
         part.close()
@@ -219,12 +225,13 @@ def test_bytewax_dataflow_reads_everything_and_ends_when_idle(
     redis_url: str, redis_client: redis.Redis, small: tuple[Path, Path]
 ) -> None:
     replay_files(redis_client, *small, "f:in", 2)
-    out: list[Record] = []
+    out: list[tuple[str, str, str]] = []
     flow = Dataflow("redis_source_test")
     records = op.input("in", flow, RedisShardSource(redis_url, "f:in", 2, batch_size=100, idle_exit_s=0.5))
     op.output("out", records, TestingSink(out))
     run_main(flow)
-    assert Counter(out) == Counter(expected(small))
+    assert Counter((kind, payload) for kind, payload, _ in out) == Counter(expected(small))
+    assert len({origin for _, _, origin in out}) == len(out)  # every record has its own origin
 
 
 def test_cli_replay_pushes_the_file_into_the_shards(
