@@ -416,21 +416,34 @@ class EntityPlan:
         return self._label_feature(d, n, s, agg, self._base(d) + rel, w, delay)
 
     def _geo(self, d: array[Any], n: int, idx: int, rel: int, agg: str) -> float:
-        lats = self._numbers(d, n, self._lat, 0, idx + 1)
-        lons = self._numbers(d, n, self._lon, 0, idx + 1)
-        lat, lon = lats[idx], lons[idx]
-        if lat != lat:
-            return NAN
+        """Distance (or speed) from the newest earlier located event within the lookback."""
+        o_lat, o_lon = 1 + (self._lat + 1) * n, 1 + (self._lon + 1) * n
+        if d.typecode == "d":
+            lat, lon = d[o_lat + idx], d[o_lon + idx]
+            if lat != lat:
+                return NAN
+        else:
+            c = d[o_lat + idx]
+            if c == MISSING:
+                return NAN
+            lat, lon = c / self.scales[self._lat], d[o_lon + idx] / self.scales[self._lon]
         oldest = rel - self.lookback_ms
         for i in range(idx - 1, -1, -1):
             ti = d[1 + i]
             if ti <= oldest:
                 break
-            if lats[i] == lats[i]:
-                km = haversine_km(lats[i], lons[i], lat, lon)
-                if agg == "distance_km":
-                    return km
-                return km / max((rel - ti) / 3_600_000, MINUTE_H)
+            c = d[o_lat + i]
+            if d.typecode == "d":
+                if c != c:
+                    continue
+                km = haversine_km(c, d[o_lon + i], lat, lon)
+            elif c == MISSING:
+                continue
+            else:
+                km = haversine_km(c / self.scales[self._lat], d[o_lon + i] / self.scales[self._lon], lat, lon)
+            if agg == "distance_km":
+                return km
+            return km / max((rel - ti) / 3_600_000, MINUTE_H)
         return NAN
 
     def _label_feature(
