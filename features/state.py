@@ -43,6 +43,7 @@ OFFSET_LIMIT = 2**32  # a 32-bit buffer spans 2**32 ms (49.7 days) of event time
 BIAS = 2**31  # offsets are stored signed: t - base - BIAS
 INT_LIMIT = 2**31
 MISSING = -(2**31)  # an absent coordinate in an integer column (never a valid scaled value)
+SNAPSHOT_FORMAT = "state/2"  # bumped whenever the snapshot layout changes
 PREFIX_MIN = 128  # keys this long keep prefix sums: O(1) window sums for hot merchants
 SCALES = {"lat": 10**7, "lon": 10**7}  # integer units per 1.0; other numeric fields: cents
 GEO_FIELDS = ("lat", "lon")
@@ -101,7 +102,7 @@ class EntityState(array):
         """An immutable copy (Bytewax may pickle it after the state has changed again)."""
         d = self.data()
         labels = None if self.labels is None else (self.labels[0].tobytes(), self.labels[1].tobytes())
-        return (self.typecode, d.typecode, d.tobytes(), labels)
+        return (SNAPSHOT_FORMAT, self.typecode, d.typecode, d.tobytes(), labels)
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:  # array's own would drop the slots
         return (restore_state, (self.snapshot(),))
@@ -109,7 +110,12 @@ class EntityState(array):
 
 def restore_state(snap: tuple[Any, ...]) -> EntityState:
     """The state `EntityState.snapshot` describes (prefix sums are rebuilt on the next event)."""
-    code, data_code, raw, labels = snap
+    if not (isinstance(snap, tuple) and len(snap) == 5 and snap[0] == SNAPSHOT_FORMAT):
+        raise ValueError(
+            "feature state snapshot in an unknown format (written by another version of the engine?): "
+            "finish that run with its own version, or clear the recovery directory (fraud reset)"
+        )
+    _, code, data_code, raw, labels = snap
     s = EntityState(code)
     if data_code == code:
         s.frombytes(raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import zlib
+from array import array
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -260,6 +261,13 @@ def test_state_is_evicted_and_pickles_compactly() -> None:
     assert pickle.dumps(restored) == pickle.dumps(state)
     # 7 columns of 4 bytes plus the time: flat buffers, not Python objects per event
     assert len(pickle.dumps(state)) < 4 * plan.width * plan.count(state) + 200
+
+
+def test_a_snapshot_of_another_format_is_refused_clearly() -> None:
+    plan = Pipeline(FEATURES, LATENESS_MS).plans[0]
+    old_layout = (1_767_571_200_000, array("I", [0, 5]), (array("i", [100, 200]),), None)  # before state/2
+    with pytest.raises(ValueError, match=r"unknown format.*fraud reset"):
+        plan.restore(old_layout)
 
 
 def test_widened_key_keeps_its_values_and_survives_a_snapshot() -> None:
