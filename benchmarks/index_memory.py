@@ -1,6 +1,6 @@
 """Memory the flow's transaction index holds per transaction (capacity planning).
 
-    python benchmarks/index_memory.py [--transactions 400000] [--cards 100000]
+    python benchmarks/index_memory.py [--transactions 400000] [--cards 100000] [--step index|pending]
 
 The `index` step keeps, for every transaction, what its label needs days later (event time,
 entity keys, whether it was labelled) as one Bytewax key per transaction id, for
@@ -9,6 +9,9 @@ worker, the default feature set) over synthetic transactions and reads the proce
 last transaction has passed the index, against the RSS before the run (input records already
 built): the growth divided by the transaction count is what each indexed transaction costs,
 Bytewax's own per-key bookkeeping included.
+
+`--step pending` measures the other per-transaction step the same way: the scored feature vector
+kept (one key per transaction id) until the label arrives.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import bytewax.operators as op  # noqa: E402
 from bytewax.dataflow import Dataflow  # noqa: E402
 from bytewax.testing import TestingSink, TestingSource, run_main  # noqa: E402
 
-from flows.steps import IndexLogic, decode_record, is_valid, txn_key  # noqa: E402
+from features.engine import FeatureRow  # noqa: E402
+from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, txn_key  # noqa: E402
 from fraud.runtime import new_pipeline  # noqa: E402
 from fraud.settings import Settings  # noqa: E402
 
@@ -45,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--transactions", type=int, default=400_000)
     ap.add_argument("--cards", type=int, default=100_000)
+    ap.add_argument("--step", choices=["index", "pending"], default="index")
     args = ap.parse_args()
     n, cards = args.transactions, args.cards
     pipeline = new_pipeline(Settings())
@@ -68,15 +73,26 @@ def main() -> None:
     decoded = op.branch(
         "valid", op.map("decode", op.input("in", flow, TestingSource(records, 1000)), decode_record), is_valid
     )
-    index = partial(IndexLogic, pipeline, timedelta(days=60))
-    indexed = op.stateful_batch("index", op.key_on("key", decoded.trues, txn_key), index)
-    op.output("out", op.filter("probe", indexed, probe), TestingSink([]))
+    keyed = op.key_on("key", decoded.trues, txn_key)
+    if args.step == "index":
+        held = op.stateful_batch("index", keyed, partial(IndexLogic, pipeline, timedelta(days=60)))
+    else:
+        widths = [len(plan.names) for plan in pipeline.plans]
+
+        def scored_row(kv: tuple[str, Any]) -> tuple[str, FeatureRow]:
+            row, _ = pipeline.start(kv[1])
+            row.parts = [[float(i)] * w for i, w in enumerate(widths)]  # values as the chain adds them
+            return kv[0], row
+
+        rows = op.map("rows", keyed, scored_row)
+        held = op.stateful_batch("pending", rows, partial(PendingLogic, pipeline, timedelta(days=60)))
+    op.output("out", op.filter("probe", held, probe), TestingSink([]))
     gc.collect()
     before = rss_bytes()
     run_main(flow, epoch_interval=timedelta(seconds=5))
     growth = at_last[0] - before
     print(
-        f"index: {n:,} transactions ({n / cards:.1f} per card) held -> RSS +{growth / 2**20:,.1f} MiB, "
+        f"{args.step}: {n:,} transactions ({n / cards:.1f} per card) held -> RSS +{growth / 2**20:,.1f} MiB, "
         f"{growth / n:,.0f} bytes per transaction"
     )
 

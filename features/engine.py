@@ -151,11 +151,15 @@ def duplicate_txn(txn: Transaction) -> DeadLetter:
 
 @dataclass(slots=True)
 class FeatureVector:
-    """Batch-mode output: a transaction with its feature vector."""
+    """A transaction with its feature vector (batch-mode output; the flow's scorer input)."""
 
     txn: Transaction
     values: list[float]
     late: bool
+
+    @property
+    def seq(self) -> int:
+        return self.txn.seq
 
 
 EXPIRY_EVERY = 100_000

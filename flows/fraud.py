@@ -1,7 +1,8 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
-read -> decode -> index (txn_id) -> one feature step per entity -> score -> alerts, late side
-output, decision log; bad records -> dead letters. This module only wires steps: the logic lives
+read -> decode -> index (txn_id) -> one feature step per entity -> pending (txn_id: the vector
+waits for its label) -> score -> alerts, late side output, decision log; bad records -> dead
+letters. This module only wires steps: the logic lives
 in `features`, `models`, `flows.steps`, `flows.outputs` and `flows.connectors`.
 """
 
@@ -21,11 +22,13 @@ from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision
 from flows.steps import (
     EntityLogic,
     IndexLogic,
+    PendingLogic,
     ScoringLogic,
     decode_record,
     is_valid,
     joined_value,
     rekey,
+    to_pending,
     to_scorer,
     txn_key,
 )
@@ -62,9 +65,12 @@ def build(
             f"{name}_features", op.map(f"key_{name}", rows, rekey(i)), partial(EntityLogic, pipeline, i)
         )
 
+    pending = partial(PendingLogic, pipeline, timedelta(days=s.label_ttl_days))
+    vectors = op.stateful_batch("pending", op.map("key_pending", rows, to_pending), pending)
+
     scoring = partial(ScoringLogic, pipeline, rt.new_scorer)
     scored = op.key_rm(
-        "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", rows, to_scorer), scoring)
+        "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", vectors, to_scorer), scoring)
     )
 
     card = rt.card_ref

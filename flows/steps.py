@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import operator
 import time
+from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
@@ -28,7 +29,7 @@ from features.events import DeadLetter, Decoded, Label, Transaction, decode
 from features.state import EntityState
 from flows.outputs import count_decisions
 from fraud import metrics
-from models.serving import Decision, Scorer
+from models.serving import Decision, LabelledVector, Scorer
 
 Chained = FeatureRow | LabelEvent
 
@@ -69,8 +70,17 @@ def rekey(i: int) -> Callable[[tuple[str, Chained]], tuple[str, Chained]]:
     return route
 
 
-def to_scorer(kv: tuple[str, Chained]) -> tuple[str, Chained]:
-    """Every row and label goes to the one scorer key (one River model sees all labels)."""
+def to_pending(kv: tuple[str, Chained]) -> tuple[str, Chained]:
+    """A row or label leaving the entity chain, keyed by its transaction for the `pending` step."""
+    item = kv[1]
+    return (item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id), item
+
+
+Scored = FeatureVector | LabelledVector
+
+
+def to_scorer(kv: tuple[str, Scored]) -> tuple[str, Scored]:
+    """Every vector and labelled vector goes to the one scorer key (one River model learns all)."""
     return "scorer", kv[1]
 
 
@@ -165,8 +175,60 @@ class EntityLogic(StatefulBatchLogic[Chained, Chained, tuple[Any, ...]]):
         return s.snapshot()
 
 
-class ScoringLogic(StatefulBatchLogic[Chained, Decision, tuple[Any, ...]]):
-    """Assembles feature vectors, scores them in vectorised batches, feeds labels to River."""
+class PendingLogic(StatefulBatchLogic[Chained, Scored, bytes]):
+    """Keyed by txn_id, after the entity chain: assembles the transaction's feature vector, passes
+    it on to be scored and keeps a copy until its label arrives (or `ttl` of wall-clock time
+    passes, as in the index), then sends the label with that copy for the online model to learn.
+
+    One small key per transaction instead of a dict inside the scorer: Bytewax snapshots only the
+    keys an epoch touched, while the scorer's single key is snapshotted whole at every epoch.
+    """
+
+    held = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
+
+    def __init__(self, pipeline: Pipeline, ttl: timedelta, resume: bytes | None) -> None:
+        self.pipeline = pipeline
+        self.values: array[float] | None = None
+        if resume is not None:
+            self.values = array("d")
+            self.values.frombytes(resume)
+            PendingLogic.held += 1
+        self.expires = datetime.now(UTC) + ttl
+
+    def on_batch(self, items: list[Chained]) -> tuple[list[Scored], bool]:
+        out: list[Scored] = []
+        for it in in_arrival_order(items):
+            if isinstance(it, FeatureRow):
+                values = self.pipeline.assemble(it)
+                out.append(FeatureVector(it.txn, values, it.late))
+                if self.values is None:
+                    PendingLogic.held += 1
+                self.values = array("d", values)
+                continue
+            metrics.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
+            if self.values is not None:  # None: the row expired, or never came (dead-lettered)
+                out.append(LabelledVector(it.txn_id, it.is_fraud, self.values, it.seq))
+                self.values = None
+                PendingLogic.held -= 1
+        metrics.PENDING.set(PendingLogic.held)
+        return out, self.values is None
+
+    def notify_at(self) -> datetime | None:
+        return self.expires if self.values is not None else None
+
+    def on_notify(self) -> tuple[list[Scored], bool]:
+        if self.values is not None:
+            PendingLogic.held -= 1
+            self.values = None
+        return [], StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> bytes:
+        assert self.values is not None, "a key without a vector is discarded, never snapshotted"
+        return self.values.tobytes()
+
+
+class ScoringLogic(StatefulBatchLogic[Scored, Decision, tuple[Any, ...]]):
+    """Scores feature vectors in vectorised batches and feeds labelled vectors to River."""
 
     def __init__(
         self, pipeline: Pipeline, new_scorer: Callable[[], Scorer], resume: tuple[Any, ...] | None
@@ -175,23 +237,14 @@ class ScoringLogic(StatefulBatchLogic[Chained, Decision, tuple[Any, ...]]):
         if resume is not None:
             self.scorer.restore(resume)
 
-    def on_batch(self, items: list[Chained]) -> tuple[list[Decision], bool]:
-        assemble = self.pipeline.assemble
-        batch = [
-            FeatureVector(it.txn, assemble(it), it.late) if isinstance(it, FeatureRow) else it
-            for it in in_arrival_order(items)
-        ]
+    def on_batch(self, items: list[Scored]) -> tuple[list[Decision], bool]:
         started = time.perf_counter()
-        decisions = self.scorer.process(batch)
+        decisions = self.scorer.process(in_arrival_order(items))
         stats = self.scorer.last
         if stats.rows:
             metrics.SCORING_SECONDS.observe(time.perf_counter() - started)
             metrics.SCORING_BATCH.observe(stats.rows)
         metrics.ONLINE_LEARNED.inc(stats.labels_learned)
-        for it in batch:
-            if isinstance(it, LabelEvent):
-                metrics.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
-        metrics.PENDING.set(len(self.scorer.pending))
         count_decisions(decisions)
         return decisions, StatefulBatchLogic.RETAIN
 

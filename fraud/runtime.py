@@ -38,7 +38,8 @@ class Runtime:
         return identity if key is None else card_token(key.get_secret_value().encode())
 
     def new_scorer(self) -> Scorer:
-        return new_scorer(self.settings, self.artifact)
+        """The flow's scorer: scored vectors wait for their labels in the flow's `pending` step."""
+        return new_scorer(self.settings, self.artifact, remember=False)
 
 
 def new_pipeline(settings: Settings) -> Pipeline:
@@ -54,7 +55,7 @@ def new_online_model(settings: Settings) -> OnlineModel:
     )
 
 
-def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
+def new_scorer(settings: Settings, artifact: ModelArtifact, *, remember: bool = True) -> Scorer:
     return Scorer(
         artifact,
         new_online_model(settings),
@@ -65,6 +66,7 @@ def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
         label_ttl_ms=round(settings.label_ttl_days * 86_400_000),
         device=settings.xgb_device,
         nthread=settings.xgb_nthread,
+        remember=remember,
     )
 
 

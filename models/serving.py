@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from features.engine import FeatureVector, LabelEvent
@@ -42,6 +43,16 @@ class Decision:
     reasons: list[Reason] = field(default_factory=list)
 
 
+class LabelledVector(msgspec.Struct, frozen=True, gc=False):
+    """A label joined to the feature values its transaction was scored with: what the online
+    model learns. The flow keeps the values per transaction in a keyed step and sends this."""
+
+    txn_id: str
+    is_fraud: bool
+    values: Sequence[float]
+    seq: int = 0
+
+
 @dataclass
 class BatchStats:
     rows: int = 0
@@ -63,7 +74,11 @@ class Scorer:
         label_ttl_ms: int = 60 * 86_400_000,
         device: str = "cpu",
         nthread: int = 1,
+        remember: bool = True,
     ) -> None:
+        """`remember`: keep each scored vector until its `LabelEvent` arrives (batch replays). The
+        flow passes False: there a keyed step per transaction keeps the vector and sends a
+        `LabelledVector`, so this object (one Bytewax key, snapshotted every epoch) stays small."""
         self.artifact = artifact
         self.names = list(artifact.feature_names)
         self.xgb = XGBScorer(artifact.booster, self.names, device=device, nthread=nthread)
@@ -73,11 +88,12 @@ class Scorer:
         self.batch_size = batch_size
         self.top_reasons = top_reasons
         self.label_ttl_ms = label_ttl_ms
+        self.remember = remember
         self.pending: OrderedDict[str, tuple[int, tuple[float, ...]]] = OrderedDict()
         self.watermark = -(2**62)
         self.last = BatchStats()
 
-    def process(self, items: Sequence[FeatureVector | LabelEvent]) -> list[Decision]:
+    def process(self, items: Sequence[FeatureVector | LabelEvent | LabelledVector]) -> list[Decision]:
         """Decisions for the feature vectors in `items`; labels among them train the online model."""
         stats = self.last = BatchStats()
         vectors = [it for it in items if isinstance(it, FeatureVector)]
@@ -91,6 +107,10 @@ class Scorer:
                     self.online.learn_one(x_dict(self.names, seen[1]), it.is_fraud)
                     stats.labels_learned += 1
                 continue
+            if isinstance(it, LabelledVector):
+                self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
+                stats.labels_learned += 1
+                continue
             online = (
                 self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
             )
@@ -100,7 +120,8 @@ class Scorer:
             decisions.append(
                 Decision(it.txn, it.values, xs, online, final, final >= self.threshold, it.late, None)
             )
-            self._remember(it)
+            if self.remember:
+                self._remember(it)
         self._explain([d for d in decisions if d.alert])
         now = time.time_ns()
         for d in decisions:

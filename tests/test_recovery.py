@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,8 @@ import pytest
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from features.engine import FeatureVector, LabelEvent, join_label
+from features.events import Label, Transaction
 from features.replay import merged_records
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
@@ -110,3 +112,37 @@ def test_processes_starting_together_share_one_recovery_directory(tmp_path: Path
             p.join(60)
         assert [p.exitcode for p in procs] == [0, 0, 0, 0]
         assert sorted(f.name for f in directory.glob("part-*")) == [f"part-{i}.sqlite3" for i in range(4)]
+
+
+def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
+    """The vector a transaction was scored with waits in its own small key, survives a snapshot,
+    and goes to the online model with the label; the scorer itself keeps nothing per transaction."""
+    from flows.steps import PendingLogic, ScoringLogic
+    from fraud.runtime import load_runtime
+    from models.serving import LabelledVector
+
+    settings = Settings()
+    rt = load_runtime(settings, need_redis=False)
+    pipeline = rt.pipeline
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    txn = Transaction("t1", now_ms, "c1", "m1", 5.0, seq=1)
+    row, entry = pipeline.start(txn)
+    for i in range(len(pipeline.plans)):
+        pipeline.observe(i, pipeline.plans[i].new_state(), row)
+    logic = PendingLogic(pipeline, timedelta(days=60), None)
+    (vector,), discard = logic.on_batch([row])
+    assert isinstance(vector, FeatureVector) and not discard
+    assert vector.values == pipeline.assemble(row)
+    resumed = PendingLogic(pipeline, timedelta(days=60), logic.snapshot())
+    label = join_label("t1", entry, Label("t1", True, now_ms + 1, seq=2))
+    assert isinstance(label, LabelEvent)
+    (learned,), discard = resumed.on_batch([label])
+    assert isinstance(learned, LabelledVector) and discard
+    assert learned.is_fraud and same(list(learned.values), vector.values)
+    assert resumed.on_batch([label]) == ([], True)  # nothing held any more: nothing to learn
+
+    scoring = ScoringLogic(pipeline, rt.new_scorer, None)
+    decisions, _ = scoring.on_batch([vector, learned])
+    assert [d.txn.txn_id for d in decisions] == ["t1"]
+    assert scoring.scorer.online.n_learned == 1
+    assert scoring.snapshot()[1] == []  # no per-transaction state in the scorer's one key
