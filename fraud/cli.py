@@ -279,6 +279,8 @@ def dead_letters(
             f"{_text(entry_id)} {f.get('kind')}:{f.get('reason')} txn={f.get('txn_id') or '?'} {f.get('detail')}"
         )
         typer.echo(f"    raw: {f.get('raw', '')[:200]}")
+        if f.get("origin"):
+            typer.echo(f"    from: {f['origin']}")
     typer.echo(f"{total} dead letter(s) in {s.dlq_stream}", err=True)
 
 

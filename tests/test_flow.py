@@ -192,6 +192,9 @@ def test_cli_alerts_reads_as_a_consumer_group(
     assert rest.exit_code == 0
     assert f"{n_alerts - 3} alert(s)" in rest.output
     assert redis_client.xpending(settings.alerts_stream, "fraud-cli")["pending"] == 0
+    dead = runner.invoke(app, ["dead-letters"])
+    assert dead.exit_code == 0, dead.output
+    assert "txn:bad_json" in dead.output and f"from: {dataset[0].name}:" in dead.output
 
 
 def test_reset_then_replay_writes_the_alerts_again(
