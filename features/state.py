@@ -488,11 +488,30 @@ class EntityPlan:
         body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
         for j in summed:
             body.append(f"    p{j} = pre.get({j}) if pre is not None else None")
-        for j, w in sorted({(j, w) for agg, j, w, _ in steps if agg in ("sum", "mean")}):
-            body.append(
-                f"    t{j}_{w} = (p{j}[end] - p{j}[st{w}] if p{j} is not None"
-                f" else sum(s[o{j} + st{w}:o{j} + end])) / {self.scales[j]}"
+        # Nested windows share work: a longer window's sum (or max/min) extends the next shorter
+        # one's over the events between their starts, so each event is read once, not per window.
+        for j in summed:
+            ws, scale = (
+                sorted({w for agg, jj, w, _ in steps if jj == j and agg in ("sum", "mean")}),
+                self.scales[j],
             )
+            body.append(f"    if p{j} is not None:")
+            body += [f"        t{j}_{w} = (p{j}[end] - p{j}[st{w}]) / {scale}" for w in ws]
+            body.append("    else:")
+            for k, w in enumerate(ws):
+                upto = "end" if k == 0 else f"st{ws[k - 1]}"
+                body.append(f"        r = {'' if k == 0 else 'r + '}sum(s[o{j} + st{w}:o{j} + {upto}])")
+                body.append(f"        t{j}_{w} = r / {scale}")
+        extremes = sorted({(agg, j) for agg, j, _, _ in steps if agg in ("max", "min") and j in ints})
+        for agg, j in extremes:
+            ws = sorted({w for a, jj, w, _ in steps if a == agg and jj == j})
+            for k, w in enumerate(ws):
+                if k == 0:
+                    body.append(f"    {agg}{j}_{w} = {agg}(s[o{j} + st{w}:o{j} + end])")
+                else:
+                    prev = f"{agg}{j}_{ws[k - 1]}"
+                    body.append(f"    seg = s[o{j} + st{w}:o{j} + st{ws[k - 1]}]")
+                    body.append(f"    {agg}{j}_{w} = {agg}({prev}, {agg}(seg)) if seg else {prev}")
         exprs = []
         for k, (agg, j, w, _) in enumerate(steps):
             if agg == "count":
@@ -502,7 +521,7 @@ class EntityPlan:
             elif agg == "mean":
                 exprs.append(f"t{j}_{w} / (end - st{w})")
             elif agg in ("max", "min") and j in ints:
-                exprs.append(f"{agg}(s[o{j} + st{w}:o{j} + end]) / {self.scales[j]}")
+                exprs.append(f"{agg}{j}_{w} / {self.scales[j]}")
             elif agg == "time_since_last":
                 exprs.append(
                     f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {self.lookback_ms} else NAN)"
