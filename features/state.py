@@ -502,16 +502,16 @@ class EntityPlan:
                 upto = "end" if k == 0 else f"st{ws[k - 1]}"
                 body.append(f"        r = {'' if k == 0 else 'r + '}sum(s[o{j} + st{w}:o{j} + {upto}])")
                 body.append(f"        t{j}_{w} = r / {scale}")
-        extremes = sorted({(agg, j) for agg, j, _, _ in steps if agg in ("max", "min") and j in ints})
-        for agg, j in extremes:
-            ws = sorted({w for a, jj, w, _ in steps if a == agg and jj == j})
+        extremes = sorted({(a, j) for a, j, _, _ in steps if a in ("max", "min") and j in ints})
+        for ext, j in extremes:
+            ws = sorted({w for a, jj, w, _ in steps if a == ext and jj == j})
             for k, w in enumerate(ws):
                 if k == 0:
-                    body.append(f"    {agg}{j}_{w} = {agg}(s[o{j} + st{w}:o{j} + end])")
+                    body.append(f"    {ext}{j}_{w} = {ext}(s[o{j} + st{w}:o{j} + end])")
                 else:
-                    prev = f"{agg}{j}_{ws[k - 1]}"
+                    prev = f"{ext}{j}_{ws[k - 1]}"
                     body.append(f"    seg = s[o{j} + st{w}:o{j} + st{ws[k - 1]}]")
-                    body.append(f"    {agg}{j}_{w} = {agg}({prev}, {agg}(seg)) if seg else {prev}")
+                    body.append(f"    {ext}{j}_{w} = {ext}({prev}, {ext}(seg)) if seg else {prev}")
         exprs = []
         for k, (agg, j, w, _) in enumerate(steps):
             if agg == "count":
