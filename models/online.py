@@ -14,6 +14,10 @@ from typing import Any
 from river import linear_model, optim, preprocessing
 
 
+class Clean(dict[str, float]):
+    """A feature dict already without NaN/inf (what `x_dict` builds): not copied again."""
+
+
 def x_dict(names: Sequence[str], row: Sequence[float] | Any) -> dict[str, float]:
     """Feature dict for River from an ordered row, without missing values.
 
@@ -25,11 +29,13 @@ def x_dict(names: Sequence[str], row: Sequence[float] | Any) -> dict[str, float]
     if len(names) != len(values):
         raise ValueError(f"{len(names)} names but {len(values)} values")
     # `v - v == 0` is False exactly for NaN and +-inf: a cheaper isfinite on the hot path.
-    return {name: float(v) for name, v in zip(names, values, strict=True) if v - v == 0}
+    return Clean({name: float(v) for name, v in zip(names, values, strict=True) if v - v == 0})
 
 
 def _clean(x: Mapping[str, float]) -> dict[str, float]:
-    """Copy of `x` without NaN/inf, for callers that built the dict themselves."""
+    """`x` without NaN/inf: as it is when `x_dict` built it, else a cleaned copy."""
+    if type(x) is Clean:
+        return x
     return {k: float(v) for k, v in x.items() if v - v == 0}
 
 
