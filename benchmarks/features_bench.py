@@ -349,6 +349,23 @@ def engine_fingerprint() -> dict[str, str]:
     }
 
 
+def rss_after_malloc_trim() -> int | None:
+    """RSS once glibc has returned its free heap pages to the system (`malloc_trim(0)`): how much
+    of the RSS is memory the allocator holds but nothing uses. None where glibc is not the libc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return None
+    trim(0)
+    return rss_bytes()
+
+
 def pin_one_cpu() -> int | None:
     if not hasattr(os, "sched_setaffinity"):
         return None
@@ -466,6 +483,7 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
         tracemalloc.stop()
     gc.collect()
     rss_after = rss_bytes()
+    rss_trimmed = rss_after_malloc_trim()
     report["data"] = {
         "transactions": fed,
         "events_per_card": per_card,
@@ -485,6 +503,7 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
         "after_bytes": rss_after,
         "growth_bytes": rss_after - rss_before,
         "growth_bytes_per_card": (rss_after - rss_before) / args.cards,
+        "after_malloc_trim_bytes": rss_trimmed,
         "max_bytes": max_rss_bytes(),
         "txn_index_kept": bool(args.keep_index),
     }
@@ -540,6 +559,8 @@ def print_block(r: dict[str, Any]) -> None:
         )
     print(f"RSS: before {_mib(rss['before_bytes'])}, after {_mib(rss['after_bytes'])} "
           f"(+{_mib(rss['growth_bytes'])}), peak {_mib(rss['max_bytes'])}")  # fmt: skip
+    if rss.get("after_malloc_trim_bytes"):
+        print(f"RSS after malloc_trim(0) (free heap pages returned): {_mib(rss['after_malloc_trim_bytes'])}")
     p = r.get("pandas")
     if p:
         print(f"pandas ({p['rows']:,} rows, {len(p['features_compared'])} card+merchant features):")
