@@ -2,8 +2,8 @@
 
 read -> decode -> index (txn_id) -> one feature step per entity -> pending (txn_id: the vector
 waits for its label) -> score -> alerts, late side output, decision log; bad records -> dead
-letters. This module only wires steps: the logic lives
-in `features`, `models`, `flows.steps`, `flows.outputs` and `flows.connectors`.
+letters. This module only wires steps: the logic lives in `features`, `models`, `flows.steps`,
+`flows.outputs` and `flows.connectors`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def build(
     pending = partial(PendingLogic, pipeline, timedelta(days=s.label_ttl_days))
     vectors = op.stateful_batch("pending", op.map("key_pending", rows, to_pending), pending)
 
-    scoring = partial(ScoringLogic, pipeline, rt.new_scorer)
+    scoring = partial(ScoringLogic, rt.new_scorer)
     scored = op.key_rm(
         "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", vectors, to_scorer), scoring)
     )

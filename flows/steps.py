@@ -230,10 +230,8 @@ class PendingLogic(StatefulBatchLogic[Chained, Scored, bytes]):
 class ScoringLogic(StatefulBatchLogic[Scored, Decision, tuple[Any, ...]]):
     """Scores feature vectors in vectorised batches and feeds labelled vectors to River."""
 
-    def __init__(
-        self, pipeline: Pipeline, new_scorer: Callable[[], Scorer], resume: tuple[Any, ...] | None
-    ) -> None:
-        self.pipeline, self.scorer = pipeline, new_scorer()
+    def __init__(self, new_scorer: Callable[[], Scorer], resume: tuple[Any, ...] | None) -> None:
+        self.scorer = new_scorer()
         if resume is not None:
             self.scorer.restore(resume)
 

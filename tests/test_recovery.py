@@ -141,7 +141,7 @@ def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     assert learned.is_fraud and same(list(learned.values), vector.values)
     assert resumed.on_batch([label]) == ([], True)  # nothing held any more: nothing to learn
 
-    scoring = ScoringLogic(pipeline, rt.new_scorer, None)
+    scoring = ScoringLogic(rt.new_scorer, None)
     decisions, _ = scoring.on_batch([vector, learned])
     assert [d.txn.txn_id for d in decisions] == ["t1"]
     assert scoring.scorer.online.n_learned == 1
