@@ -198,7 +198,10 @@ class EntityPlan:
 
     def count(self, state: EntityState) -> int:
         """Number of events the key holds."""
-        d = state.data()
+        return self._count(state.data())
+
+    def _count(self, d: array[Any]) -> int:
+        """Events in buffer `d` (empty: a new key, or the emptied buffer of a widened one)."""
         return (len(d) - 1) // self.width if len(d) else 0
 
     def _base(self, d: array[Any]) -> int:
@@ -221,7 +224,7 @@ class EntityPlan:
 
     def max_ts(self, state: EntityState) -> int:
         d = state.data()
-        n = (len(d) - 1) // self.width if len(d) else 0
+        n = self._count(d)
         return self._base(d) + int(d[n]) if n else -(2**62)
 
     def expired(self, state: EntityState, now_ms: int) -> bool:
@@ -245,7 +248,7 @@ class EntityPlan:
         """The general insertion: any event time, any value."""
         t = txn.ts_ms
         d = s.data()
-        n = (len(d) - 1) // self.width if len(d) else 0
+        n = self._count(d)
         late = False
         if not len(d):
             d.append((t - self.allowed_lateness_ms) // MINUTE_MS if self.code == "i" else 0)
