@@ -57,7 +57,7 @@ def main() -> None:
         ("txn", json.dumps({
             "txn_id": f"t{i:09d}", "ts": T0_MS + i * 1000, "card_id": f"c{i % cards:07d}",
             "merchant_id": f"m{i % 5000:05d}", "amount": 12.5, "device_id": f"d{i % (cards * 7 // 10):07d}",
-        }))
+        }), f"bench:{i + 1}")
         for i in range(n)
     ]  # fmt: skip
     last_id = f"t{n - 1:09d}"

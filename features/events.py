@@ -100,6 +100,9 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
 
 
 Kind = Literal["txn", "label"]
+Record = tuple[str, str, str]
+"""What every source hands the flow: (kind, raw payload, origin). The origin says where the record
+was read (`<stream>#<entry id>`, `<file>:<line>`) and identifies its dead letter."""
 Decoded = Transaction | Label | DeadLetter
 
 _txn_decoder = msgspec.json.Decoder(_WireTransaction)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from features.events import Record
 from features.replay import merged_records
-
-Record = tuple[str, str, str]  # (kind, raw JSON line, origin "<file>:<line>")
 
 
 class _ReplayPartition(StatefulSourcePartition[Record, tuple[int, int]]):

@@ -4,9 +4,9 @@ One Bytewax partition per shard stream. Bytewax, not a consumer group, owns the 
 partition's snapshot is the id of the last entry it handed out, so a flow resumed from recovery
 re-reads exactly what came after it, and nothing has to be acknowledged in Redis.
 
-Records are `(kind, payload)` like `flows.file_source.FileReplaySource`, so the flow's decoder
-handles either source. An entry without a usable `kind` / `payload` is handed on as
-`("unknown", <its fields as JSON>)`: the decoder dead-letters it (`unknown_kind`), it never
+Records are `(kind, payload, origin)` like `flows.file_source.FileReplaySource`'s, so the flow's
+decoder handles either source; the origin is `<stream>#<entry id>`. An entry without a usable
+`kind` / `payload` is handed on as `("unknown", <its fields as JSON>, origin)`: the decoder dead-letters it (`unknown_kind`), it never
 crashes the flow nor vanishes (and a stray `kind` value never becomes a metric label).
 
 Each poll is one `XREAD COUNT batch_size BLOCK block_ms`, so a worker is never held for long.
@@ -28,13 +28,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from features.events import Record
 from fraud.metrics import REDIS_ERRORS, SOURCE_LAG
 from fraud.redis_server import connect, redact
 from fraud.replay import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
 
 logger = logging.getLogger(__name__)
 
-Record = tuple[str, str, str]  # (kind, raw JSON payload, origin "<stream>#<entry id>")
 KINDS = frozenset({"txn", "label"})
 UNKNOWN = "unknown"
 INITIAL_BACKOFF_S = 0.1
@@ -51,7 +51,7 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-def to_record(fields: dict[Any, Any] | None, origin: str = "") -> Record:
+def to_record(fields: dict[Any, Any] | None, origin: str) -> Record:
     """The `(kind, payload, origin)` of one stream entry; anything unusable becomes an "unknown"
     record."""
     f = {_text(k): _text(v) for k, v in (fields or {}).items()}

@@ -25,7 +25,7 @@ from features.engine import (
     duplicate_txn,
     join_label,
 )
-from features.events import DeadLetter, Decoded, Label, Transaction, decode
+from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode
 from features.state import EntityState
 from flows.outputs import count_decisions
 from fraud import metrics
@@ -37,10 +37,10 @@ Chained = FeatureRow | LabelEvent
 _arrivals = itertools.count()
 
 
-def decode_record(record: tuple[str, str] | tuple[str, str, str]) -> Decoded:
-    """Decode at the edge, stamping arrival time (latency), arrival order (`seq`) and, when the
-    source gives it, where the record was read (`origin`, the identity of its dead letter)."""
-    return decode(record[0], record[1], time.time_ns(), next(_arrivals), record[2] if len(record) > 2 else "")
+def decode_record(record: Record) -> Decoded:
+    """Decode at the edge, stamping arrival time (latency) and arrival order (`seq`)."""
+    kind, raw, origin = record
+    return decode(kind, raw, time.time_ns(), next(_arrivals), origin)
 
 
 def in_arrival_order(items: list[Any]) -> list[Any]:

@@ -46,7 +46,7 @@ def test_resume_gives_the_uninterrupted_features_and_scores(tmp_path: Path, cras
     settings = Settings(
         transactions_path=txns, labels_path=labels, online_warmup_labels=50, progress_interval_s=60
     )
-    records: list[object] = [(k, line) for k, line, _ in merged_records(txns, labels)]
+    records: list[object] = [(k, line, f"{k}:{n + 1}") for k, line, n in merged_records(txns, labels)]
     expected = {d.txn.txn_id: d for d in run(settings, records)}
 
     db = tmp_path / "recovery"
