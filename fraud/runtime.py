@@ -38,8 +38,7 @@ class Runtime:
         return identity if key is None else card_token(key.get_secret_value().encode())
 
     def new_scorer(self) -> Scorer:
-        """The flow's scorer: scored vectors wait for their labels in the flow's `pending` step."""
-        return new_scorer(self.settings, self.artifact, remember=False)
+        return new_scorer(self.settings, self.artifact)
 
 
 def new_pipeline(settings: Settings) -> Pipeline:
@@ -55,7 +54,7 @@ def new_online_model(settings: Settings) -> OnlineModel:
     )
 
 
-def new_scorer(settings: Settings, artifact: ModelArtifact, *, remember: bool = True) -> Scorer:
+def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
     return Scorer(
         artifact,
         new_online_model(settings),
@@ -63,10 +62,8 @@ def new_scorer(settings: Settings, artifact: ModelArtifact, *, remember: bool = 
         online_weight=settings.online_weight,
         batch_size=settings.scoring_batch_size,
         top_reasons=settings.top_reasons,
-        label_ttl_ms=round(settings.label_ttl_days * 86_400_000),
         device=settings.xgb_device,
         nthread=settings.xgb_nthread,
-        remember=remember,
     )
 
 

@@ -25,6 +25,7 @@ from fraud.runtime import new_scorer
 from fraud.settings import Settings
 from models import metrics
 from models.artifact import ModelArtifact, make_version, save
+from models.serving import LabelledVector, PendingVectors
 from models.xgb import XGBScorer, train_xgb
 
 DAY_MS = 86_400_000
@@ -166,19 +167,23 @@ def evaluate(
     patterns = read_patterns(transactions)
     engine = FeatureEngine(pipeline)
     scorer = new_scorer(settings, artifact)
+    waiting = PendingVectors(round(settings.label_ttl_days * 86_400_000))
     rows: list[tuple[str, int, float, float]] = []
-    pending: list[FeatureVector | LabelEvent] = []
+    items: list[FeatureVector | LabelledVector] = []
 
     def flush() -> None:
-        for d in scorer.process(pending):
+        for d in scorer.process(items):
             rows.append((d.txn.txn_id, d.txn.ts_ms, d.xgb, d.score))
-        pending.clear()
+        items.clear()
 
     for out in engine.run(replay(transactions, labels)):
-        if isinstance(out, FeatureVector | LabelEvent):
-            pending.append(out)
-            if len(pending) >= batch:
-                flush()
+        if isinstance(out, FeatureVector):
+            waiting.hold(out)
+            items.append(out)
+        elif isinstance(out, LabelEvent) and (learned := waiting.join(out)) is not None:
+            items.append(learned)
+        if len(items) >= batch:
+            flush()
     flush()
     ids = [r[0] for r in rows]
     ts = np.array([r[1] for r in rows], dtype=np.int64)

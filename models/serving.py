@@ -71,14 +71,9 @@ class Scorer:
         online_weight: float = 0.5,
         batch_size: int = 256,
         top_reasons: int = 3,
-        label_ttl_ms: int = 60 * 86_400_000,
         device: str = "cpu",
         nthread: int = 1,
-        remember: bool = True,
     ) -> None:
-        """`remember`: keep each scored vector until its `LabelEvent` arrives (batch replays). The
-        flow passes False: there a keyed step per transaction keeps the vector and sends a
-        `LabelledVector`, so this object (one Bytewax key, snapshotted every epoch) stays small."""
         self.artifact = artifact
         self.names = list(artifact.feature_names)
         self.xgb = XGBScorer(artifact.booster, self.names, device=device, nthread=nthread)
@@ -87,26 +82,17 @@ class Scorer:
         self.weight = online_weight
         self.batch_size = batch_size
         self.top_reasons = top_reasons
-        self.label_ttl_ms = label_ttl_ms
-        self.remember = remember
-        self.pending: OrderedDict[str, tuple[int, tuple[float, ...]]] = OrderedDict()
-        self.watermark = -(2**62)
         self.last = BatchStats()
 
-    def process(self, items: Sequence[FeatureVector | LabelEvent | LabelledVector]) -> list[Decision]:
-        """Decisions for the feature vectors in `items`; labels among them train the online model."""
+    def process(self, items: Sequence[FeatureVector | LabelledVector]) -> list[Decision]:
+        """Decisions for the feature vectors in `items`; labelled vectors among them train the online
+        model, in order, so a label teaches it only about the transactions after it."""
         stats = self.last = BatchStats()
         vectors = [it for it in items if isinstance(it, FeatureVector)]
         xgb_scores = self._xgb_scores(vectors, stats)
         decisions: list[Decision] = []
         j = 0
         for it in items:
-            if isinstance(it, LabelEvent):
-                seen = self.pending.pop(it.txn_id, None)
-                if seen is not None:
-                    self.online.learn_one(x_dict(self.names, seen[1]), it.is_fraud)
-                    stats.labels_learned += 1
-                continue
             if isinstance(it, LabelledVector):
                 self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
                 stats.labels_learned += 1
@@ -120,8 +106,6 @@ class Scorer:
             decisions.append(
                 Decision(it.txn, it.values, xs, online, final, final >= self.threshold, it.late, None)
             )
-            if self.remember:
-                self._remember(it)
         self._explain([d for d in decisions if d.alert])
         now = time.time_ns()
         for d in decisions:
@@ -146,23 +130,40 @@ class Scorer:
             for d, reasons in zip(alerts, self.xgb.contributions(X, self.top_reasons), strict=True):
                 d.reasons = reasons
 
-    def _remember(self, v: FeatureVector) -> None:
-        """Keep the scored features until the label arrives, for `label_ttl_ms` of event time."""
-        self.pending[v.txn.txn_id] = (v.txn.ts_ms, tuple(v.values))
-        if v.txn.ts_ms > self.watermark:
-            self.watermark = v.txn.ts_ms
-        oldest = self.watermark - self.label_ttl_ms
-        while self.pending:
-            txn_id, (ts, _) = next(iter(self.pending.items()))
-            if ts >= oldest:
-                break
-            del self.pending[txn_id]
-
     def snapshot(self) -> tuple[Any, ...]:
-        """Immutable copy: the online model as bytes, pending entries (tuples) in a new list."""
-        return (pickle.dumps(self.online), list(self.pending.items()), self.watermark)
+        """Immutable copy: the online model as bytes (the scorer keeps nothing per transaction)."""
+        return (pickle.dumps(self.online),)
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        online, pending, self.watermark = snap
+        (online,) = snap
         self.online = pickle.loads(online)
-        self.pending = OrderedDict(pending)
+
+
+class PendingVectors:
+    """Scored feature vectors waiting for their labels, for batch replays (`fraud evaluate`); the
+    flow keeps each one in its own key of the `pending` step instead.
+
+    `hold` each vector as it is scored, `join` each label into the `LabelledVector` the online
+    model learns (None when its vector is not held). Vectors older than `ttl_ms` of event time
+    behind the newest are forgotten, as the flow's index forgets unlabelled transactions.
+    """
+
+    def __init__(self, ttl_ms: int) -> None:
+        self.ttl_ms = ttl_ms
+        self.vectors: OrderedDict[str, tuple[int, tuple[float, ...]]] = OrderedDict()
+        self.watermark = -(2**62)
+
+    def hold(self, v: FeatureVector) -> None:
+        self.vectors[v.txn.txn_id] = (v.txn.ts_ms, tuple(v.values))
+        if v.txn.ts_ms > self.watermark:
+            self.watermark = v.txn.ts_ms
+        oldest = self.watermark - self.ttl_ms
+        while self.vectors:
+            txn_id, (ts, _) = next(iter(self.vectors.items()))
+            if ts >= oldest:
+                break
+            del self.vectors[txn_id]
+
+    def join(self, label: LabelEvent) -> LabelledVector | None:
+        seen = self.vectors.pop(label.txn_id, None)
+        return None if seen is None else LabelledVector(label.txn_id, label.is_fraud, seen[1], label.seq)
