@@ -11,7 +11,7 @@ with no origin). Numeric columns are scaled integers that are exactly the float 
 (amounts in cents, coordinates in 1e-7 degrees), categorical columns 32-bit hashes (0 = absent).
 A key whose value cannot be stored exactly (a non-cent amount, a NaN...) is widened for good: its
 events move to a float64 buffer of the same layout in the `wide` slot. A card with 90 events in 30
-days is one ~830-byte object; the snapshot is one bytes object.
+days is one object (`benchmarks/features_bench.py` measures it); the snapshot is one bytes object.
 
 `EntityPlan.observe` inserts a transaction at its event-time position and computes each declared
 feature over (t - window, t], the transaction itself included, from the events that arrived before
