@@ -24,7 +24,6 @@ distance and speed from the previous located event) look back as far as the enti
 from __future__ import annotations
 
 import math
-import sys
 import zlib
 from array import array
 from bisect import bisect_right
@@ -44,7 +43,10 @@ BIAS = 2**31  # offsets are stored signed: t - base - BIAS
 INT_LIMIT = 2**31
 MISSING = -(2**31)  # an absent coordinate in an integer column (never a valid scaled value)
 SNAPSHOT_FORMAT = "state/2"  # bumped whenever the snapshot layout changes
-PREFIX_MIN = 128  # keys this long keep prefix sums: O(1) window sums for hot merchants
+PREFIX_MIN = 128  # keys this long keep block sums (`Prefix`): window sums of hot merchants in O(block)
+PREFIX_BLOCK = 32  # events per block: 8 bytes per 32 events
+LAZY_MIN = 1024  # keys this long evict expired events in batches (see `_compile`), not one by one
+LAZY_SHIFT = 5  # ... once more than n >> LAZY_SHIFT (n/32) of their n events have expired
 SCALES = {"lat": 10**7, "lon": 10**7}  # integer units per 1.0; other numeric fields: cents
 GEO_FIELDS = ("lat", "lon")
 
@@ -74,20 +76,45 @@ def _scaled(v: float, scale: int) -> int | None:
     return c if c / scale == v and -INT_LIMIT < c < INT_LIMIT else None
 
 
+class Prefix:
+    """Block sums of a long key's summed columns, for window sums that read O(block) values.
+
+    `sums[j][b] - sums[j][a]` is the sum of column j over the events at positions
+    [a * block - shift, b * block - shift): the first `shift` events of block 0 have been evicted
+    (only differences are read, so dropping whole blocks from the front needs no other update).
+    """
+
+    __slots__ = ("shift", "sums")
+
+    def __init__(self, sums: dict[int, array[int]]) -> None:
+        self.shift = 0
+        self.sums = sums
+
+
+def window_sum(s: array[int], pre: Prefix, j: int, o: int, start: int, end: int, block: int) -> int:
+    """sum(s[o + start : o + end]), column j's values at positions [start, end), from block sums."""
+    e = pre.shift
+    b1, b2 = (start + e + block - 1) // block, (end + e) // block
+    if b2 <= b1:
+        return sum(s[o + start : o + end])
+    p = pre.sums[j]
+    return p[b2] - p[b1] + sum(s[o + start : o + b1 * block - e]) + sum(s[o + b2 * block - e : o + end])
+
+
 class EntityState(array):
     """Events of one key in one flat buffer (see the module docstring for the layout).
 
     Slots: `wide` is None, or the float64 buffer that holds the events once the key was widened
     (this buffer is then empty); `labels` is None until the key's first fraud label: (transaction
-    times, label times); `prefix` (derived, never snapshotted) maps a summed column to its
-    running sums.
+    times, label times); `prefix` (derived, never snapshotted) is None or the block sums of the
+    summed columns of a long key.
     """
 
     __slots__ = ("labels", "prefix", "wide")
 
     wide: array[float] | None
     labels: tuple[array[int], array[int]] | None
-    prefix: dict[int, array[int]] | None
+    prefix: Prefix | None
 
     def __new__(cls, typecode: str) -> EntityState:
         self = super().__new__(cls, typecode)
@@ -152,6 +179,9 @@ class EntityPlan:
         aggregated = {f.field for f in features if f.agg in NUMERIC_AGGS}
         self.nullable = [f in GEO_FIELDS and f not in aggregated for f in num]
         self.summed = sorted({num.index(f.field) for f in features if f.agg in ("sum", "mean") and f.field})
+        # Read when the plan is built (tests shrink them to reach the long-key paths with few events).
+        self.block, self.prefix_min = PREFIX_BLOCK, max(PREFIX_MIN, PREFIX_BLOCK)
+        self.lazy_min, self.lazy_shift = LAZY_MIN, LAZY_SHIFT
         self.uses_labels = any(f.agg in LABEL_AGGS for f in features)
         self.lookback_ms = max(f.window_ms + f.delay_ms for f in features)
         self.retention_ms = self.lookback_ms + allowed_lateness_ms
@@ -257,6 +287,12 @@ class EntityPlan:
             late = t < newest - self.allowed_lateness_ms
             if t <= newest - self.retention_ms:  # older than everything kept: it can only see itself
                 return self._observe(self.new_state(), txn)[0], True
+            if late:
+                # The in-order path leaves a long key's expired events in place until n/32 of them
+                # have expired. No event within the allowed lateness can reach them, but a late
+                # one could: drop them first, so that what it sees never depends on that schedule.
+                self._evict(s, d, n)
+                n = self._count(d)
         if d is s and self.code == "i":
             rel = t - self._base(s)
             if rel >= INT_LIMIT:  # past the span: what falls below the new origin is evicted below
@@ -278,7 +314,7 @@ class EntityPlan:
         if d is s and self.summed:
             if s.prefix is not None:
                 self._update_prefix(s, n, idx)
-            elif n >= PREFIX_MIN:
+            elif n >= self.prefix_min:
                 self._build_prefix(s, n)
         values = self._fast(s, n, idx, rel) if d is s else self._compute(d, n, s, idx, rel)
         self._evict(s, d, n)
@@ -332,21 +368,41 @@ class EntityPlan:
         known.insert(i, label_ts)
 
     def _build_prefix(self, s: EntityState, n: int) -> None:
-        s.prefix = {
-            j: array("q", accumulate(s[1 + (j + 1) * n : 1 + (j + 2) * n], initial=0)) for j in self.summed
-        }
+        b = self.block
+        s.prefix = Prefix(
+            {
+                j: array(
+                    "q", accumulate((sum(s[o + i : o + i + b]) for i in range(0, n - b + 1, b)), initial=0)
+                )
+                for j in self.summed
+                for o in (1 + (j + 1) * n,)
+            }
+        )
 
     def _update_prefix(self, s: EntityState, n: int, idx: int) -> None:
-        assert s.prefix is not None
-        for j, p in s.prefix.items():
+        """After an insertion at `idx` (n events now): recompute the blocks from the one holding it."""
+        pre, b = s.prefix, self.block
+        assert pre is not None
+        e = pre.shift
+        for j, p in pre.sums.items():
             o = 1 + (j + 1) * n
-            if idx == n - 1:
-                p.append(p[-1] + s[o + idx])
-            else:  # out of order: recompute the running sums after the insertion point
-                del p[idx + 1 :]
-                sums = accumulate(s[o + idx : o + n], initial=p[idx])
-                next(sums)
-                p.extend(sums)
+            del p[(idx + e) // b + 1 :]
+            for k in range(len(p), (n + e) // b + 1):  # block 0 holds only b - e events
+                p.append(p[-1] + sum(s[o + max(0, (k - 1) * b - e) : o + k * b - e]))
+
+    def _shrink_prefix(self, s: EntityState, n: int, k: int) -> None:
+        """After `k` events were evicted from the front (n left): drop the blocks they emptied."""
+        pre, b = s.prefix, self.block
+        assert pre is not None
+        if n < b:
+            s.prefix = None
+            return
+        pre.shift += k
+        whole = pre.shift // b
+        if whole:
+            pre.shift -= whole * b
+            for p in pre.sums.values():
+                del p[:whole]
 
     def _rebase(self, s: EntityState, n: int, new_base: int) -> None:
         """Move the key's origin to minute `new_base`; offsets that fall below it are clamped (and
@@ -364,13 +420,18 @@ class EntityPlan:
             for seg in range(self.width - 1, -1, -1):
                 del d[1 + seg * n : 1 + seg * n + k]
             if s.prefix is not None:
-                for p in s.prefix.values():
-                    del p[:k]
+                self._shrink_prefix(s, n - k, k)
         if s.labels is not None:
-            m = bisect_right(s.labels[0], self._base(d) + horizon)
-            if m:
-                del s.labels[0][:m]
-                del s.labels[1][:m]
+            self._evict_labels(s, self._base(d) + horizon)
+
+    @staticmethod
+    def _evict_labels(s: EntityState, horizon: int) -> None:
+        """Drop the labels of transactions at or before `horizon` (epoch ms)."""
+        assert s.labels is not None
+        m = bisect_right(s.labels[0], horizon)
+        if m:
+            del s.labels[0][:m]
+            del s.labels[1][:m]
 
     # -- features ---------------------------------------------------------------------------
 
@@ -403,8 +464,13 @@ class EntityPlan:
             return float(end - start)
         if agg in ("sum", "mean"):
             if d.typecode != "d":
-                p = s.prefix.get(j) if s.prefix is not None else None
-                total = (p[end] - p[start] if p is not None else sum(d[o + start : o + end])) / self.scales[j]
+                pre = s.prefix
+                raw = (
+                    sum(d[o + start : o + end])
+                    if pre is None
+                    else window_sum(d, pre, j, o, start, end, self.block)
+                )
+                total = raw / self.scales[j]
                 return total if agg == "sum" else total / (end - start)
             vals = [v for v in d[o + start : o + end] if v == v]
             if not vals:
@@ -489,8 +555,6 @@ class EntityPlan:
         body += [f"    st{w} = bisect_right(m, rel - {w}, 1, end) - 1" for w in self.windows]
         used = sorted({j for agg, j, _, _ in steps if j >= 0})
         body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
-        for j in summed:
-            body.append(f"    p{j} = pre.get({j}) if pre is not None else None")
         # Nested windows share work: a longer window's sum (or max/min) extends the next shorter
         # one's over the events between their starts, so each event is read once, not per window.
         for j in summed:
@@ -498,8 +562,10 @@ class EntityPlan:
                 sorted({w for agg, jj, w, _ in steps if jj == j and agg in ("sum", "mean")}),
                 self.scales[j],
             )
-            body.append(f"    if p{j} is not None:")
-            body += [f"        t{j}_{w} = (p{j}[end] - p{j}[st{w}]) / {scale}" for w in ws]
+            body.append("    if pre is not None:")
+            body += [
+                f"        t{j}_{w} = wsum(s, pre, {j}, o{j}, st{w}, end, {self.block}) / {scale}" for w in ws
+            ]
             body.append("    else:")
             for k, w in enumerate(ws):
                 upto = "end" if k == 0 else f"st{ws[k - 1]}"
@@ -574,34 +640,39 @@ class EntityPlan:
         append.append("    s.insert(1 + n, rel)")
         append += ["    idx = n", "    n += 1"]
         if summed:
+            # A long key's block sums gain a block each time its last one fills.
+            b = self.block
             append.append("    if s.prefix is not None:")
+            append.append(f"        if (n + s.prefix.shift) % {b} == 0:")
             append += [
-                f"        q = s.prefix.get({j})\n        if q is not None: q.append(q[-1] + a{j})"
+                f"            q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {b}:{j + 2} * n + 1]))"
                 for j in summed
             ]
-            append.append("    elif n >= module.PREFIX_MIN: build_prefix(s, n)")
+            append.append(f"    elif n >= {self.prefix_min}: build_prefix(s, n)")
         append += [*body, f"    out = {values}"]
-        # Eviction inline: in an in-order append the newest event is this one, at position n.
+        # Eviction inline: in an in-order append the newest event is this one, at position n. A
+        # short key drops each event as it expires; a long one (hot merchant) once n/32 have, since
+        # every deletion moves the whole buffer. Expired events left in place are outside every
+        # window of an in-order event, and the general path drops them before it reads the state.
         R = self.retention_ms
         append += [
-            "    if s.labels is not None:",
-            "        m.release()",
-            "        evict(s, s, n)",
-            f"    elif s[1] <= rel - {R}:",
+            f"    if s[1 + (n >> {self.lazy_shift} if n >= {self.lazy_min} else 0)] <= rel - {R}:",
             f"        k = bisect_right(m, rel - {R}, 1, n) - 1",
             "        m.release()",
             *[f"        del s[1 + {seg} * n:1 + {seg} * n + k]" for seg in range(width - 1, -1, -1)],
-            "        if s.prefix is not None:",
-            "            for q in s.prefix.values(): del q[:k]",
+            "        if s.prefix is not None: shrink_prefix(s, n - k, k)",
             "    else:",
             "        m.release()",
+            "    if s.labels is not None:",
+            f"        evict_labels(s, s[0] * {MINUTE_MS} + {self.bias} + rel - {R})",
             "    return out, False",
         ]
 
         scope: dict[str, Any] = {
-            "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32, "module": sys.modules[__name__],
+            "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32,
             "feature": self._feature, "steps": steps, "general": self._observe,
-            "build_prefix": self._build_prefix, "evict": self._evict,
+            "build_prefix": self._build_prefix, "evict_labels": self._evict_labels,
+            "shrink_prefix": self._shrink_prefix, "wsum": window_sum,
         }  # fmt: skip
         exec("\n".join(fast), scope)
         exec("\n".join(append), scope)

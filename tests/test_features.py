@@ -6,6 +6,8 @@ import math
 import pickle
 import zlib
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -112,12 +114,12 @@ def same(a: float, b: float) -> bool:
 
 
 @st.composite
-def event_streams(draw: st.DrawFn) -> list[Transaction | Label]:
-    n = draw(st.integers(1, 45))
+def event_streams(draw: st.DrawFn, gaps: list[int] = GAPS, most: int = 45) -> list[Transaction | Label]:
+    n = draw(st.integers(1, most))
     ts = T0
     txns: list[Transaction] = []
     for i in range(n):
-        ts += draw(st.sampled_from(GAPS))
+        ts += draw(st.sampled_from(gaps))
         loc = draw(st.sampled_from([None, *CITIES]))
         txns.append(
             Transaction(
@@ -139,20 +141,106 @@ def event_streams(draw: st.DrawFn) -> list[Transaction | Label]:
     return [e for _, _, e in sorted(arrivals, key=lambda a: (a[0], a[1]))]
 
 
-@pytest.mark.parametrize("prefix_min", [state_module.PREFIX_MIN, 2])
+# Short windows: keys evict all the time, so the lazy eviction of long keys is exercised too.
+SHORT = FeatureSet(
+    windows=(
+        *expand(CARD, ["sum", "mean", "max"], ["1s", "1m", "1h"], "amount"),
+        WindowFeature(CARD, "count", window="1h"),
+        WindowFeature(CARD, "time_since_last"),
+        WindowFeature(CARD, "distance_km"),
+        WindowFeature(CARD, "is_new", "merchant_id", "1h"),
+        WindowFeature(CARD, "label_count", window="1h"),
+        WindowFeature(MERCHANT, "label_rate", window="1m", label_delay="1m"),
+        *expand(MERCHANT, ["sum"], ["1s", "1h"], "amount"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("features", "prefix", "lazy"),
+    [
+        (WIDE, (state_module.PREFIX_MIN, state_module.PREFIX_BLOCK), (state_module.LAZY_MIN, 5)),
+        (WIDE, (2, 2), (state_module.LAZY_MIN, 5)),
+        (WIDE, (3, 3), (state_module.LAZY_MIN, 5)),
+        (SHORT, (3, 3), (2, 1)),  # block sums, and expired events dropped once half the key has
+    ],
+    ids=["scans", "block-sums-2", "block-sums-3", "short-windows-lazy-eviction"],
+)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=event_streams())
-def test_features_equal_brute_force(prefix_min: int, events: list[Transaction | Label]) -> None:
-    """Both sum paths: window scans (short keys) and prefix sums (keys past PREFIX_MIN events)."""
-    saved, state_module.PREFIX_MIN = state_module.PREFIX_MIN, prefix_min
+def test_features_equal_brute_force(
+    features: FeatureSet, prefix: tuple[int, int], lazy: tuple[int, int], events: list[Transaction | Label]
+) -> None:
+    """Both sum paths: window scans (short keys) and block sums (keys past PREFIX_MIN events); both
+    eviction schedules: each expired event at once, and in batches (keys past LAZY_MIN events)."""
+    with long_key_thresholds(prefix, lazy):
+        pipeline = Pipeline(features, LATENESS_MS)
+    check_against_brute_force(events, pipeline)
+
+
+@contextmanager
+def long_key_thresholds(prefix: tuple[int, int], lazy: tuple[int, int]) -> Iterator[None]:
+    """Plans built inside take these (min events, block) for block sums, (min events, shift) for
+    batched eviction."""
+    m = state_module
+    saved = m.PREFIX_MIN, m.PREFIX_BLOCK, m.LAZY_MIN, m.LAZY_SHIFT
+    (m.PREFIX_MIN, m.PREFIX_BLOCK), (m.LAZY_MIN, m.LAZY_SHIFT) = prefix, lazy
     try:
-        check_against_brute_force(events)
+        yield
     finally:
-        state_module.PREFIX_MIN = saved
+        m.PREFIX_MIN, m.PREFIX_BLOCK, m.LAZY_MIN, m.LAZY_SHIFT = saved
 
 
-def check_against_brute_force(events: list[Transaction | Label]) -> None:
-    pipeline = Pipeline(WIDE, LATENESS_MS)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=event_streams(gaps=[0, 1_000, 60_000, 600_000, 1_200_000], most=80))  # ~SHORT's windows
+def test_long_key_paths_change_no_value(events: list[Transaction | Label]) -> None:
+    """Late events included: block sums, and dropping expired events in batches, give what window
+    scans and dropping each expired event at once give (every key here is "long")."""
+    engines = []
+    for prefix, lazy in [((10**9, 3), (10**9, 0)), ((3, 3), (2, 1)), ((2, 2), (10**9, 0))]:
+        with long_key_thresholds(prefix, lazy):
+            engines.append(FeatureEngine(Pipeline(SHORT, LATENESS_MS)))
+    for e in events:
+        reference, *others = (engine.process(e) for engine in engines)
+        if isinstance(reference, FeatureVector):
+            for out in others:
+                assert isinstance(out, FeatureVector) and out.late == reference.late
+                assert all(map(same, reference.values, out.values)), (e, reference.values, out.values)
+
+
+def test_block_sums_after_an_insertion_into_a_partly_evicted_block() -> None:
+    """Ten events a minute apart, one at 62 min (t0 and t1 expire: the first block is partly
+    evicted), then a late one at 1.5 min, inserted into that block; then more in-order events."""
+    minutes = [*range(10), 62, 1.5, 63, 64, 70]
+    events = [Transaction(f"t{i}", T0 + int(m * 60_000), "c1", "m1", 1.0 + i) for i, m in enumerate(minutes)]
+    engines = []
+    for prefix in [(10**9, 3), (3, 3)]:
+        with long_key_thresholds(prefix, (10**9, 0)):
+            engines.append(FeatureEngine(Pipeline(SHORT, LATENESS_MS)))
+    for e in events:
+        reference, blocks = (engine.process(e) for engine in engines)
+        assert isinstance(reference, FeatureVector) and isinstance(blocks, FeatureVector)
+        assert all(map(same, reference.values, blocks.values)), (e.txn_id, reference.values, blocks.values)
+    assert engines[1].states[0]["card:c1"].prefix is not None  # the block sums were in use
+
+
+def test_late_event_does_not_see_expired_events_left_in_place() -> None:
+    """One event a minute for 70 minutes: with 61 minutes of retention, ten have expired, and a
+    key dropping them in batches still holds them. An event 2 minutes late must not count them."""
+    with long_key_thresholds((state_module.PREFIX_MIN, state_module.PREFIX_BLOCK), (2, 1)):
+        engine = FeatureEngine(Pipeline(SHORT, LATENESS_MS))
+    for i in range(71):
+        engine.process(Transaction(f"t{i}", T0 + i * 60_000, "c1", "m1", 1.0))
+    assert engine.pipeline.plans[0].count(engine.states[0]["card:c1"]) == 71  # ten expired, kept
+    late = engine.process(Transaction("late", T0 + 68 * 60_000, "c1", "m1", 1.0))
+    assert isinstance(late, FeatureVector) and late.late
+    # Its window (t - 1h, t] reaches back to t9, which has expired: it counts t10..t68 and itself.
+    assert late.values[SHORT.names.index("count_by_card_1h")] == 60.0
+    assert engine.pipeline.plans[0].count(engine.states[0]["card:c1"]) == 62
+
+
+def check_against_brute_force(events: list[Transaction | Label], pipeline: Pipeline) -> None:
+    features = pipeline.feature_set
     engine = FeatureEngine(pipeline)
     lookback = {p.entity: p.lookback_ms for p in pipeline.plans}
     arrived: list[Transaction] = []
@@ -180,10 +268,10 @@ def check_against_brute_force(events: list[Transaction | Label]) -> None:
         assert out.late == late
         if out.late:
             continue
-        expected = txn_features(e, WIDE.txn) + [
-            brute_force(f, e, arrived, frauds, lookback[f.entity]) for f in WIDE.windows
+        expected = txn_features(e, features.txn) + [
+            brute_force(f, e, arrived, frauds, lookback[f.entity]) for f in features.windows
         ]
-        for name, got, want in zip(WIDE.names, out.values, expected, strict=True):
+        for name, got, want in zip(features.names, out.values, expected, strict=True):
             assert same(got, want), f"{name} of {e.txn_id}: engine {got} != brute force {want}"
         checked += 1
     assert checked >= 1 or not arrived  # the first arrival is never late, so something was compared
