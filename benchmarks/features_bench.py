@@ -106,9 +106,8 @@ class World:
         self.merchant_cdf = np.cumsum(self.merchant_share)
         self.card_devices = rng.integers(0, devices, size=(cards, 2))
         self.card_two_devices = rng.random(cards) < 0.5
-        self.card_ids = [f"c{i}" for i in range(cards)]
-        self.merchant_ids = [f"m{i}" for i in range(merchants)]
-        self.device_ids = [f"d{i}" for i in range(devices)]
+        # Ids are strings made per transaction ("c17", "m3", "d42"), as a source decoding a stream
+        # makes them: tables of a million id strings would weigh on the process's memory.
 
     def events(self, ts: np.ndarray, card: np.ndarray) -> Stream:
         n, rng = len(ts), self.rng
@@ -122,7 +121,7 @@ class World:
         return Stream(ts.astype(np.int64), card, merchant, device, amount)
 
     def transactions(self, s: Stream, first_id: int = 0) -> list[Transaction]:
-        T, cards, merchants, devs = Transaction, self.card_ids, self.merchant_ids, self.device_ids
+        T = Transaction
         cols = zip(
             s.ts.tolist(),
             s.card.tolist(),
@@ -132,7 +131,7 @@ class World:
             strict=True,
         )
         return [
-            T(f"t{first_id + i}", ts, cards[c], merchants[m], a, device_id=devs[d] if d >= 0 else None)
+            T(f"t{first_id + i}", ts, f"c{c}", f"m{m}", a, device_id=f"d{d}" if d >= 0 else None)
             for i, (ts, c, m, d, a) in enumerate(cols)
         ]
 
@@ -284,8 +283,8 @@ def pandas_check(world: World, stream: Stream, txns: Sequence[Transaction], rows
     df = pd.DataFrame(
         {
             "ts": pd.to_datetime(stream.ts[:rows], unit="ms"),
-            "card_id": np.array(world.card_ids, dtype=object)[stream.card[:rows]],
-            "merchant_id": np.array(world.merchant_ids, dtype=object)[stream.merchant[:rows]],
+            "card_id": [f"c{c}" for c in stream.card[:rows].tolist()],
+            "merchant_id": [f"m{m}" for m in stream.merchant[:rows].tolist()],
             "amount": stream.amount[:rows],
         }
     )
@@ -513,6 +512,70 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
     if traced is not None:
         mem["tracemalloc_features_code_bytes"] = traced
     report["memory"] = mem
+    if not args.no_restore:
+        log("snapshotting every key and restoring them in a fresh process")
+        report["restored"] = restore_check(engine)
+
+
+def restore_check(engine: FeatureEngine) -> dict[str, Any]:
+    """Pickle every key's state (what Bytewax recovery stores), then load them all in a fresh
+    process: the memory of a worker that restarts holding this state, without the allocator's
+    leftovers from building it one event at a time."""
+    import pickle
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix="fraud-states-", suffix=".pickle") as f:
+        t0 = time.perf_counter()
+        dump = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump
+        for i, states in enumerate(engine.states):
+            dump((i, len(states)))
+            for item in states.items():
+                dump(item)
+        f.flush()
+        dump_s = time.perf_counter() - t0
+        size = os.path.getsize(f.name)
+        child = subprocess.run(
+            [sys.executable, __file__, "--restore-from", f.name, "--json"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+    out: dict[str, Any] = json.loads(child.stdout)
+    out.update(snapshot_bytes=size, snapshot_seconds=dump_s)
+    return out
+
+
+def restore_mode(path: str) -> dict[str, Any]:
+    """The child of `restore_check`: load the pickled states into dicts, as the engine holds them."""
+    import pickle
+
+    gc.collect()
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    states: list[dict[str, EntityState]] = []
+    with open(path, "rb") as f:
+        load = pickle.Unpickler(f).load
+        while True:
+            try:
+                _, n = load()
+            except EOFError:
+                break
+            d: dict[str, EntityState] = {}
+            for _ in range(n):
+                key, state = load()
+                d[key] = state
+            states.append(d)
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    after = rss_bytes()
+    return {
+        "keys": [len(d) for d in states],
+        "states_bytes": deep_size(states, {id(x) for x in (None, True, False)}),
+        "restore_seconds": seconds,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "rss_growth_bytes": after - before,
+        "max_rss_bytes": max_rss_bytes(),
+    }
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -561,6 +624,13 @@ def print_block(r: dict[str, Any]) -> None:
           f"(+{_mib(rss['growth_bytes'])}), peak {_mib(rss['max_bytes'])}")  # fmt: skip
     if rss.get("after_malloc_trim_bytes"):
         print(f"RSS after malloc_trim(0) (free heap pages returned): {_mib(rss['after_malloc_trim_bytes'])}")
+    rs = r.get("restored")
+    if rs:
+        print(f"restored in a fresh process from the keys' pickled snapshots ({_mib(rs['snapshot_bytes'])}, "
+              f"{rs['snapshot_bytes'] / m['card_keys']:,.0f} B/card; written in {rs['snapshot_seconds']:.1f}s, "
+              f"loaded in {rs['restore_seconds']:.1f}s):")  # fmt: skip
+        print(f"  states {_mib(rs['states_bytes'])}; RSS before {_mib(rs['rss_before_bytes'])}, after {_mib(rs['rss_after_bytes'])} "
+              f"(+{_mib(rs['rss_growth_bytes'])}), peak {_mib(rs['max_rss_bytes'])}")  # fmt: skip
     p = r.get("pandas")
     if p:
         print(f"pandas ({p['rows']:,} rows, {len(p['features_compared'])} card+merchant features):")
@@ -598,8 +668,15 @@ def main(argv: list[str] | None = None) -> int:
         "transaction); features-only runs leave it off",
     )
     ap.add_argument("--tracemalloc", action="store_true", help="memory-only: cross-check with tracemalloc")
+    ap.add_argument(
+        "--no-restore", action="store_true", help="memory-only: skip the snapshot + fresh-process restore"
+    )
+    ap.add_argument("--restore-from", help=argparse.SUPPRESS)  # the child of the restore check
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.restore_from:
+        print(json.dumps(restore_mode(args.restore_from)))
+        return 0
     if args.devices is None:
         args.devices = args.cards
     if args.merchants is None:
