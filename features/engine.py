@@ -68,13 +68,18 @@ TXN_FEATURE_CODE = {
 _compiled: dict[tuple[str, ...], Callable[[Transaction], list[float]]] = {}
 
 
-def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
-    """Features of the transaction alone (no history), in the order of `names`."""
+def txn_feature_function(names: tuple[str, ...]) -> Callable[[Transaction], list[float]]:
+    """The function computing the features of a transaction alone (no history), in `names` order."""
     fn = _compiled.get(names)
     if fn is None:
         src = "lambda t: [" + ", ".join(TXN_FEATURE_CODE[n] for n in names) + "]"
         fn = _compiled[names] = eval(src, {"mcc_code": _mcc_code, "NAN": NAN})
-    return fn(txn)
+    return fn
+
+
+def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
+    """Features of the transaction alone (no history), in the order of `names`."""
+    return txn_feature_function(names)(txn)
 
 
 class Pipeline:
@@ -87,6 +92,7 @@ class Pipeline:
         ]
         self.names = feature_set.names
         self.schema_hash = feature_set.schema_hash
+        self.txn_features = txn_feature_function(feature_set.txn)
 
     def start(self, txn: Transaction) -> tuple[FeatureRow, TxnEntry]:
         # Interned: the index keeps every transaction's keys for weeks, and a card's transactions
@@ -95,7 +101,7 @@ class Pipeline:
         return FeatureRow(txn, keys), TxnEntry(txn.ts_ms, keys)
 
     def assemble(self, row: FeatureRow) -> list[float]:
-        values = txn_features(row.txn, self.feature_set.txn)
+        values = self.txn_features(row.txn)
         for part in row.parts:
             values.extend(part)
         return values
@@ -204,7 +210,7 @@ class FeatureEngine:
         self._until_sweep -= 1
         if not self._until_sweep:
             self._expire()
-        values = txn_features(event, p.feature_set.txn)
+        values = p.txn_features(event)
         late = False
         keys = []
         for key_of, states, observe, new_state, absent in self._plans:

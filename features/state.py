@@ -591,6 +591,8 @@ class EntityPlan:
                 exprs.append(f"t{j}_{w} / (end - st{w})")
             elif agg in ("max", "min") and j in ints:
                 exprs.append(f"{agg}{j}_{w} / {self.scales[j]}")
+            elif agg == "distinct" and w in self.windows:  # categorical hashes; 0 = absent
+                exprs.append(f"float(len(set(s[o{j} + st{w}:o{j} + end]).difference((0,))))")
             elif agg == "time_since_last":
                 exprs.append(
                     f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {self.lookback_ms} else NAN)"
