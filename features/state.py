@@ -45,6 +45,8 @@ MISSING = -(2**31)  # an absent coordinate in an integer column (never a valid s
 SNAPSHOT_FORMAT = "state/2"  # bumped whenever the snapshot layout changes
 PREFIX_MIN = 128  # keys this long keep block sums (`Prefix`): window sums of hot merchants in O(block)
 PREFIX_BLOCK = 32  # events per block: 8 bytes per 32 events
+SMALL_BLOCK = 512  # CPython's small-object allocator serves up to this many bytes
+PRESIZE_AT = 16  # a key reaching this many events gets a buffer past SMALL_BLOCK at once (`presize`)
 LAZY_MIN = 1024  # keys this long evict expired events in batches (see `_compile`), not one by one
 LAZY_SHIFT = 5  # ... once more than n >> LAZY_SHIFT (n/32) of their n events have expired
 SCALES = {"lat": 10**7, "lon": 10**7}  # integer units per 1.0; other numeric fields: cents
@@ -89,6 +91,27 @@ class Prefix:
     def __init__(self, sums: dict[int, array[int]]) -> None:
         self.shift = 0
         self.sums = sums
+
+
+def presize(s: array[Any]) -> None:
+    """Move a growing key's buffer out of CPython's small-object allocator now, in one step.
+
+    A buffer of up to 512 bytes lives in pymalloc's pools; growing one event at a time it takes a
+    block of each size class in turn, and once past 512 bytes it leaves them all behind. Pools
+    that also hold a long-lived object (another key's header or key string) are never given back,
+    so a million cards growing together left most of a gigabyte of pool space unused. Here the
+    buffer is grown past 512 bytes (moving it to malloc) and the padding is deleted 15 items at a
+    time, which CPython's array does without shrinking the allocation: the key then grows in place
+    up to ~65 events (4-byte buffers, two segments). Only allocation changes; values do not.
+    """
+    pad = SMALL_BLOCK // s.itemsize + 1 - len(s)
+    if pad <= 0:
+        return
+    s.extend([0] * pad)
+    while pad > 0:
+        step = min(15, pad)
+        del s[len(s) - step :]
+        pad -= step
 
 
 def window_sum(s: array[int], pre: Prefix, j: int, o: int, start: int, end: int, block: int) -> int:
@@ -640,7 +663,7 @@ class EntityPlan:
         for j in range(cols - 1, -1, -1):
             append.append(f"    s.append(a{j})" if j == cols - 1 else f"    s.insert(1 + {j + 2} * n, a{j})")
         append.append("    s.insert(1 + n, rel)")
-        append += ["    idx = n", "    n += 1"]
+        append += ["    idx = n", "    n += 1", f"    if n == {PRESIZE_AT}: presize(s)"]
         if summed:
             # A long key's block sums gain a block each time its last one fills.
             b = self.block
@@ -674,7 +697,7 @@ class EntityPlan:
             "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32,
             "feature": self._feature, "steps": steps, "general": self._observe,
             "build_prefix": self._build_prefix, "evict_labels": self._evict_labels,
-            "shrink_prefix": self._shrink_prefix, "wsum": window_sum,
+            "shrink_prefix": self._shrink_prefix, "wsum": window_sum, "presize": presize,
         }  # fmt: skip
         exec("\n".join(fast), scope)
         exec("\n".join(append), scope)
