@@ -527,7 +527,12 @@ def restore_check(engine: FeatureEngine) -> dict[str, Any]:
 
     with tempfile.NamedTemporaryFile(prefix="fraud-states-", suffix=".pickle") as f:
         t0 = time.perf_counter()
-        dump = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump
+
+        # One pickle per key (a Pickler's memo would keep every snapshot alive until the end).
+        def dump(obj: object) -> None:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            f.write(len(data).to_bytes(4, "little") + data)
+
         for i, states in enumerate(engine.states):
             dump((i, len(states)))
             for item in states.items():
@@ -553,12 +558,12 @@ def restore_mode(path: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     states: list[dict[str, EntityState]] = []
     with open(path, "rb") as f:
-        load = pickle.Unpickler(f).load
-        while True:
-            try:
-                _, n = load()
-            except EOFError:
-                break
+
+        def load() -> Any:
+            return pickle.loads(f.read(int.from_bytes(f.read(4), "little")))
+
+        while f.peek(1):
+            _, n = load()
             d: dict[str, EntityState] = {}
             for _ in range(n):
                 key, state = load()
@@ -692,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "cpu": cpu,
         "engine_sources": engine_fingerprint(),
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "restore_from")},
         "features": {
             "total": len(BENCH.names),
             "window": len(BENCH.windows),
