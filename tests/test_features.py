@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from features.catalog import FEATURES
 from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline, txn_features
 from features.events import DeadLetter, Label, Transaction
 from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
-from features.state import haversine_km, stable_hash
+from features.state import EntityState, haversine_km, stable_hash
 
 CARD = Entity("card", ("card_id",))
 MERCHANT = Entity("merchant", ("merchant_id",))
@@ -324,6 +325,22 @@ def test_labels_and_duplicates_become_dead_letters() -> None:
     assert isinstance(engine.process(Label("a", False, T0)), LabelEvent)
     again = engine.process(Label("a", True, T0))
     assert isinstance(again, DeadLetter) and again.reason == "duplicate_label"
+
+
+def test_a_growing_key_leaves_the_small_object_allocator_at_16_events() -> None:
+    """At PRESIZE_AT events the buffer is given room past pymalloc's 512 bytes in one step (see
+    `presize`); values are unchanged and the snapshot stays exact-size."""
+    engine = FeatureEngine(Pipeline(SHORT, LATENESS_MS))
+    sizes = []
+    for i in range(state_module.PRESIZE_AT + 1):
+        engine.process(Transaction(f"t{i}", T0 + i * 1000, "c1", "m1", 1.0 + i))
+        state = engine.states[0]["card:c1"]
+        sizes.append(sys.getsizeof(state) - sys.getsizeof(EntityState("i")))  # the buffer's allocation
+    before, at = sizes[state_module.PRESIZE_AT - 2], sizes[state_module.PRESIZE_AT - 1]
+    assert before <= state_module.SMALL_BLOCK < at
+    plan = engine.pipeline.plans[0]
+    assert plan.column(state, "amount") == [1.0 + i for i in range(state_module.PRESIZE_AT + 1)]
+    assert len(pickle.dumps(state)) < 4 * plan.width * plan.count(state) + 200
 
 
 def test_state_is_evicted_and_pickles_compactly() -> None:
