@@ -541,9 +541,10 @@ def restore_check(engine: FeatureEngine) -> dict[str, Any]:
         dump_s = time.perf_counter() - t0
         size = os.path.getsize(f.name)
         child = subprocess.run(
-            [sys.executable, __file__, "--restore-from", f.name, "--json"],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            [sys.executable, __file__, "--restore-from", f.name, "--json"], capture_output=True, text=True
+        )
+    if child.returncode:  # report it with the rest: an hour of measurements must not be lost to it
+        return {"error": child.stderr.strip().splitlines()[-1:], "snapshot_bytes": size}
     out: dict[str, Any] = json.loads(child.stdout)
     out.update(snapshot_bytes=size, snapshot_seconds=dump_s)
     return out
@@ -571,7 +572,7 @@ def restore_mode(path: str) -> dict[str, Any]:
             states.append(d)
     seconds = time.perf_counter() - t0
     gc.collect()
-    after = rss_bytes()
+    after, peak = rss_bytes(), max_rss_bytes()  # before deep_size, whose id set is not the state's
     return {
         "keys": [len(d) for d in states],
         "states_bytes": deep_size(states, {id(x) for x in (None, True, False)}),
@@ -579,7 +580,7 @@ def restore_mode(path: str) -> dict[str, Any]:
         "rss_before_bytes": before,
         "rss_after_bytes": after,
         "rss_growth_bytes": after - before,
-        "max_rss_bytes": max_rss_bytes(),
+        "max_rss_bytes": peak,
     }
 
 
@@ -630,7 +631,9 @@ def print_block(r: dict[str, Any]) -> None:
     if rss.get("after_malloc_trim_bytes"):
         print(f"RSS after malloc_trim(0) (free heap pages returned): {_mib(rss['after_malloc_trim_bytes'])}")
     rs = r.get("restored")
-    if rs:
+    if rs and "error" in rs:
+        print(f"restore check failed: {rs['error']}")
+    elif rs:
         print(f"restored in a fresh process from the keys' pickled snapshots ({_mib(rs['snapshot_bytes'])}, "
               f"{rs['snapshot_bytes'] / m['card_keys']:,.0f} B/card; written in {rs['snapshot_seconds']:.1f}s, "
               f"loaded in {rs['restore_seconds']:.1f}s):")  # fmt: skip
