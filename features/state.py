@@ -16,9 +16,10 @@ days is one object (`benchmarks/features_bench.py` measures it); the snapshot is
 `EntityPlan.observe` inserts a transaction at its event-time position and computes each declared
 feature over (t - window, t], the transaction itself included, from the events that arrived before
 it; events that arrived earlier but lie later in event time are not in its window. Counts come from
-a binary search; sums and means of long (hot) keys from prefix sums kept once a key holds
+a binary search; sums and means of long (hot) keys from block sums kept once a key holds
 `PREFIX_MIN` events; other aggregations scan the window. Unwindowed aggregations (time since last,
 distance and speed from the previous located event) look back as far as the entity's longest window.
+Keys of `LAZY_MIN` events or more drop expired events in batches (see `_compile`).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class EntityState(array):
 
 
 def restore_state(snap: tuple[Any, ...]) -> EntityState:
-    """The state `EntityState.snapshot` describes (prefix sums are rebuilt on the next event)."""
+    """The state `EntityState.snapshot` describes (block sums are rebuilt on the next event)."""
     if not (isinstance(snap, tuple) and len(snap) == 5 and snap[0] == SNAPSHOT_FORMAT):
         raise ValueError(
             "feature state snapshot in an unknown format (written by another version of the engine?): "
