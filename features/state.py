@@ -99,8 +99,9 @@ def presize(s: array[Any]) -> None:
 
     A buffer of up to 512 bytes lives in pymalloc's pools; growing one event at a time it takes a
     block of each size class in turn, and once past 512 bytes it leaves them all behind. Pools
-    that also hold a long-lived object (another key's header or key string) are never given back,
-    so a million cards growing together left most of a gigabyte of pool space unused. Here the
+    that also hold a long-lived object (another key's header or key string) are never given back:
+    50,000 cards growing together left 41 MB of pools unused (82 arenas for 27 MB of live blocks;
+    56 arenas and 14 MB with this). Here the
     buffer is grown past 512 bytes (moving it to malloc) and the padding is deleted 15 items at a
     time, which CPython's array does without shrinking the allocation: the key then grows in place
     up to ~65 events (4-byte buffers, two segments). Only allocation changes; values do not.
@@ -679,7 +680,7 @@ class EntityPlan:
         # Eviction inline: in an in-order append the newest event is this one, at position n. A
         # short key drops each event as it expires; a long one (hot merchant) once n/32 have, since
         # every deletion moves the whole buffer. Expired events left in place are outside every
-        # window of an in-order event, and the general path drops them before it reads the state.
+        # window of an in-order event, and a late event drops them before it reads the state.
         R = self.retention_ms
         append += [
             f"    if s[1 + (n >> {self.lazy_shift} if n >= {self.lazy_min} else 0)] <= rel - {R}:",
