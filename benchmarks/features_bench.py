@@ -256,6 +256,86 @@ def feed(
     return time.perf_counter() - t0, engine
 
 
+def entity_breakdown(pipeline: Pipeline, txns: Sequence[Transaction]) -> dict[str, float]:
+    """µs per transaction of each entity's features alone (key, state lookup, observe) and of the
+    transaction-only features: where the time of a full run goes."""
+    out: dict[str, float] = {}
+    for plan in pipeline.plans:
+        states: dict[str, EntityState] = {}
+        key_of, observe, new_state = plan.key_of, plan.observe, plan.new_state
+        gc.collect()
+        t0 = time.perf_counter()
+        for t in txns:
+            key = key_of(t)
+            if key is None:
+                continue
+            state = states.get(key)
+            if state is None:
+                state = states[key] = new_state()
+            observe(state, t)
+        out[plan.entity.name] = (time.perf_counter() - t0) / len(txns) * 1e6
+    txn_features = pipeline.txn_features
+    t0 = time.perf_counter()
+    for t in txns:
+        txn_features(t)
+    out["transaction-only"] = (time.perf_counter() - t0) / len(txns) * 1e6
+    return out
+
+
+def allocator_stats() -> dict[str, Any]:
+    """glibc's view of its heap (`mallinfo2`, MiB) and pymalloc's (`sys._debugmallocstats`, which
+    prints to stderr: its summary lines are captured from a pipe)."""
+    import ctypes
+    import re
+
+    out: dict[str, Any] = {}
+    try:
+        fields = (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+        )
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in (*fields, "keepcost")]
+
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        mallinfo2.restype = MallInfo2
+        info = mallinfo2()
+        out["glibc"] = {"heap_bytes": info.arena, "in_use_bytes": info.uordblks, "free_bytes": info.fordblks}
+    except (OSError, AttributeError):
+        pass
+    read, write = os.pipe()
+    saved = os.dup(2)
+    try:
+        os.dup2(write, 2)
+        os.close(write)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    with os.fdopen(read) as f:
+        text = f.read()
+
+    def number(pattern: str) -> int:
+        m = re.search(pattern + r"\s*=\s*([\d,]+)", text)
+        return int(m.group(1).replace(",", "")) if m else -1
+
+    out["pymalloc"] = {
+        "arenas": number(r"# arenas allocated current"),
+        "allocated_blocks_bytes": number(r"# bytes in allocated blocks"),
+        "free_blocks_bytes": number(r"# bytes in available blocks"),
+        "unused_pools_bytes": number(r"unused pools \* \d+ bytes"),
+    }
+    return out
+
+
 def feed_collect(pipeline: Pipeline, txns: Sequence[Transaction]) -> tuple[float, list[list[float]]]:
     engine = FeatureEngine(pipeline, index_ttl_ms=0)
     process = engine.process
@@ -414,6 +494,9 @@ def throughput_mode(args: argparse.Namespace, report: dict[str, Any], log: Calla
         "us_per_tx": best / len(txns) * 1e6,
         "window_features_per_s": len(txns) * len(BENCH.windows) / best,
     }
+    if args.breakdown:
+        log("timing each entity alone")
+        report["throughput"]["us_per_tx_by_part"] = entity_breakdown(pipeline, txns)
     gc.collect()
     rss_after = rss_bytes()
     report["rss"] = {
@@ -482,6 +565,8 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
         tracemalloc.stop()
     gc.collect()
     rss_after = rss_bytes()
+    if args.malloc_stats:
+        report["allocators"] = allocator_stats()
     rss_trimmed = rss_after_malloc_trim()
     report["data"] = {
         "transactions": fed,
@@ -606,6 +691,9 @@ def print_block(r: dict[str, Any]) -> None:
     else:
         print(f"throughput: {t['tx_per_s']:,.0f} tx/s ({t['engine_seconds']:.1f}s in the engine, "
               f"{t['wall_seconds']:.1f}s wall{', tracemalloc on' if t['tracemalloc_on'] else ''})")  # fmt: skip
+    if "us_per_tx_by_part" in t:
+        parts = " · ".join(f"{k} {v:.2f}" for k, v in t["us_per_tx_by_part"].items())
+        print(f"  each part alone, µs per transaction: {parts}")
     print(f"memory ({m['card_keys']:,} card keys):")
     for name in r["features"]["entities"]:
         e = m[name]
@@ -630,6 +718,15 @@ def print_block(r: dict[str, Any]) -> None:
           f"(+{_mib(rss['growth_bytes'])}), peak {_mib(rss['max_bytes'])}")  # fmt: skip
     if rss.get("after_malloc_trim_bytes"):
         print(f"RSS after malloc_trim(0) (free heap pages returned): {_mib(rss['after_malloc_trim_bytes'])}")
+    a = r.get("allocators")
+    if a:
+        g, pm = a.get("glibc"), a["pymalloc"]
+        if g:
+            print(
+                f"glibc heap {_mib(g['heap_bytes'])}: in use {_mib(g['in_use_bytes'])}, free {_mib(g['free_bytes'])}"
+            )
+        print(f"pymalloc: {pm['arenas']} arenas; allocated blocks {_mib(pm['allocated_blocks_bytes'])}, free blocks "
+              f"{_mib(pm['free_blocks_bytes'])}, unused pools {_mib(pm['unused_pools_bytes'])}")  # fmt: skip
     rs = r.get("restored")
     if rs and "error" in rs:
         print(f"restore check failed: {rs['error']}")
@@ -676,6 +773,10 @@ def main(argv: list[str] | None = None) -> int:
         "transaction); features-only runs leave it off",
     )
     ap.add_argument("--tracemalloc", action="store_true", help="memory-only: cross-check with tracemalloc")
+    ap.add_argument("--breakdown", action="store_true", help="throughput: also time each entity alone")
+    ap.add_argument(
+        "--malloc-stats", action="store_true", help="memory-only: glibc and pymalloc heap figures at the end"
+    )
     ap.add_argument(
         "--no-restore", action="store_true", help="memory-only: skip the snapshot + fresh-process restore"
     )
