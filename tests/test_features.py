@@ -160,9 +160,13 @@ SHORT = FeatureSet(
 @pytest.mark.parametrize(
     ("features", "prefix", "lazy"),
     [
-        (WIDE, (state_module.PREFIX_MIN, state_module.PREFIX_BLOCK), (state_module.LAZY_MIN, 5)),
-        (WIDE, (2, 2), (state_module.LAZY_MIN, 5)),
-        (WIDE, (3, 3), (state_module.LAZY_MIN, 5)),
+        (
+            WIDE,
+            (state_module.PREFIX_MIN, state_module.PREFIX_BLOCK),
+            (state_module.LAZY_MIN, state_module.LAZY_SHIFT),
+        ),
+        (WIDE, (2, 2), (state_module.LAZY_MIN, state_module.LAZY_SHIFT)),
+        (WIDE, (3, 3), (state_module.LAZY_MIN, state_module.LAZY_SHIFT)),
         (SHORT, (3, 3), (2, 1)),  # block sums, and expired events dropped once half the key has
     ],
     ids=["scans", "block-sums-2", "block-sums-3", "short-windows-lazy-eviction"],
