@@ -20,6 +20,10 @@ a binary search; sums and means of long (hot) keys from block sums kept once a k
 `PREFIX_MIN` events; other aggregations scan the window. Unwindowed aggregations (time since last,
 distance and speed from the previous located event) look back as far as the entity's longest window.
 Keys of `LAZY_MIN` events or more drop expired events in batches (see `_compile`).
+
+The window reads of an integer buffer (counts, sums, means, max, min, distinct, time since last)
+run in `features._kernel` (C, built at install) when it is there, and in generated Python when it
+is not: same integers, same divisions, the same floats (tests run every case both ways).
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ from typing import Any
 
 from features.events import Transaction
 from features.spec import CATEGORICAL_AGGS, LABEL_AGGS, NUMERIC_AGGS, Entity, WindowFeature
+
+try:  # the compiled window reads (features/_kernel.c); the same plans run in Python without it
+    from features._kernel import window_features as KERNEL
+except ImportError:  # pragma: no cover - an install without a C compiler
+    KERNEL = None
+
+
+def kernel_name() -> str:
+    """Which window reads new plans use: "compiled" (features/_kernel.c) or "python"."""
+    return "python" if KERNEL is None else "compiled"
+
 
 NAN = float("nan")
 MINUTE_H = 1 / 60
@@ -52,6 +67,8 @@ LAZY_MIN = 1024  # keys this long evict expired events in batches (see `_compile
 LAZY_SHIFT = 5  # ... once more than n >> LAZY_SHIFT (n/32) of their n events have expired
 SCALES = {"lat": 10**7, "lon": 10**7}  # integer units per 1.0; other numeric fields: cents
 GEO_FIELDS = ("lat", "lon")
+KERNEL_OPS = {"count": 0, "sum": 1, "mean": 2, "max": 3, "min": 4, "distinct": 5, "time_since_last": 6}
+KERNEL_PYTHON = 7  # an aggregation the kernel leaves to Python (it returns the window's first index)
 
 
 def stable_hash(value: str) -> int:
@@ -216,6 +233,7 @@ class EntityPlan:
         self.bias = BIAS if self.code == "i" else 0
         self.windows = sorted({f.window_ms for f in features if f.window_ms and not f.delay_ms})
         self._steps = [(f.agg, self._column(f), f.window_ms, f.delay_ms) for f in features]
+        self.kernel = KERNEL  # read when the plan is built (tests build plans with and without it)
         self._fast, self.observe = self._compile()  # type: ignore[method-assign]
         self._get: Callable[[Transaction], Any] = attrgetter(*entity.fields)
         self._single = len(entity.fields) == 1
@@ -562,14 +580,37 @@ class EntityPlan:
             count = bisect_right(view, hi - base, 1, 1 + n) - bisect_right(view, lo - base, 1, 1 + n)
         return frauds / count if count else NAN
 
+    def kernel_ops(self) -> list[tuple[int, int, int, int, int]]:
+        """Per feature: (op, column, window index or -1, scale, lookback) for the kernel."""
+        ints = {j for j in range(len(self.num_fields)) if not self.nullable[j]}
+        ops = []
+        for agg, j, w, _ in self._steps:
+            win = self.windows.index(w) if w in self.windows else -1
+            op = KERNEL_OPS.get(agg, KERNEL_PYTHON)
+            if agg in ("sum", "mean", "max", "min") and j not in ints:
+                op = KERNEL_PYTHON
+            if win < 0 and agg != "time_since_last":
+                op = KERNEL_PYTHON
+            scale = self.scales[j] if 0 <= j < len(self.num_fields) else 1
+            ops.append((op, j, win, scale, self.lookback_ms))
+        return ops
+
+    def kernel_program(self) -> bytes:
+        """This plan for `features._kernel.window_features` (the format is in its source)."""
+        words = [8 if self.code == "q" else 4, self.block, len(self.windows), *self.windows, len(self._steps)]
+        for op in self.kernel_ops():
+            words += op
+        return array("q", words).tobytes()
+
     def _compile(self) -> tuple[Any, Any]:
         """Straight-line Python for this plan's integer buffers: `fast(s, n, idx, rel)` computes the
         features of the event at `idx`; `append(s, txn)` is the whole in-order hot path (append,
         features, evict).
 
-        Counts, sums, means, max/min over scaled-integer columns and time since last are inlined;
-        other aggregations call `_feature`. A widened key takes `_compute`, and anything but an
-        in-order append of exactly storable values takes `_observe`.
+        Counts, sums, means, max/min over scaled-integer columns, distinct counts and time since
+        last are read by the kernel in one call when it is built, else inlined here; other
+        aggregations call `_feature`. A widened key takes `_compute`, and anything but an in-order
+        append of exactly storable values takes `_observe`.
         """
         steps, width = self._steps, self.width
         ints = {j for j in range(len(self.num_fields)) if not self.nullable[j]}
@@ -633,6 +674,15 @@ class EntityPlan:
             "    m.release()",
             "    return out",
         ]
+        if self.kernel is not None:
+            # The kernel reads every window in one call; what it leaves to Python comes back as
+            # the window's first index.
+            body = ["    out = kernel(s, n, idx, rel, program, s.prefix)"] + [
+                f"    out[{k}] = feature(s, n, s, idx, rel, int(out[{k}]), *steps[{k}])"
+                for k, (op, *_) in enumerate(self.kernel_ops())
+                if op == KERNEL_PYTHON
+            ]
+            fast = ["def fast(s, n, idx, rel):", *body, "    return out"]
 
         append = [
             "def append(s, txn):",
@@ -676,7 +726,7 @@ class EntityPlan:
                 for j in summed
             ]
             append.append(f"    elif n >= {self.prefix_min}: build_prefix(s, n)")
-        append += [*body, f"    out = {values}"]
+        append += body if self.kernel is not None else [*body, f"    out = {values}"]
         # Eviction inline: in an in-order append the newest event is this one, at position n. A
         # short key drops each event as it expires; a long one (hot merchant) once n/32 have, since
         # every deletion moves the whole buffer. Expired events left in place are outside every
@@ -684,12 +734,12 @@ class EntityPlan:
         R = self.retention_ms
         append += [
             f"    if s[1 + (n >> {self.lazy_shift} if n >= {self.lazy_min} else 0)] <= rel - {R}:",
+            *(["        m = memoryview(s)"] if self.kernel is not None else []),
             f"        k = bisect_right(m, rel - {R}, 1, n) - 1",
             "        m.release()",
             *[f"        del s[1 + {seg} * n:1 + {seg} * n + k]" for seg in range(width - 1, -1, -1)],
             "        if s.prefix is not None: shrink_prefix(s, n - k, k)",
-            "    else:",
-            "        m.release()",
+            *(["    else:", "        m.release()"] if self.kernel is None else []),
             "    if s.labels is not None:",
             f"        evict_labels(s, s[0] * {MINUTE_MS} + {self.bias} + rel - {R})",
             "    return out, False",
@@ -700,6 +750,7 @@ class EntityPlan:
             "feature": self._feature, "steps": steps, "general": self._observe,
             "build_prefix": self._build_prefix, "evict_labels": self._evict_labels,
             "shrink_prefix": self._shrink_prefix, "wsum": window_sum, "presize": presize,
+            "kernel": self.kernel, "program": self.kernel_program() if self.kernel is not None else b"",
         }  # fmt: skip
         exec("\n".join(fast), scope)
         exec("\n".join(append), scope)

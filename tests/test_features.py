@@ -19,7 +19,7 @@ from features.catalog import FEATURES
 from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline, txn_features
 from features.events import DeadLetter, Label, Transaction
 from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
-from features.state import EntityState, haversine_km, stable_hash
+from features.state import EntityPlan, EntityState, haversine_km, stable_hash
 
 CARD = Entity("card", ("card_id",))
 MERCHANT = Entity("merchant", ("merchant_id",))
@@ -51,6 +51,19 @@ WIDE = FeatureSet(
     )
 )
 LATENESS_MS = 60_000
+COMPILED = state_module.KERNEL  # features._kernel's window reads, or None where it is not built
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
+def kernel(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs twice: plans built with the compiled window reads, and without."""
+    if request.param == "compiled" and COMPILED is None:
+        pytest.skip("features._kernel is not built in this install (no C compiler when installing?)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_module, "KERNEL", COMPILED if request.param == "compiled" else None)
+        yield request.param
+
+
 T0 = 1_767_225_600_000
 GAPS = [0, 1, 500, 1_000, 30_000, 600_000, 7_200_000, 86_400_000, 20 * 86_400_000]
 CITIES = [(48.85, 2.35), (52.52, 13.40), (40.42, -3.70)]
@@ -242,6 +255,89 @@ def test_late_event_does_not_see_expired_events_left_in_place() -> None:
     # Its window (t - 1h, t] reaches back to t9, which has expired: it counts t10..t68 and itself.
     assert late.values[SHORT.names.index("count_by_card_1h")] == 60.0
     assert engine.pipeline.plans[0].count(engine.states[0]["card:c1"]) == 62
+
+
+def exactly_equal(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(
+        x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True)
+    )
+
+
+def both_kernels(features: FeatureSet, lateness_ms: int = LATENESS_MS) -> tuple[Pipeline, Pipeline]:
+    """The same feature set compiled twice: with features._kernel, and in pure Python."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_module, "KERNEL", COMPILED)
+        compiled = Pipeline(features, lateness_ms)
+        mp.setattr(state_module, "KERNEL", None)
+        return compiled, Pipeline(features, lateness_ms)
+
+
+@pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=event_streams())
+def test_compiled_window_reads_give_the_python_floats_bit_for_bit(
+    kernel: str, events: list[Transaction | Label]
+) -> None:
+    if kernel == "python":
+        return  # this test builds both itself: once is enough
+    compiled, python = (FeatureEngine(p) for p in both_kernels(WIDE))
+    for event in events:
+        a, b = compiled.process(event), python.process(event)
+        if isinstance(a, FeatureVector):
+            assert isinstance(b, FeatureVector) and a.late == b.late
+            assert exactly_equal(a.values, b.values), (event, a.values, b.values)
+
+
+@pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
+@pytest.mark.parametrize("blocks", [False, True])
+def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> None:
+    """Values the encoder never stores (past 2**53 in sum, 300 categories in a window), 64-bit
+    buffers, with and without block sums: the kernel still returns Python's floats."""
+    card = (
+        *expand(CARD, ["count"], ["1m", "90d"]),
+        *expand(CARD, ["sum", "mean", "max", "min"], ["1m", "90d"], "amount"),
+        WindowFeature(CARD, "distinct", "merchant_id", "90d"),
+        WindowFeature(CARD, "time_since_last"),
+        WindowFeature(CARD, "std", "amount", "90d"),  # left to Python: gets its window's start
+    )
+    compiled, python = (p.plans[0] for p in both_kernels(FeatureSet(windows=card)))
+    assert compiled.code == "q" and compiled.fields == ["amount", "merchant_id"]
+    n = 300
+    s = EntityState("q")
+    s.append(0)
+    s.extend(i * 1_000 for i in range(n))  # times (ms)
+    s.extend(2**50 + 7 * i for i in range(n))  # amounts: a 90-day sum past 2**53
+    s.extend(0 if i % 7 == 0 else i % 280 + 1 for i in range(n))  # categories, 0 = absent
+    if blocks:
+        compiled._build_prefix(s, n)
+        assert s.prefix is not None
+    for idx in (0, 1, 59, 150, n - 1):
+        rel = idx * 1_000
+        a, b = compiled._fast(s, n, idx, rel), python._fast(s, n, idx, rel)
+        assert exactly_equal(a, b), (idx, a, b)
+    assert a[0] == 60.0 and a[1] == float(n) and a[-3] == float(len({i % 280 + 1 for i in range(n) if i % 7}))
+
+
+@pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
+def test_kernel_refuses_a_buffer_that_does_not_match_its_program() -> None:
+    compiled, _ = both_kernels(FeatureSet(windows=(WindowFeature(CARD, "sum", "amount", "1h"),)))
+    plan: EntityPlan = compiled.plans[0]
+    program = plan.kernel_program()
+    s = EntityState("i")
+    s.extend([0, 10, 20, 500, 600])  # base, 2 times, 2 amounts
+    assert COMPILED(s, 2, 1, 20, program, None) == [11.0]
+    bad_prefix = state_module.Prefix({0: array("q", [0])})
+    bad_prefix.shift = plan.block
+    for bad in (
+        lambda: COMPILED(s, 3, 1, 20, program, None),  # more events than the buffer holds
+        lambda: COMPILED(s, 2, 2, 20, program, None),  # no such event
+        lambda: COMPILED(s, 2, 1, 20, program[:-8], None),  # truncated program
+        lambda: COMPILED(EntityState("i"), 2, 1, 20, program, None),  # empty buffer
+        lambda: COMPILED(s, 2, 1, 20, b"\x03" + program[1:], None),  # no such item size
+        lambda: COMPILED(s, 2, 1, 20, program, bad_prefix),  # a shift past its block
+    ):
+        with pytest.raises(ValueError):
+            bad()
 
 
 def check_against_brute_force(events: list[Transaction | Label], pipeline: Pipeline) -> None:

@@ -1,0 +1,289 @@
+/* The window reads of `features.state`, compiled: the optional fast path of `EntityPlan`.
+ *
+ * `window_features(buffer, n, idx, rel, program, prefix)` computes, for the event at position
+ * `idx` of an integer key buffer holding `n` events (layout in `features/state.py`), the values
+ * of the plan's counts, sums, means, maxima, minima, distinct counts and time since last, exactly
+ * as the Python code does (same integers, same divisions, hence the same floats). Any other
+ * aggregation gets its window's first index instead, for Python to compute. The buffer is only
+ * read; the Python side inserts, evicts and keeps the block sums. Without this module the same
+ * plan runs in Python (`features.state` falls back on its own), and the tests run both.
+ *
+ * `program` (built by `EntityPlan._kernel_program`) is a bytes object of int64 words:
+ *   itemsize (4 or 8), block (events per block sum), W, W window lengths (ms),
+ *   K, then K records: op, column, window index (-1: none), scale, extra (lookback for op 6).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum { OP_COUNT, OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_DISTINCT, OP_SINCE_LAST, OP_PYTHON };
+
+#define MAX_WINDOWS 64
+#define EXACT_LIMIT 9007199254740992LL /* 2**53: integers up to here convert to double exactly */
+
+typedef struct {
+    const char *base;
+    int wide; /* 8-byte items */
+} Items;
+
+static inline int64_t load(const Items *a, Py_ssize_t i)
+{
+    return a->wide ? ((const int64_t *)a->base)[i] : (int64_t)((const int32_t *)a->base)[i];
+}
+
+static int64_t sum_range(const Items *a, Py_ssize_t lo, Py_ssize_t hi)
+{
+    int64_t r = 0;
+    if (a->wide) {
+        const int64_t *p = (const int64_t *)a->base;
+        for (Py_ssize_t i = lo; i < hi; i++) r += p[i];
+    } else {
+        const int32_t *p = (const int32_t *)a->base;
+        for (Py_ssize_t i = lo; i < hi; i++) r += p[i];
+    }
+    return r;
+}
+
+static int cmp_i64(const void *x, const void *y)
+{
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Distinct non-zero values among positions [lo, hi); -1 on a memory error. */
+static Py_ssize_t distinct(const Items *a, Py_ssize_t lo, Py_ssize_t hi)
+{
+    int64_t small[256];
+    int64_t *v = small;
+    Py_ssize_t k = 0;
+    if (hi - lo > 256) {
+        v = PyMem_Malloc((size_t)(hi - lo) * sizeof(int64_t));
+        if (v == NULL) return -1;
+    }
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        int64_t x = load(a, i);
+        if (x != 0) v[k++] = x;
+    }
+    qsort(v, (size_t)k, sizeof(int64_t), cmp_i64);
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < k; i++) count += i == 0 || v[i] != v[i - 1];
+    if (v != small) PyMem_Free(v);
+    return count;
+}
+
+/* integer / scale as Python's true division rounds it. */
+static PyObject *ratio(int64_t r, int64_t scale)
+{
+    if (r > -EXACT_LIMIT && r < EXACT_LIMIT) return PyFloat_FromDouble((double)r / (double)scale);
+    PyObject *num = PyLong_FromLongLong(r), *den = PyLong_FromLongLong(scale), *out = NULL;
+    if (num && den) out = PyNumber_TrueDivide(num, den);
+    Py_XDECREF(num);
+    Py_XDECREF(den);
+    return out;
+}
+
+/* Column `col`'s sum over events [start, end), from the key's block sums when it has them
+ * (`features.state.window_sum`). Returns 0 and sets an error on failure. */
+static int window_sum(const Items *a, Py_ssize_t o, Py_ssize_t start, Py_ssize_t end, PyObject *sums,
+                      int64_t shift, int64_t block, int64_t col, int64_t *out)
+{
+    if (sums != NULL) {
+        int64_t b1 = (start + shift + block - 1) / block, b2 = (end + shift) / block;
+        if (b2 > b1) {
+            PyObject *key = PyLong_FromLongLong(col);
+            if (key == NULL) return 0;
+            PyObject *p = PyDict_GetItemWithError(sums, key); /* borrowed */
+            Py_DECREF(key);
+            if (p == NULL) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "no block sums for a summed column");
+                return 0;
+            }
+            Py_buffer pv;
+            if (PyObject_GetBuffer(p, &pv, PyBUF_SIMPLE) < 0) return 0;
+            const int64_t *ps = (const int64_t *)pv.buf;
+            Py_ssize_t blocks = pv.len / (Py_ssize_t)sizeof(int64_t);
+            if (pv.len % (Py_ssize_t)sizeof(int64_t) != 0 || b2 >= blocks) {
+                PyBuffer_Release(&pv);
+                PyErr_SetString(PyExc_ValueError, "block sums shorter than the key's events");
+                return 0;
+            }
+            int64_t r = ps[b2] - ps[b1];
+            PyBuffer_Release(&pv);
+            r += sum_range(a, o + start, o + b1 * block - shift);
+            r += sum_range(a, o + b2 * block - shift, o + end);
+            *out = r;
+            return 1;
+        }
+    }
+    *out = sum_range(a, o + start, o + end);
+    return 1;
+}
+
+static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "window_features(buffer, n, idx, rel, program, prefix)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]), idx = PyLong_AsSsize_t(args[2]);
+    long long rel = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyBytes_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "program must be bytes");
+        return NULL;
+    }
+    const int64_t *prog = (const int64_t *)PyBytes_AS_STRING(args[4]);
+    Py_ssize_t words = PyBytes_GET_SIZE(args[4]) / (Py_ssize_t)sizeof(int64_t);
+    if (words < 4 || prog[2] < 0 || prog[2] > MAX_WINDOWS || words < 4 + prog[2] || prog[3 + prog[2]] < 0 ||
+        prog[3 + prog[2]] > words || words != 4 + prog[2] + 5 * prog[3 + prog[2]] ||
+        (prog[0] != 4 && prog[0] != 8) || prog[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "malformed kernel program");
+        return NULL;
+    }
+    int64_t itemsize = prog[0], block = prog[1], nw = prog[2];
+    const int64_t *win = prog + 3;
+    int64_t nops = prog[3 + nw];
+    const int64_t *ops = prog + 4 + nw;
+
+    PyObject *shift_obj = NULL, *sums = NULL;
+    int64_t shift = 0;
+    if (args[5] != Py_None) {
+        shift_obj = PyObject_GetAttrString(args[5], "shift");
+        if (shift_obj == NULL) return NULL;
+        shift = PyLong_AsLongLong(shift_obj);
+        Py_DECREF(shift_obj);
+        if (PyErr_Occurred()) return NULL;
+        if (shift < 0 || shift >= block) {
+            PyErr_SetString(PyExc_ValueError, "prefix.shift outside [0, block)");
+            return NULL;
+        }
+        sums = PyObject_GetAttrString(args[5], "sums");
+        if (sums == NULL) return NULL;
+        if (!PyDict_Check(sums)) {
+            Py_DECREF(sums);
+            PyErr_SetString(PyExc_TypeError, "prefix.sums must be a dict");
+            return NULL;
+        }
+    }
+
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(sums);
+        return NULL;
+    }
+    Items a = {(const char *)view.buf, itemsize == 8};
+    Py_ssize_t items = view.len / (Py_ssize_t)itemsize;
+    PyObject *out = NULL;
+    if (view.len % itemsize != 0 || n < 1 || idx < 0 || idx >= n || 1 + n > items) {
+        PyErr_SetString(PyExc_ValueError, "buffer does not match the kernel program");
+        goto done;
+    }
+    for (int64_t k = 0; k < nops; k++) {
+        int64_t col = ops[5 * k + 1], w = ops[5 * k + 2];
+        int64_t op = ops[5 * k];
+        int needs_column = op != OP_PYTHON && op != OP_COUNT && op != OP_SINCE_LAST;
+        /* column col spans positions [1 + (col + 1) * n, 1 + (col + 2) * n), without overflow */
+        int scaled = op == OP_SUM || op == OP_MEAN || op == OP_MAX || op == OP_MIN;
+        if (w >= nw || (col >= 0 && col + 2 > (items - 1) / n) || (needs_column && (col < 0 || w < 0)) ||
+            (scaled && ops[5 * k + 3] < 1)) {
+            PyErr_SetString(PyExc_ValueError, "buffer does not match the kernel program");
+            goto done;
+        }
+    }
+
+    /* Each window's first event: bisect_right over the times of events [0, idx), as in Python. */
+    Py_ssize_t end = idx + 1, st[MAX_WINDOWS];
+    for (int64_t w = 0; w < nw; w++) {
+        int64_t x = rel - win[w];
+        Py_ssize_t lo = 1, hi = end;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (x < load(&a, mid))
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        st[w] = lo - 1;
+    }
+
+    out = PyList_New((Py_ssize_t)nops);
+    if (out == NULL) goto done;
+    for (int64_t k = 0; k < nops; k++) {
+        const int64_t *op = ops + 5 * k;
+        int64_t col = op[1], scale = op[3];
+        Py_ssize_t start = op[2] >= 0 ? st[op[2]] : 0;
+        Py_ssize_t o = 1 + (col + 1) * n;
+        PyObject *v = NULL;
+        switch (op[0]) {
+        case OP_COUNT:
+            v = PyFloat_FromDouble((double)(end - start));
+            break;
+        case OP_SUM:
+        case OP_MEAN: {
+            int64_t r;
+            if (!window_sum(&a, o, start, end, sums, shift, block, col, &r)) break;
+            v = ratio(r, scale);
+            if (v != NULL && op[0] == OP_MEAN) {
+                double mean = PyFloat_AS_DOUBLE(v) / (double)(end - start);
+                Py_DECREF(v);
+                v = PyFloat_FromDouble(mean);
+            }
+            break;
+        }
+        case OP_MAX:
+        case OP_MIN: {
+            int64_t best = load(&a, o + start);
+            for (Py_ssize_t i = o + start + 1; i < o + end; i++) {
+                int64_t x = load(&a, i);
+                if (op[0] == OP_MAX ? x > best : x < best) best = x;
+            }
+            v = ratio(best, scale);
+            break;
+        }
+        case OP_DISTINCT: {
+            Py_ssize_t c = distinct(&a, o + start, o + end);
+            v = c < 0 ? PyErr_NoMemory() : PyFloat_FromDouble((double)c);
+            break;
+        }
+        case OP_SINCE_LAST: {
+            double r = NAN;
+            if (idx > 0) {
+                int64_t prev = load(&a, idx);
+                if (prev > rel - op[4]) r = (double)(rel - prev) / 1000.0;
+            }
+            v = PyFloat_FromDouble(r);
+            break;
+        }
+        case OP_PYTHON:
+            v = PyFloat_FromDouble((double)start);
+            break;
+        default:
+            PyErr_SetString(PyExc_ValueError, "unknown kernel op");
+        }
+        if (v == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, v);
+    }
+done:
+    PyBuffer_Release(&view);
+    Py_XDECREF(sums);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"window_features", (PyCFunction)(void (*)(void))window_features, METH_FASTCALL,
+     "window_features(buffer, n, idx, rel, program, prefix) -> list of float"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "features._kernel", "Compiled window reads for features.state.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
