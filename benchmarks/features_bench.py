@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from features.engine import FeatureEngine, Pipeline  # noqa: E402
 from features.events import Transaction  # noqa: E402
 from features.spec import Entity, FeatureSet, WindowFeature, expand  # noqa: E402
-from features.state import EntityState  # noqa: E402
+from features.state import EntityState, kernel_name  # noqa: E402
 
 DAY_MS = 86_400_000
 START_MS = 1_767_571_200_000  # 2026-01-05T00:00:00Z
@@ -422,10 +422,9 @@ def engine_fingerprint() -> dict[str, str]:
     import features.engine
     import features.state
 
-    return {
-        Path(m.__file__ or "").name: hashlib.sha256(Path(m.__file__ or "").read_bytes()).hexdigest()[:12]
-        for m in (features.state, features.engine)
-    }
+    paths = [Path(m.__file__ or "") for m in (features.state, features.engine)]
+    paths.append(paths[0].with_name("_kernel.c"))
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in paths}
 
 
 def rss_after_malloc_trim() -> int | None:
@@ -679,7 +678,7 @@ def _mib(n: float) -> str:
 def print_block(r: dict[str, Any]) -> None:
     c, d, t, m, rss = r["config"], r["data"], r["throughput"], r["memory"], r["rss"]
     print(f"== feature engine benchmark ({'memory-only' if c['memory_only'] else 'throughput'}) ==")
-    print(f"python {r['python']} · pinned to cpu {r['cpu']} · {r['features']['total']} features "
+    print(f"python {r['python']} · {r['kernel']} window reads · pinned to cpu {r['cpu']} · {r['features']['total']} features "
           f"({r['features']['window']} window features over {', '.join(r['features']['entities'])})")  # fmt: skip
     print(f"config: {json.dumps(c)}")
     print(f"engine sources (sha256): {json.dumps(r['engine_sources'])}")
@@ -781,6 +780,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-restore", action="store_true", help="memory-only: skip the snapshot + fresh-process restore"
     )
     ap.add_argument("--restore-from", help=argparse.SUPPRESS)  # the child of the restore check
+    ap.add_argument(
+        "--python-kernel",
+        action="store_true",
+        help="window reads in Python even where features._kernel is built (the fallback's speed)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.restore_from:
@@ -797,8 +801,13 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     cpu = pin_one_cpu()
+    if args.python_kernel:
+        import features.state
+
+        features.state.KERNEL = None  # plans read it when they are built, after this
     report: dict[str, Any] = {
         "python": platform.python_version(),
+        "kernel": kernel_name(),
         "cpu": cpu,
         "engine_sources": engine_fingerprint(),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "restore_from")},
