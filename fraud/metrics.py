@@ -67,6 +67,10 @@ SOURCE_LAG = Gauge(
     ["shard"],
 )
 MODEL = Info("fraud_model", "The XGBoost artifact being served.")
+FEATURE_ENGINE = Info(
+    "fraud_feature_engine",
+    "How window features are computed: kernel compiled (features/_kernel.c) or python.",
+)
 
 
 def init_labels() -> None:
