@@ -10,11 +10,14 @@ import pytest
 from bytewax.testing import TestingSink, run_main
 from prometheus_client import REGISTRY
 
+from features import state as state_module
 from features.replay import merged_records
+from features.state import kernel_name
 from flows.file_source import FileReplaySource
 from flows.fraud import build
 from fraud import metrics
 from fraud.datagen import GeneratorConfig, write_files
+from fraud.runtime import load_runtime
 from fraud.settings import Settings
 
 
@@ -61,9 +64,24 @@ def test_metrics_count_the_run_and_are_scrapable(small: Path) -> None:
         "fraud_scoring_batch_seconds_bucket",
         "fraud_end_to_end_latency_seconds_bucket",
         "fraud_model_info",
+        f'fraud_feature_engine_info{{kernel="{kernel_name()}"}} 1.0',
     ):
         assert name in body
     assert "card_id" not in body and "c000" not in body  # no high-cardinality labels
+
+
+def test_a_flow_without_the_compiled_kernel_says_so(
+    small: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(state_module, "KERNEL", None)
+    settings = Settings(
+        transactions_path=small / "transactions.jsonl.gz", labels_path=small / "labels.jsonl.gz"
+    )
+    with caplog.at_level("WARNING", logger="fraud.runtime"):
+        build(settings, alerts=TestingSink([]), dead_letters=TestingSink([]))
+    assert "features._kernel is not built" in caplog.text
+    assert REGISTRY.get_sample_value("fraud_feature_engine_info", {"kernel": "python"}) == 1.0
+    assert all(plan.kernel is None for plan in load_runtime(settings, need_redis=False).pipeline.plans)
 
 
 def test_file_source_resumes_after_its_snapshot(small: Path) -> None:
