@@ -378,6 +378,25 @@ def check_against_brute_force(events: list[Transaction | Label], pipeline: Pipel
     assert checked >= 1 or not arrived  # the first arrival is never late, so something was compared
 
 
+def test_window_edges_are_exclusive_at_t_minus_window() -> None:
+    """An event exactly one window (or the lookback, for time since last) before another is out
+    of it; one millisecond later it is in: (t - window, t]."""
+    fs = FeatureSet(
+        windows=(
+            WindowFeature(CARD, "count", window="1h"),
+            WindowFeature(CARD, "max", "amount", "1h"),
+            WindowFeature(CARD, "time_since_last"),
+        ),
+        txn=(),
+    )
+    for gap, expected in ((3_600_000, [1.0, 2.0, math.nan]), (3_599_999, [2.0, 5.0, 3599.999])):
+        engine = FeatureEngine(Pipeline(fs, LATENESS_MS))
+        engine.process(Transaction("a", T0, "c1", "m1", 5.0))
+        out = engine.process(Transaction("b", T0 + gap, "c1", "m1", 2.0))
+        assert isinstance(out, FeatureVector)
+        assert exactly_equal(out.values, expected), (gap, out.values)
+
+
 def test_late_flag_only_beyond_allowed_lateness() -> None:
     engine = FeatureEngine(Pipeline(WIDE, LATENESS_MS))
     mk = lambda i, ts: Transaction(f"t{i}", ts, "c1", "m1", 10.0)  # noqa: E731
