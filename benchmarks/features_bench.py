@@ -156,7 +156,13 @@ def rss_bytes() -> int:
 
 
 def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    """This process's peak RSS. VmHWM, not `ru_maxrss`: after fork and exec, `ru_maxrss` carries the
+    parent's RSS at the fork (the restore check's child reported its 1.98 GiB parent's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 _LEAVES = (str, bytes, int, float, complex, bool, type(None), array.array, range)
