@@ -177,7 +177,7 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     Items a = {(const char *)view.buf, itemsize == 8};
     Py_ssize_t items = view.len / (Py_ssize_t)itemsize;
     PyObject *out = NULL;
-    if (view.len % itemsize != 0 || n < 1 || idx < 0 || idx >= n || 1 + n > items) {
+    if (view.itemsize != itemsize || view.len % itemsize != 0 || n < 1 || idx < 0 || idx >= n || 1 + n > items) {
         PyErr_SetString(PyExc_ValueError, "buffer does not match the kernel program");
         goto done;
     }

@@ -255,7 +255,17 @@ class EntityPlan:
         return EntityState(self.code)
 
     def restore(self, snapshot: tuple[Any, ...]) -> EntityState:
-        return restore_state(snapshot)
+        """The state of `snapshot`, refused clearly if another feature set's layout wrote it."""
+        s = restore_state(snapshot)
+        d = s.data()
+        if s.typecode != self.code or (len(d) and (len(d) - 1) % self.width):
+            raise ValueError(
+                f"feature state snapshot of {self.entity.name!r} has another layout than this feature set "
+                f"({s.typecode!r} buffer of {len(d)} items; this set stores {self.code!r} events of "
+                f"{self.width} items): it was written for another feature set; finish that run with it, "
+                "or clear the recovery directory (fraud reset)"
+            )
+        return s
 
     def key_of(self, txn: Transaction) -> str | None:
         """The state key of `txn` for this entity, or None when a key field is missing."""

@@ -494,6 +494,24 @@ def test_a_snapshot_of_another_format_is_refused_clearly() -> None:
         plan.restore(old_layout)
 
 
+def test_a_snapshot_of_another_feature_set_is_refused_clearly() -> None:
+    """A state written with other columns (or another time span) must not be read as this one's."""
+    long_card = FeatureSet(windows=(WindowFeature(CARD, "sum", "amount", "90d"),))  # 64-bit times
+    short_card = FeatureSet(windows=(WindowFeature(CARD, "count", window="1h"),))  # no amount column
+    plan = Pipeline(FEATURES, LATENESS_MS).plans[0]
+    for other in (long_card, short_card):
+        other_plan = Pipeline(other, LATENESS_MS).plans[0]
+        state = other_plan.new_state()
+        for i in range(3):
+            other_plan.observe(state, Transaction(f"t{i}", T0 + i * 1000, "c1", "m1", 5.0))
+        with pytest.raises(ValueError, match=r"another feature set.*fraud reset"):
+            plan.restore(state.snapshot())
+    kernel_buffer = array("q", [0, 1, 2])  # 8-byte items for a 4-byte program
+    if COMPILED is not None:
+        with pytest.raises(ValueError, match="does not match"):
+            COMPILED(kernel_buffer, 1, 0, 1, plan.kernel_program(), None)
+
+
 def test_widened_key_keeps_its_values_and_survives_a_snapshot() -> None:
     """A non-cent amount moves the key to float64 for good, with earlier events converted exactly."""
     pipeline = Pipeline(FEATURES, LATENESS_MS)
