@@ -220,6 +220,7 @@ class EntityPlan:
         # not (an absent value there widens the key to floats, where it is a NaN).
         aggregated = {f.field for f in features if f.agg in NUMERIC_AGGS}
         self.nullable = [f in GEO_FIELDS and f not in aggregated for f in num]
+        self.ints = {j for j in range(len(num)) if not self.nullable[j]}  # never MISSING
         self.summed = sorted({num.index(f.field) for f in features if f.agg in ("sum", "mean") and f.field})
         # Read when the plan is built (tests shrink them to reach the long-key paths with few events).
         self.block, self.prefix_min = PREFIX_BLOCK, max(PREFIX_MIN, PREFIX_BLOCK)
@@ -592,7 +593,7 @@ class EntityPlan:
 
     def kernel_ops(self) -> list[tuple[int, int, int, int, int]]:
         """Per feature: (op, column, window index or -1, scale, lookback) for the kernel."""
-        ints = {j for j in range(len(self.num_fields)) if not self.nullable[j]}
+        ints = self.ints
         ops = []
         for agg, j, w, _ in self._steps:
             win = self.windows.index(w) if w in self.windows else -1
@@ -623,7 +624,7 @@ class EntityPlan:
         append of exactly storable values takes `_observe`.
         """
         steps, width = self._steps, self.width
-        ints = {j for j in range(len(self.num_fields)) if not self.nullable[j]}
+        ints = self.ints
         summed = sorted({j for agg, j, _, _ in steps if agg in ("sum", "mean")})
         # Binary searches go through a memoryview: on an array subclass `bisect` pays a Python-level
         # __getitem__ per probe (3x slower); the view is released before the buffer is resized.
