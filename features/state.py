@@ -19,7 +19,7 @@ it; events that arrived earlier but lie later in event time are not in its windo
 a binary search; sums and means of long (hot) keys from block sums kept once a key holds
 `PREFIX_MIN` events; other aggregations scan the window. Unwindowed aggregations (time since last,
 distance and speed from the previous located event) look back as far as the entity's longest window.
-Keys of `LAZY_MIN` events or more drop expired events in batches (see `_compile`).
+Keys of `LAZY_MIN` events or more drop expired events in batches (see `features.codegen`).
 
 The window reads of an integer buffer (counts, sums, means, max, min, distinct, time since last)
 run in `features._kernel` (C, built at install) when it is there, and in generated Python when it
@@ -63,7 +63,7 @@ PREFIX_MIN = 128  # keys this long keep block sums (`Prefix`): window sums of ho
 PREFIX_BLOCK = 32  # events per block: 8 bytes per 32 events
 SMALL_BLOCK = 512  # CPython's small-object allocator serves up to this many bytes
 PRESIZE_AT = 16  # a key reaching this many events gets a buffer past SMALL_BLOCK at once (`presize`)
-LAZY_MIN = 1024  # keys this long evict expired events in batches (see `_compile`), not one by one
+LAZY_MIN = 1024  # keys this long evict expired events in batches (see `features.codegen`), not one by one
 LAZY_SHIFT = 5  # ... once more than n >> LAZY_SHIFT (n/32) of their n events have expired
 SCALES = {"lat": 10**7, "lon": 10**7}  # integer units per 1.0; other numeric fields: cents
 GEO_FIELDS = ("lat", "lon")
@@ -235,7 +235,7 @@ class EntityPlan:
         self.windows = sorted({f.window_ms for f in features if f.window_ms and not f.delay_ms})
         self._steps = [(f.agg, self._column(f), f.window_ms, f.delay_ms) for f in features]
         self.kernel = KERNEL  # read when the plan is built (tests build plans with and without it)
-        self._fast, self.observe = self._compile()  # type: ignore[method-assign]
+        self._fast, self.observe = codegen.compile_plan(self)  # type: ignore[method-assign]
         self._get: Callable[[Transaction], Any] = attrgetter(*entity.fields)
         self._single = len(entity.fields) == 1
         self._prefix = entity.name + ":"
@@ -323,7 +323,7 @@ class EntityPlan:
     def observe(self, state: EntityState, txn: Transaction) -> tuple[list[float], bool]:
         """Add `txn` to `state`; return its feature values and whether it arrived too late to be exact.
 
-        Replaced per instance by the compiled in-order append (see `_compile`), which falls back
+        Replaced per instance by the compiled in-order append (see `features.codegen`), which falls back
         here for anything else: first event, out of order, re-basing, a value to widen.
         """
         return self._observe(state, txn)
@@ -593,179 +593,11 @@ class EntityPlan:
 
     def kernel_ops(self) -> list[tuple[int, int, int, int, int]]:
         """Per feature: (op, column, window index or -1, scale, lookback) for the kernel."""
-        ints = self.ints
-        ops = []
-        for agg, j, w, _ in self._steps:
-            win = self.windows.index(w) if w in self.windows else -1
-            op = KERNEL_OPS.get(agg, KERNEL_PYTHON)
-            if agg in ("sum", "mean", "max", "min") and j not in ints:
-                op = KERNEL_PYTHON
-            if win < 0 and agg != "time_since_last":
-                op = KERNEL_PYTHON
-            scale = self.scales[j] if 0 <= j < len(self.num_fields) else 1
-            ops.append((op, j, win, scale, self.lookback_ms))
-        return ops
+        return codegen.kernel_ops(self)
 
     def kernel_program(self) -> bytes:
         """This plan for `features._kernel.window_features` (the format is in its source)."""
-        words = [8 if self.code == "q" else 4, self.block, len(self.windows), *self.windows, len(self._steps)]
-        for op in self.kernel_ops():
-            words += op
-        return array("q", words).tobytes()
-
-    def _compile(self) -> tuple[Any, Any]:
-        """Straight-line Python for this plan's integer buffers: `fast(s, n, idx, rel)` computes the
-        features of the event at `idx`; `append(s, txn)` is the whole in-order hot path (append,
-        features, evict).
-
-        Counts, sums, means, max/min over scaled-integer columns, distinct counts and time since
-        last are read by the kernel in one call when it is built, else inlined here; other
-        aggregations call `_feature`. A widened key takes `_compute`, and anything but an in-order
-        append of exactly storable values takes `_observe`.
-        """
-        steps, width = self._steps, self.width
-        ints = self.ints
-        summed = sorted({j for agg, j, _, _ in steps if agg in ("sum", "mean")})
-        # Binary searches go through a memoryview: on an array subclass `bisect` pays a Python-level
-        # __getitem__ per probe (3x slower); the view is released before the buffer is resized.
-        body = ["    end = idx + 1", "    pre = s.prefix", "    m = memoryview(s)"]
-        body += [f"    st{w} = bisect_right(m, rel - {w}, 1, end) - 1" for w in self.windows]
-        used = sorted({j for agg, j, _, _ in steps if j >= 0})
-        body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
-        # Nested windows share work: a longer window's sum (or max/min) extends the next shorter
-        # one's over the events between their starts, so each event is read once, not per window.
-        for j in summed:
-            ws, scale = (
-                sorted({w for agg, jj, w, _ in steps if jj == j and agg in ("sum", "mean")}),
-                self.scales[j],
-            )
-            body.append("    if pre is not None:")
-            body += [
-                f"        t{j}_{w} = wsum(s, pre, {j}, o{j}, st{w}, end, {self.block}) / {scale}" for w in ws
-            ]
-            body.append("    else:")
-            for k, w in enumerate(ws):
-                upto = "end" if k == 0 else f"st{ws[k - 1]}"
-                body.append(f"        r = {'' if k == 0 else 'r + '}sum(s[o{j} + st{w}:o{j} + {upto}])")
-                body.append(f"        t{j}_{w} = r / {scale}")
-        extremes = sorted({(a, j) for a, j, _, _ in steps if a in ("max", "min") and j in ints})
-        for ext, j in extremes:
-            ws = sorted({w for a, jj, w, _ in steps if a == ext and jj == j})
-            for k, w in enumerate(ws):
-                if k == 0:
-                    body.append(f"    {ext}{j}_{w} = {ext}(s[o{j} + st{w}:o{j} + end])")
-                else:
-                    prev = f"{ext}{j}_{ws[k - 1]}"
-                    body.append(f"    seg = s[o{j} + st{w}:o{j} + st{ws[k - 1]}]")
-                    body.append(f"    {ext}{j}_{w} = {ext}({prev}, {ext}(seg)) if seg else {prev}")
-        exprs = []
-        for k, (agg, j, w, _) in enumerate(steps):
-            if agg == "count":
-                exprs.append(f"float(end - st{w})")
-            elif agg == "sum":
-                exprs.append(f"t{j}_{w}")
-            elif agg == "mean":
-                exprs.append(f"t{j}_{w} / (end - st{w})")
-            elif agg in ("max", "min") and j in ints:
-                exprs.append(f"{agg}{j}_{w} / {self.scales[j]}")
-            elif agg == "distinct" and w in self.windows:  # categorical hashes; 0 = absent
-                exprs.append(f"float(len(set(s[o{j} + st{w}:o{j} + end]).difference((0,))))")
-            elif agg == "time_since_last":
-                exprs.append(
-                    f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {self.lookback_ms} else NAN)"
-                )
-            else:
-                start = f"st{w}" if w in self.windows else "0"
-                exprs.append(f"feature(s, n, s, idx, rel, {start}, *steps[{k}])")
-        values = "[" + ", ".join(exprs) + "]"
-        fast = [
-            "def fast(s, n, idx, rel):",
-            *body,
-            f"    out = {values}",
-            "    m.release()",
-            "    return out",
-        ]
-        if self.kernel is not None:
-            # The kernel reads every window in one call; what it leaves to Python comes back as
-            # the window's first index.
-            body = ["    out = kernel(s, n, idx, rel, program, s.prefix)"] + [
-                f"    out[{k}] = feature(s, n, s, idx, rel, int(out[{k}]), *steps[{k}])"
-                for k, (op, *_) in enumerate(self.kernel_ops())
-                if op == KERNEL_PYTHON
-            ]
-            fast = ["def fast(s, n, idx, rel):", *body, "    return out"]
-
-        append = [
-            "def append(s, txn):",
-            "    size = len(s)",
-            "    if size < 2: return general(s, txn)",  # a new or widened key
-            f"    n = (size - 1) // {width}",
-            f"    rel = txn.ts_ms - s[0] * {MINUTE_MS} - {self.bias}",
-            "    if rel < s[n]: return general(s, txn)",
-        ]
-        if self.code == "i":
-            append.append(f"    if rel >= {INT_LIMIT}: return general(s, txn)")
-        for j, field in enumerate(self.fields):
-            append.append(f"    v{j} = txn.{field}")
-            if j < len(self.num_fields):
-                scale = self.scales[j]
-                missing = f"a{j} = {MISSING}" if self.nullable[j] else "return general(s, txn)"
-                append += [
-                    f"    if v{j} is None: {missing}",
-                    "    else:",
-                    f"        a{j} = round(v{j} * {scale})",
-                    f"        if a{j} / {scale} != v{j} or not -{INT_LIMIT} < a{j} < {INT_LIMIT}:"
-                    " return general(s, txn)",
-                ]
-            else:
-                append.append(
-                    f"    a{j} = 0 if v{j} is None else ((crc32(v{j}.encode()) or 1) ^ {BIAS}) - {BIAS}"
-                )
-        # Insert each column's value at the end of its segment, last segment first.
-        cols = len(self.fields)
-        for j in range(cols - 1, -1, -1):
-            append.append(f"    s.append(a{j})" if j == cols - 1 else f"    s.insert(1 + {j + 2} * n, a{j})")
-        append.append("    s.insert(1 + n, rel)")
-        append += ["    idx = n", "    n += 1", f"    if n == {PRESIZE_AT}: presize(s)"]
-        if summed:
-            # A long key's block sums gain a block each time its last one fills.
-            b = self.block
-            append.append("    if s.prefix is not None:")
-            append.append(f"        if (n + s.prefix.shift) % {b} == 0:")
-            append += [
-                f"            q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {b}:{j + 2} * n + 1]))"
-                for j in summed
-            ]
-            append.append(f"    elif n >= {self.prefix_min}: build_prefix(s, n)")
-        append += body if self.kernel is not None else [*body, f"    out = {values}"]
-        # Eviction inline: in an in-order append the newest event is this one, at position n. A
-        # short key drops each event as it expires; a long one (hot merchant) once n/32 have, since
-        # every deletion moves the whole buffer. Expired events left in place are outside every
-        # window of an in-order event, and a late event drops them before it reads the state.
-        R = self.retention_ms
-        append += [
-            f"    if s[1 + (n >> {self.lazy_shift} if n >= {self.lazy_min} else 0)] <= rel - {R}:",
-            *(["        m = memoryview(s)"] if self.kernel is not None else []),
-            f"        k = bisect_right(m, rel - {R}, 1, n) - 1",
-            "        m.release()",
-            *[f"        del s[1 + {seg} * n:1 + {seg} * n + k]" for seg in range(width - 1, -1, -1)],
-            "        if s.prefix is not None: shrink_prefix(s, n - k, k)",
-            *(["    else:", "        m.release()"] if self.kernel is None else []),
-            "    if s.labels is not None:",
-            f"        evict_labels(s, s[0] * {MINUTE_MS} + {self.bias} + rel - {R})",
-            "    return out, False",
-        ]
-
-        scope: dict[str, Any] = {
-            "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32,
-            "feature": self._feature, "steps": steps, "general": self._observe,
-            "build_prefix": self._build_prefix, "evict_labels": self._evict_labels,
-            "shrink_prefix": self._shrink_prefix, "wsum": window_sum, "presize": presize,
-            "kernel": self.kernel, "program": self.kernel_program() if self.kernel is not None else b"",
-        }  # fmt: skip
-        exec("\n".join(fast), scope)
-        exec("\n".join(append), scope)
-        return scope["fast"], scope["append"]
+        return codegen.kernel_program(self)
 
 
 def _numeric(agg: str, vals: list[float], current: float) -> float:
@@ -783,3 +615,6 @@ def _numeric(agg: str, vals: list[float], current: float) -> float:
     if agg == "std":
         return std
     return (current - mean) / std if std > 0 else NAN  # zscore
+
+
+from features import codegen  # noqa: E402  (it reads this module's names: import it last)
