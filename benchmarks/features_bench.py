@@ -545,9 +545,11 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
         ts = START_MS + k * slot + offsets[order]
         events = world.events(ts, order)
         gen_s += time.perf_counter() - t0
-        # Transaction objects are built a chunk at a time, as a stream source would hand them over:
-        # a whole slot (one per card) at once would leave the process with a million dead objects'
-        # worth of allocator arenas that RSS would charge to the engine.
+        # Transaction objects are built a chunk at a time, as the flow's source hands them over
+        # (FRAUD_SOURCE_BATCH_SIZE records per poll): objects that die together with the chunk
+        # share allocator pools with keys created meanwhile, and a bigger chunk than the flow
+        # ever holds would charge the pools it pins to the engine (50,000 added ~21 MiB at 100k
+        # cards; docs/features.md).
         for lo in range(0, args.cards, args.chunk):
             t0 = time.perf_counter()
             txns = world.transactions(events.slice(lo, lo + args.chunk), first_id=fed)
@@ -770,7 +772,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pandas-rows", type=int, default=200_000, help="0 skips the pandas comparison")
     ap.add_argument("--memory-only", action="store_true", help="fixed events per card over 30 days")
     ap.add_argument("--events-per-card", type=int, default=90)
-    ap.add_argument("--chunk", type=int, default=50_000, help="memory-only: transactions built per batch")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=1_000,  # FRAUD_SOURCE_BATCH_SIZE's default (not imported: pydantic adds ~14 MiB of RSS)
+        help="memory-only: transactions built per batch (default: the flow's source batch)",
+    )
     ap.add_argument(
         "--keep-index",
         action="store_true",
