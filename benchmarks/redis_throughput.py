@@ -7,7 +7,9 @@ bundled sample into the shard streams with `fraud replay`'s function, runs `frau
 processes of one Bytewax cluster reading them (recovery on, 5 s snapshots, as in production),
 and reports transactions per second from each process's own summary: total transactions over
 the longest time from a process's first to its last record (start-up and the idle wait before
-the processes stop are not counted). Prints one line per configuration.
+the processes stop are not counted). Prints one line per configuration, with its alerts compared
+with the first configuration's (alerts depend on arrival order across processes: README,
+Scale-out).
 """
 
 from __future__ import annotations
@@ -77,18 +79,29 @@ def main() -> None:
 
 def measure(url: str, settings: Settings, args: argparse.Namespace, workdir: Path) -> None:
     client = connect(url)
+    reference: drill.Outcome | None = None
     try:
         print(f"sample {settings.transactions_path}, {args.shards} shards, {os.cpu_count()} cores")
-        for processes in args.processes:
+        for c, processes in enumerate(args.processes):  # a configuration may come twice: 1 1 2
             for r in range(args.repeat):
-                tag = f"bench{processes}-{r}"
+                tag = f"bench{c}-{processes}-{r}"
                 summary = replay_files(
                     client, settings.transactions_path, settings.labels_path, f"{tag}:in", args.shards
                 )
                 n, secs = run_cluster(url, tag, args.shards, processes, workdir)
+                outcome = drill.Outcome.read(client, tag)
+                if reference is None:
+                    reference, against = outcome, ""
+                else:
+                    diff = outcome.compare(reference)
+                    against = (
+                        f" (against the first run's {diff['alerts_expected']:,}: "
+                        f"{diff['missing']:,} missing, {diff['extra']:,} extra)"
+                    )
                 print(
                     f"processes={processes} transactions={n:,} (replayed {summary['transactions']:,}) "
-                    f"active={secs:.1f}s throughput={n / secs:,.0f} tx/s",
+                    f"active={secs:.1f}s throughput={n / secs:,.0f} tx/s "
+                    f"alerts={len(outcome.alerts):,}{against}",
                     flush=True,
                 )
     finally:
