@@ -548,7 +548,7 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
         # Transaction objects are built a chunk at a time, as the flow's source hands them over
         # (FRAUD_SOURCE_BATCH_SIZE records per poll): objects that die together with the chunk
         # share allocator pools with keys created meanwhile, and a bigger chunk than the flow
-        # ever holds would charge the pools it pins to the engine (50,000 added ~21 MiB at 100k
+        # ever holds would charge the pools it pins to the engine (50,000 added 20 MiB at 100k
         # cards; docs/features.md).
         for lo in range(0, args.cards, args.chunk):
             t0 = time.perf_counter()
