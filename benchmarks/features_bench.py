@@ -425,10 +425,11 @@ def engine_fingerprint() -> dict[str, str]:
     """sha256 (12 hex) of the engine sources this run imported: figures name the code they measure."""
     import hashlib
 
+    import features.codegen
     import features.engine
     import features.state
 
-    paths = [Path(m.__file__ or "") for m in (features.state, features.engine)]
+    paths = [Path(m.__file__ or "") for m in (features.state, features.engine, features.codegen)]
     paths.append(paths[0].with_name("_kernel.c"))
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in paths}
 
