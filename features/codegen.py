@@ -60,79 +60,17 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
     features, evict).
 
     Counts, sums, means, max/min over scaled-integer columns, distinct counts and time since
-    last are read by the kernel in one call when it is built, else inlined here; other
-    aggregations call `_feature`. A widened key takes `_compute`, and anything but an in-order
-    append of exactly storable values takes `_observe`.
+    last are read by the kernel in one call when it is built (`_kernel_reads`), else inlined
+    (`_python_reads`); other aggregations call `_feature`. A widened key takes `_compute`, and
+    anything but an in-order append of exactly storable values takes `_observe`.
     """
-    steps, width = plan._steps, plan.width
-    ints = plan.ints
-    summed = sorted({j for agg, j, _, _ in steps if agg in ("sum", "mean")})
-    # Binary searches go through a memoryview: on an array subclass `bisect` pays a Python-level
-    # __getitem__ per probe (3x slower); the view is released before the buffer is resized.
-    body = ["    end = idx + 1", "    pre = s.prefix", "    m = memoryview(s)"]
-    body += [f"    st{w} = bisect_right(m, rel - {w}, 1, end) - 1" for w in plan.windows]
-    used = sorted({j for agg, j, _, _ in steps if j >= 0})
-    body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
-    # Nested windows share work: a longer window's sum (or max/min) extends the next shorter
-    # one's over the events between their starts, so each event is read once, not per window.
-    for j in summed:
-        ws, scale = (
-            sorted({w for agg, jj, w, _ in steps if jj == j and agg in ("sum", "mean")}),
-            plan.scales[j],
-        )
-        body.append("    if pre is not None:")
-        body += [
-            f"        t{j}_{w} = wsum(s, pre, {j}, o{j}, st{w}, end, {plan.block}) / {scale}" for w in ws
-        ]
-        body.append("    else:")
-        for k, w in enumerate(ws):
-            upto = "end" if k == 0 else f"st{ws[k - 1]}"
-            body.append(f"        r = {'' if k == 0 else 'r + '}sum(s[o{j} + st{w}:o{j} + {upto}])")
-            body.append(f"        t{j}_{w} = r / {scale}")
-    extremes = sorted({(a, j) for a, j, _, _ in steps if a in ("max", "min") and j in ints})
-    for ext, j in extremes:
-        ws = sorted({w for a, jj, w, _ in steps if a == ext and jj == j})
-        for k, w in enumerate(ws):
-            if k == 0:
-                body.append(f"    {ext}{j}_{w} = {ext}(s[o{j} + st{w}:o{j} + end])")
-            else:
-                prev = f"{ext}{j}_{ws[k - 1]}"
-                body.append(f"    seg = s[o{j} + st{w}:o{j} + st{ws[k - 1]}]")
-                body.append(f"    {ext}{j}_{w} = {ext}({prev}, {ext}(seg)) if seg else {prev}")
-    exprs = []
-    for k, (agg, j, w, _) in enumerate(steps):
-        if agg == "count":
-            exprs.append(f"float(end - st{w})")
-        elif agg == "sum":
-            exprs.append(f"t{j}_{w}")
-        elif agg == "mean":
-            exprs.append(f"t{j}_{w} / (end - st{w})")
-        elif agg in ("max", "min") and j in ints:
-            exprs.append(f"{agg}{j}_{w} / {plan.scales[j]}")
-        elif agg == "distinct" and w in plan.windows:  # categorical hashes; 0 = absent
-            exprs.append(f"float(len(set(s[o{j} + st{w}:o{j} + end]).difference((0,))))")
-        elif agg == "time_since_last":
-            exprs.append(f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {plan.lookback_ms} else NAN)")
-        else:
-            start = f"st{w}" if w in plan.windows else "0"
-            exprs.append(f"feature(s, n, s, idx, rel, {start}, *steps[{k}])")
-    values = "[" + ", ".join(exprs) + "]"
-    fast = [
-        "def fast(s, n, idx, rel):",
-        *body,
-        f"    out = {values}",
-        "    m.release()",
-        "    return out",
-    ]
-    if plan.kernel is not None:
-        # The kernel reads every window in one call; what it leaves to Python comes back as
-        # the window's first index.
-        body = ["    out = kernel(s, n, idx, rel, program, s.prefix)"] + [
-            f"    out[{k}] = feature(s, n, s, idx, rel, int(out[{k}]), *steps[{k}])"
-            for k, (op, *_) in enumerate(kernel_ops(plan))
-            if op == KERNEL_PYTHON
-        ]
-        fast = ["def fast(s, n, idx, rel):", *body, "    return out"]
+    width, summed = plan.width, plan.summed
+    # `reads` computes `out` from (s, n, idx, rel); it is the body of `fast` and part of `append`.
+    reads = _kernel_reads(plan) if plan.kernel is not None else _python_reads(plan)
+    fast = ["def fast(s, n, idx, rel):", *reads]
+    if plan.kernel is None:
+        fast.append("    m.release()")
+    fast.append("    return out")
 
     append = [
         "def append(s, txn):",
@@ -176,7 +114,7 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
             for j in summed
         ]
         append.append(f"    elif n >= {plan.prefix_min}: build_prefix(s, n)")
-    append += body if plan.kernel is not None else [*body, f"    out = {values}"]
+    append += reads
     # Eviction inline: in an in-order append the newest event is this one, at position n. A
     # short key drops each event as it expires; a long one (hot merchant) once n/32 have, since
     # every deletion moves the whole buffer. Expired events left in place are outside every
@@ -197,7 +135,7 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
 
     scope: dict[str, Any] = {
         "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32,
-        "feature": plan._feature, "steps": steps, "general": plan._observe,
+        "feature": plan._feature, "steps": plan._steps, "general": plan._observe,
         "build_prefix": plan._build_prefix, "evict_labels": plan._evict_labels,
         "shrink_prefix": plan._shrink_prefix, "wsum": window_sum, "presize": presize,
         "kernel": plan.kernel, "program": kernel_program(plan) if plan.kernel is not None else b"",
@@ -205,3 +143,69 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
     exec("\n".join(fast), scope)
     exec("\n".join(append), scope)
     return scope["fast"], scope["append"]
+
+
+def _kernel_reads(plan: EntityPlan) -> list[str]:
+    """One kernel call reads every window; what it leaves to Python comes back as the window's
+    first index and is computed by `_feature`."""
+    return ["    out = kernel(s, n, idx, rel, program, s.prefix)"] + [
+        f"    out[{k}] = feature(s, n, s, idx, rel, int(out[{k}]), *steps[{k}])"
+        for k, (op, *_) in enumerate(kernel_ops(plan))
+        if op == KERNEL_PYTHON
+    ]
+
+
+def _python_reads(plan: EntityPlan) -> list[str]:
+    """The same reads inlined in Python. They leave the memoryview `m` open: `fast` releases it,
+    and `append` releases it around its eviction."""
+    steps, ints = plan._steps, plan.ints
+    # Binary searches go through a memoryview: on an array subclass `bisect` pays a Python-level
+    # __getitem__ per probe (3x slower); the view is released before the buffer is resized.
+    body = ["    end = idx + 1", "    pre = s.prefix", "    m = memoryview(s)"]
+    body += [f"    st{w} = bisect_right(m, rel - {w}, 1, end) - 1" for w in plan.windows]
+    used = sorted({j for agg, j, _, _ in steps if j >= 0})
+    body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
+    # Nested windows share work: a longer window's sum (or max/min) extends the next shorter
+    # one's over the events between their starts, so each event is read once, not per window.
+    for j in plan.summed:
+        ws, scale = (
+            sorted({w for agg, jj, w, _ in steps if jj == j and agg in ("sum", "mean")}),
+            plan.scales[j],
+        )
+        body.append("    if pre is not None:")
+        body += [
+            f"        t{j}_{w} = wsum(s, pre, {j}, o{j}, st{w}, end, {plan.block}) / {scale}" for w in ws
+        ]
+        body.append("    else:")
+        for k, w in enumerate(ws):
+            upto = "end" if k == 0 else f"st{ws[k - 1]}"
+            body.append(f"        r = {'' if k == 0 else 'r + '}sum(s[o{j} + st{w}:o{j} + {upto}])")
+            body.append(f"        t{j}_{w} = r / {scale}")
+    extremes = sorted({(a, j) for a, j, _, _ in steps if a in ("max", "min") and j in ints})
+    for ext, j in extremes:
+        ws = sorted({w for a, jj, w, _ in steps if a == ext and jj == j})
+        for k, w in enumerate(ws):
+            if k == 0:
+                body.append(f"    {ext}{j}_{w} = {ext}(s[o{j} + st{w}:o{j} + end])")
+            else:
+                prev = f"{ext}{j}_{ws[k - 1]}"
+                body.append(f"    seg = s[o{j} + st{w}:o{j} + st{ws[k - 1]}]")
+                body.append(f"    {ext}{j}_{w} = {ext}({prev}, {ext}(seg)) if seg else {prev}")
+    exprs = []
+    for k, (agg, j, w, _) in enumerate(steps):
+        if agg == "count":
+            exprs.append(f"float(end - st{w})")
+        elif agg == "sum":
+            exprs.append(f"t{j}_{w}")
+        elif agg == "mean":
+            exprs.append(f"t{j}_{w} / (end - st{w})")
+        elif agg in ("max", "min") and j in ints:
+            exprs.append(f"{agg}{j}_{w} / {plan.scales[j]}")
+        elif agg == "distinct" and w in plan.windows:  # categorical hashes; 0 = absent
+            exprs.append(f"float(len(set(s[o{j} + st{w}:o{j} + end]).difference((0,))))")
+        elif agg == "time_since_last":
+            exprs.append(f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {plan.lookback_ms} else NAN)")
+        else:
+            start = f"st{w}" if w in plan.windows else "0"
+            exprs.append(f"feature(s, n, s, idx, rel, {start}, *steps[{k}])")
+    return [*body, "    out = [" + ", ".join(exprs) + "]"]

@@ -591,10 +591,6 @@ class EntityPlan:
             count = bisect_right(view, hi - base, 1, 1 + n) - bisect_right(view, lo - base, 1, 1 + n)
         return frauds / count if count else NAN
 
-    def kernel_ops(self) -> list[tuple[int, int, int, int, int]]:
-        """Per feature: (op, column, window index or -1, scale, lookback) for the kernel."""
-        return codegen.kernel_ops(self)
-
     def kernel_program(self) -> bytes:
         """This plan for `features._kernel.window_features` (the format is in its source)."""
         return codegen.kernel_program(self)
