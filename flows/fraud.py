@@ -1,9 +1,11 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
-read -> decode -> index (txn_id) -> one feature step per entity -> pending (txn_id: the vector
-waits for its label) -> score -> alerts, late side output, decision log; bad records -> dead
-letters. This module only wires steps: the logic lives in `features`, `models`, `flows.steps`,
-`flows.outputs` and `flows.connectors`.
+read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
+(txn_id) -> for each entity: order (release in that order) -> features -> pending (txn_id: the
+vector waits for its label) -> score -> alerts, late side output, decision log; bad records ->
+dead letters. Watermarks travel with the events (`flows.ordering`), so any number of processes
+computes what one does. This module only wires steps: the logic lives in `features`, `models`,
+`flows.steps`, `flows.ordering`, `flows.outputs` and `flows.connectors`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows import connectors
+from flows.ordering import SequencerLogic, StampLogic, WorkerCount, by_bucket, by_key, stamp_key
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
 from flows.steps import (
     EntityLogic,
@@ -25,10 +28,11 @@ from flows.steps import (
     PendingLogic,
     ScoringLogic,
     decode_record,
+    entity_key,
     is_valid,
     joined_value,
-    rekey,
-    to_pending,
+    partitions,
+    pending_key,
     to_scorer,
     txn_key,
 )
@@ -51,22 +55,31 @@ def build(
     s, pipeline = rt.settings, rt.pipeline
     flow = Dataflow("fraud")
 
-    records = op.input("read", flow, source or connectors.source(rt))
+    src = source or connectors.source(rt)
+    records = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount()))
     decoded = op.branch("validate", op.map("decode", records, decode_record), is_valid)
+    stamped = op.stateful_batch("stamp", op.map("key_partition", decoded.trues, stamp_key), StampLogic)
 
-    index = partial(IndexLogic, pipeline, timedelta(days=s.label_ttl_days))
-    indexed = op.stateful_batch("index", op.key_on("key_txn", decoded.trues, txn_key), index)
+    index = partial(IndexLogic, pipeline, timedelta(days=s.label_ttl_days), partitions(src))
+    indexed = op.stateful_batch("index", op.flat_map_batch("key_txn", stamped, by_key(txn_key)), index)
     joined = op.branch("joined", indexed, joined_value)
 
     rows: Any = joined.trues
     for i, plan in enumerate(pipeline.plans):
-        name = plan.entity.name
+        name, key = plan.entity.name, entity_key(i)
+        ordered = op.stateful_batch(
+            f"{name}_order", op.flat_map_batch(f"bucket_{name}", rows, by_bucket(key)), SequencerLogic
+        )
         rows = op.stateful_batch(
-            f"{name}_features", op.map(f"key_{name}", rows, rekey(i)), partial(EntityLogic, pipeline, i)
+            f"{name}_features",
+            op.flat_map_batch(f"key_{name}", ordered, by_key(key)),
+            partial(EntityLogic, pipeline, i),
         )
 
     pending = partial(PendingLogic, pipeline, timedelta(days=s.label_ttl_days))
-    vectors = op.stateful_batch("pending", op.map("key_pending", rows, to_pending), pending)
+    vectors = op.stateful_batch(
+        "pending", op.flat_map_batch("key_pending", rows, by_key(pending_key)), pending
+    )
 
     scoring = partial(ScoringLogic, rt.new_scorer)
     scored = op.key_rm(

@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from features.events import Record
+from flows.ordering import TICK
 from fraud.metrics import REDIS_ERRORS, SOURCE_LAG
 from fraud.redis_server import connect, redact
 from fraud.replay import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
@@ -75,6 +76,7 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
         self._lag = SOURCE_LAG.labels(shard=self._shard)
         self._lag_due = 0.0
         self._last_data = time.monotonic()
+        self._ticked = False
         self._down_since: float | None = None
         self._backoff = INITIAL_BACKOFF_S
         self._awake: datetime | None = None
@@ -108,11 +110,14 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
                 batch.append(to_record(fields, f"{self._stream}#{self._position}"))
         now = time.monotonic()
         if batch:
-            self._last_data = now
+            self._last_data, self._ticked = now, False
         if now >= self._lag_due:
             self._refresh_lag(now)
         if not batch and src.idle_exit_s is not None and now - self._last_data >= src.idle_exit_s:
             raise StopIteration
+        if not batch and not self._ticked and (now - self._last_data) * 1000 >= src.idle_ms:
+            self._ticked = True  # once per quiet spell: this shard stops holding the others back
+            return [(TICK, "", f"{self._stream}#")]
         return batch
 
     def next_awake(self) -> datetime | None:
@@ -169,8 +174,9 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
     """`shards` partitions, one per stream `<prefix>:{i}`, read from `start_id` or the snapshot.
 
     `start_id`: "0-0" reads each stream from its start, "$" only what is added after the first
-    poll. `block_ms`: longest one poll waits for data (0: never waits). `idle_exit_s`: a partition
-    ends once it returned nothing for that long (backfills, tests); None runs forever. An outage
+    poll. `block_ms`: longest one poll waits for data (0: never waits). `idle_ms`: a partition that
+    found nothing for that long hands on one `("tick", "", "<stream>#")` record, so that the flow
+    stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once it returned nothing for that long (backfills, tests); None runs forever. An outage
     does not count as idle: a partition never ends while it cannot tell whether data is waiting.
     """
 
@@ -182,6 +188,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         *,
         batch_size: int = 1000,
         block_ms: int = 50,
+        idle_ms: int = 250,
         idle_exit_s: float | None = None,
         start_id: str = "0-0",
     ) -> None:
@@ -196,6 +203,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         self.shards = shards
         self.batch_size = batch_size
         self.block_ms = block_ms
+        self.idle_ms = idle_ms
         self.idle_exit_s = idle_exit_s
         self.start_id = start_id
 

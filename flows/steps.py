@@ -6,7 +6,6 @@ Each class holds compact, plain state and returns a cheap, immutable snapshot: B
 
 from __future__ import annotations
 
-import itertools
 import operator
 import time
 from array import array
@@ -27,6 +26,7 @@ from features.engine import (
 )
 from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode
 from features.state import EntityState
+from flows.ordering import TICK, OrderedBatch, Relay, RelayState, Tick, Watermark, partition_of, relay_batch
 from flows.outputs import count_decisions
 from fraud import metrics
 from models.serving import Decision, LabelledVector, Scorer
@@ -34,17 +34,17 @@ from models.serving import Decision, LabelledVector, Scorer
 Chained = FeatureRow | LabelEvent
 
 
-_arrivals = itertools.count()
-
-
-def decode_record(record: Record) -> Decoded:
-    """Decode at the edge, stamping arrival time (latency) and arrival order (`seq`)."""
+def decode_record(record: Record) -> Decoded | Tick:
+    """Decode at the edge, stamping arrival time (latency); `flows.ordering.StampLogic` then
+    gives each event its place in the canonical order (`seq`)."""
     kind, raw, origin = record
-    return decode(kind, raw, time.time_ns(), next(_arrivals), origin)
+    if kind == TICK:
+        return Tick(partition_of(origin))
+    return decode(kind, raw, time.time_ns(), 0, origin)
 
 
-def in_arrival_order(items: list[Any]) -> list[Any]:
-    """Bytewax hands a keyed step its batch grouped by key; the features depend on arrival order."""
+def in_order(items: list[Any]) -> list[Any]:
+    """Bytewax hands a keyed step its batch grouped by key; apply it in canonical order."""
     items.sort(key=_seq)
     return items
 
@@ -52,7 +52,7 @@ def in_arrival_order(items: list[Any]) -> list[Any]:
 _seq = operator.attrgetter("seq")
 
 
-def is_valid(event: Decoded) -> TypeGuard[Transaction | Label]:
+def is_valid(event: Decoded | Tick) -> TypeGuard[Transaction | Label | Tick]:
     return not isinstance(event, DeadLetter)
 
 
@@ -60,28 +60,24 @@ def txn_key(event: Transaction | Label) -> str:
     return event.txn_id
 
 
-def rekey(i: int) -> Callable[[tuple[str, Chained]], tuple[str, Chained]]:
-    """Route a keyed item straight to chain step `i` (one map instead of key_rm + key_on)."""
-    key = entity_key(i)
-
-    def route(kv: tuple[str, Chained]) -> tuple[str, Chained]:
-        return key(kv[1]), kv[1]
-
-    return route
-
-
-def to_pending(kv: tuple[str, Chained]) -> tuple[str, Chained]:
-    """A row or label leaving the entity chain, keyed by its transaction for the `pending` step."""
-    item = kv[1]
-    return (item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id), item
+def pending_key(item: Chained) -> str:
+    """A row or label leaving the entity chain is keyed by its transaction for `pending`."""
+    return item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id
 
 
 Scored = FeatureVector | LabelledVector
 
 
-def to_scorer(kv: tuple[str, Scored]) -> tuple[str, Scored]:
-    """Every vector and labelled vector goes to the one scorer key (one River model learns all)."""
+def to_scorer(kv: tuple[str, Scored | Watermark]) -> tuple[str, Scored | Watermark]:
+    """Every vector, labelled vector and watermark goes to the one scorer key (one River model
+    learns all)."""
     return "scorer", kv[1]
+
+
+def partitions(source: Any) -> int:
+    """How many partitions `source` reads (each sends its own watermarks); 1 if it cannot say."""
+    list_parts = getattr(source, "list_parts", None)
+    return len(list_parts()) if list_parts is not None else 1
 
 
 def joined_value(kv: tuple[str, Chained | DeadLetter]) -> bool:
@@ -100,21 +96,42 @@ def entity_key(i: int) -> Callable[[Chained], str]:
     return key
 
 
-class IndexLogic(StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, tuple[Any, ...]]):
+class Relaying:
+    """A keyed step's watermark keys (`flows.ordering.worker_keys`) share its logic class: a key
+    whose first item is a `Watermark` becomes a relay, forwarding the step's watermark after the
+    events it covers (see `flows.ordering`)."""
+
+    relay: Relay | None = None
+
+    def _relay_batch(self, items: list[Any], expected: int | None = None) -> tuple[list[Any], bool]:
+        if self.relay is None:
+            self.relay = Relay(expected)
+        return relay_batch(self.relay, items), StatefulBatchLogic.RETAIN
+
+
+class IndexLogic(
+    Relaying, StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, tuple[Any, ...] | RelayState]
+):
     """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
 
     An entry lives `ttl` of wall-clock time (labels arrive days later); a label for a transaction
     never seen, or already labelled, becomes a dead letter.
     """
 
-    def __init__(self, pipeline: Pipeline, ttl: timedelta, resume: tuple[Any, ...] | None) -> None:
-        self.pipeline = pipeline
+    def __init__(
+        self, pipeline: Pipeline, ttl: timedelta, partitions: int, resume: tuple[Any, ...] | RelayState | None
+    ) -> None:
+        self.pipeline, self.partitions = pipeline, partitions
+        if isinstance(resume, RelayState):
+            self.relay, resume = Relay(partitions, resume), None
         self.entry = TxnEntry(*resume) if resume else None
         self.expires = datetime.now(UTC) + ttl
 
-    def on_batch(self, items: list[Transaction | Label]) -> tuple[list[Chained | DeadLetter], bool]:
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        if self.relay is not None or type(items[0]) is Watermark:
+            return self._relay_batch(items, self.partitions)  # origins: the source partitions
         out: list[Chained | DeadLetter] = []
-        for item in in_arrival_order(items):
+        for item in in_order(items):
             if isinstance(item, Label):
                 out.append(join_label(item.txn_id, self.entry, item))
             elif self.entry is not None:
@@ -130,13 +147,15 @@ class IndexLogic(StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, t
     def on_notify(self) -> tuple[list[Chained | DeadLetter], bool]:
         return [], StatefulBatchLogic.DISCARD
 
-    def snapshot(self) -> tuple[Any, ...]:
+    def snapshot(self) -> tuple[Any, ...] | RelayState:
+        if self.relay is not None:
+            return self.relay.state()
         e = self.entry
         assert e is not None, "a key without an entry is discarded, never snapshotted"
         return (e.ts_ms, e.keys, e.labelled)
 
 
-class EntityLogic(StatefulBatchLogic[Chained, Chained, tuple[Any, ...]]):
+class EntityLogic(Relaying, StatefulBatchLogic[Chained, Chained, tuple[Any, ...] | RelayState]):
     """Keyed by one entity (card, merchant, device...): adds its window features to each row.
 
     Idle keys are dropped: `notify_at` fires once the key's retention has passed in wall-clock
@@ -144,15 +163,19 @@ class EntityLogic(StatefulBatchLogic[Chained, Chained, tuple[Any, ...]]):
     keeps every key until it ends), and `on_notify` discards the key if it has expired.
     """
 
-    def __init__(self, pipeline: Pipeline, i: int, resume: tuple[Any, ...] | None) -> None:
+    def __init__(self, pipeline: Pipeline, i: int, resume: tuple[Any, ...] | RelayState | None) -> None:
         self.pipeline, self.i = pipeline, i
         self.plan = pipeline.plans[i]
+        if isinstance(resume, RelayState):
+            self.relay, resume = Relay(None, resume), None
         self.state: EntityState | None = None if resume is None else self.plan.restore(resume)
         self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
 
-    def on_batch(self, items: list[Chained]) -> tuple[list[Chained], bool]:
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        if self.relay is not None or type(items[0]) is Watermark:
+            return self._relay_batch(items)
         p, i = self.pipeline, self.i
-        for item in in_arrival_order(items):
+        for item in in_order(items):
             if self.state is None and item.keys[i] is not None:
                 self.state = self.plan.new_state()
             if isinstance(item, FeatureRow):
@@ -169,13 +192,15 @@ class EntityLogic(StatefulBatchLogic[Chained, Chained, tuple[Any, ...]]):
         assert self.state is not None
         return [], self.plan.expired(self.state, int(datetime.now(UTC).timestamp() * 1000))
 
-    def snapshot(self) -> tuple[Any, ...]:
+    def snapshot(self) -> tuple[Any, ...] | RelayState:
+        if self.relay is not None:
+            return self.relay.state()
         s = self.state
         assert s is not None, "a pass-through key is discarded, never snapshotted"
         return s.snapshot()
 
 
-class PendingLogic(StatefulBatchLogic[Chained, Scored, bytes]):
+class PendingLogic(Relaying, StatefulBatchLogic[Chained, Scored, bytes | RelayState]):
     """Keyed by txn_id, after the entity chain: assembles the transaction's feature vector, passes
     it on to be scored and keeps a copy until its label arrives (or `ttl` of wall-clock time
     passes, as in the index), then sends the label with that copy for the online model to learn.
@@ -186,18 +211,22 @@ class PendingLogic(StatefulBatchLogic[Chained, Scored, bytes]):
 
     held = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
 
-    def __init__(self, pipeline: Pipeline, ttl: timedelta, resume: bytes | None) -> None:
+    def __init__(self, pipeline: Pipeline, ttl: timedelta, resume: bytes | RelayState | None) -> None:
         self.pipeline = pipeline
         self.values: array[float] | None = None
+        if isinstance(resume, RelayState):
+            self.relay, resume = Relay(None, resume), None
         if resume is not None:
             self.values = array("d")
             self.values.frombytes(resume)
             PendingLogic.held += 1
         self.expires = datetime.now(UTC) + ttl
 
-    def on_batch(self, items: list[Chained]) -> tuple[list[Scored], bool]:
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        if self.relay is not None or type(items[0]) is Watermark:
+            return self._relay_batch(items)
         out: list[Scored] = []
-        for it in in_arrival_order(items):
+        for it in in_order(items):
             if isinstance(it, FeatureRow):
                 values = self.pipeline.assemble(it)
                 out.append(FeatureVector(it.txn, values, it.late))
@@ -222,22 +251,44 @@ class PendingLogic(StatefulBatchLogic[Chained, Scored, bytes]):
             self.values = None
         return [], StatefulBatchLogic.DISCARD
 
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> bytes | RelayState:
+        if self.relay is not None:
+            return self.relay.state()
         assert self.values is not None, "a key without a vector is discarded, never snapshotted"
         return self.values.tobytes()
 
 
-class ScoringLogic(StatefulBatchLogic[Scored, Decision, tuple[Any, ...]]):
-    """Scores feature vectors in vectorised batches and feeds labelled vectors to River."""
+ScorerState = tuple[tuple[Any, ...], list[Scored], RelayState]
 
-    def __init__(self, new_scorer: Callable[[], Scorer], resume: tuple[Any, ...] | None) -> None:
+
+class ScoringLogic(StatefulBatchLogic[Scored | Watermark, Decision, ScorerState]):
+    """Scores feature vectors in vectorised batches and feeds labelled vectors to River, in
+    canonical order: it holds what arrives until the watermark from every `pending` worker has
+    passed it (the River model's state depends on the order it learns and predicts in)."""
+
+    def __init__(self, new_scorer: Callable[[], Scorer], resume: ScorerState | None) -> None:
         self.scorer = new_scorer()
         if resume is not None:
-            self.scorer.restore(resume)
+            self.scorer.restore(resume[0])
+        self.batch = OrderedBatch(None, None if resume is None else (resume[1], resume[2]))
 
-    def on_batch(self, items: list[Scored]) -> tuple[list[Decision], bool]:
+    def on_batch(self, items: list[Scored | Watermark]) -> tuple[list[Decision], bool]:
+        return self._score(self.batch.take(items)[0])
+
+    def notify_at(self) -> datetime | None:
+        return self.batch.notify_at()
+
+    def on_notify(self) -> tuple[list[Decision], bool]:
+        return self._score(self.batch.overdue())
+
+    def on_eof(self) -> tuple[list[Decision], bool]:
+        return self._score(self.batch.held.drain())
+
+    def _score(self, items: list[Scored]) -> tuple[list[Decision], bool]:
+        if not items:
+            return [], StatefulBatchLogic.RETAIN
         started = time.perf_counter()
-        decisions = self.scorer.process(in_arrival_order(items))
+        decisions = self.scorer.process(items)
         stats = self.scorer.last
         if stats.rows:
             metrics.SCORING_SECONDS.observe(time.perf_counter() - started)
@@ -246,5 +297,6 @@ class ScoringLogic(StatefulBatchLogic[Scored, Decision, tuple[Any, ...]]):
         count_decisions(decisions)
         return decisions, StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> tuple[Any, ...]:
-        return self.scorer.snapshot()
+    def snapshot(self) -> ScorerState:
+        held, relay = self.batch.snapshot()
+        return (self.scorer.snapshot(), held, relay)

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     )
     input_shards: int = Field(4, ge=1, description="Number of input shard streams (Bytewax partitions).")
     source_block_ms: int = Field(50, ge=0, le=1000, description="Longest a Redis read may wait for data.")
+    source_idle_ms: int = Field(
+        250,
+        ge=1,
+        description="A shard empty this long stops holding the others back (see Scale-out in the README).",
+    )
     source_idle_exit_s: float | None = Field(
         None, gt=0, description="Stop once every shard was empty this long."
     )

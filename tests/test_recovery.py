@@ -118,6 +118,7 @@ def test_processes_starting_together_share_one_recovery_directory(tmp_path: Path
 def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     """The vector a transaction was scored with waits in its own small key, survives a snapshot,
     and goes to the online model with the label; the scorer itself keeps nothing per transaction."""
+    from flows.ordering import INF, Watermark, set_workers
     from flows.steps import PendingLogic, ScoringLogic
     from fraud.runtime import load_runtime
     from models.serving import LabelledVector
@@ -142,9 +143,12 @@ def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     assert learned.is_fraud and same(list(learned.values), vector.values)
     assert resumed.on_batch([label]) == ([], True)  # nothing held any more: nothing to learn
 
+    set_workers(1)
     scoring = ScoringLogic(rt.new_scorer, None)
-    decisions, _ = scoring.on_batch([vector, learned])
+    assert scoring.on_batch([vector, learned]) == ([], False)  # held until the watermark passes
+    decisions, _ = scoring.on_batch([Watermark(0, INF, 0)])
     assert [d.txn.txn_id for d in decisions] == ["t1"]
     assert scoring.scorer.online.n_learned == 1
-    # The model only: nothing per transaction in the scorer's one key.
-    assert scoring.snapshot() == (pickle.dumps(scoring.scorer.online),)
+    # The model, and nothing held: nothing per transaction in the scorer's one key.
+    model, held, relay = scoring.snapshot()
+    assert model == (pickle.dumps(scoring.scorer.online),) and held == [] and relay.out == INF

@@ -230,8 +230,12 @@ def test_bytewax_dataflow_reads_everything_and_ends_when_idle(
     records = op.input("in", flow, RedisShardSource(redis_url, "f:in", 2, batch_size=100, idle_exit_s=0.5))
     op.output("out", records, TestingSink(out))
     run_main(flow)
+    ticks = sorted(origin for kind, _, origin in out if kind == "tick")
+    out = [r for r in out if r[0] != "tick"]
     assert Counter((kind, payload) for kind, payload, _ in out) == Counter(expected(small))
     assert len({origin for _, _, origin in out}) == len(out)  # every record has its own origin
+    # Empty for 250 ms (FRAUD_SOURCE_IDLE_MS) before ending at 500 ms: each shard said so once.
+    assert ticks == ["f:in:{0}#", "f:in:{1}#"]
 
 
 def test_cli_replay_pushes_the_file_into_the_shards(

@@ -1,0 +1,439 @@
+"""One event-time order for every cluster layout: the same alerts from 1 process or N.
+
+Bytewax hands a keyed step its items in arrival order, and with several workers that order
+depends on timing. So each event gets a canonical position, `seq`, from the partition it was
+read from (`StampLogic`), and every step whose key gathers events from several workers applies
+them in `seq` order, only once no smaller `seq` can still arrive:
+
+- `seq` = (running maximum of the partition's event times, partition code, position). It grows
+  along each partition, whatever the events' own times, and depends only on what the partition
+  holds, so it is the same in every run and after a resume.
+- After each batch a partition sends a `Watermark`: "nothing I send from now on is at or below
+  this seq". A `Relay` keeps the latest one per upstream origin; their minimum is the step's
+  watermark.
+- A step keyed by entity (card, merchant...) cannot wait for a watermark: Bytewax wakes a key
+  only for its own items. A `SequencerLogic` in front of it holds the events in a heap, in one
+  bucket per worker, and releases them in `seq` order up to the watermark. Each entity key gets
+  its events from one bucket, on one channel, so they arrive in that order.
+- Watermarks travel with the events, through every worker of every keyed step: `worker_keys()`
+  are keys that Bytewax routes to each worker, and a step forwards the watermark only after the
+  events it covers (those keys sort after any entity key, and Bytewax runs a batch's keys in key
+  order).
+
+A partition with nothing to read for `FRAUD_SOURCE_IDLE_MS` says so (an idle `Watermark`) and
+stops holding the others back; events it sends after that may arrive behind the order (they are
+applied at once). Everything else is exact.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zlib import crc32
+
+import msgspec
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+from bytewax.operators import StatefulBatchLogic
+
+from features.events import Label, Transaction
+
+logger = logging.getLogger(__name__)
+
+INF = 1 << 200  # a watermark past every seq: the end of the input
+NEG = -(1 << 200)  # before every seq: a partition that has sent nothing yet
+POSITION_BITS = 40
+CODE_BITS = 24
+FUTURE_TOLERANCE_MS = 3_600_000  # a clock error cannot drag a partition's order past now + 1h
+MAX_HOLD = timedelta(seconds=30)  # no watermark for this long: release what is held (see notify_at)
+MARK = "\U0010ffff"  # prefix of the watermark keys: sorts after any entity key
+
+
+class Watermark(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """Nothing `origin` sends after this has a `seq` at or below `wm`; `to`: the receiving key's
+    worker index (how a relay learns its own index); `idle`: the partition has nothing to read."""
+
+    origin: str | int
+    wm: int
+    to: int = -1
+    idle: bool = False
+
+
+TICK = "tick"  # the record kind of a `Tick`: `(TICK, "", "<stream>#")`
+
+
+class Tick(msgspec.Struct, frozen=True, gc=False):
+    """A source partition saying it found nothing to read for a while."""
+
+    partition: str
+
+
+def partition_of(origin: str) -> str:
+    """The partition an event was read from: `<stream>` of `<stream>#<id>`; files are one."""
+    return origin.rpartition("#")[0]
+
+
+def partition_code(partition: str) -> int:
+    return zlib.crc32(partition.encode()) & ((1 << CODE_BITS) - 1)
+
+
+def make_seq(running_max_ms: int, code: int, position: int) -> int:
+    return (running_max_ms << (CODE_BITS + POSITION_BITS)) + (code << POSITION_BITS) + position
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _rotl(x: int, b: int) -> int:
+    return ((x << b) | (x >> (64 - b))) & _M64
+
+
+def siphash13(data: bytes) -> int:
+    """SipHash-1-3 with a zero key: Rust's `DefaultHasher`, which Bytewax routes keys with."""
+    v0, v1, v2, v3 = 0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573
+
+    def rounds(n: int) -> None:
+        nonlocal v0, v1, v2, v3
+        for _ in range(n):
+            v0 = (v0 + v1) & _M64
+            v1 = _rotl(v1, 13) ^ v0
+            v0 = _rotl(v0, 32)
+            v2 = (v2 + v3) & _M64
+            v3 = _rotl(v3, 16) ^ v2
+            v0 = (v0 + v3) & _M64
+            v3 = _rotl(v3, 21) ^ v0
+            v2 = (v2 + v1) & _M64
+            v1 = _rotl(v1, 17) ^ v2
+            v2 = _rotl(v2, 32)
+
+    n = len(data)
+    end = n - n % 8
+    for i in range(0, end, 8):
+        m = int.from_bytes(data[i : i + 8], "little")
+        v3 ^= m
+        rounds(1)
+        v0 ^= m
+    m = int.from_bytes(data[end:], "little") | ((n & 0xFF) << 56)
+    v3 ^= m
+    rounds(1)
+    v0 ^= m
+    v2 ^= 0xFF
+    rounds(3)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def worker_of(key: str, workers: int) -> int:
+    """The worker Bytewax 0.21 routes `key` to: hash of the `str` (its bytes, then 0xFF) mod count."""
+    return siphash13(key.encode() + b"\xff") % workers
+
+
+_workers = 0
+_keys: list[str] = []
+
+
+def set_workers(count: int) -> None:
+    global _workers, _keys
+    if count != _workers:
+        keys: dict[int, str] = {}
+        for n in itertools.count():
+            key = f"{MARK}{n}"
+            keys.setdefault(worker_of(key, count), key)
+            if len(keys) == count:
+                break
+        _workers, _keys = count, [keys[i] for i in range(count)]
+
+
+def workers() -> int:
+    if not _workers:
+        raise RuntimeError("the worker count is not known yet: the flow needs its `workers` input")
+    return _workers
+
+
+def worker_keys() -> list[str]:
+    """One key per worker, in worker order: `worker_keys()[j]` lands on worker j."""
+    workers()
+    return _keys
+
+
+class _Done(StatelessSourcePartition[Any]):
+    def next_batch(self) -> list[Any]:
+        raise StopIteration
+
+
+class WorkerCount(DynamicSource[Any]):
+    """An input that yields nothing: Bytewax builds it on every worker before any item flows,
+    with the cluster's worker count, which the routing functions below need."""
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Done:
+        set_workers(worker_count)
+        return _Done()
+
+
+def broadcast(mark: Watermark) -> list[tuple[str, Watermark]]:
+    return [(k, Watermark(mark.origin, mark.wm, j, mark.idle)) for j, k in enumerate(worker_keys())]
+
+
+Router = Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]]
+
+
+def by_key(key_of: Callable[[Any], str]) -> Router:
+    """Route each event of a batch of keyed items to `key_of(event)`, each watermark to every
+    worker (for `op.flat_map_batch`: one call per batch)."""
+
+    def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for _, item in batch:
+            if type(item) is Watermark:
+                out += broadcast(item)
+            else:
+                out.append((key_of(item), item))
+        return out
+
+    return route
+
+
+def by_bucket(key_of: Callable[[Any], str]) -> Router:
+    """Route each event to the sequencer bucket of `key_of(event)`, each watermark to every one."""
+
+    def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        keys = worker_keys()
+        n = len(keys)
+        out: list[tuple[str, Any]] = []
+        for _, item in batch:
+            if type(item) is Watermark:
+                out += broadcast(item)
+            else:
+                out.append((keys[crc32(key_of(item).encode()) % n], item))
+        return out
+
+    return route
+
+
+# --- stamping -----------------------------------------------------------------------------------
+
+
+def stamp_key(event: Transaction | Label | Tick) -> tuple[str, Transaction | Label | Tick]:
+    if type(event) is Tick:
+        return event.partition, event
+    return partition_of(event.origin), event  # type: ignore[union-attr]
+
+
+StampState = tuple[str | None, int, int, bool]
+
+
+class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
+    """Keyed by source partition: gives each event its `seq`, then sends the partition's watermark.
+
+    The snapshot (partition, running maximum, position, idle) resumes the numbering exactly where
+    the partition's own snapshot resumes reading.
+    """
+
+    def __init__(self, resume: StampState | None) -> None:
+        self.partition, self.running_max, self.position, self.idle = resume or (None, NEG, 0, False)
+        self.wm = NEG
+        if self.partition is not None and self.position:
+            self.wm = make_seq(self.running_max, partition_code(self.partition), self.position)
+
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        if self.partition is None:
+            first = items[0]
+            self.partition = first.partition if type(first) is Tick else partition_of(first.origin)
+        code = partition_code(self.partition)
+        cap = int(time.time() * 1000) + FUTURE_TOLERANCE_MS
+        replace = msgspec.structs.replace
+        out: list[Any] = []
+        ticked = False
+        for e in items:
+            if type(e) is Tick:
+                ticked = True
+                continue
+            ts = e.ts_ms if e.ts_ms < cap else cap
+            if ts > self.running_max:
+                self.running_max = ts
+            self.position += 1
+            self.wm = make_seq(self.running_max, code, self.position)
+            out.append(replace(e, seq=self.wm))
+        if out:
+            self.idle = False
+            out.append(Watermark(self.partition, self.wm))
+        elif ticked and not self.idle:
+            self.idle = True
+            out.append(Watermark(self.partition, self.wm, idle=True))
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[Any], bool]:
+        return (
+            [Watermark(self.partition, INF)] if self.partition is not None else []
+        ), StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> StampState:
+        return (self.partition, self.running_max, self.position, self.idle)
+
+
+# --- relaying and sequencing --------------------------------------------------------------------
+
+
+class RelayState(msgspec.Struct, array_like=True):
+    """A relay's snapshot (a class of its own, so a step can tell it from its keys' states)."""
+
+    to: int
+    marks: dict[str | int, int]
+    idle: list[str | int]
+    out: int | None
+
+
+class Relay:
+    """The watermark of one key of a step: the minimum over its upstream origins (partitions, or
+    the previous step's workers), once all of them have spoken; it only ever grows.
+
+    `expected`: how many origins (None: one per worker). Idle partitions do not hold it back;
+    when every partition is idle it is the largest watermark seen.
+    """
+
+    def __init__(self, expected: int | None, state: RelayState | None = None) -> None:
+        self.expected = expected
+        s = state or RelayState(-1, {}, [], None)
+        self.to, self.marks, self.idle, self.out = s.to, dict(s.marks), set(s.idle), s.out
+
+    def update(self, marks: Iterable[Watermark]) -> Watermark | None:
+        """Take in `marks`; the watermark to forward if it advanced."""
+        for m in marks:
+            self.to = m.to
+            prev = self.marks.get(m.origin)
+            self.marks[m.origin] = m.wm if prev is None or m.wm > prev else prev
+            if m.idle:
+                self.idle.add(m.origin)
+            else:
+                self.idle.discard(m.origin)
+        expected = self.expected if self.expected is not None else workers()
+        if self.expected is None:  # origins are worker indexes: a resume with fewer workers
+            current = [self.marks[o] for o in range(expected) if o in self.marks]
+        else:
+            current = list(self.marks.values())
+        if len(current) < expected:
+            return None
+        if self.expected is None:
+            combined = min(current)
+        else:
+            live = [w for o, w in self.marks.items() if o not in self.idle]
+            combined = min(live) if live else max(current)
+        if self.out is not None and combined <= self.out:
+            return None
+        self.out = combined
+        return Watermark(self.to, combined)
+
+    def state(self) -> RelayState:
+        return RelayState(self.to, self.marks, sorted(self.idle, key=str), self.out)
+
+
+def relay_batch(relay: Relay, items: list[Any]) -> list[Any]:
+    """What a watermark key of a keyed step emits: the new watermark, if it advanced."""
+    fwd = relay.update(items)
+    return [fwd] if fwd is not None else []
+
+
+class Held:
+    """Events waiting for the watermark, in `seq` order (arrival order breaks the rare tie)."""
+
+    def __init__(self, items: Iterable[Any] = ()) -> None:
+        self.heap: list[tuple[int, int, Any]] = []
+        self.count = itertools.count()
+        for it in items:
+            self.push(it)
+
+    def push(self, item: Any) -> None:
+        heapq.heappush(self.heap, (item.seq, next(self.count), item))
+
+    def release(self, upto: int | None) -> list[Any]:
+        out: list[Any] = []
+        heap = self.heap
+        while heap and upto is not None and heap[0][0] <= upto:
+            out.append(heapq.heappop(heap)[2])
+        return out
+
+    def drain(self) -> list[Any]:
+        return [heapq.heappop(self.heap)[2] for _ in range(len(self.heap))]
+
+    def items(self) -> list[Any]:
+        return [e[2] for e in sorted(self.heap)] if self.heap else []
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+
+class OrderedBatch:
+    """The part shared by a sequencer and the scorer: hold events, release them in `seq` order
+    up to the watermark; an event at or below what was already released goes out at once."""
+
+    def __init__(self, expected: int | None, resume: tuple[list[Any], RelayState] | None) -> None:
+        held, relay = resume or ([], None)
+        self.held = Held(held)
+        self.relay = Relay(expected, relay)
+        self.deadline = datetime.now(UTC) + MAX_HOLD
+
+    def take(self, items: list[Any]) -> tuple[list[Any], Watermark | None]:
+        marks: list[Watermark] = []
+        out: list[Any] = []
+        done = self.relay.out
+        for it in items:
+            if type(it) is Watermark:
+                marks.append(it)
+            elif done is not None and it.seq <= done:
+                out.append(it)
+            else:
+                self.held.push(it)
+        fwd = self.relay.update(marks) if marks else None
+        if marks:
+            self.deadline = datetime.now(UTC) + MAX_HOLD
+        out.extend(self.held.release(self.relay.out))
+        return out, fwd
+
+    def notify_at(self) -> datetime | None:
+        return self.deadline if len(self.held) else None
+
+    def overdue(self) -> list[Any]:
+        """No watermark for `MAX_HOLD` (an upstream partition stalled, or the cluster was resized
+        on resume): release what is held rather than keep it forever."""
+        if datetime.now(UTC) < self.deadline:
+            return []
+        items = self.held.drain()
+        if items:
+            logger.warning("released %d events held %ss without a watermark", len(items), MAX_HOLD.seconds)
+            self.relay.out = max(self.relay.out or NEG, items[-1].seq)
+        self.deadline = datetime.now(UTC) + MAX_HOLD
+        return items
+
+    def snapshot(self) -> tuple[list[Any], RelayState]:
+        return (self.held.items(), self.relay.state())
+
+
+class SequencerLogic(StatefulBatchLogic[Any, Any, tuple[list[Any], RelayState]]):
+    """One bucket per worker in front of an entity step: releases events in `seq` order."""
+
+    def __init__(self, resume: tuple[list[Any], RelayState] | None) -> None:
+        self.batch = OrderedBatch(None, resume)
+
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        out, fwd = self.batch.take(items)
+        if fwd is not None:
+            out.append(fwd)
+        return out, StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self.batch.notify_at()
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        return self.batch.overdue(), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[Any], bool]:
+        return self.batch.held.drain(), StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> tuple[list[Any], RelayState]:
+        return self.batch.snapshot()

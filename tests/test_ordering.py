@@ -1,0 +1,191 @@
+"""The canonical event order (`flows.ordering`): routing, stamping, relaying, sequencing.
+
+The end-to-end claim (a 2-process cluster decides exactly as one process) is tested with real
+processes in `tests/test_production.py`; these tests pin down the parts it rests on.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
+from bytewax.testing import TestingSink, TestingSource, cluster_main
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from features.events import Transaction
+from flows.ordering import (
+    INF,
+    NEG,
+    Relay,
+    SequencerLogic,
+    StampLogic,
+    Tick,
+    Watermark,
+    by_bucket,
+    make_seq,
+    partition_code,
+    set_workers,
+    worker_keys,
+    worker_of,
+)
+
+
+class _Where(StatefulBatchLogic[str, tuple[str, int], None]):
+    def __init__(self, resume: None) -> None:
+        pass
+
+    def on_batch(self, items: list[str]) -> tuple[list[tuple[str, int]], bool]:
+        return [(k, threading.get_ident()) for k in items], True
+
+    def snapshot(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_watermark_keys_land_on_the_worker_predicted_for_them(count: int) -> None:
+    """`worker_of` reproduces Bytewax's routing, so `worker_keys()[j]` reaches worker j."""
+    set_workers(count)
+    keys = [*worker_keys(), *(f"card-{i}" for i in range(40)), "~t1", "\U0010ffff7"]
+    seen: list[tuple[str, tuple[str, int]]] = []
+    flow = Dataflow("where")
+    stream = op.key_on("key", op.input("in", flow, TestingSource(keys)), lambda k: k)
+    op.output("out", op.stateful_batch("where", stream, _Where), TestingSink(seen))
+    cluster_main(flow, [], 0, worker_count_per_proc=count)
+    thread_of = {key: thread for _, (key, thread) in seen}
+    assert len(thread_of) == len(keys)
+    predicted: dict[int, set[int]] = {}
+    for key, thread in thread_of.items():
+        predicted.setdefault(thread, set()).add(worker_of(key, count))
+    assert sorted(len(w) for w in predicted.values()) == [1] * count  # one worker index per thread
+    assert len({thread_of[k] for k in worker_keys()}) == count  # each watermark key on its own worker
+    assert all(k > "~zzzz" and k > "card-zzz" for k in worker_keys())  # applied after entity keys
+
+
+def txn(i: int, ts: int, origin: str = "in:{0}#1-0") -> Transaction:
+    return Transaction(f"t{i}", ts, "c1", "m1", 1.0, origin=origin)
+
+
+def test_stamp_numbers_along_the_partition_whatever_the_event_times() -> None:
+    stamp = StampLogic(None)
+    out, keep = stamp.on_batch([txn(1, 5_000), txn(2, 3_000), txn(3, 9_000)])
+    events, mark = out[:-1], out[-1]
+    code = partition_code("in:{0}")
+    # An event earlier than one before it keeps its place: the running maximum, then position.
+    assert [e.seq for e in events] == [
+        make_seq(5_000, code, 1),
+        make_seq(5_000, code, 2),
+        make_seq(9_000, code, 3),
+    ]
+    assert mark == Watermark("in:{0}", events[-1].seq) and keep is False
+    resumed = StampLogic(stamp.snapshot())
+    (again, _), _ = resumed.on_batch([txn(4, 1_000)])
+    assert again.seq == make_seq(9_000, code, 4)  # a resume numbers on exactly where it stopped
+    # Idle: said once per quiet spell, and no longer once events come again.
+    assert resumed.on_batch([Tick("in:{0}")])[0] == [Watermark("in:{0}", again.seq, idle=True)]
+    assert resumed.on_batch([Tick("in:{0}")])[0] == []
+    assert resumed.on_batch([txn(5, 10_000)])[0][-1].idle is False
+    assert resumed.on_eof()[0] == [Watermark("in:{0}", INF)]
+
+
+def test_stamp_caps_a_timestamp_far_in_the_future() -> None:
+    """A clock error must not push a partition's order (and so everyone's waiting) out of reach."""
+    stamp = StampLogic(None)
+    (e, _), _ = stamp.on_batch([txn(1, 10**15)])
+    assert e.seq < make_seq(10**13, 0, 0)
+
+
+def test_relay_waits_for_every_origin_and_only_moves_forward() -> None:
+    set_workers(2)
+    relay = Relay(None)
+    assert relay.update([Watermark(0, 10, 1)]) is None  # worker 1 has not spoken yet
+    assert relay.update([Watermark(1, 7, 1)]) == Watermark(1, 7)
+    assert relay.update([Watermark(1, 5, 1)]) is None  # late and smaller: no step back
+    assert relay.update([Watermark(1, 20, 1)]) == Watermark(1, 10)
+    restored = Relay(None, relay.state())
+    assert restored.update([Watermark(0, 30, 1)]) == Watermark(1, 20)
+
+
+def test_partition_relay_skips_idle_partitions_until_they_speak_again() -> None:
+    relay = Relay(2)
+    assert relay.update([Watermark("a", 10, 0)]) is None
+    assert relay.update([Watermark("b", 3, 0, idle=True)]) == Watermark(0, 10)  # b is not waited for
+    assert relay.update([Watermark("b", 12, 0), Watermark("a", 15, 0)]) == Watermark(0, 12)
+    assert relay.update([Watermark("a", 16, 0, idle=True), Watermark("b", 14, 0, idle=True)]) == Watermark(
+        0, 16
+    )
+
+
+class Item:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"Item({self.seq})"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 1_000), max_size=12, unique=True), min_size=2, max_size=2),
+    st.randoms(use_true_random=False),
+)
+def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
+    streams: list[list[int]], rnd: Any
+) -> None:
+    """Two upstream workers, each sending ascending events then its watermark; any interleaving
+    of the two, cut into any batches, and snapshots in between: the output is the events in `seq`
+    order, each once, and never an event after a watermark that covers it."""
+    set_workers(2)
+    queues: list[list[Any]] = []
+    for origin, seqs in enumerate(streams):
+        q: list[Any] = []
+        for s in sorted(2 * s + origin for s in seqs):  # seqs are unique, across partitions too
+            q.append(Item(s))
+            if rnd.random() < 0.4:
+                q.append(Watermark(origin, s, 0))
+        q.append(Watermark(origin, INF, 0))
+        queues.append(q)
+    logic = SequencerLogic(None)
+    out: list[Any] = []
+    while any(queues):
+        batch = []
+        for _ in range(rnd.randint(1, 4)):
+            live = [q for q in queues if q]
+            if live:
+                batch.append(rnd.choice(live).pop(0))
+        out += logic.on_batch(batch)[0]
+        if rnd.random() < 0.3:
+            logic = SequencerLogic(logic.snapshot())
+    events = [e.seq for e in out if isinstance(e, Item)]
+    assert events == sorted(2 * s + origin for origin, seqs in enumerate(streams) for s in seqs)
+    released = NEG
+    for e in out:  # a forwarded watermark covers only what went out before it
+        if isinstance(e, Watermark):
+            released = e.wm
+        else:
+            assert e.seq > released
+    assert out[-1] == Watermark(0, INF)
+
+
+def test_sequencer_hands_on_an_event_behind_the_watermark_at_once() -> None:
+    """Only after an idle partition speaks again: applied now, out of order, never held or lost."""
+    set_workers(1)
+    logic = SequencerLogic(None)
+    assert [getattr(e, "seq", e) for e in logic.on_batch([Item(5), Watermark(0, 9, 0)])[0]] == [
+        5,
+        Watermark(0, 9),
+    ]
+    assert [e.seq for e in logic.on_batch([Item(3)])[0]] == [3]
+    assert logic.on_batch([Item(12)])[0] == [] and [e.seq for e in logic.on_eof()[0]] == [12]
+
+
+def test_bucket_routing_sends_a_key_to_one_bucket_and_a_watermark_to_all() -> None:
+    set_workers(3)
+    route = by_bucket(lambda item: item.card_id)
+    buckets = {key for key, _ in route([("", txn(i, i)) for i in range(20)])}
+    assert len(buckets) == 1 and buckets <= set(worker_keys())
+    assert route([("", Watermark(2, 7))]) == [(k, Watermark(2, 7, j)) for j, k in enumerate(worker_keys())]
