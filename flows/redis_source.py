@@ -9,7 +9,10 @@ decoder handles either source; the origin is `<stream>#<entry id>`. An entry wit
 `kind` / `payload` is handed on as `("unknown", <its fields as JSON>, origin)`: the decoder dead-letters it (`unknown_kind`), it never
 crashes the flow nor vanishes (and a stray `kind` value never becomes a metric label).
 
-Each poll is one `XREAD COUNT batch_size BLOCK block_ms`, so a worker is never held for long.
+Each poll is one `XREAD COUNT batch_size`, which does not wait (`block_ms`, 0 by default): a
+shard with nothing new asks Bytewax to come back after `poll_ms` instead, and the worker goes on
+with the rest of the flow meanwhile. In a cluster that matters: a worker blocked in a read would
+hold up the watermarks every other process is waiting for (`flows.ordering`).
 When Redis is unreachable the partition returns nothing and asks Bytewax to come back later
 (exponential backoff, 0.1 s to 5 s); the position advances only over entries actually returned,
 so an outage loses nothing.
@@ -110,7 +113,9 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
                 batch.append(to_record(fields, f"{self._stream}#{self._position}"))
         now = time.monotonic()
         if batch:
-            self._last_data, self._ticked = now, False
+            self._last_data, self._ticked, self._awake = now, False, None
+        elif src.poll_ms:
+            self._awake = datetime.now(UTC) + timedelta(milliseconds=src.poll_ms)
         if now >= self._lag_due:
             self._refresh_lag(now)
         if not batch and src.idle_exit_s is not None and now - self._last_data >= src.idle_exit_s:
@@ -174,7 +179,8 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
     """`shards` partitions, one per stream `<prefix>:{i}`, read from `start_id` or the snapshot.
 
     `start_id`: "0-0" reads each stream from its start, "$" only what is added after the first
-    poll. `block_ms`: longest one poll waits for data (0: never waits). `idle_ms`: a partition that
+    poll. `block_ms`: longest one read waits for data (0: never waits); `poll_ms`: after a read that
+    found nothing, how long until the next one (the worker is free meanwhile). `idle_ms`: a partition that
     found nothing for that long hands on one `("tick", "", "<stream>#")` record, so that the flow
     stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once it returned nothing for that long (backfills, tests); None runs forever. An outage
     does not count as idle: a partition never ends while it cannot tell whether data is waiting.
@@ -187,7 +193,8 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         shards: int,
         *,
         batch_size: int = 1000,
-        block_ms: int = 50,
+        block_ms: int = 0,
+        poll_ms: int = 5,
         idle_ms: int = 250,
         idle_exit_s: float | None = None,
         start_id: str = "0-0",
@@ -196,13 +203,14 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
             raise ValueError(f"shards must be >= 1, got {shards}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if block_ms < 0:
-            raise ValueError(f"block_ms must be >= 0, got {block_ms}")
+        if block_ms < 0 or poll_ms < 0:
+            raise ValueError(f"block_ms and poll_ms must be >= 0, got {block_ms} and {poll_ms}")
         self.url = url
         self.prefix = prefix
         self.shards = shards
         self.batch_size = batch_size
         self.block_ms = block_ms
+        self.poll_ms = poll_ms
         self.idle_ms = idle_ms
         self.idle_exit_s = idle_exit_s
         self.start_id = start_id

@@ -266,11 +266,17 @@ class ScoringLogic(StatefulBatchLogic[Scored | Watermark, Decision, ScorerState]
     canonical order: it holds what arrives until the watermark from every `pending` worker has
     passed it (the River model's state depends on the order it learns and predicts in)."""
 
-    def __init__(self, new_scorer: Callable[[], Scorer], resume: ScorerState | None) -> None:
+    def __init__(
+        self, new_scorer: Callable[[], Scorer], resume: ScorerState | tuple[Any, ...] | None
+    ) -> None:
         self.scorer = new_scorer()
-        if resume is not None:
-            self.scorer.restore(resume[0])
-        self.batch = OrderedBatch(None, None if resume is None else (resume[1], resume[2]))
+        held: tuple[list[Scored], RelayState] | None = None
+        if resume is not None and len(resume) == 3 and isinstance(resume[2], RelayState):
+            held = (resume[1], resume[2])
+            resume = resume[0]
+        if resume is not None:  # or a snapshot from before the canonical order: the models alone
+            self.scorer.restore(resume)
+        self.batch = OrderedBatch("score", None, held)
 
     def on_batch(self, items: list[Scored | Watermark]) -> tuple[list[Decision], bool]:
         return self._score(self.batch.take(items)[0])
@@ -282,7 +288,7 @@ class ScoringLogic(StatefulBatchLogic[Scored | Watermark, Decision, ScorerState]
         return self._score(self.batch.overdue())
 
     def on_eof(self) -> tuple[list[Decision], bool]:
-        return self._score(self.batch.held.drain())
+        return self._score(self.batch.drain())
 
     def _score(self, items: list[Scored]) -> tuple[list[Decision], bool]:
         if not items:

@@ -37,6 +37,11 @@ LATE_EVENTS = Counter(
 )
 ONLINE_LEARNED = Counter("fraud_online_labels_learned", "Labels the online model learned from.")
 PENDING = Gauge("fraud_pending_transactions", "Scored transactions still waiting for their label.")
+ORDER_HELD = Gauge(
+    "fraud_order_held_events",
+    "Events a step holds until every shard's watermark has passed them (flows.ordering).",
+    ["step"],
+)
 SCORING_BATCH = Histogram(
     "fraud_scoring_batch_size", "Transactions per vectorised XGBoost call.", buckets=BATCH_BUCKETS
 )

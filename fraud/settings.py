@@ -23,7 +23,12 @@ class Settings(BaseSettings):
         "fraud:in", description="Prefix of the input shard streams: <prefix>:{0} .. {n-1}."
     )
     input_shards: int = Field(4, ge=1, description="Number of input shard streams (Bytewax partitions).")
-    source_block_ms: int = Field(50, ge=0, le=1000, description="Longest a Redis read may wait for data.")
+    source_block_ms: int = Field(
+        0, ge=0, le=1000, description="Longest a Redis read may wait for data (0: it never waits)."
+    )
+    source_poll_ms: int = Field(
+        5, ge=0, le=1000, description="After a read that found nothing, wait this long before the next one."
+    )
     source_idle_ms: int = Field(
         250,
         ge=1,

@@ -149,7 +149,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
                 q.append(Watermark(origin, s, 0))
         q.append(Watermark(origin, INF, 0))
         queues.append(q)
-    logic = SequencerLogic(None)
+    logic = SequencerLogic("test_order", None)
     out: list[Any] = []
     while any(queues):
         batch = []
@@ -159,7 +159,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
                 batch.append(rnd.choice(live).pop(0))
         out += logic.on_batch(batch)[0]
         if rnd.random() < 0.3:
-            logic = SequencerLogic(logic.snapshot())
+            logic = SequencerLogic("test_order", logic.snapshot())
     events = [e.seq for e in out if isinstance(e, Item)]
     assert events == sorted(2 * s + origin for origin, seqs in enumerate(streams) for s in seqs)
     released = NEG
@@ -174,7 +174,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
 def test_sequencer_hands_on_an_event_behind_the_watermark_at_once() -> None:
     """Only after an idle partition speaks again: applied now, out of order, never held or lost."""
     set_workers(1)
-    logic = SequencerLogic(None)
+    logic = SequencerLogic("test_order", None)
     assert [getattr(e, "seq", e) for e in logic.on_batch([Item(5), Watermark(0, 9, 0)])[0]] == [
         5,
         Watermark(0, 9),

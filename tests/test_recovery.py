@@ -152,3 +152,6 @@ def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     # The model, and nothing held: nothing per transaction in the scorer's one key.
     model, held, relay = scoring.snapshot()
     assert model == (pickle.dumps(scoring.scorer.online),) and held == [] and relay.out == INF
+    assert ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.online.n_learned == 1
+    # A snapshot from before the canonical order (the models alone) still resumes.
+    assert ScoringLogic(rt.new_scorer, model).scorer.online.n_learned == 1

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,6 +145,8 @@ def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
         t0 = time.monotonic()
         assert part.next_batch() == []  # block_ms=0 must not mean "block forever"
         assert time.monotonic() - t0 < GENEROUS_S
+        awake = part.next_awake()  # nothing there: Bytewax comes back in poll_ms, the worker is free
+        assert awake is not None and awake <= datetime.now(UTC) + timedelta(milliseconds=5)
         part.close()
 
     stream = shard_stream("e:in", 0)
@@ -193,7 +195,8 @@ def test_redis_restart_mid_read_loses_and_repeats_nothing(
         while time.monotonic() < deadline and not (batch := part.next_batch()):
             time.sleep(0.05)
         got += [(kind, payload) for kind, payload, _ in batch] + drain(part)
-        assert part.next_awake() is None
+        awake = part.next_awake()  # the backoff is over: only the short wait after an empty read
+        assert awake is not None and awake <= datetime.now(UTC) + timedelta(milliseconds=5)
     finally:
         part.close()
     assert got == expected(small)
