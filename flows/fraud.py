@@ -20,8 +20,9 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows import connectors
-from flows.ordering import SequencerLogic, StampLogic, WorkerCount, by_bucket, by_key, stamp_key
+from flows.ordering import SequencerLogic, StampLogic, by_bucket, by_key, stamp_key
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
+from flows.routing import WorkerCount
 from flows.steps import (
     EntityLogic,
     IndexLogic,

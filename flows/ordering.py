@@ -12,11 +12,11 @@ them in `seq` order, only once no smaller `seq` can still arrive:
   this seq". A `Relay` keeps the latest one per upstream origin; their minimum is the step's
   watermark.
 - A step keyed by entity (card, merchant...) cannot wait for a watermark: Bytewax wakes a key
-  only for its own items. A `SequencerLogic` in front of it holds the events in a heap, in one
-  bucket per worker, and releases them in `seq` order up to the watermark. Each entity key gets
+  only for its own items. A `SequencerLogic` in front of it holds the events, in one bucket per
+  worker, and releases them in `seq` order up to the watermark. Each entity key gets
   its events from one bucket, on one channel, so they arrive in that order.
-- Watermarks travel with the events, through every worker of every keyed step: `worker_keys()`
-  are keys that Bytewax routes to each worker, and a step forwards the watermark only after the
+- Watermarks travel with the events, through every worker of every keyed step:
+  `flows.routing.worker_keys()` are keys that Bytewax routes to each worker, and a step forwards the watermark only after the
   events it covers (those keys sort after any entity key, and Bytewax runs a batch's keys in key
   order).
 
@@ -27,7 +27,6 @@ applied at once). Everything else is exact.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import operator
 import time
@@ -39,10 +38,10 @@ from typing import Any
 from zlib import crc32
 
 import msgspec
-from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 
 from features.events import Label, Transaction
+from flows.routing import worker_keys, workers
 from fraud.metrics import ORDER_HELD
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,6 @@ POSITION_BITS = 40
 CODE_BITS = 24
 FUTURE_TOLERANCE_MS = 3_600_000  # a clock error cannot drag a partition's order past now + 1h
 MAX_HOLD = timedelta(seconds=30)  # no watermark for this long: release what is held (see notify_at)
-MARK = "\U0010ffff"  # prefix of the watermark keys: sorts after any entity key
 
 
 class Watermark(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -89,93 +87,6 @@ def make_seq(running_max_ms: int, code: int, position: int) -> int:
 
 
 # --- routing ------------------------------------------------------------------------------------
-
-_M64 = (1 << 64) - 1
-
-
-def _rotl(x: int, b: int) -> int:
-    return ((x << b) | (x >> (64 - b))) & _M64
-
-
-def siphash13(data: bytes) -> int:
-    """SipHash-1-3 with a zero key: Rust's `DefaultHasher`, which Bytewax routes keys with."""
-    v0, v1, v2, v3 = 0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573
-
-    def rounds(n: int) -> None:
-        nonlocal v0, v1, v2, v3
-        for _ in range(n):
-            v0 = (v0 + v1) & _M64
-            v1 = _rotl(v1, 13) ^ v0
-            v0 = _rotl(v0, 32)
-            v2 = (v2 + v3) & _M64
-            v3 = _rotl(v3, 16) ^ v2
-            v0 = (v0 + v3) & _M64
-            v3 = _rotl(v3, 21) ^ v0
-            v2 = (v2 + v1) & _M64
-            v1 = _rotl(v1, 17) ^ v2
-            v2 = _rotl(v2, 32)
-
-    n = len(data)
-    end = n - n % 8
-    for i in range(0, end, 8):
-        m = int.from_bytes(data[i : i + 8], "little")
-        v3 ^= m
-        rounds(1)
-        v0 ^= m
-    m = int.from_bytes(data[end:], "little") | ((n & 0xFF) << 56)
-    v3 ^= m
-    rounds(1)
-    v0 ^= m
-    v2 ^= 0xFF
-    rounds(3)
-    return v0 ^ v1 ^ v2 ^ v3
-
-
-def worker_of(key: str, workers: int) -> int:
-    """The worker Bytewax 0.21 routes `key` to: hash of the `str` (its bytes, then 0xFF) mod count."""
-    return siphash13(key.encode() + b"\xff") % workers
-
-
-_workers = 0
-_keys: list[str] = []
-
-
-def set_workers(count: int) -> None:
-    global _workers, _keys
-    if count != _workers:
-        keys: dict[int, str] = {}
-        for n in itertools.count():
-            key = f"{MARK}{n}"
-            keys.setdefault(worker_of(key, count), key)
-            if len(keys) == count:
-                break
-        _workers, _keys = count, [keys[i] for i in range(count)]
-
-
-def workers() -> int:
-    if not _workers:
-        raise RuntimeError("the worker count is not known yet: the flow needs its `workers` input")
-    return _workers
-
-
-def worker_keys() -> list[str]:
-    """One key per worker, in worker order: `worker_keys()[j]` lands on worker j."""
-    workers()
-    return _keys
-
-
-class _Done(StatelessSourcePartition[Any]):
-    def next_batch(self) -> list[Any]:
-        raise StopIteration
-
-
-class WorkerCount(DynamicSource[Any]):
-    """An input that yields nothing: Bytewax builds it on every worker before any item flows,
-    with the cluster's worker count, which the routing functions below need."""
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Done:
-        set_workers(worker_count)
-        return _Done()
 
 
 def broadcast(mark: Watermark) -> list[tuple[str, Watermark]]:

@@ -29,10 +29,8 @@ from flows.ordering import (
     by_bucket,
     make_seq,
     partition_code,
-    set_workers,
-    worker_keys,
-    worker_of,
 )
+from flows.routing import set_workers, worker_keys, worker_of
 
 
 class _Where(StatefulBatchLogic[str, tuple[str, int], None]):

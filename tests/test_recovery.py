@@ -118,7 +118,8 @@ def test_processes_starting_together_share_one_recovery_directory(tmp_path: Path
 def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     """The vector a transaction was scored with waits in its own small key, survives a snapshot,
     and goes to the online model with the label; the scorer itself keeps nothing per transaction."""
-    from flows.ordering import INF, Watermark, set_workers
+    from flows.ordering import INF, Watermark
+    from flows.routing import set_workers
     from flows.steps import PendingLogic, ScoringLogic
     from fraud.runtime import load_runtime
     from models.serving import LabelledVector

@@ -1,0 +1,104 @@
+"""Which worker a key lands on, so that a watermark can reach every worker of a keyed step.
+
+Bytewax 0.21 routes a key to worker `hash(key) % worker_count`, with Rust's `DefaultHasher`
+(SipHash-1-3, zero key) over the string's bytes and a 0xFF terminator. `worker_of` computes the
+same in Python; `worker_keys()` are one key per worker. The worker count comes from `WorkerCount`,
+an input Bytewax builds on every worker before any item flows. `tests/test_ordering.py` checks
+the prediction against real workers, so a Bytewax upgrade that changes the hash fails there.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+
+MARK = "\U0010ffff"  # prefix of the watermark keys: sorts after any entity key
+
+_M64 = (1 << 64) - 1
+
+
+def _rotl(x: int, b: int) -> int:
+    return ((x << b) | (x >> (64 - b))) & _M64
+
+
+def siphash13(data: bytes) -> int:
+    """SipHash-1-3 with a zero key: Rust's `DefaultHasher`, which Bytewax routes keys with."""
+    v0, v1, v2, v3 = 0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573
+
+    def rounds(n: int) -> None:
+        nonlocal v0, v1, v2, v3
+        for _ in range(n):
+            v0 = (v0 + v1) & _M64
+            v1 = _rotl(v1, 13) ^ v0
+            v0 = _rotl(v0, 32)
+            v2 = (v2 + v3) & _M64
+            v3 = _rotl(v3, 16) ^ v2
+            v0 = (v0 + v3) & _M64
+            v3 = _rotl(v3, 21) ^ v0
+            v2 = (v2 + v1) & _M64
+            v1 = _rotl(v1, 17) ^ v2
+            v2 = _rotl(v2, 32)
+
+    n = len(data)
+    end = n - n % 8
+    for i in range(0, end, 8):
+        m = int.from_bytes(data[i : i + 8], "little")
+        v3 ^= m
+        rounds(1)
+        v0 ^= m
+    m = int.from_bytes(data[end:], "little") | ((n & 0xFF) << 56)
+    v3 ^= m
+    rounds(1)
+    v0 ^= m
+    v2 ^= 0xFF
+    rounds(3)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def worker_of(key: str, workers: int) -> int:
+    """The worker Bytewax 0.21 routes `key` to: hash of the `str` (its bytes, then 0xFF) mod count."""
+    return siphash13(key.encode() + b"\xff") % workers
+
+
+_workers = 0
+_keys: list[str] = []
+
+
+def set_workers(count: int) -> None:
+    global _workers, _keys
+    if count != _workers:
+        keys: dict[int, str] = {}
+        for n in itertools.count():
+            key = f"{MARK}{n}"
+            keys.setdefault(worker_of(key, count), key)
+            if len(keys) == count:
+                break
+        _workers, _keys = count, [keys[i] for i in range(count)]
+
+
+def workers() -> int:
+    if not _workers:
+        raise RuntimeError("the worker count is not known yet: the flow needs its `workers` input")
+    return _workers
+
+
+def worker_keys() -> list[str]:
+    """One key per worker, in worker order: `worker_keys()[j]` lands on worker j."""
+    workers()
+    return _keys
+
+
+class _Done(StatelessSourcePartition[Any]):
+    def next_batch(self) -> list[Any]:
+        raise StopIteration
+
+
+class WorkerCount(DynamicSource[Any]):
+    """An input that yields nothing: Bytewax builds it on every worker before any item flows,
+    with the cluster's worker count, which the routing functions below need."""
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Done:
+        set_workers(worker_count)
+        return _Done()
