@@ -179,11 +179,12 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
     """`shards` partitions, one per stream `<prefix>:{i}`, read from `start_id` or the snapshot.
 
     `start_id`: "0-0" reads each stream from its start, "$" only what is added after the first
-    poll. `block_ms`: longest one read waits for data (0: never waits); `poll_ms`: after a read that
-    found nothing, how long until the next one (the worker is free meanwhile). `idle_ms`: a partition that
-    found nothing for that long hands on one `("tick", "", "<stream>#")` record, so that the flow
-    stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once it returned nothing for that long (backfills, tests); None runs forever. An outage
-    does not count as idle: a partition never ends while it cannot tell whether data is waiting.
+    poll. `block_ms`: longest one read waits for data (0: never waits). `poll_ms`: after a read
+    that found nothing, how long until the next one (the worker is free meanwhile). `idle_ms`: a
+    partition that found nothing for that long hands on one `("tick", "", "<stream>#")` record,
+    so that the flow stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once
+    it returned nothing for that long (backfills, tests); None runs forever. An outage does not
+    count as idle: a partition never ticks nor ends while it cannot tell whether data is waiting.
     """
 
     def __init__(

@@ -97,7 +97,7 @@ def entity_key(i: int) -> Callable[[Chained], str]:
 
 
 class Relaying:
-    """A keyed step's watermark keys (`flows.ordering.worker_keys`) share its logic class: a key
+    """A keyed step's watermark keys (`flows.routing.worker_keys`) share its logic class: a key
     whose first item is a `Watermark` becomes a relay, forwarding the step's watermark after the
     events it covers (see `flows.ordering`)."""
 

@@ -6,6 +6,7 @@ processes reading them (FRAUD_SOURCE=redis) with recovery on, until the shards a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def test_redis_restart_mid_run_loses_nothing(
             pytest.fail(f"the run ended before the restart:\n{drill.finish(proc)[-3000:]}")
     client.close()
     server.stop()  # type: ignore[attr-defined]
-    import time
-
     time.sleep(1.5)
     server.start()  # type: ignore[attr-defined]
     output = drill.finish(proc)
@@ -133,6 +132,30 @@ def test_two_processes_over_two_shards_decide_exactly_as_one_process(
     assert report["missing"] == report["extra"] == report["duplicated"] == report["scores_different"] == 0, (
         report
     )
+    client.close()
+
+
+def test_a_live_flow_decides_everything_while_one_shard_stays_empty(
+    baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
+) -> None:
+    """The flow starts on empty shards, the data arrives while it runs, and one of its three
+    shards never gets any: idle shards must stop holding the others back (a tick after
+    FRAUD_SOURCE_IDLE_MS), or nothing would be decided before the run ends, 120 s later."""
+    n, _ = baseline
+    client = connect(redis_url)
+    env = drill.flow_env(redis_url, "live", 3, tmp_path, **{**RUN, "FRAUD_SOURCE_IDLE_EXIT_S": "120"})
+    proc = drill.start(env)
+    try:
+        time.sleep(2)
+        fill(client, dataset, "live", 2)  # shards {0} and {1}; {2} stays empty
+        deadline = time.monotonic() + 60
+        while client.xlen("live:decisions") < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        outcome = drill.Outcome.read(client, "live")
+    finally:
+        drill.reap(proc)
+    assert len(outcome.scores) == outcome.decisions_written == n  # all decided, none twice
+    assert len(outcome.alerts) == len(set(outcome.alerts)) > 0
     client.close()
 
 
