@@ -42,7 +42,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from features.events import Label, Transaction
 from flows.routing import worker_keys, workers
-from fraud.metrics import ORDER_HELD
+from fraud.metrics import ORDER_HELD, ORDER_LATE
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +301,7 @@ class OrderedBatch:
         self.deadline = datetime.now(UTC) + MAX_HOLD
         self.gauge = ORDER_HELD.labels(step=step)
         self.gauge.inc(len(self.held))
+        self.late = ORDER_LATE.labels(step=step)
 
     def take(self, items: list[Any]) -> tuple[list[Any], Watermark | None]:
         held = self.held.events
@@ -315,6 +316,8 @@ class OrderedBatch:
                 out.append(it)
             else:
                 held.append(it)
+        if out:
+            self.late.inc(len(out))
         fwd = self.relay.update(marks) if marks else None
         if marks:
             self.deadline = datetime.now(UTC) + MAX_HOLD

@@ -42,6 +42,12 @@ ORDER_HELD = Gauge(
     "Events a step holds until every shard's watermark has passed them (flows.ordering).",
     ["step"],
 )
+ORDER_LATE = Counter(
+    "fraud_order_late_events_total",
+    "Events that reached an ordered step behind its watermark (after a shard's idle spell) and "
+    "were applied at once, out of the canonical order.",
+    ["step"],
+)
 SCORING_BATCH = Histogram(
     "fraud_scoring_batch_size", "Transactions per vectorised XGBoost call.", buckets=BATCH_BUCKETS
 )

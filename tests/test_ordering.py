@@ -16,6 +16,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.testing import TestingSink, TestingSource, cluster_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from features.events import Transaction
 from flows.ordering import (
@@ -172,12 +173,13 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
 def test_sequencer_hands_on_an_event_behind_the_watermark_at_once() -> None:
     """Only after an idle partition speaks again: applied now, out of order, never held or lost."""
     set_workers(1)
-    logic = SequencerLogic("test_order", None)
-    assert [getattr(e, "seq", e) for e in logic.on_batch([Item(5), Watermark(0, 9, 0)])[0]] == [
-        5,
-        Watermark(0, 9),
-    ]
+    logic = SequencerLogic("late_test", None)
+    first = logic.on_batch([Item(5), Watermark(0, 9, 0)])[0]
+    assert [getattr(e, "seq", e) for e in first] == [5, Watermark(0, 9)]
+    late = REGISTRY.get_sample_value("fraud_order_late_events_total", {"step": "late_test"})
+    assert late in (None, 0.0)
     assert [e.seq for e in logic.on_batch([Item(3)])[0]] == [3]
+    assert REGISTRY.get_sample_value("fraud_order_late_events_total", {"step": "late_test"}) == 1.0
     assert logic.on_batch([Item(12)])[0] == [] and [e.seq for e in logic.on_eof()[0]] == [12]
 
 
