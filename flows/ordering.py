@@ -225,18 +225,17 @@ class Relay:
                 self.idle.add(m.origin)
             else:
                 self.idle.discard(m.origin)
-        expected = self.expected if self.expected is not None else workers()
-        if self.expected is None:  # origins are worker indexes: a resume with fewer workers
-            current = [self.marks[o] for o in range(expected) if o in self.marks]
-        else:
-            current = list(self.marks.values())
-        if len(current) < expected:
-            return None
-        if self.expected is None:
+        if self.expected is None:  # origins: the previous step's workers (fewer after a resize)
+            n = workers()
+            current = [self.marks[o] for o in range(n) if o in self.marks]
+            if len(current) < n:
+                return None
             combined = min(current)
-        else:
+        else:  # origins: the source partitions; idle ones are not waited for
+            if len(self.marks) < self.expected:
+                return None
             live = [w for o, w in self.marks.items() if o not in self.idle]
-            combined = min(live) if live else max(current)
+            combined = min(live) if live else max(self.marks.values())
         if self.out is not None and combined <= self.out:
             return None
         self.out = combined
@@ -262,9 +261,6 @@ class Held:
 
     def __init__(self, items: Iterable[Any] = ()) -> None:
         self.events: list[Any] = list(items)
-
-    def push(self, item: Any) -> None:
-        self.events.append(item)
 
     def release(self, upto: int | None) -> list[Any]:
         events = self.events
@@ -340,7 +336,7 @@ class OrderedBatch:
         items = self.drain()
         if items:
             logger.warning("released %d events held %ss without a watermark", len(items), MAX_HOLD.seconds)
-            self.relay.out = max(self.relay.out or NEG, items[-1].seq)
+            self.relay.out = max(NEG if self.relay.out is None else self.relay.out, items[-1].seq)
         self.deadline = datetime.now(UTC) + MAX_HOLD
         return items
 

@@ -7,6 +7,7 @@ processes in `tests/test_production.py`; these tests pin down the parts it rests
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -189,3 +190,15 @@ def test_bucket_routing_sends_a_key_to_one_bucket_and_a_watermark_to_all() -> No
     buckets = {key for key, _ in route([("", txn(i, i)) for i in range(20)])}
     assert len(buckets) == 1 and buckets <= set(worker_keys())
     assert route([("", Watermark(2, 7))]) == [(k, Watermark(2, 7, j)) for j, k in enumerate(worker_keys())]
+
+
+def test_sequencer_releases_what_it_held_once_no_watermark_came_for_too_long() -> None:
+    """A stalled upstream (or a resize on resume) must not keep events forever."""
+    set_workers(2)
+    logic = SequencerLogic("stall_test", None)
+    assert logic.on_batch([Item(7), Item(4), Watermark(0, 9, 0)])[0] == []  # worker 1 never speaks
+    deadline = logic.notify_at()
+    assert deadline is not None and logic.on_notify()[0] == []  # not yet
+    logic.batch.deadline = datetime.now(UTC) - timedelta(seconds=1)
+    assert [e.seq for e in logic.on_notify()[0]] == [4, 7]
+    assert logic.notify_at() is None  # nothing held: nothing to wake up for
