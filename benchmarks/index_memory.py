@@ -33,7 +33,7 @@ from bytewax.dataflow import Dataflow  # noqa: E402
 from bytewax.testing import TestingSink, TestingSource, run_main  # noqa: E402
 
 from features.engine import FeatureRow  # noqa: E402
-from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, txn_key  # noqa: E402
+from flows.steps import IndexConfig, IndexLogic, PendingLogic, decode_record, is_valid, txn_key  # noqa: E402
 from fraud.runtime import new_pipeline  # noqa: E402
 from fraud.settings import Settings  # noqa: E402
 
@@ -75,7 +75,9 @@ def main() -> None:
     )
     keyed = op.key_on("key", decoded.trues, txn_key)
     if args.step == "index":
-        held = op.stateful_batch("index", keyed, partial(IndexLogic, pipeline, timedelta(days=60)))
+        held = op.stateful_batch(
+            "index", keyed, partial(IndexLogic, IndexConfig(pipeline, timedelta(days=60), 1))
+        )
     else:
         widths = [len(plan.names) for plan in pipeline.plans]
 

@@ -25,6 +25,7 @@ from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision
 from flows.routing import WorkerCount
 from flows.steps import (
     EntityLogic,
+    IndexConfig,
     IndexLogic,
     PendingLogic,
     ScoringLogic,
@@ -61,7 +62,7 @@ def build(
     decoded = op.branch("validate", op.map("decode", records, decode_record), is_valid)
     stamped = op.stateful_batch("stamp", op.map("key_partition", decoded.trues, stamp_key), StampLogic)
 
-    index = partial(IndexLogic, pipeline, timedelta(days=s.label_ttl_days), partitions(src))
+    index = partial(IndexLogic, IndexConfig(pipeline, timedelta(days=s.label_ttl_days), partitions(src)))
     indexed = op.stateful_batch("index", op.flat_map_batch("key_txn", stamped, by_key(txn_key)), index)
     joined = op.branch("joined", indexed, joined_value)
 

@@ -10,6 +10,7 @@ import operator
 import time
 from array import array
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
@@ -109,6 +110,16 @@ class Relaying:
         return relay_batch(self.relay, items), StatefulBatchLogic.RETAIN
 
 
+@dataclass(frozen=True, slots=True)
+class IndexConfig:
+    """What every key of the index shares, in one object: the index holds a key per transaction
+    for weeks, and each attribute of its own would cost every one of them a dict entry."""
+
+    pipeline: Pipeline
+    ttl: timedelta
+    partitions: int  # of the source: the origins whose watermarks the index's relay keys combine
+
+
 class IndexLogic(
     Relaying, StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, tuple[Any, ...] | RelayState]
 ):
@@ -118,18 +129,16 @@ class IndexLogic(
     never seen, or already labelled, becomes a dead letter.
     """
 
-    def __init__(
-        self, pipeline: Pipeline, ttl: timedelta, partitions: int, resume: tuple[Any, ...] | RelayState | None
-    ) -> None:
-        self.pipeline, self.partitions = pipeline, partitions
+    def __init__(self, config: IndexConfig, resume: tuple[Any, ...] | RelayState | None) -> None:
+        self.config = config
         if isinstance(resume, RelayState):
-            self.relay, resume = Relay(partitions, resume), None
+            self.relay, resume = Relay(config.partitions, resume), None
         self.entry = TxnEntry(*resume) if resume else None
-        self.expires = datetime.now(UTC) + ttl
+        self.expires = datetime.now(UTC) + config.ttl
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         if self.relay is not None or type(items[0]) is Watermark:
-            return self._relay_batch(items, self.partitions)  # origins: the source partitions
+            return self._relay_batch(items, self.config.partitions)  # origins: the source partitions
         out: list[Chained | DeadLetter] = []
         for item in in_order(items):
             if isinstance(item, Label):
@@ -137,7 +146,7 @@ class IndexLogic(
             elif self.entry is not None:
                 out.append(duplicate_txn(item))
             else:
-                row, self.entry = self.pipeline.start(item)
+                row, self.entry = self.config.pipeline.start(item)
                 out.append(row)
         return out, self.entry is None
 

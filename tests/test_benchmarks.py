@@ -1,0 +1,42 @@
+"""The benchmarks that build flow steps themselves still run (a change to a step's signature
+broke `index_memory.py` once, silently: benchmarks are not in the flow's import graph).
+
+Tiny sizes: this checks that they run and print their figure, never what the figure is.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("step", ["index", "pending"])
+def test_index_memory_benchmark_runs(step: str) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/index_memory.py",
+            "--transactions",
+            "3000",
+            "--cards",
+            "300",
+            "--step",
+            step,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(
+        rf"^{step}: 3,000 transactions \(10\.0 per card\) held -> RSS .* bytes per transaction$",
+        out.stdout,
+        re.M,
+    )
