@@ -128,10 +128,11 @@ def measure(url: str, settings: Settings, args: argparse.Namespace, workdir: Pat
                         f" (against the first run's {diff['alerts_expected']:,}: "
                         f"{diff['missing']:,} missing, {diff['extra']:,} extra)"
                     )
+                # At a fixed rate the processes keep up with the replay: tx/s would only echo it.
+                speed = f"throughput={n / secs:,.0f} tx/s " if args.rate is None else ""
                 print(
                     f"processes={processes} transactions={n:,} (replayed {summary['transactions']:,}) "
-                    f"active={secs:.1f}s throughput={n / secs:,.0f} tx/s "
-                    f"alerts={len(outcome.alerts):,}{against}"
+                    f"active={secs:.1f}s {speed}alerts={len(outcome.alerts):,}{against}"
                     + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate),
                     flush=True,
                 )

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import operator
 import time
-import zlib
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -79,7 +78,7 @@ def partition_of(origin: str) -> str:
 
 
 def partition_code(partition: str) -> int:
-    return zlib.crc32(partition.encode()) & ((1 << CODE_BITS) - 1)
+    return crc32(partition.encode()) & ((1 << CODE_BITS) - 1)
 
 
 def make_seq(running_max_ms: int, code: int, position: int) -> int:
