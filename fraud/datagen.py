@@ -6,8 +6,27 @@ home city, merchants with an MCC category and a location, daily and weekly seaso
 classic fraud patterns plus one late "drift" pattern that appears only from `drift_day` on (so a
 model trained before it has never seen it), and labels that arrive days after the transaction.
 
+Knobs that change the world, not just its size, so that models and the pipeline can be tested
+against different kinds of fraud and labelling:
+
+- `mix`: which fraud patterns occur and in what proportion of the fraud budget. Besides the five
+  classic ones it can name three more: `compromised_terminal` (a busy merchant where, for weeks,
+  a share of every transaction is fraud: only the merchant's recent fraud rate gives it away),
+  `compromised_card` (for a few days some of a card's own transactions are fraud with inflated
+  amounts) and `large_amount` (one-off large buys that look normal except for the amount).
+- `label_policy` / `legit_label_share`: label everything, or every fraud plus a sample of the
+  legit transactions (as when only disputed or audited transactions get a verdict).
+- `label_delay`: how long labels take: lognormal chargebacks with quick genuine confirmations,
+  one fixed delay for every label, or delays spread uniformly over weeks.
+- `minimal`: records with only the fields the event contract requires, to exercise the pipeline
+  when the optional enrichment is missing.
+- `labels_after_end`: keep the labels that arrive after the last day too (they are replayed after
+  every transaction), so that the last days can be judged on their eventual truth.
+
 Everything is drawn from one `numpy.random.default_rng(seed)` in a fixed order, so the same
-config always yields byte-identical files. Only numpy and the standard library are used.
+config always yields byte-identical files; a knob left at its default draws nothing extra, so
+adding knobs never changes what existing configs produce. Only numpy and the standard library
+are used.
 """
 
 from __future__ import annotations
@@ -19,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -34,6 +54,18 @@ BASE_PATTERNS = (
     "impossible_travel",
 )
 DRIFT_PATTERNS = ("merchant_cashout",)
+# Patterns that occur only when `mix` names them.
+EXTRA_PATTERNS = (
+    "compromised_terminal",
+    "compromised_card",
+    "large_amount",
+)
+MIX_PATTERNS = (*BASE_PATTERNS, *EXTRA_PATTERNS)  # what `mix` may name, in generation order
+LabelPolicy = Literal["all", "fraud_and_sample"]
+LabelDelay = Literal["lognormal", "fixed", "spread"]
+LABEL_POLICIES: tuple[LabelPolicy, ...] = ("all", "fraud_and_sample")
+LABEL_DELAYS: tuple[LabelDelay, ...] = ("lognormal", "fixed", "spread")
+REQUIRED_FIELDS = ("txn_id", "ts", "card_id", "merchant_id", "amount")  # the event contract's
 
 # (name, country, currency, lat, lon, weight): where cards live and merchants sit.
 CITIES = (
@@ -86,6 +118,8 @@ _BASE_SHARES = {
     "inflated_spending": (0.20, 5.5),
     "impossible_travel": (0.18, 1.0),
 }
+# Expected fraud transactions per incident of the extra patterns (0: budgeted in transactions).
+_EXTRA_SIZES = {"compromised_terminal": 0.0, "compromised_card": 0.0, "large_amount": 1.0}
 _DRIFT_SHARE_OF_POST = 0.4  # target share of the drift pattern among post-drift fraud
 _DRIFT_SIZE = 4.5
 
@@ -104,6 +138,16 @@ class GeneratorConfig:
     legit_label_delay_days: float = 10.0  # legit txns are confirmed genuine after this (+ jitter)
     drift_day: int | None = 60  # from this day on, a NEW fraud pattern appears (None = off)
     drift_pattern: str = "merchant_cashout"  # name of the late-introduced pattern
+    # Relative weights of the non-drift fraud patterns (None: the five base ones, usual shares).
+    mix: tuple[tuple[str, float], ...] | None = None
+    label_policy: LabelPolicy = "all"
+    legit_label_share: float = 1.0  # with "fraud_and_sample": chance that a legit txn gets a label
+    label_delay: LabelDelay = "lognormal"
+    label_delay_days: float = 7.0  # "fixed": every label exactly this long after its transaction
+    label_delay_min_days: float = 1.0  # "spread": every label uniformly within [min, max] days
+    label_delay_max_days: float = 35.0
+    minimal: bool = False  # records carry only the contract's required fields (+ pattern on fraud)
+    labels_after_end: bool = False  # keep labels that arrive after the period (for judging its end)
 
     def __post_init__(self) -> None:
         if self.days < 1 or self.n_cards < 1:
@@ -120,10 +164,83 @@ class GeneratorConfig:
             raise ValueError(f"drift_pattern must be one of {DRIFT_PATTERNS}")
         if _start_ms(self.start) % 1000:
             raise ValueError("start must be a whole second")
+        if self.mix is not None:
+            object.__setattr__(self, "mix", _check_mix(self.mix))
+        if self.label_policy not in LABEL_POLICIES:
+            raise ValueError(f"label_policy must be one of {LABEL_POLICIES}, got {self.label_policy!r}")
+        if not (isinstance(self.legit_label_share, int | float) and 0 < self.legit_label_share <= 1):
+            raise ValueError(f"legit_label_share must be in (0, 1], got {self.legit_label_share!r}")
+        if self.label_policy == "all" and self.legit_label_share != 1:
+            raise ValueError("legit_label_share applies only with label_policy='fraud_and_sample'")
+        if self.label_delay not in LABEL_DELAYS:
+            raise ValueError(f"label_delay must be one of {LABEL_DELAYS}, got {self.label_delay!r}")
+        if not (math.isfinite(self.label_delay_days) and self.label_delay_days > 0):
+            raise ValueError(f"label_delay_days must be a positive number, got {self.label_delay_days!r}")
+        lo, hi = self.label_delay_min_days, self.label_delay_max_days
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+            raise ValueError(
+                f"label_delay_min_days and label_delay_max_days need 0 < min < max, got {lo!r}, {hi!r}"
+            )
+
+    @property
+    def drift_on(self) -> bool:
+        return self.drift_day is not None and self.drift_day < self.days
 
     @property
     def patterns(self) -> tuple[str, ...]:
-        return (*BASE_PATTERNS, self.drift_pattern)
+        """The fraud patterns that can occur with this config, in generation order."""
+        base = BASE_PATTERNS if self.mix is None else tuple(self.mix_weights())
+        return (*base, self.drift_pattern) if self.drift_on else base
+
+    def mix_weights(self) -> dict[str, float]:
+        """Pattern -> share of the base fraud budget (in generation order; zero-weight ones left out)."""
+        if self.mix is None:
+            return {p: _BASE_SHARES[p][0] for p in BASE_PATTERNS}
+        weights = dict(self.mix)
+        total = sum(weights.values())
+        return {p: weights[p] / total for p in MIX_PATTERNS if weights.get(p, 0) > 0}
+
+
+def _check_mix(mix: object) -> tuple[tuple[str, float], ...]:
+    """Validates a mix (pairs of known pattern name and weight >= 0, not all zero); returns it as
+    a tuple of (name, float weight)."""
+    try:
+        pairs = [(name, weight) for name, weight in mix]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise ValueError(f"mix must be (pattern, weight) pairs, got {mix!r}") from None
+    if not pairs:
+        raise ValueError("mix must name at least one pattern")
+    out: list[tuple[str, float]] = []
+    for name, weight in pairs:
+        if name not in MIX_PATTERNS:
+            raise ValueError(f"unknown fraud pattern {name!r} in mix; known: {', '.join(MIX_PATTERNS)}")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(f"mix weight of {name} must be a number, got {weight!r}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"mix weight of {name} must be a finite number >= 0, got {weight!r}")
+        out.append((name, float(weight)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mix names a pattern twice: {names}")
+    if sum(w for _, w in out) <= 0:
+        raise ValueError("mix weights must not all be zero")
+    return tuple(out)
+
+
+def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """`"card_testing=1,compromised_terminal=2"` -> (("card_testing", 1.0), ("compromised_terminal",
+    2.0)), for the command line. ValueError on malformed text, unknown names or bad weights."""
+    pairs: list[tuple[str, float]] = []
+    for item in text.split(","):
+        name, eq, weight = item.partition("=")
+        name, weight = name.strip(), weight.strip()
+        if not eq or not name or not weight:
+            raise ValueError(f"mix entries look like name=weight, got {item.strip()!r} in {text!r}")
+        try:
+            pairs.append((name, float(weight)))
+        except ValueError:
+            raise ValueError(f"mix weight of {name} must be a number, got {weight!r}") from None
+    return _check_mix(pairs)
 
 
 def _start_ms(start: str) -> int:
@@ -384,41 +501,118 @@ def _merchant_cashout(w: _World, n: int, first_day: int) -> Iterator[Txn]:
             yield t + dt, card, m, w.amount(card, 1, 2), True, dev, w.cfg.drift_pattern
 
 
-def _fraud(w: _World, n_legit: int, legit: np.ndarray) -> list[Txn]:
-    """All fraud, sized so that the overall fraud share lands near `fraud_rate_target`."""
+def _compromised_terminal(
+    w: _World, budget: int, legit: np.ndarray, taken: dict[int, tuple[str, float]]
+) -> None:
+    """A busy merchant's terminal or checkout is compromised for weeks: each transaction made
+    there in that window is fraud with an incident-wide probability. Existing transactions are
+    relabelled (nothing else changes), so only the merchant's recent fraud rate gives it away.
+    Whole incidents are added until the budget is reached (the last one may overshoot it)."""
+    ts, merch = legit[:, 0], legit[:, 2]
+    visits = np.bincount(merch, minlength=w.cfg.n_merchants)
+    busy = np.argsort(-visits, kind="stable")[: max(1, w.cfg.n_merchants // 2)]
+    made = 0
+    for m in w.rng.permutation(busy[visits[busy] > 0]).tolist():
+        if made >= budget:
+            return
+        length = int(w.rng.integers(14, 36))
+        w0 = w.start_ms + int(w.rng.integers(0, max(1, w.cfg.days - length + 1))) * DAY_MS
+        p = float(w.rng.uniform(0.3, 0.7))
+        rows = np.flatnonzero((merch == m) & (ts >= w0) & (ts < w0 + length * DAY_MS))
+        for row in rows[w.rng.random(len(rows)) < p].tolist():
+            if row not in taken:
+                taken[row] = ("compromised_terminal", 1.0)
+                made += 1
+
+
+def _compromised_card(w: _World, budget: int, legit: np.ndarray, taken: dict[int, tuple[str, float]]) -> None:
+    """A card's details are used for a few days alongside its owner: about a third of the card's
+    own transactions in the window are fraud, with amounts inflated 3-6x (existing transactions
+    are relabelled and inflated). Each card is compromised at most once; one with no transactions
+    in its window is passed over."""
+    ts, card_of = legit[:, 0], legit[:, 1]
+    made = 0
+    for card in w.rng.permutation(w.cfg.n_cards).tolist():
+        if made >= budget:
+            return
+        length = int(w.rng.integers(3, 15))
+        w0 = w.start_ms + int(w.rng.integers(0, max(1, w.cfg.days - length + 1))) * DAY_MS
+        rows = np.flatnonzero((card_of == card) & (ts >= w0) & (ts < w0 + length * DAY_MS))
+        if not len(rows):
+            continue
+        hit, factor = w.rng.random(len(rows)) < 1 / 3, w.rng.uniform(3, 6, len(rows))
+        for row, f in zip(rows[hit].tolist(), factor[hit].tolist(), strict=True):
+            if row not in taken:
+                taken[row] = ("compromised_card", f)
+                made += 1
+
+
+def _large_amount(w: _World, n: int) -> Iterator[Txn]:
+    """One large buy on a card at an ordinary time and place (home-city shop, or online from the
+    card's usual device): only the amount is out of line."""
+    for _ in range(n):
+        card, t = int(w.rng.integers(w.cfg.n_cards)), w.random_time()
+        amount = max(300.0, w.amount(card, 8, 20))
+        if w.rng.random() < 0.5:
+            m, dev = int(w.rng.choice(w.big_online_pool)), w.usual_device(card)
+            yield t, card, m, amount, True, dev, "large_amount"
+        else:
+            yield t, card, w.pos_merchant(int(w.c_home[card])), amount, False, -1, "large_amount"
+
+
+def _fraud(w: _World, n_legit: int, legit: np.ndarray) -> tuple[list[Txn], dict[int, tuple[str, float]]]:
+    """All fraud, sized so that the overall fraud share lands near `fraud_rate_target`: the new
+    transactions, and the legit rows to relabel as fraud (row -> (pattern, amount factor))."""
     cfg = w.cfg
     total = cfg.fraud_rate_target * n_legit / (1 - cfg.fraud_rate_target)
-    drift_on = cfg.drift_day is not None and cfg.drift_day < cfg.days
-    post = (cfg.days - cfg.drift_day) / cfg.days if drift_on and cfg.drift_day else 0.0
+    post = (cfg.days - cfg.drift_day) / cfg.days if cfg.drift_on and cfg.drift_day else 0.0
     ratio = _DRIFT_SHARE_OF_POST / (1 - _DRIFT_SHARE_OF_POST)
     base = total / (1 + ratio * post)
+    shares = cfg.mix_weights()
 
     def count(p: str) -> int:
-        share, size = _BASE_SHARES[p]
-        return max(1, round(share * base / size))
+        size = _BASE_SHARES[p][1] if p in _BASE_SHARES else _EXTRA_SIZES[p]
+        return max(1, round(shares[p] * base / size)) if size else max(1, round(shares[p] * base))
 
     out: list[Txn] = []
-    out += _card_testing(w, count("card_testing"))
-    out += _account_takeover(w, count("account_takeover"))
-    cm_budget = max(1, round(_BASE_SHARES["compromised_merchant"][0] * base))
-    out += _compromised_merchant(w, cm_budget, legit)
-    out += _inflated_spending(w, count("inflated_spending"))
-    out += _impossible_travel(w, count("impossible_travel"), legit)
-    if drift_on and cfg.drift_day is not None:
+    relabel: dict[int, tuple[str, float]] = {}
+    for p in shares:
+        if p == "card_testing":
+            out += _card_testing(w, count(p))
+        elif p == "account_takeover":
+            out += _account_takeover(w, count(p))
+        elif p == "compromised_merchant":
+            out += _compromised_merchant(w, count(p), legit)
+        elif p == "inflated_spending":
+            out += _inflated_spending(w, count(p))
+        elif p == "impossible_travel":
+            out += _impossible_travel(w, count(p), legit)
+        elif p == "compromised_terminal":
+            _compromised_terminal(w, count(p), legit, relabel)
+        elif p == "compromised_card":
+            _compromised_card(w, count(p), legit, relabel)
+        elif p == "large_amount":
+            out += _large_amount(w, count(p))
+    if cfg.drift_on and cfg.drift_day is not None:
         out += _merchant_cashout(w, max(1, round(ratio * base * post / _DRIFT_SIZE)), cfg.drift_day)
-    return [t for t in out if w.start_ms <= t[0] < w.end_ms]
+    return [t for t in out if w.start_ms <= t[0] < w.end_ms], relabel
 
 
 def generate(config: GeneratorConfig) -> tuple[list[dict], list[dict]]:
     """Returns (transactions, labels), each sorted by event time (ts), as plain JSON-ready dicts.
 
     Transaction ids are assigned in ts order. Legit transactions carry no `pattern` key; absent
-    values (device_id/ip for card-present, lat/lon for online) are omitted rather than null.
+    values (device_id/ip for card-present, lat/lon for online) are omitted rather than null. With
+    `minimal`, records keep only the contract's required fields (and `pattern`).
     """
     start = _start_ms(config.start)
     w = _World(config, np.random.default_rng(config.seed), start)
     legit, cols = _legit(w)
-    txns = legit + _fraud(w, len(legit), cols)
+    fraud, relabel = _fraud(w, len(legit), cols)
+    for row, (name, factor) in relabel.items():
+        ts, card, m, amount, online, dev, _ = legit[row]
+        legit[row] = (ts, card, m, amount * factor, online, dev, name)
+    txns = legit + fraud
     order = sorted(range(len(txns)), key=lambda i: (txns[i][0], i))
     width = max(7, len(str(len(txns))))
     cw, mw = max(5, len(str(config.n_cards))), max(4, len(str(config.n_merchants)))
@@ -441,22 +635,35 @@ def generate(config: GeneratorConfig) -> tuple[list[dict], list[dict]]:
             rec["device_id"], rec["ip"] = f"d{dev:06d}", w.dev_ip[dev]
         else:
             rec["lat"], rec["lon"] = w.m_loc[m]
+        if config.minimal:
+            rec = {k: rec[k] for k in REQUIRED_FIELDS}
         if pattern is not None:
             rec["pattern"] = pattern
         records.append(rec)
 
-    # Labels: chargebacks after a lognormal delay, genuine confirmations after a fixed delay.
-    fraud = np.array([txns[i][6] is not None for i in order])
+    # Labels: by default chargebacks after a lognormal delay, genuine confirmations after a fixed
+    # delay; or one fixed delay, or delays spread uniformly, for every label.
+    is_fraud = np.array([txns[i][6] is not None for i in order])
     ts_arr = np.array([txns[i][0] for i in order], dtype=np.int64)
-    cb = np.clip(w.rng.lognormal(math.log(config.label_delay_days_median), 0.75, len(order)), 0.5, 45)
-    ok = config.legit_label_delay_days + w.rng.uniform(0, 6 / 24, len(order))
-    label_ts = ts_arr + np.round(np.where(fraud, cb, ok) * DAY_MS).astype(np.int64)
-    keep = np.flatnonzero(label_ts < w.end_ms)
+    n_txns = len(order)
+    if config.label_delay == "lognormal":
+        cb = np.clip(w.rng.lognormal(math.log(config.label_delay_days_median), 0.75, n_txns), 0.5, 45)
+        ok = config.legit_label_delay_days + w.rng.uniform(0, 6 / 24, n_txns)
+        delay = np.where(is_fraud, cb, ok)
+    elif config.label_delay == "fixed":
+        delay = np.full(n_txns, config.label_delay_days)
+    else:
+        delay = w.rng.uniform(config.label_delay_min_days, config.label_delay_max_days, n_txns)
+    label_ts = ts_arr + np.round(delay * DAY_MS).astype(np.int64)
+    labelled = np.ones(n_txns, dtype=bool) if config.labels_after_end else label_ts < w.end_ms
+    if config.label_policy == "fraud_and_sample":  # drawn last: the default draws stay as they are
+        labelled &= is_fraud | (w.rng.random(n_txns) < config.legit_label_share)
+    keep = np.flatnonzero(labelled)
     keep = keep[np.lexsort((keep, label_ts[keep]))]
     labels = [
         {
             "txn_id": records[j]["txn_id"],
-            "is_fraud": bool(fraud[j]),
+            "is_fraud": bool(is_fraud[j]),
             "ts": _rfc3339(int(label_ts[j])),
         }
         for j in keep.tolist()
