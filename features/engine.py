@@ -64,6 +64,8 @@ TXN_FEATURE_CODE = {
     "is_online": "float(t.channel == 'online')",
     "has_device": "float(t.device_id is not None)",
     "mcc_code": "mcc_code(t.mcc)",
+    "is_weekend": "float((t.ts_ms // 86400000 + 3) % 7 >= 5)",
+    "is_night": "float((t.ts_ms // 3600000) % 24 < 6)",  # 00:00-05:59 UTC
 }
 _compiled: dict[tuple[str, ...], Callable[[Transaction], list[float]]] = {}
 

@@ -16,16 +16,17 @@ from typing import Literal
 
 Agg = Literal[
     "count", "sum", "mean", "std", "min", "max", "distinct", "is_new", "time_since_last",
-    "ratio_to_mean", "zscore", "distance_km", "speed_kmh", "label_count", "label_rate",
+    "ratio_to_mean", "zscore", "distance_km", "speed_kmh", "label_count", "label_rate", "delayed_count",
 ]  # fmt: skip
 
 NUMERIC_AGGS = frozenset({"sum", "mean", "std", "min", "max", "ratio_to_mean", "zscore"})
 CATEGORICAL_AGGS = frozenset({"distinct", "is_new"})
 FIELDLESS_AGGS = frozenset(
-    {"count", "time_since_last", "distance_km", "speed_kmh", "label_count", "label_rate"}
+    {"count", "time_since_last", "distance_km", "speed_kmh", "label_count", "label_rate", "delayed_count"}
 )
 UNWINDOWED_AGGS = frozenset({"time_since_last", "distance_km", "speed_kmh"})
 LABEL_AGGS = frozenset({"label_count", "label_rate"})
+DELAYED_AGGS = LABEL_AGGS | {"delayed_count"}  # read the window shifted back by `label_delay`
 
 NUMERIC_FIELDS = frozenset({"amount", "lat", "lon"})
 CATEGORICAL_FIELDS = frozenset(
@@ -70,7 +71,8 @@ class WindowFeature:
 
     The window of a transaction at time t is (t - window, t], the transaction itself included.
     Label aggregations look at transactions in (t - delay - window, t - delay] whose fraud label
-    had arrived by t.
+    had arrived by t; `delayed_count` counts every transaction of that shifted window (the
+    denominator of `label_rate`, the volume a label-risk feature is measured on).
     """
 
     entity: Entity
@@ -93,8 +95,8 @@ class WindowFeature:
         if self.window is not None:
             duration_ms(self.window)
         if self.label_delay is not None:
-            if self.agg not in LABEL_AGGS:
-                raise SpecError(f"{where}: label_delay only applies to label aggregations")
+            if self.agg not in DELAYED_AGGS:
+                raise SpecError(f"{where}: label_delay only applies to {sorted(DELAYED_AGGS)}")
             duration_ms(self.label_delay)
 
     @property
@@ -118,6 +120,8 @@ class WindowFeature:
 
 
 TXN_FEATURES = ("amount", "hour_of_day", "day_of_week", "is_online", "has_device", "mcc_code")
+KNOWN_TXN_FEATURES = (*TXN_FEATURES, "is_weekend", "is_night")
+"""Features of the transaction alone (no history); `features.engine.TXN_FEATURE_CODE` computes them."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,9 @@ class FeatureSet:
     entities: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.txn) - set(TXN_FEATURES)
+        unknown = set(self.txn) - set(KNOWN_TXN_FEATURES)
         if unknown:
-            raise SpecError(f"unknown transaction features {sorted(unknown)}; known: {TXN_FEATURES}")
+            raise SpecError(f"unknown transaction features {sorted(unknown)}; known: {KNOWN_TXN_FEATURES}")
         names = self.names
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -578,10 +578,11 @@ class EntityPlan:
     def _label_feature(
         self, d: array[Any], n: int, s: EntityState, agg: str, t: int, w: int, delay: int
     ) -> float:
-        """Fraud labels known by t on this key's transactions in (t - delay - w, t - delay]."""
+        """Fraud labels known by t on this key's transactions in (t - delay - w, t - delay], or (for
+        `delayed_count`) the transactions of that window."""
         hi, lo = t - delay, t - delay - w
         frauds = 0
-        if s.labels is not None:
+        if s.labels is not None and agg != "delayed_count":
             txns, known = s.labels
             frauds = sum(1 for i in range(bisect_right(txns, lo), bisect_right(txns, hi)) if known[i] <= t)
         if agg == "label_count":
@@ -589,6 +590,8 @@ class EntityPlan:
         base = self._base(d)
         with memoryview(d) as view:
             count = bisect_right(view, hi - base, 1, 1 + n) - bisect_right(view, lo - base, 1, 1 + n)
+        if agg == "delayed_count":
+            return float(count)
         return frauds / count if count else NAN
 
     def kernel_program(self) -> bytes:

@@ -42,6 +42,7 @@ WIDE = FeatureSet(
         WindowFeature(CARD, "is_new", "device_id", "30d"),
         WindowFeature(CARD, "label_count", window="30d"),
         WindowFeature(CARD, "label_rate", window="7d", label_delay="1d"),
+        WindowFeature(CARD, "delayed_count", window="1h", label_delay="1d"),
         *expand(MERCHANT, ["count"], ["1h", "7d"]),
         WindowFeature(MERCHANT, "distinct", "card_id", "1d"),
         WindowFeature(MERCHANT, "label_rate", window="30d"),
@@ -98,9 +99,11 @@ def brute_force(
         _, _, p = max(located, key=lambda r: (r[0], r[1]))
         km = haversine_km(p.lat, p.lon, t.lat, t.lon)  # type: ignore[arg-type]
         return km if f.agg == "distance_km" else km / max((now - p.ts_ms) / 3_600_000, 1 / 60)
-    if f.agg in ("label_count", "label_rate"):
+    if f.agg in ("label_count", "label_rate", "delayed_count"):
         lo, hi = now - f.delay_ms - f.window_ms, now - f.delay_ms
         txns = [x for _, x in hist if lo < x.ts_ms <= hi]
+        if f.agg == "delayed_count":
+            return float(len(txns))
         n_fraud = sum(1 for x in txns if x.txn_id in frauds and frauds[x.txn_id][1] <= now)
         if f.agg == "label_count":
             return float(n_fraud)
@@ -165,6 +168,7 @@ SHORT = FeatureSet(
         WindowFeature(CARD, "is_new", "merchant_id", "1h"),
         WindowFeature(CARD, "label_count", window="1h"),
         WindowFeature(MERCHANT, "label_rate", window="1m", label_delay="1m"),
+        WindowFeature(MERCHANT, "delayed_count", window="1h", label_delay="1m"),
         *expand(MERCHANT, ["sum"], ["1s", "1h"], "amount"),
     )
 )
@@ -585,3 +589,12 @@ def test_idle_keys_expire_once_their_longest_window_has_passed(monkeypatch: pyte
     card = pipeline.plans[0]
     state = engine.states[0]["card:c-new"]
     assert not card.expired(state, T0 + 31 * 86_400_000) and card.expired(state, T0 + 62 * 86_400_000)
+
+
+def test_weekend_and_night_flags_follow_utc_calendar() -> None:
+    """2026-01-10 was a Saturday: 03:00 UTC is a weekend night; Monday 12:00 is neither."""
+    saturday_3am = Transaction("a", 1_768_014_000_000, "c", "m", 1.0)
+    monday_noon = Transaction("b", 1_768_219_200_000, "c", "m", 1.0)
+    names = ("is_weekend", "is_night", "day_of_week", "hour_of_day")
+    assert txn_features(saturday_3am, names) == [1.0, 1.0, 5.0, 3.0]
+    assert txn_features(monday_noon, names) == [0.0, 0.0, 0.0, 12.0]
