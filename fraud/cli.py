@@ -32,14 +32,67 @@ def generate(
     fraud_rate: float = 0.009,
     drift_day: Annotated[int, typer.Option(help="Day the late fraud pattern starts; 0 disables it.")] = 60,
     gzip: Annotated[bool, typer.Option("--gzip/--no-gzip", help="Write .jsonl.gz files.")] = True,
+    mix: Annotated[
+        str | None,
+        typer.Option(help="Fraud pattern weights, e.g. card_testing=1,compromised_terminal=2."),
+    ] = None,
+    label_policy: Annotated[
+        str, typer.Option(metavar="[all|fraud_and_sample]", help="Label all txns, or fraud + a legit sample.")
+    ] = "all",
+    legit_label_share: Annotated[
+        float, typer.Option(help="With fraud_and_sample: chance that a legit txn gets a label.")
+    ] = 1.0,
+    label_delay: Annotated[
+        str, typer.Option(metavar="[lognormal|fixed|spread]", help="How long labels take to arrive.")
+    ] = "lognormal",
+    label_delay_days: Annotated[float, typer.Option(help="fixed: the delay of every label, in days.")] = 7.0,
+    label_delay_min_days: Annotated[float, typer.Option(help="spread: shortest label delay, in days.")] = 1.0,
+    label_delay_max_days: Annotated[float, typer.Option(help="spread: longest label delay, in days.")] = 35.0,
+    minimal: Annotated[
+        bool, typer.Option("--minimal/--full-fields", help="Only the required fields (+ pattern on fraud).")
+    ] = False,
+    labels_after_end: Annotated[
+        bool, typer.Option(help="Keep labels that arrive after the last day (to judge the last days).")
+    ] = False,
+    world: Annotated[
+        str | None,
+        typer.Option(
+            help="A named world of fraud/worlds.py (benchmarks/quality.py); takes --seed, --cards "
+            "and --merchants, and sets everything else."
+        ),
+    ] = None,
 ) -> None:
     """Write deterministic synthetic transactions.jsonl and labels.jsonl (delayed labels)."""
-    from fraud.datagen import GeneratorConfig, write_files
+    from fraud.datagen import LABEL_DELAYS, LABEL_POLICIES, GeneratorConfig, parse_mix, write_files
 
-    cfg = GeneratorConfig(
-        seed=seed, days=days, n_cards=cards, n_merchants=merchants, fraud_rate_target=fraud_rate,
-        drift_day=drift_day or None,
-    )  # fmt: skip
+    if world is not None:
+        from fraud.worlds import WORLDS
+
+        if world not in WORLDS:
+            raise typer.BadParameter(f"must be one of {', '.join(WORLDS)}", param_hint="--world")
+        _print_json(write_files(out, WORLDS[world].config(seed, cards, merchants), compress=gzip))
+        return
+
+    if label_policy not in LABEL_POLICIES:
+        raise typer.BadParameter(f"must be one of {', '.join(LABEL_POLICIES)}", param_hint="--label-policy")
+    if label_delay not in LABEL_DELAYS:
+        raise typer.BadParameter(f"must be one of {', '.join(LABEL_DELAYS)}", param_hint="--label-delay")
+    policy = LABEL_POLICIES[LABEL_POLICIES.index(label_policy)]  # the same string, typed as the Literal
+    delay = LABEL_DELAYS[LABEL_DELAYS.index(label_delay)]
+    try:
+        weights = None if mix is None else parse_mix(mix)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--mix") from None
+    try:
+        cfg = GeneratorConfig(
+            seed=seed, days=days, n_cards=cards, n_merchants=merchants, fraud_rate_target=fraud_rate,
+            drift_day=drift_day or None, mix=weights, label_policy=policy, legit_label_share=legit_label_share,
+            label_delay=delay,
+            label_delay_days=label_delay_days, label_delay_min_days=label_delay_min_days,
+            label_delay_max_days=label_delay_max_days, minimal=minimal, labels_after_end=labels_after_end,
+        )  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     _print_json(write_files(out, cfg, compress=gzip))
 
 
@@ -48,12 +101,18 @@ def train(
     transactions: Path | None = None,
     labels: Path | None = None,
     out: Annotated[Path | None, typer.Option(help="Artifact directory (default: FRAUD_MODEL_PATH).")] = None,
-    train_days: float = 40,
-    valid_days: float = 10,
-    test_days: float = 10,
+    start_day: Annotated[float, typer.Option(help="First training day (days of history before it).")] = 0,
+    train_days: float = 38,
+    gap_days: Annotated[float, typer.Option(help="Days skipped after training: the label delay.")] = 7,
+    valid_days: Annotated[float, typer.Option(help="Days that tune the model and its threshold.")] = 10,
+    test_days: Annotated[float, typer.Option(help="Days judged after validation.")] = 10,
+    k: Annotated[int, typer.Option(min=1, help="Cards reviewed per day, for Card Precision@k.")] = 100,
+    search: Annotated[
+        bool, typer.Option("--search/--no-search", help="Tune XGBoost on validation (8 fits).")
+    ] = True,
     seed: int = 0,
 ) -> None:
-    """Replay a file through the feature engine, train XGBoost, evaluate on a later window, save."""
+    """Replay a file through the feature engine, train and tune XGBoost, judge a later period, save."""
     from fraud import train as training
     from fraud.runtime import new_pipeline
 
@@ -62,10 +121,13 @@ def train(
     labs = labels or s.labels_path
     if labs is None:
         raise typer.BadParameter("training needs a labels file (--labels or FRAUD_LABELS_PATH)")
-    report = training.train(
-        s, new_pipeline(s), txns, labs, out or s.model_path,
-        train_days=train_days, valid_days=valid_days, test_days=test_days, seed=seed,
-    )  # fmt: skip
+    split = training.Split(train_days, valid_days, test_days, gap_days, start_day)
+    try:
+        report = training.train(
+            s, new_pipeline(s), txns, labs, out or s.model_path, split=split, k=k, search=search, seed=seed
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     _print_json(report)
 
 
@@ -77,9 +139,10 @@ def evaluate(
         float, typer.Option(help="Split periods at this day (the late pattern's start).")
     ] = 60,
     end_day: float = 90,
-    start_day: float = 50,
+    start_day: float = 55,
+    k: Annotated[int, typer.Option(min=1, help="Cards reviewed per day, for Card Precision@k.")] = 100,
 ) -> None:
-    """Replay through the serving scorer; compare XGBoost alone with XGBoost + online model."""
+    """Replay through the serving scorer; judge XGBoost alone and XGBoost + the online model."""
     from fraud import train as training
     from fraud.runtime import load_model, new_pipeline
 
@@ -90,7 +153,7 @@ def evaluate(
         raise typer.BadParameter("evaluation needs a labels file")
     periods = [("before_drift", start_day, drift_day), ("after_drift", drift_day, end_day)]
     report = training.evaluate(
-        s, pipeline, load_model(s, pipeline), transactions or s.transactions_path, labs, periods
+        s, pipeline, load_model(s, pipeline), transactions or s.transactions_path, labs, periods, k=k
     )
     _print_json(report)
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from features.catalog import FEATURES
+from features.catalog import CATALOGS
 from features.engine import Pipeline
 from features.privacy import card_token, identity
 from features.state import kernel_name
@@ -46,7 +46,7 @@ class Runtime:
 
 
 def new_pipeline(settings: Settings) -> Pipeline:
-    return Pipeline(FEATURES, round(settings.allowed_lateness_s * 1000))
+    return Pipeline(CATALOGS[settings.feature_set], round(settings.allowed_lateness_s * 1000))
 
 
 def new_online_model(settings: Settings) -> OnlineModel:

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     )
 
     # Features
+    feature_set: Literal["default", "textbook"] = Field(
+        "default", description="Feature set (features/catalog.py); the model must be trained on it."
+    )
     allowed_lateness_s: float = Field(
         300.0, ge=0, description="Out-of-orderness tolerated with exact features."
     )

@@ -1,16 +1,26 @@
 """Offline training and evaluation, through the same feature engine and scorer the flow uses.
 
-`build_dataset` replays a transactions + labels file through `FeatureEngine` (labels merged in
-event time, so label-based features only see labels that had arrived). `train` fits XGBoost on an
-early time window, picks the threshold on the next, and reports on a later one. `evaluate`
-replays a file through the serving `Scorer`, the online model learning as labels arrive, and
-compares XGBoost alone with the combined score period by period.
+The protocol is what production would have seen (README, "Models", says why):
+
+- Periods are whole UTC days counted from the day of the first transaction: training
+  `[start, start + train)`, a gap of the label delay, validation, then test.
+- Training uses a transaction only if its label had arrived by the end of the training period: a
+  model trained then knows nothing of the later labels, and a transaction whose label came later
+  is unknown, not genuine.
+- The gap keeps validation away from the transactions still waiting for their labels at training
+  time. Validation picks the XGBoost parameters (`models.xgb.SEARCH_GRID`, each early-stopped)
+  and the alert threshold (best F1).
+- Validation and test are judged on every labelled transaction, except those of cards already
+  known to be compromised (a fraud label on the card had arrived before that day): those are
+  blocked already, and counting them would reward remembering rather than detecting.
+- Reported: ROC AUC, average precision, Card Precision@k per day, precision and recall at the
+  threshold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,21 +29,23 @@ import msgspec
 import numpy as np
 
 from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline
-from features.events import DeadLetter
+from features.events import AwareTime, DeadLetter, to_epoch_ms
 from features.replay import open_text, replay
 from fraud.runtime import new_scorer
 from fraud.settings import Settings
 from models import metrics
 from models.artifact import ModelArtifact, make_version, save
 from models.serving import LabelledVector, PendingVectors
-from models.xgb import XGBScorer, train_xgb
+from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, tune_xgb
 
 DAY_MS = 86_400_000
+NO_LABEL = np.iinfo(np.int64).max  # label time of a transaction that never got one
 
 
 class _Truth(msgspec.Struct):
     txn_id: str
-    is_fraud: bool = False
+    is_fraud: bool
+    ts: int | AwareTime
 
 
 class _Pattern(msgspec.Struct):
@@ -44,22 +56,6 @@ class _Pattern(msgspec.Struct):
 _Row = TypeVar("_Row", _Truth, _Pattern)
 
 
-@dataclass
-class Dataset:
-    """Feature vectors of a file's transactions, in arrival order, with their eventual label."""
-
-    X: np.ndarray
-    y: np.ndarray  # 1 fraud, 0 genuine, -1 no label in the file
-    ts_ms: np.ndarray
-    txn_ids: list[str]
-    dead_letters: int
-
-    def window(self, start_day: float, end_day: float) -> np.ndarray:
-        """Mask of labelled rows in [start_day, end_day) counted from the first transaction."""
-        t0 = self.ts_ms.min()
-        return (self.ts_ms >= t0 + start_day * DAY_MS) & (self.ts_ms < t0 + end_day * DAY_MS) & (self.y >= 0)
-
-
 def _records(path: Path, kind: type[_Row]) -> Iterator[_Row]:
     """The lines of a .jsonl(.gz) file decoded as `kind`; lines that do not decode are skipped
     (the flow dead-letters them; offline evaluation only needs the good ones)."""
@@ -68,13 +64,26 @@ def _records(path: Path, kind: type[_Row]) -> Iterator[_Row]:
         for line in f:
             try:
                 yield dec.decode(line)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, ValueError):
                 continue
 
 
+def read_labels(labels: Path | None) -> dict[str, tuple[bool, int]]:
+    """Every verdict in a labels file with its arrival time (epoch ms); the first one counts."""
+    out: dict[str, tuple[bool, int]] = {}
+    if labels is None:
+        return out
+    for t in _records(labels, _Truth):
+        try:
+            out.setdefault(t.txn_id, (t.is_fraud, to_epoch_ms(t.ts)))
+        except ValueError:
+            continue
+    return out
+
+
 def read_truth(labels: Path | None) -> dict[str, bool]:
-    """Every verdict in a labels file, whenever it arrived (for offline training only)."""
-    return {} if labels is None else {t.txn_id: t.is_fraud for t in _records(labels, _Truth)}
+    """Every verdict in a labels file, whenever it arrived (for offline judging only)."""
+    return {k: v[0] for k, v in read_labels(labels).items()}
 
 
 def read_patterns(transactions: Path) -> dict[str, str]:
@@ -82,23 +91,171 @@ def read_patterns(transactions: Path) -> dict[str, str]:
     return {p.txn_id: p.pattern for p in _records(transactions, _Pattern) if p.pattern}
 
 
+@dataclass
+class Dataset:
+    """Transactions in arrival order with their features, eventual label and its arrival time."""
+
+    X: np.ndarray
+    y: np.ndarray  # 1 fraud, 0 genuine, -1 no label in the file
+    label_ts: np.ndarray  # when the label arrived (epoch ms); NO_LABEL when it never did
+    ts_ms: np.ndarray
+    cards: np.ndarray
+    txn_ids: list[str]
+    dead_letters: int = 0
+    day0_ms: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.day0_ms = int(self.ts_ms.min()) // DAY_MS * DAY_MS if self.ts_ms.size else 0
+
+    @classmethod
+    def of(
+        cls, X: np.ndarray, ts: Sequence[int], ids: list[str], cards: Sequence[str],
+        labels: dict[str, tuple[bool, int]], dead_letters: int = 0,
+    ) -> Dataset:  # fmt: skip
+        y = np.array([int(labels[i][0]) if i in labels else -1 for i in ids], dtype=np.int8)
+        label_ts = np.array([labels[i][1] if i in labels else NO_LABEL for i in ids], dtype=np.int64)
+        return cls(X, y, label_ts, np.asarray(ts, dtype=np.int64), np.asarray(cards), ids, dead_letters)
+
+    @property
+    def day(self) -> np.ndarray:
+        """Each row's day, counted from the first transaction's UTC day."""
+        return (self.ts_ms - self.day0_ms) // DAY_MS
+
+    def period(self, start_day: float, end_day: float) -> np.ndarray:
+        t = self.ts_ms - self.day0_ms
+        return (t >= start_day * DAY_MS) & (t < end_day * DAY_MS)
+
+    def training_rows(self, start_day: float, end_day: float) -> np.ndarray:
+        """Rows of the period whose label had arrived by its end (what a model trained then knows)."""
+        return self.period(start_day, end_day) & (self.label_ts < self.day0_ms + end_day * DAY_MS)
+
+    def evaluation_rows(self, start_day: float, end_day: float) -> np.ndarray:
+        """Labelled rows of the period, without cards already known compromised that day."""
+        return self.period(start_day, end_day) & (self.y >= 0) & ~self.known_compromised()
+
+    def known_compromised(self) -> np.ndarray:
+        """Rows whose card had a fraud label arrive before the row's day began."""
+        codes = np.unique(self.cards, return_inverse=True)[1].reshape(-1)
+        first = np.full(int(codes.max()) + 1 if codes.size else 0, NO_LABEL, dtype=np.int64)
+        fraud = self.y == 1
+        np.minimum.at(first, codes[fraud], self.label_ts[fraud])
+        return first[codes] < self.day0_ms + self.day * DAY_MS
+
+
 def build_dataset(pipeline: Pipeline, transactions: Path, labels: Path | None) -> Dataset:
-    truth = read_truth(labels)
+    """Replay the files (labels merged in event time) and collect every transaction's features."""
     engine = FeatureEngine(pipeline)
     rows: list[list[float]] = []
     ts: list[int] = []
     ids: list[str] = []
+    cards: list[str] = []
     dead = 0
     for out in engine.run(replay(transactions, labels)):
         if isinstance(out, FeatureVector):
             rows.append(out.values)
             ts.append(out.txn.ts_ms)
             ids.append(out.txn.txn_id)
+            cards.append(out.txn.card_id)
         elif isinstance(out, DeadLetter):
             dead += 1
-    y = np.array([{True: 1, False: 0}.get(truth.get(i), -1) for i in ids], dtype=np.int8)  # type: ignore[arg-type]
     X = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(pipeline.names))
-    return Dataset(X, y, np.asarray(ts, dtype=np.int64), ids, dead)
+    return Dataset.of(X, ts, ids, cards, read_labels(labels), dead)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training, gap, validation and test periods, in days from the first transaction's day."""
+
+    train_days: float = 38
+    valid_days: float = 10
+    test_days: float = 10
+    gap_days: float = 7
+    start_day: float = 0
+
+    @property
+    def train(self) -> tuple[float, float]:
+        return self.start_day, self.start_day + self.train_days
+
+    @property
+    def valid(self) -> tuple[float, float]:
+        start = self.train[1] + self.gap_days
+        return start, start + self.valid_days
+
+    @property
+    def test(self) -> tuple[float, float]:
+        return self.valid[1], self.valid[1] + self.test_days
+
+
+def judge(data: Dataset, rows: np.ndarray, scores: np.ndarray, threshold: float, k: int) -> dict[str, Any]:
+    """AUC, AP, Card Precision@k per day, precision and recall at `threshold` on `rows`."""
+    y = data.y[rows]
+    report = metrics.evaluate(y, scores, threshold)
+    report["card_precision_at_k"] = metrics.card_precision_at_k(
+        data.day[rows], data.cards[rows], y, scores, k
+    )
+    report["k"] = k
+    return report
+
+
+def label_delays(data: Dataset, split: Split) -> dict[str, float]:
+    """How long the fraud labels of the training period took: what a label-risk window's shift
+    (`features.catalog.LABEL_DELAY`) and the gap should be measured against."""
+    fraud = data.period(*split.train) & (data.y == 1) & (data.label_ts != NO_LABEL)
+    days = (data.label_ts[fraud] - data.ts_ms[fraud]) / DAY_MS
+    if not days.size:
+        return {}
+    return {
+        "p50": float(np.quantile(days, 0.5)),
+        "p90": float(np.quantile(days, 0.9)),
+        "share_within_gap": float((days <= split.gap_days).mean()),
+    }
+
+
+@dataclass
+class Fitted:
+    booster: Any
+    params: dict[str, Any]
+    threshold: float
+    report: dict[str, Any]
+
+
+def fit(
+    data: Dataset,
+    names: list[str],
+    split: Split,
+    *,
+    k: int = 100,
+    search: bool = True,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Fitted:
+    """Train on `split.train`, tune and pick the threshold on `split.valid`, judge `split.test`."""
+    tr = data.training_rows(*split.train)
+    va = data.evaluation_rows(*split.valid)
+    te = data.evaluation_rows(*split.test)
+    for name, m in (("training", tr), ("validation", va), ("test", te)):
+        if not (data.y[m] == 1).any():
+            raise ValueError(
+                f"the {name} period has no fraud labels (periods {split}); move or widen it "
+                "(see `fraud train --help`)"
+            )
+    eval_set = (data.X[va], data.y[va])
+    grid = SEARCH_GRID if search else ({},)
+    booster, params, log = tune_xgb(
+        data.X[tr], data.y[tr], names, eval_set, grid=grid, device=device, seed=seed
+    )
+    scorer = XGBScorer(booster, names, device=device, nthread=0)
+    valid_scores = scorer.score(data.X[va])
+    threshold = metrics.best_f1_threshold(data.y[va], valid_scores)
+    report = {
+        "periods_days": {"train": split.train, "validation": split.valid, "test": split.test},
+        "train": {"rows": int(tr.sum()), "frauds": int((data.y[tr] == 1).sum())},
+        "fraud_label_delay_days": label_delays(data, split),
+        "validation": judge(data, va, valid_scores, threshold, k),
+        "test": judge(data, te, scorer.score(data.X[te]), threshold, k),
+        "search": log,
+    }
+    return Fitted(booster, {**DEFAULT_PARAMS, **params}, threshold, report)
 
 
 def train(
@@ -108,49 +265,28 @@ def train(
     labels: Path,
     out_dir: Path,
     *,
-    train_days: float,
-    valid_days: float,
-    test_days: float,
+    split: Split,
+    k: int = 100,
+    search: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Fit, choose the threshold (best F1 on the validation window), evaluate, save the artifact."""
+    """Build the dataset, fit (see `fit`), save the artifact; return the report."""
     data = build_dataset(pipeline, transactions, labels)
-    tr = data.window(0, train_days)
-    va = data.window(train_days, train_days + valid_days)
-    te = data.window(train_days + valid_days, train_days + valid_days + test_days)
-    for name, m in (("train", tr), ("validation", va), ("test", te)):
-        if data.y[m].sum() == 0:
-            raise ValueError(f"the {name} window has no fraud labels; widen it (see `fraud train --help`)")
-    booster = train_xgb(
-        data.X[tr],
-        data.y[tr],
-        pipeline.names,
-        device=settings.xgb_device,
-        seed=seed,
-        eval_set=(data.X[va], data.y[va]),
-    )
-    scorer = XGBScorer(booster, pipeline.names, device=settings.xgb_device, nthread=0)
-    threshold = metrics.best_f1_threshold(data.y[va], scorer.score(data.X[va]))
-    report = {
-        "train": {"days": train_days, "rows": int(tr.sum()), "frauds": int(data.y[tr].sum())},
-        "validation": metrics.evaluate(data.y[va], scorer.score(data.X[va]), threshold),
-        "test": metrics.evaluate(data.y[te], scorer.score(data.X[te]), threshold),
-        "windows_days": [train_days, valid_days, test_days],
-        "source": transactions.name,
-    }
+    fitted = fit(data, list(pipeline.names), split, k=k, search=search, device=settings.xgb_device, seed=seed)
+    report = {**fitted.report, "source": transactions.name, "feature_set": settings.feature_set}
     now = datetime.now(UTC)
     artifact = ModelArtifact(
         version=make_version(pipeline.schema_hash, now),
         feature_names=list(pipeline.names),
         schema_hash=pipeline.schema_hash,
-        threshold=float(threshold),
+        threshold=float(fitted.threshold),
         metrics=report,
         trained_at=now.isoformat(timespec="seconds"),
-        params={"tree_method": "hist", "seed": seed, "best_iteration": booster.num_boosted_rounds()},
-        booster=booster,
+        params={**fitted.params, "seed": seed, "best_iteration": fitted.booster.num_boosted_rounds()},
+        booster=fitted.booster,
     )
     save(artifact, out_dir)
-    return {"version": artifact.version, "threshold": threshold, **report}
+    return {"version": artifact.version, "threshold": fitted.threshold, **report}
 
 
 def evaluate(
@@ -160,20 +296,23 @@ def evaluate(
     transactions: Path,
     labels: Path,
     periods: list[tuple[str, float, float]],
+    *,
+    k: int = 100,
     batch: int = 256,
 ) -> dict[str, Any]:
-    """Replay through the serving scorer (online model learning from labels as they arrive)."""
-    truth = read_truth(labels)
+    """Replay through the serving scorer (the online model learning from labels as they arrive);
+    judge XGBoost alone and the combined score per period, with the training protocol's rules."""
+    known = read_labels(labels)
     patterns = read_patterns(transactions)
     engine = FeatureEngine(pipeline)
     scorer = new_scorer(settings, artifact)
-    waiting = PendingVectors(round(settings.label_ttl_days * 86_400_000))
-    rows: list[tuple[str, int, float, float]] = []
+    waiting = PendingVectors(round(settings.label_ttl_days * DAY_MS))
+    rows: list[tuple[str, int, str, float, float]] = []
     items: list[FeatureVector | LabelledVector] = []
 
     def flush() -> None:
         for d in scorer.process(items):
-            rows.append((d.txn.txn_id, d.txn.ts_ms, d.xgb, d.score))
+            rows.append((d.txn.txn_id, d.txn.ts_ms, d.txn.card_id, d.xgb, d.score))
         items.clear()
 
     for out in engine.run(replay(transactions, labels)):
@@ -186,25 +325,21 @@ def evaluate(
             flush()
     flush()
     ids = [r[0] for r in rows]
-    ts = np.array([r[1] for r in rows], dtype=np.int64)
-    y = np.array([int(truth.get(i, False)) for i in ids], dtype=np.int8)
-    known = np.array([i in truth for i in ids])
-    xgb_s = np.array([r[2] for r in rows])
-    final_s = np.array([r[3] for r in rows])
+    data = Dataset.of(np.empty((len(rows), 0)), [r[1] for r in rows], ids, [r[2] for r in rows], known)
+    scores = {"xgboost": np.array([r[3] for r in rows]), "combined": np.array([r[4] for r in rows])}
     threshold = scorer.threshold
-    t0 = ts.min()
     result: dict[str, Any] = {"threshold": threshold, "online_weight": scorer.weight, "periods": {}}
+    pattern_of = np.array([patterns.get(i, "") for i in ids])
     for name, start, end in periods:
-        m = known & (ts >= t0 + start * DAY_MS) & (ts < t0 + end * DAY_MS)
+        m = data.evaluation_rows(start, end)
         per: dict[str, Any] = {"days": [start, end]}
-        for model, s in (("xgboost", xgb_s), ("combined", final_s)):
-            per[model] = metrics.evaluate(y[m], s[m], threshold)
-            caught: dict[str, str] = {}
-            for pattern in sorted(set(patterns.values())):
-                pm = m & np.array([patterns.get(i) == pattern for i in ids])
-                if pm.any():
-                    caught[pattern] = f"{int((s[pm] >= threshold).sum())}/{int(pm.sum())}"
-            per[model]["caught_by_pattern"] = caught
+        for model, s in scores.items():
+            per[model] = judge(data, m, s[m], threshold, k)
+            per[model]["caught_by_pattern"] = {
+                p: f"{int((s[pm] >= threshold).sum())}/{int(pm.sum())}"
+                for p in sorted(set(patterns.values()))
+                if (pm := m & (pattern_of == p)).any()
+            }
         result["periods"][name] = per
     result["online_labels_learned"] = scorer.online.n_learned
     return result

@@ -40,3 +40,20 @@ def test_index_memory_benchmark_runs(step: str) -> None:
         out.stdout,
         re.M,
     )
+
+
+def test_quality_benchmark_runs_and_prints_its_table() -> None:
+    """The short version of `benchmarks/quality.py` (the full one is in docs/benchmarks.md)."""
+    out = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--worlds", "textbook", "late-pattern", "--cards", "700",
+         "--merchants", "100", "--no-search", "--k", "20", "--seed", "5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for world in ("textbook", "late-pattern"):
+        assert re.search(
+            rf"^\| {world} \| (-?[\d.]+ \| ){{6}}[-+][\d.]+ \| [-+][\d.]+ \|$", out.stdout, re.M
+        ), out.stdout
+    assert re.search(
+        r"^late-pattern, from the new pattern's first day .* with River AP [\d.]+", out.stdout, re.M
+    )

@@ -547,7 +547,8 @@ def test_schema_hash_follows_the_declaration() -> None:
     other = FeatureSet(windows=(*FEATURES.windows, WindowFeature(CARD, "std", "amount", "7d")))
     assert other.schema_hash != FEATURES.schema_hash
     assert "amount_std_by_card_7d" in other.names
-    assert FeatureSet(windows=FEATURES.windows).schema_hash == FEATURES.schema_hash
+    assert FeatureSet(windows=FEATURES.windows, txn=FEATURES.txn).schema_hash == FEATURES.schema_hash
+    assert FeatureSet(windows=FEATURES.windows).schema_hash != FEATURES.schema_hash  # other txn features
 
 
 def test_stable_hash_is_not_salted() -> None:
@@ -581,14 +582,16 @@ def test_idle_keys_expire_once_their_longest_window_has_passed(monkeypatch: pyte
     pipeline = Pipeline(FEATURES, LATENESS_MS)
     engine = FeatureEngine(pipeline)
     engine.process(Transaction("a", T0, "c-old", "m1", 10.0))
-    engine.process(Transaction("b", T0 + 86_400_000, "c-new", "m1", 10.0))
-    assert "card:c-old" in engine.states[0]  # one day later: still inside its 30-day window
-    engine.process(Transaction("c", T0 + 31 * 86_400_000, "c-new", "m2", 10.0))
-    engine.process(Transaction("d", T0 + 31 * 86_400_000 + 1, "c-new", "m2", 10.0))
-    assert "card:c-old" not in engine.states[0] and "card:c-new" in engine.states[0]
     card = pipeline.plans[0]
+    look_back = card.lookback_ms  # the longest window plus its label delay
+    engine.process(Transaction("b", T0 + 86_400_000, "c-new", "m1", 10.0))
+    assert "card:c-old" in engine.states[0]  # one day later: still inside its look-back
+    later = T0 + look_back + LATENESS_MS + 86_400_000
+    engine.process(Transaction("c", later, "c-new", "m2", 10.0))
+    engine.process(Transaction("d", later + 1, "c-new", "m2", 10.0))
+    assert "card:c-old" not in engine.states[0] and "card:c-new" in engine.states[0]
     state = engine.states[0]["card:c-new"]
-    assert not card.expired(state, T0 + 31 * 86_400_000) and card.expired(state, T0 + 62 * 86_400_000)
+    assert not card.expired(state, later) and card.expired(state, later + 1 + card.retention_ms)
 
 
 def test_weekend_and_night_flags_follow_utc_calendar() -> None:

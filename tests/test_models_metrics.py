@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from models.metrics import (
     average_precision,
     best_f1_threshold,
+    card_precision_at_k,
     evaluate,
     precision_recall_at,
     roc_auc,
@@ -149,3 +150,42 @@ def test_malformed_inputs_raise() -> None:
         roc_auc([0, 2], [0.5, 0.6])
     with pytest.raises(ValueError, match="NaN"):
         average_precision([0, 1], [0.5, math.nan])
+
+
+rows = st.lists(
+    st.tuples(
+        st.integers(0, 2), st.sampled_from("abcde"), st.booleans(), st.integers(0, 8).map(lambda i: i / 8)
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(rows, st.integers(1, 6))
+def test_card_precision_at_k_matches_a_per_day_card_ranking(
+    data: list[tuple[int, str, bool, float]], k: int
+) -> None:
+    """Per day: each card once, at its highest score, fraudulent if any of its rows is; the top k
+    cards (ties by card order); the share of frauds among them over k; the mean over days."""
+    per_day = []
+    for day in sorted({d for d, *_ in data}):
+        cards: dict[str, tuple[float, bool]] = {}
+        for d, card, fraud, score in data:
+            if d == day:
+                best, any_fraud = cards.get(card, (-1.0, False))
+                cards[card] = (max(best, score), any_fraud or fraud)
+        ranked = sorted(cards.items(), key=lambda c: (-c[1][0], c[0]))[:k]
+        per_day.append(sum(f for _, (_, f) in ranked) / k)
+    day, card, y, s = (np.array(col) for col in zip(*data, strict=True))
+    assert card_precision_at_k(day, card, y, s, k) == pytest.approx(sum(per_day) / len(per_day))
+
+
+def test_card_precision_at_k_hand_computed() -> None:
+    # Day 0: card a (0.9, fraud on its other row) ranks first; day 1: card c (0.3) is genuine.
+    day, card = [0, 0, 0, 1, 1], ["a", "a", "b", "a", "c"]
+    y, s = [0, 1, 0, 0, 0], [0.9, 0.1, 0.5, 0.2, 0.3]
+    assert card_precision_at_k(day, card, y, s, 1) == 0.5
+    assert card_precision_at_k(day, card, y, s, 2) == 0.25  # day 0: 1 of 2; day 1: 0 of 2
+    assert math.isnan(card_precision_at_k([], [], [], [], 3))
+    with pytest.raises(ValueError):
+        card_precision_at_k(day, card, y, s, 0)

@@ -87,7 +87,8 @@ def test_flow_entity_keys_are_dropped_after_their_retention() -> None:
     wake = logic.notify_at()
     assert wake is not None and (wake - datetime.now(UTC)).total_seconds() > 29 * 86_400
     assert logic.on_notify() == ([], False)  # fired early (e.g. after a restart): still fresh, kept
-    logic.state[0] -= 31 * 1440  # the key's time origin (minutes): as if its only event were 31 days old
+    days = pipeline.plans[0].retention_ms // 86_400_000 + 1  # the card's longest look-back, and a day
+    logic.state[0] -= days * 1440  # the key's time origin (minutes): as if its only event were that old
     assert logic.on_notify() == ([], True)
 
 
