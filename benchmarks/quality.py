@@ -25,9 +25,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from features.catalog import CATALOGS, FEATURES, default_features  # noqa: E402
+from features.catalog import CARD, CATALOGS, FEATURES, MERCHANT, default_features  # noqa: E402
 from features.engine import Pipeline  # noqa: E402
-from features.spec import FeatureSet  # noqa: E402
+from features.spec import FeatureSet, WindowFeature  # noqa: E402
 from fraud.datagen import write_files  # noqa: E402
 from fraud.settings import Settings  # noqa: E402
 from fraud.train import Dataset, build_dataset, evaluate, fit  # noqa: E402
@@ -45,21 +45,28 @@ def _without_txn(*names: str) -> FeatureSet:
     return FeatureSet(windows=FEATURES.windows, txn=tuple(t for t in FEATURES.txn if t not in names))
 
 
+def _plus(*extra: WindowFeature, txn: tuple[str, ...] = ()) -> FeatureSet:
+    return FeatureSet(windows=(*FEATURES.windows, *extra), txn=(*FEATURES.txn, *txn))
+
+
 ABLATIONS: dict[str, Any] = {
     "delayed-risk": lambda: _without(lambda f: not f.label_delay),
     "merchant-delayed-risk": lambda: _without(lambda f: not (f.label_delay and f.entity.name == "merchant")),
     "card-device-risk": lambda: _without(lambda f: not (f.label_delay and f.entity.name != "merchant")),
-    "unshifted-risk": lambda: _without(
-        lambda f: not (f.agg in ("label_rate", "label_count") and not f.label_delay)
-    ),
     "card-ratios": lambda: _without(lambda f: f.agg != "ratio_to_mean"),
     "time-flags": lambda: _without_txn("is_weekend", "is_night"),
-    "day-of-week": lambda: _without_txn("day_of_week"),
-    "delay-3d": lambda: default_features("3d"),
+    "delay-7d": lambda: default_features("7d"),
     "delay-14d": lambda: default_features("14d"),
+    "plus-unshifted-risk": lambda: _plus(
+        WindowFeature(CARD, "label_count", window="30d"),
+        WindowFeature(MERCHANT, "label_rate", window="30d"),
+        WindowFeature(MERCHANT, "label_count", window="30d"),
+    ),
+    "plus-day-of-week": lambda: _plus(txn=("day_of_week",)),
 }
 """Variants of the default set: without a group of features (`--ablate card-ratios` trains the
-default set less the amount ratios), or with its label-risk windows shifted by another delay."""
+default set less the amount ratios), with its label-risk windows shifted by another delay, or
+with features it leaves out (`plus-…`)."""
 
 
 def run_world(world: World, seed: int, args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:

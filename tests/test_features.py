@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features import state as state_module
-from features.catalog import FEATURES
+from features.catalog import FEATURES, LABEL_DELAY
 from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline, txn_features
 from features.events import DeadLetter, Label, Transaction
 from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
@@ -424,18 +424,21 @@ def test_out_of_order_within_lateness_sees_only_earlier_event_time() -> None:
 
 
 def test_merchant_risk_counts_only_labels_already_arrived() -> None:
+    """The default merchant risk: the fraud rate over (t - delay - 7d, t - delay], counting the
+    labels that had arrived by t."""
+    delay = duration_ms(LABEL_DELAY)
     engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
-    rate = FEATURES.names.index("fraud_rate_by_merchant_30d")
+    rate = FEATURES.names.index(f"fraud_rate_by_merchant_7d_delay_{LABEL_DELAY}")
     engine.process(Transaction("a", T0, "c1", "m1", 10.0))
     engine.process(Transaction("b", T0 + 1000, "c2", "m1", 10.0))
-    # The label is known only from T0 + 1 day: a transaction before that must not see it.
-    label = engine.process(Label("a", True, T0 + 86_400_000))
+    # The label is known only from T0 + delay + 1 day: a transaction before that must not see it.
+    label = engine.process(Label("a", True, T0 + delay + 86_400_000))
     assert isinstance(label, LabelEvent)
-    before = engine.process(Transaction("c", T0 + 2000, "c3", "m1", 10.0))
-    after = engine.process(Transaction("d", T0 + 86_400_000, "c4", "m1", 10.0))
+    before = engine.process(Transaction("c", T0 + delay + 2000, "c3", "m1", 10.0))
+    after = engine.process(Transaction("d", T0 + delay + 86_400_000, "c4", "m1", 10.0))
     assert isinstance(before, FeatureVector) and isinstance(after, FeatureVector)
-    assert before.values[rate] == 0.0
-    assert after.values[rate] == pytest.approx(1 / 4)
+    assert before.values[rate] == 0.0  # a and b are in its shifted window, the label not yet known
+    assert after.values[rate] == pytest.approx(1 / 2)  # c is too recent for the shifted window
 
 
 def test_labels_and_duplicates_become_dead_letters() -> None:
