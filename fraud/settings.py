@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     xgb_device: Literal["cpu", "cuda"] = Field("cpu", description="XGBoost device for training and scoring.")
     xgb_nthread: int = Field(1, ge=1, description="XGBoost threads inside the flow (Bytewax owns a core).")
     online_weight: float = Field(0.5, ge=0, le=1, description="Weight of the River score in the final score.")
-    online_warmup_labels: int = Field(2000, ge=0, description="Labels River must learn before it counts.")
+    online_warmup_labels: int = Field(5000, ge=0, description="Labels River must learn before it counts.")
     online_lr: float = Field(0.01, gt=0, description="River SGD learning rate.")
     online_l2: float = Field(0.0, ge=0, description="River L2 regularisation.")
     online_pos_weight: float = Field(1.0, gt=0, description="Weight of a fraud label in River's loss.")
