@@ -237,7 +237,7 @@ def tune_xgb(
         booster = train_xgb(
             X, y, feature_names, device=device, nthread=nthread, seed=seed, params=params, eval_set=eval_set
         )
-        scores = XGBScorer(booster, feature_names, device=device, nthread=max(nthread, 1)).score(X_eval)
+        scores = XGBScorer(booster, feature_names, device=device, nthread=nthread).score(X_eval)
         ap = average_precision(y_eval, scores)
         log.append({**params, "rounds": booster.num_boosted_rounds(), "valid_ap": ap})
         if best is None or ap > best[0]:
