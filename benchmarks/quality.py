@@ -41,10 +41,6 @@ def _without(keep: Any) -> FeatureSet:
     return FeatureSet(windows=tuple(f for f in FEATURES.windows if keep(f)), txn=FEATURES.txn)
 
 
-def _without_txn(*names: str) -> FeatureSet:
-    return FeatureSet(windows=FEATURES.windows, txn=tuple(t for t in FEATURES.txn if t not in names))
-
-
 def _plus(*extra: WindowFeature, txn: tuple[str, ...] = ()) -> FeatureSet:
     return FeatureSet(windows=(*FEATURES.windows, *extra), txn=(*FEATURES.txn, *txn))
 
@@ -54,7 +50,6 @@ ABLATIONS: dict[str, Any] = {
     "merchant-delayed-risk": lambda: _without(lambda f: not (f.label_delay and f.entity.name == "merchant")),
     "card-device-risk": lambda: _without(lambda f: not (f.label_delay and f.entity.name != "merchant")),
     "card-ratios": lambda: _without(lambda f: f.agg != "ratio_to_mean"),
-    "time-flags": lambda: _without_txn("is_weekend", "is_night"),
     "delay-7d": lambda: default_features("7d"),
     "delay-14d": lambda: default_features("14d"),
     "plus-unshifted-risk": lambda: _plus(
@@ -63,6 +58,7 @@ ABLATIONS: dict[str, Any] = {
         WindowFeature(MERCHANT, "label_count", window="30d"),
     ),
     "plus-day-of-week": lambda: _plus(txn=("day_of_week",)),
+    "plus-time-flags": lambda: _plus(txn=("is_weekend", "is_night")),
 }
 """Variants of the default set: without a group of features (`--ablate card-ratios` trains the
 default set less the amount ratios), with its label-risk windows shifted by another delay, or

@@ -31,7 +31,7 @@ def _label_risk(entity: Entity, windows: list[str], delay: str = LABEL_DELAY) ->
     ]
 
 
-DEFAULT_TXN = ("amount", "hour_of_day", "is_weekend", "is_night", "is_online", "has_device", "mcc_code")
+DEFAULT_TXN = ("amount", "hour_of_day", "is_online", "has_device", "mcc_code")
 
 
 def default_features(label_delay: str = LABEL_DELAY) -> FeatureSet:
