@@ -98,7 +98,7 @@ def river_gain(
     """XGBoost alone and XGBoost + River from the late pattern's first day to the test's end."""
     artifact = ModelArtifact(
         version="quality", feature_names=list(pipeline.names), schema_hash=pipeline.schema_hash,
-        threshold=fitted.threshold, metrics={}, trained_at=datetime.now(UTC).isoformat(), params={},
+        threshold=fitted.threshold, metrics={}, trained_at=datetime.now(UTC).isoformat(), params=fitted.params,
         booster=fitted.booster,
     )  # fmt: skip
     start = float(world.late_pattern_day or 0)

@@ -31,6 +31,11 @@ def _label_risk(entity: Entity, windows: list[str], delay: str = LABEL_DELAY) ->
     ]
 
 
+def _risk_rates(entity: Entity, windows: list[str], delay: str) -> list[WindowFeature]:
+    """Fraud rate of `entity` over each window, shifted back by `delay`."""
+    return [WindowFeature(entity, "label_rate", window=w, label_delay=delay) for w in windows]
+
+
 DEFAULT_TXN = ("amount", "hour_of_day", "is_online", "has_device", "mcc_code")
 
 
@@ -61,10 +66,6 @@ def default_features(label_delay: str = LABEL_DELAY) -> FeatureSet:
             *_risk_rates(DEVICE, ["7d", "30d"], label_delay),
         ),
     )
-
-
-def _risk_rates(entity: Entity, windows: list[str], delay: str) -> list[WindowFeature]:
-    return [WindowFeature(entity, "label_rate", window=w, label_delay=delay) for w in windows]
 
 
 FEATURES = default_features()

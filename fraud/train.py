@@ -36,7 +36,7 @@ from fraud.settings import Settings
 from models import metrics
 from models.artifact import ModelArtifact, make_version, save
 from models.serving import LabelledVector, PendingVectors
-from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, tune_xgb
+from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, positive_weight, tune_xgb
 
 DAY_MS = 86_400_000
 NO_LABEL = np.iinfo(np.int64).max  # label time of a transaction that never got one
@@ -244,7 +244,7 @@ def fit(
     booster, params, log = tune_xgb(
         data.X[tr], data.y[tr], names, eval_set, grid=grid, device=device, seed=seed
     )
-    scorer = XGBScorer(booster, names, device=device, nthread=0)
+    scorer = XGBScorer(booster, names, device=device, nthread=0, positive_weight=positive_weight(params))
     valid_scores = scorer.score(data.X[va])
     threshold = metrics.best_f1_threshold(data.y[va], valid_scores)
     report = {

@@ -23,7 +23,7 @@ from features.events import Transaction
 from models.artifact import ModelArtifact
 from models.combine import combine
 from models.online import OnlineModel, x_dict
-from models.xgb import XGBScorer
+from models.xgb import XGBScorer, positive_weight
 
 Reason = tuple[str, float, float]  # (feature, value, contribution in log-odds)
 
@@ -76,7 +76,13 @@ class Scorer:
     ) -> None:
         self.artifact = artifact
         self.names = list(artifact.feature_names)
-        self.xgb = XGBScorer(artifact.booster, self.names, device=device, nthread=nthread)
+        self.xgb = XGBScorer(
+            artifact.booster,
+            self.names,
+            device=device,
+            nthread=nthread,
+            positive_weight=positive_weight(artifact.params),
+        )
         self.online = online
         self.threshold = artifact.threshold if threshold is None else threshold
         self.weight = online_weight

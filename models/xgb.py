@@ -104,12 +104,23 @@ def train_xgb(
     return booster
 
 
+def positive_weight(params: dict[str, Any]) -> float:
+    """The `scale_pos_weight` a set of training parameters used (1 when absent)."""
+    return float(params.get("scale_pos_weight", 1.0))
+
+
 class XGBScorer:
     """A trained booster bound to the pipeline's feature order, device and thread count.
 
     The booster is copied so that pinning `nthread`/`device` never changes a booster the caller
     still uses. The thread count matters in the flow: Bytewax owns a core per worker, and XGBoost's
     default (all cores per call) would oversubscribe the machine.
+
+    `positive_weight`: the `scale_pos_weight` the booster was trained with. Counting each fraud w
+    times multiplies the odds the booster learns by about w; scores divide them back
+    (`p / (p + w (1 - p))`, the prior correction), so that they stay near probabilities of the real
+    fraud rate, which the noisy-or combination with the online model assumes. Rankings (AUC, AP)
+    are unchanged.
     """
 
     def __init__(
@@ -119,7 +130,11 @@ class XGBScorer:
         *,
         device: str = "cpu",
         nthread: int = 1,
+        positive_weight: float = 1.0,
     ) -> None:
+        if not positive_weight > 0:
+            raise ValueError(f"positive_weight must be > 0, got {positive_weight}")
+        self.positive_weight = float(positive_weight)
         self.feature_names: list[str] = list(feature_names)
         self.device = device
         self.nthread = nthread
@@ -141,7 +156,9 @@ class XGBScorer:
         if arr.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
         out = self.booster.inplace_predict(arr, missing=np.nan)
-        return np.asarray(out, dtype=np.float64).reshape(arr.shape[0])
+        p = np.asarray(out, dtype=np.float64).reshape(arr.shape[0])
+        w = self.positive_weight
+        return p if w == 1.0 else p / (p + w * (1.0 - p))
 
     def contributions(self, X: np.ndarray, top_k: int) -> list[list[tuple[str, float, float]]]:
         """Per row, up to `top_k` `(feature, value, contribution)` with the largest positive SHAP.
@@ -199,6 +216,7 @@ class XGBScorer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         raw = state.pop("booster")
+        state.setdefault("positive_weight", 1.0)  # pickled before scores were corrected for it
         self.__dict__.update(state)
         self.booster = xgb.Booster()
         self.booster.load_model(bytearray(raw))
@@ -212,8 +230,8 @@ SEARCH_GRID: tuple[dict[str, Any], ...] = tuple(
     for spw in (1.0, 5.0)
 )
 """The small search `tune_xgb` runs: shallow or deep trees, small or large leaves, positives
-weighted 1 or 5 (class imbalance; the threshold is chosen afterwards on validation, so a weight
-that inflates probabilities costs nothing there). Eight fits, each stopped early on the
+weighted 1 or 5 (class imbalance; `XGBScorer(positive_weight=...)` takes the weight's inflation of
+the probabilities back out). Eight fits, each stopped early on the
 validation period's aucpr; the one with the best validation average precision wins."""
 
 
@@ -237,7 +255,7 @@ def tune_xgb(
         booster = train_xgb(
             X, y, feature_names, device=device, nthread=nthread, seed=seed, params=params, eval_set=eval_set
         )
-        scores = XGBScorer(booster, feature_names, device=device, nthread=nthread).score(X_eval)
+        scores = XGBScorer(booster, feature_names, device=device, nthread=nthread).score(X_eval)  # ranks only
         ap = average_precision(y_eval, scores)
         log.append({**params, "rounds": booster.num_boosted_rounds(), "valid_ap": ap})
         if best is None or ap > best[0]:

@@ -326,3 +326,30 @@ def test_combine_vectorised() -> None:
     assert isinstance(combine(0.2, 0.5, 0.5), float)
     with pytest.raises(ValueError):
         combine(0.2, 0.5, 1.5)
+
+
+def test_xgb_scores_undo_the_positive_weight_of_training() -> None:
+    """Weighting frauds 5x in training inflates every probability; the scorer divides the odds
+    back, so scores come near an unweighted model's again (what the noisy-or with River assumes),
+    and the ranking is untouched. A scorer restored from an older pickle (no weight) uses 1."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(8000, 3)).astype(np.float32)
+    y = (X[:, 0] + rng.normal(size=8000) > 2.2).astype(np.int8)  # noisy labels, ~6 % positives
+    weighted = train_xgb(X[:6000], y[:6000], ["a", "b", "c"], nthread=2, params={"scale_pos_weight": 5.0})
+    raw = XGBScorer(weighted, ["a", "b", "c"]).score(X[6000:])
+    fixed = XGBScorer(weighted, ["a", "b", "c"], positive_weight=5.0)
+    scores = fixed.score(X[6000:])
+    plain = train_xgb(X[:6000], y[:6000], ["a", "b", "c"], nthread=2)
+    reference = XGBScorer(plain, ["a", "b", "c"]).score(X[6000:]).mean()  # trained unweighted
+    assert raw.mean() > 1.5 * reference  # inflated
+    assert abs(scores.mean() - reference) < abs(raw.mean() - reference) / 2  # near the unweighted level
+    assert (np.argsort(scores, kind="stable") == np.argsort(raw, kind="stable")).all()
+    restored = pickle.loads(pickle.dumps(fixed))
+    assert np.array_equal(restored.score(X[6000:]), scores)
+    state = fixed.__getstate__()
+    del state["positive_weight"]
+    old = XGBScorer.__new__(XGBScorer)
+    old.__setstate__(state)
+    assert np.array_equal(old.score(X[6000:]), raw)
+    with pytest.raises(ValueError):
+        XGBScorer(weighted, ["a", "b", "c"], positive_weight=0.0)
