@@ -14,6 +14,11 @@ import msgspec
 
 MIN_TS_MS = 946_684_800_000  # 2000-01-01: smaller epoch values are almost always seconds, not ms
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
+MAX_AMOUNT = 1e9
+"""Larger amounts are refused (`bad_amount`): no card payment comes near, and beyond it the
+features' squares and the models' float32 inputs lose range (1e308 overflowed the cents column)."""
+MAX_FIELD_CHARS = 256  # ids and optional strings: a longer value would become a state key
+MAX_RECORD_BYTES = 65_536  # a larger payload is refused before decoding (`too_large`)
 
 REASONS = (
     "bad_json",
@@ -22,12 +27,14 @@ REASONS = (
     "bad_time",
     "bad_location",
     "unknown_kind",
+    "too_large",
     "duplicate_txn",
     "unknown_txn",
     "duplicate_label",
 )
 
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIELD_CHARS)]
+Short = Annotated[str, msgspec.Meta(max_length=MAX_FIELD_CHARS)]
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
@@ -37,12 +44,12 @@ class _WireTransaction(msgspec.Struct, forbid_unknown_fields=False):
     card_id: NonEmpty
     merchant_id: NonEmpty
     amount: float
-    currency: str | None = None
-    mcc: str | None = None
-    country: str | None = None
-    channel: str | None = None
-    device_id: str | None = None
-    ip: str | None = None
+    currency: Short | None = None
+    mcc: Short | None = None
+    country: Short | None = None
+    channel: Short | None = None
+    device_id: Short | None = None
+    ip: Short | None = None
     lat: float | None = None
     lon: float | None = None
 
@@ -139,13 +146,31 @@ def _text(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
 
 
+_TOO_DEEP = "JSON nested too deeply to decode"
+
+
+def _check_size(raw: bytes | str) -> None:
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > MAX_RECORD_BYTES:
+        raise _Invalid("too_large", f"record of {size:,} bytes; at most {MAX_RECORD_BYTES:,} are accepted")
+
+
+def _kept(raw: bytes | str, reason: str) -> str:
+    """The payload a dead letter keeps: all of it, or the first MAX_RECORD_BYTES of one too large."""
+    text = _text(raw)
+    return text[:MAX_RECORD_BYTES] if reason == "too_large" else text
+
+
 def decode_transaction(
     raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
 ) -> Transaction | DeadLetter:
     try:
+        _check_size(raw)
         w = _txn_decoder.decode(raw)
-        if not (math.isfinite(w.amount) and w.amount >= 0):
-            raise _Invalid("bad_amount", f"amount must be a finite number >= 0, got {w.amount!r}")
+        if not (math.isfinite(w.amount) and 0 <= w.amount <= MAX_AMOUNT):
+            raise _Invalid(
+                "bad_amount", f"amount must be a finite number in [0, {MAX_AMOUNT:g}], got {w.amount!r}"
+            )
         if (w.lat is None) != (w.lon is None):
             raise _Invalid("bad_location", "lat and lon must be given together")
         if w.lat is not None and w.lon is not None and not (-90 <= w.lat <= 90 and -180 <= w.lon <= 180):
@@ -159,22 +184,27 @@ def decode_transaction(
         return DeadLetter("txn", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw), origin)
     except msgspec.DecodeError as e:
         return DeadLetter("txn", "bad_json", str(e), _text(raw), None, origin)
+    except RecursionError:
+        return DeadLetter("txn", "bad_json", _TOO_DEEP, _text(raw), None, origin)
     except _Invalid as e:
-        return DeadLetter("txn", e.reason, e.detail, _text(raw), _txn_id_of(raw), origin)
+        return DeadLetter("txn", e.reason, e.detail, _kept(raw, e.reason), _txn_id_of(raw), origin)
 
 
 def decode_label(
     raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
 ) -> Label | DeadLetter:
     try:
+        _check_size(raw)
         w = _label_decoder.decode(raw)
         return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns, seq, _text(raw), origin)
     except msgspec.ValidationError as e:
         return DeadLetter("label", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw), origin)
     except msgspec.DecodeError as e:
         return DeadLetter("label", "bad_json", str(e), _text(raw), None, origin)
+    except RecursionError:
+        return DeadLetter("label", "bad_json", _TOO_DEEP, _text(raw), None, origin)
     except _Invalid as e:
-        return DeadLetter("label", e.reason, e.detail, _text(raw), _txn_id_of(raw), origin)
+        return DeadLetter("label", e.reason, e.detail, _kept(raw, e.reason), _txn_id_of(raw), origin)
 
 
 def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = "") -> Decoded:
@@ -202,9 +232,11 @@ _id_decoder = msgspec.json.Decoder(_HasTxnId)
 
 def _txn_id_of(raw: bytes | str) -> str | None:
     """Best-effort txn_id of a record that failed validation, so dead letters can be traced."""
+    if len(raw) > MAX_RECORD_BYTES:
+        return None
     try:
         return _id_decoder.decode(raw).txn_id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 

@@ -41,7 +41,8 @@ def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, int, s
             line = line.rstrip("\n")
             if not line.strip():
                 continue
-            with contextlib.suppress(msgspec.DecodeError, ValueError):  # dead-lettered by `decode`
+            # A line that does not parse (even one nested too deep) is dead-lettered by `decode`.
+            with contextlib.suppress(msgspec.DecodeError, ValueError, RecursionError):
                 last = to_epoch_ms(_ts_decoder.decode(line).ts)
             yield last, n, kind, line
 

@@ -54,7 +54,7 @@ def route(kind: str, line: str, shards: int, txn_shards: dict[str, int]) -> int:
     """Shard of one record; remembers each transaction's shard in `txn_shards` for its label."""
     try:
         keys = _keys_decoder.decode(line)
-    except msgspec.DecodeError:  # not JSON, or not an object: the flow dead-letters it
+    except (msgspec.DecodeError, RecursionError):  # not JSON, too deep, or not an object: dead-lettered
         return 0
     if kind == "txn":
         if not isinstance(keys.card_id, str) or not keys.card_id:

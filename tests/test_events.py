@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from features.events import REASONS, DeadLetter, Label, Transaction, decode, encode
+from features.catalog import FEATURES
+from features.engine import FeatureEngine, FeatureVector, Pipeline
+from features.events import MAX_AMOUNT, REASONS, DeadLetter, Label, Transaction, decode, encode
+from models.artifact import load
+from models.xgb import XGBScorer
 
 GOOD = '{"txn_id":"t1","ts":"2026-01-05T10:00:00.250+01:00","card_id":"c1","merchant_id":"m1","amount":12.5}'
 
@@ -73,3 +81,67 @@ def test_encode_round_trips() -> None:
     again = decode("txn", encode(t))
     assert isinstance(again, Transaction)
     assert encode(again) == encode(t) and again.ts_ms == t.ts_ms and again.lat == 1.5
+
+
+NESTED_OBJECT = '{"a":' * 3000 + "1" + "}" * 3000
+NESTED_ARRAY = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "reason", "detail"),
+    [
+        ("txn", GOOD.replace("12.5", "1e308"), "bad_amount", "in [0, 1e+09]"),
+        ("txn", GOOD.replace("12.5", "1e9"), None, None),  # the largest amount accepted
+        ("txn", GOOD.replace("12.5", "1000000000.01"), "bad_amount", "1000000000.01"),
+        ("txn", GOOD[:-1] + ',"extra":' + NESTED_OBJECT + "}", "bad_json", "nested too deeply"),
+        ("label", '{"txn_id":"t1","is_fraud":true,"ts":1767603600250,"x":' + NESTED_OBJECT + "}", "bad_json", "nested"),
+        ("txn", GOOD[:-1] + ',"device_id":"' + "d" * 257 + '"}', "schema", "$.device_id"),
+        ("txn", GOOD[:-1] + ',"device_id":"' + "d" * 256 + '"}', None, None),
+        ("txn", GOOD.replace('"c1"', '"' + "c" * 257 + '"'), "schema", "$.card_id"),
+        ("txn", GOOD[:-1] + ',"extra":' + NESTED_ARRAY + "}", "too_large", "at most 65,536"),
+        ("label", " " * 70_000 + "{}", "too_large", "70,002 bytes"),
+    ],
+    ids=["amount-1e308", "amount-max", "amount-over", "nested-txn", "nested-label", "long-device",
+         "device-at-limit", "long-card", "huge-txn", "huge-label"],
+)  # fmt: skip
+def test_hostile_records_become_dead_letters_with_their_reason(
+    kind: str, raw: str, reason: str | None, detail: str | None
+) -> None:
+    """Values the engine or the models cannot hold (amounts that overflow, strings that would become
+    huge state keys, JSON too deep for the decoder, payloads too large) never reach the flow."""
+    out = decode(kind, raw)
+    if reason is None:
+        assert isinstance(out, Transaction)
+        return
+    assert isinstance(out, DeadLetter) and out.reason == reason and reason in REASONS
+    assert detail is not None and detail in out.detail
+    assert len(out.raw) <= 65_536
+
+
+def test_the_largest_amount_passes_every_default_feature_and_the_model() -> None:
+    """MAX_AMOUNT on a card with history: every feature stays finite, and XGBoost scores it."""
+    engine = FeatureEngine(Pipeline(FEATURES, 0))
+    rows = []
+    for i, amount in enumerate([1.0, MAX_AMOUNT, MAX_AMOUNT, 0.0]):
+        out = engine.process(Transaction(f"t{i}", 1_767_603_600_000 + i * 60_000, "c1", "m1", amount))
+        assert isinstance(out, FeatureVector)
+        assert all(math.isfinite(v) for v in out.values if v == v), out.values
+        rows.append(out.values)
+    artifact = load(Path("models/artifacts/default"))
+    scores = XGBScorer(artifact.booster, artifact.feature_names).score_with_reasons(np.array(rows), 3)[0]
+    assert np.isfinite(scores).all()
+
+
+def test_file_replay_and_shard_routing_survive_json_nested_too_deep(tmp_path: Path) -> None:
+    """The readers that peek at a line before `decode` (event time for the merge, keys for the
+    shard) pass a line nested too deep on, to be dead-lettered, instead of raising."""
+    from features.replay import replay
+    from fraud.replay import route
+
+    deep = GOOD[:-1] + ',"extra":' + NESTED_OBJECT + "}"
+    path = tmp_path / "t.jsonl"
+    path.write_text(GOOD + "\n" + deep + "\n")
+    out = list(replay(path, None))
+    assert isinstance(out[0], Transaction)
+    assert isinstance(out[1], DeadLetter) and out[1].reason == "bad_json"
+    assert route("txn", deep, 4, {}) == 0
