@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,8 +132,9 @@ class Dataset:
 
     def evaluation_rows(self, start_day: float, end_day: float) -> np.ndarray:
         """Labelled rows of the period, without cards already known compromised that day."""
-        return self.period(start_day, end_day) & (self.y >= 0) & ~self.known_compromised()
+        return self.period(start_day, end_day) & (self.y >= 0) & ~self.known_compromised
 
+    @cached_property
     def known_compromised(self) -> np.ndarray:
         """Rows whose card had a fraud label arrive before the row's day began."""
         codes = np.unique(self.cards, return_inverse=True)[1].reshape(-1)

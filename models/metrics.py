@@ -168,13 +168,14 @@ def card_precision_at_k(
     day_idx = np.unique(d, return_inverse=True)[1].reshape(-1).astype(np.int64)
     card_idx = np.unique(c, return_inverse=True)[1].reshape(-1).astype(np.int64)
     # One group per (day, card), then each group's highest score and whether any row is fraud.
-    groups, keys = np.unique(day_idx * (int(card_idx.max()) + 1) + card_idx, return_inverse=True)
+    n_cards = int(card_idx.max()) + 1
+    groups, keys = np.unique(day_idx * n_cards + card_idx, return_inverse=True)
     keys = keys.reshape(-1)
     score = np.full(groups.size, -np.inf)
     np.maximum.at(score, keys, sa)
     fraud = np.zeros(groups.size, dtype=bool)
     np.logical_or.at(fraud, keys, ya)
-    group_day = groups // (int(card_idx.max()) + 1)
+    group_day = groups // n_cards
     precisions = []
     for g_day in np.unique(group_day):
         members = np.flatnonzero(group_day == g_day)

@@ -32,11 +32,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
 """Defaults for ~30k rows with ~1% positives.
 
 Depth 5 and eta 0.08 over up to 300 rounds is a mid-capacity model that does not memorise ~300
-positives. `scale_pos_weight` is deliberately left at 1: re-weighting positives barely moves
-ranking metrics (AUC/AP) but inflates every probability, and the scores here are consumed as
-probabilities (noisy-or combination with the online model, a precision-driven alert threshold),
-so calibration matters more than the slight recall gain. Pass `params={"scale_pos_weight": ...}`
-to override.
+positives. `scale_pos_weight` is 1 here; `SEARCH_GRID` also tries 5, and `XGBScorer` then takes
+the weight's inflation of the probabilities back out, since the scores are consumed as
+probabilities (noisy-or combination with the online model, a precision-driven alert threshold).
 """
 
 NUM_BOOST_ROUND = 300

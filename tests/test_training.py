@@ -53,7 +53,7 @@ def test_cards_already_known_compromised_are_not_judged_from_the_next_day() -> N
             (3.3, "c", -1, None),  # never labelled: not judged
         ]
     )
-    assert data.known_compromised().tolist() == [False, False, True, False, False]
+    assert data.known_compromised.tolist() == [False, False, True, False, False]
     assert data.evaluation_rows(0, 4).tolist() == [True, True, False, True, False]
     assert data.day.tolist() == [0, 1, 2, 2, 2]  # counted from the first transaction's day
 
