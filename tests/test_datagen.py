@@ -17,14 +17,13 @@ import pytest
 
 from features.events import Label, Transaction, decode_label, decode_transaction
 from fraud.datagen import (
-    BASE_PATTERNS,
-    EXTRA_PATTERNS,
     REQUIRED_FIELDS,
     GeneratorConfig,
     generate,
     parse_mix,
     write_files,
 )
+from fraud.patterns import BASE_PATTERNS, EXTRA_PATTERNS
 
 SMALL = GeneratorConfig(days=20, n_cards=150, drift_day=10)
 # The same world (cards, merchants, everyday spending) as every `dataclasses.replace` of it that
