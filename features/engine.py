@@ -37,6 +37,7 @@ class LabelEvent(msgspec.Struct, frozen=True, gc=False):
     keys: tuple[str | None, ...]
     received_ns: int = 0
     seq: int = 0
+    origin: str = ""  # where the label was read: its dead letter's identity if a step fails on it
 
 
 @dataclass
@@ -146,8 +147,9 @@ def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent 
         )
     entry.labelled = True
     return LabelEvent(
-        txn_id, label.is_fraud, label.ts_ms, entry.ts_ms, entry.keys, label.received_ns, label.seq
-    )
+        txn_id, label.is_fraud, label.ts_ms, entry.ts_ms, entry.keys, label.received_ns, label.seq,
+        label.origin,
+    )  # fmt: skip
 
 
 def duplicate_txn(txn: Transaction) -> DeadLetter:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
 from collections.abc import Callable
 
 TOKEN_PREFIX = "tok_"
@@ -32,3 +34,32 @@ def card_token(key: bytes | None) -> Callable[[str], str]:
         return TOKEN_PREFIX + digest[:TOKEN_HEX_CHARS]
 
     return token
+
+
+# A "card_id" member of a JSON object, as text: a string (escapes included, possibly cut short by a
+# truncated payload) or a bare number. Matched on the text, not a parse, so that it also finds the
+# card id in a record that is not valid JSON (the dead letters of bad_json and too_large).
+_CARD_MEMBER = re.compile(r'("card_id"\s*:\s*)(?:"((?:[^"\\]|\\.)*)("?)|(-?[0-9][0-9.eE+-]*))')
+
+
+def tokenize_raw(raw: str, token: Callable[[str], str]) -> str:
+    """`raw` with the value of every `"card_id"` member replaced by its token, the rest untouched.
+
+    This is what a dead letter keeps when tokenization is on: the payload as received except for
+    the card id. It cannot find a card number elsewhere: in another field, under an escaped key
+    (`"card\\u005fid"`), or in text that is not JSON-like at all; those stay as they came.
+    """
+    if '"card_id"' not in raw:
+        return raw
+
+    def replace(m: re.Match[str]) -> str:
+        literal, closed, number = m.group(2), m.group(3), m.group(4)
+        if number is not None:
+            return f'{m.group(1)}"{token(number)}"'
+        try:
+            value = json.loads(f'"{literal}"')
+        except ValueError:  # a broken escape: the literal text is the best identity there is
+            value = literal
+        return f'{m.group(1)}"{token(value)}{closed and chr(34)}'
+
+    return _CARD_MEMBER.sub(replace, raw)

@@ -3,7 +3,7 @@
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
 (txn_id) -> for each entity: order (release in that order) -> features -> pending (txn_id: the
 vector waits for its label) -> score -> alerts, late side output, decision log; bad records ->
-dead letters. Watermarks travel with the events (`flows.ordering`), so any number of processes
+dead letters, and so does a record any step raised on (`flows.steps.quarantine`). Watermarks travel with the events (`flows.ordering`), so any number of processes
 computes what one does. This module only wires steps: the logic lives in `features`, `models`,
 `flows.steps`, `flows.ordering`, `flows.outputs` and `flows.connectors`.
 """
@@ -19,6 +19,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from features.privacy import identity
 from flows import connectors
 from flows.ordering import SequencerLogic, StampLogic, by_bucket, by_key, stamp_key
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
@@ -29,8 +30,9 @@ from flows.steps import (
     IndexLogic,
     PendingLogic,
     ScoringLogic,
-    decode_record,
+    decoder,
     entity_key,
+    is_decision,
     is_valid,
     joined_value,
     partitions,
@@ -59,7 +61,7 @@ def build(
 
     src = source or connectors.source(rt)
     records = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount()))
-    decoded = op.branch("validate", op.map("decode", records, decode_record), is_valid)
+    decoded = op.branch("validate", op.map("decode", records, decoder(rt.card_ref)), is_valid)
     stamped = op.stateful_batch("stamp", op.map("key_partition", decoded.trues, stamp_key), StampLogic)
 
     index = partial(IndexLogic, IndexConfig(pipeline, timedelta(days=s.label_ttl_days), partitions(src)))
@@ -86,11 +88,16 @@ def build(
     )
 
     scoring = partial(ScoringLogic, rt.new_scorer)
-    scored = op.key_rm(
-        "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", vectors, to_scorer), scoring)
+    outcome = op.branch(
+        "scored_ok",
+        op.key_rm(
+            "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", vectors, to_scorer), scoring)
+        ),
+        is_decision,
     )
+    scored = outcome.trues
 
-    card = rt.card_ref
+    card = identity  # card ids were tokenized at the edge when a token key is set (`decoder`)
     alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold, card_ref=card)
     op.output(
         "alerts_out",
@@ -102,7 +109,7 @@ def build(
 
     dead = op.map(
         "count_dead",
-        op.merge("dead", decoded.falses, op.key_rm("unkey_dead", joined.falses)),
+        op.merge("dead", decoded.falses, op.key_rm("unkey_dead", joined.falses), outcome.falses),
         count_dead_letter,
     )
     dlq = op.map("dlq_entry", dead, dlq_entry)

@@ -35,6 +35,9 @@ DEAD_LETTERS = Counter("fraud_dead_letters", "Records sent to the dead-letter st
 LATE_EVENTS = Counter(
     "fraud_late_events", "Transactions older than the allowed lateness for one of their keys."
 )
+UNEXPLAINED_ALERTS = Counter(
+    "fraud_unexplained_alerts", "Alerts sent without reasons because computing them failed."
+)
 ONLINE_LEARNED = Counter("fraud_online_labels_learned", "Labels the online model learned from.")
 PENDING = Gauge("fraud_pending_transactions", "Scored transactions still waiting for their label.")
 ORDER_HELD = Gauge(

@@ -315,6 +315,9 @@ def evaluate(
     def flush() -> None:
         for d in scorer.process(items):
             rows.append((d.txn.txn_id, d.txn.ts_ms, d.txn.card_id, d.xgb, d.score))
+        if scorer.last.failed:  # an evaluation that left transactions out would misreport quality
+            item, exc = scorer.last.failed[0]
+            raise RuntimeError(f"scoring failed on {item!r:.200}: {type(exc).__name__}: {exc}") from exc
         items.clear()
 
     for out in engine.run(replay(transactions, labels)):

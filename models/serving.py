@@ -53,10 +53,16 @@ class LabelledVector(msgspec.Struct, frozen=True, gc=False):
     seq: int = 0
 
 
+Item = FeatureVector | LabelledVector
+
+
 @dataclass
 class BatchStats:
     rows: int = 0
     labels_learned: int = 0
+    failed: list[tuple[Item, Exception]] = field(default_factory=list)
+    """Items the scorer could not handle (the flow dead-letters them); the others are unaffected."""
+    unexplained: int = 0  # alerts whose reasons could not be computed (sent with no reasons)
 
 
 class Scorer:
@@ -90,29 +96,41 @@ class Scorer:
         self.top_reasons = top_reasons
         self.last = BatchStats()
 
-    def process(self, items: Sequence[FeatureVector | LabelledVector]) -> list[Decision]:
+    def process(self, items: Sequence[Item]) -> list[Decision]:
         """Decisions for the feature vectors in `items`; labelled vectors among them train the online
-        model, in order, so a label teaches it only about the transactions after it."""
+        model, in order, so a label teaches it only about the transactions after it.
+
+        Never raises on account of one item: an item that makes a model raise is left out and
+        listed in `self.last.failed` with its exception (the flow dead-letters it), and the rest
+        of the batch is decided as if it were not there. A batch XGBoost call that fails is
+        retried row by row, so only the offending rows are left out.
+        """
         stats = self.last = BatchStats()
         vectors = [it for it in items if isinstance(it, FeatureVector)]
         xgb_scores = self._xgb_scores(vectors, stats)
+        skip = {id(it) for it, _ in stats.failed}
         decisions: list[Decision] = []
         j = 0
         for it in items:
-            if isinstance(it, LabelledVector):
-                self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
-                stats.labels_learned += 1
-                continue
-            online = (
-                self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
-            )
-            xs = float(xgb_scores[j])
-            j += 1
-            final = float(combine(xs, online, self.weight))
-            decisions.append(
-                Decision(it.txn, it.values, xs, online, final, final >= self.threshold, it.late, None)
-            )
-        self._explain([d for d in decisions if d.alert])
+            try:
+                if isinstance(it, LabelledVector):
+                    self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
+                    stats.labels_learned += 1
+                    continue
+                xs = float(xgb_scores[j])
+                j += 1
+                if skip and id(it) in skip:
+                    continue
+                online = (
+                    self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
+                )
+                final = float(combine(xs, online, self.weight))
+                decisions.append(
+                    Decision(it.txn, it.values, xs, online, final, final >= self.threshold, it.late, None)
+                )
+            except Exception as exc:  # one poisoned item must not cost the batch its decisions
+                stats.failed.append((it, exc))
+        self._explain([d for d in decisions if d.alert], stats)
         now = time.time_ns()
         for d in decisions:
             if d.txn.received_ns:
@@ -122,19 +140,45 @@ class Scorer:
     def _xgb_scores(self, vectors: list[FeatureVector], stats: BatchStats) -> np.ndarray:
         if not vectors:
             return np.empty(0)
-        X = np.asarray([v.values for v in vectors], dtype=np.float32)
-        parts = []
-        for start in range(0, len(vectors), self.batch_size):
-            parts.append(self.xgb.score(X[start : start + self.batch_size]))
+        try:
+            X = np.asarray([v.values for v in vectors], dtype=np.float32)
+            parts = []
+            for start in range(0, len(vectors), self.batch_size):
+                parts.append(self.xgb.score(X[start : start + self.batch_size]))
+            scores = np.concatenate(parts)
+        except Exception:
+            scores = self._xgb_row_by_row(vectors, stats)
         stats.rows = len(vectors)
-        return np.concatenate(parts)
+        return scores
 
-    def _explain(self, alerts: list[Decision]) -> None:
-        """Top positive XGBoost contributions of each alert: one `pred_contribs` call per batch."""
-        if alerts and self.top_reasons:
+    def _xgb_row_by_row(self, vectors: list[FeatureVector], stats: BatchStats) -> np.ndarray:
+        """After a failed batch call: score each row alone, listing the rows that fail."""
+        scores = np.full(len(vectors), np.nan)
+        for i, v in enumerate(vectors):
+            try:
+                scores[i] = self.xgb.score(np.asarray([v.values], dtype=np.float32))[0]
+            except Exception as exc:
+                stats.failed.append((v, exc))
+        return scores
+
+    def _explain(self, alerts: list[Decision], stats: BatchStats) -> None:
+        """Top positive XGBoost contributions of each alert: one `pred_contribs` call per batch.
+
+        An alert whose explanation fails is still sent, with no reasons (counted in `stats`)."""
+        if not (alerts and self.top_reasons):
+            return
+        try:
             X = np.asarray([d.values for d in alerts], dtype=np.float32)
             for d, reasons in zip(alerts, self.xgb.contributions(X, self.top_reasons), strict=True):
                 d.reasons = reasons
+        except Exception:
+            for d in alerts:
+                try:
+                    X1 = np.asarray([d.values], dtype=np.float32)
+                    d.reasons = self.xgb.contributions(X1, self.top_reasons)[0]
+                except Exception:
+                    d.reasons = []
+                    stats.unexplained += 1
 
     def snapshot(self) -> tuple[Any, ...]:
         """Immutable copy: the online model as bytes (the scorer keeps nothing per transaction)."""
