@@ -31,6 +31,7 @@ REASONS = (
     "duplicate_txn",
     "unknown_txn",
     "duplicate_label",
+    "internal_error",
 )
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIELD_CHARS)]
@@ -143,16 +144,45 @@ def _schema_reason(e: msgspec.ValidationError) -> str:
 
 
 def _text(raw: bytes | str) -> str:
-    return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+    """The payload as text; bytes that are not UTF-8 become lone surrogates (`surrogateescape`),
+    so that `payload_bytes` gives back exactly what was received."""
+    return raw if isinstance(raw, str) else raw.decode("utf-8", errors="surrogateescape")
+
+
+def payload_bytes(raw: bytes | str) -> bytes:
+    """The payload exactly as received: the inverse of `_text` (dead letters keep these bytes)."""
+    if isinstance(raw, bytes):
+        return raw
+    try:
+        return raw.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: kept as its code point
+        return raw.encode("utf-8", errors="surrogatepass")
 
 
 _TOO_DEEP = "JSON nested too deeply to decode"
 
 
-def _check_size(raw: bytes | str) -> None:
-    size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > MAX_RECORD_BYTES:
-        raise _Invalid("too_large", f"record of {size:,} bytes; at most {MAX_RECORD_BYTES:,} are accepted")
+def _checked(raw: bytes | str) -> bytes:
+    """The payload's bytes, refused when too large (before any parsing)."""
+    data = payload_bytes(raw)
+    if len(data) > MAX_RECORD_BYTES:
+        raise _Invalid("too_large", f"record of {len(data):,} bytes; at most {MAX_RECORD_BYTES:,} are accepted")
+    return data
+
+
+def _schema_or_json(e: msgspec.ValidationError, data: bytes) -> tuple[str, str]:
+    """Reason and detail of a validation error. msgspec judges the first value's type before it
+    reads on, so `1 garbage` or `"x" y` fail as "not an object": those are `bad_json` when the
+    whole payload is not JSON, `schema` only when it is JSON of the wrong shape."""
+    msg = str(e)
+    if " - at `$" not in msg:  # the top-level value itself is not an object
+        try:
+            msgspec.json.decode(data)
+        except msgspec.DecodeError as bad:
+            return "bad_json", str(bad)
+        except (RecursionError, UnicodeDecodeError):
+            return "bad_json", "not JSON (nested too deeply, or not UTF-8)"
+    return _schema_reason(e), msg
 
 
 def _kept(raw: bytes | str, reason: str) -> str:
@@ -164,9 +194,10 @@ def _kept(raw: bytes | str, reason: str) -> str:
 def decode_transaction(
     raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
 ) -> Transaction | DeadLetter:
+    data = b""
     try:
-        _check_size(raw)
-        w = _txn_decoder.decode(raw)
+        data = _checked(raw)
+        w = _txn_decoder.decode(data)
         if not (math.isfinite(w.amount) and 0 <= w.amount <= MAX_AMOUNT):
             raise _Invalid(
                 "bad_amount", f"amount must be a finite number in [0, {MAX_AMOUNT:g}], got {w.amount!r}"
@@ -181,11 +212,13 @@ def decode_transaction(
             origin,
         )  # fmt: skip
     except msgspec.ValidationError as e:
-        return DeadLetter("txn", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw), origin)
+        return DeadLetter("txn", *_schema_or_json(e, data), _text(raw), _txn_id_of(data), origin)
     except msgspec.DecodeError as e:
         return DeadLetter("txn", "bad_json", str(e), _text(raw), None, origin)
     except RecursionError:
         return DeadLetter("txn", "bad_json", _TOO_DEEP, _text(raw), None, origin)
+    except UnicodeDecodeError as e:
+        return DeadLetter("txn", "bad_json", f"not UTF-8: {e}", _text(raw), None, origin)
     except _Invalid as e:
         return DeadLetter("txn", e.reason, e.detail, _kept(raw, e.reason), _txn_id_of(raw), origin)
 
@@ -193,16 +226,19 @@ def decode_transaction(
 def decode_label(
     raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
 ) -> Label | DeadLetter:
+    data = b""
     try:
-        _check_size(raw)
-        w = _label_decoder.decode(raw)
+        data = _checked(raw)
+        w = _label_decoder.decode(data)
         return Label(w.txn_id, w.is_fraud, to_epoch_ms(w.ts), received_ns, seq, _text(raw), origin)
     except msgspec.ValidationError as e:
-        return DeadLetter("label", _schema_reason(e), str(e), _text(raw), _txn_id_of(raw), origin)
+        return DeadLetter("label", *_schema_or_json(e, data), _text(raw), _txn_id_of(data), origin)
     except msgspec.DecodeError as e:
         return DeadLetter("label", "bad_json", str(e), _text(raw), None, origin)
     except RecursionError:
         return DeadLetter("label", "bad_json", _TOO_DEEP, _text(raw), None, origin)
+    except UnicodeDecodeError as e:
+        return DeadLetter("label", "bad_json", f"not UTF-8: {e}", _text(raw), None, origin)
     except _Invalid as e:
         return DeadLetter("label", e.reason, e.detail, _kept(raw, e.reason), _txn_id_of(raw), origin)
 
@@ -235,8 +271,8 @@ def _txn_id_of(raw: bytes | str) -> str | None:
     if len(raw) > MAX_RECORD_BYTES:
         return None
     try:
-        return _id_decoder.decode(raw).txn_id
-    except (msgspec.DecodeError, RecursionError):
+        return _id_decoder.decode(payload_bytes(raw)).txn_id
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
 
 

@@ -29,8 +29,8 @@ _ts_decoder = msgspec.json.Decoder(_Ts)
 def open_text(path: Path) -> IO[str]:
     """Open a .jsonl or .jsonl.gz file for reading text."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+    return path.open("r", encoding="utf-8", errors="surrogateescape")
 
 
 def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, int, str, str]]:

@@ -19,12 +19,20 @@ from typing import TextIO
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import REGISTRY
 
-from features.events import DeadLetter
+from features.events import DeadLetter, payload_bytes
 from features.privacy import identity
 from fraud import metrics
 from models.serving import Decision
 
 MAX_LATENCY_SAMPLES = 1_000_000
+
+_failure: list[str] = []
+
+
+def mark_failed(why: str) -> None:
+    """Record that the flow is stopping on an error (a sink or source that gave up), so that the
+    progress summary says `[stopped]` with why instead of `[done]`."""
+    _failure.append(why)
 
 
 def rfc3339(ts_ms: int) -> str:
@@ -129,17 +137,19 @@ def dead_letter_id(kind: str, reason: str, raw: str, origin: str = "") -> str:
     joined with NUL, which none of them but `raw` contains, so that no two different tuples share
     the hashed text.
     """
-    return hashlib.sha256(f"{kind}\0{reason}\0{origin}\0{raw}".encode()).hexdigest()[:32]
+    text = f"{kind}\0{reason}\0{origin}\0{raw}"
+    return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()[:32]
 
 
-def dlq_entry(d: DeadLetter) -> dict[str, str]:
-    """The `fraud:dlq` stream entry: the raw payload, untouched, why it was refused, and its id."""
+def dlq_entry(d: DeadLetter) -> dict[str, str | bytes]:
+    """The `fraud:dlq` stream entry: the raw payload, byte for byte as received (card ids
+    tokenized when a key is set), why it was refused, and its id."""
     return {
         "id": dead_letter_id(d.kind, d.reason, d.raw, d.origin),
         "kind": d.kind,
         "reason": d.reason,
-        "detail": d.detail[:1000],
-        "raw": d.raw,
+        "detail": payload_bytes(d.detail[:1000]),
+        "raw": payload_bytes(d.raw),
         "txn_id": d.txn_id or "",
         "origin": d.origin,
         "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -203,11 +213,15 @@ class _ProgressPartition(StatelessSinkPartition[object]):
 
     def close(self) -> None:
         # The rate counts until the last record: a Redis source may idle a while before it stops.
-        self._print(progress_line(self.last_item - self.started, f"[done{self.label}]"))
+        tag = f"[stopped{self.label}]" if _failure else f"[done{self.label}]"
+        self._print(progress_line(self.last_item - self.started, tag))
+        if _failure:
+            self._print(f"{tag} on error: {_failure[0]}")
+            return
         if len(self.latencies) >= 2:
             q = statistics.quantiles(self.latencies, n=100, method="inclusive")
             self._print(
-                f"[done{self.label}] arrival-to-decision latency: p50 {q[49] * 1000:.1f} ms · "
+                f"{tag} arrival-to-decision latency: p50 {q[49] * 1000:.1f} ms · "
                 f"p95 {q[94] * 1000:.1f} ms · p99 {q[98] * 1000:.1f} ms ({len(self.latencies):,} transactions)"
             )
 

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import redis
 
+from features.events import payload_bytes
 from features.replay import merged_records, open_text
 
 ENTRY_KIND = "kind"
@@ -53,8 +54,8 @@ _keys_decoder = msgspec.json.Decoder(_Keys)
 def route(kind: str, line: str, shards: int, txn_shards: dict[str, int]) -> int:
     """Shard of one record; remembers each transaction's shard in `txn_shards` for its label."""
     try:
-        keys = _keys_decoder.decode(line)
-    except (msgspec.DecodeError, RecursionError):  # not JSON, too deep, or not an object: dead-lettered
+        keys = _keys_decoder.decode(payload_bytes(line))
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # not JSON, too deep, not UTF-8
         return 0
     if kind == "txn":
         if not isinstance(keys.card_id, str) or not keys.card_id:
@@ -117,7 +118,7 @@ def replay_files(
         with client.pipeline(transaction=False) as pipe:
             for kind, line, _ in chunk:
                 shard = route(kind, line, shards, txn_shards)
-                fields = {ENTRY_KIND: kind, ENTRY_PAYLOAD: line}
+                fields = {ENTRY_KIND: kind, ENTRY_PAYLOAD: payload_bytes(line)}  # byte-exact
                 if maxlen is None:
                     pipe.xadd(streams[shard], fields)  # type: ignore[arg-type]
                 else:

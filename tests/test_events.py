@@ -145,3 +145,44 @@ def test_file_replay_and_shard_routing_survive_json_nested_too_deep(tmp_path: Pa
     assert isinstance(out[0], Transaction)
     assert isinstance(out[1], DeadLetter) and out[1].reason == "bad_json"
     assert route("txn", deep, 4, {}) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("1 garbage", "bad_json"),
+        ('"abc" zz', "bad_json"),
+        ("null xx", "bad_json"),
+        ("true}", "bad_json"),
+        ("[1, 2", "bad_json"),
+        ("5", "schema"),  # valid JSON, the wrong shape
+        ("[1, 2]", "schema"),
+        ('"just a string"', "schema"),
+    ],
+)
+def test_garbage_starting_with_a_json_scalar_is_bad_json(raw: str, reason: str) -> None:
+    """msgspec judges the first value's type before reading on: `1 garbage` is not JSON at all,
+    and says so (`bad_json`); only JSON of the wrong shape is a `schema` error."""
+    for kind in ("txn", "label"):
+        out = decode(kind, raw)
+        assert isinstance(out, DeadLetter) and out.reason == reason, (kind, out)
+
+
+def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: Path) -> None:
+    """Invalid UTF-8 (binary payloads) is dead-lettered, and the dead letter keeps the exact bytes:
+    from a file line, and from bytes handed over by a stream source."""
+    from features.events import payload_bytes
+    from features.replay import replay
+    from flows.outputs import dlq_entry
+
+    binary = b'{"txn_id": "\xff\xfebin", "card_id": "c\xc3", "nul": "\x00"}'
+    out = decode("txn", binary)
+    assert isinstance(out, DeadLetter) and out.reason == "bad_json" and "UTF-8" in out.detail
+    assert payload_bytes(out.raw) == binary and dlq_entry(out)["raw"] == binary
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + binary + b"\n" + GOOD.replace('"t1"', '"t2"').encode() + b"\n")
+    events = list(replay(path, None))
+    assert [type(e) for e in events] == [Transaction, DeadLetter, Transaction]
+    dead = events[1]
+    assert isinstance(dead, DeadLetter) and payload_bytes(dead.raw) == binary
