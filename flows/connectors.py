@@ -26,12 +26,14 @@ def source(rt: Runtime) -> Source[Any]:
             poll_ms=s.source_poll_ms,
             idle_ms=s.source_idle_ms,
             idle_exit_s=s.source_idle_exit_s,
+            retry_budget_s=s.redis_retry_budget_s,
         )
     return FileReplaySource(s.transactions_path, s.labels_path, s.source_batch_size)
 
 
 def stream(rt: Runtime, name: str, dedupe_field: str, dedupe_ttl_s: int | None = None) -> Sink[Any]:
-    """An idempotent, trimmed Redis stream sink: a replayed record is written once."""
+    """An idempotent, trimmed Redis stream sink: a replayed record is written once, an outage is
+    ridden out for `FRAUD_REDIS_RETRY_BUDGET_S`."""
     s = rt.settings
     return RedisStreamSink(
         rt.redis_url,
@@ -40,4 +42,5 @@ def stream(rt: Runtime, name: str, dedupe_field: str, dedupe_ttl_s: int | None =
         dedupe_field=dedupe_field,
         dedupe_ttl_s=dedupe_ttl_s or s.dedupe_ttl_s,
         retention_s=None if s.stream_retention_days is None else s.stream_retention_days * 86_400,
+        retry_budget_s=s.redis_retry_budget_s,
     )

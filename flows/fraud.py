@@ -19,7 +19,6 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from features.privacy import identity
 from flows import connectors
 from flows.ordering import SequencerLogic, StampLogic, by_bucket, by_key, stamp_key
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
@@ -97,14 +96,13 @@ def build(
     )
     scored = outcome.trues
 
-    card = identity  # card ids were tokenized at the edge when a token key is set (`decoder`)
-    alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold, card_ref=card)
+    alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold)
     op.output(
         "alerts_out",
         op.filter_map("alert", scored, alert),
         alerts or connectors.stream(rt, s.alerts_stream, "txn_id"),
     )
-    late_out = op.filter_map("late", scored, partial(late_entry, card_ref=card))
+    late_out = op.filter_map("late", scored, late_entry)
     op.output("late_out", late_out, late or connectors.stream(rt, s.late_stream, "txn_id"))
 
     dead = op.map(
@@ -123,7 +121,6 @@ def build(
             model_version=rt.version,
             threshold=rt.threshold,
             names=pipeline.names,
-            card_ref=card,
         )
         op.output(
             "decision_log",

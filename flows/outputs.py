@@ -1,7 +1,7 @@
 """What leaves the flow: alert, decision and dead-letter stream entries, metrics, progress lines.
 
-Card ids go through a `card_ref` (see `features.privacy.card_token`) so that a configured key
-replaces them by tokens in every stream; the default, `identity`, keeps them.
+Card ids are written as the transaction carries them: with a token key, the decoder already
+replaced them by tokens (`flows.steps.decoder`), so no entry here can hold a raw one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -20,7 +19,6 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import REGISTRY
 
 from features.events import DeadLetter, payload_bytes
-from features.privacy import identity
 from fraud import metrics
 from models.serving import Decision
 
@@ -52,12 +50,12 @@ def _reasons_json(d: Decision) -> str:
     return json.dumps(reasons)
 
 
-def _about(d: Decision, card_ref: Callable[[str], str], card_field: str = "card_id") -> dict[str, str]:
+def _about(d: Decision, card_field: str = "card_id") -> dict[str, str]:
     """The fields every per-transaction entry starts with: which transaction, whose, when."""
     t = d.txn
     return {
         "txn_id": t.txn_id,
-        card_field: card_ref(t.card_id),
+        card_field: t.card_id,
         "merchant_id": t.merchant_id,
         "ts": rfc3339(t.ts_ms),
     }
@@ -72,14 +70,12 @@ def _scores(d: Decision, threshold: float) -> dict[str, str]:
     }
 
 
-def alert_entry(
-    d: Decision, model_version: str, threshold: float, *, card_ref: Callable[[str], str] = identity
-) -> dict[str, str] | None:
+def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, str] | None:
     """The `fraud:alerts` stream entry of an alerting decision, None for the others."""
     if not d.alert:
         return None
     return {
-        **_about(d, card_ref),
+        **_about(d),
         "ts_ms": str(d.txn.ts_ms),
         "amount": repr(d.txn.amount),
         **_scores(d, threshold),
@@ -95,7 +91,6 @@ def decision_entry(
     model_version: str,
     threshold: float,
     names: list[str],
-    card_ref: Callable[[str], str],
 ) -> dict[str, str]:
     """The audit-trail entry of every scored transaction: what was seen, scored and decided.
 
@@ -107,7 +102,7 @@ def decision_entry(
         for name, value in zip(names, d.values, strict=True)
     }
     return {
-        **_about(d, card_ref, card_field="card"),
+        **_about(d, card_field="card"),
         **_scores(d, threshold),
         "alert": "1" if d.alert else "0",
         "model_version": model_version,
@@ -117,12 +112,12 @@ def decision_entry(
     }
 
 
-def late_entry(d: Decision, *, card_ref: Callable[[str], str] = identity) -> dict[str, str] | None:
+def late_entry(d: Decision) -> dict[str, str] | None:
     """The `fraud:late` side-output entry of a transaction beyond the allowed lateness, else None."""
     if not d.late:
         return None
     return {
-        **_about(d, card_ref),
+        **_about(d),
         "score": f"{d.score:.6f}",
         "alert": "1" if d.alert else "0",
     }

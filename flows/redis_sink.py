@@ -2,10 +2,13 @@
 
 Each item is a `dict[str, str]` of stream-entry fields. A batch becomes one non-transactional
 pipeline, so throughput is bounded by the network round trip per batch, not per entry. When Redis
-is unreachable the whole batch is retried with exponential backoff (the worker stalls, which is
-the backpressure we want) and, once the attempts are spent, the step fails loudly instead of
-dropping entries. Errors that waiting cannot fix (wrong password, missing ACL permission) fail at
-once, naming the step.
+cannot take the batch (unreachable, hung past the socket timeout, loading, full: OOM) the whole
+batch is retried with exponential backoff (the worker stalls, which is the backpressure we want)
+and, once the outage has lasted `retry_budget_s` (`FRAUD_REDIS_RETRY_BUDGET_S`, 30 s), the step
+fails loudly instead of dropping entries; the outage is logged when it starts and when it ends,
+not per attempt (`fraud.redis_server.Outage`). Errors that waiting cannot fix (wrong password,
+missing ACL permission) fail at once, naming the step. Either failure is first reported to the
+progress summary (`flows.outputs.mark_failed`), so the run ends `[stopped]`, not `[done]`.
 
 **Exactly-once entries.** Bytewax recovery replays everything after the last snapshot, and a
 connection may drop after Redis applied part of a pipeline; both re-send entries. With
@@ -33,19 +36,30 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from flows.outputs import mark_failed
 from fraud import metrics
-from fraud.redis_server import connect, redact
+from fraud.redis_server import (
+    DEFAULT_RETRY_BUDGET_S,
+    INITIAL_BACKOFF_S,
+    MAX_BACKOFF_S,
+    Outage,
+    RedisConfigError,
+    RedisUnavailableError,
+    diagnosis,
+    is_outage,
+    partition_client,
+    redact,
+)
 
 logger = logging.getLogger(__name__)
 
 Entry = dict[str, str]
+_E = TypeVar("_E", bound=Exception)
 
 DEFAULT_DEDUPE_TTL_S = 7 * 86_400
 
@@ -61,7 +75,21 @@ DEDUPE_XADD_SHA = hashlib.sha1(DEDUPE_XADD_LUA.encode()).hexdigest()
 
 
 class RedisSinkError(RuntimeError):
-    """A batch could not be written after every retry, or Redis refused it."""
+    """A batch could not be written: Redis refused it, or stayed unavailable for the budget."""
+
+
+class RedisSinkRefused(RedisSinkError, RedisConfigError):
+    """Redis refused a batch for a reason waiting cannot fix (password, ACL, key type)."""
+
+
+class RedisSinkUnavailable(RedisSinkError, RedisUnavailableError):
+    """Redis could not take a batch for the whole retry budget."""
+
+
+def _stopping(error: _E) -> _E:
+    """`error`, once the progress summary knows that the flow stops on it."""
+    mark_failed(str(error))
+    return error
 
 
 def marker_key(stream: str, value: str) -> str:
@@ -190,33 +218,28 @@ def xadd_batch(
     return [i for i in write_entries(client, stream, items, maxlen) if i is not None]
 
 
-def _why(exc: redis.RedisError) -> str:
-    """A short diagnosis of an error retrying cannot fix (redis-py drops the NOPERM code)."""
-    if isinstance(exc, redis.exceptions.NoPermissionError):
-        return "NOPERM: the ACL user lacks a command or key permission"
-    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
-        return "authentication failed: check the user and password in the URL"
-    return type(exc).__name__
-
-
 class _RedisStreamPartition(StatelessSinkPartition[Entry]):
-    """One worker's connection; retries whole batches on connection loss."""
+    """One worker's connection; retries whole batches through an outage, within the budget."""
 
     def __init__(self, sink: RedisStreamSink, step_id: str) -> None:
         self._sink = sink
         self._step_id = step_id
-        # One immediate client-level retry replaces a stale pooled connection; longer outages are
-        # this partition's business, so that they are logged and bounded by its own policy.
-        self._client = connect(sink.url, retry=Retry(NoBackoff(), 1))
+        self._client = partition_client(sink.url, sink.retry_budget_s)
         self._dedupe = Dedupe(sink.dedupe_field, sink.dedupe_ttl_s) if sink.dedupe_field else None
+        self._outage = Outage(
+            sink.retry_budget_s,
+            logger,
+            initial_backoff_s=sink.initial_backoff_s,
+            max_backoff_s=sink.max_backoff_s,
+        )
 
     def _where(self, n: int) -> str:
         return f"step {self._step_id!r}: writing {n} entries to stream {self._sink.stream!r} at {redact(self._sink.url)}"
 
     def write_batch(self, items: list[Entry]) -> None:
         sink = self._sink
-        delay = sink.initial_backoff_s
-        for attempt in range(1, sink.max_attempts + 1):
+        while True:
+            began = time.monotonic()
             try:
                 ids = write_entries(
                     self._client,
@@ -226,42 +249,26 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
                     dedupe=self._dedupe,
                     retention_s=sink.retention_s,
                 )
-            except (
-                redis.AuthenticationError,
-                redis.exceptions.AuthorizationError,
-                redis.ResponseError,
-            ) as exc:
-                # Waiting fixes neither a wrong password nor a missing permission (NOPERM).
-                raise RedisSinkError(
-                    f"{self._where(len(items))}: Redis refused it ({_why(exc)}): {exc}"
-                ) from exc
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if attempt == sink.max_attempts:
-                    raise RedisSinkError(
-                        f"step {self._step_id!r}: could not write {len(items)} entries to stream "
-                        f"{sink.stream!r} at {redact(sink.url)} after {attempt} attempts: {exc}"
-                    ) from exc
-                metrics.REDIS_ERRORS.labels(op="xadd").inc()
-                logger.warning(
-                    "step %r: writing %d entries to %r at %s failed (%s: %s); "
-                    "attempt %d/%d, retrying in %.2fs",
-                    self._step_id,
-                    len(items),
-                    sink.stream,
-                    redact(sink.url),
-                    type(exc).__name__,
-                    exc,
-                    attempt,
-                    sink.max_attempts,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, sink.max_backoff_s)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                self._retry_or_raise(exc, began, len(items))
             else:
+                self._outage.over(self._where(len(items)))
                 duplicates = ids.count(None) if self._dedupe is not None else 0
                 if duplicates:
                     metrics.SINK_DUPLICATES.labels(stream=sink.stream).inc(duplicates)
                 return
+
+    def _retry_or_raise(self, exc: redis.RedisError, began: float, n: int) -> None:
+        """Sleep before the next attempt of an outage; raise when waiting cannot help or the
+        budget is spent. Every failed attempt counts in `fraud_redis_errors_total{op="xadd"}`."""
+        where = self._where(n)
+        if not is_outage(exc):
+            raise _stopping(RedisSinkRefused(f"{where}: Redis refused it ({diagnosis(exc)}): {exc}")) from exc
+        metrics.REDIS_ERRORS.labels(op="xadd").inc()
+        delay = self._outage.failed(where, exc, began)
+        if delay is None:
+            raise _stopping(RedisSinkUnavailable(self._outage.give_up(where, exc))) from exc
+        time.sleep(delay)
 
     def close(self) -> None:
         self._client.close()
@@ -273,8 +280,9 @@ class RedisStreamSink(DynamicSink[Entry]):
     Every worker opens its own connection; entries from one worker keep their order.
     `dedupe_field` names the field identifying a record (its marker lives `dedupe_ttl_s`); None
     writes plain XADDs. `retention_s` also drops entries older than that (MINID trim per batch).
-    Retry policy: `max_attempts` tries, sleeping `initial_backoff_s` doubling up to
-    `max_backoff_s` between them (defaults: about 20 s of outage is ridden out).
+    Retry policy: an outage is ridden out for `retry_budget_s` seconds of wall-clock time,
+    sleeping `initial_backoff_s` doubling up to `max_backoff_s` between attempts; one attempt
+    may overrun the budget by its socket timeout (`fraud.redis_server.io_timeout_s`, <= 5 s).
     """
 
     def __init__(
@@ -286,14 +294,14 @@ class RedisStreamSink(DynamicSink[Entry]):
         dedupe_field: str | None = None,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
         retention_s: float | None = None,
-        max_attempts: int = 10,
-        initial_backoff_s: float = 0.1,
-        max_backoff_s: float = 5.0,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
+        initial_backoff_s: float = INITIAL_BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
         if maxlen < 1:
             raise ValueError(f"maxlen must be >= 1, got {maxlen}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if retry_budget_s <= 0:
+            raise ValueError(f"retry_budget_s must be > 0, got {retry_budget_s}")
         if dedupe_ttl_s < 1:
             raise ValueError(f"dedupe_ttl_s must be >= 1, got {dedupe_ttl_s}")
         if retention_s is not None and retention_s <= 0:
@@ -306,7 +314,7 @@ class RedisStreamSink(DynamicSink[Entry]):
         self.dedupe_field = dedupe_field
         self.dedupe_ttl_s = dedupe_ttl_s
         self.retention_s = retention_s
-        self.max_attempts = max_attempts
+        self.retry_budget_s = retry_budget_s
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
 

@@ -13,9 +13,14 @@ Each poll is one `XREAD COUNT batch_size`, which does not wait (`block_ms`, 0 by
 shard with nothing new asks Bytewax to come back after `poll_ms` instead, and the worker goes on
 with the rest of the flow meanwhile. In a cluster that matters: a worker blocked in a read would
 hold up the watermarks every other process is waiting for (`flows.ordering`).
-When Redis is unreachable the partition returns nothing and asks Bytewax to come back later
-(exponential backoff, 0.1 s to 5 s); the position advances only over entries actually returned,
-so an outage loses nothing.
+When Redis is unreachable, hung or loading the partition returns nothing and asks Bytewax to come
+back later (exponential backoff, 0.1 s to 5 s), for at most `retry_budget_s`
+(`FRAUD_REDIS_RETRY_BUDGET_S`, 30 s) per outage; then it raises `RedisUnavailableError`. The
+position advances only over entries actually returned, so an outage loses nothing: with recovery
+on, a restart resumes from the snapshot. A wrong password or a missing ACL permission (on XREAD,
+XREVRANGE or the lag gauge's XRANGE) raises `RedisConfigError` at the first read, naming the URL
+(password redacted) and what to fix, rather than being retried or silently ignored. Before
+raising, the partition tells the progress summary (`flows.outputs.mark_failed`).
 """
 
 from __future__ import annotations
@@ -24,30 +29,40 @@ import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from features.events import Record
 from flows.ordering import TICK
+from flows.outputs import mark_failed
 from fraud.metrics import REDIS_ERRORS, SOURCE_LAG
-from fraud.redis_server import connect, redact
+from fraud.redis_server import (
+    DEFAULT_RETRY_BUDGET_S,
+    Outage,
+    RedisConfigError,
+    RedisUnavailableError,
+    diagnosis,
+    is_outage,
+    is_refusal,
+    partition_client,
+    redact,
+)
 from fraud.replay import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
 
 logger = logging.getLogger(__name__)
 
 KINDS = frozenset({"txn", "label"})
 UNKNOWN = "unknown"
-INITIAL_BACKOFF_S = 0.1
-MAX_BACKOFF_S = 5.0
 LAG_REFRESH_S = 1.0
+# What a read can fail with; `fraud.redis_server.is_outage` tells waiting from fixing.
+_READ_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    # surrogateescape: a payload that is not UTF-8 keeps its exact bytes (`features.events.payload_bytes`)
+    return value.decode("utf-8", errors="surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _id_ms(entry_id: str) -> int:
@@ -73,39 +88,24 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
         self._shard = str(shard)
         self._stream = shard_stream(source.prefix, shard)
         self._position = position
-        # One immediate client-level retry replaces a stale pooled connection (after a server
-        # restart); longer outages are this partition's business: logged once, backed off.
-        self._client = connect(source.url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=2.0)
+        self._client = partition_client(source.url, source.retry_budget_s, wait_s=source.block_ms / 1000)
         self._lag = SOURCE_LAG.labels(shard=self._shard)
         self._lag_due = 0.0
         self._last_data = time.monotonic()
         self._ticked = False
-        self._down_since: float | None = None
-        self._backoff = INITIAL_BACKOFF_S
+        self._outage = Outage(source.retry_budget_s, logger)
         self._awake: datetime | None = None
 
     def next_batch(self) -> list[Record]:
         src = self._source
+        began = time.monotonic()
         try:
-            if self._position == "$":  # "only new entries": pin it so the snapshot is a real id
-                last = self._client.xrevrange(self._stream, count=1)
-                self._position = _text(last[0][0]) if last else "0-0"
-            reply: Any = self._client.xread(
-                {self._stream: self._position},
-                count=src.batch_size,
-                block=src.block_ms or None,  # redis-py's block=0 would mean "forever"
-            )
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError included
-            self._on_error(exc)
+            reply = self._read()
+        except _READ_ERRORS as exc:  # BusyLoadingError, AuthenticationError: ConnectionErrors
+            self._on_error(exc, began)
             return []
-        if self._down_since is not None:
-            logger.info(
-                "reading %r at %s again after %.1fs",
-                self._stream,
-                redact(src.url),
-                time.monotonic() - self._down_since,
-            )
-            self._down_since, self._backoff, self._awake = None, INITIAL_BACKOFF_S, None
+        self._outage.over(self._what)
+        self._awake = None  # no backoff pending any more
         batch: list[Record] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -113,7 +113,7 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
                 batch.append(to_record(fields, f"{self._stream}#{self._position}"))
         now = time.monotonic()
         if batch:
-            self._last_data, self._ticked, self._awake = now, False, None
+            self._last_data, self._ticked = now, False
         elif src.poll_ms:
             self._awake = datetime.now(UTC) + timedelta(milliseconds=src.poll_ms)
         if now >= self._lag_due:
@@ -134,28 +134,50 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
     def close(self) -> None:
         self._client.close()
 
-    def _on_error(self, exc: Exception) -> None:
-        """Count the failure, warn once per outage, and schedule the next try with backoff."""
+    @property
+    def _what(self) -> str:
+        return f"reading {self._stream!r} at {redact(self._source.url)}"
+
+    def _read(self) -> Any:
+        """One XREAD from the position (pinned first if it is "$")."""
+        src = self._source
+        if self._position == "$":  # "only new entries": pin it so the snapshot is a real id
+            last = self._client.xrevrange(self._stream, count=1)
+            self._position = _text(last[0][0]) if last else "0-0"
+        return self._client.xread(
+            {self._stream: self._position},
+            count=src.batch_size,
+            block=src.block_ms or None,  # redis-py's block=0 would mean "forever"
+        )
+
+    def _on_error(self, exc: redis.RedisError, began: float) -> None:
+        """Count the failure and schedule the next try with backoff (the outage logs its start
+        once); raise when waiting cannot help or the retry budget is spent."""
+        if not is_outage(exc):
+            self._refused(exc)
         REDIS_ERRORS.labels(op="xread").inc()
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            logger.warning(
-                "cannot read %r at %s (%s: %s); retrying with backoff up to %.0fs, position %s kept",
-                self._stream,
-                redact(self._source.url),
-                type(exc).__name__,
-                exc,
-                MAX_BACKOFF_S,
-                self._position,
-            )
-        self._awake = datetime.now(UTC) + timedelta(seconds=self._backoff)
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+        kept = f"; position {self._position} kept"
+        delay = self._outage.failed(self._what, exc, began, note=kept)
+        if delay is None:
+            resume = f"{kept}: with recovery on, a restart resumes from the snapshot and loses nothing"
+            error = RedisUnavailableError(self._outage.give_up(self._what, exc, note=resume))
+            mark_failed(str(error))
+            raise error from exc
+        self._awake = datetime.now(UTC) + timedelta(seconds=delay)
+
+    def _refused(self, exc: redis.RedisError) -> NoReturn:
+        """Stop the flow on an error waiting cannot fix: the wrong password, a missing ACL
+        permission, a key of the wrong type."""
+        error = RedisConfigError(f"{self._what}: Redis refused it ({diagnosis(exc)}): {exc}")
+        mark_failed(str(error))
+        raise error from exc
 
     def _refresh_lag(self, now: float) -> None:
         """Lag = stream-id time of the newest entry minus that of the first unread one (0 if none).
 
         Measured from the first unread entry rather than the position itself, so a fresh start
-        (`0-0`) or a position trimmed away still gives a meaningful number.
+        (`0-0`) or a position trimmed away still gives a meaningful number. A missing permission
+        stops the flow like one on XREAD: a gauge stuck at 0 would hide the lag.
         """
         self._lag_due = now + LAG_REFRESH_S
         try:
@@ -163,11 +185,13 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
                 pipe.xrevrange(self._stream, count=1)
                 pipe.xrange(self._stream, min=f"({self._position}", count=1)
                 newest, unread = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError):
-            REDIS_ERRORS.labels(op="source_lag").inc()
-            return
-        except redis.ResponseError:  # e.g. a position Redis cannot parse: no lag to report
-            return
+        except _READ_ERRORS as exc:
+            if is_outage(exc):  # the next read deals with the outage
+                REDIS_ERRORS.labels(op="source_lag").inc()
+                return
+            if is_refusal(exc):
+                self._refused(exc)  # NOPERM on XRANGE: the gauge would silently read 0
+            return  # e.g. a position Redis cannot parse: no lag to report
         if newest and unread:
             gap_ms = _id_ms(_text(newest[0][0])) - _id_ms(_text(unread[0][0]))
             self._lag.set(max(0, gap_ms) / 1000)
@@ -185,6 +209,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
     so that the flow stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once
     it returned nothing for that long (backfills, tests); None runs forever. An outage does not
     count as idle: a partition never ticks nor ends while it cannot tell whether data is waiting.
+    `retry_budget_s`: how long one outage is ridden out before the partition raises.
     """
 
     def __init__(
@@ -199,6 +224,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         idle_ms: int = 250,
         idle_exit_s: float | None = None,
         start_id: str = "0-0",
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
     ) -> None:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
@@ -206,6 +232,8 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if block_ms < 0 or poll_ms < 0:
             raise ValueError(f"block_ms and poll_ms must be >= 0, got {block_ms} and {poll_ms}")
+        if retry_budget_s <= 0:
+            raise ValueError(f"retry_budget_s must be > 0, got {retry_budget_s}")
         self.url = url
         self.prefix = prefix
         self.shards = shards
@@ -215,6 +243,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         self.idle_ms = idle_ms
         self.idle_exit_s = idle_exit_s
         self.start_id = start_id
+        self.retry_budget_s = retry_budget_s
 
     def __repr__(self) -> str:
         return f"RedisShardSource({redact(self.url)!r}, {self.prefix!r}, {self.shards})"

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         None, description="redis:// or rediss:// URL; unset starts an embedded server."
     )
     redis_dir: Path = Field(Path(".fraud/redis"), description="Data directory of the embedded Redis server.")
+    redis_retry_budget_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds the Redis source and sinks ride out one outage before the flow stops with an error.",
+    )
     alerts_stream: str = Field("fraud:alerts", description="Stream that receives alerts.")
     dlq_stream: str = Field("fraud:dlq", description="Stream that receives dead letters.")
     late_stream: str = Field(
@@ -110,6 +115,10 @@ class Settings(BaseSettings):
     )
     recovery_partitions: int = Field(
         8, ge=1, description="Recovery partitions created (>= workers ever used)."
+    )
+    recovery_fresh: bool = Field(
+        False,
+        description="Move a damaged or mismatched recovery store aside and start a new one, instead of refusing.",
     )
     snapshot_interval_s: float = Field(5.0, gt=0, description="Epoch and snapshot interval with recovery on.")
     progress_interval_s: float = Field(2.0, gt=0, description="Seconds between progress lines.")

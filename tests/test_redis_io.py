@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,9 @@ import pytest
 import redis
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, run_main
+from prometheus_client import REGISTRY
 
+from flows import outputs
 from flows.redis_sink import RedisSinkError, RedisStreamSink, xadd_batch
 from fraud.consumer import (
     ack,
@@ -27,7 +30,7 @@ from fraud.consumer import (
     read_alerts,
     stream_length,
 )
-from fraud.redis_server import EmbeddedRedis, connect, redact, redis_url
+from fraud.redis_server import EmbeddedRedis, RedisUnavailableError, connect, redact, redis_url
 from fraud.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,6 +63,19 @@ def make_alert(i: int) -> dict[str, str]:
 
 def txn_ids(client: redis.Redis, stream: str = STREAM) -> list[str]:
     return [fields[b"txn_id"].decode() for _, fields in client.xrange(stream)]
+
+
+def xadd_errors() -> float:
+    return REGISTRY.get_sample_value("fraud_redis_errors_total", {"op": "xadd"}) or 0.0
+
+
+@pytest.fixture(autouse=True)
+def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What sinks reported to the progress summary (`mark_failed`), fresh for each test: the
+    record is process-wide, and a failure must not turn a later test's summary into [stopped]."""
+    reported: list[str] = []
+    monkeypatch.setattr(outputs, "_failure", reported)
+    return reported
 
 
 def run_sink_flow(url: str, items: list[dict[str, str]], maxlen: int = 1000) -> None:
@@ -152,12 +168,13 @@ def test_sink_rides_out_a_restart(
     sink = RedisStreamSink(server.url, STREAM, 1000)
     part = sink.build("alerts", 0, 1)
     restarter = threading.Timer(0.5, server.start)
+    errors = xadd_errors()
     try:
         part.write_batch([make_alert(i) for i in range(10)])
         server.stop()
         restarter.start()
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="flows.redis_sink"):
+        with caplog.at_level(logging.INFO, logger="flows.redis_sink"):
             part.write_batch([make_alert(i) for i in range(10, 20)])
         assert time.monotonic() - started >= 0.4  # it really waited for the restart
     finally:
@@ -165,25 +182,141 @@ def test_sink_rides_out_a_restart(
         part.close()
     with connect(server.url) as client:
         assert txn_ids(client) == [f"t{i}" for i in range(20)]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "flows.redis_sink"]
-    assert warnings, "each failed attempt must be logged"
-    assert all("'alerts'" in w and ":***@" in w and "s3cret" not in w for w in warnings)
+    logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO]  # not one per attempt
+    assert "answers again after" in logged[1].getMessage()
+    assert xadd_errors() - errors >= 2  # every failed attempt is counted
+    assert all("'alerts'" in r.getMessage() and ":***@" in r.getMessage() for r in logged)
+    assert "s3cret" not in caplog.text
 
 
 def test_sink_gives_up_naming_the_step(
-    redis_server_factory: Callable[..., RedisTestServer],
+    redis_server_factory: Callable[..., RedisTestServer], failures: list[str]
 ) -> None:
     server = redis_server_factory(password="s3cret")
     url = server.url
     server.stop()
-    sink = RedisStreamSink(url, STREAM, 1000, max_attempts=2, initial_backoff_s=0.01)
+    sink = RedisStreamSink(url, STREAM, 1000, retry_budget_s=0.5, initial_backoff_s=0.01)
     part = sink.build("alerts_out", 0, 1)
     try:
-        with pytest.raises(RedisSinkError, match=r"'alerts_out'.*after 2 attempts") as info:
+        with pytest.raises(RedisSinkError, match=r"'alerts_out'.*retry budget of 0.5s") as info:
             part.write_batch([make_alert(0)])
     finally:
         part.close()
+    assert isinstance(info.value, RedisUnavailableError)
     assert "s3cret" not in str(info.value)
+    assert failures == [str(info.value)]  # the progress summary says why the flow stopped
+
+
+def fill_past_maxmemory(client: redis.Redis) -> list[str]:
+    """Write about 3 MB, then cap the server's memory 1 MB below what it uses (noeviction): every
+    write is refused with OOM until the returned keys are deleted."""
+    keys = [f"filler:{i}" for i in range(30)]
+    for key in keys:
+        client.set(key, b"x" * 100_000)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 1_000_000)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", "x")
+    return keys
+
+
+@pytest.mark.parametrize("dedupe_field", ["txn_id", None], ids=["script", "xadd"])
+def test_sink_backs_off_while_redis_is_full(
+    redis_server_factory: Callable[..., RedisTestServer],
+    caplog: pytest.LogCaptureFixture,
+    dedupe_field: str | None,
+) -> None:
+    # OOM comes as an OOM error from XADD, and (Redis 6) wrapped in a script error from the
+    # dedupe script: both are "wait", not "refused".
+    server = redis_server_factory()
+    part = RedisStreamSink(server.url, STREAM, 1000, dedupe_field=dedupe_field).build("alerts", 0, 1)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            part.write_batch([make_alert(i) for i in range(5)])
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    errors = xadd_errors()
+    writer = threading.Thread(target=write)
+    with connect(server.url) as admin, caplog.at_level(logging.INFO, logger="flows.redis_sink"):
+        fillers = fill_past_maxmemory(admin)
+        writer.start()
+        deadline = time.monotonic() + 10
+        while xadd_errors() == errors and writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.is_alive(), f"the sink did not wait for memory: {outcome}"
+        admin.delete(*fillers)  # memory is freed: the write must go through now
+        writer.join(timeout=15)
+        assert outcome == [None]
+        assert txn_ids(admin) == [f"t{i}" for i in range(5)]
+    part.close()
+    logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO]
+    assert "command not allowed when used memory > 'maxmemory'" in logged[0].getMessage()
+
+
+class HungServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung Redis)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self.port = int(self._sock.getsockname()[1])
+        self._accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self._accepted.append(conn)  # kept open, never read from nor written to
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._accepted:
+            conn.close()
+        self._sock.close()
+
+
+@pytest.fixture
+def hung_server() -> Iterator[HungServer]:
+    server = HungServer()
+    yield server
+    server.close()
+
+
+def test_sink_gives_up_on_a_hung_server_within_its_budget(
+    hung_server: HungServer, caplog: pytest.LogCaptureFixture, failures: list[str]
+) -> None:
+    url = f"redis://:s3cret@127.0.0.1:{hung_server.port}/0"
+    part = RedisStreamSink(url, STREAM, 1000, retry_budget_s=2.0).build("alerts_out", 0, 1)
+    errors = xadd_errors()
+    started = time.monotonic()
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="flows.redis_sink"),
+            pytest.raises(RedisUnavailableError, match=r"'alerts_out'.*retry budget of 2s") as info,
+        ):
+            part.write_batch([make_alert(0)])
+    finally:
+        part.close()
+    elapsed = time.monotonic() - started
+    assert 2.0 <= elapsed < 10.0, elapsed  # the budget plus one socket timeout, not minutes
+    assert isinstance(info.value, RedisSinkError) and "Timeout" in str(info.value)
+    logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.ERROR]  # not one per attempt
+    assert xadd_errors() - errors >= 2  # it did retry, and counted each attempt
+    assert failures == [str(info.value)]
+    assert "s3cret" not in caplog.text + str(info.value)
 
 
 # -- consumer ---------------------------------------------------------------------------------

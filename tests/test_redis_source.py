@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from features.replay import merged_records
+from flows import outputs
 from flows.redis_source import RedisShardSource, _ShardPartition
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.redis_server import connect
+from fraud.redis_server import RedisUnavailableError, connect
 from fraud.replay import replay_files, shard_of, shard_stream
 from fraud.settings import get_settings
 
@@ -66,6 +68,34 @@ def drain(part: _ShardPartition, timeout_s: float = 10.0) -> list[Record]:
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(autouse=True)
+def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What sources reported to the progress summary (`mark_failed`), fresh for each test: the
+    record is process-wide, and a failure must not turn a later test's summary into [stopped]."""
+    reported: list[str] = []
+    monkeypatch.setattr(outputs, "_failure", reported)
+    return reported
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (it was free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def poll_like_bytewax(part: _ShardPartition, timeout_s: float) -> list[Record]:
+    """Call next_batch whenever the partition asks to be woken (next_awake), as Bytewax does."""
+    got: list[Record] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        awake = part.next_awake()
+        if awake is not None:
+            time.sleep(max(0.0, (awake - datetime.now(UTC)).total_seconds()))
+        got += [(kind, payload) for kind, payload, _ in part.next_batch()]
+    return got
 
 
 def test_replay_then_read_every_shard_exactly_once_in_card_order(
@@ -160,7 +190,7 @@ def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
         assert len({origin for _, _, origin in batch}) == 3
         assert json.loads(batch[0][1]) == {"payload": '{"txn_id": "x"}'}
         assert json.loads(batch[1][1]) == {"kind": "weird", "payload": "{}"}
-        assert batch[2][1] == "\ufffd{}"
+        assert batch[2][1] == "\udcff{}"  # the byte 0xff, kept (surrogateescape)
         deadline = time.monotonic() + 10
         with pytest.raises(StopIteration):
             while time.monotonic() < deadline:
@@ -204,6 +234,33 @@ def test_redis_restart_mid_read_loses_and_repeats_nothing(
     assert len(warnings) == 1  # once per outage, not once per failed poll
     assert any("again after" in r.getMessage() for r in caplog.records)
     assert "s3cret" not in caplog.text and "***" in caplog.text
+
+
+def test_outage_longer_than_the_budget_stops_the_source(
+    caplog: pytest.LogCaptureFixture, failures: list[str]
+) -> None:
+    url = f"redis://:s3cret@127.0.0.1:{closed_port()}/0"  # nothing listens there
+    source = RedisShardSource(url, "o:in", 1, retry_budget_s=1.0)
+    part = source.build_part("in", "0", "1700000000000-5")
+    errors = metric("fraud_redis_errors_total", op="xread")
+    started = time.monotonic()
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="flows.redis_source"),
+            pytest.raises(RedisUnavailableError, match=r"retry budget of 1s") as info,
+        ):
+            poll_like_bytewax(part, timeout_s=20.0)
+    finally:
+        part.close()
+    assert 1.0 <= time.monotonic() - started < 10.0  # about the budget, not forever
+    message = str(info.value)
+    assert "'o:in:{0}'" in message and "redis://:***@127.0.0.1:" in message and "s3cret" not in message
+    assert "position 1700000000000-5 kept" in message and "restart resumes from the snapshot" in message
+    assert part.snapshot() == "1700000000000-5"  # nothing was skipped
+    assert metric("fraud_redis_errors_total", op="xread") - errors >= 3  # each attempt counted
+    logged = [r for r in caplog.records if r.name == "flows.redis_source"]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.ERROR]  # not one per attempt
+    assert failures == [message]  # the progress summary says why the flow stopped
 
 
 def test_lag_gauge_follows_the_position(redis_url: str, redis_client: redis.Redis) -> None:
