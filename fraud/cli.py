@@ -15,11 +15,15 @@ app = typer.Typer(help="Real-time card fraud scoring.", no_args_is_help=True, ad
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A Redis value as text; invalid UTF-8 shows as `\\xNN` rather than raising (stream data is untrusted)."""
+    from fraud.display import decode
+
+    return decode(value)
 
 
 def _print_json(doc: Any) -> None:
-    typer.echo(json.dumps(doc, indent=2, default=str))
+    # ensure_ascii (the default, made explicit): control characters from stream data leave as \uNNNN
+    typer.echo(json.dumps(doc, indent=2, default=str, ensure_ascii=True))
 
 
 @app.command()
@@ -167,16 +171,61 @@ def run(
         str | None, typer.Option("--addresses", "-a", help="host:port;host:port of every process.")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Worker threads in this process.")] = 1,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="If the recovery store is damaged, missing or not the one behind the outputs, move it "
+            "aside and start a new one (FRAUD_RECOVERY_FRESH=1) instead of refusing.",
+        ),
+    ] = False,
 ) -> None:
-    """Run the flow here with recovery (FRAUD_RECOVERY_DIR, created if missing), alone or in a cluster."""
+    """Run the flow here with recovery (FRAUD_RECOVERY_DIR, created if missing), alone or in a cluster.
+
+    A recovery store that cannot be trusted is refused with one line naming the file and the fix,
+    and exit status 2, before anything starts.
+    """
+    from flows.runner import RecoveryStoreError
     from flows.runner import run as run_flow
 
-    run_flow(
-        get_settings(),
-        process_id=process_id,
-        addresses=addresses.split(";") if addresses else None,
-        workers=workers,
-    )
+    s = get_settings()
+    if fresh:
+        s = s.model_copy(update={"recovery_fresh": True})
+    try:
+        run_flow(
+            s,
+            process_id=process_id,
+            addresses=addresses.split(";") if addresses else None,
+            workers=workers,
+        )
+    except RecoveryStoreError as exc:
+        typer.echo(f"fraud run: refused: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        why = _redis_failure(exc)
+        if why is None:
+            raise
+        typer.echo(f"fraud run: stopped: {why}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _redis_failure(exc: BaseException) -> BaseException | None:
+    """The Redis configuration error or spent outage budget behind `exc` (Bytewax wraps a step's
+    exception in its own, several levels deep), so that `fraud run` prints it as one line instead
+    of a traceback of hundreds; None for anything else, which keeps its traceback."""
+    from fraud.redis_server import RedisConfigError, RedisUnavailableError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RedisConfigError | RedisUnavailableError):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 @app.command()
@@ -187,8 +236,25 @@ def alerts(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep waiting for new alerts.")] = False,
     limit: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+    claim_idle: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Also show entries other consumers of the group read but left unacknowledged for "
+            "this many minutes (XAUTOCLAIM).",
+        ),
+    ] = 5.0,
 ) -> None:
-    """Read alerts as a member of a consumer group (XREADGROUP, then XACK once printed)."""
+    """Read alerts as a member of a consumer group; XACK each once printed.
+
+    Shows this consumer's pending alerts first (those an interrupted run
+    did not show), then alerts other consumers left unacknowledged for
+    --claim-idle minutes, then new ones. Text lines escape control
+    characters and cap each field at 512 characters; --json is complete.
+    """
+    import contextlib
+    import os
+
     from fraud.consumer import consume
     from fraud.redis_server import connect, redis_url
 
@@ -204,10 +270,19 @@ def alerts(
             as_json=as_json,
             limit=limit,
             out=sys.stdout,
+            claim_idle_ms=round(claim_idle * 60_000),
         )
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `fraud alerts | head`: the reader left. What reached the pipe was acknowledged, the rest
+        # stays pending for this consumer's next run. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again.
+        with contextlib.suppress(OSError, ValueError):  # no real descriptor (e.g. under CliRunner)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        typer.echo(f"output closed; alerts not shown stay pending for {consumer!r} in {group!r}", err=True)
+        return
     finally:
         client.close()
-    sys.stdout.flush()
     typer.echo(f"{n} alert(s)", err=True)
 
 
@@ -240,7 +315,10 @@ def replay(
     transactions: Annotated[
         Path | None, typer.Argument(help="Transactions file (default: FRAUD_TRANSACTIONS_PATH).")
     ] = None,
-    labels: Annotated[Path | None, typer.Option(help="Labels file (default: FRAUD_LABELS_PATH).")] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Labels file (default: FRAUD_LABELS_PATH; '' for none: transactions only)."),
+    ] = None,
     rate: Annotated[
         float | None,
         typer.Option(min=0.001, help="Records per second overall (default: as fast as possible)."),
@@ -263,7 +341,7 @@ def replay(
 
     s = get_settings()
     txns = transactions or s.transactions_path
-    labs = labels or s.labels_path
+    labs = s.labels_path if labels is None else (Path(labels) if labels else None)
     for p in (txns, labs):
         if p is not None and not p.is_file():
             raise typer.BadParameter(f"input file {p} does not exist")
@@ -292,7 +370,12 @@ def replay(
 
 @app.command("alert-precision")
 def alert_precision(labels: Path | None = None) -> None:
-    """Precision and recall of the alerts now in the stream, judged by a labels file (read-only)."""
+    """Precision and recall of the alerts now in the stream, judged by a labels file (read-only).
+
+    Reads the stream in pages of 1000 entries (XRANGE … COUNT); an entry
+    without a readable txn_id counts as an alert that no label matches.
+    """
+    from fraud.consumer import scan_stream
     from fraud.redis_server import connect, redis_url
     from fraud.train import read_truth
 
@@ -303,7 +386,7 @@ def alert_precision(labels: Path | None = None) -> None:
     truth = read_truth(labs)
     client = connect(redis_url(s))
     try:
-        alerted = [_text(f.get(b"txn_id", b"")) for _, f in client.xrange(s.alerts_stream) or []]  # type: ignore[union-attr]
+        alerted = [_text(f.get(b"txn_id", b"")) for _, f in scan_stream(client, s.alerts_stream)]
     finally:
         client.close()
     labelled = [t for t in alerted if t in truth]
@@ -326,7 +409,13 @@ def alert_precision(labels: Path | None = None) -> None:
 def dead_letters(
     count: Annotated[int, typer.Option(help="How many of the newest to show.")] = 20,
 ) -> None:
-    """Show the newest dead letters with their reasons (read-only: XREVRANGE)."""
+    """Show the newest dead letters with their reasons (read-only: XREVRANGE).
+
+    Dead letters hold whatever a producer sent, so values are shown safely:
+    invalid UTF-8 as \\xNN, control characters escaped, the raw payload
+    capped at 200 characters and other fields at 512, a missing field as ?.
+    """
+    from fraud.display import show, write_line
     from fraud.redis_server import connect, redis_url
 
     s = get_settings()
@@ -337,19 +426,20 @@ def dead_letters(
     finally:
         client.close()
     for entry_id, fields in entries or []:
-        f = {_text(k): _text(v) for k, v in (fields or {}).items()}
-        typer.echo(
-            f"{_text(entry_id)} {f.get('kind')}:{f.get('reason')} txn={f.get('txn_id') or '?'} {f.get('detail')}"
-        )
-        typer.echo(f"    raw: {f.get('raw', '')[:200]}")
+        f = {_text(k): v for k, v in (fields or {}).items()}
+        head = f"{show(entry_id)} {show(f.get('kind'))}:{show(f.get('reason'))} txn={show(f.get('txn_id'))}"
+        write_line(sys.stdout, f"{head} {show(f.get('detail'))}")
+        write_line(sys.stdout, f"    raw: {show(f.get('raw'), 200, missing='')}")
         if f.get("origin"):
-            typer.echo(f"    from: {f['origin']}")
+            write_line(sys.stdout, f"    from: {show(f['origin'])}")
     typer.echo(f"{total} dead letter(s) in {s.dlq_stream}", err=True)
 
 
 @app.command()
 def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = False) -> None:
-    """Delete the output streams (with their consumer groups and de-duplication markers)."""
+    """Delete the output streams (with their consumer groups and de-duplication markers) and the
+    record of the recovery store that wrote them: `fraud run --fresh` then replays into them."""
+    from flows.recovery import STORE_FILE, store_key
     from flows.redis_sink import reset_streams
     from fraud.redis_server import connect, redact, redis_url
 
@@ -361,9 +451,15 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = F
     client = connect(url)
     try:
         n, markers = reset_streams(client, streams)
+        client.delete(store_key(s))
     finally:
         client.close()
     typer.echo(f"reset {redact(url)}: deleted {n} stream(s) of {', '.join(streams)} and {markers} marker(s)")
+    if s.recovery_dir is not None and (s.recovery_dir / STORE_FILE).exists():
+        typer.echo(
+            f"the recovery store in {s.recovery_dir} still holds the old input positions: "
+            "`fraud run --fresh` moves it aside and replays the input from its beginning"
+        )
 
 
 def main() -> None:  # pragma: no cover - console entry point

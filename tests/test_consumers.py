@@ -1,0 +1,428 @@
+"""The stream readers survive anything in the stream (issue 12): `fraud alerts`, `fraud
+dead-letters` and `fraud alert-precision` against a real Redis holding hostile entries.
+
+Each reader must neither raise nor let an entry's content reach the terminal raw (escape
+sequences, other controls, bidi overrides), text output caps each field, and `fraud alerts`
+shows again what an interrupted run read but did not show.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from fraud.cli import app
+from fraud.consumer import consume, ensure_group, pending_count, read_alerts
+from fraud.display import FIELD_CAP
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parents[1]
+ALERTS = "fraud:alerts"  # the settings' defaults, which the CLI commands read
+DLQ = "fraud:dlq"
+ESCAPES = "\x1b[2J\x1b[H\x1b]0;pwned\x07\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\\r\x08\x00\x7f\x9b\x85\u202e\u2066\u2028\ufeff"
+RawFields = dict[bytes, bytes]
+
+
+def alert(i: int, **extra: str) -> dict[str, str]:
+    reasons = [{"feature": "amount_z", "value": 4.2, "contribution": 0.31}]
+    return {
+        "txn_id": f"t{i}",
+        "card_id": f"c{i % 7}",
+        "merchant_id": "m1",
+        "ts": "2024-05-01T12:00:00Z",
+        "score": "0.91",
+        "xgb_score": "0.9",
+        "online_score": "0.2",
+        "threshold": "0.5",
+        "model_version": "v1",
+        "reasons": json.dumps(reasons),
+        **extra,
+    }
+
+
+def add(client: redis.Redis, stream: str, entries: list[Any]) -> list[str]:
+    """XADD every entry (str or raw bytes fields) in one round trip; their ids in order."""
+    pipe = client.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(stream, fields)
+    return [entry_id.decode() for entry_id in pipe.execute()]
+
+
+def drain(
+    client: redis.Redis,
+    *,
+    group: str,
+    consumer: str = "me",
+    as_json: bool,
+    limit: int | None = None,
+    out: io.StringIO | None = None,
+    stream: str = ALERTS,
+    **kw: Any,
+) -> tuple[int, str]:
+    out = io.StringIO() if out is None else out
+    n = consume(client, stream, group, consumer, follow=False, as_json=as_json, limit=limit, out=out, **kw)
+    return n, out.getvalue()
+
+
+def assert_terminal_safe(text: str) -> None:
+    """No ESC, no other control or format character: line breaks between lines only."""
+    assert "\x1b" not in text
+    bad = {ch for ch in text if not ch.isprintable() and ch != "\n"}
+    assert not bad, sorted(bad)[:10]
+
+
+def json_ids(text: str) -> list[str]:
+    return [json.loads(line)["id"] for line in text.splitlines()]
+
+
+@pytest.fixture
+def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A runner for `fraud …` commands against the test server (default stream names)."""
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    return CliRunner()
+
+
+class CutOutput(io.StringIO):
+    """An output that breaks like a closed pipe on line `fail_at` (0-based)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.lines = 0
+
+    def write(self, s: str) -> int:
+        if self.lines == self.fail_at:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.lines += s.count("\n")
+        return super().write(s)
+
+
+# -- hostile content ----------------------------------------------------------------------------
+
+
+def test_recursion_bomb_in_reasons_is_shown_not_fatal(redis_client: redis.Redis, cli: CliRunner) -> None:
+    bomb = "[" * 100_000
+    ids = add(
+        redis_client, ALERTS, [alert(0, reasons=bomb), alert(1), alert(2, reasons="[" * 5000 + "]" * 5000)]
+    )
+    n, text = drain(redis_client, group="text", as_json=False)
+    assert n == 3 and len(text.splitlines()) == 3
+    assert text.splitlines()[0].endswith("reasons: ?") and "amount_z=4.2" in text.splitlines()[1]
+    n, text = drain(redis_client, group="json", as_json=True)
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert n == 3 and [row["id"] for row in rows] == ids
+    assert rows[0]["fields"]["reasons"] == bomb  # complete, still the raw string
+    assert pending_count(redis_client, ALERTS, "text") == pending_count(redis_client, ALERTS, "json") == 0
+
+    result = cli.invoke(app, ["alerts", "--group", "cli"])
+    assert result.exit_code == 0, result.output
+    assert "3 alert(s)" in result.stderr and len(result.stdout.splitlines()) == 3
+
+
+def test_escape_sequences_are_shown_visibly(redis_client: redis.Redis) -> None:
+    evil = alert(0, txn_id=f"t0{ESCAPES}", card_id="c\n1\tx", model_version="é😀 ok")
+    evil["reasons"] = json.dumps([{"feature": ESCAPES, "value": 1, "contribution": 0.5}])
+    add(redis_client, ALERTS, [evil])
+    n, text = drain(redis_client, group="text", as_json=False)
+    assert n == 1 and len(text.splitlines()) == 1  # the \n and U+2028 in fields broke no line
+    assert_terminal_safe(text)
+    assert "txn=t0\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07" in text and "\\r\\x08\\x00\\x7f\\x9b\\x85" in text
+    assert "\\u202e\\u2066\\u2028\\ufeff" in text and "card=c\\n1\\tx" in text
+    assert "model=é😀 ok" in text  # ordinary printable Unicode is kept
+
+    n, text = drain(redis_client, group="json", as_json=True)
+    assert n == 1 and text.isascii() and "\x1b" not in text
+    fields = json.loads(text)["fields"]
+    assert fields["txn_id"] == f"t0{ESCAPES}" and fields["reasons"][0]["feature"] == ESCAPES  # exact
+
+
+def test_huge_field_is_capped_in_text_and_complete_in_json(redis_client: redis.Redis, cli: CliRunner) -> None:
+    huge = "é" * 10_000_000
+    add(redis_client, ALERTS, [alert(0, merchant_id=huge), alert(1)])
+    n, text = drain(redis_client, group="text", as_json=False)
+    first = text.splitlines()[0]
+    assert n == 2 and len(text) < 10_000
+    assert f"merchant={'é' * FIELD_CAP}… ({10_000_000 - FIELD_CAP} more characters)  score=" in first
+    n, text = drain(redis_client, group="json", as_json=True)
+    assert n == 2 and json.loads(text.splitlines()[0])["fields"]["merchant_id"] == huge
+
+    add(redis_client, DLQ, [{"kind": "txn", "reason": "too_large", "detail": huge, "raw": huge}])
+    result = cli.invoke(app, ["dead-letters"])
+    assert result.exit_code == 0, result.output
+    assert (
+        len(result.stdout) < 10_000
+        and f"raw: {'é' * 200}… ({10_000_000 - 200} more characters)" in result.stdout
+    )
+
+
+def test_non_utf8_values_in_every_reader(redis_client: redis.Redis, cli: CliRunner, tmp_path: Path) -> None:
+    raw: RawFields = {
+        b"txn_id": b"t\xff\xfe",
+        b"card_id": b"\xed\xa0\x80",  # an encoded surrogate: not UTF-8
+        b"reasons": b'[{"feature": "\xc3(", "value": 1}]',
+        b"\x80key": b"\xc0\xaf",
+    }
+    add(redis_client, ALERTS, [raw, alert(1)])
+    n, text = drain(redis_client, group="text", as_json=False)
+    assert n == 2 and "txn=t\\xff\\xfe  card=\\xed\\xa0\\x80" in text
+    assert_terminal_safe(text)
+    n, text = drain(redis_client, group="json", as_json=True)
+    fields = json.loads(text.splitlines()[0])["fields"]
+    assert n == 2 and fields["txn_id"] == "t\\xff\\xfe" and fields["\\x80key"] == "\\xc0\\xaf"
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"txn_id": "t1", "is_fraud": true, "ts": 1714564800000}\n')
+    result = cli.invoke(app, ["alert-precision", "--labels", str(labels)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["alerts"] == 2 and report["true_frauds_alerted"] == 1 and report["precision"] == 1.0
+
+    add(
+        redis_client,
+        DLQ,
+        [
+            {b"kind": b"txn", b"reason": b"bad_json", b"raw": b"{\xff\x1b[2J", b"origin": b"f\xfe:3"},
+            {b"raw": b"\x9b31m"},  # every other field missing
+        ],
+    )
+    result = cli.invoke(app, ["dead-letters"])
+    assert result.exit_code == 0, result.output
+    assert " ?:? txn=? ?\n" in result.stdout and "raw: \\x9b31m" in result.stdout
+    assert "txn:bad_json txn=? ?" in result.stdout and "raw: {\\xff\\x1b[2J" in result.stdout
+    assert "from: f\\xfe:3" in result.stdout
+    assert_terminal_safe(result.stdout)
+
+
+def test_alert_precision_reads_the_stream_in_pages(
+    redis_client: redis.Redis, cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(2500)])
+    assert len(set(ids)) == 2500
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        "".join(
+            f'{{"txn_id": "t{i}", "is_fraud": {str(i % 2 == 0).lower()}, "ts": 1714564800000}}\n'
+            for i in range(10)
+        )
+    )
+    counts: list[int | None] = []
+    xrange = redis.Redis.xrange
+
+    def spy(self: redis.Redis, *args: Any, **kw: Any) -> Any:
+        counts.append(kw.get("count"))
+        return xrange(self, *args, **kw)
+
+    monkeypatch.setattr(redis.Redis, "xrange", spy)
+    result = cli.invoke(app, ["alert-precision", "--labels", str(labels)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["alerts"] == report["distinct_transactions"] == 2500
+    assert report["alerts_with_a_label"] == 10 and report["true_frauds_alerted"] == 5
+    assert counts == [1000, 1000, 1000]
+
+
+# -- re-delivery ----------------------------------------------------------------------------------
+
+
+def test_a_batch_read_but_not_acknowledged_is_shown_again(redis_client: redis.Redis) -> None:
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(5)])
+    ensure_group(redis_client, ALERTS, "g")
+    read = read_alerts(redis_client, ALERTS, "g", "me", count=3)  # then the process died before XACK
+    assert [entry_id for entry_id, _ in read] == ids[:3] and pending_count(redis_client, ALERTS, "g") == 3
+
+    n, text = drain(redis_client, group="g", as_json=True, limit=2)  # --limit counts re-deliveries too
+    assert n == 2 and json_ids(text) == ids[:2]
+    n, text = drain(redis_client, group="g", as_json=True)
+    assert n == 3 and json_ids(text) == ids[2:]  # own pending first, then new ones
+    assert pending_count(redis_client, ALERTS, "g") == 0
+    assert drain(redis_client, group="g", as_json=True) == (0, "")  # a clean run shows nothing twice
+
+
+def test_output_failing_midway_acknowledges_exactly_what_was_shown(redis_client: redis.Redis) -> None:
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(250)])
+    cut = CutOutput(fail_at=137)
+    with pytest.raises(BrokenPipeError):
+        drain(redis_client, group="g", as_json=True, out=cut)
+    first = json_ids(cut.getvalue())
+    assert first == ids[:137]
+    assert pending_count(redis_client, ALERTS, "g") == 100 - 37  # the rest of the cut batch
+    n, text = drain(redis_client, group="g", as_json=True)
+    assert n == 250 - 137 and json_ids(text) == ids[137:]
+    assert pending_count(redis_client, ALERTS, "g") == 0
+
+
+def test_deleted_pending_entries_are_acknowledged(redis_client: redis.Redis) -> None:
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(4)])
+    ensure_group(redis_client, ALERTS, "g")
+    read_alerts(redis_client, ALERTS, "g", "me", count=4)
+    redis_client.xdel(ALERTS, ids[1], ids[2])
+    n, text = drain(redis_client, group="g", as_json=True)
+    assert n == 2 and json_ids(text) == [ids[0], ids[3]]
+    assert pending_count(redis_client, ALERTS, "g") == 0
+
+
+def test_entries_abandoned_by_another_consumer_are_claimed_when_idle(redis_client: redis.Redis) -> None:
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(3)])
+    ensure_group(redis_client, ALERTS, "g")
+    read_alerts(redis_client, ALERTS, "g", "crashed", count=2)
+    n, text = drain(redis_client, group="g", consumer="me", as_json=True)  # not idle 5 minutes yet
+    assert n == 1 and json_ids(text) == ids[2:]
+    assert pending_count(redis_client, ALERTS, "g") == 2
+    n, text = drain(redis_client, group="g", consumer="me", as_json=True, claim_idle_ms=0)
+    assert n == 2 and json_ids(text) == ids[:2]
+    assert pending_count(redis_client, ALERTS, "g") == 0
+
+
+def test_cli_alerts_piped_to_a_reader_that_leaves(redis_url: str, redis_client: redis.Redis) -> None:
+    """`fraud alerts | head -1`: no traceback; what was not written stays pending and comes next."""
+    ids = add(
+        redis_client, ALERTS, [alert(i) for i in range(3000)]
+    )  # ~700 kB of lines: more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fraud.cli", "alerts"],
+        cwd=ROOT,
+        env={**os.environ, "FRAUD_REDIS_URL": redis_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"2024-05-01T12:00:00Z  txn=t0 ")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "output closed" in err
+    delivered = ids.index(redis_client.xinfo_groups(ALERTS)[0]["last-delivered-id"].decode()) + 1
+    left = pending_count(redis_client, ALERTS, "fraud-cli")
+    assert 0 < left <= 100 and delivered < 3000  # the rest of the batch being written when it broke
+    written = delivered - left  # the lines that reached the pipe, acknowledged
+    n, text = drain(redis_client, group="fraud-cli", consumer="cli", as_json=True)
+    assert n == 3000 - written and json_ids(text) == ids[written:]
+    assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
+
+
+# -- fuzz -----------------------------------------------------------------------------------------
+
+CONTROLS = [
+    *map(chr, range(0x20)), "\x7f", *map(chr, range(0x80, 0xA0)), "\u200b", "\u200d", "\u202a",
+    "\u202e", "\u2066", "\u2069", "\u2028", "\u2029", "\ufeff", "\ue000", "\U000e0001",
+    "\x1b[2J", "\x1b]0;title\x07", "\x1b]8;;http://x\x1b\\", "\x1b[1A\x1b[2K", "\x1bP+q\x1b\\",
+]  # fmt: skip
+PLAIN = ["a", "Z", "0", " ", "é", "€", "😀", "\\", '"', "[", "{", "😀\u200d😀"]
+KEYS = ["txn_id", "card_id", "merchant_id", "ts", "score", "xgb_score", "online_score", "threshold",
+        "model_version", "reasons", "kind", "reason", "detail", "raw", "origin"]  # fmt: skip
+
+
+def hostile(rng: random.Random) -> bytes:
+    """One value meant to break a reader."""
+    kind = rng.randrange(12)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(64))
+    if kind == 1:
+        return b"[" * rng.randrange(1_000, 40_000)
+    if kind == 2:
+        depth = rng.randrange(500, 3_000)
+        return b"[" * depth + b"]" * depth
+    if kind == 3:
+        return "".join(rng.choice(CONTROLS + PLAIN) for _ in range(rng.randrange(1, 60))).encode()
+    if kind == 4:
+        return rng.choice(
+            [b"nan", b"inf", b"-inf", b"1e999", b"9" * 5000, b"", b"-0", b"0x1f", b"1_0", b"\x00"]
+        )
+    if kind == 5:
+        value = rng.choice([None, "x", [1, [2]], {"a": 1}, True, 1e308, -0.0])
+        feature = rng.choice(["f", "", None, 3, ["x"], {"y": 1}, "".join(rng.choices(CONTROLS, k=5))])
+        item = {"feature": feature, "value": value, "contribution": rng.choice([0.5, "x", None, [], 1])}
+        return json.dumps([item, 1, "s", None, [item]] * rng.randrange(1, 30)).encode()
+    if kind == 6:
+        return rng.choice(
+            [
+                b"[NaN, Infinity]",
+                b'[{"value": 1' + b"0" * 400 + b"}]",
+                b'{"a": 1}',
+                b'"s"',
+                b"[1,2",
+                b"[]",
+                b"null",
+            ]
+        )
+    if kind == 7:
+        return rng.choice([b"\xed\xa0\x80", b"\xc0\xaf", b"\xe2\x82", b"\xf4\x90\x80\x80", b"\xff\xfe"])
+    if kind == 8:
+        return (
+            json.dumps([{"feature": "x", "value": 1, "contribution": 1}] * rng.randrange(1_000, 5_000))
+        ).encode()
+    return "".join(rng.choices(PLAIN, k=rng.randrange(0, 20))).encode()
+
+
+def hostile_entry(rng: random.Random, i: int) -> Any:
+    shape = rng.randrange(100)
+    if shape < 45:
+        return alert(i)
+    if shape < 48:
+        return {b"": b""}  # the emptiest entry XADD accepts
+    if shape < 50:  # huge
+        return {
+            rng.choice(KEYS).encode(): rng.choice([b"A", "é".encode(), b"\x1b[2J"])
+            * rng.randrange(50_000, 200_000)
+        }
+    fields: RawFields = {}
+    for key in rng.sample(KEYS, rng.randrange(1, len(KEYS))):
+        fields[key.encode()] = hostile(rng)
+    for _ in range(rng.randrange(3)):  # extra fields with hostile names
+        fields[hostile(rng)[:100] or b"_"] = hostile(rng)
+    return fields
+
+
+def test_fuzz_every_reader_survives_hostile_streams(
+    redis_client: redis.Redis, cli: CliRunner, tmp_path: Path
+) -> None:
+    rng = random.Random(1212)
+    total = 3000
+    ids = add(redis_client, ALERTS, [hostile_entry(rng, i) for i in range(total)])
+
+    n, text = drain(redis_client, group="text", as_json=False)
+    assert n == total and len(text.splitlines()) == total  # one line each, whatever the content
+    assert_terminal_safe(text)
+    assert pending_count(redis_client, ALERTS, "text") == 0
+
+    n, text = drain(redis_client, group="json", as_json=True)
+    assert n == total and text.isascii() and json_ids(text) == ids
+    assert pending_count(redis_client, ALERTS, "json") == 0
+
+    cut = CutOutput(fail_at=rng.randrange(1, total))  # interrupted, then resumed: each shown once
+    with pytest.raises(BrokenPipeError):
+        drain(redis_client, group="cut", as_json=True, out=cut)
+    n, rest = drain(redis_client, group="cut", as_json=True)
+    assert json_ids(cut.getvalue()) + json_ids(rest) == ids and n == total - cut.fail_at
+    assert pending_count(redis_client, ALERTS, "cut") == 0
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        "".join(f'{{"txn_id": "t{i}", "is_fraud": true, "ts": 1714564800000}}\n' for i in range(total))
+    )
+    result = cli.invoke(app, ["alert-precision", "--labels", str(labels)])
+    assert result.exit_code == 0, result.output
+    valid = sum(
+        1 for line in text.splitlines() if json.loads(line)["fields"].get("txn_id", "").startswith("t")
+    )
+    report = json.loads(result.stdout)
+    assert report["alerts"] == total and report["alerts_with_a_label"] <= valid
+
+    dead_ids = add(redis_client, DLQ, [hostile_entry(rng, i) for i in range(600)])
+    result = cli.invoke(app, ["dead-letters", "--count", "600"])
+    assert result.exit_code == 0, result.output
+    assert_terminal_safe(result.stdout)
+    heads = [line.split(" ", 1)[0] for line in result.stdout.splitlines() if not line.startswith("    ")]
+    assert heads == dead_ids[::-1]
