@@ -7,6 +7,7 @@ from the bounded set `REASONS` (safe as a metrics label); nothing here raises on
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -19,6 +20,10 @@ MAX_AMOUNT = 1e9
 features' squares and the models' float32 inputs lose range (1e308 overflowed the cents column)."""
 MAX_FIELD_CHARS = 256  # ids and optional strings: a longer value would become a state key
 MAX_RECORD_BYTES = 65_536  # a larger payload is refused before decoding (`too_large`)
+MAX_JSON_DEPTH = 64
+"""Deeper nesting is refused (`bad_json`) before decoding: a record is one or two levels deep, and
+the decoder recurses once per level, so a bound that depends on the caller's stack (about 990
+levels) would make the same record pass in one place and fail in another."""
 
 REASONS = (
     "bad_json",
@@ -163,11 +168,34 @@ _TOO_DEEP = "JSON nested too deeply to decode"
 
 
 def _checked(raw: bytes | str) -> bytes:
-    """The payload's bytes, refused when too large (before any parsing)."""
+    """The payload's bytes, refused when too large or nested too deep (before any parsing)."""
     data = payload_bytes(raw)
     if len(data) > MAX_RECORD_BYTES:
-        raise _Invalid("too_large", f"record of {len(data):,} bytes; at most {MAX_RECORD_BYTES:,} are accepted")
+        raise _Invalid(
+            "too_large", f"record of {len(data):,} bytes; at most {MAX_RECORD_BYTES:,} are accepted"
+        )
+    # Fast path: fewer openings than the bound cannot nest deeper (two C-speed counts).
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and json_depth(data) > MAX_JSON_DEPTH:
+        raise _Invalid("bad_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return data
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)  # a JSON string, or an unterminated one
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in `data`, brackets inside strings aside; works
+    on text that is not valid JSON too (a cut-short or broken record)."""
+    depth = deepest = 0
+    for b in _STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if b == 91 or b == 123:  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif depth:
+            depth -= 1
+    return deepest
 
 
 def _schema_or_json(e: msgspec.ValidationError, data: bytes) -> tuple[str, str]:

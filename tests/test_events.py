@@ -93,7 +93,7 @@ NESTED_ARRAY = "[" * 100_000 + "]" * 100_000
         ("txn", GOOD.replace("12.5", "1e308"), "bad_amount", "in [0, 1e+09]"),
         ("txn", GOOD.replace("12.5", "1e9"), None, None),  # the largest amount accepted
         ("txn", GOOD.replace("12.5", "1000000000.01"), "bad_amount", "1000000000.01"),
-        ("txn", GOOD[:-1] + ',"extra":' + NESTED_OBJECT + "}", "bad_json", "nested too deeply"),
+        ("txn", GOOD[:-1] + ',"extra":' + NESTED_OBJECT + "}", "bad_json", "nested deeper than 64 levels"),
         ("label", '{"txn_id":"t1","is_fraud":true,"ts":1767603600250,"x":' + NESTED_OBJECT + "}", "bad_json", "nested"),
         ("txn", GOOD[:-1] + ',"device_id":"' + "d" * 257 + '"}', "schema", "$.device_id"),
         ("txn", GOOD[:-1] + ',"device_id":"' + "d" * 256 + '"}', None, None),
@@ -186,3 +186,22 @@ def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: P
     assert [type(e) for e in events] == [Transaction, DeadLetter, Transaction]
     dead = events[1]
     assert isinstance(dead, DeadLetter) and payload_bytes(dead.raw) == binary
+
+
+def test_json_depth_is_bounded_at_64_levels_whatever_the_stack() -> None:
+    """The record object is level 1; 64 levels pass, 65 are bad_json, brackets in strings do not
+    count, and a cut-short record is measured too."""
+    from features.events import MAX_JSON_DEPTH, json_depth
+
+    def nested(levels: int) -> str:  # the record plus `levels - 1` levels of arrays inside it
+        return GOOD[:-1] + ',"x":' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+    assert MAX_JSON_DEPTH == 64
+    assert isinstance(decode("txn", nested(64)), Transaction)
+    out = decode("txn", nested(65))
+    assert isinstance(out, DeadLetter) and out.reason == "bad_json" and "deeper than 64" in out.detail
+    assert isinstance(decode("txn", GOOD[:-1] + ',"x":"' + "[{" * 1000 + '"}'), Transaction)
+    assert json_depth(b'{"a": [1, {"b": "[[[["}]}') == 3
+    assert json_depth(b'{"a": "\\"[[", "b": [[[') == 4
+    label = '{"txn_id":"t1","is_fraud":true,"ts":1767603600250,"x":' + "[" * 70 + "]" * 70 + "}"
+    assert decode("label", label).reason == "bad_json"  # type: ignore[union-attr]
