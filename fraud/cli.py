@@ -252,9 +252,6 @@ def alerts(
     --claim-idle minutes, then new ones. Text lines escape control
     characters and cap each field at 512 characters; --json is complete.
     """
-    import contextlib
-    import os
-
     from fraud.consumer import consume
     from fraud.redis_server import connect, redis_url
 
@@ -277,8 +274,7 @@ def alerts(
         # `fraud alerts | head`: the reader left. What reached the pipe was acknowledged, the rest
         # stays pending for this consumer's next run. Point stdout at /dev/null so the interpreter's
         # final flush does not raise again.
-        with contextlib.suppress(OSError, ValueError):  # no real descriptor (e.g. under CliRunner)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         typer.echo(f"output closed; alerts not shown stay pending for {consumer!r} in {group!r}", err=True)
         return
     finally:
@@ -425,14 +421,30 @@ def dead_letters(
         total = client.xlen(s.dlq_stream)
     finally:
         client.close()
-    for entry_id, fields in entries or []:
-        f = {_text(k): v for k, v in (fields or {}).items()}
-        head = f"{show(entry_id)} {show(f.get('kind'))}:{show(f.get('reason'))} txn={show(f.get('txn_id'))}"
-        write_line(sys.stdout, f"{head} {show(f.get('detail'))}")
-        write_line(sys.stdout, f"    raw: {show(f.get('raw'), 200, missing='')}")
-        if f.get("origin"):
-            write_line(sys.stdout, f"    from: {show(f['origin'])}")
+    try:
+        for entry_id, fields in entries or []:
+            f = {_text(k): v for k, v in (fields or {}).items()}
+            head = (
+                f"{show(entry_id)} {show(f.get('kind'))}:{show(f.get('reason'))} txn={show(f.get('txn_id'))}"
+            )
+            write_line(sys.stdout, f"{head} {show(f.get('detail'))}")
+            write_line(sys.stdout, f"    raw: {show(f.get('raw'), 200, missing='')}")
+            if f.get("origin"):
+                write_line(sys.stdout, f"    from: {show(f['origin'])}")
+    except BrokenPipeError:  # `fraud dead-letters | head`: read-only, nothing to keep pending
+        _quiet_stdout()
+        return
     typer.echo(f"{total} dead letter(s) in {s.dlq_stream}", err=True)
+
+
+def _quiet_stdout() -> None:
+    """After the reader of a pipe left: point stdout at /dev/null, so that the interpreter's final
+    flush does not raise BrokenPipeError again (a traceback on exit)."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError):  # no real descriptor (e.g. under CliRunner)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @app.command()

@@ -312,6 +312,37 @@ def test_cli_alerts_piped_to_a_reader_that_leaves(redis_url: str, redis_client: 
     assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
 
 
+def test_cli_dead_letters_piped_to_a_reader_that_leaves(redis_url: str, redis_client: redis.Redis) -> None:
+    """`fraud dead-letters --count 3000 | head -1`: no BrokenPipeError traceback."""
+    with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(3000):
+            pipe.xadd(
+                "fraud:dlq",
+                {
+                    "kind": "txn",
+                    "reason": "bad_json",
+                    "detail": "x" * 200,
+                    "raw": "{" * 200,
+                    "txn_id": f"t{i}",
+                },
+            )
+        pipe.execute()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fraud.cli", "dead-letters", "--count", "3000"],
+        cwd=ROOT,
+        env={**os.environ, "FRAUD_REDIS_URL": redis_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert b"bad_json" in proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
 # -- fuzz -----------------------------------------------------------------------------------------
 
 CONTROLS = [
