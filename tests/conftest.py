@@ -176,6 +176,18 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisTestServ
 
 
 @pytest.fixture(autouse=True)
+def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What sources and sinks reported to the progress summary (`flows.outputs.mark_failed`), fresh
+    for each test: the record is process-wide, and one test's failure must not turn a later test's
+    summary into [stopped]."""
+    from flows import outputs
+
+    reported: list[str] = []
+    monkeypatch.setattr(outputs, "_failure", reported)
+    return reported
+
+
+@pytest.fixture(autouse=True)
 def isolated_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests never see the developer's FRAUD_* variables (FRAUD_TEST_* aside) or cached settings."""
     for name in list(os.environ):

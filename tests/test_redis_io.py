@@ -19,7 +19,6 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, run_main
 from prometheus_client import REGISTRY
 
-from flows import outputs
 from flows.redis_sink import RedisSinkError, RedisStreamSink, xadd_batch
 from fraud.consumer import (
     ack,
@@ -67,15 +66,6 @@ def txn_ids(client: redis.Redis, stream: str = STREAM) -> list[str]:
 
 def xadd_errors() -> float:
     return REGISTRY.get_sample_value("fraud_redis_errors_total", {"op": "xadd"}) or 0.0
-
-
-@pytest.fixture(autouse=True)
-def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """What sinks reported to the progress summary (`mark_failed`), fresh for each test: the
-    record is process-wide, and a failure must not turn a later test's summary into [stopped]."""
-    reported: list[str] = []
-    monkeypatch.setattr(outputs, "_failure", reported)
-    return reported
 
 
 def run_sink_flow(url: str, items: list[dict[str, str]], maxlen: int = 1000) -> None:

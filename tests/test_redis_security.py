@@ -35,7 +35,6 @@ from redis.retry import Retry
 
 from features.events import DeadLetter, Transaction
 from features.privacy import card_token, identity
-from flows import outputs
 from flows.outputs import ProgressSink, alert_entry, decision_entry, dlq_entry, late_entry
 from flows.redis_sink import (
     DEDUPE_XADD_LUA,
@@ -93,15 +92,6 @@ def write(url: str, items: list[dict[str, str]], stream: str = STREAM, **kw: obj
 
 def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture(autouse=True)
-def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """What sources and sinks reported to the progress summary (`mark_failed`), fresh for each
-    test: the record is process-wide, and must not turn a later test's summary into [stopped]."""
-    reported: list[str] = []
-    monkeypatch.setattr(outputs, "_failure", reported)
-    return reported
 
 
 def first_read(url: str, prefix: str = "fraud:in", **kw: object) -> list[tuple[str, str, str]]:

@@ -21,7 +21,6 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from features.replay import merged_records
-from flows import outputs
 from flows.redis_source import RedisShardSource, _ShardPartition
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
@@ -68,15 +67,6 @@ def drain(part: _ShardPartition, timeout_s: float = 10.0) -> list[Record]:
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture(autouse=True)
-def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """What sources reported to the progress summary (`mark_failed`), fresh for each test: the
-    record is process-wide, and a failure must not turn a later test's summary into [stopped]."""
-    reported: list[str] = []
-    monkeypatch.setattr(outputs, "_failure", reported)
-    return reported
 
 
 def closed_port() -> int:
