@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit setup tls-redis sample model bench clean
+.PHONY: run test lint typecheck unit setup tls-redis sample model clean
 
 $(STAMP): pyproject.toml constraints.txt setup.py features/_kernel.c
 	$(PYTHON) -m venv $(VENV)

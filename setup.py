@@ -1,6 +1,6 @@
 """The one compiled module, `features._kernel` (the rest of the configuration is pyproject.toml).
 
-Optional: without a C compiler the install goes on and `features.state` runs the same plans in
+Optional: without a C compiler the install goes on and `features.plan` runs the same plans in
 Python, slower, with the same values.
 """
 

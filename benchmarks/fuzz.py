@@ -1,8 +1,8 @@
 """Fuzz the whole flow: hostile records mixed into valid traffic, through a private Redis.
 
-    python benchmarks/fuzz.py [--records 100000] [--seeds 1 2] [--shards 2] [--hostile 0.4]
+    python -m benchmarks.fuzz [--records 100000] [--seeds 1 2] [--shards 2] [--hostile 0.4]
 
-For each seed, builds the entries (`fraud.fuzz.entries`: a generated world's records with hostile
+For each seed, builds the entries (`testkit.fuzz.entries`: a generated world's records with hostile
 ones spliced in, ending with 200 fresh valid transactions), pushes them into the input shards of a
 private redis-server, runs the real flow over them in this process, and prints the books: records
 in, scored, dead letters by reason, labels joined, whether they balance exactly (in = scored +
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fraud import drill, fuzz
+from testkit import fuzz
+from testkit.redis_server import private_redis
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     ap.add_argument("--hostile", type=float, default=fuzz.HOSTILE_SHARE, help="share of hostile records")
     args = ap.parse_args()
     failed = 0
-    with drill.private_redis() as url:
+    with private_redis() as url:
         for seed in args.seeds:
             plan = fuzz.entries(args.records, seed, args.hostile)
             b = fuzz.run(url, plan, prefix=f"fuzz{seed}", shards=args.shards)

@@ -1,6 +1,6 @@
 """Memory the flow's transaction index holds per transaction (capacity planning).
 
-    python benchmarks/index_memory.py [--transactions 400000] [--cards 100000] [--step index|pending]
+    python -m benchmarks.index_memory [--transactions 400000] [--cards 100000] [--step index|pending]
 
 The `index` step keeps, for every transaction, what its label needs days later (event time,
 entity keys, whether it was labelled) as one Bytewax key per transaction id, for
@@ -19,30 +19,21 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
 
-import bytewax.operators as op  # noqa: E402
-from bytewax.dataflow import Dataflow  # noqa: E402
-from bytewax.testing import TestingSink, TestingSource, run_main  # noqa: E402
-
-from features.engine import FeatureRow  # noqa: E402
-from flows.steps import IndexConfig, IndexLogic, PendingLogic, decode_record, is_valid, txn_key  # noqa: E402
-from fraud.runtime import new_pipeline  # noqa: E402
-from fraud.settings import Settings  # noqa: E402
+from features.engine import FeatureRow
+from flows.steps import IndexConfig, IndexLogic, PendingLogic, decode_record, is_valid, txn_key
+from service.runtime import new_pipeline
+from service.settings import Settings
+from testkit.system import rss_bytes
 
 T0_MS = 1_767_571_200_000
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def main() -> None:

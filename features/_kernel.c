@@ -1,14 +1,14 @@
-/* The window reads of `features.state`, compiled: the optional fast path of `EntityPlan`.
+/* The window reads of `features.plan.EntityPlan`, compiled: its optional fast path.
  *
  * `window_features(buffer, n, idx, rel, program, prefix)` computes, for the event at position
- * `idx` of an integer key buffer holding `n` events (layout in `features/state.py`), the values
+ * `idx` of an integer key buffer holding `n` events (layout in `features/buffer.py`), the values
  * of the plan's counts, sums, means, maxima, minima, distinct counts and time since last, exactly
  * as the Python code does (same integers, same divisions, hence the same floats). Any other
  * aggregation gets its window's first index instead, for Python to compute. The buffer is only
  * read; the Python side inserts, evicts and keeps the block sums. Without this module the same
- * plan runs in Python (`features.state` falls back on its own), and the tests run both.
+ * plan runs in Python (`features.codegen` falls back on its own), and the tests run both.
  *
- * `program` (built by `EntityPlan._kernel_program`) is a bytes object of int64 words:
+ * `program` (built by `features.codegen.kernel_program`) is a bytes object of int64 words:
  *   itemsize (4 or 8), block (events per block sum), W, W window lengths (ms),
  *   K, then K records: op, column, window index (-1: none), scale, extra (lookback for op 6).
  */
@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* The `kernel_op` of the entries of `features.aggregations.AGGREGATIONS`. OP_PYTHON (7, that
+ * module's KERNEL_PYTHON) leaves a feature to Python; a new op goes at the end. */
 enum { OP_COUNT, OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_DISTINCT, OP_SINCE_LAST, OP_PYTHON };
 
 #define MAX_WINDOWS 64
@@ -85,7 +87,7 @@ static PyObject *ratio(int64_t r, int64_t scale)
 }
 
 /* Column `col`'s sum over events [start, end), from the key's block sums when it has them
- * (`features.state.window_sum`). Returns 0 and sets an error on failure. */
+ * (`features.buffer.window_sum`). Returns 0 and sets an error on failure. */
 static int window_sum(const Items *a, Py_ssize_t o, Py_ssize_t start, Py_ssize_t end, PyObject *sums,
                       int64_t shift, int64_t block, int64_t col, int64_t *out)
 {

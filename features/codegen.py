@@ -1,9 +1,11 @@
-"""The generated hot path of an `EntityPlan`: straight-line Python per declared feature set.
+"""The generated hot path of a plan: straight-line Python per declared feature set.
 
 `compile_plan` writes two functions for a plan's integer buffers, from its declaration: `fast`
-computes the features of one event, and `append` is the whole in-order hot path (encode, insert,
-read the windows, evict). `kernel_program` encodes the plan for the compiled window reads
-(`features/_kernel.c`). The layout and the general path they fall back to are in `features.state`.
+computes the features of one event, and `observe` is the whole in-order hot path (encode, insert,
+read the windows, evict), which hands anything else to the plan's general insertion.
+`kernel_program` encodes the plan for the compiled window reads (`features/_kernel.c`). What each
+aggregation inlines, or which kernel op computes it, is its entry in `features.aggregations`; the
+buffer layout is `features.buffer`. This module reads a plan through `Layout` only.
 """
 
 from __future__ import annotations
@@ -11,69 +13,90 @@ from __future__ import annotations
 import zlib
 from array import array
 from bisect import bisect_right
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from features.state import (
-    BIAS,
-    INT_LIMIT,
-    KERNEL_OPS,
-    KERNEL_PYTHON,
-    MINUTE_MS,
-    MISSING,
-    NAN,
-    PRESIZE_AT,
-    presize,
-    window_sum,
-)
+from features import buffer
+from features.aggregations import AGGREGATIONS, KERNEL_PYTHON, Context
+from features.buffer import BIAS, INT_LIMIT, MINUTE_MS, MISSING, NAN, PRESIZE_AT, EntityState
 
 if TYPE_CHECKING:
-    from features.state import EntityPlan
+    from features.events import Transaction
+
+Step = tuple[str, int, int, int]
+"""One feature of a plan: (aggregation, source column or -1, window ms, label delay ms)."""
+Fast = Callable[[EntityState, int, int, int], list[float]]
+Observe = Callable[[EntityState, "Transaction"], tuple[list[float], bool]]
 
 
-def kernel_ops(plan: EntityPlan) -> list[tuple[int, int, int, int, int]]:
+class Layout(Context, Protocol):
+    """What the generated code is built from (`features.plan.EntityPlan` is one)."""
+
+    code: str  # the buffer's typecode: "i" (32-bit, with a time origin) or "q"
+    width: int  # segments: event times, then one per column
+    fields: list[str]  # the columns: numeric ones first
+    num_fields: list[str]
+    nullable: list[bool]  # per numeric column: may hold MISSING
+    ints: set[int]  # numeric columns that never hold MISSING
+    summed: list[int]  # numeric columns with block sums on long keys
+    prefix_min: int
+    lazy_min: int
+    lazy_shift: int
+    retention_ms: int
+    windows: list[int]  # the distinct unshifted windows (ms): one window start each
+    steps: list[Step]
+    kernel: Any  # features._kernel.window_features, or None: the window reads in Python
+
+    def observe_general(self, s: EntityState, txn: Transaction) -> tuple[list[float], bool]: ...
+
+
+def _fast_path(plan: Layout, agg: str, j: int, w: int) -> bool:
+    """Whether the feature may take its aggregation's fast paths (template, kernel op) at all."""
+    a = AGGREGATIONS[agg]
+    return (not a.integer_column or j in plan.ints) and (not a.windowed or w in plan.windows)
+
+
+def kernel_ops(plan: Layout) -> list[tuple[int, int, int, int, int]]:
     """Per feature: (op, column, window index or -1, scale, lookback) for the kernel."""
-    ints = plan.ints
     ops = []
-    for agg, j, w, _ in plan._steps:
+    for agg, j, w, _ in plan.steps:
         win = plan.windows.index(w) if w in plan.windows else -1
-        op = KERNEL_OPS.get(agg, KERNEL_PYTHON)
-        if agg in ("sum", "mean", "max", "min") and j not in ints:
-            op = KERNEL_PYTHON
-        if win < 0 and agg != "time_since_last":
+        op = AGGREGATIONS[agg].kernel_op
+        if op is None or not _fast_path(plan, agg, j, w):
             op = KERNEL_PYTHON
         scale = plan.scales[j] if 0 <= j < len(plan.num_fields) else 1
         ops.append((op, j, win, scale, plan.lookback_ms))
     return ops
 
 
-def kernel_program(plan: EntityPlan) -> bytes:
+def kernel_program(plan: Layout) -> bytes:
     """This plan for `features._kernel.window_features` (the format is in its source)."""
-    words = [8 if plan.code == "q" else 4, plan.block, len(plan.windows), *plan.windows, len(plan._steps)]
+    words = [8 if plan.code == "q" else 4, plan.block, len(plan.windows), *plan.windows, len(plan.steps)]
     for op in kernel_ops(plan):
         words += op
     return array("q", words).tobytes()
 
 
-def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
+def compile_plan(plan: Layout) -> tuple[Fast, Observe]:
     """Straight-line Python for this plan's integer buffers: `fast(s, n, idx, rel)` computes the
-    features of the event at `idx`; `append(s, txn)` is the whole in-order hot path (append,
+    features of the event at `idx`; `observe(s, txn)` is the whole in-order hot path (append,
     features, evict).
 
-    Counts, sums, means, max/min over scaled-integer columns, distinct counts and time since
-    last are read by the kernel in one call when it is built (`_kernel_reads`), else inlined
-    (`_python_reads`); other aggregations call `_feature`. A widened key takes `_compute`, and
-    anything but an in-order append of exactly storable values takes `_observe`.
+    The aggregations with a kernel op are read by the kernel in one call when it is built
+    (`_kernel_reads`), else inlined from their templates (`_python_reads`); the others call
+    their reference function. A widened key, and anything but an in-order append of exactly
+    storable values, takes `plan.observe_general`.
     """
-    width, summed = plan.width, plan.summed
-    # `reads` computes `out` from (s, n, idx, rel); it is the body of `fast` and part of `append`.
+    width, summed, block = plan.width, plan.summed, plan.block
+    # `reads` computes `out` from (s, n, idx, rel); it is the body of `fast` and part of `observe`.
     reads = _kernel_reads(plan) if plan.kernel is not None else _python_reads(plan)
     fast = ["def fast(s, n, idx, rel):", *reads]
     if plan.kernel is None:
         fast.append("    m.release()")
     fast.append("    return out")
 
-    append = [
-        "def append(s, txn):",
+    observe = [
+        "def observe(s, txn):",
         "    size = len(s)",
         "    if size < 2: return general(s, txn)",  # a new or widened key
         f"    n = (size - 1) // {width}",
@@ -81,13 +104,13 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
         "    if rel < s[n]: return general(s, txn)",
     ]
     if plan.code == "i":
-        append.append(f"    if rel >= {INT_LIMIT}: return general(s, txn)")
+        observe.append(f"    if rel >= {INT_LIMIT}: return general(s, txn)")
     for j, field in enumerate(plan.fields):
-        append.append(f"    v{j} = txn.{field}")
+        observe.append(f"    v{j} = txn.{field}")
         if j < len(plan.num_fields):
             scale = plan.scales[j]
             missing = f"a{j} = {MISSING}" if plan.nullable[j] else "return general(s, txn)"
-            append += [
+            observe += [
                 f"    if v{j} is None: {missing}",
                 "    else:",
                 f"        a{j} = round(v{j} * {scale})",
@@ -95,38 +118,37 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
                 " return general(s, txn)",
             ]
         else:
-            append.append(
+            observe.append(
                 f"    a{j} = 0 if v{j} is None else ((crc32(v{j}.encode()) or 1) ^ {BIAS}) - {BIAS}"
             )
     # Insert each column's value at the end of its segment, last segment first.
     cols = len(plan.fields)
     for j in range(cols - 1, -1, -1):
-        append.append(f"    s.append(a{j})" if j == cols - 1 else f"    s.insert(1 + {j + 2} * n, a{j})")
-    append.append("    s.insert(1 + n, rel)")
-    append += ["    idx = n", "    n += 1", f"    if n == {PRESIZE_AT}: presize(s)"]
+        observe.append(f"    s.append(a{j})" if j == cols - 1 else f"    s.insert(1 + {j + 2} * n, a{j})")
+    observe.append("    s.insert(1 + n, rel)")
+    observe += ["    idx = n", "    n += 1", f"    if n == {PRESIZE_AT}: presize(s)"]
     if summed:
         # A long key's block sums gain a block each time its last one fills.
-        b = plan.block
-        append.append("    if s.prefix is not None:")
-        append.append(f"        if (n + s.prefix.shift) % {b} == 0:")
-        append += [
-            f"            q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {b}:{j + 2} * n + 1]))"
+        observe.append("    if s.prefix is not None:")
+        observe.append(f"        if (n + s.prefix.shift) % {block} == 0:")
+        observe += [
+            f"            q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {block}:{j + 2} * n + 1]))"
             for j in summed
         ]
-        append.append(f"    elif n >= {plan.prefix_min}: build_prefix(s, n)")
-    append += reads
+        observe.append(f"    elif n >= {plan.prefix_min}: build_prefix(s, n, {tuple(summed)}, {block})")
+    observe += reads
     # Eviction inline: in an in-order append the newest event is this one, at position n. A
     # short key drops each event as it expires; a long one (hot merchant) once n/32 have, since
     # every deletion moves the whole buffer. Expired events left in place are outside every
     # window of an in-order event, and a late event drops them before it reads the state.
     R = plan.retention_ms
-    append += [
+    observe += [
         f"    if s[1 + (n >> {plan.lazy_shift} if n >= {plan.lazy_min} else 0)] <= rel - {R}:",
         *(["        m = memoryview(s)"] if plan.kernel is not None else []),
         f"        k = bisect_right(m, rel - {R}, 1, n) - 1",
         "        m.release()",
         *[f"        del s[1 + {seg} * n:1 + {seg} * n + k]" for seg in range(width - 1, -1, -1)],
-        "        if s.prefix is not None: shrink_prefix(s, n - k, k)",
+        f"        if s.prefix is not None: shrink_prefix(s, n - k, k, {block})",
         *(["    else:", "        m.release()"] if plan.kernel is None else []),
         "    if s.labels is not None:",
         f"        evict_labels(s, s[0] * {MINUTE_MS} + {plan.bias} + rel - {R})",
@@ -134,44 +156,56 @@ def compile_plan(plan: EntityPlan) -> tuple[Any, Any]:
     ]
 
     scope: dict[str, Any] = {
-        "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32,
-        "feature": plan._feature, "steps": plan._steps, "general": plan._observe,
-        "build_prefix": plan._build_prefix, "evict_labels": plan._evict_labels,
-        "shrink_prefix": plan._shrink_prefix, "wsum": window_sum, "presize": presize,
-        "kernel": plan.kernel, "program": kernel_program(plan) if plan.kernel is not None else b"",
+        "bisect_right": bisect_right, "NAN": NAN, "crc32": zlib.crc32, "plan": plan,
+        "general": plan.observe_general, "build_prefix": buffer.build_prefix,
+        "evict_labels": buffer.evict_labels, "shrink_prefix": buffer.shrink_prefix,
+        "wsum": buffer.window_sum, "presize": buffer.presize, "kernel": plan.kernel,
+        "program": kernel_program(plan) if plan.kernel is not None else b"",
     }  # fmt: skip
+    # Features left to their reference function call it as `ref<k>` (k: the feature's position).
+    scope.update((f"ref{k}", AGGREGATIONS[agg].reference) for k, (agg, *_) in enumerate(plan.steps))
     exec("\n".join(fast), scope)
-    exec("\n".join(append), scope)
-    return scope["fast"], scope["append"]
+    exec("\n".join(observe), scope)
+    return scope["fast"], scope["observe"]
 
 
-def _kernel_reads(plan: EntityPlan) -> list[str]:
+def _reference_call(k: int, step: Step, start: str) -> str:
+    """The call of feature k's reference function, its window starting at index `start`."""
+    _, j, w, delay = step
+    return f"ref{k}(plan, s, n, s, idx, rel, {start}, {j}, {w}, {delay})"
+
+
+def _kernel_reads(plan: Layout) -> list[str]:
     """One kernel call reads every window; what it leaves to Python comes back as the window's
-    first index and is computed by `_feature`."""
+    first index and is computed by the feature's reference function."""
     return ["    out = kernel(s, n, idx, rel, program, s.prefix)"] + [
-        f"    out[{k}] = feature(s, n, s, idx, rel, int(out[{k}]), *steps[{k}])"
+        f"    out[{k}] = {_reference_call(k, plan.steps[k], f'int(out[{k}])')}"
         for k, (op, *_) in enumerate(kernel_ops(plan))
         if op == KERNEL_PYTHON
     ]
 
 
-def _python_reads(plan: EntityPlan) -> list[str]:
-    """The same reads inlined in Python. They leave the memoryview `m` open: `fast` releases it,
-    and `append` releases it around its eviction."""
-    steps, ints = plan._steps, plan.ints
+def _python_reads(plan: Layout) -> list[str]:
+    """The same reads inlined in Python from the aggregations' templates. They leave the
+    memoryview `m` open: `fast` releases it, and `observe` releases it around its eviction."""
+    steps = plan.steps
+    inline = [
+        AGGREGATIONS[agg].template is not None and _fast_path(plan, agg, j, w) for agg, j, w, _ in steps
+    ]
+    shares = [AGGREGATIONS[agg].shared if inline[k] else None for k, (agg, *_) in enumerate(steps)]
     # Binary searches go through a memoryview: on an array subclass `bisect` pays a Python-level
-    # __getitem__ per probe (3x slower); the view is released before the buffer is resized.
+    # __getitem__ per probe; the view is released before the buffer is resized.
     body = ["    end = idx + 1", "    pre = s.prefix", "    m = memoryview(s)"]
     body += [f"    st{w} = bisect_right(m, rel - {w}, 1, end) - 1" for w in plan.windows]
-    used = sorted({j for agg, j, _, _ in steps if j >= 0})
+    used = sorted({j for _, j, _, _ in steps if j >= 0})
     body += [f"    o{j} = 1 + {j + 1} * n" for j in used]
     # Nested windows share work: a longer window's sum (or max/min) extends the next shorter
     # one's over the events between their starts, so each event is read once, not per window.
     for j in plan.summed:
-        ws, scale = (
-            sorted({w for agg, jj, w, _ in steps if jj == j and agg in ("sum", "mean")}),
-            plan.scales[j],
-        )
+        ws = sorted({w for e, (_, jj, w, _) in zip(shares, steps, strict=True) if e == "sum" and jj == j})
+        scale = plan.scales[j]
+        if not ws:
+            continue
         body.append("    if pre is not None:")
         body += [
             f"        t{j}_{w} = wsum(s, pre, {j}, o{j}, st{w}, end, {plan.block}) / {scale}" for w in ws
@@ -181,9 +215,9 @@ def _python_reads(plan: EntityPlan) -> list[str]:
             upto = "end" if k == 0 else f"st{ws[k - 1]}"
             body.append(f"        r = {'' if k == 0 else 'r + '}sum(s[o{j} + st{w}:o{j} + {upto}])")
             body.append(f"        t{j}_{w} = r / {scale}")
-    extremes = sorted({(a, j) for a, j, _, _ in steps if a in ("max", "min") and j in ints})
+    extremes = sorted({(e, j) for e, (_, j, _, _) in zip(shares, steps, strict=True) if e in ("max", "min")})
     for ext, j in extremes:
-        ws = sorted({w for a, jj, w, _ in steps if a == ext and jj == j})
+        ws = sorted({w for e, (_, jj, w, _) in zip(shares, steps, strict=True) if e == ext and jj == j})
         for k, w in enumerate(ws):
             if k == 0:
                 body.append(f"    {ext}{j}_{w} = {ext}(s[o{j} + st{w}:o{j} + end])")
@@ -192,20 +226,16 @@ def _python_reads(plan: EntityPlan) -> list[str]:
                 body.append(f"    seg = s[o{j} + st{w}:o{j} + st{ws[k - 1]}]")
                 body.append(f"    {ext}{j}_{w} = {ext}({prev}, {ext}(seg)) if seg else {prev}")
     exprs = []
-    for k, (agg, j, w, _) in enumerate(steps):
-        if agg == "count":
-            exprs.append(f"float(end - st{w})")
-        elif agg == "sum":
-            exprs.append(f"t{j}_{w}")
-        elif agg == "mean":
-            exprs.append(f"t{j}_{w} / (end - st{w})")
-        elif agg in ("max", "min") and j in ints:
-            exprs.append(f"{agg}{j}_{w} / {plan.scales[j]}")
-        elif agg == "distinct" and w in plan.windows:  # categorical hashes; 0 = absent
-            exprs.append(f"float(len(set(s[o{j} + st{w}:o{j} + end]).difference((0,))))")
-        elif agg == "time_since_last":
-            exprs.append(f"((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {plan.lookback_ms} else NAN)")
-        else:
-            start = f"st{w}" if w in plan.windows else "0"
-            exprs.append(f"feature(s, n, s, idx, rel, {start}, *steps[{k}])")
+    for k, (agg, j, w, delay) in enumerate(steps):
+        template = AGGREGATIONS[agg].template
+        if not inline[k] or template is None:
+            exprs.append(_reference_call(k, (agg, j, w, delay), f"st{w}" if w in plan.windows else "0"))
+            continue
+        shared = {"sum": f"t{j}_{w}", "max": f"max{j}_{w}", "min": f"min{j}_{w}", None: ""}[shares[k]]
+        scale = plan.scales[j] if 0 <= j < len(plan.num_fields) else 1
+        exprs.append(
+            template.format(
+                start=f"st{w}", col=f"o{j}", scale=scale, lookback=plan.lookback_ms, shared=shared
+            )
+        )
     return [*body, "    out = [" + ", ".join(exprs) + "]"]

@@ -1,9 +1,9 @@
 """The feature pipeline shared by training (batch) and serving (the Bytewax flow).
 
 Serving runs the same steps as `FeatureEngine.process`, one keyed Bytewax step per entity:
-`index_transaction` / `join_label` keyed by txn_id, then `EntityPlan.observe` /
-`observe_label` keyed by each entity, then `assemble`. Training replays a file through
-`FeatureEngine`, which holds the same per-key states in dicts.
+`FeaturePipeline.start` (or `duplicate_txn`) / `join_label` keyed by txn_id, then
+`FeaturePipeline.observe` / `observe_label` keyed by each entity (`EntityPlan`), then `assemble`.
+Training replays a file through `FeatureEngine`, which holds the same per-key states in dicts.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from sys import intern
 
 import msgspec
 
+from features.buffer import NAN, EntityState
 from features.events import DeadLetter, Label, Transaction, encode
-from features.spec import FeatureSet
-from features.state import NAN, EntityPlan, EntityState
+from features.plan import EntityPlan
+from features.spec import TXN_FEATURE_CODE, FeatureSet
 
 
 class TxnEntry(msgspec.Struct, array_like=True, gc=False):
@@ -58,21 +59,12 @@ def _mcc_code(mcc: str | None) -> float:
     return float(mcc) if mcc and mcc.isdigit() else NAN
 
 
-TXN_FEATURE_CODE = {
-    "amount": "t.amount",
-    "hour_of_day": "float((t.ts_ms // 3600000) % 24)",
-    "day_of_week": "float((t.ts_ms // 86400000 + 3) % 7)",  # 1970-01-01 was a Thursday; Monday = 0
-    "is_online": "float(t.channel == 'online')",
-    "has_device": "float(t.device_id is not None)",
-    "mcc_code": "mcc_code(t.mcc)",
-    "is_weekend": "float((t.ts_ms // 86400000 + 3) % 7 >= 5)",
-    "is_night": "float((t.ts_ms // 3600000) % 24 < 6)",  # 00:00-05:59 UTC
-}
 _compiled: dict[tuple[str, ...], Callable[[Transaction], list[float]]] = {}
 
 
 def txn_feature_function(names: tuple[str, ...]) -> Callable[[Transaction], list[float]]:
-    """The function computing the features of a transaction alone (no history), in `names` order."""
+    """The function computing the features of a transaction alone (no history), in `names` order
+    (each as `features.spec.TXN_FEATURE_CODE` defines it)."""
     fn = _compiled.get(names)
     if fn is None:
         src = "lambda t: [" + ", ".join(TXN_FEATURE_CODE[n] for n in names) + "]"
@@ -85,13 +77,15 @@ def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
     return txn_feature_function(names)(txn)
 
 
-class Pipeline:
-    """The compiled feature set: one `EntityPlan` per entity, in declaration order."""
+class FeaturePipeline:
+    """The compiled feature set: one `EntityPlan` per entity, in declaration order (a plan's
+    `position` is its index in `plans`, in a row's `keys` and in a `TxnEntry`'s)."""
 
     def __init__(self, feature_set: FeatureSet, allowed_lateness_ms: int) -> None:
         self.feature_set = feature_set
         self.plans = [
-            EntityPlan(e, feature_set.for_entity(e), allowed_lateness_ms) for e in feature_set.entities
+            EntityPlan(e, feature_set.for_entity(e), allowed_lateness_ms, i)
+            for i, e in enumerate(feature_set.entities)
         ]
         self.names = feature_set.names
         self.schema_hash = feature_set.schema_hash
@@ -99,7 +93,7 @@ class Pipeline:
 
     def start(self, txn: Transaction) -> tuple[FeatureRow, TxnEntry]:
         # Interned: the index keeps every transaction's keys for weeks, and a card's transactions
-        # then share one string per key instead of holding a copy each (~180 bytes a transaction).
+        # then share one string per key instead of holding a copy each.
         keys = tuple(None if k is None else intern(k) for k in (p.key_of(txn) for p in self.plans))
         return FeatureRow(txn, keys), TxnEntry(txn.ts_ms, keys)
 
@@ -109,19 +103,18 @@ class Pipeline:
             values.extend(part)
         return values
 
-    def observe(self, i: int, state: EntityState | None, row: FeatureRow) -> None:
-        """Step `i` of the chain: add this entity's features to `row` (NaN when its key is absent)."""
-        plan = self.plans[i]
+    def observe(self, plan: EntityPlan, state: EntityState | None, row: FeatureRow) -> None:
+        """The chain's step of `plan`'s entity: add its features to `row` (NaN when its key is absent)."""
         if state is None:
             row.parts.append([NAN] * len(plan.names))
             return
-        values, late = plan.observe(state, row.txn)
+        values, late = plan.observe_fn(state, row.txn)
         row.parts.append(values)
         row.late = row.late or late
 
-    def observe_label(self, i: int, state: EntityState, label: LabelEvent) -> None:
+    def observe_label(self, plan: EntityPlan, state: EntityState, label: LabelEvent) -> None:
         if label.is_fraud:
-            self.plans[i].observe_label(state, label.txn_ts_ms, label.ts_ms)
+            plan.observe_label(state, label.txn_ts_ms, label.ts_ms)
 
 
 def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent | DeadLetter:
@@ -178,7 +171,7 @@ EXPIRY_EVERY = 100_000
 class FeatureEngine:
     """Batch mode: replay events in arrival order through the same steps the flow runs."""
 
-    def __init__(self, pipeline: Pipeline, index_ttl_ms: int | None = None) -> None:
+    def __init__(self, pipeline: FeaturePipeline, index_ttl_ms: int | None = None) -> None:
         """`index_ttl_ms`: how long (event time) a transaction waits for its label; None keeps
         every transaction (training on a file), 0 keeps none (features only: no labels, no
         duplicate detection)."""
@@ -191,7 +184,7 @@ class FeatureEngine:
         # Per plan, pre-bound for the per-transaction loop: key function, states, observe, new state,
         # and the values of a transaction without this entity.
         self._plans = [
-            (p.key_of, states, p.observe, p.new_state, [NAN] * len(p.names))
+            (p.key_of, states, p.observe_fn, p.new_state, [NAN] * len(p.names))
             for p, states in zip(pipeline.plans, self.states, strict=True)
         ]
 
@@ -202,9 +195,9 @@ class FeatureEngine:
         if isinstance(event, Label):
             joined = join_label(event.txn_id, self.index.get(event.txn_id), event)
             if isinstance(joined, LabelEvent):
-                for i, key in enumerate(joined.keys):
+                for plan, key in zip(p.plans, joined.keys, strict=True):
                     if key is not None:
-                        p.observe_label(i, self._state(i, key), joined)
+                        p.observe_label(plan, self._state(plan, key), joined)
             return joined
         if event.txn_id in self.index:
             return duplicate_txn(event)
@@ -245,11 +238,11 @@ class FeatureEngine:
             for key in [k for k, s in states.items() if plan.expired(s, self.watermark)]:
                 del states[key]
 
-    def _state(self, i: int, key: str) -> EntityState:
-        states = self.states[i]
+    def _state(self, plan: EntityPlan, key: str) -> EntityState:
+        states = self.states[plan.position]
         s = states.get(key)
         if s is None:
-            s = states[key] = self.pipeline.plans[i].new_state()
+            s = states[key] = plan.new_state()
         return s
 
     def run(

@@ -274,9 +274,11 @@ def decode_label(
 def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = "") -> Decoded:
     """Decode one record of `kind` ("txn" or "label"); never raises.
 
-    `received_ns` (wall clock at arrival) measures latency; `seq` (arrival order) lets keyed steps
-    put a batch back in arrival order, which Bytewax does not keep across keys; `raw` is kept so a
-    record refused later (duplicate, unknown transaction) is dead-lettered exactly as received.
+    `received_ns` (wall clock at arrival) measures latency; `raw` is kept so a record refused later
+    (duplicate, unknown transaction) is dead-lettered exactly as received. `seq`, the event's place
+    in the canonical order, is not known here: the flow decodes with 0 and its stamp step
+    (`flows.ordering.StampLogic`) sets it; keyed steps then apply their batches in `seq` order,
+    which Bytewax does not keep across keys.
     """
     if kind == "txn":
         return decode_transaction(raw, received_ns, seq, origin)

@@ -21,9 +21,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
-from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline
+from features.engine import FeatureEngine, FeaturePipeline, FeatureVector, LabelEvent
+from features.event_files import replay
 from features.events import DeadLetter
-from features.replay import replay
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FRAMING = ("txn_id", "ts", "card_id", "merchant_id")
@@ -35,7 +35,7 @@ def rfc3339_ms(ts_ms: int) -> str:
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{ts_ms % 1000:03d}Z"
 
 
-def header(pipeline: Pipeline) -> list[str]:
+def header(pipeline: FeaturePipeline) -> list[str]:
     return [*FRAMING, *pipeline.names, "late"]
 
 
@@ -73,7 +73,9 @@ def _open_out(out: Path) -> Iterator[IO[str]]:
             yield text
 
 
-def export_matrix(pipeline: Pipeline, transactions: Path, labels: Path | None, out: Path) -> MatrixStats:
+def export_matrix(
+    pipeline: FeaturePipeline, transactions: Path, labels: Path | None, out: Path
+) -> MatrixStats:
     """Replay `transactions` (and `labels`, merged in event time) and write the CSV to `out`."""
     stats = MatrixStats()
     engine = FeatureEngine(pipeline)
@@ -102,6 +104,6 @@ def export_matrix(pipeline: Pipeline, transactions: Path, labels: Path | None, o
     return stats
 
 
-def write_matrix(pipeline: Pipeline, transactions: Path, labels: Path | None, out: Path) -> int:
+def write_matrix(pipeline: FeaturePipeline, transactions: Path, labels: Path | None, out: Path) -> int:
     """Write the feature matrix CSV (`.csv.gz` when `out` ends with .gz); return the rows written."""
     return export_matrix(pipeline, transactions, labels, out).rows

@@ -1,8 +1,10 @@
 """Feature declarations as data: entity, source field, aggregation, window, label delay.
 
-The engine (`features.state`) knows nothing about fraud; `features.catalog` declares the feature
-set a user edits. Names are generated (`amount_sum_by_card_1h`) and the schema hash follows the
-declaration, so a model trained on another feature set is refused by the flow.
+The engine (`features.plan`, `features.engine`) knows nothing about fraud; `features.catalog`
+declares the feature set a user edits. Names are generated (`amount_sum_by_card_1h`) and the
+schema hash follows the declaration, so a model trained on another feature set is refused by the
+flow. Which aggregations exist, and their rules, is the table in `features.aggregations`; which
+transaction-only features exist, `TXN_FEATURE_CODE` here.
 """
 
 from __future__ import annotations
@@ -12,21 +14,17 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
-Agg = Literal[
-    "count", "sum", "mean", "std", "min", "max", "distinct", "is_new", "time_since_last",
-    "ratio_to_mean", "zscore", "distance_km", "speed_kmh", "label_count", "label_rate", "delayed_count",
-]  # fmt: skip
+from features.aggregations import AGGREGATIONS
 
-NUMERIC_AGGS = frozenset({"sum", "mean", "std", "min", "max", "ratio_to_mean", "zscore"})
-CATEGORICAL_AGGS = frozenset({"distinct", "is_new"})
-FIELDLESS_AGGS = frozenset(
-    {"count", "time_since_last", "distance_km", "speed_kmh", "label_count", "label_rate", "delayed_count"}
-)
-UNWINDOWED_AGGS = frozenset({"time_since_last", "distance_km", "speed_kmh"})
-LABEL_AGGS = frozenset({"label_count", "label_rate"})
-DELAYED_AGGS = LABEL_AGGS | {"delayed_count"}  # read the window shifted back by `label_delay`
+Agg = str
+"""An aggregation's name: a key of `features.aggregations.AGGREGATIONS`."""
+
+NUMERIC_AGGS = frozenset(k for k, a in AGGREGATIONS.items() if a.field == "numeric")
+CATEGORICAL_AGGS = frozenset(k for k, a in AGGREGATIONS.items() if a.field == "categorical")
+FIELDLESS_AGGS = frozenset(k for k, a in AGGREGATIONS.items() if a.field is None)
+UNWINDOWED_AGGS = frozenset(k for k, a in AGGREGATIONS.items() if not a.windowed)
+DELAYED_AGGS = frozenset(k for k, a in AGGREGATIONS.items() if a.delayed)  # may be shifted by `label_delay`
 
 NUMERIC_FIELDS = frozenset({"amount", "lat", "lon"})
 CATEGORICAL_FIELDS = frozenset(
@@ -83,6 +81,8 @@ class WindowFeature:
 
     def __post_init__(self) -> None:
         where = f"feature {self.agg} by {self.entity.name}"
+        if self.agg not in AGGREGATIONS:
+            raise SpecError(f"{where}: unknown aggregation; known: {sorted(AGGREGATIONS)}")
         if self.agg in FIELDLESS_AGGS:
             if self.field is not None:
                 raise SpecError(f"{where}: takes no field")
@@ -101,11 +101,7 @@ class WindowFeature:
 
     @property
     def name(self) -> str:
-        head = (
-            f"{self.field}_{self.agg}"
-            if self.field
-            else {"label_count": "fraud_count", "label_rate": "fraud_rate"}.get(self.agg, self.agg)
-        )
+        head = f"{self.field}_{self.agg}" if self.field else AGGREGATIONS[self.agg].title or self.agg
         tail = f"_{self.window}" if self.window else ""
         delay = f"_delay_{self.label_delay}" if self.label_delay else ""
         return f"{head}_by_{self.entity.name}{tail}{delay}"
@@ -119,9 +115,23 @@ class WindowFeature:
         return duration_ms(self.label_delay) if self.label_delay else 0
 
 
+TXN_FEATURE_CODE = {
+    "amount": "t.amount",
+    "hour_of_day": "float((t.ts_ms // 3600000) % 24)",
+    "day_of_week": "float((t.ts_ms // 86400000 + 3) % 7)",  # 1970-01-01 was a Thursday; Monday = 0
+    "is_online": "float(t.channel == 'online')",
+    "has_device": "float(t.device_id is not None)",
+    "mcc_code": "mcc_code(t.mcc)",
+    "is_weekend": "float((t.ts_ms // 86400000 + 3) % 7 >= 5)",
+    "is_night": "float((t.ts_ms // 3600000) % 24 < 6)",  # 00:00-05:59 UTC
+}
+"""The features of the transaction alone (no history), the only declaration of them: a
+`FeatureSet` may name exactly these in `txn`, and `features.engine.txn_feature_function` compiles
+them. Each is a Python expression over the transaction `t`, which may call `mcc_code` (the MCC as a
+number, NaN if absent or not numeric) and use `NAN`."""
+
 TXN_FEATURES = ("amount", "hour_of_day", "day_of_week", "is_online", "has_device", "mcc_code")
-KNOWN_TXN_FEATURES = (*TXN_FEATURES, "is_weekend", "is_night")
-"""Features of the transaction alone (no history); `features.engine.TXN_FEATURE_CODE` computes them."""
+"""The default transaction features."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +143,11 @@ class FeatureSet:
     entities: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.txn) - set(KNOWN_TXN_FEATURES)
+        unknown = set(self.txn) - set(TXN_FEATURE_CODE)
         if unknown:
-            raise SpecError(f"unknown transaction features {sorted(unknown)}; known: {KNOWN_TXN_FEATURES}")
+            raise SpecError(
+                f"unknown transaction features {sorted(unknown)}; known: {tuple(TXN_FEATURE_CODE)}"
+            )
         names = self.names
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

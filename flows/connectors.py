@@ -10,7 +10,7 @@ from bytewax.outputs import Sink
 from flows.file_source import FileReplaySource
 from flows.redis_sink import RedisStreamSink
 from flows.redis_source import RedisShardSource
-from fraud.runtime import Runtime
+from service.runtime import Runtime
 
 
 def source(rt: Runtime) -> Source[Any]:

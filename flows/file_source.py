@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from features.event_files import merged_records
 from features.events import Record
-from features.replay import merged_records
 
 
 class _ReplayPartition(StatefulSourcePartition[Record, tuple[int, int]]):

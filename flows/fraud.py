@@ -39,9 +39,9 @@ from flows.steps import (
     to_scorer,
     txn_key,
 )
-from fraud import metrics
-from fraud.runtime import load_runtime
-from fraud.settings import Settings, get_settings
+from service import telemetry
+from service.runtime import load_runtime
+from service.settings import Settings, get_settings
 
 
 def build(
@@ -68,8 +68,8 @@ def build(
     joined = op.branch("joined", indexed, joined_value)
 
     rows: Any = joined.trues
-    for i, plan in enumerate(pipeline.plans):
-        name, key = plan.entity.name, entity_key(i)
+    for plan in pipeline.plans:
+        name, key = plan.entity.name, entity_key(plan)
         ordered = op.stateful_batch(
             f"{name}_order",
             op.flat_map_batch(f"bucket_{name}", rows, by_bucket(key)),
@@ -78,7 +78,7 @@ def build(
         rows = op.stateful_batch(
             f"{name}_features",
             op.flat_map_batch(f"key_{name}", ordered, by_key(key)),
-            partial(EntityLogic, pipeline, i),
+            partial(EntityLogic, pipeline, plan),
         )
 
     pending = partial(PendingLogic, pipeline, timedelta(days=s.label_ttl_days))
@@ -138,6 +138,6 @@ def __getattr__(name: str) -> Dataflow:
         flow = build()
         settings = get_settings()
         if settings.metrics_port:
-            metrics.serve(settings.metrics_port)
+            telemetry.serve(settings.metrics_port)
         return flow
     raise AttributeError(name)

@@ -41,7 +41,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from features.events import Label, Transaction
 from flows.routing import worker_keys, workers
-from fraud.metrics import ORDER_HELD, ORDER_LATE
+from service.telemetry import ORDER_HELD, ORDER_LATE
 
 logger = logging.getLogger(__name__)
 

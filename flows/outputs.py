@@ -19,8 +19,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import REGISTRY
 
 from features.events import DeadLetter, payload_bytes
-from fraud import metrics
 from models.serving import Decision
+from service import telemetry
 
 MAX_LATENCY_SAMPLES = 1_000_000
 
@@ -152,21 +152,21 @@ def dlq_entry(d: DeadLetter) -> dict[str, str | bytes]:
 
 
 def count_decisions(decisions: list[Decision]) -> None:
-    metrics.TRANSACTIONS.inc(len(decisions))
+    telemetry.TRANSACTIONS.inc(len(decisions))
     for d in decisions:
         if d.alert:
-            metrics.ALERTS.inc()
+            telemetry.ALERTS.inc()
         if d.late:
-            metrics.LATE_EVENTS.inc()
+            telemetry.LATE_EVENTS.inc()
         if d.latency_s is not None:
-            metrics.LATENCY.observe(d.latency_s)
-        metrics.SCORES.observe(d.score)
+            telemetry.LATENCY.observe(d.latency_s)
+        telemetry.SCORES.observe(d.score)
 
 
 def count_dead_letter(d: object) -> DeadLetter:
     """Count a record of the dead-letter branch (typed loosely: Bytewax's branch keeps the union)."""
     assert isinstance(d, DeadLetter), f"not a dead letter: {type(d).__name__}"
-    metrics.DEAD_LETTERS.labels(kind=d.kind, reason=d.reason).inc()
+    telemetry.DEAD_LETTERS.labels(kind=d.kind, reason=d.reason).inc()
     return d
 
 

@@ -78,7 +78,7 @@ from typing import Any, Protocol
 
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
-from fraud.settings import Settings
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ class RedisRegistry:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from fraud.redis_server import connect, redact, redis_url
+        from service.redis_server import connect, redact, redis_url
 
         try:
             url = redis_url(self.settings)  # may start the embedded server, which the flow needs anyway

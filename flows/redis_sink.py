@@ -6,7 +6,7 @@ cannot take the batch (unreachable, hung past the socket timeout, loading, full:
 batch is retried with exponential backoff (the worker stalls, which is the backpressure we want)
 and, once the outage has lasted `retry_budget_s` (`FRAUD_REDIS_RETRY_BUDGET_S`, 30 s), the step
 fails loudly instead of dropping entries; the outage is logged when it starts and when it ends,
-not per attempt (`fraud.redis_server.Outage`). Errors that waiting cannot fix (wrong password,
+not per attempt (`service.redis_server.Outage`). Errors that waiting cannot fix (wrong password,
 missing ACL permission) fail at once, naming the step. Either failure is first reported to the
 progress summary (`flows.outputs.mark_failed`), so the run ends `[stopped]`, not `[done]`.
 
@@ -42,8 +42,8 @@ import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.outputs import mark_failed
-from fraud import metrics
-from fraud.redis_server import (
+from service import telemetry
+from service.redis_server import (
     DEFAULT_RETRY_BUDGET_S,
     INITIAL_BACKOFF_S,
     MAX_BACKOFF_S,
@@ -255,7 +255,7 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
                 self._outage.over(self._where(len(items)))
                 duplicates = ids.count(None) if self._dedupe is not None else 0
                 if duplicates:
-                    metrics.SINK_DUPLICATES.labels(stream=sink.stream).inc(duplicates)
+                    telemetry.SINK_DUPLICATES.labels(stream=sink.stream).inc(duplicates)
                 return
 
     def _retry_or_raise(self, exc: redis.RedisError, began: float, n: int) -> None:
@@ -264,7 +264,7 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
         where = self._where(n)
         if not is_outage(exc):
             raise _stopping(RedisSinkRefused(f"{where}: Redis refused it ({diagnosis(exc)}): {exc}")) from exc
-        metrics.REDIS_ERRORS.labels(op="xadd").inc()
+        telemetry.REDIS_ERRORS.labels(op="xadd").inc()
         delay = self._outage.failed(where, exc, began)
         if delay is None:
             raise _stopping(RedisSinkUnavailable(self._outage.give_up(where, exc))) from exc
@@ -282,7 +282,7 @@ class RedisStreamSink(DynamicSink[Entry]):
     writes plain XADDs. `retention_s` also drops entries older than that (MINID trim per batch).
     Retry policy: an outage is ridden out for `retry_budget_s` seconds of wall-clock time,
     sleeping `initial_backoff_s` doubling up to `max_backoff_s` between attempts; one attempt
-    may overrun the budget by its socket timeout (`fraud.redis_server.io_timeout_s`, <= 5 s).
+    may overrun the budget by its socket timeout (`service.redis_server.io_timeout_s`, <= 5 s).
     """
 
     def __init__(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -37,8 +38,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from features.events import Record
 from flows.ordering import TICK
 from flows.outputs import mark_failed
-from fraud.metrics import REDIS_ERRORS, SOURCE_LAG
-from fraud.redis_server import (
+from service.redis_server import (
     DEFAULT_RETRY_BUDGET_S,
     Outage,
     RedisConfigError,
@@ -49,14 +49,29 @@ from fraud.redis_server import (
     partition_client,
     redact,
 )
-from fraud.replay import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
+from service.telemetry import REDIS_ERRORS, SOURCE_LAG
 
 logger = logging.getLogger(__name__)
+
+# The input wire format, owned here (the reader); `fraud.producer` and the fuzzer write it.
+ENTRY_KIND = "kind"
+ENTRY_PAYLOAD = "payload"
+
+
+def shard_stream(prefix: str, shard: int) -> str:
+    """Name of input shard `shard`: `<prefix>:{<shard>}` (a Redis Cluster hash tag)."""
+    return f"{prefix}:{{{shard}}}"
+
+
+def shard_of(card_id: str, shards: int) -> int:
+    """The shard of a card: crc32 of its id modulo `shards`, the same in every process."""
+    return zlib.crc32(card_id.encode()) % shards
+
 
 KINDS = frozenset({"txn", "label"})
 UNKNOWN = "unknown"
 LAG_REFRESH_S = 1.0
-# What a read can fail with; `fraud.redis_server.is_outage` tells waiting from fixing.
+# What a read can fail with; `service.redis_server.is_outage` tells waiting from fixing.
 _READ_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
 
 

@@ -14,8 +14,8 @@ from bytewax.testing import cluster_main, run_main
 
 from flows.fraud import build
 from flows.recovery import RecoveryStoreError, RedisRegistry, recovery_config
-from fraud import metrics
-from fraud.settings import Settings
+from service import telemetry
+from service.settings import Settings
 
 __all__ = ["RecoveryStoreError", "recovery_config", "run"]
 
@@ -40,7 +40,7 @@ def run(
         )
     )
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port + process_id)
+        telemetry.serve(settings.metrics_port + process_id)
     flow = build(settings)
     epoch = timedelta(seconds=settings.snapshot_interval_s)
     if addresses or workers > 1:

@@ -18,22 +18,23 @@ from typing import Any, TypeGuard
 import msgspec
 from bytewax.operators import StatefulBatchLogic
 
+from features.buffer import EntityState
 from features.engine import (
+    FeaturePipeline,
     FeatureRow,
     FeatureVector,
     LabelEvent,
-    Pipeline,
     TxnEntry,
     duplicate_txn,
     join_label,
 )
 from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode, encode
+from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
-from features.state import EntityState
 from flows.ordering import TICK, OrderedBatch, Relay, RelayState, Tick, Watermark, partition_of, relay_batch
 from flows.outputs import count_decisions
-from fraud import metrics
 from models.serving import Decision, LabelledVector, Scorer
+from service import telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +178,9 @@ def is_decision(item: Decision | DeadLetter) -> TypeGuard[Decision]:
     return type(item) is not DeadLetter
 
 
-def entity_key(i: int) -> Callable[[Chained | Quarantined], str]:
-    """Key of chain step `i`; an item whose entity is absent gets a private pass-through key."""
+def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
+    """Key of `plan`'s chain step; an item whose entity is absent gets a private pass-through key."""
+    i = plan.position
 
     def key(item: Chained | Quarantined) -> str:
         k = item.keys[i]
@@ -207,7 +209,7 @@ class IndexConfig:
     """What every key of the index shares, in one object: the index holds a key per transaction
     for weeks, and each attribute of its own would cost every one of them a dict entry."""
 
-    pipeline: Pipeline
+    pipeline: FeaturePipeline
     ttl: timedelta
     partitions: int  # of the source: the origins whose watermarks the index's relay keys combine
 
@@ -269,9 +271,10 @@ class EntityLogic(
     keeps every key until it ends), and `on_notify` discards the key if it has expired.
     """
 
-    def __init__(self, pipeline: Pipeline, i: int, resume: tuple[Any, ...] | RelayState | None) -> None:
-        self.pipeline, self.i = pipeline, i
-        self.plan = pipeline.plans[i]
+    def __init__(
+        self, pipeline: FeaturePipeline, plan: EntityPlan, resume: tuple[Any, ...] | RelayState | None
+    ) -> None:
+        self.pipeline, self.plan = pipeline, plan
         if isinstance(resume, RelayState):
             self.relay, resume = Relay(None, resume), None
         self.state: EntityState | None = None if resume is None else self.plan.restore(resume)
@@ -280,16 +283,16 @@ class EntityLogic(
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         if self.relay is not None or type(items[0]) is Watermark:
             return self._relay_batch(items)
-        p, i = self.pipeline, self.i
+        p, plan = self.pipeline, self.plan
         items = in_order(items)
         for n, item in enumerate(items):
             try:
-                if self.state is None and item.keys[i] is not None:
-                    self.state = self.plan.new_state()
+                if self.state is None and item.keys[plan.position] is not None:
+                    self.state = plan.new_state()
                 if isinstance(item, FeatureRow):
-                    p.observe(i, self.state, item)
+                    p.observe(plan, self.state, item)
                 elif self.state is not None and type(item) is LabelEvent:
-                    p.observe_label(i, self.state, item)
+                    p.observe_label(plan, self.state, item)
             except Exception as exc:
                 items[n] = quarantine(item, f"{self.plan.entity.name}_features", exc, len(p.plans))
         self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
@@ -323,7 +326,7 @@ class PendingLogic(
 
     held = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
 
-    def __init__(self, pipeline: Pipeline, ttl: timedelta, resume: bytes | RelayState | None) -> None:
+    def __init__(self, pipeline: FeaturePipeline, ttl: timedelta, resume: bytes | RelayState | None) -> None:
         self.pipeline = pipeline
         self.values: array[float] | None = None
         if isinstance(resume, RelayState):
@@ -350,14 +353,14 @@ class PendingLogic(
                         PendingLogic.held += 1
                     self.values = array("d", values)
                     continue
-                metrics.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
+                telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
                 if self.values is not None:  # None: the row expired, or never came (dead-lettered)
                     out.append(LabelledVector(it.txn_id, it.is_fraud, self.values, it.seq))
                     self.values = None
                     PendingLogic.held -= 1
             except Exception as exc:
                 out.append(quarantine(it, "pending", exc))
-        metrics.PENDING.set(PendingLogic.held)
+        telemetry.PENDING.set(PendingLogic.held)
         return out, self.values is None
 
     def notify_at(self) -> datetime | None:
@@ -417,15 +420,15 @@ class ScoringLogic(StatefulBatchLogic[Scored | Quarantined | Watermark, Decision
         if dead:
             items = [it for it in items if type(it) is not Quarantined]
         started = time.perf_counter()
-        decisions: list[Decision | DeadLetter] = list(self.scorer.process(items))  # type: ignore[arg-type]
+        decisions: list[Decision | DeadLetter] = list(self.scorer.decide(items))  # type: ignore[arg-type]
         stats = self.scorer.last
         if stats.rows:
-            metrics.SCORING_SECONDS.observe(time.perf_counter() - started)
-            metrics.SCORING_BATCH.observe(stats.rows)
-        metrics.ONLINE_LEARNED.inc(stats.labels_learned)
+            telemetry.SCORING_SECONDS.observe(time.perf_counter() - started)
+            telemetry.SCORING_BATCH.observe(stats.rows)
+        telemetry.ONLINE_LEARNED.inc(stats.labels_learned)
         count_decisions(decisions)  # type: ignore[arg-type]
         if stats.unexplained:
-            metrics.UNEXPLAINED_ALERTS.inc(stats.unexplained)
+            telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)
         dead += [quarantine(it, "score", exc).dead for it, exc in stats.failed]
         return decisions + dead, StatefulBatchLogic.RETAIN
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fraud.settings import SAMPLES, get_settings
+from service.settings import SAMPLES, get_settings
 
 app = typer.Typer(help="Real-time card fraud scoring.", no_args_is_help=True, add_completion=False)
 
@@ -118,7 +118,7 @@ def train(
 ) -> None:
     """Replay a file through the feature engine, train and tune XGBoost, judge a later period, save."""
     from fraud import train as training
-    from fraud.runtime import new_pipeline
+    from service.runtime import new_pipeline
 
     s = get_settings()
     txns = transactions or s.transactions_path
@@ -148,7 +148,7 @@ def evaluate(
 ) -> None:
     """Replay through the serving scorer; judge XGBoost alone and XGBoost + the online model."""
     from fraud import train as training
-    from fraud.runtime import load_model, new_pipeline
+    from service.runtime import load_model, new_pipeline
 
     s = get_settings()
     pipeline = new_pipeline(s)
@@ -213,7 +213,7 @@ def _redis_failure(exc: BaseException) -> BaseException | None:
     """The Redis configuration error or spent outage budget behind `exc` (Bytewax wraps a step's
     exception in its own, several levels deep), so that `fraud run` prints it as one line instead
     of a traceback of hundreds; None for anything else, which keeps its traceback."""
-    from fraud.redis_server import RedisConfigError, RedisUnavailableError
+    from service.redis_server import RedisConfigError, RedisUnavailableError
 
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -253,7 +253,7 @@ def alerts(
     characters and cap each field at 512 characters; --json is complete.
     """
     from fraud.consumer import consume
-    from fraud.redis_server import connect, redis_url
+    from service.redis_server import connect, redis_url
 
     s = get_settings()
     client = connect(redis_url(s))
@@ -290,7 +290,7 @@ def features(
 ) -> None:
     """Replay a file through the feature engine; write one CSV row of features per transaction."""
     from features.export import export_matrix
-    from fraud.runtime import new_pipeline
+    from service.runtime import new_pipeline
 
     s = get_settings()
     stats = export_matrix(new_pipeline(s), transactions or s.transactions_path, labels or s.labels_path, out)
@@ -332,8 +332,8 @@ def replay(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fraud.redis_server import connect, redact, redis_url
-    from fraud.replay import count_lines, replay_files
+    from fraud.producer import count_lines, replay_files
+    from service.redis_server import connect, redact, redis_url
 
     s = get_settings()
     txns = transactions or s.transactions_path
@@ -372,8 +372,8 @@ def alert_precision(labels: Path | None = None) -> None:
     without a readable txn_id counts as an alert that no label matches.
     """
     from fraud.consumer import scan_stream
-    from fraud.redis_server import connect, redis_url
     from fraud.train import read_truth
+    from service.redis_server import connect, redis_url
 
     s = get_settings()
     labs = labels or s.labels_path
@@ -412,7 +412,7 @@ def dead_letters(
     capped at 200 characters and other fields at 512, a missing field as ?.
     """
     from fraud.display import show, write_line
-    from fraud.redis_server import connect, redis_url
+    from service.redis_server import connect, redis_url
 
     s = get_settings()
     client = connect(redis_url(s))
@@ -453,7 +453,7 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = F
     record of the recovery store that wrote them: `fraud run --fresh` then replays into them."""
     from flows.recovery import STORE_FILE, store_key
     from flows.redis_sink import reset_streams
-    from fraud.redis_server import connect, redact, redis_url
+    from service.redis_server import connect, redact, redis_url
 
     s = get_settings()
     if not yes:

@@ -29,15 +29,15 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 
-from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline
+from features.engine import FeatureEngine, FeaturePipeline, FeatureVector, LabelEvent
+from features.event_files import open_text, replay
 from features.events import AwareTime, DeadLetter, to_epoch_ms
-from features.replay import open_text, replay
-from fraud.runtime import new_scorer
-from fraud.settings import Settings
-from models import metrics
+from models import evaluation
 from models.artifact import ModelArtifact, make_version, save
 from models.serving import LabelledVector, PendingVectors
 from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, positive_weight, tune_xgb
+from service.runtime import new_scorer
+from service.settings import Settings
 
 DAY_MS = 86_400_000
 NO_LABEL = np.iinfo(np.int64).max  # label time of a transaction that never got one
@@ -144,7 +144,7 @@ class Dataset:
         return first[codes] < self.day0_ms + self.day * DAY_MS
 
 
-def build_dataset(pipeline: Pipeline, transactions: Path, labels: Path | None) -> Dataset:
+def build_dataset(pipeline: FeaturePipeline, transactions: Path, labels: Path | None) -> Dataset:
     """Replay the files (labels merged in event time) and collect every transaction's features."""
     engine = FeatureEngine(pipeline)
     rows: list[list[float]] = []
@@ -191,8 +191,8 @@ class Split:
 def judge(data: Dataset, rows: np.ndarray, scores: np.ndarray, threshold: float, k: int) -> dict[str, Any]:
     """AUC, AP, Card Precision@k per day, precision and recall at `threshold` on `rows`."""
     y = data.y[rows]
-    report = metrics.evaluate(y, scores, threshold)
-    report["card_precision_at_k"] = metrics.card_precision_at_k(
+    report = evaluation.evaluate(y, scores, threshold)
+    report["card_precision_at_k"] = evaluation.card_precision_at_k(
         data.day[rows], data.cards[rows], y, scores, k
     )
     report["k"] = k
@@ -248,7 +248,7 @@ def fit(
     )
     scorer = XGBScorer(booster, names, device=device, nthread=0, positive_weight=positive_weight(params))
     valid_scores = scorer.score(data.X[va])
-    threshold = metrics.best_f1_threshold(data.y[va], valid_scores)
+    threshold = evaluation.best_f1_threshold(data.y[va], valid_scores)
     report = {
         "periods_days": {"train": split.train, "validation": split.valid, "test": split.test},
         "train": {"rows": int(tr.sum()), "frauds": int((data.y[tr] == 1).sum())},
@@ -262,7 +262,7 @@ def fit(
 
 def train(
     settings: Settings,
-    pipeline: Pipeline,
+    pipeline: FeaturePipeline,
     transactions: Path,
     labels: Path,
     out_dir: Path,
@@ -293,7 +293,7 @@ def train(
 
 def evaluate(
     settings: Settings,
-    pipeline: Pipeline,
+    pipeline: FeaturePipeline,
     artifact: ModelArtifact,
     transactions: Path,
     labels: Path,
@@ -313,7 +313,7 @@ def evaluate(
     items: list[FeatureVector | LabelledVector] = []
 
     def flush() -> None:
-        for d in scorer.process(items):
+        for d in scorer.decide(items):
             rows.append((d.txn.txn_id, d.txn.ts_ms, d.txn.card_id, d.xgb, d.score))
         if scorer.last.failed:  # an evaluation that left transactions out would misreport quality
             item, exc = scorer.last.failed[0]

@@ -72,7 +72,7 @@ class OnlineModel:
         self.n_learned = 0
         self.n_positive = 0
         self._scaler = preprocessing.StandardScaler()
-        self.pipeline = self._scaler | linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
+        self.river_model = self._scaler | linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
 
     @property
     def ready(self) -> bool:
@@ -82,7 +82,7 @@ class OnlineModel:
     def learn_one(self, x: Mapping[str, float], y: bool) -> None:
         """Learn one labelled transaction from the features it was scored with."""
         label = bool(y)
-        self.pipeline.learn_one(_clean(x), label, w=self.pos_weight if label else 1.0)
+        self.river_model.learn_one(_clean(x), label, w=self.pos_weight if label else 1.0)
         self.n_learned += 1
         self.n_positive += int(label)
 
@@ -97,7 +97,14 @@ class OnlineModel:
             return 0.0
         seen = self._scaler.counts
         xs = {k: v for k, v in _clean(x).items() if k in seen}
-        return float(self.pipeline.predict_proba_one(xs)[True])
+        return float(self.river_model.predict_proba_one(xs)[True])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot; one taken before the River pipeline was named `river_model` holds it
+        as `pipeline`."""
+        if "pipeline" in state:
+            state["river_model"] = state.pop("pipeline")
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

@@ -66,7 +66,7 @@ class BatchStats:
 
 
 class Scorer:
-    """XGBoost + River behind one `process(items)` call; holds the online model's state."""
+    """XGBoost + River behind one `decide(items)` call; holds the online model's state."""
 
     def __init__(
         self,
@@ -96,7 +96,7 @@ class Scorer:
         self.top_reasons = top_reasons
         self.last = BatchStats()
 
-    def process(self, items: Sequence[Item]) -> list[Decision]:
+    def decide(self, items: Sequence[Item]) -> list[Decision]:
         """Decisions for the feature vectors in `items`; labelled vectors among them train the online
         model, in order, so a label teaches it only about the transactions after it.
 

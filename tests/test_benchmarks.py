@@ -1,5 +1,5 @@
 """The benchmarks that build flow steps themselves still run (a change to a step's signature
-broke `index_memory.py` once, silently: benchmarks are not in the flow's import graph).
+broke `benchmarks.index_memory` once, silently: benchmarks are not in the flow's import graph).
 
 Tiny sizes: this checks that they run and print their figure, never what the figure is.
 """
@@ -21,7 +21,8 @@ def test_index_memory_benchmark_runs(step: str) -> None:
     out = subprocess.run(
         [
             sys.executable,
-            "benchmarks/index_memory.py",
+            "-m",
+            "benchmarks.index_memory",
             "--transactions",
             "3000",
             "--cards",
@@ -43,9 +44,9 @@ def test_index_memory_benchmark_runs(step: str) -> None:
 
 
 def test_quality_benchmark_runs_and_prints_its_table() -> None:
-    """The short version of `benchmarks/quality.py` (the full one is in docs/benchmarks.md)."""
+    """The short version of `python -m benchmarks.quality` (the full one is in docs/benchmarks.md)."""
     out = subprocess.run(
-        [sys.executable, "benchmarks/quality.py", "--worlds", "textbook", "late-pattern", "--cards", "700",
+        [sys.executable, "-m", "benchmarks.quality", "--worlds", "textbook", "late-pattern", "--cards", "700",
          "--merchants", "100", "--no-search", "--k", "20", "--seed", "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

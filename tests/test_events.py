@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from features.catalog import FEATURES
-from features.engine import FeatureEngine, FeatureVector, Pipeline
+from features.engine import FeatureEngine, FeaturePipeline, FeatureVector
 from features.events import MAX_AMOUNT, REASONS, DeadLetter, Label, Transaction, decode, encode
 from models.artifact import load
 from models.xgb import XGBScorer
@@ -120,7 +120,7 @@ def test_hostile_records_become_dead_letters_with_their_reason(
 
 def test_the_largest_amount_passes_every_default_feature_and_the_model() -> None:
     """MAX_AMOUNT on a card with history: every feature stays finite, and XGBoost scores it."""
-    engine = FeatureEngine(Pipeline(FEATURES, 0))
+    engine = FeatureEngine(FeaturePipeline(FEATURES, 0))
     rows = []
     for i, amount in enumerate([1.0, MAX_AMOUNT, MAX_AMOUNT, 0.0]):
         out = engine.process(Transaction(f"t{i}", 1_767_603_600_000 + i * 60_000, "c1", "m1", amount))
@@ -135,8 +135,8 @@ def test_the_largest_amount_passes_every_default_feature_and_the_model() -> None
 def test_file_replay_and_shard_routing_survive_json_nested_too_deep(tmp_path: Path) -> None:
     """The readers that peek at a line before `decode` (event time for the merge, keys for the
     shard) pass a line nested too deep on, to be dead-lettered, instead of raising."""
-    from features.replay import replay
-    from fraud.replay import route
+    from features.event_files import replay
+    from fraud.producer import route
 
     deep = GOOD[:-1] + ',"extra":' + NESTED_OBJECT + "}"
     path = tmp_path / "t.jsonl"
@@ -171,8 +171,8 @@ def test_garbage_starting_with_a_json_scalar_is_bad_json(raw: str, reason: str) 
 def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: Path) -> None:
     """Invalid UTF-8 (binary payloads) is dead-lettered, and the dead letter keeps the exact bytes:
     from a file line, and from bytes handed over by a stream source."""
+    from features.event_files import replay
     from features.events import payload_bytes
-    from features.replay import replay
     from flows.outputs import dlq_entry
 
     binary = b'{"txn_id": "\xff\xfebin", "card_id": "c\xc3", "nul": "\x00"}'

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from features.engine import FeatureEngine, FeatureVector, Pipeline
+from features.engine import FeatureEngine, FeaturePipeline, FeatureVector
+from features.event_files import replay
 from features.export import FRAMING, export_matrix, rfc3339_ms, write_matrix
-from features.replay import replay
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.runtime import new_pipeline
-from fraud.settings import Settings
+from service.runtime import new_pipeline
+from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
 
 
 @pytest.fixture(scope="module")
-def pipeline() -> Pipeline:
+def pipeline() -> FeaturePipeline:
     return new_pipeline(Settings())
 
 
-def engine_vectors(pipeline: Pipeline, txns: Path, labels: Path | None) -> list[FeatureVector]:
+def engine_vectors(pipeline: FeaturePipeline, txns: Path, labels: Path | None) -> list[FeatureVector]:
     return [r for r in FeatureEngine(pipeline).run(replay(txns, labels)) if isinstance(r, FeatureVector)]
 
 
@@ -63,7 +63,7 @@ def test_rfc3339_ms_is_exact_utc() -> None:
 
 
 def test_matrix_has_one_row_per_transaction_with_the_engine_values(
-    dataset: tuple[Path, Path, int], pipeline: Pipeline, tmp_path: Path
+    dataset: tuple[Path, Path, int], pipeline: FeaturePipeline, tmp_path: Path
 ) -> None:
     txns, labels, n = dataset
     out = tmp_path / "features.csv"
@@ -89,7 +89,7 @@ def test_matrix_has_one_row_per_transaction_with_the_engine_values(
 
 
 def test_gzip_output_is_the_same_table_and_reproducible(
-    dataset: tuple[Path, Path, int], pipeline: Pipeline, tmp_path: Path
+    dataset: tuple[Path, Path, int], pipeline: FeaturePipeline, tmp_path: Path
 ) -> None:
     txns, labels, n = dataset
     plain, gz1, gz2 = tmp_path / "f.csv", tmp_path / "a" / "f.csv.gz", tmp_path / "b" / "f.csv.gz"
@@ -102,7 +102,7 @@ def test_gzip_output_is_the_same_table_and_reproducible(
 
 
 def test_dead_letters_are_skipped_and_counted(
-    dataset: tuple[Path, Path, int], pipeline: Pipeline, tmp_path: Path
+    dataset: tuple[Path, Path, int], pipeline: FeaturePipeline, tmp_path: Path
 ) -> None:
     txns, _, n = dataset
     with gzip.open(txns, "rt", encoding="utf-8") as f:

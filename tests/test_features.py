@@ -14,12 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features import state as state_module
+from features import aggregations, buffer
+from features.aggregations import haversine_km
+from features.buffer import EntityState, stable_hash
 from features.catalog import FEATURES, LABEL_DELAY
-from features.engine import FeatureEngine, FeatureVector, LabelEvent, Pipeline, txn_features
+from features.engine import FeatureEngine, FeaturePipeline, FeatureVector, LabelEvent, txn_features
 from features.events import DeadLetter, Label, Transaction
+from features.plan import EntityPlan
 from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
-from features.state import EntityPlan, EntityState, haversine_km, stable_hash
 
 CARD = Entity("card", ("card_id",))
 MERCHANT = Entity("merchant", ("merchant_id",))
@@ -52,7 +54,7 @@ WIDE = FeatureSet(
     )
 )
 LATENESS_MS = 60_000
-COMPILED = state_module.KERNEL  # features._kernel's window reads, or None where it is not built
+COMPILED = aggregations.KERNEL  # features._kernel's window reads, or None where it is not built
 
 
 @pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
@@ -61,7 +63,7 @@ def kernel(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "compiled" and COMPILED is None:
         pytest.skip("features._kernel is not built in this install (no C compiler when installing?)")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(state_module, "KERNEL", COMPILED if request.param == "compiled" else None)
+        mp.setattr(aggregations, "KERNEL", COMPILED if request.param == "compiled" else None)
         yield request.param
 
 
@@ -179,11 +181,11 @@ SHORT = FeatureSet(
     [
         (
             WIDE,
-            (state_module.PREFIX_MIN, state_module.PREFIX_BLOCK),
-            (state_module.LAZY_MIN, state_module.LAZY_SHIFT),
+            (buffer.PREFIX_MIN, buffer.PREFIX_BLOCK),
+            (buffer.LAZY_MIN, buffer.LAZY_SHIFT),
         ),
-        (WIDE, (2, 2), (state_module.LAZY_MIN, state_module.LAZY_SHIFT)),
-        (WIDE, (3, 3), (state_module.LAZY_MIN, state_module.LAZY_SHIFT)),
+        (WIDE, (2, 2), (buffer.LAZY_MIN, buffer.LAZY_SHIFT)),
+        (WIDE, (3, 3), (buffer.LAZY_MIN, buffer.LAZY_SHIFT)),
         (SHORT, (3, 3), (2, 1)),  # block sums, and expired events dropped once half the key has
     ],
     ids=["scans", "block-sums-2", "block-sums-3", "short-windows-lazy-eviction"],
@@ -196,7 +198,7 @@ def test_features_equal_brute_force(
     """Both sum paths: window scans (short keys) and block sums (keys past PREFIX_MIN events); both
     eviction schedules: each expired event at once, and in batches (keys past LAZY_MIN events)."""
     with long_key_thresholds(prefix, lazy):
-        pipeline = Pipeline(features, LATENESS_MS)
+        pipeline = FeaturePipeline(features, LATENESS_MS)
     check_against_brute_force(events, pipeline)
 
 
@@ -204,7 +206,7 @@ def test_features_equal_brute_force(
 def long_key_thresholds(prefix: tuple[int, int], lazy: tuple[int, int]) -> Iterator[None]:
     """Plans built inside take these (min events, block) for block sums, (min events, shift) for
     batched eviction."""
-    m = state_module
+    m = buffer
     saved = m.PREFIX_MIN, m.PREFIX_BLOCK, m.LAZY_MIN, m.LAZY_SHIFT
     (m.PREFIX_MIN, m.PREFIX_BLOCK), (m.LAZY_MIN, m.LAZY_SHIFT) = prefix, lazy
     try:
@@ -221,7 +223,7 @@ def test_long_key_paths_change_no_value(events: list[Transaction | Label]) -> No
     engines = []
     for prefix, lazy in [((10**9, 3), (10**9, 0)), ((3, 3), (2, 1)), ((2, 2), (10**9, 0))]:
         with long_key_thresholds(prefix, lazy):
-            engines.append(FeatureEngine(Pipeline(SHORT, LATENESS_MS)))
+            engines.append(FeatureEngine(FeaturePipeline(SHORT, LATENESS_MS)))
     for e in events:
         reference, *others = (engine.process(e) for engine in engines)
         if isinstance(reference, FeatureVector):
@@ -238,7 +240,7 @@ def test_block_sums_after_an_insertion_into_a_partly_evicted_block() -> None:
     engines = []
     for prefix in [(10**9, 3), (3, 3)]:
         with long_key_thresholds(prefix, (10**9, 0)):
-            engines.append(FeatureEngine(Pipeline(SHORT, LATENESS_MS)))
+            engines.append(FeatureEngine(FeaturePipeline(SHORT, LATENESS_MS)))
     for e in events:
         reference, blocks = (engine.process(e) for engine in engines)
         assert isinstance(reference, FeatureVector) and isinstance(blocks, FeatureVector)
@@ -249,8 +251,8 @@ def test_block_sums_after_an_insertion_into_a_partly_evicted_block() -> None:
 def test_late_event_does_not_see_expired_events_left_in_place() -> None:
     """One event a minute for 70 minutes: with 61 minutes of retention, ten have expired, and a
     key dropping them in batches still holds them. An event 2 minutes late must not count them."""
-    with long_key_thresholds((state_module.PREFIX_MIN, state_module.PREFIX_BLOCK), (2, 1)):
-        engine = FeatureEngine(Pipeline(SHORT, LATENESS_MS))
+    with long_key_thresholds((buffer.PREFIX_MIN, buffer.PREFIX_BLOCK), (2, 1)):
+        engine = FeatureEngine(FeaturePipeline(SHORT, LATENESS_MS))
     for i in range(71):
         engine.process(Transaction(f"t{i}", T0 + i * 60_000, "c1", "m1", 1.0))
     assert engine.pipeline.plans[0].count(engine.states[0]["card:c1"]) == 71  # ten expired, kept
@@ -267,13 +269,15 @@ def exactly_equal(a: list[float], b: list[float]) -> bool:
     )
 
 
-def both_kernels(features: FeatureSet, lateness_ms: int = LATENESS_MS) -> tuple[Pipeline, Pipeline]:
+def both_kernels(
+    features: FeatureSet, lateness_ms: int = LATENESS_MS
+) -> tuple[FeaturePipeline, FeaturePipeline]:
     """The same feature set compiled twice: with features._kernel, and in pure Python."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(state_module, "KERNEL", COMPILED)
-        compiled = Pipeline(features, lateness_ms)
-        mp.setattr(state_module, "KERNEL", None)
-        return compiled, Pipeline(features, lateness_ms)
+        mp.setattr(aggregations, "KERNEL", COMPILED)
+        compiled = FeaturePipeline(features, lateness_ms)
+        mp.setattr(aggregations, "KERNEL", None)
+        return compiled, FeaturePipeline(features, lateness_ms)
 
 
 @pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
@@ -313,11 +317,11 @@ def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> Non
     s.extend(2**50 + 7 * i for i in range(n))  # amounts: a 90-day sum past 2**53
     s.extend(0 if i % 7 == 0 else i % 280 + 1 for i in range(n))  # categories, 0 = absent
     if blocks:
-        compiled._build_prefix(s, n)
+        compiled.build_prefix(s, n)
         assert s.prefix is not None
     for idx in (0, 1, 59, 150, n - 1):
         rel = idx * 1_000
-        a, b = compiled._fast(s, n, idx, rel), python._fast(s, n, idx, rel)
+        a, b = compiled.compute_fast(s, n, idx, rel), python.compute_fast(s, n, idx, rel)
         assert exactly_equal(a, b), (idx, a, b)
     assert a[0] == 60.0 and a[1] == float(n) and a[-3] == float(len({i % 280 + 1 for i in range(n) if i % 7}))
 
@@ -330,7 +334,7 @@ def test_kernel_refuses_a_buffer_that_does_not_match_its_program() -> None:
     s = EntityState("i")
     s.extend([0, 10, 20, 500, 600])  # base, 2 times, 2 amounts
     assert COMPILED(s, 2, 1, 20, program, None) == [11.0]
-    bad_prefix = state_module.Prefix({0: array("q", [0])})
+    bad_prefix = buffer.Prefix({0: array("q", [0])})
     bad_prefix.shift = plan.block
     for bad in (
         lambda: COMPILED(s, 3, 1, 20, program, None),  # more events than the buffer holds
@@ -344,7 +348,7 @@ def test_kernel_refuses_a_buffer_that_does_not_match_its_program() -> None:
             bad()
 
 
-def check_against_brute_force(events: list[Transaction | Label], pipeline: Pipeline) -> None:
+def check_against_brute_force(events: list[Transaction | Label], pipeline: FeaturePipeline) -> None:
     features = pipeline.feature_set
     engine = FeatureEngine(pipeline)
     lookback = {p.entity: p.lookback_ms for p in pipeline.plans}
@@ -394,7 +398,7 @@ def test_window_edges_are_exclusive_at_t_minus_window() -> None:
         txn=(),
     )
     for gap, expected in ((3_600_000, [1.0, 2.0, math.nan]), (3_599_999, [2.0, 5.0, 3599.999])):
-        engine = FeatureEngine(Pipeline(fs, LATENESS_MS))
+        engine = FeatureEngine(FeaturePipeline(fs, LATENESS_MS))
         engine.process(Transaction("a", T0, "c1", "m1", 5.0))
         out = engine.process(Transaction("b", T0 + gap, "c1", "m1", 2.0))
         assert isinstance(out, FeatureVector)
@@ -402,7 +406,7 @@ def test_window_edges_are_exclusive_at_t_minus_window() -> None:
 
 
 def test_late_flag_only_beyond_allowed_lateness() -> None:
-    engine = FeatureEngine(Pipeline(WIDE, LATENESS_MS))
+    engine = FeatureEngine(FeaturePipeline(WIDE, LATENESS_MS))
     mk = lambda i, ts: Transaction(f"t{i}", ts, "c1", "m1", 10.0)  # noqa: E731
     assert not engine.process(mk(0, T0 + 120_000)).late  # type: ignore[union-attr]
     assert not engine.process(mk(1, T0 + 60_000)).late  # type: ignore[union-attr]  # exactly at the limit
@@ -410,7 +414,7 @@ def test_late_flag_only_beyond_allowed_lateness() -> None:
 
 
 def test_out_of_order_within_lateness_sees_only_earlier_event_time() -> None:
-    engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
+    engine = FeatureEngine(FeaturePipeline(FEATURES, LATENESS_MS))
     names = FEATURES.names
     first = engine.process(Transaction("a", T0 + 30_000, "c1", "m1", 100.0))
     second = engine.process(Transaction("b", T0, "c1", "m1", 5.0))
@@ -427,7 +431,7 @@ def test_merchant_risk_counts_only_labels_already_arrived() -> None:
     """The default merchant risk: the fraud rate over (t - delay - 7d, t - delay], counting the
     labels that had arrived by t."""
     delay = duration_ms(LABEL_DELAY)
-    engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
+    engine = FeatureEngine(FeaturePipeline(FEATURES, LATENESS_MS))
     rate = FEATURES.names.index(f"fraud_rate_by_merchant_7d_delay_{LABEL_DELAY}")
     engine.process(Transaction("a", T0, "c1", "m1", 10.0))
     engine.process(Transaction("b", T0 + 1000, "c2", "m1", 10.0))
@@ -442,7 +446,7 @@ def test_merchant_risk_counts_only_labels_already_arrived() -> None:
 
 
 def test_labels_and_duplicates_become_dead_letters() -> None:
-    engine = FeatureEngine(Pipeline(FEATURES, LATENESS_MS))
+    engine = FeatureEngine(FeaturePipeline(FEATURES, LATENESS_MS))
     unknown = engine.process(Label("nope", True, T0))
     assert isinstance(unknown, DeadLetter) and unknown.reason == "unknown_txn"
     engine.process(Transaction("a", T0, "c1", "m1", 10.0))
@@ -456,21 +460,21 @@ def test_labels_and_duplicates_become_dead_letters() -> None:
 def test_a_growing_key_leaves_the_small_object_allocator_at_16_events() -> None:
     """At PRESIZE_AT events the buffer is given room past pymalloc's 512 bytes in one step (see
     `presize`); values are unchanged and the snapshot stays exact-size."""
-    engine = FeatureEngine(Pipeline(SHORT, LATENESS_MS))
+    engine = FeatureEngine(FeaturePipeline(SHORT, LATENESS_MS))
     sizes = []
-    for i in range(state_module.PRESIZE_AT + 1):
+    for i in range(buffer.PRESIZE_AT + 1):
         engine.process(Transaction(f"t{i}", T0 + i * 1000, "c1", "m1", 1.0 + i))
         state = engine.states[0]["card:c1"]
         sizes.append(sys.getsizeof(state) - sys.getsizeof(EntityState("i")))  # the buffer's allocation
-    before, at = sizes[state_module.PRESIZE_AT - 2], sizes[state_module.PRESIZE_AT - 1]
-    assert before <= state_module.SMALL_BLOCK < at
+    before, at = sizes[buffer.PRESIZE_AT - 2], sizes[buffer.PRESIZE_AT - 1]
+    assert before <= buffer.SMALL_BLOCK < at
     plan = engine.pipeline.plans[0]
-    assert plan.column(state, "amount") == [1.0 + i for i in range(state_module.PRESIZE_AT + 1)]
+    assert plan.column(state, "amount") == [1.0 + i for i in range(buffer.PRESIZE_AT + 1)]
     assert len(pickle.dumps(state)) < 4 * plan.width * plan.count(state) + 200
 
 
 def test_state_is_evicted_and_pickles_compactly() -> None:
-    pipeline = Pipeline(FEATURES, LATENESS_MS)
+    pipeline = FeaturePipeline(FEATURES, LATENESS_MS)
     engine = FeatureEngine(pipeline)
     for i in range(200):  # ~3 a day for 66 days: only the last 30 days (+ lateness) stay
         engine.process(
@@ -495,7 +499,7 @@ def test_state_is_evicted_and_pickles_compactly() -> None:
 
 
 def test_a_snapshot_of_another_format_is_refused_clearly() -> None:
-    plan = Pipeline(FEATURES, LATENESS_MS).plans[0]
+    plan = FeaturePipeline(FEATURES, LATENESS_MS).plans[0]
     old_layout = (1_767_571_200_000, array("I", [0, 5]), (array("i", [100, 200]),), None)  # before state/2
     with pytest.raises(ValueError, match=r"unknown format.*fraud reset"):
         plan.restore(old_layout)
@@ -505,9 +509,9 @@ def test_a_snapshot_of_another_feature_set_is_refused_clearly() -> None:
     """A state written with other columns (or another time span) must not be read as this one's."""
     long_card = FeatureSet(windows=(WindowFeature(CARD, "sum", "amount", "90d"),))  # 64-bit times
     short_card = FeatureSet(windows=(WindowFeature(CARD, "count", window="1h"),))  # no amount column
-    plan = Pipeline(FEATURES, LATENESS_MS).plans[0]
+    plan = FeaturePipeline(FEATURES, LATENESS_MS).plans[0]
     for other in (long_card, short_card):
-        other_plan = Pipeline(other, LATENESS_MS).plans[0]
+        other_plan = FeaturePipeline(other, LATENESS_MS).plans[0]
         state = other_plan.new_state()
         for i in range(3):
             other_plan.observe(state, Transaction(f"t{i}", T0 + i * 1000, "c1", "m1", 5.0))
@@ -521,7 +525,7 @@ def test_a_snapshot_of_another_feature_set_is_refused_clearly() -> None:
 
 def test_widened_key_keeps_its_values_and_survives_a_snapshot() -> None:
     """A non-cent amount moves the key to float64 for good, with earlier events converted exactly."""
-    pipeline = Pipeline(FEATURES, LATENESS_MS)
+    pipeline = FeaturePipeline(FEATURES, LATENESS_MS)
     plan = pipeline.plans[0]
     engine = FeatureEngine(pipeline)
     amounts = [10.0, 20.5, 1 / 3, 7.25]
@@ -568,7 +572,7 @@ def test_names_line_up_with_values_when_entities_are_interleaved() -> None:
             WindowFeature(CARD, "max", "amount", "1h"),
         )
     )
-    engine = FeatureEngine(Pipeline(mixed, LATENESS_MS))
+    engine = FeatureEngine(FeaturePipeline(mixed, LATENESS_MS))
     engine.process(Transaction("a", T0, "c1", "m1", 5.0))
     out = engine.process(Transaction("b", T0 + 1, "c1", "m2", 7.0))
     assert isinstance(out, FeatureVector)
@@ -582,7 +586,7 @@ def test_idle_keys_expire_once_their_longest_window_has_passed(monkeypatch: pyte
     import features.engine as engine_module
 
     monkeypatch.setattr(engine_module, "EXPIRY_EVERY", 1)
-    pipeline = Pipeline(FEATURES, LATENESS_MS)
+    pipeline = FeaturePipeline(FEATURES, LATENESS_MS)
     engine = FeatureEngine(pipeline)
     engine.process(Transaction("a", T0, "c-old", "m1", 10.0))
     card = pipeline.plans[0]

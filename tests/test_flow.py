@@ -13,13 +13,13 @@ from bytewax.testing import TestingSink, cluster_main, run_main
 from typer.testing import CliRunner
 
 from features.engine import FeatureEngine, FeatureVector
-from features.replay import replay
+from features.event_files import replay
 from flows.fraud import build
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.settings import Settings
 from models.artifact import ArtifactError, load, save
 from models.serving import Decision
+from service.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -159,7 +159,7 @@ def test_serving_features_equal_training_features(
     settings = settings_for(dataset, redis_url)
     decisions = decide(settings, workers)
     txns, labels, _, _ = dataset
-    from fraud.runtime import new_pipeline
+    from service.runtime import new_pipeline
 
     batch = {
         o.txn.txn_id: o.values

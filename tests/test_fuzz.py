@@ -1,11 +1,11 @@
 """The short fuzz run: 20,000 entries, 40 % hostile, through the real flow and a real Redis
-(`benchmarks/fuzz.py` runs 100,000 and more). The books must balance exactly."""
+(`python -m benchmarks.fuzz` runs 100,000 and more). The books must balance exactly."""
 
 from __future__ import annotations
 
 import pytest
 
-from fraud import fuzz
+from testkit import fuzz
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 

@@ -20,8 +20,8 @@ from flows.fraud import build
 from flows.redis_source import RedisShardSource
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.replay import replay_files
-from fraud.settings import Settings, get_settings
+from fraud.producer import replay_files
+from service.settings import Settings, get_settings
 
 pytestmark = [pytest.mark.redis]
 

@@ -51,7 +51,7 @@ def test_the_kernel_tests_pass_under_address_sanitizer(tmp_path: Path) -> None:
         "PYTHONMALLOC": "malloc",  # every Python allocation visible to the sanitizer
     }
     which = subprocess.run(
-        [sys.executable, "-c", "import features.state as s, features._kernel as k; print(s.KERNEL, k.__file__)"],
+        [sys.executable, "-c", "import features.aggregations as a, features._kernel as k; print(a.KERNEL, k.__file__)"],
         cwd=tmp_path, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert which.returncode == 0 and str(built) in which.stdout, which.stdout + which.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -10,15 +9,16 @@ import pytest
 from bytewax.testing import TestingSink, run_main
 from prometheus_client import REGISTRY
 
-from features import state as state_module
-from features.replay import merged_records
-from features.state import kernel_name
+from features import aggregations
+from features.aggregations import kernel_name
+from features.event_files import merged_records
 from flows.file_source import FileReplaySource
 from flows.fraud import build
-from fraud import metrics
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.runtime import load_runtime
-from fraud.settings import Settings
+from service import telemetry
+from service.runtime import load_runtime
+from service.settings import Settings
+from testkit.system import free_port
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,8 @@ def test_metrics_count_the_run_and_are_scrapable(small: Path) -> None:
     assert value("fraud_alerts_total") - before[1] == len(alerts)
     assert value("fraud_scoring_batch_size_count") > before[2]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    metrics.serve(port)
+    port = free_port()
+    telemetry.serve(port)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in (
         "fraud_transactions_total",
@@ -73,11 +71,11 @@ def test_metrics_count_the_run_and_are_scrapable(small: Path) -> None:
 def test_a_flow_without_the_compiled_kernel_says_so(
     small: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(state_module, "KERNEL", None)
+    monkeypatch.setattr(aggregations, "KERNEL", None)
     settings = Settings(
         transactions_path=small / "transactions.jsonl.gz", labels_path=small / "labels.jsonl.gz"
     )
-    with caplog.at_level("WARNING", logger="fraud.runtime"):
+    with caplog.at_level("WARNING", logger="service.runtime"):
         build(settings, alerts=TestingSink([]), dead_letters=TestingSink([]))
     assert "features._kernel is not built" in caplog.text
     assert REGISTRY.get_sample_value("fraud_feature_engine_info", {"kernel": "python"}) == 1.0

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.combine import combine
-from models.metrics import roc_auc
+from models.evaluation import roc_auc
 from models.online import OnlineModel, x_dict
 from models.xgb import NUM_BOOST_ROUND, XGBScorer, train_xgb
 
@@ -271,13 +271,28 @@ def test_online_drops_nan_and_keeps_learning_identically_after_pickle() -> None:
     model = OnlineModel(warmup=1)
     model.learn_one({"a": 1.0, "b": float("nan")}, True)
     model.learn_one({"a": -1.0, "b": 2.0}, False)
-    assert all(math.isfinite(v) for v in model._scaler.means.values())
+    assert all(math.isfinite(v) for v in model._scaler.means.values())  # noqa: SLF001
     clone = pickle.loads(pickle.dumps(model))
     for m in (model, clone):
         m.learn_one({"a": 0.5, "b": float("inf")}, True)
     x = {"a": 0.7, "b": float("nan")}
     assert clone.predict_proba_one(x) == model.predict_proba_one(x)
     assert (clone.n_learned, clone.n_positive) == (3, 2)
+
+
+def test_online_restores_a_snapshot_taken_before_the_river_model_was_renamed() -> None:
+    """Recovery stores written before `OnlineModel.pipeline` became `river_model` still resume."""
+    model = OnlineModel(warmup=1)
+    model.learn_one({"a": 1.0}, True)
+    model.learn_one({"a": -1.0}, False)
+    state = model.__dict__.copy()
+    state["pipeline"] = state.pop("river_model")
+    old = OnlineModel.__new__(OnlineModel)
+    old.__setstate__(state)
+    assert not hasattr(old, "pipeline")
+    assert old.predict_proba_one({"a": 0.5}) == model.predict_proba_one({"a": 0.5})
+    old.learn_one({"a": 0.5}, True)
+    assert old.n_learned == 3
 
 
 def test_online_predict_with_unseen_feature_leaves_state_unchanged(

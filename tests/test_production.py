@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from fraud import drill
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.redis_server import connect
-from fraud.replay import replay_files
+from fraud.producer import replay_files
+from service.redis_server import connect
+from testkit import drill
+from testkit.system import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 RUN = {  # small batches and 50 ms epochs: many snapshots, so kills land between and inside epochs
@@ -123,7 +124,7 @@ def test_two_processes_over_two_shards_decide_exactly_as_one_process(
     assert len(expected.scores) == n and expected.alerts
 
     fill(client, dataset, "pair", 2)
-    addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(2))
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
     env = drill.flow_env(redis_url, "pair", 2, tmp_path, FRAUD_RECOVERY_PARTITIONS="2", **RUN)
     drill.finish_all([drill.start(env, "-i", str(i), "-a", addresses) for i in range(2)])
     outcome = drill.Outcome.read(client, "pair")
@@ -157,11 +158,3 @@ def test_a_live_flow_decides_everything_while_one_shard_stays_empty(
     assert len(outcome.scores) == outcome.decisions_written == n  # all decided, none twice
     assert len(outcome.alerts) == len(set(outcome.alerts)) > 0
     client.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

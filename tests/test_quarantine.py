@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from bytewax.testing import TestingSink, run_main
 
-from features.engine import FeatureRow, LabelEvent, Pipeline
+from features.engine import FeaturePipeline, FeatureRow, LabelEvent
 from features.events import DeadLetter, Transaction
+from features.plan import EntityPlan
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.settings import Settings
 from models.serving import Decision
 from models.xgb import XGBScorer
+from service.settings import Settings
 
 pytestmark = [pytest.mark.e2e]
 
@@ -61,32 +62,32 @@ def inject_faults(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     raise for their own poison record, and only for it; returns the list of faults raised."""
     raised: list[str] = []
     start, observe, observe_label, assemble = (
-        Pipeline.start,
-        Pipeline.observe,
-        Pipeline.observe_label,
-        Pipeline.assemble,
+        FeaturePipeline.start,
+        FeaturePipeline.observe,
+        FeaturePipeline.observe_label,
+        FeaturePipeline.assemble,
     )
     score = XGBScorer.score
 
-    def start_(self: Pipeline, txn: Transaction) -> Any:
+    def start_(self: FeaturePipeline, txn: Transaction) -> Any:
         if txn.txn_id == "poison-index":
             raised.append("index fault")
             raise Poisoned("index fault")
         return start(self, txn)
 
-    def observe_(self: Pipeline, i: int, state: Any, row: FeatureRow) -> None:
-        if row.txn.txn_id == f"poison-{self.plans[i].entity.name}":
-            raised.append(f"{self.plans[i].entity.name} fault")
-            raise Poisoned(f"{self.plans[i].entity.name} fault")
-        observe(self, i, state, row)
+    def observe_(self: FeaturePipeline, plan: EntityPlan, state: Any, row: FeatureRow) -> None:
+        if row.txn.txn_id == f"poison-{plan.entity.name}":
+            raised.append(f"{plan.entity.name} fault")
+            raise Poisoned(f"{plan.entity.name} fault")
+        observe(self, plan, state, row)
 
-    def observe_label_(self: Pipeline, i: int, state: Any, label: LabelEvent) -> None:
+    def observe_label_(self: FeaturePipeline, plan: EntityPlan, state: Any, label: LabelEvent) -> None:
         if label.txn_id == "poison-label":
             raised.append("label fault")
             raise Poisoned("label fault")
-        observe_label(self, i, state, label)
+        observe_label(self, plan, state, label)
 
-    def assemble_(self: Pipeline, row: FeatureRow) -> list[float]:
+    def assemble_(self: FeaturePipeline, row: FeatureRow) -> list[float]:
         if row.txn.txn_id == "poison-pending":
             raised.append("pending fault")
             raise Poisoned("pending fault")
@@ -98,10 +99,10 @@ def inject_faults(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise Poisoned("xgboost fault")
         return score(self, X)
 
-    monkeypatch.setattr(Pipeline, "start", start_)
-    monkeypatch.setattr(Pipeline, "observe", observe_)
-    monkeypatch.setattr(Pipeline, "observe_label", observe_label_)
-    monkeypatch.setattr(Pipeline, "assemble", assemble_)
+    monkeypatch.setattr(FeaturePipeline, "start", start_)
+    monkeypatch.setattr(FeaturePipeline, "observe", observe_)
+    monkeypatch.setattr(FeaturePipeline, "observe_label", observe_label_)
+    monkeypatch.setattr(FeaturePipeline, "assemble", assemble_)
     monkeypatch.setattr(XGBScorer, "score", score_)
     return raised
 

@@ -13,12 +13,12 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from features.engine import FeatureVector, LabelEvent, join_label
+from features.event_files import merged_records
 from features.events import Label, Transaction
-from features.replay import merged_records
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.settings import Settings
 from models.serving import Decision
+from service.settings import Settings
 
 ZERO = timedelta(0)
 
@@ -73,15 +73,15 @@ def test_flow_entity_keys_are_dropped_after_their_retention() -> None:
     """EntityLogic schedules a wall-clock notification one retention after its last event."""
     from datetime import UTC, datetime
 
-    from features.engine import Pipeline
+    from features.engine import FeaturePipeline
     from features.events import Transaction
     from flows.steps import EntityLogic
-    from fraud.runtime import new_pipeline
+    from service.runtime import new_pipeline
 
-    pipeline: Pipeline = new_pipeline(Settings())
+    pipeline: FeaturePipeline = new_pipeline(Settings())
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     row, _ = pipeline.start(Transaction("t1", now_ms, "c1", "m1", 5.0))
-    logic = EntityLogic(pipeline, 0, None)
+    logic = EntityLogic(pipeline, pipeline.plans[0], None)
     _, discard = logic.on_batch([row])
     assert not discard and logic.state is not None
     wake = logic.notify_at()
@@ -122,8 +122,8 @@ def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     from flows.ordering import INF, Watermark
     from flows.routing import set_workers
     from flows.steps import PendingLogic, ScoringLogic
-    from fraud.runtime import load_runtime
     from models.serving import LabelledVector
+    from service.runtime import load_runtime
 
     settings = Settings()
     rt = load_runtime(settings, need_redis=False)
@@ -131,8 +131,8 @@ def test_pending_step_keeps_the_scored_vector_until_its_label() -> None:
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     txn = Transaction("t1", now_ms, "c1", "m1", 5.0, seq=1)
     row, entry = pipeline.start(txn)
-    for i in range(len(pipeline.plans)):
-        pipeline.observe(i, pipeline.plans[i].new_state(), row)
+    for plan in pipeline.plans:
+        pipeline.observe(plan, plan.new_state(), row)
     logic = PendingLogic(pipeline, timedelta(days=60), None)
     (vector,), discard = logic.on_batch([row])
     assert isinstance(vector, FeatureVector) and not discard
@@ -559,13 +559,11 @@ def test_an_unreachable_redis_does_not_block_the_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import logging
-    import socket
 
     from flows.recovery import recovery_config
+    from testkit.system import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     db = tmp_path / "store"
     with caplog.at_level(logging.WARNING, logger="flows.recovery"):
         recovery_config(db, 2, registry=_registry(f"redis://127.0.0.1:{port}/0"))
@@ -606,7 +604,7 @@ def test_fraud_run_refuses_in_one_line_and_fresh_sets_the_setting(
     import flows.runner
     from flows.recovery import recovery_config
     from fraud.cli import app
-    from fraud.settings import get_settings
+    from service.settings import get_settings
 
     db = tmp_path / "store"
     recovery_config(db, 2)

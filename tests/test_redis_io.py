@@ -29,11 +29,11 @@ from fraud.consumer import (
     read_alerts,
     stream_length,
 )
-from fraud.redis_server import EmbeddedRedis, RedisUnavailableError, connect, redact, redis_url
-from fraud.settings import Settings
+from service.redis_server import EmbeddedRedis, RedisUnavailableError, connect, redact, redis_url
+from service.settings import Settings
 
 if TYPE_CHECKING:
-    from conftest import RedisTestServer
+    from testkit.redis_server import RedisTestServer
 
 pytestmark = pytest.mark.redis
 

@@ -45,13 +45,12 @@ from flows.redis_sink import (
     marker_key,
     write_entries,
 )
-from flows.redis_source import RedisShardSource
-from fraud.redis_server import RedisConfigError, connect
-from fraud.replay import shard_stream
+from flows.redis_source import RedisShardSource, shard_stream
 from models.serving import Decision
+from service.redis_server import RedisConfigError, connect
 
 if TYPE_CHECKING:
-    from conftest import RedisTestServer
+    from testkit.redis_server import RedisTestServer
 
 pytestmark = pytest.mark.redis
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -20,16 +19,17 @@ from bytewax.testing import TestingSink, run_main
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
-from features.replay import merged_records
-from flows.redis_source import RedisShardSource, _ShardPartition
+from features.event_files import merged_records
+from flows.redis_source import RedisShardSource, _ShardPartition, shard_of, shard_stream
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.redis_server import RedisUnavailableError, connect
-from fraud.replay import replay_files, shard_of, shard_stream
-from fraud.settings import get_settings
+from fraud.producer import replay_files
+from service.redis_server import RedisUnavailableError, connect
+from service.settings import get_settings
+from testkit.system import free_port
 
 if TYPE_CHECKING:
-    from conftest import RedisTestServer
+    from testkit.redis_server import RedisTestServer
 
 pytestmark = pytest.mark.redis
 
@@ -59,21 +59,14 @@ def drain(part: _ShardPartition, timeout_s: float = 10.0) -> list[Record]:
             return out
         for kind, payload, origin in batch:
             stream, _, entry_id = origin.partition("#")
-            assert stream == part._stream and entry_id.count("-") == 1, origin
+            assert stream == part._stream and entry_id.count("-") == 1, origin  # noqa: SLF001
             out.append((kind, payload))
-        assert batch[-1][2] == f"{part._stream}#{part.snapshot()}"
+        assert batch[-1][2] == f"{part._stream}#{part.snapshot()}"  # noqa: SLF001
     raise AssertionError("shard did not drain")
 
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def closed_port() -> int:
-    """A 127.0.0.1 port nothing listens on (it was free a moment ago)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def poll_like_bytewax(part: _ShardPartition, timeout_s: float) -> list[Record]:
@@ -229,7 +222,7 @@ def test_redis_restart_mid_read_loses_and_repeats_nothing(
 def test_outage_longer_than_the_budget_stops_the_source(
     caplog: pytest.LogCaptureFixture, failures: list[str]
 ) -> None:
-    url = f"redis://:s3cret@127.0.0.1:{closed_port()}/0"  # nothing listens there
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"  # nothing listens there
     source = RedisShardSource(url, "o:in", 1, retry_budget_s=1.0)
     part = source.build_part("in", "0", "1700000000000-5")
     errors = metric("fraud_redis_errors_total", op="xread")
@@ -263,7 +256,7 @@ def test_lag_gauge_follows_the_position(redis_url: str, redis_client: redis.Redi
         assert metric("fraud_source_lag_seconds", shard="0") == 0.0
         behind = RedisShardSource(redis_url, "g:in", 1, block_ms=0).build_part("in", "0", None)
         try:
-            behind._refresh_lag(time.monotonic())  # nothing read: 1000-0 unread, newest 4000-0
+            behind._refresh_lag(time.monotonic())  # nothing read: 1000-0 unread, newest 4000-0  # noqa: SLF001
             assert metric("fraud_source_lag_seconds", shard="0") == 3.0
         finally:
             behind.close()

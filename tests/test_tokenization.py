@@ -12,11 +12,12 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 from pydantic import SecretStr
 
-from features.engine import FeatureRow, Pipeline
+from features.engine import FeaturePipeline, FeatureRow
+from features.plan import EntityPlan
 from features.privacy import card_token, tokenize_raw
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.settings import Settings
+from service.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -59,14 +60,14 @@ def test_no_raw_card_id_in_streams_snapshots_or_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     txns, labels, bad = data
-    observe = Pipeline.observe
+    observe = FeaturePipeline.observe
 
-    def observe_(self: Pipeline, i: int, state: object, row: FeatureRow) -> None:
+    def observe_(self: FeaturePipeline, plan: EntityPlan, state: object, row: FeatureRow) -> None:
         if row.txn.txn_id == "poison":  # an error whose message holds the card id it was given
             raise KeyError(f"no state for card {row.txn.card_id}")
-        observe(self, i, state, row)  # type: ignore[arg-type]
+        observe(self, plan, state, row)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Pipeline, "observe", observe_)
+    monkeypatch.setattr(FeaturePipeline, "observe", observe_)
     settings = Settings(
         transactions_path=txns,
         labels_path=labels,

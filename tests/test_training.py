@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fraud.cli import app
-from fraud.settings import get_settings
 from fraud.train import DAY_MS, NO_LABEL, Dataset, Split, fit
 from models.xgb import SEARCH_GRID, tune_xgb
+from service.settings import get_settings
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 H = 3_600_000

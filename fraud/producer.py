@@ -2,7 +2,9 @@
 
 The flow's Redis source reads `N` shard streams, `<prefix>:{0}` .. `<prefix>:{N-1}` (the braces
 are a Redis Cluster hash tag: each shard lives on one slot, shards spread over the cluster). Every
-entry carries `kind` ("txn" or "label") and `payload` (the raw JSON line, untouched).
+entry carries `kind` ("txn" or "label") and `payload` (the raw JSON line, untouched). That wire
+format (field names, stream names, the shard of a card) belongs to the reader,
+`flows.redis_source`; this module writes it.
 
 Routing keeps what the flow needs in order: a transaction goes to the shard of its `card_id`
 (crc32, stable across processes), so one card's records stay in file order inside one stream; a
@@ -14,7 +16,6 @@ flow dead-letters it with a reason, the replay never drops or judges a record.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -23,22 +24,11 @@ from typing import Any
 import msgspec
 import redis
 
+from features.event_files import merged_records, open_text
 from features.events import payload_bytes
-from features.replay import merged_records, open_text
+from flows.redis_source import ENTRY_KIND, ENTRY_PAYLOAD, shard_of, shard_stream
 
-ENTRY_KIND = "kind"
-ENTRY_PAYLOAD = "payload"
 RATE_BATCHES_PER_S = 10  # with --rate, flush about this often so the pace is smooth, not bursty
-
-
-def shard_stream(prefix: str, shard: int) -> str:
-    """Name of input shard `shard`: `<prefix>:{<shard>}` (a Redis Cluster hash tag)."""
-    return f"{prefix}:{{{shard}}}"
-
-
-def shard_of(card_id: str, shards: int) -> int:
-    """The shard of a card: crc32 of its id modulo `shards`, the same in every process."""
-    return zlib.crc32(card_id.encode()) % shards
 
 
 class _Keys(msgspec.Struct):

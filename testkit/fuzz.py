@@ -12,7 +12,7 @@ kind or payload...), ending with a tail of fresh valid transactions that must st
     records in = transactions scored + dead letters + labels joined
 
 checked exactly, with every transaction scored at most once, every dead letter written once with
-a documented reason, and the tail scored. `benchmarks/fuzz.py` runs it at scale; the test suite
+a documented reason, and the tail scored. `python -m benchmarks.fuzz` runs it at scale; the test suite
 runs a short version.
 """
 
@@ -30,7 +30,8 @@ from typing import Any
 import redis
 
 from features.events import MAX_FIELD_CHARS, MAX_RECORD_BYTES, REASONS
-from fraud.replay import ENTRY_KIND, ENTRY_PAYLOAD, route, shard_stream
+from flows.redis_source import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
+from fraud.producer import route
 
 Entry = dict[str, bytes | str]
 Mutation = Callable[[random.Random, dict[str, Any]], Entry]
@@ -107,7 +108,7 @@ def entries(n: int, seed: int = 0, hostile_share: float = HOSTILE_SHARE) -> Plan
         # The sample's density: about 45 transactions per card over 60 days.
         cards = max(20, valid_needed // 45)
         write_files(out, GeneratorConfig(seed=seed, days=60, n_cards=cards, n_merchants=max(50, cards // 20)))
-        from features.replay import merged_records
+        from features.event_files import merged_records
 
         records = list(merged_records(out / "transactions.jsonl", out / "labels.jsonl"))
     records = records[:valid_needed]
@@ -228,8 +229,8 @@ def run(url: str, plan: Plan, *, prefix: str = "fuzz", shards: int = 2) -> Books
 
     from flows.fraud import build
     from flows.redis_source import RedisShardSource
-    from fraud.redis_server import connect
-    from fraud.settings import Settings
+    from service.redis_server import connect
+    from service.settings import Settings
 
     client = connect(url)
     s = Settings(

@@ -1,4 +1,4 @@
-"""models.metrics against brute-force definitions and hand-computed cases."""
+"""models.evaluation against brute-force definitions and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.metrics import (
+from models.evaluation import (
     average_precision,
     best_f1_threshold,
     card_precision_at_k,

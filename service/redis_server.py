@@ -36,7 +36,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from fraud.settings import Settings
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
