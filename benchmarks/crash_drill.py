@@ -11,53 +11,51 @@ extra, duplicated, and decisions whose scores differ from the uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from fraud.producer import replay_files
-from service.redis_server import connect
+import redis
+
+from benchmarks.common import parser
 from service.settings import Settings
 from testkit import drill
-from testkit.redis_server import private_redis
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--kills", type=float, nargs="+", default=[0.2, 0.5, 0.8])
     ap.add_argument("--snapshot-s", type=float, default=1.0)
     args = ap.parse_args()
     s = Settings()
-    with private_redis() as url:
-        drill_all(url, s, args.kills, args.snapshot_s)
+    with drill.private_client() as (url, client), tempfile.TemporaryDirectory() as tmp:
+        drill_all(url, client, Path(tmp), (s.transactions_path, s.labels_path), args.kills, args.snapshot_s)
 
 
-def drill_all(url: str, s: Settings, kills_at: list[float], snapshot_s: float) -> None:
-    client = connect(url)
+def drill_all(
+    url: str,
+    client: redis.Redis,
+    work: Path,
+    files: tuple[Path, Path],
+    kills_at: list[float],
+    snapshot_s: float,
+) -> None:
     run = {"FRAUD_DECISION_LOG": "1", "FRAUD_SNAPSHOT_INTERVAL_S": str(snapshot_s)}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            n = replay_files(client, s.transactions_path, s.labels_path, "base:in", 1)["transactions"]
-            drill.finish(drill.start(drill.flow_env(url, "base", 1, work, **run)))
-            expected = drill.Outcome.read(client, "base")
-            print(
-                f"uninterrupted: {n:,} transactions, {len(expected.alerts)} alerts, {len(expected.scores):,} decisions"
-            )
-            for kills in [*[(k,) for k in kills_at], tuple(kills_at)]:
-                tag = "kill" + "-".join(f"{int(k * 100)}" for k in kills)
-                replay_files(client, s.transactions_path, s.labels_path, f"{tag}:in", 1)
-                env = drill.flow_env(url, tag, 1, work, **run)
-                for k in kills:
-                    drill.kill_when(
-                        drill.start(env), lambda k=k, tag=tag: client.xlen(f"{tag}:decisions") >= k * n
-                    )
-                drill.finish(drill.start(env))
-                report = drill.Outcome.read(client, tag).compare(expected)
-                print(f"SIGKILL at {', '.join(f'{k:.0%}' for k in kills)}: {json.dumps(report)}", flush=True)
-    finally:
-        client.close()
+    n = drill.replay(client, files, "base", 1)
+    drill.finish(drill.start(drill.flow_env(url, "base", 1, work, **run)))
+    expected = drill.Outcome.read(client, "base")
+    print(
+        f"uninterrupted: {n:,} transactions, {len(expected.alerts)} alerts, {len(expected.scores):,} decisions"
+    )
+    for kills in [*[(k,) for k in kills_at], tuple(kills_at)]:
+        tag = "kill" + "-".join(f"{int(k * 100)}" for k in kills)
+        drill.replay(client, files, tag, 1)
+        env = drill.flow_env(url, tag, 1, work, **run)
+        for k in kills:
+            drill.kill_when(drill.start(env), lambda k=k, tag=tag: client.xlen(f"{tag}:decisions") >= k * n)
+        drill.finish(drill.start(env))
+        report = drill.Outcome.read(client, tag).compare(expected)
+        print(f"SIGKILL at {', '.join(f'{k:.0%}' for k in kills)}: {json.dumps(report)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ the final transactions were scored, and whether the flow crashed. Exits 1 if any
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from benchmarks.common import parser
 from testkit import fuzz
 from testkit.redis_server import private_redis
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--shards", type=int, default=2)

@@ -16,7 +16,6 @@ kept (one key per transaction id) until the label arrives.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 from datetime import timedelta
@@ -27,17 +26,16 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from benchmarks.common import START_MS, parser
 from features.engine import FeatureRow
 from flows.steps import IndexConfig, IndexLogic, PendingLogic, decode_record, is_valid, txn_key
 from service.runtime import new_pipeline
 from service.settings import Settings
 from testkit.system import rss_bytes
 
-T0_MS = 1_767_571_200_000
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--transactions", type=int, default=400_000)
     ap.add_argument("--cards", type=int, default=100_000)
     ap.add_argument("--step", choices=["index", "pending"], default="index")
@@ -46,7 +44,7 @@ def main() -> None:
     pipeline = new_pipeline(Settings())
     records = [
         ("txn", json.dumps({
-            "txn_id": f"t{i:09d}", "ts": T0_MS + i * 1000, "card_id": f"c{i % cards:07d}",
+            "txn_id": f"t{i:09d}", "ts": START_MS + i * 1000, "card_id": f"c{i % cards:07d}",
             "merchant_id": f"m{i % 5000:05d}", "amount": 12.5, "device_id": f"d{i % (cards * 7 // 10):07d}",
         }), f"bench:{i + 1}")
         for i in range(n)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import LATENESS_MS, parser
 from features.catalog import CARD, CATALOGS, FEATURES, MERCHANT, default_features
 from features.engine import FeaturePipeline
 from features.spec import FeatureSet, WindowFeature
@@ -29,8 +30,6 @@ from fraud.train import Dataset, build_dataset, evaluate, fit
 from fraud.worlds import SPLIT, WORLDS, World
 from models.artifact import ModelArtifact
 from service.settings import Settings
-
-LATENESS_MS = 300_000
 
 
 def _without(keep: Any) -> FeatureSet:
@@ -140,7 +139,7 @@ def table(rows: list[dict[str, Any]], k: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     p.add_argument("--catalogs", nargs="+", default=["textbook", "default"], choices=list(CATALOGS))

@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from fraud.producer import replay_files
-from service.redis_server import connect
+import redis
+
+from benchmarks.common import parser
 from service.settings import Settings
 from testkit import drill
-from testkit.redis_server import private_redis
 from testkit.system import free_port
 
 DONE = re.compile(r"\[done(?: w\d+)?\] ([\d,]+) transactions .*· ([\d,.]+)s$", re.M)
@@ -71,7 +71,7 @@ def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, li
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1)
@@ -80,55 +80,49 @@ def main() -> None:
     )
     args = ap.parse_args()
     settings = Settings()
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        with private_redis() as url:
-            measure(url, settings, args, workdir)
+    with tempfile.TemporaryDirectory() as tmp, drill.private_client() as (url, client):
+        measure(url, client, settings, args, Path(tmp))
 
 
-def measure(url: str, settings: Settings, args: argparse.Namespace, workdir: Path) -> None:
-    client = connect(url)
+def measure(
+    url: str, client: redis.Redis, settings: Settings, args: argparse.Namespace, workdir: Path
+) -> None:
     reference: drill.Outcome | None = None
-    try:
-        print(f"sample {settings.transactions_path}, {args.shards} shards, {os.cpu_count()} cores")
-        for c, processes in enumerate(args.processes):  # a configuration may come twice: 1 1 2
-            for r in range(args.repeat):
-                tag = f"bench{c}-{processes}-{r}"
-                files = (settings.transactions_path, settings.labels_path, f"{tag}:in", args.shards)
-                if args.rate is None:
-                    summary = replay_files(client, *files)
-                    procs = start_cluster(url, tag, args.shards, processes, workdir, idle_exit_s=2)
-                else:
-                    procs = start_cluster(
-                        url, tag, args.shards, processes, workdir, idle_exit_s=STARTUP_S + 5
-                    )
-                    try:
-                        time.sleep(STARTUP_S)
-                        summary = replay_files(client, *files, rate=args.rate)
-                    except BaseException:
-                        for proc in procs:
-                            drill.reap(proc)
-                        raise
-                n, secs, latencies = finish_cluster(procs)
-                outcome = drill.Outcome.read(client, tag)
-                if reference is None:
-                    reference, against = outcome, ""
-                else:
-                    diff = outcome.compare(reference)
-                    against = (
-                        f" (against the first run's {diff['alerts_expected']:,}: "
-                        f"{diff['missing']:,} missing, {diff['extra']:,} extra)"
-                    )
-                # At a fixed rate the processes keep up with the replay: tx/s would only echo it.
-                speed = f"throughput={n / secs:,.0f} tx/s " if args.rate is None else ""
-                print(
-                    f"processes={processes} transactions={n:,} (replayed {summary['transactions']:,}) "
-                    f"active={secs:.1f}s {speed}alerts={len(outcome.alerts):,}{against}"
-                    + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate),
-                    flush=True,
+    print(f"sample {settings.transactions_path}, {args.shards} shards, {os.cpu_count()} cores")
+    for c, processes in enumerate(args.processes):  # a configuration may come twice: 1 1 2
+        for r in range(args.repeat):
+            tag = f"bench{c}-{processes}-{r}"
+            files = (settings.transactions_path, settings.labels_path)
+            if args.rate is None:
+                replayed = drill.replay(client, files, tag, args.shards)
+                procs = start_cluster(url, tag, args.shards, processes, workdir, idle_exit_s=2)
+            else:
+                procs = start_cluster(url, tag, args.shards, processes, workdir, idle_exit_s=STARTUP_S + 5)
+                try:
+                    time.sleep(STARTUP_S)
+                    replayed = drill.replay(client, files, tag, args.shards, rate=args.rate)
+                except BaseException:
+                    for proc in procs:
+                        drill.reap(proc)
+                    raise
+            n, secs, latencies = finish_cluster(procs)
+            outcome = drill.Outcome.read(client, tag)
+            if reference is None:
+                reference, against = outcome, ""
+            else:
+                diff = outcome.compare(reference)
+                against = (
+                    f" (against the first run's {diff['alerts_expected']:,}: "
+                    f"{diff['missing']:,} missing, {diff['extra']:,} extra)"
                 )
-    finally:
-        client.close()
+            # At a fixed rate the processes keep up with the replay: tx/s would only echo it.
+            speed = f"throughput={n / secs:,.0f} tx/s " if args.rate is None else ""
+            print(
+                f"processes={processes} transactions={n:,} (replayed {replayed:,}) "
+                f"active={secs:.1f}s {speed}alerts={len(outcome.alerts):,}{against}"
+                + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

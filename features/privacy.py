@@ -1,4 +1,5 @@
-"""Card-id tokenization for everything that leaves the flow (alerts, late side output, audit log).
+"""Card-id tokenization: applied by the flow's decoder (`flows.steps.decoder`), so that state,
+snapshots and every output stream hold only tokens.
 
 A token is `tok_` + the first 32 hex digits of HMAC-SHA256(key, card_id): deterministic, so
 consumers can still group and join by card, and irreversible without the key (a plain hash of a

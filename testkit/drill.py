@@ -14,12 +14,18 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from fraud.producer import replay_files
+from service.redis_server import connect
+from testkit.redis_server import private_redis
+from testkit.streams import entries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +42,23 @@ def flow_env(url: str, tag: str, shards: int, workdir: Path, **overrides: str) -
     )  # fmt: skip
     env.update(overrides)
     return env
+
+
+@contextmanager
+def private_client() -> Iterator[tuple[str, redis.Redis]]:
+    """A throwaway redis-server (`private_redis`): its URL and a client, closed and stopped after."""
+    with private_redis() as url:
+        client = connect(url)
+        try:
+            yield url, client
+        finally:
+            client.close()
+
+
+def replay(client: redis.Redis, files: tuple[Path, Path | None], tag: str, shards: int, **kwargs: Any) -> int:
+    """Replay (transactions, labels) files into the `<tag>:in` shards a `flow_env(tag)` run reads
+    (`fraud.producer.replay_files`; `rate=` paces it): the transactions replayed."""
+    return int(replay_files(client, *files, f"{tag}:in", shards, **kwargs)["transactions"])
 
 
 def start(env: Mapping[str, str], *args: str) -> subprocess.Popen[bytes]:
@@ -96,11 +119,6 @@ def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout_
         reap(proc)
 
 
-def _entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:
-    rows: list[Any] = client.xrange(stream)  # type: ignore[assignment]
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
-
-
 @dataclass
 class Outcome:
     """What a run left in its streams: alert ids in order, and scores per decided transaction."""
@@ -111,10 +129,10 @@ class Outcome:
 
     @classmethod
     def read(cls, client: redis.Redis, tag: str) -> Outcome:
-        alerts = [f["txn_id"] for f in _entries(client, f"{tag}:alerts")]
-        entries = _entries(client, f"{tag}:decisions")
-        scores = {e["txn_id"]: (e["score"], e["xgb_score"], e["online_score"]) for e in entries}
-        return cls(alerts, scores, len(entries))
+        alerts = [f["txn_id"] for f in entries(client, f"{tag}:alerts")]
+        decisions = entries(client, f"{tag}:decisions")
+        scores = {e["txn_id"]: (e["score"], e["xgb_score"], e["online_score"]) for e in decisions}
+        return cls(alerts, scores, len(decisions))
 
     def compare(self, expected: Outcome) -> dict[str, int]:
         """Missing, extra and duplicated alerts, and decisions whose scores differ, against `expected`."""

@@ -58,3 +58,23 @@ def test_quality_benchmark_runs_and_prints_its_table() -> None:
     assert re.search(
         r"^late-pattern, from the new pattern's first day .* with River AP [\d.]+", out.stdout, re.M
     )
+
+
+@pytest.mark.parametrize(
+    ("mode", "expect"),
+    [
+        ([], r"^  all features equal \(rtol=1e-9, atol=1e-9, NaN == NaN\)$"),
+        (
+            ["--memory-only", "--events-per-card", "5"],
+            r"^restored in a fresh process from the keys' pickled snapshots",
+        ),
+    ],
+)
+def test_features_benchmark_runs(mode: list[str], expect: str) -> None:
+    """Both modes of `python -m benchmarks.features_bench` (the memory mode with its restore child)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.features_bench", "--cards", "200", "--days", "3", "--warmup", "100", *mode],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(expect, out.stdout, re.M), out.stdout

@@ -22,8 +22,9 @@ import redis
 from typer.testing import CliRunner
 
 from fraud.cli import app
-from fraud.consumer import consume, ensure_group, pending_count, read_alerts
+from fraud.consumer import ensure_group, pending_count, read_alerts
 from fraud.display import FIELD_CAP
+from testkit.streams import drain
 
 pytestmark = pytest.mark.redis
 
@@ -57,22 +58,6 @@ def add(client: redis.Redis, stream: str, entries: list[Any]) -> list[str]:
     for fields in entries:
         pipe.xadd(stream, fields)
     return [entry_id.decode() for entry_id in pipe.execute()]
-
-
-def drain(
-    client: redis.Redis,
-    *,
-    group: str,
-    consumer: str = "me",
-    as_json: bool,
-    limit: int | None = None,
-    out: io.StringIO | None = None,
-    stream: str = ALERTS,
-    **kw: Any,
-) -> tuple[int, str]:
-    out = io.StringIO() if out is None else out
-    n = consume(client, stream, group, consumer, follow=False, as_json=as_json, limit=limit, out=out, **kw)
-    return n, out.getvalue()
 
 
 def assert_terminal_safe(text: str) -> None:
@@ -116,10 +101,10 @@ def test_recursion_bomb_in_reasons_is_shown_not_fatal(redis_client: redis.Redis,
     ids = add(
         redis_client, ALERTS, [alert(0, reasons=bomb), alert(1), alert(2, reasons="[" * 5000 + "]" * 5000)]
     )
-    n, text = drain(redis_client, group="text", as_json=False)
+    n, text = drain(redis_client, ALERTS, group="text", as_json=False)
     assert n == 3 and len(text.splitlines()) == 3
     assert text.splitlines()[0].endswith("reasons: ?") and "amount_z=4.2" in text.splitlines()[1]
-    n, text = drain(redis_client, group="json", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="json", as_json=True)
     rows = [json.loads(line) for line in text.splitlines()]
     assert n == 3 and [row["id"] for row in rows] == ids
     assert rows[0]["fields"]["reasons"] == bomb  # complete, still the raw string
@@ -134,14 +119,14 @@ def test_escape_sequences_are_shown_visibly(redis_client: redis.Redis) -> None:
     evil = alert(0, txn_id=f"t0{ESCAPES}", card_id="c\n1\tx", model_version="é😀 ok")
     evil["reasons"] = json.dumps([{"feature": ESCAPES, "value": 1, "contribution": 0.5}])
     add(redis_client, ALERTS, [evil])
-    n, text = drain(redis_client, group="text", as_json=False)
+    n, text = drain(redis_client, ALERTS, group="text", as_json=False)
     assert n == 1 and len(text.splitlines()) == 1  # the \n and U+2028 in fields broke no line
     assert_terminal_safe(text)
     assert "txn=t0\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07" in text and "\\r\\x08\\x00\\x7f\\x9b\\x85" in text
     assert "\\u202e\\u2066\\u2028\\ufeff" in text and "card=c\\n1\\tx" in text
     assert "model=é😀 ok" in text  # ordinary printable Unicode is kept
 
-    n, text = drain(redis_client, group="json", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="json", as_json=True)
     assert n == 1 and text.isascii() and "\x1b" not in text
     fields = json.loads(text)["fields"]
     assert fields["txn_id"] == f"t0{ESCAPES}" and fields["reasons"][0]["feature"] == ESCAPES  # exact
@@ -150,11 +135,11 @@ def test_escape_sequences_are_shown_visibly(redis_client: redis.Redis) -> None:
 def test_huge_field_is_capped_in_text_and_complete_in_json(redis_client: redis.Redis, cli: CliRunner) -> None:
     huge = "é" * 10_000_000
     add(redis_client, ALERTS, [alert(0, merchant_id=huge), alert(1)])
-    n, text = drain(redis_client, group="text", as_json=False)
+    n, text = drain(redis_client, ALERTS, group="text", as_json=False)
     first = text.splitlines()[0]
     assert n == 2 and len(text) < 10_000
     assert f"merchant={'é' * FIELD_CAP}… ({10_000_000 - FIELD_CAP} more characters)  score=" in first
-    n, text = drain(redis_client, group="json", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="json", as_json=True)
     assert n == 2 and json.loads(text.splitlines()[0])["fields"]["merchant_id"] == huge
 
     add(redis_client, DLQ, [{"kind": "txn", "reason": "too_large", "detail": huge, "raw": huge}])
@@ -174,10 +159,10 @@ def test_non_utf8_values_in_every_reader(redis_client: redis.Redis, cli: CliRunn
         b"\x80key": b"\xc0\xaf",
     }
     add(redis_client, ALERTS, [raw, alert(1)])
-    n, text = drain(redis_client, group="text", as_json=False)
+    n, text = drain(redis_client, ALERTS, group="text", as_json=False)
     assert n == 2 and "txn=t\\xff\\xfe  card=\\xed\\xa0\\x80" in text
     assert_terminal_safe(text)
-    n, text = drain(redis_client, group="json", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="json", as_json=True)
     fields = json.loads(text.splitlines()[0])["fields"]
     assert n == 2 and fields["txn_id"] == "t\\xff\\xfe" and fields["\\x80key"] == "\\xc0\\xaf"
 
@@ -241,23 +226,25 @@ def test_a_batch_read_but_not_acknowledged_is_shown_again(redis_client: redis.Re
     read = read_alerts(redis_client, ALERTS, "g", "me", count=3)  # then the process died before XACK
     assert [entry_id for entry_id, _ in read] == ids[:3] and pending_count(redis_client, ALERTS, "g") == 3
 
-    n, text = drain(redis_client, group="g", as_json=True, limit=2)  # --limit counts re-deliveries too
+    n, text = drain(
+        redis_client, ALERTS, group="g", as_json=True, limit=2
+    )  # --limit counts re-deliveries too
     assert n == 2 and json_ids(text) == ids[:2]
-    n, text = drain(redis_client, group="g", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="g", as_json=True)
     assert n == 3 and json_ids(text) == ids[2:]  # own pending first, then new ones
     assert pending_count(redis_client, ALERTS, "g") == 0
-    assert drain(redis_client, group="g", as_json=True) == (0, "")  # a clean run shows nothing twice
+    assert drain(redis_client, ALERTS, group="g", as_json=True) == (0, "")  # a clean run shows nothing twice
 
 
 def test_output_failing_midway_acknowledges_exactly_what_was_shown(redis_client: redis.Redis) -> None:
     ids = add(redis_client, ALERTS, [alert(i) for i in range(250)])
     cut = CutOutput(fail_at=137)
     with pytest.raises(BrokenPipeError):
-        drain(redis_client, group="g", as_json=True, out=cut)
+        drain(redis_client, ALERTS, group="g", as_json=True, out=cut)
     first = json_ids(cut.getvalue())
     assert first == ids[:137]
     assert pending_count(redis_client, ALERTS, "g") == 100 - 37  # the rest of the cut batch
-    n, text = drain(redis_client, group="g", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="g", as_json=True)
     assert n == 250 - 137 and json_ids(text) == ids[137:]
     assert pending_count(redis_client, ALERTS, "g") == 0
 
@@ -267,7 +254,7 @@ def test_deleted_pending_entries_are_acknowledged(redis_client: redis.Redis) -> 
     ensure_group(redis_client, ALERTS, "g")
     read_alerts(redis_client, ALERTS, "g", "me", count=4)
     redis_client.xdel(ALERTS, ids[1], ids[2])
-    n, text = drain(redis_client, group="g", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="g", as_json=True)
     assert n == 2 and json_ids(text) == [ids[0], ids[3]]
     assert pending_count(redis_client, ALERTS, "g") == 0
 
@@ -276,10 +263,10 @@ def test_entries_abandoned_by_another_consumer_are_claimed_when_idle(redis_clien
     ids = add(redis_client, ALERTS, [alert(i) for i in range(3)])
     ensure_group(redis_client, ALERTS, "g")
     read_alerts(redis_client, ALERTS, "g", "crashed", count=2)
-    n, text = drain(redis_client, group="g", consumer="me", as_json=True)  # not idle 5 minutes yet
+    n, text = drain(redis_client, ALERTS, group="g", consumer="me", as_json=True)  # not idle 5 minutes yet
     assert n == 1 and json_ids(text) == ids[2:]
     assert pending_count(redis_client, ALERTS, "g") == 2
-    n, text = drain(redis_client, group="g", consumer="me", as_json=True, claim_idle_ms=0)
+    n, text = drain(redis_client, ALERTS, group="g", consumer="me", as_json=True, claim_idle_ms=0)
     assert n == 2 and json_ids(text) == ids[:2]
     assert pending_count(redis_client, ALERTS, "g") == 0
 
@@ -307,7 +294,7 @@ def test_cli_alerts_piped_to_a_reader_that_leaves(redis_url: str, redis_client: 
     left = pending_count(redis_client, ALERTS, "fraud-cli")
     assert 0 < left <= 100 and delivered < 3000  # the rest of the batch being written when it broke
     written = delivered - left  # the lines that reached the pipe, acknowledged
-    n, text = drain(redis_client, group="fraud-cli", consumer="cli", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="fraud-cli", consumer="cli", as_json=True)
     assert n == 3000 - written and json_ids(text) == ids[written:]
     assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
 
@@ -423,19 +410,19 @@ def test_fuzz_every_reader_survives_hostile_streams(
     total = 3000
     ids = add(redis_client, ALERTS, [hostile_entry(rng, i) for i in range(total)])
 
-    n, text = drain(redis_client, group="text", as_json=False)
+    n, text = drain(redis_client, ALERTS, group="text", as_json=False)
     assert n == total and len(text.splitlines()) == total  # one line each, whatever the content
     assert_terminal_safe(text)
     assert pending_count(redis_client, ALERTS, "text") == 0
 
-    n, text = drain(redis_client, group="json", as_json=True)
+    n, text = drain(redis_client, ALERTS, group="json", as_json=True)
     assert n == total and text.isascii() and json_ids(text) == ids
     assert pending_count(redis_client, ALERTS, "json") == 0
 
     cut = CutOutput(fail_at=rng.randrange(1, total))  # interrupted, then resumed: each shown once
     with pytest.raises(BrokenPipeError):
-        drain(redis_client, group="cut", as_json=True, out=cut)
-    n, rest = drain(redis_client, group="cut", as_json=True)
+        drain(redis_client, ALERTS, group="cut", as_json=True, out=cut)
+    n, rest = drain(redis_client, ALERTS, group="cut", as_json=True)
     assert json_ids(cut.getvalue()) + json_ids(rest) == ids and n == total - cut.fail_at
     assert pending_count(redis_client, ALERTS, "cut") == 0
 

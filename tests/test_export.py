@@ -19,6 +19,7 @@ from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
 from service.runtime import new_pipeline
 from service.settings import Settings
+from testkit.values import same
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,6 @@ def read_csv(path: Path) -> list[list[str]]:
 
 def parse(cell: str) -> float:
     return math.nan if cell == "" else float(cell)
-
-
-def same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == b
 
 
 def test_rfc3339_ms_is_exact_utc() -> None:

@@ -22,6 +22,7 @@ from features.engine import FeatureEngine, FeaturePipeline, FeatureVector, Label
 from features.events import DeadLetter, Label, Transaction
 from features.plan import EntityPlan
 from features.spec import Entity, FeatureSet, SpecError, WindowFeature, duration_ms, expand
+from testkit.values import same
 
 CARD = Entity("card", ("card_id",))
 MERCHANT = Entity("merchant", ("merchant_id",))
@@ -126,10 +127,6 @@ def brute_force(
         "ratio_to_mean": t.amount / mean if mean > 0 else math.nan,
         "zscore": (t.amount - mean) / std if std > 0 else math.nan,
     }[f.agg]  # fmt: skip
-
-
-def same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
 @st.composite
@@ -381,7 +378,7 @@ def check_against_brute_force(events: list[Transaction | Label], pipeline: Featu
             brute_force(f, e, arrived, frauds, lookback[f.entity]) for f in features.windows
         ]
         for name, got, want in zip(features.names, out.values, expected, strict=True):
-            assert same(got, want), f"{name} of {e.txn_id}: engine {got} != brute force {want}"
+            assert same(got, want, tol=1e-9), f"{name} of {e.txn_id}: engine {got} != brute force {want}"
         checked += 1
     assert checked >= 1 or not arrived  # the first arrival is never late, so something was compared
 

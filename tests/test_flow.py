@@ -20,6 +20,7 @@ from fraud.datagen import GeneratorConfig, write_files
 from models.artifact import ArtifactError, load, save
 from models.serving import Decision
 from service.settings import Settings
+from testkit.streams import entries
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -69,10 +70,6 @@ def settings_for(dataset: tuple[Path, Path, int, int], redis_url: str, **kw: obj
         progress_interval_s=60,
         **kw,  # type: ignore[arg-type]
     )
-
-
-def entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(stream)]
 
 
 def test_flow_alerts_and_dead_letters(

@@ -35,6 +35,7 @@ def test_the_kernel_tests_pass_under_address_sanitizer(tmp_path: Path) -> None:
     shutil.copytree(
         ROOT / "features", tmp_path / "features", ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
+    shutil.copytree(ROOT / "testkit", tmp_path / "testkit", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "tests").mkdir()
     shutil.copy(ROOT / "tests" / "test_features.py", tmp_path / "tests")
     built = tmp_path / "features" / f"_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"

@@ -14,7 +14,6 @@ import pytest
 import redis
 
 from fraud.datagen import GeneratorConfig, write_files
-from fraud.producer import replay_files
 from service.redis_server import connect
 from testkit import drill
 from testkit.system import free_port
@@ -37,7 +36,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def fill(client: redis.Redis, dataset: tuple[Path, Path], tag: str, shards: int) -> int:
-    return int(replay_files(client, dataset[0], dataset[1], f"{tag}:in", shards)["transactions"])
+    return drill.replay(client, dataset, tag, shards)
 
 
 @pytest.fixture(scope="module")

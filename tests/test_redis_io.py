@@ -31,6 +31,7 @@ from fraud.consumer import (
 )
 from service.redis_server import EmbeddedRedis, RedisUnavailableError, connect, redact, redis_url
 from service.settings import Settings
+from testkit.streams import drain, txn_ids
 
 if TYPE_CHECKING:
     from testkit.redis_server import RedisTestServer
@@ -58,10 +59,6 @@ def make_alert(i: int) -> dict[str, str]:
         "reasons": json.dumps(reasons),
         "latency_ms": "1.5",
     }
-
-
-def txn_ids(client: redis.Redis, stream: str = STREAM) -> list[str]:
-    return [fields[b"txn_id"].decode() for _, fields in client.xrange(stream)]
 
 
 def xadd_errors() -> float:
@@ -100,7 +97,7 @@ def test_embedded_redis_persists_across_restart(embedded_dir: Path) -> None:
     again = EmbeddedRedis(embedded_dir).start()
     assert not again.reused
     with connect(again.url) as client:
-        assert txn_ids(client) == [f"t{i}" for i in range(5)]
+        assert txn_ids(client, STREAM) == [f"t{i}" for i in range(5)]
 
 
 def test_embedded_redis_reuses_running_server(embedded_dir: Path) -> None:
@@ -137,7 +134,7 @@ def test_xadd_batch_returns_ids_in_order(redis_client: redis.Redis) -> None:
 def test_sink_in_dataflow_writes_every_item_in_order(redis_url: str, redis_client: redis.Redis) -> None:
     items = [make_alert(i) for i in range(50)]
     run_sink_flow(redis_url, items)
-    assert txn_ids(redis_client) == [f"t{i}" for i in range(50)]
+    assert txn_ids(redis_client, STREAM) == [f"t{i}" for i in range(50)]
     _, fields = redis_client.xrange(STREAM, count=1)[0]
     assert {k.decode(): v.decode() for k, v in fields.items()} == items[0]
 
@@ -171,7 +168,7 @@ def test_sink_rides_out_a_restart(
         restarter.join()  # before the fixture stops the server, even if the test failed
         part.close()
     with connect(server.url) as client:
-        assert txn_ids(client) == [f"t{i}" for i in range(20)]
+        assert txn_ids(client, STREAM) == [f"t{i}" for i in range(20)]
     logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
     assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO]  # not one per attempt
     assert "answers again after" in logged[1].getMessage()
@@ -242,7 +239,7 @@ def test_sink_backs_off_while_redis_is_full(
         admin.delete(*fillers)  # memory is freed: the write must go through now
         writer.join(timeout=15)
         assert outcome == [None]
-        assert txn_ids(admin) == [f"t{i}" for i in range(5)]
+        assert txn_ids(admin, STREAM) == [f"t{i}" for i in range(5)]
     part.close()
     logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
     assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO]
@@ -331,23 +328,9 @@ def test_read_and_ack(redis_client: redis.Redis) -> None:
     assert read_alerts(redis_client, STREAM, "g", "me") == []
 
 
-def drain(
-    client: redis.Redis,
-    group: str,
-    consumer: str = "me",
-    *,
-    as_json: bool,
-    limit: int | None = None,
-) -> tuple[int, str]:
-    """consume() without follow; returns (count printed, printed text)."""
-    out = io.StringIO()
-    n = consume(client, STREAM, group, consumer, follow=False, as_json=as_json, limit=limit, out=out)
-    return n, out.getvalue()
-
-
 def test_consume_prints_readable_lines_once_per_group(redis_client: redis.Redis) -> None:
     xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(3)], 1000)
-    n, text = drain(redis_client, "g", as_json=False)
+    n, text = drain(redis_client, STREAM, "g", as_json=False)
     lines = text.splitlines()
     assert n == 3 and len(lines) == 3
     assert "txn=t1" in lines[1] and "card=c1" in lines[1] and "merchant=m7" in lines[1]
@@ -357,20 +340,20 @@ def test_consume_prints_readable_lines_once_per_group(redis_client: redis.Redis)
     assert "amount_z=4.2 (+0.310)" in lines[1] and "merchant_new=na (-0.050)" in lines[1]
     assert pending_count(redis_client, STREAM, "g") == 0
 
-    assert drain(redis_client, "g", "other", as_json=False) == (0, "")  # same group: nothing new
-    assert drain(redis_client, "g2", as_json=False)[0] == 3  # another group sees everything
+    assert drain(redis_client, STREAM, "g", "other", as_json=False) == (0, "")  # same group: nothing new
+    assert drain(redis_client, STREAM, "g2", as_json=False)[0] == 3  # another group sees everything
 
 
 def test_consume_as_json_with_limit(redis_client: redis.Redis) -> None:
     ids = xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(5)], 1000)
-    n, text = drain(redis_client, "g", as_json=True, limit=2)
+    n, text = drain(redis_client, STREAM, "g", as_json=True, limit=2)
     rows = [json.loads(line) for line in text.splitlines()]
     assert n == 2 and [row["id"] for row in rows] == ids[:2]
     assert rows[0]["fields"]["txn_id"] == "t0"
     reason = {"feature": "amount_z", "value": 4.2, "contribution": 0.31}
     assert rows[0]["fields"]["reasons"][0] == reason
     assert pending_count(redis_client, STREAM, "g") == 0  # only what was printed was read
-    n, text = drain(redis_client, "g", as_json=True)
+    n, text = drain(redis_client, STREAM, "g", as_json=True)
     assert n == 3 and [json.loads(line)["id"] for line in text.splitlines()] == ids[2:]
 
 
@@ -402,9 +385,9 @@ def test_malformed_alert_is_printed_not_fatal(redis_client: redis.Redis) -> None
     assert format_alert({"reasons": "[]"}).endswith("reasons: none")
 
     xadd_batch(redis_client, STREAM, [bad, make_alert(1)], 1000)
-    n, text = drain(redis_client, "g", as_json=False)
+    n, text = drain(redis_client, STREAM, "g", as_json=False)
     assert n == 2 and "txn=t9" in text
-    n, text = drain(redis_client, "g_json", as_json=True)
+    n, text = drain(redis_client, STREAM, "g_json", as_json=True)
     assert n == 2 and json.loads(text.splitlines()[0])["fields"]["reasons"] == "not json"
 
 

@@ -48,6 +48,7 @@ from flows.redis_sink import (
 from flows.redis_source import RedisShardSource, shard_stream
 from models.serving import Decision
 from service.redis_server import RedisConfigError, connect
+from testkit.streams import txn_ids
 
 if TYPE_CHECKING:
     from testkit.redis_server import RedisTestServer
@@ -74,10 +75,6 @@ Factory = Callable[..., "RedisTestServer"]
 
 def entries(n: int, start: int = 0) -> list[dict[str, str]]:
     return [{"txn_id": f"t{i}", "card_id": f"c{i % 3}", "score": "0.9"} for i in range(start, start + n)]
-
-
-def txn_ids(client: redis.Redis, stream: str = STREAM) -> list[str]:
-    return [fields[b"txn_id"].decode() for _, fields in client.xrange(stream)]
 
 
 def write(url: str, items: list[dict[str, str]], stream: str = STREAM, **kw: object) -> None:
@@ -111,7 +108,7 @@ def test_password_url_works_for_connect_and_sink(redis_server_factory: Factory) 
     with connect(server.url) as client:
         assert client.ping()
         write(server.url, entries(3), dedupe_field="txn_id")
-        assert txn_ids(client) == ["t0", "t1", "t2"]
+        assert txn_ids(client, STREAM) == ["t0", "t1", "t2"]
 
 
 @pytest.mark.parametrize("auth", ["default:wrong-pw@", ":wrong-pw@", ""], ids=["user", "password", "none"])
@@ -145,7 +142,7 @@ def test_password_never_logged_even_on_retries(
         restarter.join()
         part.close()
     with connect(server.url) as client:
-        assert txn_ids(client) == [f"t{i}" for i in range(8)]
+        assert txn_ids(client, STREAM) == [f"t{i}" for i in range(8)]
     logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
     assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO], "the outage: start, end"
     assert all(":***@" in r.getMessage() for r in logged)
@@ -227,7 +224,7 @@ def test_acl_user_writes_through_the_sink(acl_server: RedisTestServer) -> None:
     write(url, entries(4), dedupe_field="txn_id")  # replay: skipped
     write(url, entries(1, start=4))  # plain XADD
     with connect(acl_server.url) as admin:
-        assert txn_ids(admin) == [f"t{i}" for i in range(5)]
+        assert txn_ids(admin, STREAM) == [f"t{i}" for i in range(5)]
         assert admin.exists(marker_key(STREAM, "t0")) == 1
 
 
@@ -330,7 +327,7 @@ def test_tls_connection_verifies_the_server_and_carries_the_sink(
         assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
         write(server.url, entries(3), dedupe_field="txn_id", retention_s=3600.0)
         write(server.url, entries(3), dedupe_field="txn_id")
-        assert txn_ids(client) == ["t0", "t1", "t2"]
+        assert txn_ids(client, STREAM) == ["t0", "t1", "t2"]
 
     # Without the CA the server's certificate is refused; plain TCP gets no answer on a TLS port.
     no_ca = f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/0"
@@ -352,7 +349,7 @@ def test_replayed_batch_is_written_once(redis_url: str, redis_client: redis.Redi
     batch = entries(6)
     write(redis_url, batch, dedupe_field="txn_id")
     write(redis_url, batch[2:] + entries(2, start=6), dedupe_field="txn_id")  # replay + 2 new
-    assert txn_ids(redis_client) == [f"t{i}" for i in range(8)]
+    assert txn_ids(redis_client, STREAM) == [f"t{i}" for i in range(8)]
     assert sample("fraud_sink_duplicates_total", {"stream": STREAM}) - before == 4
     ids = write_entries(redis_client, STREAM, batch, 1000, dedupe=Dedupe("txn_id"))
     assert ids == [None] * 6
@@ -363,7 +360,7 @@ def test_replayed_batch_is_written_once(redis_url: str, redis_client: redis.Redi
 def test_without_dedupe_field_a_replay_appends_again(redis_url: str, redis_client: redis.Redis) -> None:
     write(redis_url, entries(2))
     write(redis_url, entries(2))
-    assert txn_ids(redis_client) == ["t0", "t1", "t0", "t1"]
+    assert txn_ids(redis_client, STREAM) == ["t0", "t1", "t0", "t1"]
     assert redis_client.keys(f"{STREAM}:sent:*") == []
 
 
@@ -373,14 +370,14 @@ def test_dedupe_markers_expire(redis_url: str, redis_client: redis.Redis) -> Non
     assert marker == "fraud:alerts:sent:t0"
     assert 0 < redis_client.pttl(marker) <= 1000
     write(redis_url, entries(2), dedupe_field="txn_id", dedupe_ttl_s=1)
-    assert txn_ids(redis_client) == ["t0", "t1"]
+    assert txn_ids(redis_client, STREAM) == ["t0", "t1"]
 
     redis_client.pexpire(marker, 1)
     deadline = time.monotonic() + 2.0
     while redis_client.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.005)
     write(redis_url, entries(2), dedupe_field="txn_id", dedupe_ttl_s=1)
-    assert txn_ids(redis_client) == ["t0", "t1", "t0"]  # t1's marker still lives
+    assert txn_ids(redis_client, STREAM) == ["t0", "t1", "t0"]  # t1's marker still lives
 
 
 def test_default_marker_ttl_is_a_week(redis_url: str, redis_client: redis.Redis) -> None:
@@ -402,7 +399,7 @@ def test_partially_applied_batch_is_completed_without_duplicates(
     redis_client.script_flush()  # and the server lost its script cache: NOSCRIPT, reload, retry
     before = sample("fraud_sink_duplicates_total", {"stream": STREAM})
     write(redis_url, batch, dedupe_field="txn_id")
-    assert txn_ids(redis_client) == [f"t{i}" for i in range(10)]
+    assert txn_ids(redis_client, STREAM) == [f"t{i}" for i in range(10)]
     assert sample("fraud_sink_duplicates_total", {"stream": STREAM}) - before == 5
     assert redis_client.script_exists(DEDUPE_XADD_SHA) == [True]
 
@@ -443,7 +440,7 @@ def test_retention_trims_entries_older_than_minid(
     assert redis_client.xlen(STREAM) == 1005
 
     write(redis_url, entries(5, start=5), dedupe_field=dedupe_field, retention_s=9 * 86_400.0)
-    ids = txn_ids(redis_client)
+    ids = txn_ids(redis_client, STREAM)
     assert ids[-10:] == [f"t{i}" for i in range(10)]  # recent entries stay
     # MINID ~ drops whole stream nodes (100 entries by default), so one mixed node may remain.
     assert sum(i.startswith("old") for i in ids) < 100

@@ -1,4 +1,4 @@
-"""Metrics exposed over HTTP after a run, and the file source's resumable position."""
+"""Metrics exposed over HTTP after a run (`service.telemetry`), and the kernel the engine reports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from prometheus_client import REGISTRY
 from features import aggregations
 from features.aggregations import kernel_name
 from features.event_files import merged_records
-from flows.file_source import FileReplaySource
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
 from service import telemetry
@@ -80,28 +79,3 @@ def test_a_flow_without_the_compiled_kernel_says_so(
     assert "features._kernel is not built" in caplog.text
     assert REGISTRY.get_sample_value("fraud_feature_engine_info", {"kernel": "python"}) == 1.0
     assert all(plan.kernel is None for plan in load_runtime(settings, need_redis=False).pipeline.plans)
-
-
-def test_file_source_resumes_after_its_snapshot(small: Path) -> None:
-    txns, labels = small / "transactions.jsonl.gz", small / "labels.jsonl.gz"
-    source = FileReplaySource(txns, labels, batch_size=100)
-    part = source.build_part("read", "replay", None)
-    first = [r for _ in range(3) for r in part.next_batch()]
-    resumed = source.build_part("read", "replay", part.snapshot())
-    rest: list[tuple[str, str, str]] = []
-    while True:
-        try:
-            rest.extend(resumed.next_batch())
-        except StopIteration:
-            break
-    # Same records, same origins (file and 1-based line) after the resume: a dead letter's identity.
-    everything = [
-        (k, line, f"{(txns if k == 'txn' else labels).name}:{n + 1}")
-        for k, line, n in merged_records(txns, labels)
-    ]
-    assert first + rest == everything
-
-
-def test_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="FRAUD_TRANSACTIONS_PATH"):
-        FileReplaySource(tmp_path / "nope.jsonl")
