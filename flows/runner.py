@@ -13,7 +13,8 @@ from datetime import timedelta
 from bytewax.testing import cluster_main, run_main
 
 from flows.fraud import build
-from flows.recovery import RecoveryStoreError, RedisRegistry, recovery_config
+from flows.recovery import RedisRegistry, recovery_config
+from flows.recovery_check import RecoveryStoreError
 from service import telemetry
 from service.settings import Settings
 

@@ -451,7 +451,8 @@ def _quiet_stdout() -> None:
 def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = False) -> None:
     """Delete the output streams (with their consumer groups and de-duplication markers) and the
     record of the recovery store that wrote them: `fraud run --fresh` then replays into them."""
-    from flows.recovery import STORE_FILE, store_key
+    from flows.recovery import store_key
+    from flows.recovery_check import STORE_FILE
     from flows.redis_sink import reset_streams
     from service.redis_server import connect, redact, redis_url
 

@@ -25,14 +25,8 @@ from typer.testing import CliRunner
 import flows.runner
 from features.event_files import merged_records
 from flows.fraud import build
-from flows.recovery import (
-    RecoveryStoreError,
-    RedisRegistry,
-    _consistency,
-    _Part,
-    check_store,
-    recovery_config,
-)
+from flows.recovery import RedisRegistry, recovery_config
+from flows.recovery_check import Part, RecoveryStoreError, check_store, consistency
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
 from service.settings import Settings, get_settings
@@ -42,7 +36,7 @@ from testkit.system import free_port
 ZERO = timedelta(0)
 
 
-# -- A recovery store that cannot be trusted is refused (flows/recovery.py) ----------------------
+# -- A recovery store that cannot be trusted is refused (flows/recovery.py, flows/recovery_check.py) ----------------------
 
 KILL_EARLY, KILL_LATE = 300, 600  # records read before each SIGKILL (batches of 10: one epoch each)
 
@@ -247,7 +241,7 @@ def test_missing_corrupt_and_stray_files_are_named(tmp_path: Path) -> None:
 
 def _part(index: int, commit: int | None, **progress: Any) -> Any:
 
-    return _Part(Path(f"/r/part-{index}.sqlite3"), index, 3, commit, **progress)
+    return Part(Path(f"/r/part-{index}.sqlite3"), index, 3, commit, **progress)
 
 
 def test_the_epoch_rules_accept_every_crash_state_and_nothing_else() -> None:
@@ -260,7 +254,7 @@ def test_the_epoch_rules_accept_every_crash_state_and_nothing_else() -> None:
     def problems(commits: list[int | None], progress: dict[str, Any], whole: bool = True) -> list[str]:
         parts = [_part(i, c) for i, c in enumerate(commits)]
         parts[2].exs, parts[2].fronts = progress["exs"], progress["fronts"]
-        return _consistency(parts, whole=whole)
+        return consistency(parts, whole=whole)
 
     assert problems([60, 60, 60], one) == []
     assert problems([60, 59, 59], one) == []  # killed between the commits of part 0 and part 1
