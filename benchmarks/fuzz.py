@@ -2,7 +2,7 @@
 
     python -m benchmarks.fuzz [--records 100000] [--seeds 1 2] [--shards 2] [--hostile 0.4]
 
-For each seed, builds the entries (`testkit.fuzz.entries`: a generated world's records with hostile
+For each seed, builds the entries (`testkit.fuzzer.entries`: a generated world's records with hostile
 ones spliced in, ending with 200 fresh valid transactions), pushes them into the input shards of a
 private redis-server, runs the real flow over them in this process, and prints the books: records
 in, scored, dead letters by reason, labels joined, whether they balance exactly (in = scored +
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 
 from benchmarks.common import parser
-from testkit import fuzz
-from testkit.redis_server import private_redis
+from testkit import fuzzer
+from testkit.private_redis import private_redis
 
 
 def main() -> None:
@@ -24,16 +24,16 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--hostile", type=float, default=fuzz.HOSTILE_SHARE, help="share of hostile records")
+    ap.add_argument("--hostile", type=float, default=fuzzer.HOSTILE_SHARE, help="share of hostile records")
     args = ap.parse_args()
     failed = 0
     with private_redis() as url:
         for seed in args.seeds:
-            plan = fuzz.entries(args.records, seed, args.hostile)
-            b = fuzz.run(url, plan, prefix=f"fuzz{seed}", shards=args.shards)
+            plan = fuzzer.entries(args.records, seed, args.hostile)
+            b = fuzzer.run(url, plan, prefix=f"fuzz{seed}", shards=args.shards)
             hostile = sum(v for k, v in plan.kinds.items() if not k.startswith("valid_"))
             print(
-                f"seed {seed}: {b.records_in:,} records in ({hostile:,} hostile, {len(fuzz.MUTATIONS)} kinds) -> "
+                f"seed {seed}: {b.records_in:,} records in ({hostile:,} hostile, {len(fuzzer.MUTATIONS)} kinds) -> "
                 f"{b.scored:,} scored + {b.dead_letters:,} dead letters + {b.labels_joined:,} labels joined "
                 f"= {b.scored + b.dead_letters + b.labels_joined:,} ({'balanced' if b.balanced else 'UNBALANCED'}) "
                 f"in {b.seconds:.1f}s"

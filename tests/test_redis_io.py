@@ -34,7 +34,7 @@ from service.settings import Settings
 from testkit.streams import drain, txn_ids
 
 if TYPE_CHECKING:
-    from testkit.redis_server import RedisTestServer
+    from testkit.private_redis import RedisTestServer
 
 pytestmark = pytest.mark.redis
 

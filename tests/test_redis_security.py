@@ -51,7 +51,7 @@ from service.redis_server import RedisConfigError, connect
 from testkit.streams import txn_ids
 
 if TYPE_CHECKING:
-    from testkit.redis_server import RedisTestServer
+    from testkit.private_redis import RedisTestServer
 
 pytestmark = pytest.mark.redis
 

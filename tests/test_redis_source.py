@@ -29,7 +29,7 @@ from service.settings import get_settings
 from testkit.system import free_port
 
 if TYPE_CHECKING:
-    from testkit.redis_server import RedisTestServer
+    from testkit.private_redis import RedisTestServer
 
 pytestmark = pytest.mark.redis
 

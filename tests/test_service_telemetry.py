@@ -13,29 +13,19 @@ from features import aggregations
 from features.aggregations import kernel_name
 from features.event_files import merged_records
 from flows.fraud import build
-from fraud.datagen import GeneratorConfig, write_files
 from service import telemetry
 from service.runtime import load_runtime
 from service.settings import Settings
 from testkit.system import free_port
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("small")
-    write_files(
-        out, GeneratorConfig(seed=5, days=12, n_cards=80, n_merchants=50, drift_day=None), compress=True
-    )
-    return out
-
-
 def value(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_metrics_count_the_run_and_are_scrapable(small: Path) -> None:
+def test_metrics_count_the_run_and_are_scrapable(small_gz: Path) -> None:
     settings = Settings(
-        transactions_path=small / "transactions.jsonl.gz", labels_path=small / "labels.jsonl.gz"
+        transactions_path=small_gz / "transactions.jsonl.gz", labels_path=small_gz / "labels.jsonl.gz"
     )
     before = (
         value("fraud_transactions_total"),
@@ -68,11 +58,11 @@ def test_metrics_count_the_run_and_are_scrapable(small: Path) -> None:
 
 
 def test_a_flow_without_the_compiled_kernel_says_so(
-    small: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    small_gz: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(aggregations, "KERNEL", None)
     settings = Settings(
-        transactions_path=small / "transactions.jsonl.gz", labels_path=small / "labels.jsonl.gz"
+        transactions_path=small_gz / "transactions.jsonl.gz", labels_path=small_gz / "labels.jsonl.gz"
     )
     with caplog.at_level("WARNING", logger="service.runtime"):
         build(settings, alerts=TestingSink([]), dead_letters=TestingSink([]))
