@@ -91,7 +91,8 @@ class RedisRegistry:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from service.redis_server import connect, redact, redis_url
+        from service.redis_client import connect, redact
+        from service.redis_server import redis_url
 
         try:
             url = redis_url(self.settings)  # may start the embedded server, which the flow needs anyway

@@ -6,7 +6,7 @@ cannot take the batch (unreachable, hung past the socket timeout, loading, full:
 batch is retried with exponential backoff (the worker stalls, which is the backpressure we want)
 and, once the outage has lasted `retry_budget_s` (`FRAUD_REDIS_RETRY_BUDGET_S`, 30 s), the step
 fails loudly instead of dropping entries; the outage is logged when it starts and when it ends,
-not per attempt (`service.redis_server.Outage`). Errors that waiting cannot fix (wrong password,
+not per attempt (`service.redis_client.Outage`). Errors that waiting cannot fix (wrong password,
 missing ACL permission) fail at once, naming the step. Either failure is first reported to the
 progress summary (`flows.outputs.mark_failed`), so the run ends `[stopped]`, not `[done]`.
 
@@ -43,7 +43,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.outputs import mark_failed
 from service import telemetry
-from service.redis_server import (
+from service.redis_client import (
     DEFAULT_RETRY_BUDGET_S,
     INITIAL_BACKOFF_S,
     MAX_BACKOFF_S,
@@ -282,7 +282,7 @@ class RedisStreamSink(DynamicSink[Entry]):
     writes plain XADDs. `retention_s` also drops entries older than that (MINID trim per batch).
     Retry policy: an outage is ridden out for `retry_budget_s` seconds of wall-clock time,
     sleeping `initial_backoff_s` doubling up to `max_backoff_s` between attempts; one attempt
-    may overrun the budget by its socket timeout (`service.redis_server.io_timeout_s`, <= 5 s).
+    may overrun the budget by its socket timeout (`service.redis_client.io_timeout_s`, <= 5 s).
     """
 
     def __init__(

@@ -38,7 +38,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from features.events import Record
 from flows.ordering import TICK
 from flows.outputs import mark_failed
-from service.redis_server import (
+from service.redis_client import (
     DEFAULT_RETRY_BUDGET_S,
     Outage,
     RedisConfigError,
@@ -71,7 +71,7 @@ def shard_of(card_id: str, shards: int) -> int:
 KINDS = frozenset({"txn", "label"})
 UNKNOWN = "unknown"
 LAG_REFRESH_S = 1.0
-# What a read can fail with; `service.redis_server.is_outage` tells waiting from fixing.
+# What a read can fail with; `service.redis_client.is_outage` tells waiting from fixing.
 _READ_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
 
 

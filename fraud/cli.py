@@ -213,7 +213,7 @@ def _redis_failure(exc: BaseException) -> BaseException | None:
     """The Redis configuration error or spent outage budget behind `exc` (Bytewax wraps a step's
     exception in its own, several levels deep), so that `fraud run` prints it as one line instead
     of a traceback of hundreds; None for anything else, which keeps its traceback."""
-    from service.redis_server import RedisConfigError, RedisUnavailableError
+    from service.redis_client import RedisConfigError, RedisUnavailableError
 
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -253,7 +253,8 @@ def alerts(
     characters and cap each field at 512 characters; --json is complete.
     """
     from fraud.consumer import consume
-    from service.redis_server import connect, redis_url
+    from service.redis_client import connect
+    from service.redis_server import redis_url
 
     s = get_settings()
     client = connect(redis_url(s))
@@ -333,7 +334,8 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from fraud.producer import count_lines, replay_files
-    from service.redis_server import connect, redact, redis_url
+    from service.redis_client import connect, redact
+    from service.redis_server import redis_url
 
     s = get_settings()
     txns = transactions or s.transactions_path
@@ -373,7 +375,8 @@ def alert_precision(labels: Path | None = None) -> None:
     """
     from fraud.consumer import scan_stream
     from fraud.train import read_truth
-    from service.redis_server import connect, redis_url
+    from service.redis_client import connect
+    from service.redis_server import redis_url
 
     s = get_settings()
     labs = labels or s.labels_path
@@ -412,7 +415,8 @@ def dead_letters(
     capped at 200 characters and other fields at 512, a missing field as ?.
     """
     from fraud.display import show, write_line
-    from service.redis_server import connect, redis_url
+    from service.redis_client import connect
+    from service.redis_server import redis_url
 
     s = get_settings()
     client = connect(redis_url(s))
@@ -454,7 +458,8 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = F
     from flows.recovery import store_key
     from flows.recovery_check import STORE_FILE
     from flows.redis_sink import reset_streams
-    from service.redis_server import connect, redact, redis_url
+    from service.redis_client import connect, redact
+    from service.redis_server import redis_url
 
     s = get_settings()
     if not yes:

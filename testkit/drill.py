@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from fraud.producer import replay_files
-from service.redis_server import connect
+from service.redis_client import connect
 from testkit.private_redis import private_redis
 from testkit.streams import entries
 

@@ -229,7 +229,7 @@ def run(url: str, plan: Plan, *, prefix: str = "fuzz", shards: int = 2) -> Books
 
     from flows.fraud import build
     from flows.redis_source import RedisShardSource
-    from service.redis_server import connect
+    from service.redis_client import connect
     from service.settings import Settings
 
     client = connect(url)

@@ -20,7 +20,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.redis_server import connect, redact, redis_server_binary
+from service.redis_client import connect, redact
+from service.redis_server import redis_server_binary
 from testkit.system import free_port
 
 START_TIMEOUT_S = 15.0

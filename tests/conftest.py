@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.redis_server import connect
+from service.redis_client import connect
 from service.settings import get_settings
 from testkit.private_redis import RedisTestServer
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from fraud.datagen import GeneratorConfig, write_files
-from service.redis_server import connect
+from service.redis_client import connect
 from testkit import drill
 from testkit.system import free_port
 

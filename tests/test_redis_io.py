@@ -29,7 +29,8 @@ from fraud.consumer import (
     read_alerts,
     stream_length,
 )
-from service.redis_server import EmbeddedRedis, RedisUnavailableError, connect, redact, redis_url
+from service.redis_client import RedisUnavailableError, connect, redact
+from service.redis_server import EmbeddedRedis, redis_url
 from service.settings import Settings
 from testkit.streams import drain, txn_ids
 

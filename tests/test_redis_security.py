@@ -47,7 +47,7 @@ from flows.redis_sink import (
 )
 from flows.redis_source import RedisShardSource, shard_stream
 from models.serving import Decision
-from service.redis_server import RedisConfigError, connect
+from service.redis_client import RedisConfigError, connect
 from testkit.streams import txn_ids
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from flows.redis_source import RedisShardSource, _ShardPartition, shard_of, shar
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
 from fraud.producer import replay_files
-from service.redis_server import RedisUnavailableError, connect
+from service.redis_client import RedisUnavailableError, connect
 from service.settings import get_settings
 from testkit.system import free_port
 
