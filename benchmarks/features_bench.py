@@ -4,7 +4,7 @@
     python -m benchmarks.features_bench --memory-only --cards 1000000      # state memory at 1M cards
     python -m benchmarks.features_bench ... --json                         # one JSON object instead
 
-The data (benchmarks/common.py: cards uniform, merchants Zipf-like, devices, lognormal amounts,
+The data (benchmarks/engine_world.py: cards uniform, merchants Zipf-like, devices, lognormal amounts,
 Poisson arrivals at R per card per day, unique timestamps) is generated and turned into
 `Transaction`s untimed. Everything runs on one core (the engine is single-threaded; BLAS/OpenMP
 pools are pinned to one thread and the process to one CPU).
@@ -35,27 +35,19 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    BENCH,
-    DAY_MS,
-    LATENESS_MS,
-    START_MS,
-    World,
+from benchmarks.common import DAY_MS, LATENESS_MS, START_MS, log, parser  # noqa: E402
+from benchmarks.engine_memory import (  # noqa: E402
     allocator_stats,
     engine_fingerprint,
-    entity_breakdown,
-    feed,
-    log,
     memory_report,
-    pandas_check,
-    parser,
     pin_one_cpu,
-    poisson_stream,
     restore_check,
     restore_mode,
     rss_after_malloc_trim,
     traced_engine_bytes,
 )
+from benchmarks.engine_world import BENCH, World, entity_breakdown, feed, poisson_stream  # noqa: E402
+from benchmarks.pandas_reference import pandas_check  # noqa: E402
 from features.aggregations import kernel_name  # noqa: E402
 from features.engine import FeatureEngine, FeaturePipeline  # noqa: E402
 from testkit.system import max_rss_bytes, rss_bytes  # noqa: E402

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.common import (
+from benchmarks.engine_world import World, poisson_stream
+from benchmarks.pandas_reference import (
     PANDAS_SUBSET,
-    World,
     engine_features,
     mismatches,
     pandas_features,
     pandas_frame,
-    poisson_stream,
 )
 
 pytest.importorskip("pandas")
