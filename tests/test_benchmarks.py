@@ -78,3 +78,19 @@ def test_features_benchmark_runs(mode: list[str], expect: str) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(expect, out.stdout, re.M), out.stdout
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared/peers/naive_flow.py").is_file(), reason="no peer flow here")
+def test_cpu_ratio_benchmark_runs_a_pair() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cpu_ratio", "--pairs", "1", "--transactions", "500"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert re.search(r"^pair 1: flow [\d.]+ CPU-s .* peer [\d.]+ CPU-s .* ratio [\d.]+$", out.stdout, re.M)
+    assert re.search(
+        r"^median CPU ratio flow / peer over 1 pair\(s\): [\d.]+ \(500 transactions", out.stdout, re.M
+    )

@@ -1,0 +1,114 @@
+"""CPU per transaction: this flow against the naive peer, in paired runs on the same data.
+
+    python -m benchmarks.cpu_ratio [--pairs 3] [--transactions N]
+
+Runs `python -m bytewax.run flows.fraud` (what `make run` runs: file replay, an embedded-style
+private Redis for the outputs, the default model and features) and the peer flow
+`../shared/peers/naive_flow.py` (a plain Bytewax fraud flow written from Bytewax's examples)
+alternately, `--pairs` times, on the same uncompressed copy of the bundled sample (its first
+`--transactions` if given, with their labels). Each run is one OS process; its CPU time is the
+user + system time the kernel accounted to it (`os.wait4`), imports and model loading included.
+The Redis server's own CPU is not counted (the peer writes nothing). Prints each pair and the
+median ratio flow / peer. The order alternates between pairs so that a drifting machine does not
+favour one side. Exits 2 when the peer is not there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, parser
+from testkit.private_redis import private_redis
+
+PEER = ROOT.parent / "shared" / "peers" / "naive_flow.py"
+SAMPLE = ROOT / "data" / "samples"
+
+
+def sample(out: Path, limit: int | None) -> tuple[Path, Path, int]:
+    """Uncompressed transactions (the first `limit`) and the labels of those, for both flows."""
+    txns, labels = out / "tx.jsonl", out / "labels.jsonl"
+    kept: set[str] = set()
+    with gzip.open(SAMPLE / "transactions.jsonl.gz", "rt") as src, open(txns, "w") as dst:
+        for line in src:
+            if limit is not None and len(kept) >= limit:
+                break
+            kept.add(json.loads(line)["txn_id"])
+            dst.write(line)
+    with gzip.open(SAMPLE / "labels.jsonl.gz", "rt") as src, open(labels, "w") as dst:
+        dst.writelines(line for line in src if json.loads(line)["txn_id"] in kept)
+    return txns, labels, len(kept)
+
+
+def cpu_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(CPU seconds, wall seconds, output) of one process run to its end; raises if it failed."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}")
+    return usage.ru_utime + usage.ru_stime, wall, output
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--transactions", type=int, default=None, help="only the sample's first N")
+    args = ap.parse_args()
+    if not PEER.is_file():
+        print(f"the peer flow is not at {PEER}: nothing to compare with", file=sys.stderr)
+        sys.exit(2)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp, private_redis() as url:
+        txns, labels, n = sample(Path(tmp), args.transactions)
+        peer_env = {**base, "NAIVE_TX": str(txns)}
+        for pair in range(1, args.pairs + 1):
+            flow_env = {
+                **base,
+                "FRAUD_TRANSACTIONS_PATH": str(txns),
+                "FRAUD_LABELS_PATH": str(labels),
+                "FRAUD_REDIS_URL": url,
+                "FRAUD_PROGRESS_INTERVAL_S": "3600",
+                # Fresh streams each run: the de-duplication markers of an earlier run would
+                # otherwise turn its writes into cheap skips.
+                **{
+                    f"FRAUD_{s.upper()}_STREAM": f"cpu{pair}:{s}"
+                    for s in ("alerts", "dlq", "late", "decision")
+                },
+            }
+            runs = {
+                "flow": ([sys.executable, "-m", "bytewax.run", "flows.fraud"], flow_env),
+                "peer": ([sys.executable, "-m", "bytewax.run", f"{PEER}:flow"], peer_env),
+            }
+            order = ["flow", "peer"] if pair % 2 else ["peer", "flow"]
+            got = {name: cpu_of(*runs[name]) for name in order}
+            (flow_cpu, flow_wall, _), (peer_cpu, peer_wall, _) = got["flow"], got["peer"]
+            ratios.append(flow_cpu / peer_cpu)
+            print(
+                f"pair {pair}: flow {flow_cpu:.1f} CPU-s ({flow_cpu / n * 1e6:,.0f} µs/tx, wall {flow_wall:.1f} s), "
+                f"peer {peer_cpu:.1f} CPU-s ({peer_cpu / n * 1e6:,.0f} µs/tx, wall {peer_wall:.1f} s), "
+                f"ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
+    print(
+        f"median CPU ratio flow / peer over {len(ratios)} pair(s): {statistics.median(ratios):.2f} "
+        f"({n:,} transactions; whole-process user + system CPU, Redis not counted)"
+    )
+
+
+if __name__ == "__main__":
+    main()
