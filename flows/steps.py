@@ -416,21 +416,21 @@ class ScoringLogic(StatefulBatchLogic[Scored | Quarantined | Watermark, Decision
     def _score(self, items: list[Scored | Quarantined]) -> tuple[list[Decision | DeadLetter], bool]:
         if not items:
             return [], StatefulBatchLogic.RETAIN
-        dead = [it.dead for it in items if type(it) is Quarantined]
-        if dead:
-            items = [it for it in items if type(it) is not Quarantined]
+        scored = [it for it in items if not isinstance(it, Quarantined)]
+        dead = [it.dead for it in items if isinstance(it, Quarantined)] if len(scored) < len(items) else []
         started = time.perf_counter()
-        decisions: list[Decision | DeadLetter] = list(self.scorer.decide(items))  # type: ignore[arg-type]
+        decisions = self.scorer.decide(scored)
         stats = self.scorer.last
         if stats.rows:
             telemetry.SCORING_SECONDS.observe(time.perf_counter() - started)
             telemetry.SCORING_BATCH.observe(stats.rows)
         telemetry.ONLINE_LEARNED.inc(stats.labels_learned)
-        count_decisions(decisions)  # type: ignore[arg-type]
+        count_decisions(decisions)
         if stats.unexplained:
             telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)
         dead += [quarantine(it, "score", exc).dead for it, exc in stats.failed]
-        return decisions + dead, StatefulBatchLogic.RETAIN
+        out: list[Decision | DeadLetter] = [*decisions, *dead]
+        return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> ScorerState:
         held, relay = self.batch.snapshot()
