@@ -20,23 +20,25 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows import connectors
-from flows.ordering import SequencerLogic, StampLogic, by_bucket, by_key, stamp_key
+from flows.ordering import ordered, stamp
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
-from flows.routing import WorkerCount
+from flows.routing import WorkerCount, Workers
 from flows.steps import (
     EntityLogic,
     IndexConfig,
     IndexLogic,
     PendingLogic,
     ScoringLogic,
+    chain_filters,
     decoder,
     entity_key,
     is_decision,
+    is_labelled,
     is_valid,
     joined_value,
     partitions,
     pending_key,
-    to_scorer,
+    scorer_key,
     txn_key,
 )
 from service import telemetry
@@ -59,38 +61,45 @@ def build(
     flow = Dataflow("fraud")
 
     src = source or connectors.source(rt)
-    records = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount()))
-    decoded = op.branch("validate", op.map("decode", records, decoder(rt.card_ref)), is_valid)
-    stamped = op.stateful_batch("stamp", op.map("key_partition", decoded.trues, stamp_key), StampLogic)
-
-    index = partial(IndexLogic, IndexConfig(pipeline, timedelta(days=s.label_ttl_days), partitions(src)))
-    indexed = op.stateful_batch("index", op.flat_map_batch("key_txn", stamped, by_key(txn_key)), index)
-    joined = op.branch("joined", indexed, joined_value)
-
-    rows: Any = joined.trues
-    for plan in pipeline.plans:
-        name, key = plan.entity.name, entity_key(plan)
-        ordered = op.stateful_batch(
-            f"{name}_order",
-            op.flat_map_batch(f"bucket_{name}", rows, by_bucket(key)),
-            partial(SequencerLogic, f"{name}_order"),
-        )
-        rows = op.stateful_batch(
-            f"{name}_features",
-            op.flat_map_batch(f"key_{name}", ordered, by_key(key)),
-            partial(EntityLogic, pipeline, plan),
-        )
-
-    pending = partial(PendingLogic, pipeline, timedelta(days=s.label_ttl_days))
-    vectors = op.stateful_batch(
-        "pending", op.flat_map_batch("key_pending", rows, by_key(pending_key)), pending
+    workers = Workers()
+    records = op.merge(
+        "records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers))
     )
+    decoded = op.branch("validate", op.map("decode", records, decoder(rt.card_ref)), is_valid)
+    stamped = stamp("stamp", decoded.trues)
+
+    ttl = timedelta(days=s.label_ttl_days)
+    index = partial(IndexLogic, IndexConfig(pipeline, ttl))
+    indexed = ordered("index", stamped, logic=index, workers=workers, key=txn_key, sources=partitions(src))
+    joined = op.branch("joined", indexed, joined_value)
+    needs_chain, skips_chain = chain_filters(pipeline)
+
+    rows = op.filter("to_chain", joined.trues, needs_chain)
+    for plan in pipeline.plans:
+        features = partial(EntityLogic, pipeline, plan)
+        rows = ordered(
+            plan.entity.name, rows, logic=features, workers=workers, key=entity_key(plan), sequence=True
+        )
+
+    labels = op.filter("skip_chain", joined.trues, skips_chain)
+    pending = partial(PendingLogic, pipeline, ttl)
+    vectors = ordered("pending", rows, labels, logic=pending, workers=workers, key=pending_key)
 
     scoring = partial(ScoringLogic, rt.new_scorer)
     outcome = op.branch(
         "scored_ok",
         op.key_rm(
-            "unkey_scorer", op.stateful_batch("score", op.map("key_scorer", vectors, to_scorer), scoring)
+            "unkey_scorer",
+            ordered(
+                "score",
+                vectors,
+                logic=scoring,
+                workers=workers,
+                key=scorer_key,
+                per_worker=True,
+                everywhere=is_labelled,
+                last=True,
+            ),
         ),
         is_decision,
     )

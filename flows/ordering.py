@@ -28,19 +28,23 @@ applied at once). Everything else is exact.
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from operator import attrgetter
 from typing import Any
 from zlib import crc32
 
+import bytewax.operators as op
 import msgspec
-from bytewax.operators import StatefulBatchLogic
+from bytewax.dataflow import Stream, operator
+from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
-from flows.routing import worker_keys, workers
+from flows.routing import Workers
 from service.telemetry import ORDER_HELD, ORDER_LATE
 
 logger = logging.getLogger(__name__)
@@ -87,15 +91,17 @@ def make_seq(running_max_ms: int, code: int, position: int) -> int:
 
 # --- routing ------------------------------------------------------------------------------------
 
+FAN = 1 << 16  # the i-th input of a merged step tags its watermarks' origins `i * FAN + worker`
 
-def broadcast(mark: Watermark) -> list[tuple[str, Watermark]]:
-    return [(k, Watermark(mark.origin, mark.wm, j, mark.idle)) for j, k in enumerate(worker_keys())]
+
+def broadcast(mark: Watermark, workers: Workers) -> list[tuple[str, Watermark]]:
+    return [(k, Watermark(mark.origin, mark.wm, j, mark.idle)) for j, k in enumerate(workers.worker_keys())]
 
 
 Router = Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]]
 
 
-def by_key(key_of: Callable[[Any], str]) -> Router:
+def by_key(key_of: Callable[[Any], str], workers: Workers) -> Router:
     """Route each event of a batch of keyed items to `key_of(event)`, each watermark to every
     worker (for `op.flat_map_batch`: one call per batch)."""
 
@@ -103,7 +109,7 @@ def by_key(key_of: Callable[[Any], str]) -> Router:
         out: list[tuple[str, Any]] = []
         for _, item in batch:
             if type(item) is Watermark:
-                out += broadcast(item)
+                out += broadcast(item, workers)
             else:
                 out.append((key_of(item), item))
         return out
@@ -111,16 +117,21 @@ def by_key(key_of: Callable[[Any], str]) -> Router:
     return route
 
 
-def by_bucket(key_of: Callable[[Any], str]) -> Router:
-    """Route each event to the sequencer bucket of `key_of(event)`, each watermark to every one."""
+def by_bucket(
+    key_of: Callable[[Any], str], workers: Workers, everywhere: Callable[[Any], bool] | None = None
+) -> Router:
+    """Route each event to the bucket (one per worker) of `key_of(event)`, each watermark, and
+    each event `everywhere` says so of, to every bucket."""
 
     def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        keys = worker_keys()
+        keys = workers.worker_keys()
         n = len(keys)
         out: list[tuple[str, Any]] = []
         for _, item in batch:
             if type(item) is Watermark:
-                out += broadcast(item)
+                out += broadcast(item, workers)
+            elif everywhere is not None and everywhere(item):
+                out += [(k, item) for k in keys]
             else:
                 out.append((keys[crc32(key_of(item).encode()) % n], item))
         return out
@@ -189,6 +200,13 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
         return (self.partition, self.running_max, self.position, self.idle)
 
 
+@operator
+def stamp(step_id: str, up: Stream[Any]) -> KeyedStream[Any]:
+    """Give each event its `seq`, per source partition (`StampLogic`), followed by the partition's
+    watermarks: the keyed stream every `ordered` step reads."""
+    return op.stateful_batch("stamp", op.map("key_partition", up, stamp_key), StampLogic)
+
+
 # --- relaying and sequencing --------------------------------------------------------------------
 
 
@@ -203,14 +221,16 @@ class RelayState(msgspec.Struct, array_like=True):
 
 class Relay:
     """The watermark of one key of a step: the minimum over its upstream origins (partitions, or
-    the previous step's workers), once all of them have spoken; it only ever grows.
+    the workers of the step(s) before), once all of them have spoken; it only ever grows.
 
-    `expected`: how many origins (None: one per worker). Idle partitions do not hold it back;
-    when every partition is idle it is the largest watermark seen.
+    `expected`: how many origins (None: one per worker of each of the `fan` inputs). Idle
+    partitions do not hold it back; when every partition is idle it is the largest watermark seen.
     """
 
-    def __init__(self, expected: int | None, state: RelayState | None = None) -> None:
-        self.expected = expected
+    def __init__(
+        self, expected: int | None, workers: Workers, state: RelayState | None = None, fan: int = 1
+    ) -> None:
+        self.expected, self.workers, self.fan = expected, workers, fan
         s = state or RelayState(-1, {}, [], None)
         self.to, self.marks, self.idle, self.out = s.to, dict(s.marks), set(s.idle), s.out
 
@@ -224,10 +244,11 @@ class Relay:
                 self.idle.add(m.origin)
             else:
                 self.idle.discard(m.origin)
-        if self.expected is None:  # origins: the previous step's workers (fewer after a resize)
-            n = workers()
-            current = [self.marks[o] for o in range(n) if o in self.marks]
-            if len(current) < n:
+        if self.expected is None:  # origins: the workers before (fewer after a resize)
+            n = self.workers.known()
+            origins = [i * FAN + j for i in range(self.fan) for j in range(n)]
+            current = [self.marks[o] for o in origins if o in self.marks]
+            if len(current) < len(origins):
                 return None
             combined = min(current)
         else:  # origins: the source partitions; idle ones are not waited for
@@ -244,13 +265,7 @@ class Relay:
         return RelayState(self.to, self.marks, sorted(self.idle, key=str), self.out)
 
 
-def relay_batch(relay: Relay, items: list[Any]) -> list[Any]:
-    """What a watermark key of a keyed step emits: the new watermark, if it advanced."""
-    fwd = relay.update(items)
-    return [fwd] if fwd is not None else []
-
-
-_seq = operator.attrgetter("seq")
+_seq = attrgetter("seq")
 
 
 class Held:
@@ -285,14 +300,20 @@ class Held:
         return len(self.events)
 
 
-class OrderedBatch:
-    """The part shared by a sequencer and the scorer: hold events, release them in `seq` order
-    up to the watermark; an event at or below what was already released goes out at once."""
+HeldState = tuple[list[Any], RelayState]
 
-    def __init__(self, step: str, expected: int | None, resume: tuple[list[Any], RelayState] | None) -> None:
-        held, relay = resume or ([], None)
+
+class OrderedBatch:
+    """Hold events, release them in `seq` order up to the watermark; an event at or below what
+    was already released goes out at once (counted as late)."""
+
+    def __init__(self, step: str, relay: Relay, resume: HeldState | None) -> None:
+        held, state = resume or ([], None)
         self.held = Held(held)
-        self.relay = Relay(expected, relay)
+        self.relay = relay
+        if state is not None:
+            self.relay.to, self.relay.marks = state.to, dict(state.marks)
+            self.relay.idle, self.relay.out = set(state.idle), state.out
         self.deadline = datetime.now(UTC) + MAX_HOLD
         self.gauge = ORDER_HELD.labels(step=step)
         self.gauge.inc(len(self.held))
@@ -339,15 +360,98 @@ class OrderedBatch:
         self.deadline = datetime.now(UTC) + MAX_HOLD
         return items
 
-    def snapshot(self) -> tuple[list[Any], RelayState]:
+    def snapshot(self) -> HeldState:
         return (self.held.items(), self.relay.state())
 
 
-class SequencerLogic(StatefulBatchLogic[Any, Any, tuple[list[Any], RelayState]]):
-    """One bucket per worker in front of an entity step: releases events in `seq` order."""
+# --- the ordered step ---------------------------------------------------------------------------
 
-    def __init__(self, step: str, resume: tuple[list[Any], RelayState] | None) -> None:
-        self.batch = OrderedBatch(step, None, resume)
+
+class StepLogic:
+    """What a step of the flow does, apart from the ordering: plain state, no Bytewax.
+
+    `ordered` hands `apply` each batch of a key's events in `seq` order (never a watermark) and
+    sends on what it returns. A keyed step's key is dropped once `done()` (nothing left worth
+    keeping); `wake_at()` asks to be woken at a wall-clock time, when `wake()` returns what to
+    send and whether to drop the key. `snapshot()` is what `ordered` saves, and gives back to the
+    step's builder on resume.
+    """
+
+    def apply(self, events: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        return False
+
+    def wake_at(self) -> datetime | None:
+        return None
+
+    def wake(self) -> tuple[list[Any], bool]:
+        return [], False
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """What every key of one Bytewax step of an `ordered` step shares."""
+
+    name: str
+    build: Callable[[Any], StepLogic]
+    workers: Workers
+    expected: int | None  # origins of its watermarks: partitions, or None (the workers before)
+    fan: int = 1  # inputs merged into it
+    forward: bool = True  # send its watermark on (False: the last ordered step)
+
+    def relay(self, state: RelayState | None = None) -> Relay:
+        return Relay(self.expected, self.workers, state, self.fan)
+
+
+class KeyedStep(StatefulBatchLogic[Any, Any, Any]):
+    """One key of a keyed step: a relay key, which forwards the step's watermark after the
+    events it covers (its first item is a `Watermark`), or an event key running the step's logic."""
+
+    def __init__(self, stage: Stage, resume: Any) -> None:
+        self.stage = stage
+        self.relay: Relay | None = stage.relay(resume) if type(resume) is RelayState else None
+        self.logic: StepLogic | None = None
+        if resume is not None and self.relay is None:
+            self.logic = stage.build(resume)
+
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        logic = self.logic
+        if logic is None:
+            if self.relay is not None or type(items[0]) is Watermark:
+                if self.relay is None:
+                    self.relay = self.stage.relay()
+                fwd = self.relay.update(items)
+                return ([fwd] if fwd is not None else []), StatefulBatchLogic.RETAIN
+            logic = self.logic = self.stage.build(None)
+        if len(items) > 1:  # Bytewax hands a key its batch in arrival order
+            items.sort(key=_seq)
+        return logic.apply(items), logic.done()
+
+    def notify_at(self) -> datetime | None:
+        return None if self.logic is None else self.logic.wake_at()
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        assert self.logic is not None
+        return self.logic.wake()
+
+    def snapshot(self) -> Any:
+        if self.relay is not None:
+            return self.relay.state()
+        assert self.logic is not None and not self.logic.done(), "a done key is dropped, never snapshotted"
+        return self.logic.snapshot()
+
+
+class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
+    """One bucket per worker in front of a keyed step: releases events in `seq` order, then
+    the watermark that covers them."""
+
+    def __init__(self, stage: Stage, resume: HeldState | None) -> None:
+        self.batch = OrderedBatch(stage.name, stage.relay(), resume)
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         out, fwd = self.batch.take(items)
@@ -364,5 +468,103 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, tuple[list[Any], RelayState]])
     def on_eof(self) -> tuple[list[Any], bool]:
         return self.batch.drain(), StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> tuple[list[Any], RelayState]:
+    def snapshot(self) -> HeldState:
         return self.batch.snapshot()
+
+
+WorkerState = tuple[Any, list[Any], RelayState]
+
+
+class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
+    """One bucket per worker that runs the step's logic itself, on the events it releases in
+    `seq` order (the scorer: one replica of the models per worker)."""
+
+    def __init__(self, stage: Stage, resume: WorkerState | None) -> None:
+        state, held = (resume[0], (resume[1], resume[2])) if resume is not None else (None, None)
+        self.logic = stage.build(state)
+        self.batch = OrderedBatch(stage.name, stage.relay(), held)
+        self.forward = stage.forward
+
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        out, fwd = self.batch.take(items)
+        done = self.logic.apply(out) if out else []
+        if fwd is not None and self.forward:
+            done.append(fwd)
+        return done, StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self.batch.notify_at()
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        items = self.batch.overdue()
+        return (self.logic.apply(items) if items else []), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[Any], bool]:
+        items = self.batch.drain()
+        return (self.logic.apply(items) if items else []), StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> WorkerState:
+        held, relay = self.batch.snapshot()
+        return (self.logic.snapshot(), held, relay)
+
+
+def _tag(i: int) -> Callable[[tuple[str, Any]], tuple[str, Any]]:
+    """Mark the watermarks of a merged step's `i`-th input (their origins are worker indexes)."""
+
+    def tag(kv: tuple[str, Any]) -> tuple[str, Any]:
+        m = kv[1]
+        if type(m) is Watermark:
+            assert type(m.origin) is int, "a merged step's inputs come from ordered steps, not partitions"
+            return kv[0], Watermark(i * FAN + m.origin, m.wm, m.to, m.idle)
+        return kv
+
+    return tag
+
+
+@operator
+def ordered(
+    step_id: str,
+    *ups: KeyedStream[Any],
+    logic: Callable[[Any], StepLogic],
+    workers: Workers,
+    key: Callable[[Any], str],
+    sequence: bool = False,
+    per_worker: bool = False,
+    everywhere: Callable[[Any], bool] | None = None,
+    sources: int | None = None,
+    last: bool = False,
+) -> KeyedStream[Any]:
+    """A step of the flow that applies its events in canonical (`seq`) order, on any cluster.
+
+    `logic` builds a `StepLogic` from a snapshot (None for a new key); watermarks come in with
+    the events of `ups` (merged if several) and go out after the events they cover, so the next
+    `ordered` step can rely on them. `sources`: the first step after `stamp` combines the
+    partitions' watermarks (their count); later ones the workers of the step(s) before.
+
+    - keyed (default): one Bytewax key per `key(event)`, applying each batch in `seq` order.
+      Enough where a key's events all come from one upstream key (the transaction index).
+    - `sequence=True`: a bucket per worker first holds events until the watermark passes them
+      and releases them in `seq` order, so keys that gather events from many places (a card's
+      transactions come from every partition) see them in canonical order.
+    - `per_worker=True`: the bucket runs `logic` itself on what it releases, one instance per
+      worker: the events go to the bucket of `key(event)`, and those `everywhere` says so of to
+      every bucket.
+
+    `last`: no `ordered` step follows (`per_worker` only): the watermarks stop here.
+    """
+    fan = len(ups)
+    up = (
+        ups[0]
+        if fan == 1
+        else op.merge("merge", *(op.map(f"tag_{i}", u, _tag(i)) for i, u in enumerate(ups)))
+    )
+    stage = Stage(step_id, logic, workers, sources, fan, not last)
+    if per_worker:
+        routed = op.flat_map_batch("route", up, by_bucket(key, workers, everywhere))
+        return op.stateful_batch("apply", routed, partial(WorkerStep, stage))
+    if sequence:
+        buckets = op.flat_map_batch("bucket", up, by_bucket(key, workers))
+        up = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
+        stage = Stage(step_id, logic, workers, None)
+    routed = op.flat_map_batch("route", up, by_key(key, workers))
+    return op.stateful_batch("apply", routed, partial(KeyedStep, stage))

@@ -2,8 +2,8 @@
 
 Bytewax 0.21 routes a key to worker `hash(key) % worker_count`, with Rust's `DefaultHasher`
 (SipHash-1-3, zero key) over the string's bytes and a 0xFF terminator. `worker_of` computes the
-same in Python; `worker_keys()` are one key per worker. The worker count comes from `WorkerCount`,
-an input Bytewax builds on every worker before any item flows. `tests/test_ordering.py` checks
+same in Python; `Workers.worker_keys()` are one key per worker. The worker count comes from
+`WorkerCount`, an input Bytewax builds on every worker before any item flows. `tests/test_ordering.py` checks
 the prediction against real workers, so a Bytewax upgrade that changes the hash fails there.
 """
 
@@ -62,32 +62,39 @@ def worker_of(key: str, workers: int) -> int:
     return siphash13(key.encode() + b"\xff") % workers
 
 
-_workers = 0
-_keys: list[str] = []
+class Workers:
+    """The worker count of the cluster a flow runs on, and one key per worker.
 
+    A flow gets its own (`flows.fraud.build`); the `WorkerCount` input fills it in on every worker
+    before any item flows, and the routers and relays of `flows.ordering` read it from there.
+    """
 
-def set_workers(count: int) -> None:
-    global _workers, _keys
-    if count != _workers:
-        keys: dict[int, str] = {}
+    def __init__(self, count: int = 0) -> None:
+        self.count = 0
+        self.keys: list[str] = []
+        if count:
+            self.set(count)
+
+    def set(self, count: int) -> None:
+        if count == self.count:
+            return
+        found: dict[int, str] = {}
         for n in itertools.count():
             key = f"{MARK}{n}"
-            keys.setdefault(worker_of(key, count), key)
-            if len(keys) == count:
+            found.setdefault(worker_of(key, count), key)
+            if len(found) == count:
                 break
-        _workers, _keys = count, [keys[i] for i in range(count)]
+        self.keys, self.count = [found[i] for i in range(count)], count
 
+    def known(self) -> int:
+        if not self.count:
+            raise RuntimeError("the worker count is not known yet: the flow needs its `WorkerCount` input")
+        return self.count
 
-def workers() -> int:
-    if not _workers:
-        raise RuntimeError("the worker count is not known yet: the flow needs its `workers` input")
-    return _workers
-
-
-def worker_keys() -> list[str]:
-    """One key per worker, in worker order: `worker_keys()[j]` lands on worker j."""
-    workers()
-    return _keys
+    def worker_keys(self) -> list[str]:
+        """One key per worker, in worker order: `worker_keys()[j]` lands on worker j."""
+        self.known()
+        return self.keys
 
 
 class _Done(StatelessSourcePartition[Any]):
@@ -97,8 +104,11 @@ class _Done(StatelessSourcePartition[Any]):
 
 class WorkerCount(DynamicSource[Any]):
     """An input that yields nothing: Bytewax builds it on every worker before any item flows,
-    with the cluster's worker count, which the routing functions below need."""
+    with the cluster's worker count, which `workers` (the flow's `Workers`) then holds."""
+
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Done:
-        set_workers(worker_count)
+        self.workers.set(worker_count)
         return _Done()

@@ -7,7 +7,6 @@ Each class holds compact, plain state and returns a cheap, immutable snapshot: B
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from array import array
 from collections.abc import Callable
@@ -16,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
 import msgspec
-from bytewax.operators import StatefulBatchLogic
 
 from features.buffer import EntityState
 from features.engine import (
@@ -31,7 +29,7 @@ from features.engine import (
 from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
-from flows.ordering import TICK, OrderedBatch, Relay, RelayState, Tick, Watermark, partition_of, relay_batch
+from flows.ordering import TICK, StepLogic, Tick, Watermark, partition_of
 from flows.outputs import count_decisions
 from models.serving import Decision, LabelledVector, Scorer
 from service import telemetry
@@ -131,15 +129,6 @@ def decoder(card_ref: Callable[[str], str]) -> Callable[[Record], Decoded | Tick
     return decode_tokenized
 
 
-def in_order(items: list[Any]) -> list[Any]:
-    """Bytewax hands a keyed step its batch grouped by key; apply it in canonical order."""
-    items.sort(key=_seq)
-    return items
-
-
-_seq = operator.attrgetter("seq")
-
-
 def is_valid(event: Decoded | Tick) -> TypeGuard[Transaction | Label | Tick]:
     return not isinstance(event, DeadLetter)
 
@@ -156,12 +145,31 @@ def pending_key(item: Chained | Quarantined) -> str:
 Scored = FeatureVector | LabelledVector
 
 
-def to_scorer(
-    kv: tuple[str, Scored | Quarantined | Watermark],
-) -> tuple[str, Scored | Quarantined | Watermark]:
-    """Every vector, labelled vector and watermark goes to the one scorer key (one River model
-    learns all)."""
-    return "scorer", kv[1]
+def scorer_key(item: Scored | Quarantined) -> str:
+    """A vector is scored by the replica its transaction id hashes to (`ordered(per_worker=True)`)."""
+    return item.txn.txn_id if type(item) is FeatureVector else item.txn_id  # type: ignore[union-attr]
+
+
+def is_labelled(item: Scored | Quarantined) -> bool:
+    """A labelled vector goes to every scorer replica: each learns every label."""
+    return type(item) is LabelledVector
+
+
+def chain_filters(pipeline: FeaturePipeline) -> tuple[Callable[[Any], bool], Callable[[Any], bool]]:
+    """Which items go through the entity chain, and which skip it to `pending`: a label goes
+    through only if it is a fraud label and a feature of some entity counts labels (the other
+    labels change no entity's state). Watermarks go both ways."""
+    uses_labels = any(plan.uses_labels for plan in pipeline.plans)
+
+    def needs_chain(kv: tuple[str, Any]) -> bool:
+        it = kv[1]
+        return type(it) is not LabelEvent or (uses_labels and it.is_fraud)
+
+    def skips_chain(kv: tuple[str, Any]) -> bool:
+        it = kv[1]
+        return type(it) is Watermark or not needs_chain(kv)
+
+    return needs_chain, skips_chain
 
 
 def partitions(source: Any) -> int:
@@ -191,19 +199,6 @@ def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
     return key
 
 
-class Relaying:
-    """A keyed step's watermark keys (`flows.routing.worker_keys`) share its logic class: a key
-    whose first item is a `Watermark` becomes a relay, forwarding the step's watermark after the
-    events it covers (see `flows.ordering`)."""
-
-    relay: Relay | None = None
-
-    def _relay_batch(self, items: list[Any], expected: int | None = None) -> tuple[list[Any], bool]:
-        if self.relay is None:
-            self.relay = Relay(expected)
-        return relay_batch(self.relay, items), StatefulBatchLogic.RETAIN
-
-
 @dataclass(frozen=True, slots=True)
 class IndexConfig:
     """What every key of the index shares, in one object: the index holds a key per transaction
@@ -211,30 +206,23 @@ class IndexConfig:
 
     pipeline: FeaturePipeline
     ttl: timedelta
-    partitions: int  # of the source: the origins whose watermarks the index's relay keys combine
 
 
-class IndexLogic(
-    Relaying, StatefulBatchLogic[Transaction | Label, Chained | DeadLetter, tuple[Any, ...] | RelayState]
-):
+class IndexLogic(StepLogic):
     """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
 
     An entry lives `ttl` of wall-clock time (labels arrive days later); a label for a transaction
     never seen, or already labelled, becomes a dead letter.
     """
 
-    def __init__(self, config: IndexConfig, resume: tuple[Any, ...] | RelayState | None) -> None:
+    def __init__(self, config: IndexConfig, resume: tuple[Any, ...] | None) -> None:
         self.config = config
-        if isinstance(resume, RelayState):
-            self.relay, resume = Relay(config.partitions, resume), None
         self.entry = TxnEntry(*resume) if resume else None
         self.expires = datetime.now(UTC) + config.ttl
 
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if self.relay is not None or type(items[0]) is Watermark:
-            return self._relay_batch(items, self.config.partitions)  # origins: the source partitions
+    def apply(self, events: list[Transaction | Label]) -> list[Chained | DeadLetter]:
         out: list[Chained | DeadLetter] = []
-        for item in in_order(items):
+        for item in events:
             try:
                 if isinstance(item, Label):
                     out.append(join_label(item.txn_id, self.entry, item))
@@ -245,47 +233,39 @@ class IndexLogic(
                     out.append(row)
             except Exception as exc:
                 out.append(quarantine(item, "index", exc).dead)
-        return out, self.entry is None
+        return out
 
-    def notify_at(self) -> datetime | None:
-        return self.expires if self.entry is not None else None
+    def done(self) -> bool:
+        return self.entry is None
 
-    def on_notify(self) -> tuple[list[Chained | DeadLetter], bool]:
-        return [], StatefulBatchLogic.DISCARD
+    def wake_at(self) -> datetime | None:
+        return self.expires
 
-    def snapshot(self) -> tuple[Any, ...] | RelayState:
-        if self.relay is not None:
-            return self.relay.state()
+    def wake(self) -> tuple[list[Any], bool]:
+        return [], True
+
+    def snapshot(self) -> tuple[Any, ...]:
         e = self.entry
-        assert e is not None, "a key without an entry is discarded, never snapshotted"
+        assert e is not None
         return (e.ts_ms, e.keys, e.labelled)
 
 
-class EntityLogic(
-    Relaying, StatefulBatchLogic[Chained | Quarantined, Chained | Quarantined, tuple[Any, ...] | RelayState]
-):
+class EntityLogic(StepLogic):
     """Keyed by one entity (card, merchant, device...): adds its window features to each row.
 
-    Idle keys are dropped: `notify_at` fires once the key's retention has passed in wall-clock
+    Idle keys are dropped: `wake_at` is once the key's retention has passed in wall-clock
     time since its last event (event time runs at wall-clock speed in production; a fast replay
-    keeps every key until it ends), and `on_notify` discards the key if it has expired.
+    keeps every key until it ends), and `wake` drops the key if it has expired.
     """
 
-    def __init__(
-        self, pipeline: FeaturePipeline, plan: EntityPlan, resume: tuple[Any, ...] | RelayState | None
-    ) -> None:
+    def __init__(self, pipeline: FeaturePipeline, plan: EntityPlan, resume: tuple[Any, ...] | None) -> None:
         self.pipeline, self.plan = pipeline, plan
-        if isinstance(resume, RelayState):
-            self.relay, resume = Relay(None, resume), None
         self.state: EntityState | None = None if resume is None else self.plan.restore(resume)
         self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
 
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if self.relay is not None or type(items[0]) is Watermark:
-            return self._relay_batch(items)
+    def apply(self, events: list[Any]) -> list[Any]:
         p, plan = self.pipeline, self.plan
-        items = in_order(items)
-        for n, item in enumerate(items):
+        for n, item in enumerate(events):
             try:
                 if self.state is None and item.keys[plan.position] is not None:
                     self.state = plan.new_state()
@@ -294,130 +274,117 @@ class EntityLogic(
                 elif self.state is not None and type(item) is LabelEvent:
                     p.observe_label(plan, self.state, item)
             except Exception as exc:
-                items[n] = quarantine(item, f"{self.plan.entity.name}_features", exc, len(p.plans))
+                events[n] = quarantine(item, f"{self.plan.entity.name}_features", exc, len(p.plans))
         self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
-        return items, self.state is None
+        return events
 
-    def notify_at(self) -> datetime | None:
-        return self.idle_until if self.state is not None else None
+    def done(self) -> bool:
+        return self.state is None
 
-    def on_notify(self) -> tuple[list[Chained], bool]:
+    def wake_at(self) -> datetime | None:
+        return self.idle_until
+
+    def wake(self) -> tuple[list[Any], bool]:
         assert self.state is not None
         return [], self.plan.expired(self.state, int(datetime.now(UTC).timestamp() * 1000))
 
-    def snapshot(self) -> tuple[Any, ...] | RelayState:
-        if self.relay is not None:
-            return self.relay.state()
-        s = self.state
-        assert s is not None, "a pass-through key is discarded, never snapshotted"
-        return s.snapshot()
+    def snapshot(self) -> tuple[Any, ...]:
+        assert self.state is not None
+        return self.state.snapshot()
 
 
-class PendingLogic(
-    Relaying, StatefulBatchLogic[Chained | Quarantined, Scored | Quarantined, bytes | RelayState]
-):
+class PendingLogic(StepLogic):
     """Keyed by txn_id, after the entity chain: assembles the transaction's feature vector, passes
     it on to be scored and keeps a copy until its label arrives (or `ttl` of wall-clock time
     passes, as in the index), then sends the label with that copy for the online model to learn.
 
-    One small key per transaction instead of a dict inside the scorer: Bytewax snapshots only the
-    keys an epoch touched, while the scorer's single key is snapshotted whole at every epoch.
+    Most labels skip the entity chain (`needs_chain`), so a label may come before its row (still
+    held in the chain): it waits here for the row. The labelled vector keeps the label's `seq`,
+    so the scorer learns it at the same place in the canonical order either way.
     """
 
     held = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
 
-    def __init__(self, pipeline: FeaturePipeline, ttl: timedelta, resume: bytes | RelayState | None) -> None:
+    def __init__(self, pipeline: FeaturePipeline, ttl: timedelta, resume: bytes | LabelEvent | None) -> None:
         self.pipeline = pipeline
         self.values: array[float] | None = None
-        if isinstance(resume, RelayState):
-            self.relay, resume = Relay(None, resume), None
-        if resume is not None:
+        self.label: LabelEvent | None = None
+        if type(resume) is bytes:
             self.values = array("d")
             self.values.frombytes(resume)
             PendingLogic.held += 1
+        elif resume is not None:
+            self.label = resume  # type: ignore[assignment]
         self.expires = datetime.now(UTC) + ttl
 
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if self.relay is not None or type(items[0]) is Watermark:
-            return self._relay_batch(items)
+    def apply(self, events: list[Any]) -> list[Scored | Quarantined]:
         out: list[Scored | Quarantined] = []
-        for it in in_order(items):
+        for it in events:
             if type(it) is Quarantined:
                 out.append(it)
+                self.label = None
                 continue
             try:
                 if isinstance(it, FeatureRow):
                     values = self.pipeline.assemble(it)
                     out.append(FeatureVector(it.txn, values, it.late))
+                    label = self.label
+                    if label is not None:
+                        out.append(
+                            LabelledVector(label.txn_id, label.is_fraud, array("d", values), label.seq)
+                        )
+                        self.label = None
+                        continue
                     if self.values is None:
                         PendingLogic.held += 1
                     self.values = array("d", values)
                     continue
                 telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
-                if self.values is not None:  # None: the row expired, or never came (dead-lettered)
+                if self.values is not None:
                     out.append(LabelledVector(it.txn_id, it.is_fraud, self.values, it.seq))
                     self.values = None
                     PendingLogic.held -= 1
+                else:  # the row is still in the entity chain
+                    self.label = it
             except Exception as exc:
                 out.append(quarantine(it, "pending", exc))
         telemetry.PENDING.set(PendingLogic.held)
-        return out, self.values is None
+        return out
 
-    def notify_at(self) -> datetime | None:
-        return self.expires if self.values is not None else None
+    def done(self) -> bool:
+        return self.values is None and self.label is None
 
-    def on_notify(self) -> tuple[list[Scored], bool]:
+    def wake_at(self) -> datetime | None:
+        return self.expires
+
+    def wake(self) -> tuple[list[Any], bool]:
         if self.values is not None:
             PendingLogic.held -= 1
             self.values = None
-        return [], StatefulBatchLogic.DISCARD
+        return [], True
 
-    def snapshot(self) -> bytes | RelayState:
-        if self.relay is not None:
-            return self.relay.state()
-        assert self.values is not None, "a key without a vector is discarded, never snapshotted"
-        return self.values.tobytes()
-
-
-ScorerState = tuple[tuple[Any, ...], list[Scored | Quarantined], RelayState]
+    def snapshot(self) -> bytes | LabelEvent:
+        if self.values is not None:
+            return self.values.tobytes()
+        assert self.label is not None
+        return self.label
 
 
-class ScoringLogic(StatefulBatchLogic[Scored | Quarantined | Watermark, Decision | DeadLetter, ScorerState]):
-    """Scores feature vectors in vectorised batches and feeds labelled vectors to River, in
-    canonical order: it holds what arrives until the watermark from every `pending` worker has
-    passed it (the River model's state depends on the order it learns and predicts in)."""
+class ScoringLogic(StepLogic):
+    """One replica of the models per worker (`ordered(per_worker=True)`): scores the feature
+    vectors routed to it in vectorised batches, and feeds River every labelled vector (each
+    replica gets them all), in canonical order. Every replica learns the same labels in the same
+    order, and a prediction does not change the model, so a transaction gets the same score
+    whichever replica scores it: 1 worker or N decide alike."""
 
-    def __init__(
-        self, new_scorer: Callable[[], Scorer], resume: ScorerState | tuple[Any, ...] | None
-    ) -> None:
+    def __init__(self, new_scorer: Callable[[], Scorer], resume: tuple[Any, ...] | None) -> None:
         self.scorer = new_scorer()
-        held: tuple[list[Scored | Quarantined], RelayState] | None = None
-        if resume is not None and len(resume) == 3 and isinstance(resume[2], RelayState):
-            held = (resume[1], resume[2])
-            resume = resume[0]
-        if resume is not None:  # or a snapshot from before the canonical order: the models alone
+        if resume is not None:
             self.scorer.restore(resume)
-        self.batch = OrderedBatch("score", None, held)
 
-    def on_batch(
-        self, items: list[Scored | Quarantined | Watermark]
-    ) -> tuple[list[Decision | DeadLetter], bool]:
-        return self._score(self.batch.take(items)[0])
-
-    def notify_at(self) -> datetime | None:
-        return self.batch.notify_at()
-
-    def on_notify(self) -> tuple[list[Decision | DeadLetter], bool]:
-        return self._score(self.batch.overdue())
-
-    def on_eof(self) -> tuple[list[Decision | DeadLetter], bool]:
-        return self._score(self.batch.drain())
-
-    def _score(self, items: list[Scored | Quarantined]) -> tuple[list[Decision | DeadLetter], bool]:
-        if not items:
-            return [], StatefulBatchLogic.RETAIN
-        scored = [it for it in items if not isinstance(it, Quarantined)]
-        dead = [it.dead for it in items if isinstance(it, Quarantined)] if len(scored) < len(items) else []
+    def apply(self, events: list[Scored | Quarantined]) -> list[Decision | DeadLetter]:
+        scored = [it for it in events if not isinstance(it, Quarantined)]
+        dead = [it.dead for it in events if isinstance(it, Quarantined)] if len(scored) < len(events) else []
         started = time.perf_counter()
         decisions = self.scorer.decide(scored)
         stats = self.scorer.last
@@ -429,9 +396,7 @@ class ScoringLogic(StatefulBatchLogic[Scored | Quarantined | Watermark, Decision
         if stats.unexplained:
             telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)
         dead += [quarantine(it, "score", exc).dead for it, exc in stats.failed]
-        out: list[Decision | DeadLetter] = [*decisions, *dead]
-        return out, StatefulBatchLogic.RETAIN
+        return [*decisions, *dead]
 
-    def snapshot(self) -> ScorerState:
-        held, relay = self.batch.snapshot()
-        return (self.scorer.snapshot(), held, relay)
+    def snapshot(self) -> tuple[Any, ...]:
+        return self.scorer.snapshot()

@@ -1,4 +1,4 @@
-"""The stateful steps of `flows.steps`, each run on a tiny dataflow of its own (`op.stateful_batch`
+"""The stateful steps of `flows.steps`, each run on a tiny dataflow of its own (`flows.ordering.ordered`
 over a `TestingSource` of a few items, `run_main`), the way Bytewax tests its operators; and the
 logic classes called directly where a test needs to reach into a key (retention, snapshots).
 
@@ -18,13 +18,13 @@ import bytewax.operators as op
 import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
-from bytewax.testing import TestingSink, TestingSource, run_main
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, join_label
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
-from flows.ordering import INF, Watermark
-from flows.routing import set_workers
+from flows.ordering import INF, Watermark, ordered
+from flows.routing import Workers
 from flows.steps import (
     EntityLogic,
     IndexConfig,
@@ -32,9 +32,12 @@ from flows.steps import (
     PendingLogic,
     Quarantined,
     ScoringLogic,
+    chain_filters,
     decoder,
     entity_key,
+    is_labelled,
     pending_key,
+    scorer_key,
     txn_key,
 )
 from models.serving import Decision, LabelledVector
@@ -60,13 +63,14 @@ def txn(txn_id: str, seq: int, card: str = "c1", minutes: int = 0, amount: float
 
 
 def run_step(
-    items: list[Any], key: Callable[[Any], str], logic: Callable[[Any], Any], batch_size: int = 1
+    items: list[Any], key: Callable[[Any], str], logic: Callable[[Any], Any], batch_size: int = 1, **how: Any
 ) -> list[Any]:
-    """What one stateful step emits for `items`, keyed by `key`, in one worker."""
+    """What one ordered step emits for `items`, keyed by `key`, in one worker."""
     out: list[Any] = []
     flow = Dataflow("step")
-    keyed = op.key_on("key", op.input("in", flow, TestingSource(items, batch_size)), key)
-    op.output("out", op.key_rm("unkey", op.stateful_batch("step", keyed, logic)), TestingSink(out))
+    keyed = op.key_on("key", op.input("in", flow, TestingSource(items, batch_size)), lambda _: "")
+    step = ordered("step", keyed, logic=logic, workers=Workers(1), key=key, **how)
+    op.output("out", op.key_rm("unkey", step), TestingSink(out))
     run_main(flow)
     return out
 
@@ -93,7 +97,7 @@ def test_index_dead_letters_a_duplicate_and_joins_labels_once(pipeline: FeatureP
         Label("t1", False, NOW_MS + 2, seq=4),  # labelled already
         Label("t9", True, NOW_MS + 3, seq=5),  # never seen
     ]
-    out = run_step(items, txn_key, partial(IndexLogic, IndexConfig(pipeline, TTL, 1)))
+    out = run_step(items, txn_key, partial(IndexLogic, IndexConfig(pipeline, TTL)))
     row, dup, joined, *dead = out
     assert isinstance(row, FeatureRow) and row.txn.amount == 5.0
     assert row.keys == tuple(p.key_of(items[0]) for p in pipeline.plans)  # type: ignore[arg-type]
@@ -135,14 +139,14 @@ def test_flow_entity_keys_are_dropped_after_their_retention(pipeline: FeaturePip
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     row, _ = pipeline.start(Transaction("t1", now_ms, "c1", "m1", 5.0))
     logic = EntityLogic(pipeline, pipeline.plans[0], None)
-    _, discard = logic.on_batch([row])
-    assert not discard and logic.state is not None
-    wake = logic.notify_at()
+    logic.apply([row])
+    assert not logic.done() and logic.state is not None
+    wake = logic.wake_at()
     assert wake is not None and (wake - datetime.now(UTC)).total_seconds() > 29 * 86_400
-    assert logic.on_notify() == ([], False)  # fired early (e.g. after a restart): still fresh, kept
+    assert logic.wake() == ([], False)  # fired early (e.g. after a restart): still fresh, kept
     days = pipeline.plans[0].retention_ms // 86_400_000 + 1  # the card's longest look-back, and a day
     logic.state[0] -= days * 1440  # the key's time origin (minutes): as if its only event were that old
-    assert logic.on_notify() == ([], True)
+    assert logic.wake() == ([], True)
 
 
 # --- pending --------------------------------------------------------------------------------------
@@ -170,29 +174,57 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     for plan in pipeline.plans:
         pipeline.observe(plan, plan.new_state(), row)
     logic = PendingLogic(pipeline, TTL, None)
-    (vector,), discard = logic.on_batch([row])
-    assert isinstance(vector, FeatureVector) and not discard
+    (vector,) = logic.apply([row])
+    assert isinstance(vector, FeatureVector) and not logic.done()
     assert vector.values == pipeline.assemble(row)
     resumed = PendingLogic(pipeline, TTL, logic.snapshot())
     label = join_label("t1", entry, Label("t1", True, now_ms + 1, seq=2))
     assert isinstance(label, LabelEvent)
-    (learned,), discard = resumed.on_batch([label])
-    assert isinstance(learned, LabelledVector) and discard
+    (learned,) = resumed.apply([label])
+    assert isinstance(learned, LabelledVector) and resumed.done()
     assert learned.is_fraud and np.array_equal(learned.values, vector.values, equal_nan=True)
-    assert resumed.on_batch([label]) == ([], True)  # nothing held any more: nothing to learn
 
-    set_workers(1)
     scoring = ScoringLogic(rt.new_scorer, None)
-    assert scoring.on_batch([vector, learned]) == ([], False)  # held until the watermark passes
-    decisions, _ = scoring.on_batch([Watermark(0, INF, 0)])
-    assert [d.txn.txn_id for d in decisions] == ["t1"]  # type: ignore[union-attr]
+    (decision,) = scoring.apply([vector, learned])
+    assert isinstance(decision, Decision) and decision.txn.txn_id == "t1"
     assert scoring.scorer.online.n_learned == 1
-    # The model, and nothing held: nothing per transaction in the scorer's one key.
-    model, held, relay = scoring.snapshot()
-    assert model == (pickle.dumps(scoring.scorer.online),) and held == [] and relay.out == INF
+    # The models only: nothing per transaction in a scorer replica.
+    assert scoring.snapshot() == (pickle.dumps(scoring.scorer.online),)
     assert ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.online.n_learned == 1
-    # A snapshot from before the canonical order (the models alone) still resumes.
-    assert ScoringLogic(rt.new_scorer, model).scorer.online.n_learned == 1
+
+
+def test_pending_keeps_a_label_that_overtook_its_row(pipeline: FeaturePipeline) -> None:
+    """Most labels skip the entity chain, so one can reach `pending` while its row is still held
+    in the chain: it waits (through a snapshot too) and goes out with the row, keeping its own
+    `seq`; a row quarantined in the chain takes its waiting label with it."""
+    (row,) = chained(pipeline, txn("t1", 1))
+    _, entry = pipeline.start(row.txn)
+    label = join_label("t1", entry, Label("t1", False, NOW_MS + 1, seq=7))
+    assert isinstance(label, LabelEvent)
+    logic = PendingLogic(pipeline, TTL, None)
+    assert logic.apply([label]) == [] and not logic.done()
+    resumed = PendingLogic(pipeline, TTL, pickle.loads(pickle.dumps(logic.snapshot())))
+    vector, learned = resumed.apply([row])
+    assert isinstance(vector, FeatureVector) and isinstance(learned, LabelledVector)
+    assert (learned.txn_id, learned.is_fraud, learned.seq) == ("t1", False, 7)
+    assert np.array_equal(learned.values, vector.values, equal_nan=True) and resumed.done()
+
+    waiting = PendingLogic(pipeline, TTL, None)
+    waiting.apply([label])
+    lost = Quarantined("t1", 1, DeadLetter("txn", "internal_error", "boom", "{}", "t1", ""), ())
+    assert waiting.apply([lost]) == [lost] and waiting.done()
+
+
+def test_only_labels_that_change_an_entity_go_through_the_chain(pipeline: FeaturePipeline) -> None:
+    needs_chain, skips_chain = chain_filters(pipeline)
+    row, entry = pipeline.start(txn("t1", 1))
+    fraud = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=2))
+    entry.labelled = False
+    legit = join_label("t1", entry, Label("t1", False, NOW_MS + 1, seq=2))
+    mark = Watermark(0, 5, 0)
+    assert any(plan.uses_labels for plan in pipeline.plans)  # the default features count fraud labels
+    assert [needs_chain(("", x)) for x in (row, fraud, legit, mark)] == [True, True, False, True]
+    assert [skips_chain(("", x)) for x in (row, fraud, legit, mark)] == [False, False, True, True]
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -201,19 +233,66 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
 def test_scoring_decides_in_canonical_order(runtime: Runtime) -> None:
     """Vectors arriving out of order in one batch are decided in `seq` order, once the watermark
     has passed them (the online model's state depends on that order)."""
-    set_workers(1)
     txns = [txn(f"t{s}", s, card=f"c{s % 3}", minutes=s) for s in (4, 1, 3, 2, 5)]
     vectors: list[Any] = [
         FeatureVector(r.txn, runtime.pipeline.assemble(r), False) for r in chained(runtime.pipeline, *txns)
     ]
     out = run_step(
         [*vectors, Watermark(0, INF, 0)],
-        lambda _: "scorer",
+        scorer_key,
         partial(ScoringLogic, runtime.new_scorer),
         batch_size=len(vectors) + 1,
+        per_worker=True,
+        everywhere=is_labelled,
+        last=True,
     )
     assert all(isinstance(d, Decision) for d in out)
     assert [d.txn.txn_id for d in out] == ["t1", "t2", "t3", "t4", "t5"]
+
+
+def test_scoring_spreads_vectors_over_worker_replicas_that_all_learn_every_label(runtime: Runtime) -> None:
+    """Three workers: every vector scored once, by one of several replicas; every replica learns
+    every label, before the vectors that come after it in the canonical order; the scores are
+    those of one replica that saw everything."""
+    pipeline = runtime.pipeline
+    txns = [txn(f"t{s}", 2 * s, card=f"c{s % 7}", minutes=s) for s in range(1, 41)]
+    rows = chained(pipeline, *txns)
+    vectors: list[Any] = [FeatureVector(r.txn, pipeline.assemble(r), False) for r in rows]
+    labels: list[Any] = [
+        LabelledVector(v.txn.txn_id, i % 3 == 0, v.values, v.seq + 11) for i, v in enumerate(vectors[:20])
+    ]
+    items = [*vectors, *labels, *(Watermark(j, INF, 0) for j in range(3))]
+    replicas: list[Counting] = []
+
+    class Counting(ScoringLogic):
+        decided = 0
+
+        def apply(self, events: list[Any]) -> list[Any]:
+            out = super().apply(events)
+            self.decided += sum(isinstance(d, Decision) for d in out)
+            return out
+
+    def replica(resume: Any) -> ScoringLogic:
+        replicas.append(Counting(runtime.new_scorer, resume))
+        return replicas[-1]
+
+    out: list[Any] = []
+    flow = Dataflow("replicas")
+    keyed = op.key_on("key", op.input("in", flow, TestingSource(items, 8)), lambda _: "")
+    step = ordered(
+        "score", keyed, logic=replica, workers=Workers(3), key=scorer_key, per_worker=True, everywhere=is_labelled,
+        last=True,
+    )  # fmt: skip
+    op.output("out", op.key_rm("unkey", step), TestingSink(out))
+    cluster_main(flow, [], 0, worker_count_per_proc=3)
+    assert sorted(d.txn.txn_id for d in out) == sorted(v.txn.txn_id for v in vectors)
+    assert len(replicas) == 3 and all(r.scorer.online.n_learned == 20 for r in replicas)
+    assert sum(r.decided for r in replicas) == 40 and max(r.decided for r in replicas) < 30  # spread
+    alone = ScoringLogic(runtime.new_scorer, None)
+    one = {
+        d.txn.txn_id: (d.xgb, d.online) for d in alone.apply(sorted([*vectors, *labels], key=lambda x: x.seq))
+    }
+    assert {d.txn.txn_id: (d.xgb, d.online) for d in out} == one
 
 
 # --- decoder --------------------------------------------------------------------------------------

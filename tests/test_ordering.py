@@ -21,10 +21,12 @@ from prometheus_client import REGISTRY
 
 from features.events import Transaction
 from flows.ordering import (
+    FAN,
     INF,
     NEG,
     Relay,
     SequencerLogic,
+    Stage,
     StampLogic,
     Tick,
     Watermark,
@@ -32,7 +34,7 @@ from flows.ordering import (
     make_seq,
     partition_code,
 )
-from flows.routing import set_workers, worker_keys, worker_of
+from flows.routing import Workers, worker_of
 
 
 class _Where(StatefulBatchLogic[str, tuple[str, int], None]):
@@ -49,8 +51,8 @@ class _Where(StatefulBatchLogic[str, tuple[str, int], None]):
 @pytest.mark.parametrize("count", [2, 3, 4])
 def test_watermark_keys_land_on_the_worker_predicted_for_them(count: int) -> None:
     """`worker_of` reproduces Bytewax's routing, so `worker_keys()[j]` reaches worker j."""
-    set_workers(count)
-    keys = [*worker_keys(), *(f"card-{i}" for i in range(40)), "~t1", "\U0010ffff7"]
+    worker_keys = Workers(count).worker_keys()
+    keys = [*worker_keys, *(f"card-{i}" for i in range(40)), "~t1", "\U0010ffff7"]
     seen: list[tuple[str, tuple[str, int]]] = []
     flow = Dataflow("where")
     stream = op.key_on("key", op.input("in", flow, TestingSource(keys)), lambda k: k)
@@ -62,8 +64,8 @@ def test_watermark_keys_land_on_the_worker_predicted_for_them(count: int) -> Non
     for key, thread in thread_of.items():
         predicted.setdefault(thread, set()).add(worker_of(key, count))
     assert sorted(len(w) for w in predicted.values()) == [1] * count  # one worker index per thread
-    assert len({thread_of[k] for k in worker_keys()}) == count  # each watermark key on its own worker
-    assert all(k > "~zzzz" and k > "card-zzz" for k in worker_keys())  # applied after entity keys
+    assert len({thread_of[k] for k in worker_keys}) == count  # each watermark key on its own worker
+    assert all(k > "~zzzz" and k > "card-zzz" for k in worker_keys)  # applied after entity keys
 
 
 def txn(i: int, ts: int, origin: str = "in:{0}#1-0") -> Transaction:
@@ -100,18 +102,28 @@ def test_stamp_caps_a_timestamp_far_in_the_future() -> None:
 
 
 def test_relay_waits_for_every_origin_and_only_moves_forward() -> None:
-    set_workers(2)
-    relay = Relay(None)
+    workers = Workers(2)
+    relay = Relay(None, workers)
     assert relay.update([Watermark(0, 10, 1)]) is None  # worker 1 has not spoken yet
     assert relay.update([Watermark(1, 7, 1)]) == Watermark(1, 7)
     assert relay.update([Watermark(1, 5, 1)]) is None  # late and smaller: no step back
     assert relay.update([Watermark(1, 20, 1)]) == Watermark(1, 10)
-    restored = Relay(None, relay.state())
+    restored = Relay(None, workers, relay.state())
     assert restored.update([Watermark(0, 30, 1)]) == Watermark(1, 20)
 
 
+def test_relay_of_a_merged_step_waits_for_every_worker_of_every_input() -> None:
+    """`pending` reads the entity chain and the labels that skip it: its watermark is the
+    minimum over both inputs' workers (origins tagged `input * FAN + worker`)."""
+    relay = Relay(None, Workers(2), fan=2)
+    assert relay.update([Watermark(0, 10, 0), Watermark(1, 12, 0)]) is None  # input 1 has not spoken
+    assert relay.update([Watermark(FAN, 4, 0)]) is None  # nor has its worker 1
+    assert relay.update([Watermark(FAN + 1, 30, 0)]) == Watermark(0, 4)
+    assert relay.update([Watermark(FAN, 40, 0)]) == Watermark(0, 10)
+
+
 def test_partition_relay_skips_idle_partitions_until_they_speak_again() -> None:
-    relay = Relay(2)
+    relay = Relay(2, Workers(1))
     assert relay.update([Watermark("a", 10, 0)]) is None
     assert relay.update([Watermark("b", 3, 0, idle=True)]) == Watermark(0, 10)  # b is not waited for
     assert relay.update([Watermark("b", 12, 0), Watermark("a", 15, 0)]) == Watermark(0, 12)
@@ -139,7 +151,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
     """Two upstream workers, each sending ascending events then its watermark; any interleaving
     of the two, cut into any batches, and snapshots in between: the output is the events in `seq`
     order, each once, and never an event after a watermark that covers it."""
-    set_workers(2)
+    stage = Stage("test_order", lambda _: None, Workers(2), None)  # type: ignore[arg-type, return-value]
     queues: list[list[Any]] = []
     for origin, seqs in enumerate(streams):
         q: list[Any] = []
@@ -149,7 +161,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
                 q.append(Watermark(origin, s, 0))
         q.append(Watermark(origin, INF, 0))
         queues.append(q)
-    logic = SequencerLogic("test_order", None)
+    logic = SequencerLogic(stage, None)
     out: list[Any] = []
     while any(queues):
         batch = []
@@ -159,7 +171,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
                 batch.append(rnd.choice(live).pop(0))
         out += logic.on_batch(batch)[0]
         if rnd.random() < 0.3:
-            logic = SequencerLogic("test_order", logic.snapshot())
+            logic = SequencerLogic(stage, logic.snapshot())
     events = [e.seq for e in out if isinstance(e, Item)]
     assert events == sorted(2 * s + origin for origin, seqs in enumerate(streams) for s in seqs)
     released = NEG
@@ -173,8 +185,7 @@ def test_sequencer_releases_everything_once_in_order_whatever_the_interleaving(
 
 def test_sequencer_hands_on_an_event_behind_the_watermark_at_once() -> None:
     """Only after an idle partition speaks again: applied now, out of order, never held or lost."""
-    set_workers(1)
-    logic = SequencerLogic("late_test", None)
+    logic = SequencerLogic(Stage("late_test", lambda _: None, Workers(1), None), None)  # type: ignore[arg-type, return-value]
     first = logic.on_batch([Item(5), Watermark(0, 9, 0)])[0]
     assert [getattr(e, "seq", e) for e in first] == [5, Watermark(0, 9)]
     late = REGISTRY.get_sample_value("fraud_order_late_events_total", {"step": "late_test"})
@@ -185,17 +196,17 @@ def test_sequencer_hands_on_an_event_behind_the_watermark_at_once() -> None:
 
 
 def test_bucket_routing_sends_a_key_to_one_bucket_and_a_watermark_to_all() -> None:
-    set_workers(3)
-    route = by_bucket(lambda item: item.card_id)
+    workers = Workers(3)
+    route = by_bucket(lambda item: item.card_id, workers)
     buckets = {key for key, _ in route([("", txn(i, i)) for i in range(20)])}
-    assert len(buckets) == 1 and buckets <= set(worker_keys())
-    assert route([("", Watermark(2, 7))]) == [(k, Watermark(2, 7, j)) for j, k in enumerate(worker_keys())]
+    assert len(buckets) == 1 and buckets <= set(workers.worker_keys())
+    marks = route([("", Watermark(2, 7))])
+    assert marks == [(k, Watermark(2, 7, j)) for j, k in enumerate(workers.worker_keys())]
 
 
 def test_sequencer_releases_what_it_held_once_no_watermark_came_for_too_long() -> None:
     """A stalled upstream (or a resize on resume) must not keep events forever."""
-    set_workers(2)
-    logic = SequencerLogic("stall_test", None)
+    logic = SequencerLogic(Stage("stall_test", lambda _: None, Workers(2), None), None)  # type: ignore[arg-type, return-value]
     assert logic.on_batch([Item(7), Item(4), Watermark(0, 9, 0)])[0] == []  # worker 1 never speaks
     deadline = logic.notify_at()
     assert deadline is not None and logic.on_notify()[0] == []  # not yet
