@@ -1,11 +1,13 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
-(txn_id) -> for each entity: order (release in that order) -> features -> pending (txn_id: the
-vector waits for its label) -> score -> alerts, late side output, decision log; bad records ->
-dead letters, and so does a record any step raised on (`flows.steps.quarantine`). Watermarks travel with the events (`flows.ordering`), so any number of processes
-computes what one does. This module only wires steps: the logic lives in `features`, `models`,
-`flows.steps`, `flows.ordering`, `flows.outputs` and `flows.connectors`.
+(txn_id) -> card -> merchant -> device features (rows, and the labels an entity counts) ->
+pending (txn_id: the vector waits for its label; other labels come straight from the index) ->
+score (one replica per worker) -> alerts, late side output, decision log; bad records -> dead
+letters, and so does a record any step raised on (`flows.steps.quarantine`). Each step is one
+`flows.ordering.ordered` operator, so any number of processes computes what one does. This
+module only wires steps: the logic lives in `features`, `models`, `flows.steps`,
+`flows.ordering`, `flows.outputs` and `flows.connectors`.
 """
 
 from __future__ import annotations
@@ -62,47 +64,42 @@ def build(
 
     src = source or connectors.source(rt)
     workers = Workers()
-    records = op.merge(
-        "records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers))
-    )
-    decoded = op.branch("validate", op.map("decode", records, decoder(rt.card_ref)), is_valid)
-    stamped = stamp("stamp", decoded.trues)
-
+    step = partial(ordered, workers=workers)  # every stateful step: in the canonical order
     ttl = timedelta(days=s.label_ttl_days)
-    index = partial(IndexLogic, IndexConfig(pipeline, ttl))
-    indexed = ordered("index", stamped, logic=index, workers=workers, key=txn_key, sources=partitions(src))
-    joined = op.branch("joined", indexed, joined_value)
     needs_chain, skips_chain = chain_filters(pipeline)
 
+    read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
+    decoded = op.branch("validate", op.map("decode", read, decoder(rt.card_ref)), is_valid)
+    stamped = stamp("stamp", decoded.trues)
+    index = step(
+        "index",
+        stamped,
+        logic=partial(IndexLogic, IndexConfig(pipeline, ttl)),
+        key=txn_key,
+        sources=partitions(src),
+    )
+    joined = op.branch("joined", index, joined_value)
     rows = op.filter("to_chain", joined.trues, needs_chain)
     for plan in pipeline.plans:
-        features = partial(EntityLogic, pipeline, plan)
-        rows = ordered(
-            plan.entity.name, rows, logic=features, workers=workers, key=entity_key(plan), sequence=True
+        rows = step(
+            plan.entity.name,
+            rows,
+            logic=partial(EntityLogic, pipeline, plan),
+            key=entity_key(plan),
+            sequence=True,
         )
-
     labels = op.filter("skip_chain", joined.trues, skips_chain)
-    pending = partial(PendingLogic, pipeline, ttl)
-    vectors = ordered("pending", rows, labels, logic=pending, workers=workers, key=pending_key)
-
-    scoring = partial(ScoringLogic, rt.new_scorer)
-    outcome = op.branch(
-        "scored_ok",
-        op.key_rm(
-            "unkey_scorer",
-            ordered(
-                "score",
-                vectors,
-                logic=scoring,
-                workers=workers,
-                key=scorer_key,
-                per_worker=True,
-                everywhere=is_labelled,
-                last=True,
-            ),
-        ),
-        is_decision,
+    vectors = step("pending", rows, labels, logic=partial(PendingLogic, pipeline, ttl), key=pending_key)
+    scores = step(
+        "score",
+        vectors,
+        logic=partial(ScoringLogic, rt.new_scorer),
+        key=scorer_key,
+        per_worker=True,
+        everywhere=is_labelled,
+        last=True,
     )
+    outcome = op.branch("scored_ok", op.key_rm("unkey_scorer", scores), is_decision)
     scored = outcome.trues
 
     alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold)

@@ -2,8 +2,9 @@
 
 Bytewax hands a keyed step its items in arrival order, and with several workers that order
 depends on timing. So each event gets a canonical position, `seq`, from the partition it was
-read from (`StampLogic`), and every step whose key gathers events from several workers applies
-them in `seq` order, only once no smaller `seq` can still arrive:
+read from (`stamp`), and every step applies its events in `seq` order, only once no smaller
+`seq` can still arrive. Each step of the flow is one `ordered` operator, which owns all of it
+and runs a plain `StepLogic` (`flows.steps`) on the events in order:
 
 - `seq` = (running maximum of the partition's event times, partition code, position). It grows
   along each partition, whatever the events' own times, and depends only on what the partition
@@ -12,13 +13,15 @@ them in `seq` order, only once no smaller `seq` can still arrive:
   this seq". A `Relay` keeps the latest one per upstream origin; their minimum is the step's
   watermark.
 - A step keyed by entity (card, merchant...) cannot wait for a watermark: Bytewax wakes a key
-  only for its own items. A `SequencerLogic` in front of it holds the events, in one bucket per
-  worker, and releases them in `seq` order up to the watermark. Each entity key gets
-  its events from one bucket, on one channel, so they arrive in that order.
-- Watermarks travel with the events, through every worker of every keyed step:
-  `flows.routing.worker_keys()` are keys that Bytewax routes to each worker, and a step forwards the watermark only after the
-  events it covers (those keys sort after any entity key, and Bytewax runs a batch's keys in key
-  order).
+  only for its own items. With `sequence=True`, a bucket per worker in front of it
+  (`SequencerLogic`) holds the events and releases them in `seq` order up to the watermark.
+  Each entity key gets its events from one bucket, on one channel, so they arrive in that order.
+- With `per_worker=True` the bucket runs the logic itself (the scorer: one replica per worker).
+- Watermarks travel with the events, through every worker of every step: `Workers.worker_keys()`
+  (`flows.routing`) are keys that Bytewax routes to each worker, and a step forwards the
+  watermark only after the events it covers (those keys sort after any entity key, and Bytewax
+  runs a batch's keys in key order). A step that merges several inputs tags each input's
+  watermarks and waits for all of them.
 
 A partition with nothing to read for `FRAUD_SOURCE_IDLE_MS` says so (an idle `Watermark`) and
 stops holding the others back; events it sends after that may arrive behind the order (they are

@@ -191,9 +191,25 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# The layout of the state the flow saves (step ids, snapshot shapes). A store holding state of
+# another layout is refused: resuming would find no state under the new step ids and go on from
+# the inputs' saved positions with empty windows, silently. 2: `flows.ordering.ordered` steps.
+STATE_LAYOUT = 2
+
+
+def outdated(directory: Path, layout: Any) -> RecoveryStoreError:
+    return RecoveryStoreError(
+        f"recovery store {directory} holds state of layout {layout}, saved by an older version of the "
+        f"flow; this version saves layout {STATE_LAYOUT} and cannot resume from it (the windows, "
+        "the pending labels and the online model would start empty while the inputs resume where "
+        "they stopped). " + fixes(directory)
+    )
+
+
 def _new_meta(directory: Path, partitions: int, **extra: Any) -> dict[str, Any]:
     return {
         "id": uuid.uuid4().hex,
+        "layout": STATE_LAYOUT,
         "created": _now().isoformat(timespec="seconds"),
         "directory": str(directory),
         "partitions": partitions,
@@ -291,6 +307,10 @@ def recovery_config(
         tag = "damaged"
         try:
             info = check_store(directory, processes=processes)
+            layout = (info.meta or {}).get("layout", 1) if info is not None else STATE_LAYOUT
+            if info is not None and info.epoch is not None and layout != STATE_LAYOUT:
+                tag = "outdated"
+                raise outdated(directory, layout)
         except RecoveryStoreError as exc:
             refusal = exc
         records: dict[str, dict[str, Any]] = {}

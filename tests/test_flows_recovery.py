@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import flows.runner
 from features.event_files import merged_records
 from flows.fraud import build
-from flows.recovery import RedisRegistry, recovery_config
+from flows.recovery import STATE_LAYOUT, RedisRegistry, recovery_config
 from flows.recovery_check import Part, RecoveryStoreError, check_store, consistency
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
@@ -143,6 +143,34 @@ def test_a_crash_leaves_a_store_that_passes_the_check(crashed: dict[str, Path]) 
     early, late = check_store(crashed["early"]), check_store(crashed["late"])
     assert early is not None and late is not None
     assert (late.epoch or 0) > (early.epoch or 0) > 0
+
+
+def test_a_store_of_an_older_state_layout_is_refused_naming_fraud_reset(
+    crashed: dict[str, Path], tmp_path: Path
+) -> None:
+    """Its state sits under step ids this flow no longer has: resuming would start every window
+    empty while the inputs go on where they stopped. Refused (or, with --fresh, moved aside)."""
+
+    db = _damage(crashed, tmp_path)
+    assert json.loads((db / "store.json").read_text())["layout"] == STATE_LAYOUT
+    recovery_config(db, 3)  # this flow's own layout: resumed
+    meta = json.loads((db / "store.json").read_text())
+    (db / "store.json").write_text(json.dumps({**meta, "layout": 1}))
+    with pytest.raises(
+        RecoveryStoreError, match=r"holds state of layout 1, saved by an older version"
+    ) as refused:
+        recovery_config(db, 3)
+    assert "fraud reset --yes" in str(refused.value) and "--fresh" in str(refused.value)
+    recovery_config(db, 3, fresh=True)
+    (aside,) = tmp_path.glob("store.outdated-*")
+    assert json.loads((aside / "store.json").read_text())["layout"] == 1
+    info = check_store(db)
+    assert (
+        info is not None
+        and info.epoch is None
+        and info.meta is not None
+        and info.meta["layout"] == STATE_LAYOUT
+    )
 
 
 @pytest.mark.parametrize("cut", ["last transaction", "half of it"])
