@@ -14,6 +14,10 @@ with the first configuration's (the flow's canonical order makes them equal: REA
 replayed into the shards at N records per second while they run, and each process's
 arrival-to-decision latency percentiles are printed (a fast replay's latencies only measure its
 backlog).
+
+Each configuration also prints every process's CPU time (user + system, from the process's own
+summary) and its share of the cluster's total: with 2 processes on 2 shards, how evenly the
+work is spread.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from testkit import drill
 from testkit.system import free_port
 
 DONE = re.compile(r"\[done(?: w\d+)?\] ([\d,]+) transactions .*· ([\d,.]+)s$", re.M)
-LATENCY = re.compile(r"latency: (p50 [\d.]+ ms · p95 [\d.]+ ms · p99 [\d.]+ ms)")
+LATENCY = re.compile(r"latency: (p50 [\d.]+ ms · p95 [\d.]+ ms · p99 [\d.]+ ms · p99.9 [\d.]+ ms)")
+CPU = re.compile(r"process CPU ([\d,.]+) s")
 STARTUP_S = 5.0  # imports and the model load, before a rate-limited replay starts
 
 
@@ -56,9 +61,10 @@ def start_cluster(
     ]
 
 
-def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, list[str]]:
-    """Transactions decided, the longest active time, and each process's latency percentiles."""
-    total, longest, latencies = 0, 0.0, []
+def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, list[str], list[float]]:
+    """Transactions decided, the longest active time, each process's latency percentiles, and
+    each process's CPU seconds (user + system, from its own summary)."""
+    total, longest, latencies, cpu = 0, 0.0, [], []
     for out in drill.finish_all(procs, timeout_s=1800):
         done = DONE.findall(out)
         if not done:
@@ -67,7 +73,8 @@ def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, li
         total += int(n.replace(",", ""))
         longest = max(longest, float(secs.replace(",", "")))
         latencies += LATENCY.findall(out)
-    return total, longest, latencies
+        cpu += [float(c.replace(",", "")) for c in CPU.findall(out)[-1:]]
+    return total, longest, latencies, cpu
 
 
 def main() -> None:
@@ -105,7 +112,7 @@ def measure(
                     for proc in procs:
                         drill.reap(proc)
                     raise
-            n, secs, latencies = finish_cluster(procs)
+            n, secs, latencies, cpu = finish_cluster(procs)
             outcome = drill.Outcome.read(client, tag)
             if reference is None:
                 reference, against = outcome, ""
@@ -117,9 +124,13 @@ def measure(
                 )
             # At a fixed rate the processes keep up with the replay: tx/s would only echo it.
             speed = f"throughput={n / secs:,.0f} tx/s " if args.rate is None else ""
+            shares = " · ".join(
+                f"process {i} {c:.1f} s ({100 * c / sum(cpu):.0f} %)" for i, c in enumerate(cpu)
+            )
             print(
                 f"processes={processes} transactions={n:,} (replayed {replayed:,}) "
                 f"active={secs:.1f}s {speed}alerts={len(outcome.alerts):,}{against}"
+                f"\n  CPU: {shares}"
                 + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate),
                 flush=True,
             )

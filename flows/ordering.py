@@ -34,10 +34,11 @@ import logging
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from operator import attrgetter
+from time import perf_counter
 from typing import Any
 from zlib import crc32
 
@@ -48,7 +49,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
 from flows.routing import Workers
-from service.telemetry import ORDER_HELD, ORDER_LATE
+from service.telemetry import ORDER_HELD, ORDER_LATE, step_timer
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,10 @@ class Stage:
     expected: int | None  # origins of its watermarks: partitions, or None (the workers before)
     fan: int = 1  # inputs merged into it
     forward: bool = True  # send its watermark on (False: the last ordered step)
+    clock: list[float] = field(default_factory=list)  # seconds its logic ran: `fraud_step_seconds`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clock", step_timer(self.name))
 
     def relay(self, state: RelayState | None = None) -> Relay:
         return Relay(self.expected, self.workers, state, self.fan)
@@ -431,9 +436,12 @@ class KeyedStep(StatefulBatchLogic[Any, Any, Any]):
                 fwd = self.relay.update(items)
                 return ([fwd] if fwd is not None else []), StatefulBatchLogic.RETAIN
             logic = self.logic = self.stage.build(None)
+        started = perf_counter()
         if len(items) > 1:  # Bytewax hands a key its batch in arrival order
             items.sort(key=_seq)
-        return logic.apply(items), logic.done()
+        out = logic.apply(items)
+        self.stage.clock[0] += perf_counter() - started
+        return out, logic.done()
 
     def notify_at(self) -> datetime | None:
         return None if self.logic is None else self.logic.wake_at()
@@ -455,11 +463,14 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
 
     def __init__(self, stage: Stage, resume: HeldState | None) -> None:
         self.batch = OrderedBatch(stage.name, stage.relay(), resume)
+        self.clock = step_timer(f"{stage.name}_sequence")
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        started = perf_counter()
         out, fwd = self.batch.take(items)
         if fwd is not None:
             out.append(fwd)
+        self.clock[0] += perf_counter() - started
         return out, StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -486,13 +497,15 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         state, held = (resume[0], (resume[1], resume[2])) if resume is not None else (None, None)
         self.logic = stage.build(state)
         self.batch = OrderedBatch(stage.name, stage.relay(), held)
-        self.forward = stage.forward
+        self.forward, self.clock = stage.forward, stage.clock
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        started = perf_counter()
         out, fwd = self.batch.take(items)
         done = self.logic.apply(out) if out else []
         if fwd is not None and self.forward:
             done.append(fwd)
+        self.clock[0] += perf_counter() - started
         return done, StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -556,18 +569,19 @@ def ordered(
     `last`: no `ordered` step follows (`per_worker` only): the watermarks stop here.
     """
     fan = len(ups)
+    name = step_id.rpartition(".")[2]  # the step's own name, without the flow's
     up = (
         ups[0]
         if fan == 1
         else op.merge("merge", *(op.map(f"tag_{i}", u, _tag(i)) for i, u in enumerate(ups)))
     )
-    stage = Stage(step_id, logic, workers, sources, fan, not last)
+    stage = Stage(name, logic, workers, sources, fan, not last)
     if per_worker:
         routed = op.flat_map_batch("route", up, by_bucket(key, workers, everywhere))
         return op.stateful_batch("apply", routed, partial(WorkerStep, stage))
     if sequence:
         buckets = op.flat_map_batch("bucket", up, by_bucket(key, workers))
         up = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
-        stage = Stage(step_id, logic, workers, None)
+        stage = Stage(name, logic, workers, None)
     routed = op.flat_map_batch("route", up, by_key(key, workers))
     return op.stateful_batch("apply", routed, partial(KeyedStep, stage))

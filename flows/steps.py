@@ -391,7 +391,9 @@ class ScoringLogic(StepLogic):
         if stats.rows:
             telemetry.SCORING_SECONDS.observe(time.perf_counter() - started)
             telemetry.SCORING_BATCH.observe(stats.rows)
-        telemetry.ONLINE_LEARNED.inc(stats.labels_learned)
+        if stats.labels_learned:
+            telemetry.ONLINE_LEARNED.inc(stats.labels_learned)
+            telemetry.ONLINE_LEARN_SECONDS.inc(stats.learn_s)
         count_decisions(decisions)
         if stats.unexplained:
             telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)

@@ -63,6 +63,7 @@ class BatchStats:
     failed: list[tuple[Item, Exception]] = field(default_factory=list)
     """Items the scorer could not handle (the flow dead-letters them); the others are unaffected."""
     unexplained: int = 0  # alerts whose reasons could not be computed (sent with no reasons)
+    learn_s: float = 0.0  # seconds the online model spent learning this batch's labels
 
 
 class Scorer:
@@ -114,7 +115,9 @@ class Scorer:
         for it in items:
             try:
                 if isinstance(it, LabelledVector):
+                    started = time.perf_counter()
                     self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
+                    stats.learn_s += time.perf_counter() - started
                     stats.labels_learned += 1
                     continue
                 xs = float(xgb_scores[j])

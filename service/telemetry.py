@@ -6,7 +6,11 @@ They live in prometheus_client's default registry, which Bytewax's API server ex
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from features.events import REASONS
 
@@ -38,7 +42,37 @@ LATE_EVENTS = Counter(
 UNEXPLAINED_ALERTS = Counter(
     "fraud_unexplained_alerts", "Alerts sent without reasons because computing them failed."
 )
-ONLINE_LEARNED = Counter("fraud_online_labels_learned", "Labels the online model learned from.")
+ONLINE_LEARNED = Counter(
+    "fraud_online_labels_learned",
+    "Labels the online model learned from (every scorer replica learns each label).",
+)
+ONLINE_LEARN_SECONDS = Counter(
+    "fraud_online_learn_seconds", "Time River spent learning labels, in this process's scorer replicas."
+)
+
+# Seconds each ordered step's logic ran in this process (`flows.ordering` adds to one cell per step:
+# a float added to in place, read at scrape time, costs the hot path less than a Counter's lock).
+STEP_SECONDS: dict[str, list[float]] = {}
+
+
+def step_timer(step: str) -> list[float]:
+    """The cell `step` adds its seconds to."""
+    return STEP_SECONDS.setdefault(step, [0.0])
+
+
+class _StepSeconds(Collector):
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "fraud_step_seconds",
+            "Time each step's logic ran in this process (flows.ordering).",
+            labels=["step"],
+        )
+        for step, cell in sorted(STEP_SECONDS.items()):
+            family.add_metric([step], cell[0])
+        yield family
+
+
+REGISTRY.register(_StepSeconds())
 PENDING = Gauge("fraud_pending_transactions", "Scored transactions still waiting for their label.")
 ORDER_HELD = Gauge(
     "fraud_order_held_events",

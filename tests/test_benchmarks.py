@@ -94,3 +94,19 @@ def test_cpu_ratio_benchmark_runs_a_pair() -> None:
     assert re.search(
         r"^median CPU ratio flow / peer over 1 pair\(s\): [\d.]+ \(500 transactions", out.stdout, re.M
     )
+
+
+def test_scale_projection_benchmark_prints_steps_and_projections() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale_projection", "--transactions", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert re.search(r"^2,000 transactions, 2,000 decided, one process: [\d.]+ CPU-s", out.stdout, re.M)
+    for step in ("index", "card", "merchant", "device", "pending", "score"):
+        assert re.search(rf"^  {step} +[\d.]+ s +[\d.]+ %$", out.stdout, re.M), out.stdout
+    for p in (4, 8, 16):
+        assert re.search(rf"^P={p:>2}: +[\d.]+x one process .* largest per-process cost: ", out.stdout, re.M)

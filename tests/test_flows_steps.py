@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from prometheus_client import REGISTRY
 
 from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, join_label
 from features.events import DeadLetter, Label, Transaction, encode
@@ -248,6 +249,7 @@ def test_scoring_decides_in_canonical_order(runtime: Runtime) -> None:
     )
     assert all(isinstance(d, Decision) for d in out)
     assert [d.txn.txn_id for d in out] == ["t1", "t2", "t3", "t4", "t5"]
+    assert (REGISTRY.get_sample_value("fraud_step_seconds_total", {"step": "step"}) or 0.0) > 0.0
 
 
 def test_scoring_spreads_vectors_over_worker_replicas_that_all_learn_every_label(runtime: Runtime) -> None:
