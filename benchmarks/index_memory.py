@@ -30,7 +30,7 @@ from benchmarks.common import START_MS, parser
 from features.engine import FeatureRow
 from flows.ordering import ordered
 from flows.routing import Workers
-from flows.steps import IndexConfig, IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
+from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
 from service.runtime import new_pipeline
 from service.settings import Settings
 from testkit.system import rss_bytes
@@ -66,7 +66,7 @@ def main() -> None:
     )
     keyed = op.key_on("key", decoded.trues, txn_key)
     if args.step == "index":
-        index = partial(IndexLogic, IndexConfig(pipeline, timedelta(days=60)))
+        index = partial(IndexLogic, pipeline)
         held = ordered("index", keyed, logic=index, workers=Workers(1), key=txn_key)
     else:
         widths = [len(plan.names) for plan in pipeline.plans]
@@ -77,7 +77,7 @@ def main() -> None:
             return kv[0], row
 
         rows = op.map("rows", keyed, scored_row)
-        pending = partial(PendingLogic, pipeline, timedelta(days=60))
+        pending = partial(PendingLogic, pipeline)
         held = ordered("pending", rows, logic=pending, workers=Workers(1), key=pending_key)
     op.output("out", op.filter("probe", held, probe), TestingSink([]))
     gc.collect()

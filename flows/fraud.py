@@ -22,12 +22,11 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows import connectors
-from flows.ordering import ordered, stamp
+from flows.ordering import Expiry, ordered, stamp
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
 from flows.routing import WorkerCount, Workers
 from flows.steps import (
     EntityLogic,
-    IndexConfig,
     IndexLogic,
     PendingLogic,
     ScoringLogic,
@@ -41,6 +40,7 @@ from flows.steps import (
     partitions,
     pending_key,
     scorer_key,
+    starts_state,
     txn_key,
 )
 from service import telemetry
@@ -70,11 +70,11 @@ def build(
 
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
     decoded = op.branch("validate", op.map("decode", read, decoder(rt.card_ref)), is_valid)
-    stamped = stamp("stamp", decoded.trues)
+    stamped = stamp("stamp", decoded.trues, Expiry(ttl, starts_state))
     index = step(
         "index",
         stamped,
-        logic=partial(IndexLogic, IndexConfig(pipeline, ttl)),
+        logic=partial(IndexLogic, pipeline),
         key=txn_key,
         sources=partitions(src),
     )
@@ -89,7 +89,7 @@ def build(
             sequence=True,
         )
     labels = op.filter("skip_chain", joined.trues, skips_chain)
-    vectors = step("pending", rows, labels, logic=partial(PendingLogic, pipeline, ttl), key=pending_key)
+    vectors = step("pending", rows, labels, logic=partial(PendingLogic, pipeline), key=pending_key)
     scores = step(
         "score",
         vectors,

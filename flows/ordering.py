@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from operator import attrgetter
 from time import perf_counter
-from typing import Any
+from typing import Any, cast
 from zlib import crc32
 
 import bytewax.operators as op
@@ -204,11 +204,121 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
         return (self.partition, self.running_max, self.position, self.idle)
 
 
+# --- expiry without a timer per key ------------------------------------------------------------
+
+
+class Expired(msgspec.Struct, frozen=True, gc=False):
+    """`txn_id`'s time is up: the steps that hold state for it (index, pending) drop it. Outside
+    the canonical order (`seq` below every event): it only ever removes state."""
+
+    txn_id: str
+    seq: int = NEG
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """Per-transaction state that lives `ttl` of wall-clock time, without a Bytewax timer per key.
+
+    Bytewax 0.21 scans every key's `notify_at` at every activation of a step, so a step with a
+    timer per transaction gets slower with every transaction it holds. Instead, `stamp` notes the
+    ids of the transactions of each `bucket_s` of arrival time in a key of its own (one key per
+    bucket, no timer), and its router, which runs with every input batch, wakes the buckets whose
+    time is up: each sends an `Expired` per id, routed like the transaction, and is dropped.
+    After a restart the router wakes every bucket of the `lookback` before the first due one
+    (those whose wake-up the restart may have missed); an older one would be kept forever.
+    """
+
+    ttl: timedelta
+    id_of: Callable[[Any], str | None]  # the transaction id an event starts state for, or None
+    bucket_s: int = 60
+    lookback: timedelta = timedelta(days=7)
+    clock: Callable[[], float] = time.time
+
+
+BUCKET = "\U0010fffe"  # prefix of the expiry buckets' keys in the stamp step
+WAKE = "wake"  # the item a due bucket receives
+
+
+def bucket_key(bucket: int) -> str:
+    return f"{BUCKET}{bucket}"
+
+
+def stamp_router(expiry: Expiry | None) -> Callable[[list[Any]], list[tuple[str, Any]]]:
+    """Key each event by its partition; with `expiry`, add the batch's new ids to the current
+    bucket and wake the buckets that came due (for `op.flat_map_batch`: one call per batch)."""
+    if expiry is None:
+        return lambda batch: [stamp_key(e) for e in batch]
+    ttl_buckets = int(expiry.ttl.total_seconds()) // expiry.bucket_s + 1
+    lookback = int(expiry.lookback.total_seconds()) // expiry.bucket_s
+    woken: list[int] = []  # the last bucket this worker woke
+
+    def route(batch: list[Any]) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = [stamp_key(e) for e in batch]
+        ids = [i for i in map(expiry.id_of, batch) if i is not None]
+        now = int(expiry.clock()) // expiry.bucket_s
+        if ids:
+            out.append((bucket_key(now), msgspec.msgpack.encode(ids)))
+        due = now - ttl_buckets
+        start = woken[0] if woken else due - lookback
+        if due > start:
+            out += [(bucket_key(b), WAKE) for b in range(start + 1, due + 1)]
+            woken[:] = [due]
+        return out
+
+    return route
+
+
+class ExpiryBucket:
+    """The ids that arrived in one bucket of time, as the batches brought them (msgpack-encoded
+    lists: a snapshot is a few bytes objects, whatever the bucket holds)."""
+
+    def __init__(self, resume: tuple[bytes, ...] | None) -> None:
+        self.chunks: list[bytes] = list(resume or ())
+
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        if WAKE not in items:
+            self.chunks += items
+            return [], False
+        out = [Expired(i) for chunk in self.chunks for i in msgspec.msgpack.decode(chunk)]
+        self.chunks = []
+        return out, True
+
+    def snapshot(self) -> tuple[bytes, ...]:
+        return tuple(self.chunks)
+
+
+class StampStep(StatefulBatchLogic[Any, Any, Any]):
+    """A key of the stamp step: a source partition (`StampLogic`) or an expiry bucket."""
+
+    def __init__(self, resume: Any) -> None:
+        self.logic: StampLogic | ExpiryBucket | None = None
+        if type(resume) is tuple and (not resume or type(resume[0]) is bytes):
+            self.logic = ExpiryBucket(resume)
+        elif resume is not None:
+            self.logic = StampLogic(resume)
+
+    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        if self.logic is None:
+            first = items[0]
+            self.logic = ExpiryBucket(None) if first == WAKE or type(first) is bytes else StampLogic(None)
+        return self.logic.on_batch(items)
+
+    def on_eof(self) -> tuple[list[Any], bool]:
+        if type(self.logic) is StampLogic:
+            return self.logic.on_eof()
+        return [], StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> Any:
+        assert self.logic is not None
+        return self.logic.snapshot()
+
+
 @operator
-def stamp(step_id: str, up: Stream[Any]) -> KeyedStream[Any]:
+def stamp(step_id: str, up: Stream[Any], expiry: Expiry | None = None) -> KeyedStream[Any]:
     """Give each event its `seq`, per source partition (`StampLogic`), followed by the partition's
-    watermarks: the keyed stream every `ordered` step reads."""
-    return op.stateful_batch("stamp", op.map("key_partition", up, stamp_key), StampLogic)
+    watermarks: the keyed stream every `ordered` step reads. With `expiry`, also the `Expired`
+    items of the transactions whose time is up."""
+    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router(expiry)), StampStep)
 
 
 # --- relaying and sequencing --------------------------------------------------------------------
@@ -379,7 +489,12 @@ class StepLogic:
     keeping); `wake_at()` asks to be woken at a wall-clock time, when `wake()` returns what to
     send and whether to drop the key. `snapshot()` is what `ordered` saves, and gives back to the
     step's builder on resume.
+
+    A keyed step builds one per key (one per transaction in the index and `pending`), so the
+    classes declare `__slots__`: no instance dict per key.
     """
+
+    __slots__ = ()
 
     def apply(self, events: list[Any]) -> list[Any]:
         raise NotImplementedError
@@ -416,9 +531,16 @@ class Stage:
         return Relay(self.expected, self.workers, state, self.fan)
 
 
-class KeyedStep(StatefulBatchLogic[Any, Any, Any]):
+class KeyedStep:
     """One key of a keyed step: a relay key, which forwards the step's watermark after the
-    events it covers (its first item is a `Watermark`), or an event key running the step's logic."""
+    events it covers (its first item is a `Watermark`), or an event key running the step's logic.
+
+    A `StatefulBatchLogic` by registration, not inheritance (Bytewax only checks `isinstance`):
+    the abstract class has no `__slots__`, and an instance dict per key (per transaction, in the
+    index and `pending`) would cost ~100 bytes each.
+    """
+
+    __slots__ = ("logic", "relay", "stage")
 
     def __init__(self, stage: Stage, resume: Any) -> None:
         self.stage = stage
@@ -450,11 +572,17 @@ class KeyedStep(StatefulBatchLogic[Any, Any, Any]):
         assert self.logic is not None
         return self.logic.wake()
 
+    def on_eof(self) -> tuple[list[Any], bool]:
+        return [], StatefulBatchLogic.RETAIN
+
     def snapshot(self) -> Any:
         if self.relay is not None:
             return self.relay.state()
         assert self.logic is not None and not self.logic.done(), "a done key is dropped, never snapshotted"
         return self.logic.snapshot()
+
+
+StatefulBatchLogic.register(KeyedStep)
 
 
 class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
@@ -584,4 +712,5 @@ def ordered(
         up = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
         stage = Stage(name, logic, workers, None)
     routed = op.flat_map_batch("route", up, by_key(key, workers))
-    return op.stateful_batch("apply", routed, partial(KeyedStep, stage))
+    keyed = cast(Callable[[Any], StatefulBatchLogic[Any, Any, Any]], partial(KeyedStep, stage))  # registered
+    return op.stateful_batch("apply", routed, keyed)

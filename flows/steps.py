@@ -10,7 +10,6 @@ import logging
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
@@ -29,7 +28,7 @@ from features.engine import (
 from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
-from flows.ordering import TICK, StepLogic, Tick, Watermark, partition_of
+from flows.ordering import TICK, Expired, StepLogic, Tick, Watermark, partition_of
 from flows.outputs import count_decisions
 from models.serving import Decision, LabelledVector, Scorer
 from service import telemetry
@@ -133,11 +132,11 @@ def is_valid(event: Decoded | Tick) -> TypeGuard[Transaction | Label | Tick]:
     return not isinstance(event, DeadLetter)
 
 
-def txn_key(event: Transaction | Label) -> str:
+def txn_key(event: Transaction | Label | Expired) -> str:
     return event.txn_id
 
 
-def pending_key(item: Chained | Quarantined) -> str:
+def pending_key(item: Chained | Quarantined | Expired) -> str:
     """A row or label leaving the entity chain is keyed by its transaction for `pending`."""
     return item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id
 
@@ -158,16 +157,16 @@ def is_labelled(item: Scored | Quarantined) -> bool:
 def chain_filters(pipeline: FeaturePipeline) -> tuple[Callable[[Any], bool], Callable[[Any], bool]]:
     """Which items go through the entity chain, and which skip it to `pending`: a label goes
     through only if it is a fraud label and a feature of some entity counts labels (the other
-    labels change no entity's state). Watermarks go both ways."""
+    labels change no entity's state), and so does an `Expired`. Watermarks go both ways."""
     uses_labels = any(plan.uses_labels for plan in pipeline.plans)
 
     def needs_chain(kv: tuple[str, Any]) -> bool:
         it = kv[1]
-        return type(it) is not LabelEvent or (uses_labels and it.is_fraud)
+        t = type(it)
+        return t is FeatureRow or t is Watermark or (uses_labels and t is LabelEvent and it.is_fraud)
 
     def skips_chain(kv: tuple[str, Any]) -> bool:
-        it = kv[1]
-        return type(it) is Watermark or not needs_chain(kv)
+        return type(kv[1]) is Watermark or not needs_chain(kv)
 
     return needs_chain, skips_chain
 
@@ -199,37 +198,34 @@ def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
     return key
 
 
-@dataclass(frozen=True, slots=True)
-class IndexConfig:
-    """What every key of the index shares, in one object: the index holds a key per transaction
-    for weeks, and each attribute of its own would cost every one of them a dict entry."""
-
-    pipeline: FeaturePipeline
-    ttl: timedelta
-
-
 class IndexLogic(StepLogic):
     """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
 
-    An entry lives `ttl` of wall-clock time (labels arrive days later); a label for a transaction
-    never seen, or already labelled, becomes a dead letter.
+    An entry lives until its `Expired` comes (`FRAUD_LABEL_TTL_DAYS` of wall-clock time after it
+    arrived: `flows.ordering.Expiry`), which it passes on to `pending`; a label for a transaction
+    never seen, expired, or already labelled, becomes a dead letter.
     """
 
-    def __init__(self, config: IndexConfig, resume: tuple[Any, ...] | None) -> None:
-        self.config = config
-        self.entry = TxnEntry(*resume) if resume else None
-        self.expires = datetime.now(UTC) + config.ttl
+    __slots__ = ("entry", "pipeline")
 
-    def apply(self, events: list[Transaction | Label]) -> list[Chained | DeadLetter]:
-        out: list[Chained | DeadLetter] = []
+    def __init__(self, pipeline: FeaturePipeline, resume: tuple[Any, ...] | None) -> None:
+        self.pipeline = pipeline
+        self.entry = TxnEntry(*resume) if resume else None
+
+    def apply(self, events: list[Transaction | Label | Expired]) -> list[Chained | DeadLetter | Expired]:
+        out: list[Chained | DeadLetter | Expired] = []
         for item in events:
+            if isinstance(item, Expired):
+                self.entry = None
+                out.append(item)
+                continue
             try:
                 if isinstance(item, Label):
                     out.append(join_label(item.txn_id, self.entry, item))
                 elif self.entry is not None:
                     out.append(duplicate_txn(item))
                 else:
-                    row, self.entry = self.config.pipeline.start(item)
+                    row, self.entry = self.pipeline.start(item)
                     out.append(row)
             except Exception as exc:
                 out.append(quarantine(item, "index", exc).dead)
@@ -237,12 +233,6 @@ class IndexLogic(StepLogic):
 
     def done(self) -> bool:
         return self.entry is None
-
-    def wake_at(self) -> datetime | None:
-        return self.expires
-
-    def wake(self) -> tuple[list[Any], bool]:
-        return [], True
 
     def snapshot(self) -> tuple[Any, ...]:
         e = self.entry
@@ -257,6 +247,8 @@ class EntityLogic(StepLogic):
     time since its last event (event time runs at wall-clock speed in production; a fast replay
     keeps every key until it ends), and `wake` drops the key if it has expired.
     """
+
+    __slots__ = ("idle_until", "pipeline", "plan", "state")
 
     def __init__(self, pipeline: FeaturePipeline, plan: EntityPlan, resume: tuple[Any, ...] | None) -> None:
         self.pipeline, self.plan = pipeline, plan
@@ -295,17 +287,18 @@ class EntityLogic(StepLogic):
 
 class PendingLogic(StepLogic):
     """Keyed by txn_id, after the entity chain: assembles the transaction's feature vector, passes
-    it on to be scored and keeps a copy until its label arrives (or `ttl` of wall-clock time
-    passes, as in the index), then sends the label with that copy for the online model to learn.
+    it on to be scored and keeps a copy until its label arrives (or its `Expired` comes from the
+    index), then sends the label with that copy for the online model to learn.
 
     Most labels skip the entity chain (`needs_chain`), so a label may come before its row (still
     held in the chain): it waits here for the row. The labelled vector keeps the label's `seq`,
     so the scorer learns it at the same place in the canonical order either way.
     """
 
+    __slots__ = ("label", "pipeline", "values")
     held = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
 
-    def __init__(self, pipeline: FeaturePipeline, ttl: timedelta, resume: bytes | LabelEvent | None) -> None:
+    def __init__(self, pipeline: FeaturePipeline, resume: bytes | LabelEvent | None) -> None:
         self.pipeline = pipeline
         self.values: array[float] | None = None
         self.label: LabelEvent | None = None
@@ -315,14 +308,16 @@ class PendingLogic(StepLogic):
             PendingLogic.held += 1
         elif resume is not None:
             self.label = resume  # type: ignore[assignment]
-        self.expires = datetime.now(UTC) + ttl
 
     def apply(self, events: list[Any]) -> list[Scored | Quarantined]:
         out: list[Scored | Quarantined] = []
         for it in events:
-            if type(it) is Quarantined:
-                out.append(it)
-                self.label = None
+            if type(it) is Quarantined or type(it) is Expired:
+                if type(it) is Quarantined:
+                    out.append(it)
+                if self.values is not None:
+                    PendingLogic.held -= 1
+                self.values, self.label = None, None
                 continue
             try:
                 if isinstance(it, FeatureRow):
@@ -353,15 +348,6 @@ class PendingLogic(StepLogic):
 
     def done(self) -> bool:
         return self.values is None and self.label is None
-
-    def wake_at(self) -> datetime | None:
-        return self.expires
-
-    def wake(self) -> tuple[list[Any], bool]:
-        if self.values is not None:
-            PendingLogic.held -= 1
-            self.values = None
-        return [], True
 
     def snapshot(self) -> bytes | LabelEvent:
         if self.values is not None:
@@ -402,3 +388,8 @@ class ScoringLogic(StepLogic):
 
     def snapshot(self) -> tuple[Any, ...]:
         return self.scorer.snapshot()
+
+
+def starts_state(event: Any) -> str | None:
+    """The transaction id whose index entry (and pending vector) an event starts (`Expiry.id_of`)."""
+    return event.txn_id if type(event) is Transaction else None

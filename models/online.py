@@ -72,7 +72,8 @@ class OnlineModel:
         self.n_learned = 0
         self.n_positive = 0
         self._scaler = preprocessing.StandardScaler()
-        self.river_model = self._scaler | linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
+        self._classifier = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
+        self.river_model = self._scaler | self._classifier
 
     @property
     def ready(self) -> bool:
@@ -82,7 +83,11 @@ class OnlineModel:
     def learn_one(self, x: Mapping[str, float], y: bool) -> None:
         """Learn one labelled transaction from the features it was scored with."""
         label = bool(y)
-        self.river_model.learn_one(_clean(x), label, w=self.pos_weight if label else 1.0)
+        # What `self.river_model.learn_one(x, label, w=...)` does, without the pipeline's routing
+        # on every call: the scaler learns `x` (unweighted), then the classifier the scaled `x`.
+        x = _clean(x)
+        self._scaler.learn_one(x)
+        self._classifier.learn_one(self._scaler.transform_one(x), label, w=self.pos_weight if label else 1.0)
         self.n_learned += 1
         self.n_positive += int(label)
 
@@ -97,13 +102,15 @@ class OnlineModel:
             return 0.0
         seen = self._scaler.counts
         xs = {k: v for k, v in _clean(x).items() if k in seen}
-        return float(self.river_model.predict_proba_one(xs)[True])
+        return float(self._classifier.predict_proba_one(self._scaler.transform_one(xs))[True])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a snapshot; one taken before the River pipeline was named `river_model` holds it
         as `pipeline`."""
         if "pipeline" in state:
             state["river_model"] = state.pop("pipeline")
+        if "_classifier" not in state:
+            state["_classifier"] = list(state["river_model"].steps.values())[-1]
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

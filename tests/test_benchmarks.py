@@ -110,3 +110,19 @@ def test_scale_projection_benchmark_prints_steps_and_projections() -> None:
         assert re.search(rf"^  {step} +[\d.]+ s +[\d.]+ %$", out.stdout, re.M), out.stdout
     for p in (4, 8, 16):
         assert re.search(rf"^P={p:>2}: +[\d.]+x one process .* largest per-process cost: ", out.stdout, re.M)
+
+
+def test_long_replay_benchmark_prints_its_rates() -> None:
+    """The short version of `python -m benchmarks.long_replay` (the full one is in docs/benchmarks.md)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.long_replay", "--days", "60", "--cards", "500", "--seed", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert re.search(
+        r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+$", out.stdout, re.M
+    )
+    assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout

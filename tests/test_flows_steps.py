@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import bytewax.operators as op
+import msgspec
 import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
@@ -24,11 +25,22 @@ from prometheus_client import REGISTRY
 from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, join_label
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
-from flows.ordering import INF, Watermark, ordered
+from flows.ordering import (
+    INF,
+    WAKE,
+    Expired,
+    Expiry,
+    StampStep,
+    Watermark,
+    bucket_key,
+    ordered,
+    partition_of,
+    stamp,
+    stamp_router,
+)
 from flows.routing import Workers
 from flows.steps import (
     EntityLogic,
-    IndexConfig,
     IndexLogic,
     PendingLogic,
     Quarantined,
@@ -37,8 +49,10 @@ from flows.steps import (
     decoder,
     entity_key,
     is_labelled,
+    joined_value,
     pending_key,
     scorer_key,
+    starts_state,
     txn_key,
 )
 from models.serving import Decision, LabelledVector
@@ -98,7 +112,7 @@ def test_index_dead_letters_a_duplicate_and_joins_labels_once(pipeline: FeatureP
         Label("t1", False, NOW_MS + 2, seq=4),  # labelled already
         Label("t9", True, NOW_MS + 3, seq=5),  # never seen
     ]
-    out = run_step(items, txn_key, partial(IndexLogic, IndexConfig(pipeline, TTL)))
+    out = run_step(items, txn_key, partial(IndexLogic, pipeline))
     row, dup, joined, *dead = out
     assert isinstance(row, FeatureRow) and row.txn.amount == 5.0
     assert row.keys == tuple(p.key_of(items[0]) for p in pipeline.plans)  # type: ignore[arg-type]
@@ -158,7 +172,7 @@ def test_pending_holds_the_vector_and_sends_it_with_the_label(pipeline: FeatureP
     _, entry = pipeline.start(row.txn)
     label = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=2))
     assert isinstance(label, LabelEvent)
-    vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline, TTL))
+    vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline))
     assert isinstance(vector, FeatureVector) and vector.values == pipeline.assemble(row)
     assert isinstance(learned, LabelledVector) and (learned.txn_id, learned.is_fraud) == ("t1", True)
     assert np.array_equal(learned.values, vector.values, equal_nan=True)
@@ -174,11 +188,11 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     row, entry = pipeline.start(t)
     for plan in pipeline.plans:
         pipeline.observe(plan, plan.new_state(), row)
-    logic = PendingLogic(pipeline, TTL, None)
+    logic = PendingLogic(pipeline, None)
     (vector,) = logic.apply([row])
     assert isinstance(vector, FeatureVector) and not logic.done()
     assert vector.values == pipeline.assemble(row)
-    resumed = PendingLogic(pipeline, TTL, logic.snapshot())
+    resumed = PendingLogic(pipeline, logic.snapshot())
     label = join_label("t1", entry, Label("t1", True, now_ms + 1, seq=2))
     assert isinstance(label, LabelEvent)
     (learned,) = resumed.apply([label])
@@ -202,15 +216,15 @@ def test_pending_keeps_a_label_that_overtook_its_row(pipeline: FeaturePipeline) 
     _, entry = pipeline.start(row.txn)
     label = join_label("t1", entry, Label("t1", False, NOW_MS + 1, seq=7))
     assert isinstance(label, LabelEvent)
-    logic = PendingLogic(pipeline, TTL, None)
+    logic = PendingLogic(pipeline, None)
     assert logic.apply([label]) == [] and not logic.done()
-    resumed = PendingLogic(pipeline, TTL, pickle.loads(pickle.dumps(logic.snapshot())))
+    resumed = PendingLogic(pipeline, pickle.loads(pickle.dumps(logic.snapshot())))
     vector, learned = resumed.apply([row])
     assert isinstance(vector, FeatureVector) and isinstance(learned, LabelledVector)
     assert (learned.txn_id, learned.is_fraud, learned.seq) == ("t1", False, 7)
     assert np.array_equal(learned.values, vector.values, equal_nan=True) and resumed.done()
 
-    waiting = PendingLogic(pipeline, TTL, None)
+    waiting = PendingLogic(pipeline, None)
     waiting.apply([label])
     lost = Quarantined("t1", 1, DeadLetter("txn", "internal_error", "boom", "{}", "t1", ""), ())
     assert waiting.apply([lost]) == [lost] and waiting.done()
@@ -325,3 +339,77 @@ def test_decoder_tokenizes_card_ids_in_transactions_labels_and_dead_letters() ->
     assert isinstance(label, Label) and isinstance(dead, DeadLetter)
     for e in out:
         assert "4111-CARD" not in e.raw and token("4111-CARD") in e.raw, e
+
+
+# --- expiry ---------------------------------------------------------------------------------------
+
+
+def test_expiry_router_notes_new_ids_and_wakes_due_buckets_without_a_timer_per_key() -> None:
+    now = [600.0]
+    expiry = Expiry(
+        timedelta(minutes=2), starts_state, bucket_s=60, lookback=timedelta(minutes=3), clock=lambda: now[0]
+    )
+    route = stamp_router(expiry)
+    t1, t2 = txn("t1", 0), txn("t2", 0)
+    label = Label("t1", True, NOW_MS)
+    first = route([t1, label, t2])
+    assert first[:3] == [(partition_of(t.origin), t) for t in (t1, label, t2)]  # type: ignore[union-attr]
+    woken = [k for k, v in first if v == WAKE]
+    assert woken == [bucket_key(b) for b in range(5, 8)]  # the lookback: a restart may have missed them
+    ((key, chunk),) = [(k, v) for k, v in first if type(v) is bytes]
+    assert key == bucket_key(10) and msgspec.msgpack.decode(chunk) == ["t1", "t2"]  # labels start nothing
+    now[0] = 600.0 + 3 * 60  # bucket 10 (600-660 s) is due two minutes after its end
+    assert [k for k, v in route([]) if v == WAKE] == [bucket_key(b) for b in range(8, 11)]
+    assert route([]) == []  # woken once per worker
+    now[0] += 60
+    assert [k for k, v in route([]) if v == WAKE] == [bucket_key(11)]
+
+
+def test_expiry_bucket_keeps_its_ids_through_a_snapshot_and_sends_them_once_due() -> None:
+    bucket = StampStep(None)
+    bucket.on_batch([msgspec.msgpack.encode(["t1", "t2"])])
+    bucket.on_batch([msgspec.msgpack.encode(["t3"])])
+    resumed = StampStep(pickle.loads(pickle.dumps(bucket.snapshot())))
+    assert resumed.on_batch([WAKE]) == ([Expired("t1"), Expired("t2"), Expired("t3")], True)
+    assert StampStep(None).on_batch([WAKE]) == ([], True)  # woken again (another worker): nothing left
+
+
+def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_refused(
+    pipeline: FeaturePipeline,
+) -> None:
+    """stamp -> index -> pending with a clock that jumps past the TTL between two batches: the
+    transaction's entry and vector are dropped, and its label becomes an `unknown_txn` dead letter."""
+    now = [1_000_000.0]
+    ttl = timedelta(days=1)
+
+    def items() -> Any:
+        yield txn("t1", 0)
+        yield txn("t2", 0, card="c2")
+        now[0] += ttl.total_seconds() + 120
+        yield Label("t1", True, NOW_MS + 5)
+        yield Label("t1", True, NOW_MS + 6)  # the first woke t1's bucket: this one finds no entry
+
+    out: list[Any] = []
+    flow = Dataflow("expiry")
+    expiry = Expiry(ttl, starts_state, clock=lambda: now[0])
+    stamped = stamp("stamp", op.input("in", flow, TestingSource(items(), 1)), expiry)
+    workers = Workers(1)
+    index = ordered("index", stamped, logic=partial(IndexLogic, pipeline), workers=workers, key=txn_key)
+    joined = op.branch("joined", index, joined_value)
+    rows = op.map(
+        "chain",
+        op.filter("rows", joined.trues, lambda kv: isinstance(kv[1], FeatureRow)),
+        lambda kv: (kv[0], chained(pipeline, kv[1].txn)[0]),
+    )
+    rest = op.filter("rest", joined.trues, lambda kv: not isinstance(kv[1], FeatureRow))
+    pending = ordered(
+        "pending", rows, rest, logic=partial(PendingLogic, pipeline), workers=workers, key=pending_key
+    )
+    op.output("out", op.key_rm("unkey", op.merge("all", pending, joined.falses)), TestingSink(out))
+    held = PendingLogic.held
+    run_main(flow)
+    assert sorted(v.txn.txn_id for v in out if isinstance(v, FeatureVector)) == ["t1", "t2"]
+    assert not [v for v in out if isinstance(v, LabelledVector)]  # t1's vector was gone when its label came
+    dead = [(d.reason, d.txn_id) for d in out if isinstance(d, DeadLetter)]
+    assert dead == [("unknown_txn", "t1"), ("unknown_txn", "t1")]
+    assert PendingLogic.held == held  # both vectors dropped from the gauge's count
