@@ -44,7 +44,13 @@ STARTUP_S = 5.0  # imports and the model load, before a rate-limited replay star
 
 
 def start_cluster(
-    url: str, tag: str, shards: int, processes: int, workdir: Path, idle_exit_s: float
+    url: str,
+    tag: str,
+    shards: int,
+    processes: int,
+    workdir: Path,
+    idle_exit_s: float,
+    snapshot_s: float = 5.0,
 ) -> list[subprocess.Popen[bytes]]:
     env = drill.flow_env(
         url,
@@ -53,6 +59,7 @@ def start_cluster(
         workdir,
         FRAUD_SOURCE_IDLE_EXIT_S=str(idle_exit_s),
         FRAUD_RECOVERY_PARTITIONS=str(max(2, processes)),
+        FRAUD_SNAPSHOT_INTERVAL_S=str(snapshot_s),
     )
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
     return [
@@ -85,6 +92,12 @@ def main() -> None:
     ap.add_argument(
         "--rate", type=float, default=None, help="replay at this many records/s while the flow runs"
     )
+    ap.add_argument(
+        "--snapshot-s",
+        type=float,
+        default=5.0,
+        help="FRAUD_SNAPSHOT_INTERVAL_S (the epoch length; 5 s default)",
+    )
     args = ap.parse_args()
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp, drill.private_client() as (url, client):
@@ -102,9 +115,19 @@ def measure(
             files = (settings.transactions_path, settings.labels_path)
             if args.rate is None:
                 replayed = drill.replay(client, files, tag, args.shards)
-                procs = start_cluster(url, tag, args.shards, processes, workdir, idle_exit_s=2)
+                procs = start_cluster(
+                    url, tag, args.shards, processes, workdir, idle_exit_s=2, snapshot_s=args.snapshot_s
+                )
             else:
-                procs = start_cluster(url, tag, args.shards, processes, workdir, idle_exit_s=STARTUP_S + 5)
+                procs = start_cluster(
+                    url,
+                    tag,
+                    args.shards,
+                    processes,
+                    workdir,
+                    idle_exit_s=STARTUP_S + 5,
+                    snapshot_s=args.snapshot_s,
+                )
                 try:
                     time.sleep(STARTUP_S)
                     replayed = drill.replay(client, files, tag, args.shards, rate=args.rate)

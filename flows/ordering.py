@@ -531,23 +531,26 @@ class Stage:
         return Relay(self.expected, self.workers, state, self.fan)
 
 
-class KeyedStep:
+class KeyedStep(msgspec.Struct, gc=False):
     """One key of a keyed step: a relay key, which forwards the step's watermark after the
     events it covers (its first item is a `Watermark`), or an event key running the step's logic.
 
     A `StatefulBatchLogic` by registration, not inheritance (Bytewax only checks `isinstance`):
-    the abstract class has no `__slots__`, and an instance dict per key (per transaction, in the
-    index and `pending`) would cost ~100 bytes each.
+    the abstract class gives every instance a dict, and the index and `pending` build one key
+    per transaction. A struct without GC tracking, like the step logics: millions of them would
+    otherwise make every full garbage collection walk them all (a pause of seconds).
     """
 
-    __slots__ = ("logic", "relay", "stage")
+    stage: Stage
+    relay: Relay | None = None
+    logic: StepLogic | None = None
 
-    def __init__(self, stage: Stage, resume: Any) -> None:
-        self.stage = stage
-        self.relay: Relay | None = stage.relay(resume) if type(resume) is RelayState else None
-        self.logic: StepLogic | None = None
-        if resume is not None and self.relay is None:
-            self.logic = stage.build(resume)
+    @classmethod
+    def build(cls, stage: Stage, resume: Any) -> KeyedStep:
+        """The builder Bytewax calls with a key's snapshot (None for a new key)."""
+        if type(resume) is RelayState:
+            return cls(stage, stage.relay(resume))
+        return cls(stage, None, None if resume is None else stage.build(resume))
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         logic = self.logic
@@ -712,5 +715,7 @@ def ordered(
         up = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
         stage = Stage(name, logic, workers, None)
     routed = op.flat_map_batch("route", up, by_key(key, workers))
-    keyed = cast(Callable[[Any], StatefulBatchLogic[Any, Any, Any]], partial(KeyedStep, stage))  # registered
+    keyed = cast(
+        Callable[[Any], StatefulBatchLogic[Any, Any, Any]], partial(KeyedStep.build, stage)
+    )  # registered
     return op.stateful_batch("apply", routed, keyed)

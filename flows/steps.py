@@ -11,11 +11,10 @@ import time
 from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 
 import msgspec
 
-from features.buffer import EntityState
 from features.engine import (
     FeaturePipeline,
     FeatureRow,
@@ -34,6 +33,7 @@ from models.serving import Decision, LabelledVector, Scorer
 from service import telemetry
 
 logger = logging.getLogger(__name__)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Chained = FeatureRow | LabelEvent
 
@@ -198,7 +198,7 @@ def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
     return key
 
 
-class IndexLogic(StepLogic):
+class IndexLogic(msgspec.Struct, StepLogic, gc=False):
     """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
 
     An entry lives until its `Expired` comes (`FRAUD_LABEL_TTL_DAYS` of wall-clock time after it
@@ -206,11 +206,12 @@ class IndexLogic(StepLogic):
     never seen, expired, or already labelled, becomes a dead letter.
     """
 
-    __slots__ = ("entry", "pipeline")
+    pipeline: FeaturePipeline
+    entry: Any = None  # the TxnEntry; its snapshot (a tuple) when resumed
 
-    def __init__(self, pipeline: FeaturePipeline, resume: tuple[Any, ...] | None) -> None:
-        self.pipeline = pipeline
-        self.entry = TxnEntry(*resume) if resume else None
+    def __post_init__(self) -> None:
+        if type(self.entry) is tuple:
+            self.entry = TxnEntry(*self.entry)
 
     def apply(self, events: list[Transaction | Label | Expired]) -> list[Chained | DeadLetter | Expired]:
         out: list[Chained | DeadLetter | Expired] = []
@@ -240,7 +241,7 @@ class IndexLogic(StepLogic):
         return (e.ts_ms, e.keys, e.labelled)
 
 
-class EntityLogic(StepLogic):
+class EntityLogic(msgspec.Struct, StepLogic, gc=False):
     """Keyed by one entity (card, merchant, device...): adds its window features to each row.
 
     Idle keys are dropped: `wake_at` is once the key's retention has passed in wall-clock
@@ -248,11 +249,14 @@ class EntityLogic(StepLogic):
     keeps every key until it ends), and `wake` drops the key if it has expired.
     """
 
-    __slots__ = ("idle_until", "pipeline", "plan", "state")
+    pipeline: FeaturePipeline
+    plan: EntityPlan
+    state: Any = None  # the EntityState; its snapshot (a tuple) when resumed
+    idle_until: datetime = EPOCH
 
-    def __init__(self, pipeline: FeaturePipeline, plan: EntityPlan, resume: tuple[Any, ...] | None) -> None:
-        self.pipeline, self.plan = pipeline, plan
-        self.state: EntityState | None = None if resume is None else self.plan.restore(resume)
+    def __post_init__(self) -> None:
+        if type(self.state) is tuple:
+            self.state = self.plan.restore(self.state)
         self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
 
     def apply(self, events: list[Any]) -> list[Any]:
@@ -285,7 +289,7 @@ class EntityLogic(StepLogic):
         return self.state.snapshot()
 
 
-class PendingLogic(StepLogic):
+class PendingLogic(msgspec.Struct, StepLogic, gc=False):
     """Keyed by txn_id, after the entity chain: assembles the transaction's feature vector, passes
     it on to be scored and keeps a copy until its label arrives (or its `Expired` comes from the
     index), then sends the label with that copy for the online model to learn.
@@ -295,19 +299,19 @@ class PendingLogic(StepLogic):
     so the scorer learns it at the same place in the canonical order either way.
     """
 
-    __slots__ = ("label", "pipeline", "values")
-    held = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
+    pipeline: FeaturePipeline
+    values: Any = None  # the vector (an array); when resumed, its bytes or the waiting LabelEvent
+    label: LabelEvent | None = None
+    held: ClassVar[int] = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
 
-    def __init__(self, pipeline: FeaturePipeline, resume: bytes | LabelEvent | None) -> None:
-        self.pipeline = pipeline
-        self.values: array[float] | None = None
-        self.label: LabelEvent | None = None
+    def __post_init__(self) -> None:
+        resume = self.values
         if type(resume) is bytes:
             self.values = array("d")
             self.values.frombytes(resume)
             PendingLogic.held += 1
-        elif resume is not None:
-            self.label = resume  # type: ignore[assignment]
+        elif type(resume) is LabelEvent:
+            self.values, self.label = None, resume
 
     def apply(self, events: list[Any]) -> list[Scored | Quarantined]:
         out: list[Scored | Quarantined] = []
