@@ -71,7 +71,7 @@ def main() -> None:
         print(f"  {step:<34} {secs:6.2f} s  {100 * secs / run:5.1f} %")
     print(f"  {'(Bytewax, decode, source, sinks)':<34} {rest:6.2f} s  {100 * rest / run:5.1f} %")
     print(f"  of which River learning (every replica, every label): {learn:.2f} s, {100 * learn / run:.1f} %")
-    split = {**steps, "score": steps.get("score", 0.0) - learn, "(rest)": rest}
+    split = {**steps, "score": steps.get("score", 0.0) - learn, "(Bytewax, decode, source, sinks)": rest}
     for p in (1, 2, 4, 8, 16):
         per_process = learn + (run - learn) / p
         biggest = max(split, key=lambda k: split[k])

@@ -16,6 +16,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bench(*args: str, timeout: int = 300) -> str:
+    """Run `python -m benchmarks.<args>` in the repository; its stdout (fails with its output)."""
+    out = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    return out.stdout
+
+
 @pytest.mark.parametrize("step", ["index", "pending"])
 def test_index_memory_benchmark_runs(step: str) -> None:
     out = subprocess.run(
@@ -97,19 +106,12 @@ def test_cpu_ratio_benchmark_runs_a_pair() -> None:
 
 
 def test_scale_projection_benchmark_prints_steps_and_projections() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale_projection", "--transactions", "2000"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
-    assert re.search(r"^2,000 transactions, 2,000 decided, one process: [\d.]+ CPU-s", out.stdout, re.M)
+    out = bench("benchmarks.scale_projection", "--transactions", "2000")
+    assert re.search(r"^2,000 transactions, 2,000 decided, one process: [\d.]+ CPU-s", out, re.M)
     for step in ("index", "card", "merchant", "device", "pending", "score"):
-        assert re.search(rf"^  {step} +[\d.]+ s +[\d.]+ %$", out.stdout, re.M), out.stdout
+        assert re.search(rf"^  {step} +[\d.]+ s +[\d.]+ %$", out, re.M), out
     for p in (4, 8, 16):
-        assert re.search(rf"^P={p:>2}: +[\d.]+x one process .* largest per-process cost: ", out.stdout, re.M)
+        assert re.search(rf"^P={p:>2}: +[\d.]+x one process .* largest per-process cost: ", out, re.M)
 
 
 def test_long_replay_benchmark_prints_its_rates() -> None:

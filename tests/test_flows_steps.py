@@ -7,8 +7,10 @@ How the steps are wired together is `flows.fraud.build`; the whole flow is tests
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
+from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -19,6 +21,7 @@ import msgspec
 import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from prometheus_client import REGISTRY
 
@@ -30,6 +33,8 @@ from flows.ordering import (
     WAKE,
     Expired,
     Expiry,
+    KeyedStep,
+    Stage,
     StampStep,
     Watermark,
     bucket_key,
@@ -413,3 +418,18 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     dead = [(d.reason, d.txn_id) for d in out if isinstance(d, DeadLetter)]
     assert dead == [("unknown_txn", "t1"), ("unknown_txn", "t1")]
     assert PendingLogic.held == held  # both vectors dropped from the gauge's count
+
+
+def test_per_transaction_keys_are_compact_and_invisible_to_the_garbage_collector(
+    pipeline: FeaturePipeline,
+) -> None:
+    """The index and `pending` hold a key per transaction for weeks: no instance dict, and no GC
+    tracking (a full collection would walk millions of them, a pause of seconds)."""
+    stage = Stage("gc_test", partial(IndexLogic, pipeline), Workers(1), None)
+    _, entry = pipeline.start(txn("t1", 1))
+    index = KeyedStep.build(stage, (entry.ts_ms, entry.keys, False))
+    pending = PendingLogic(pipeline, array("d", [1.0, 2.0]).tobytes())
+    for obj in (index, index.logic, pending, EntityLogic(pipeline, pipeline.plans[0], None)):
+        assert not gc.is_tracked(obj) and not hasattr(obj, "__dict__"), type(obj).__name__
+    assert isinstance(index, StatefulBatchLogic)  # what Bytewax checks
+    assert index.snapshot() == (entry.ts_ms, entry.keys, False)
