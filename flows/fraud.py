@@ -21,7 +21,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from flows import connectors
+from flows import batch, connectors
 from flows.ordering import Expiry, ordered, stamp
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
 from flows.routing import WorkerCount, Workers
@@ -31,12 +31,13 @@ from flows.steps import (
     PendingLogic,
     ScoringLogic,
     chain_filters,
+    dead_letter_of,
+    decision_of,
     decoder,
     entity_key,
-    is_decision,
+    is_dead_letter,
     is_labelled,
     is_valid,
-    joined_value,
     partitions,
     pending_key,
     scorer_key,
@@ -69,8 +70,8 @@ def build(
     needs_chain, skips_chain = chain_filters(pipeline)
 
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
-    decoded = op.branch("validate", op.map("decode", read, decoder(rt.card_ref)), is_valid)
-    stamped = stamp("stamp", decoded.trues, Expiry(ttl, starts_state))
+    decoded = batch.each("decode", read, decoder(rt.card_ref))
+    stamped = stamp("stamp", batch.keep("valid", decoded, is_valid), Expiry(ttl, starts_state))
     index = step(
         "index",
         stamped,
@@ -78,8 +79,7 @@ def build(
         key=txn_key,
         sources=partitions(src),
     )
-    joined = op.branch("joined", index, joined_value)
-    rows = op.filter("to_chain", joined.trues, needs_chain)
+    rows = batch.keep("to_chain", index, needs_chain)
     for plan in pipeline.plans:
         rows = step(
             plan.entity.name,
@@ -88,7 +88,7 @@ def build(
             key=entity_key(plan),
             sequence=True,
         )
-    labels = op.filter("skip_chain", joined.trues, skips_chain)
+    labels = batch.keep("skip_chain", index, skips_chain)
     vectors = step("pending", rows, labels, logic=partial(PendingLogic, pipeline), key=pending_key)
     scores = step(
         "score",
@@ -99,23 +99,21 @@ def build(
         everywhere=is_labelled,
         last=True,
     )
-    outcome = op.branch("scored_ok", op.key_rm("unkey_scorer", scores), is_decision)
-    scored = outcome.trues
+    scored = batch.keep_map("scored_ok", scores, decision_of)
 
     alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold)
     op.output(
         "alerts_out",
-        op.filter_map("alert", scored, alert),
+        batch.keep_map("alert", scored, alert),
         alerts or connectors.stream(rt, s.alerts_stream, "txn_id"),
     )
-    late_out = op.filter_map("late", scored, late_entry)
+    late_out = batch.keep_map("late", scored, late_entry)
     op.output("late_out", late_out, late or connectors.stream(rt, s.late_stream, "txn_id"))
 
-    dead = op.map(
-        "count_dead",
-        op.merge("dead", decoded.falses, op.key_rm("unkey_dead", joined.falses), outcome.falses),
-        count_dead_letter,
-    )
+    bad = batch.keep("invalid", decoded, is_dead_letter)
+    unknown = batch.keep_map("unjoined", index, dead_letter_of)
+    failed = batch.keep_map("failed", scores, dead_letter_of)
+    dead = op.map("count_dead", op.merge("dead", bad, unknown, failed), count_dead_letter)
     dlq = op.map("dlq_entry", dead, dlq_entry)
     op.output("dlq_out", dlq, dead_letters or connectors.stream(rt, s.dlq_stream, "id"))
 

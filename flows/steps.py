@@ -166,7 +166,8 @@ def chain_filters(pipeline: FeaturePipeline) -> tuple[Callable[[Any], bool], Cal
         return t is FeatureRow or t is Watermark or (uses_labels and t is LabelEvent and it.is_fraud)
 
     def skips_chain(kv: tuple[str, Any]) -> bool:
-        return type(kv[1]) is Watermark or not needs_chain(kv)
+        t = type(kv[1])
+        return t is Watermark or (t is not FeatureRow and t is not DeadLetter and not needs_chain(kv))
 
     return needs_chain, skips_chain
 
@@ -181,8 +182,19 @@ def joined_value(kv: tuple[str, Chained | DeadLetter]) -> bool:
     return not isinstance(kv[1], DeadLetter)
 
 
-def is_decision(item: Decision | DeadLetter) -> TypeGuard[Decision]:
-    return type(item) is not DeadLetter
+def is_dead_letter(event: Any) -> bool:
+    return type(event) is DeadLetter
+
+
+def dead_letter_of(kv: tuple[str, Any]) -> DeadLetter | None:
+    """The dead letter of a keyed step's output item (the index's unknown or duplicate records, the
+    scorer's failures), or None."""
+    return kv[1] if type(kv[1]) is DeadLetter else None
+
+
+def decision_of(kv: tuple[str, Any]) -> Decision | None:
+    """The decision of a scorer output item, or None (a dead letter)."""
+    return kv[1] if type(kv[1]) is not DeadLetter else None
 
 
 def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:

@@ -9,6 +9,8 @@ after training; `models.combine` merges the two scores.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import compress
+from math import isfinite
 from typing import Any
 
 from river import linear_model, optim, preprocessing
@@ -28,8 +30,8 @@ def x_dict(names: Sequence[str], row: Sequence[float] | Any) -> dict[str, float]
     values = row.tolist() if hasattr(row, "tolist") else row  # numpy scalars are slow to iterate
     if len(names) != len(values):
         raise ValueError(f"{len(names)} names but {len(values)} values")
-    # `v - v == 0` is False exactly for NaN and +-inf: a cheaper isfinite on the hot path.
-    return Clean({name: float(v) for name, v in zip(names, values, strict=True) if v - v == 0})
+    # All in C (a dict comprehension cost twice as much on the hot path): the finite values, as floats.
+    return Clean(compress(zip(names, map(float, values)), map(isfinite, values)))
 
 
 def _clean(x: Mapping[str, float]) -> dict[str, float]:
@@ -101,7 +103,8 @@ class OnlineModel:
         if not self.ready:
             return 0.0
         seen = self._scaler.counts
-        xs = {k: v for k, v in _clean(x).items() if k in seen}
+        x = _clean(x)
+        xs = x if seen.keys() >= x.keys() else {k: v for k, v in x.items() if k in seen}
         return float(self._classifier.predict_proba_one(self._scaler.transform_one(xs))[True])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
