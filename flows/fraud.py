@@ -22,7 +22,8 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows import batch, connectors
-from flows.ordering import Expiry, ordered, stamp
+from flows.expiry import Expiry
+from flows.ordering import ordered, stamp
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
 from flows.routing import WorkerCount, Workers
 from flows.steps import (

@@ -48,6 +48,7 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
+from flows.expiry import WAKE, Expiry, ExpiryBucket, notes
 from flows.routing import Workers
 from service.telemetry import ORDER_HELD, ORDER_LATE, step_timer
 
@@ -204,87 +205,22 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
         return (self.partition, self.running_max, self.position, self.idle)
 
 
-# --- expiry without a timer per key ------------------------------------------------------------
-
-
-class Expired(msgspec.Struct, frozen=True, gc=False):
-    """`txn_id`'s time is up: the steps that hold state for it (index, pending) drop it. Outside
-    the canonical order (`seq` below every event): it only ever removes state."""
-
-    txn_id: str
-    seq: int = NEG
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """Per-transaction state that lives `ttl` of wall-clock time, without a Bytewax timer per key.
-
-    Bytewax 0.21 scans every key's `notify_at` at every activation of a step, so a step with a
-    timer per transaction gets slower with every transaction it holds. Instead, `stamp` notes the
-    ids of the transactions of each `bucket_s` of arrival time in a key of its own (one key per
-    bucket, no timer), and its router, which runs with every input batch, wakes the buckets whose
-    time is up: each sends an `Expired` per id, routed like the transaction, and is dropped.
-    After a restart the router wakes every bucket of the `lookback` before the first due one
-    (those whose wake-up the restart may have missed); an older one would be kept forever.
-    """
-
-    ttl: timedelta
-    id_of: Callable[[Any], str | None]  # the transaction id an event starts state for, or None
-    bucket_s: int = 60
-    lookback: timedelta = timedelta(days=7)
-    clock: Callable[[], float] = time.time
-
-
-BUCKET = "\U0010fffe"  # prefix of the expiry buckets' keys in the stamp step
-WAKE = "wake"  # the item a due bucket receives
-
-
-def bucket_key(bucket: int) -> str:
-    return f"{BUCKET}{bucket}"
+# --- the stamp step ---------------------------------------------------------------------------
 
 
 def stamp_router(expiry: Expiry | None) -> Callable[[list[Any]], list[tuple[str, Any]]]:
-    """Key each event by its partition; with `expiry`, add the batch's new ids to the current
-    bucket and wake the buckets that came due (for `op.flat_map_batch`: one call per batch)."""
+    """Key each event by its partition; with `expiry`, add the batch's expiry notes
+    (`flows.expiry.notes`) (for `op.flat_map_batch`: one call per batch)."""
     if expiry is None:
         return lambda batch: [stamp_key(e) for e in batch]
-    ttl_buckets = int(expiry.ttl.total_seconds()) // expiry.bucket_s + 1
-    lookback = int(expiry.lookback.total_seconds()) // expiry.bucket_s
-    woken: list[int] = []  # the last bucket this worker woke
+    note = notes(expiry)
 
     def route(batch: list[Any]) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = [stamp_key(e) for e in batch]
-        ids = [i for i in map(expiry.id_of, batch) if i is not None]
-        now = int(expiry.clock()) // expiry.bucket_s
-        if ids:
-            out.append((bucket_key(now), msgspec.msgpack.encode(ids)))
-        due = now - ttl_buckets
-        start = woken[0] if woken else due - lookback
-        if due > start:
-            out += [(bucket_key(b), WAKE) for b in range(start + 1, due + 1)]
-            woken[:] = [due]
+        out += note(batch)
         return out
 
     return route
-
-
-class ExpiryBucket:
-    """The ids that arrived in one bucket of time, as the batches brought them (msgpack-encoded
-    lists: a snapshot is a few bytes objects, whatever the bucket holds)."""
-
-    def __init__(self, resume: tuple[bytes, ...] | None) -> None:
-        self.chunks: list[bytes] = list(resume or ())
-
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if WAKE not in items:
-            self.chunks += items
-            return [], False
-        out = [Expired(i) for chunk in self.chunks for i in msgspec.msgpack.decode(chunk)]
-        self.chunks = []
-        return out, True
-
-    def snapshot(self) -> tuple[bytes, ...]:
-        return tuple(self.chunks)
 
 
 class StampStep(StatefulBatchLogic[Any, Any, Any]):

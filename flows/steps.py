@@ -27,7 +27,8 @@ from features.engine import (
 from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
-from flows.ordering import TICK, Expired, StepLogic, Tick, Watermark, partition_of
+from flows.expiry import Expired
+from flows.ordering import TICK, StepLogic, Tick, Watermark, partition_of
 from flows.outputs import count_decisions
 from models.serving import Decision, LabelledVector, Scorer
 from service import telemetry
@@ -214,7 +215,7 @@ class IndexLogic(msgspec.Struct, StepLogic, gc=False):
     """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
 
     An entry lives until its `Expired` comes (`FRAUD_LABEL_TTL_DAYS` of wall-clock time after it
-    arrived: `flows.ordering.Expiry`), which it passes on to `pending`; a label for a transaction
+    arrived: `flows.expiry.Expiry`), which it passes on to `pending`; a label for a transaction
     never seen, expired, or already labelled, becomes a dead letter.
     """
 

@@ -28,16 +28,14 @@ from prometheus_client import REGISTRY
 from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, join_label
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
+from flows.expiry import WAKE, Expired, Expiry, bucket_key
 from flows.ordering import (
     INF,
-    WAKE,
-    Expired,
-    Expiry,
+    NEG,
     KeyedStep,
     Stage,
     StampStep,
     Watermark,
-    bucket_key,
     ordered,
     partition_of,
     stamp,
@@ -377,6 +375,7 @@ def test_expiry_bucket_keeps_its_ids_through_a_snapshot_and_sends_them_once_due(
     resumed = StampStep(pickle.loads(pickle.dumps(bucket.snapshot())))
     assert resumed.on_batch([WAKE]) == ([Expired("t1"), Expired("t2"), Expired("t3")], True)
     assert StampStep(None).on_batch([WAKE]) == ([], True)  # woken again (another worker): nothing left
+    assert Expired("t1").seq == NEG  # outside the canonical order: before every event
 
 
 def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_refused(
