@@ -179,10 +179,6 @@ def partitions(source: Any) -> int:
     return len(list_parts()) if list_parts is not None else 1
 
 
-def joined_value(kv: tuple[str, Chained | DeadLetter]) -> bool:
-    return not isinstance(kv[1], DeadLetter)
-
-
 def is_dead_letter(event: Any) -> bool:
     return type(event) is DeadLetter
 

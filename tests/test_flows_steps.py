@@ -49,10 +49,10 @@ from flows.steps import (
     Quarantined,
     ScoringLogic,
     chain_filters,
+    dead_letter_of,
     decoder,
     entity_key,
     is_labelled,
-    joined_value,
     pending_key,
     scorer_key,
     starts_state,
@@ -399,17 +399,18 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     stamped = stamp("stamp", op.input("in", flow, TestingSource(items(), 1)), expiry)
     workers = Workers(1)
     index = ordered("index", stamped, logic=partial(IndexLogic, pipeline), workers=workers, key=txn_key)
-    joined = op.branch("joined", index, joined_value)
-    rows = op.map(
+    needs_chain, skips_chain = chain_filters(pipeline)
+    rows = op.map(  # the entity chain, on fresh states
         "chain",
-        op.filter("rows", joined.trues, lambda kv: isinstance(kv[1], FeatureRow)),
-        lambda kv: (kv[0], chained(pipeline, kv[1].txn)[0]),
+        op.filter("rows", index, needs_chain),
+        lambda kv: (kv[0], chained(pipeline, kv[1].txn)[0]) if isinstance(kv[1], FeatureRow) else kv,
     )
-    rest = op.filter("rest", joined.trues, lambda kv: not isinstance(kv[1], FeatureRow))
+    rest = op.filter("rest", index, skips_chain)
     pending = ordered(
         "pending", rows, rest, logic=partial(PendingLogic, pipeline), workers=workers, key=pending_key
     )
-    op.output("out", op.key_rm("unkey", op.merge("all", pending, joined.falses)), TestingSink(out))
+    dead = op.filter_map("dead", index, dead_letter_of)
+    op.output("out", op.merge("all", op.key_rm("unkey", pending), dead), TestingSink(out))
     held = PendingLogic.held
     run_main(flow)
     assert sorted(v.txn.txn_id for v in out if isinstance(v, FeatureVector)) == ["t1", "t2"]
