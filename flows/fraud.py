@@ -23,9 +23,10 @@ from bytewax.outputs import Sink
 
 from flows import batch, connectors
 from flows.expiry import Expiry
-from flows.ordering import ordered, stamp
+from flows.ordering import ordered
 from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
 from flows.routing import WorkerCount, Workers
+from flows.stamping import stamp
 from flows.steps import (
     EntityLogic,
     IndexLogic,

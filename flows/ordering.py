@@ -2,12 +2,11 @@
 
 Bytewax hands a keyed step its items in arrival order, and with several workers that order
 depends on timing. So each event gets a canonical position, `seq`, from the partition it was
-read from (`stamp`), and every step applies its events in `seq` order, only once no smaller
+read from (`flows.stamping.stamp`), and every step applies its events in `seq` order, only once no smaller
 `seq` can still arrive. Each step of the flow is one `ordered` operator, which owns all of it
 and runs a plain `StepLogic` (`flows.steps`) on the events in order:
 
-- `seq` = (running maximum of the partition's event times, partition code, position). It grows
-  along each partition, whatever the events' own times, and depends only on what the partition
+- `seq` (`flows.stamping`) grows along each partition and depends only on what the partition
   holds, so it is the same in every run and after a resume.
 - After each batch a partition sends a `Watermark`: "nothing I send from now on is at or below
   this seq". A `Relay` keeps the latest one per upstream origin; their minimum is the step's
@@ -31,7 +30,6 @@ applied at once). Everything else is exact.
 from __future__ import annotations
 
 import logging
-import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,54 +42,16 @@ from zlib import crc32
 
 import bytewax.operators as op
 import msgspec
-from bytewax.dataflow import Stream, operator
+from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from features.events import Label, Transaction
-from flows.expiry import WAKE, Expiry, ExpiryBucket, notes
 from flows.routing import Workers
+from flows.stamping import NEG, Watermark
 from service.telemetry import ORDER_HELD, ORDER_LATE, step_timer
 
 logger = logging.getLogger(__name__)
 
-INF = 1 << 200  # a watermark past every seq: the end of the input
-NEG = -(1 << 200)  # before every seq: a partition that has sent nothing yet
-POSITION_BITS = 40
-CODE_BITS = 24
-FUTURE_TOLERANCE_MS = 3_600_000  # a clock error cannot drag a partition's order past now + 1h
 MAX_HOLD = timedelta(seconds=30)  # no watermark for this long: release what is held (see notify_at)
-
-
-class Watermark(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """Nothing `origin` sends after this has a `seq` at or below `wm`; `to`: the receiving key's
-    worker index (how a relay learns its own index); `idle`: the partition has nothing to read."""
-
-    origin: str | int
-    wm: int
-    to: int = -1
-    idle: bool = False
-
-
-TICK = "tick"  # the record kind of a `Tick`: `(TICK, "", "<stream>#")`
-
-
-class Tick(msgspec.Struct, frozen=True, gc=False):
-    """A source partition saying it found nothing to read for a while."""
-
-    partition: str
-
-
-def partition_of(origin: str) -> str:
-    """The partition an event was read from: `<stream>` of `<stream>#<id>`; files are one."""
-    return origin.rpartition("#")[0]
-
-
-def partition_code(partition: str) -> int:
-    return crc32(partition.encode()) & ((1 << CODE_BITS) - 1)
-
-
-def make_seq(running_max_ms: int, code: int, position: int) -> int:
-    return (running_max_ms << (CODE_BITS + POSITION_BITS)) + (code << POSITION_BITS) + position
 
 
 # --- routing ------------------------------------------------------------------------------------
@@ -142,119 +102,6 @@ def by_bucket(
         return out
 
     return route
-
-
-# --- stamping -----------------------------------------------------------------------------------
-
-
-def stamp_key(event: Transaction | Label | Tick) -> tuple[str, Transaction | Label | Tick]:
-    if type(event) is Tick:
-        return event.partition, event
-    return partition_of(event.origin), event  # type: ignore[union-attr]
-
-
-StampState = tuple[str | None, int, int, bool]
-
-
-class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
-    """Keyed by source partition: gives each event its `seq`, then sends the partition's watermark.
-
-    The snapshot (partition, running maximum, position, idle) resumes the numbering exactly where
-    the partition's own snapshot resumes reading.
-    """
-
-    def __init__(self, resume: StampState | None) -> None:
-        self.partition, self.running_max, self.position, self.idle = resume or (None, NEG, 0, False)
-        self.wm = NEG
-        if self.partition is not None and self.position:
-            self.wm = make_seq(self.running_max, partition_code(self.partition), self.position)
-
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if self.partition is None:
-            first = items[0]
-            self.partition = first.partition if type(first) is Tick else partition_of(first.origin)
-        code = partition_code(self.partition)
-        cap = int(time.time() * 1000) + FUTURE_TOLERANCE_MS
-        replace = msgspec.structs.replace
-        out: list[Any] = []
-        ticked = False
-        for e in items:
-            if type(e) is Tick:
-                ticked = True
-                continue
-            ts = e.ts_ms if e.ts_ms < cap else cap
-            if ts > self.running_max:
-                self.running_max = ts
-            self.position += 1
-            self.wm = make_seq(self.running_max, code, self.position)
-            out.append(replace(e, seq=self.wm))
-        if out:
-            self.idle = False
-            out.append(Watermark(self.partition, self.wm))
-        elif ticked and not self.idle:
-            self.idle = True
-            out.append(Watermark(self.partition, self.wm, idle=True))
-        return out, StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[Any], bool]:
-        return (
-            [Watermark(self.partition, INF)] if self.partition is not None else []
-        ), StatefulBatchLogic.RETAIN
-
-    def snapshot(self) -> StampState:
-        return (self.partition, self.running_max, self.position, self.idle)
-
-
-# --- the stamp step ---------------------------------------------------------------------------
-
-
-def stamp_router(expiry: Expiry | None) -> Callable[[list[Any]], list[tuple[str, Any]]]:
-    """Key each event by its partition; with `expiry`, add the batch's expiry notes
-    (`flows.expiry.notes`) (for `op.flat_map_batch`: one call per batch)."""
-    if expiry is None:
-        return lambda batch: [stamp_key(e) for e in batch]
-    note = notes(expiry)
-
-    def route(batch: list[Any]) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = [stamp_key(e) for e in batch]
-        out += note(batch)
-        return out
-
-    return route
-
-
-class StampStep(StatefulBatchLogic[Any, Any, Any]):
-    """A key of the stamp step: a source partition (`StampLogic`) or an expiry bucket."""
-
-    def __init__(self, resume: Any) -> None:
-        self.logic: StampLogic | ExpiryBucket | None = None
-        if type(resume) is tuple and (not resume or type(resume[0]) is bytes):
-            self.logic = ExpiryBucket(resume)
-        elif resume is not None:
-            self.logic = StampLogic(resume)
-
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if self.logic is None:
-            first = items[0]
-            self.logic = ExpiryBucket(None) if first == WAKE or type(first) is bytes else StampLogic(None)
-        return self.logic.on_batch(items)
-
-    def on_eof(self) -> tuple[list[Any], bool]:
-        if type(self.logic) is StampLogic:
-            return self.logic.on_eof()
-        return [], StatefulBatchLogic.RETAIN
-
-    def snapshot(self) -> Any:
-        assert self.logic is not None
-        return self.logic.snapshot()
-
-
-@operator
-def stamp(step_id: str, up: Stream[Any], expiry: Expiry | None = None) -> KeyedStream[Any]:
-    """Give each event its `seq`, per source partition (`StampLogic`), followed by the partition's
-    watermarks: the keyed stream every `ordered` step reads. With `expiry`, also the `Expired`
-    items of the transactions whose time is up."""
-    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router(expiry)), StampStep)
 
 
 # --- relaying and sequencing --------------------------------------------------------------------

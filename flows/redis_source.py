@@ -36,8 +36,8 @@ import redis
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.events import Record
-from flows.ordering import TICK
 from flows.outputs import mark_failed
+from flows.stamping import TICK
 from service.redis_client import (
     DEFAULT_RETRY_BUDGET_S,
     Outage,

@@ -28,8 +28,9 @@ from features.events import DeadLetter, Decoded, Label, Record, Transaction, dec
 from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
 from flows.expiry import Expired
-from flows.ordering import TICK, StepLogic, Tick, Watermark, partition_of
+from flows.ordering import StepLogic
 from flows.outputs import count_decisions
+from flows.stamping import TICK, Tick, Watermark, partition_of
 from models.serving import Decision, LabelledVector, Scorer
 from service import telemetry
 

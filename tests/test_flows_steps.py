@@ -29,19 +29,9 @@ from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEve
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
 from flows.expiry import WAKE, Expired, Expiry, bucket_key
-from flows.ordering import (
-    INF,
-    NEG,
-    KeyedStep,
-    Stage,
-    StampStep,
-    Watermark,
-    ordered,
-    partition_of,
-    stamp,
-    stamp_router,
-)
+from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
+from flows.stamping import INF, NEG, StampStep, Watermark, partition_of, stamp, stamp_router
 from flows.steps import (
     EntityLogic,
     IndexLogic,

@@ -20,21 +20,9 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from features.events import Transaction
-from flows.ordering import (
-    FAN,
-    INF,
-    NEG,
-    Relay,
-    SequencerLogic,
-    Stage,
-    StampLogic,
-    Tick,
-    Watermark,
-    by_bucket,
-    make_seq,
-    partition_code,
-)
+from flows.ordering import FAN, Relay, SequencerLogic, Stage, by_bucket
 from flows.routing import Workers, worker_of
+from flows.stamping import INF, NEG, StampLogic, Tick, Watermark, make_seq, partition_code
 
 
 class _Where(StatefulBatchLogic[str, tuple[str, int], None]):
