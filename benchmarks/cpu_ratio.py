@@ -11,6 +11,13 @@ user + system time the kernel accounted to it (`os.wait4`), imports and model lo
 The Redis server's own CPU is not counted (the peer writes nothing). Prints each pair and the
 median ratio flow / peer. The order alternates between pairs so that a drifting machine does not
 favour one side. Exits 2 when the peer is not there.
+
+`--floor`: also print the part of the flow's CPU that no change to the flow's steps can remove
+while it does what it does today: importing its modules (a process that only imports
+`flows.fraud`), and River learning every label and predicting every transaction (the default
+`OnlineModel` on the sample's counts of labels and transactions, 43 random finite features,
+timed in this process). Set against 1.5 x the peer's median CPU, it says how much is left for
+everything else (features, ordering, XGBoost, Bytewax, the sinks).
 """
 
 from __future__ import annotations
@@ -63,18 +70,45 @@ def cpu_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return usage.ru_utime + usage.ru_stime, wall, output
 
 
+def floor(n_txns: int, n_labels: int) -> tuple[float, float]:
+    """(CPU seconds to import the flow's modules, CPU seconds of River for the sample's counts)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    imports, _, _ = cpu_of([sys.executable, "-c", "import flows.fraud, service.runtime"], env)
+    import random
+
+    from models.online import OnlineModel, x_dict
+    from service.runtime import new_online_model, new_pipeline
+    from service.settings import Settings
+
+    settings = Settings()
+    names = new_pipeline(settings).names
+    model: OnlineModel = new_online_model(settings)
+    rng = random.Random(7)
+    rows = [[rng.gauss(0, 1) for _ in names] for _ in range(1000)]
+    started = time.process_time()
+    for i in range(max(n_txns, n_labels)):
+        x = x_dict(names, rows[i % 1000])
+        if i < n_labels:
+            model.learn_one(x, i % 100 == 0)
+        if i < n_txns:
+            model.predict_proba_one(x)
+    return imports, time.process_time() - started
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--transactions", type=int, default=None, help="only the sample's first N")
+    ap.add_argument("--floor", action="store_true", help="also print the CPU no step change removes")
     args = ap.parse_args()
     if not PEER.is_file():
         print(f"the peer flow is not at {PEER}: nothing to compare with", file=sys.stderr)
         sys.exit(2)
     base = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
-    ratios = []
+    ratios, peers = [], []
     with tempfile.TemporaryDirectory() as tmp, private_redis() as url:
         txns, labels, n = sample(Path(tmp), args.transactions)
+        n_labels = sum(1 for _ in labels.open())
         peer_env = {**base, "NAIVE_TX": str(txns)}
         for pair in range(1, args.pairs + 1):
             flow_env = {
@@ -98,6 +132,7 @@ def main() -> None:
             got = {name: cpu_of(*runs[name]) for name in order}
             (flow_cpu, flow_wall, _), (peer_cpu, peer_wall, _) = got["flow"], got["peer"]
             ratios.append(flow_cpu / peer_cpu)
+            peers.append(peer_cpu)
             print(
                 f"pair {pair}: flow {flow_cpu:.1f} CPU-s ({flow_cpu / n * 1e6:,.0f} µs/tx, wall {flow_wall:.1f} s), "
                 f"peer {peer_cpu:.1f} CPU-s ({peer_cpu / n * 1e6:,.0f} µs/tx, wall {peer_wall:.1f} s), "
@@ -108,6 +143,14 @@ def main() -> None:
         f"median CPU ratio flow / peer over {len(ratios)} pair(s): {statistics.median(ratios):.2f} "
         f"({n:,} transactions; whole-process user + system CPU, Redis not counted)"
     )
+    if args.floor:
+        imports, river = floor(n, n_labels)
+        budget = 1.5 * statistics.median(peers)
+        print(
+            f"floor: imports {imports:.1f} CPU-s + River {river:.1f} CPU-s ({n_labels:,} learn_one, "
+            f"{n:,} predict_proba_one) = {imports + river:.1f} CPU-s; 1.5 x the peer's median is "
+            f"{budget:.1f} CPU-s, leaving {budget - imports - river:.1f} CPU-s for everything else"
+        )
 
 
 if __name__ == "__main__":
