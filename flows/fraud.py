@@ -3,7 +3,7 @@
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
 (txn_id) -> card -> merchant -> device features (rows, and the labels an entity counts) ->
 pending (txn_id: the vector waits for its label; other labels come straight from the index) ->
-score (one replica per worker) -> alerts, late side output, decision log; bad records -> dead
+score (one replica per worker) -> alerts, late side output, drift events, decision log; bad records -> dead
 letters, and so does a record any step raised on (`flows.steps.quarantine`). Each step is one
 `flows.ordering.ordered` operator, so any number of processes computes what one does. This
 module only wires steps: the logic lives in `features`, `models`, `flows.steps`,
@@ -24,7 +24,15 @@ from bytewax.outputs import Sink
 from flows import batch, connectors
 from flows.expiry import Expiry
 from flows.ordering import ordered
-from flows.outputs import ProgressSink, alert_entry, count_dead_letter, decision_entry, dlq_entry, late_entry
+from flows.outputs import (
+    ProgressSink,
+    alert_entry,
+    count_dead_letter,
+    decision_entry,
+    dlq_entry,
+    drift_entry,
+    late_entry,
+)
 from flows.routing import WorkerCount, Workers
 from flows.stamping import stamp
 from flows.steps import (
@@ -36,6 +44,7 @@ from flows.steps import (
     dead_letter_of,
     decision_of,
     decoder,
+    drift_of,
     entity_key,
     is_dead_letter,
     is_labelled,
@@ -59,9 +68,10 @@ def build(
     dead_letters: Sink[Any] | None = None,
     decisions: Sink[Any] | None = None,
     late: Sink[Any] | None = None,
+    drift: Sink[Any] | None = None,
 ) -> Dataflow:
     """The dataflow for `settings`; tests swap the source and sinks for in-memory ones."""
-    rt = load_runtime(settings, need_redis=source is None or None in (alerts, dead_letters, late))
+    rt = load_runtime(settings, need_redis=source is None or None in (alerts, dead_letters, late, drift))
     s, pipeline = rt.settings, rt.pipeline
     flow = Dataflow("fraud")
 
@@ -111,6 +121,13 @@ def build(
     )
     late_out = batch.keep_map("late", scored, late_entry)
     op.output("late_out", late_out, late or connectors.stream(rt, s.late_stream, "txn_id"))
+
+    drift_out = batch.keep_map("drift", scores, drift_of)
+    op.output(
+        "drift_out",
+        op.map("drift_entry", drift_out, drift_entry),
+        drift or connectors.stream(rt, s.drift_stream, "id"),
+    )
 
     bad = batch.keep("invalid", decoded, is_dead_letter)
     unknown = batch.keep_map("unjoined", index, dead_letter_of)

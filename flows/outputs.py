@@ -20,6 +20,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import REGISTRY
 
 from features.events import DeadLetter, payload_bytes
+from models.drift import DriftEvent
 from models.serving import Decision
 from service import telemetry
 
@@ -122,6 +123,25 @@ def late_entry(d: Decision) -> dict[str, str] | None:
         "score": f"{d.score:.6f}",
         "alert": "1" if d.alert else "0",
     }
+
+
+def drift_entry(e: DriftEvent) -> dict[str, str]:
+    """The `fraud:drift` stream entry of a drift event: what drifted, by how much, since when."""
+    return {
+        "id": e.id,
+        "kind": e.kind,
+        "what": e.what,
+        "state": e.state,
+        "value": f"{e.value:.6g}",
+        "threshold": f"{e.threshold:.6g}",
+        "since": _iso(e.since_ms),
+        "at": _iso(e.at_ms),
+        "detail": e.detail,
+    }
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 def dead_letter_id(kind: str, reason: str, raw: str, origin: str = "") -> str:

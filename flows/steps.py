@@ -31,7 +31,8 @@ from flows.expiry import Expired
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions
 from flows.stamping import TICK, Tick, Watermark, partition_of
-from models.serving import Decision, LabelledVector, Scorer
+from models.drift import DriftEvent, DriftMonitor
+from models.serving import BatchStats, Decision, LabelledVector, Scorer
 from service import telemetry
 
 logger = logging.getLogger(__name__)
@@ -191,8 +192,13 @@ def dead_letter_of(kv: tuple[str, Any]) -> DeadLetter | None:
 
 
 def decision_of(kv: tuple[str, Any]) -> Decision | None:
-    """The decision of a scorer output item, or None (a dead letter)."""
-    return kv[1] if type(kv[1]) is not DeadLetter else None
+    """The decision of a scorer output item, or None (a dead letter or a drift event)."""
+    return kv[1] if type(kv[1]) is Decision else None
+
+
+def drift_of(kv: tuple[str, Any]) -> DriftEvent | None:
+    """The drift event of a scorer output item, or None."""
+    return kv[1] if type(kv[1]) is DriftEvent else None
 
 
 def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
@@ -340,7 +346,9 @@ class PendingLogic(msgspec.Struct, StepLogic, gc=False):
                     label = self.label
                     if label is not None:
                         out.append(
-                            LabelledVector(label.txn_id, label.is_fraud, array("d", values), label.seq)
+                            LabelledVector(
+                                label.txn_id, label.is_fraud, array("d", values), label.seq, label.ts_ms
+                            )
                         )
                         self.label = None
                         continue
@@ -350,7 +358,7 @@ class PendingLogic(msgspec.Struct, StepLogic, gc=False):
                     continue
                 telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
                 if self.values is not None:
-                    out.append(LabelledVector(it.txn_id, it.is_fraud, self.values, it.seq))
+                    out.append(LabelledVector(it.txn_id, it.is_fraud, self.values, it.seq, it.ts_ms))
                     self.values = None
                     PendingLogic.held -= 1
                 else:  # the row is still in the entity chain
@@ -382,7 +390,7 @@ class ScoringLogic(StepLogic):
         if resume is not None:
             self.scorer.restore(resume)
 
-    def apply(self, events: list[Scored | Quarantined]) -> list[Decision | DeadLetter]:
+    def apply(self, events: list[Scored | Quarantined]) -> list[Decision | DeadLetter | DriftEvent]:
         scored = [it for it in events if not isinstance(it, Quarantined)]
         dead = [it.dead for it in events if isinstance(it, Quarantined)] if len(scored) < len(events) else []
         started = time.perf_counter()
@@ -398,10 +406,45 @@ class ScoringLogic(StepLogic):
         if stats.unexplained:
             telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)
         dead += [quarantine(it, "score", exc).dead for it, exc in stats.failed]
-        return [*decisions, *dead]
+        monitor = self.scorer.monitor
+        if monitor is not None and (stats.labels_learned or stats.rows):
+            watch_drift(monitor, stats)
+        return [*decisions, *dead, *stats.events]
 
     def snapshot(self) -> tuple[Any, ...]:
         return self.scorer.snapshot()
+
+
+def watch_drift(monitor: DriftMonitor, stats: BatchStats) -> None:
+    """Export what the scorer's drift watch found in this batch: events counted and logged, the
+    PSI gauges when an hour closed, the quality gauges when they were recomputed."""
+    for e in stats.events:
+        telemetry.DRIFT_EVENTS.labels(kind=e.kind, state=e.state).inc()
+        logger.warning(
+            "drift: %s %s %s (%.4g against %.4g) since %s",
+            e.kind,
+            e.what,
+            e.state,
+            e.value,
+            e.threshold,
+            datetime.fromtimestamp(e.since_ms / 1000, UTC).isoformat(timespec="minutes"),
+        )
+    if stats.drift_error is not None:
+        logger.error("the data-drift watch failed on a batch: %r", stats.drift_error)
+    data = monitor.data
+    if data is not None and data.last_psi is not _exported.get("psi"):
+        _exported["psi"] = data.last_psi
+        for name, v in zip(data.ref.names, data.last_psi, strict=True):
+            telemetry.FEATURE_PSI.labels(feature=name).set(v)
+    metrics = monitor.concept.metrics
+    if metrics is not _exported.get("quality"):
+        _exported["quality"] = metrics
+        for model, values in metrics.items():
+            for metric, v in values.items():
+                telemetry.MODEL_QUALITY.labels(model=model, metric=metric).set(v)
+
+
+_exported: dict[str, Any] = {}  # the last PSI array and quality dict set on the gauges
 
 
 def starts_state(event: Any) -> str | None:

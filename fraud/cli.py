@@ -415,16 +415,9 @@ def dead_letters(
     capped at 200 characters and other fields at 512, a missing field as ?.
     """
     from fraud.display import show, write_line
-    from service.redis_client import connect
-    from service.redis_server import redis_url
 
     s = get_settings()
-    client = connect(redis_url(s))
-    try:
-        entries = client.xrevrange(s.dlq_stream, count=count)
-        total = client.xlen(s.dlq_stream)
-    finally:
-        client.close()
+    entries, total = _newest(s.dlq_stream, count)
     try:
         for entry_id, fields in entries or []:
             f = {_text(k): v for k, v in (fields or {}).items()}
@@ -439,6 +432,42 @@ def dead_letters(
         _quiet_stdout()
         return
     typer.echo(f"{total} dead letter(s) in {s.dlq_stream}", err=True)
+
+
+@app.command("drift")
+def drift_events(
+    count: Annotated[int, typer.Option(help="How many of the newest to show.")] = 20,
+) -> None:
+    """Show the newest drift events (read-only: XREVRANGE): data drift (a feature's or the
+    score's PSI against the training rows) and concept drift (a model missing more frauds)."""
+    from fraud.display import show, write_line
+
+    s = get_settings()
+    entries, total = _newest(s.drift_stream, count)
+    try:
+        for _, fields in entries or []:
+            f = {_text(k): v for k, v in (fields or {}).items()}
+            write_line(
+                sys.stdout,
+                f"{show(f.get('at'))} {show(f.get('kind'))} {show(f.get('what'))} {show(f.get('state'))}: "
+                f"{show(f.get('value'))} against {show(f.get('threshold'))}, since {show(f.get('since'))}",
+            )
+    except BrokenPipeError:
+        _quiet_stdout()
+        return
+    typer.echo(f"{total} drift event(s) in {s.drift_stream}", err=True)
+
+
+def _newest(stream: str, count: int) -> tuple[list[Any], int]:
+    """The newest `count` entries of `stream` (XREVRANGE) and its length: read-only."""
+    from service.redis_client import connect
+    from service.redis_server import redis_url
+
+    client = connect(redis_url(get_settings()))
+    try:
+        return list(client.xrevrange(stream, count=count) or []), int(client.xlen(stream))
+    finally:
+        client.close()
 
 
 def _quiet_stdout() -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from features.engine import FeatureEngine, FeaturePipeline, FeatureVector, LabelEvent
 from features.event_files import open_text, replay
 from features.events import AwareTime, DeadLetter, to_epoch_ms
-from models import evaluation
+from models import drift, evaluation
 from models.artifact import ModelArtifact, make_version, save
 from models.serving import LabelledVector, PendingVectors
 from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, positive_weight, tune_xgb
@@ -213,12 +213,16 @@ def label_delays(data: Dataset, split: Split) -> dict[str, float]:
     }
 
 
+MIN_REFERENCE_ROWS = 1000  # fewer settled training rows than this: the reference uses them all
+
+
 @dataclass
 class Fitted:
     booster: Any
     params: dict[str, Any]
     threshold: float
     report: dict[str, Any]
+    reference: dict[str, Any] | None = None  # `models.drift.Reference` of the training rows
 
 
 def fit(
@@ -230,6 +234,7 @@ def fit(
     search: bool = True,
     device: str = "cpu",
     seed: int = 0,
+    lookback_days: float = 0.0,
 ) -> Fitted:
     """Train on `split.train`, tune and pick the threshold on `split.valid`, judge `split.test`."""
     tr = data.training_rows(*split.train)
@@ -248,6 +253,11 @@ def fit(
     )
     scorer = XGBScorer(booster, names, device=device, nthread=0, positive_weight=positive_weight(params))
     valid_scores = scorer.score(data.X[va])
+    # Drift is measured against training rows whose look-back windows were full: the first
+    # `lookback_days` of a file see a shorter history than any later day would.
+    settled = tr & data.period(split.train[0] + lookback_days, split.train[1])
+    ref_rows = settled if settled.sum() >= MIN_REFERENCE_ROWS else tr
+    reference = drift.reference_of(data.X[ref_rows], names, scorer.score(data.X[ref_rows])).to_json()
     threshold = evaluation.best_f1_threshold(data.y[va], valid_scores)
     report = {
         "periods_days": {"train": split.train, "validation": split.valid, "test": split.test},
@@ -257,7 +267,7 @@ def fit(
         "test": judge(data, te, scorer.score(data.X[te]), threshold, k),
         "search": log,
     }
-    return Fitted(booster, {**DEFAULT_PARAMS, **params}, threshold, report)
+    return Fitted(booster, {**DEFAULT_PARAMS, **params}, threshold, report, reference)
 
 
 def train(
@@ -274,7 +284,11 @@ def train(
 ) -> dict[str, Any]:
     """Build the dataset, fit (see `fit`), save the artifact; return the report."""
     data = build_dataset(pipeline, transactions, labels)
-    fitted = fit(data, list(pipeline.names), split, k=k, search=search, device=settings.xgb_device, seed=seed)
+    lookback_days = max(plan.lookback_ms for plan in pipeline.plans) / DAY_MS
+    fitted = fit(
+        data, list(pipeline.names), split, k=k, search=search, device=settings.xgb_device, seed=seed,
+        lookback_days=lookback_days,
+    )  # fmt: skip
     report = {**fitted.report, "source": transactions.name, "feature_set": settings.feature_set}
     now = datetime.now(UTC)
     artifact = ModelArtifact(
@@ -286,6 +300,7 @@ def train(
         trained_at=now.isoformat(timespec="seconds"),
         params={**fitted.params, "seed": seed, "best_iteration": fitted.booster.num_boosted_rounds()},
         booster=fitted.booster,
+        reference=fitted.reference,
     )
     save(artifact, out_dir)
     return {"version": artifact.version, "threshold": fitted.threshold, **report}

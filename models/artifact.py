@@ -48,6 +48,9 @@ class ModelArtifact:
     trained_at: str
     params: dict[str, Any]
     booster: xgb.Booster
+    reference: dict[str, Any] | None = None
+    """The training rows' feature and score distributions (`models.drift.Reference.to_json`):
+    what drift is measured against. Artifacts written before it have none (no data drift)."""
 
 
 def make_version(schema_hash: str, when: datetime) -> str:
@@ -89,6 +92,8 @@ def save(artifact: ModelArtifact, directory: Path) -> None:
         "trained_at": artifact.trained_at,
         "params": artifact.params,
     }
+    if artifact.reference is not None:
+        meta["reference"] = artifact.reference
     text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n"
     tmp_model = directory / f".{MODEL_FILE}.tmp"
     tmp_meta = directory / f".{META_FILE}.tmp"
@@ -140,6 +145,7 @@ def load(directory: Path) -> ModelArtifact:
         trained_at=meta["trained_at"],
         params=meta["params"],
         booster=booster,
+        reference=meta.get("reference") if isinstance(meta.get("reference"), dict) else None,
     )
 
 

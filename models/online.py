@@ -82,16 +82,21 @@ class OnlineModel:
         """Whether predictions are trusted: warm-up reached and at least one positive seen."""
         return self.n_learned >= self.warmup and self.n_positive > 0
 
-    def learn_one(self, x: Mapping[str, float], y: bool) -> None:
-        """Learn one labelled transaction from the features it was scored with."""
+    def learn_one(self, x: Mapping[str, float], y: bool) -> float:
+        """Learn one labelled transaction from the features it was scored with; return the
+        probability the model gave it just before (0.0 while not `ready`): its prequential score.
+        The scaler has counted `x` by then, the classifier has not learned it."""
         label = bool(y)
         # What `self.river_model.learn_one(x, label, w=...)` does, without the pipeline's routing
         # on every call: the scaler learns `x` (unweighted), then the classifier the scaled `x`.
         x = _clean(x)
         self._scaler.learn_one(x)
-        self._classifier.learn_one(self._scaler.transform_one(x), label, w=self.pos_weight if label else 1.0)
+        xs = self._scaler.transform_one(x)
+        before = float(self._classifier.predict_proba_one(xs)[True]) if self.ready else 0.0
+        self._classifier.learn_one(xs, label, w=self.pos_weight if label else 1.0)
         self.n_learned += 1
         self.n_positive += int(label)
+        return before
 
     def predict_proba_one(self, x: Mapping[str, float]) -> float:
         """Probability of fraud in [0, 1]; 0.0 while not `ready`. Never changes the model.

@@ -22,6 +22,7 @@ from features.engine import FeatureVector, LabelEvent
 from features.events import Transaction
 from models.artifact import ModelArtifact
 from models.combine import combine
+from models.drift import DriftEvent, DriftMonitor
 from models.online import OnlineModel, x_dict
 from models.xgb import XGBScorer, positive_weight
 
@@ -51,6 +52,7 @@ class LabelledVector(msgspec.Struct, frozen=True, gc=False):
     is_fraud: bool
     values: Sequence[float]
     seq: int = 0
+    ts_ms: int = 0  # the label's event time (drift events say when)
 
 
 Item = FeatureVector | LabelledVector
@@ -64,6 +66,8 @@ class BatchStats:
     """Items the scorer could not handle (the flow dead-letters them); the others are unaffected."""
     unexplained: int = 0  # alerts whose reasons could not be computed (sent with no reasons)
     learn_s: float = 0.0  # seconds the online model spent learning this batch's labels
+    events: list[DriftEvent] = field(default_factory=list)  # drift found in this batch
+    drift_error: Exception | None = None  # the data-drift watch failed on this batch (logged)
 
 
 class Scorer:
@@ -80,8 +84,10 @@ class Scorer:
         top_reasons: int = 3,
         device: str = "cpu",
         nthread: int = 1,
+        monitor: DriftMonitor | None = None,
     ) -> None:
         self.artifact = artifact
+        self.monitor = monitor
         self.names = list(artifact.feature_names)
         self.xgb = XGBScorer(
             artifact.booster,
@@ -110,15 +116,21 @@ class Scorer:
         vectors = [it for it in items if isinstance(it, FeatureVector)]
         xgb_scores = self._xgb_scores(vectors, stats)
         skip = {id(it) for it, _ in stats.failed}
+        concept = self.monitor.concept if self.monitor is not None else None
+        label_xgb = self._label_scores(items) if concept is not None else None
         decisions: list[Decision] = []
-        j = 0
+        j = k = 0
         for it in items:
             try:
                 if isinstance(it, LabelledVector):
                     started = time.perf_counter()
-                    self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
+                    river = self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
                     stats.learn_s += time.perf_counter() - started
                     stats.labels_learned += 1
+                    if concept is not None and label_xgb is not None:
+                        xs, k = float(label_xgb[k]), k + 1
+                        final = float(combine(xs, river, self.weight))
+                        stats.events += concept.observe(it.is_fraud, xs, river, final, it.ts_ms)
                     continue
                 xs = float(xgb_scores[j])
                 j += 1
@@ -134,6 +146,16 @@ class Scorer:
             except Exception as exc:  # one poisoned item must not cost the batch its decisions
                 stats.failed.append((it, exc))
         self._explain([d for d in decisions if d.alert], stats)
+        data = self.monitor.data if self.monitor is not None else None
+        if data is not None and decisions:
+            try:
+                stats.events += data.observe(
+                    np.fromiter((d.txn.ts_ms for d in decisions), dtype=np.int64, count=len(decisions)),
+                    np.asarray([d.values for d in decisions], dtype=np.float64),
+                    np.fromiter((d.xgb for d in decisions), dtype=np.float64, count=len(decisions)),
+                )
+            except Exception as exc:  # drift is watched, never a reason to lose decisions
+                stats.drift_error = exc
         now = time.time_ns()
         for d in decisions:
             if d.txn.received_ns:
@@ -153,6 +175,20 @@ class Scorer:
             scores = self._xgb_row_by_row(vectors, stats)
         stats.rows = len(vectors)
         return scores
+
+    def _label_scores(self, items: Sequence[Item]) -> np.ndarray:
+        """XGBoost's scores of the labelled vectors in `items` (what it says of them now: the
+        model does not change, so this is what it said at decision time); NaN if it fails."""
+        labelled = [it.values for it in items if isinstance(it, LabelledVector)]
+        if not labelled:
+            return np.empty(0)
+        try:
+            X = np.asarray(labelled, dtype=np.float32)
+            return np.concatenate(
+                [self.xgb.score(X[s : s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
+            )
+        except Exception:
+            return np.full(len(labelled), np.nan)
 
     def _xgb_row_by_row(self, vectors: list[FeatureVector], stats: BatchStats) -> np.ndarray:
         """After a failed batch call: score each row alone, listing the rows that fail."""
@@ -184,12 +220,14 @@ class Scorer:
                     stats.unexplained += 1
 
     def snapshot(self) -> tuple[Any, ...]:
-        """Immutable copy: the online model as bytes (the scorer keeps nothing per transaction)."""
-        return (pickle.dumps(self.online),)
+        """Immutable copy: the online model and the drift watch as bytes (the scorer keeps
+        nothing per transaction)."""
+        return (pickle.dumps(self.online), pickle.dumps(self.monitor))
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        (online,) = snap
-        self.online = pickle.loads(online)
+        self.online = pickle.loads(snap[0])
+        if len(snap) > 1:
+            self.monitor = pickle.loads(snap[1])
 
 
 class PendingVectors:
@@ -219,4 +257,6 @@ class PendingVectors:
 
     def join(self, label: LabelEvent) -> LabelledVector | None:
         seen = self.vectors.pop(label.txn_id, None)
-        return None if seen is None else LabelledVector(label.txn_id, label.is_fraud, seen[1], label.seq)
+        if seen is None:
+            return None
+        return LabelledVector(label.txn_id, label.is_fraud, seen[1], label.seq, label.ts_ms)

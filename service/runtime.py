@@ -11,6 +11,7 @@ from features.catalog import CATALOGS
 from features.engine import FeaturePipeline
 from features.privacy import card_token, identity
 from models.artifact import ModelArtifact, check_schema, load
+from models.drift import DriftMonitor, Reference
 from models.online import OnlineModel
 from models.serving import Scorer
 from service import telemetry
@@ -58,6 +59,19 @@ def new_online_model(settings: Settings) -> OnlineModel:
     )
 
 
+def new_drift_monitor(settings: Settings, artifact: ModelArtifact) -> DriftMonitor:
+    """The scorer's drift watch; data drift only when the artifact carries a reference."""
+    return DriftMonitor(
+        None if artifact.reference is None else Reference.from_json(artifact.reference),
+        artifact.threshold if settings.threshold is None else settings.threshold,
+        window_hours=settings.drift_window_hours,
+        psi_threshold=settings.drift_psi_threshold,
+        min_rows=settings.drift_min_rows,
+        label_window=settings.drift_label_window,
+        delta=settings.drift_delta,
+    )
+
+
 def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
     return Scorer(
         artifact,
@@ -68,6 +82,7 @@ def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
         top_reasons=settings.top_reasons,
         device=settings.xgb_device,
         nthread=settings.xgb_nthread,
+        monitor=new_drift_monitor(settings, artifact),
     )
 
 

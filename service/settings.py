@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     late_stream: str = Field(
         "fraud:late", description="Side output: transactions beyond the allowed lateness."
     )
+    drift_stream: str = Field("fraud:drift", description="Stream that receives drift events.")
     stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate MAXLEN trim applied on every XADD.")
     stream_retention_days: float | None = Field(
         None, gt=0, description="Also trim entries older than this (MINID)."
@@ -108,6 +109,22 @@ class Settings(BaseSettings):
     online_l2: float = Field(0.0, ge=0, description="River L2 regularisation.")
     online_pos_weight: float = Field(1.0, gt=0, description="Weight of a fraud label in River's loss.")
     top_reasons: int = Field(3, ge=0, description="Feature contributions listed in each alert.")
+    drift_window_hours: int = Field(
+        168, ge=1, le=24 * 60, description="Hours of event time each feature's PSI is computed over."
+    )
+    drift_psi_threshold: float = Field(
+        0.25, gt=0, description="PSI above which a feature (or the score) is reported drifting."
+    )
+    drift_min_rows: int = Field(500, ge=1, description="Transactions a PSI window needs before it is judged.")
+    drift_label_window: int = Field(
+        5000, ge=100, description="Last labels the prequential quality metrics are computed over."
+    )
+    drift_delta: float = Field(
+        0.002,
+        gt=0,
+        lt=1,
+        description="ADWIN's confidence on each model's missed-fraud rate (smaller: fewer, later alarms).",
+    )
 
     # Operations
     recovery_dir: Path | None = Field(

@@ -114,6 +114,20 @@ SOURCE_LAG = Gauge(
     "Per input shard: stream-id time of the newest entry minus that of the first unread one.",
     ["shard"],
 )
+FEATURE_PSI = Gauge(
+    "fraud_feature_psi",
+    'Population stability index of each feature (and of the XGBoost score: feature="score") over '
+    "the drift window against the artifact's training rows.",
+    ["feature"],
+)
+MODEL_QUALITY = Gauge(
+    "fraud_model_quality",
+    "Prequential quality over the last FRAUD_DRIFT_LABEL_WINDOW labels.",
+    ["model", "metric"],
+)
+DRIFT_EVENTS = Counter(
+    "fraud_drift_events", "Drift events found (data or concept, drifting or recovered).", ["kind", "state"]
+)
 MODEL = Info("fraud_model", "The XGBoost artifact being served.")
 FEATURE_ENGINE = Info(
     "fraud_feature_engine",
@@ -128,6 +142,9 @@ def init_labels() -> None:
             DEAD_LETTERS.labels(kind=kind, reason=reason)
     for v in ("true", "false"):
         LABELS.labels(is_fraud=v)
+    for kind in ("data", "concept"):
+        for state in ("drifting", "recovered"):
+            DRIFT_EVENTS.labels(kind=kind, state=state)
 
 
 def serve(port: int) -> None:

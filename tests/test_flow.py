@@ -236,3 +236,64 @@ def test_reset_then_replay_writes_the_alerts_again(
     assert not list(redis_client.scan_iter(match=f"{settings.alerts_stream}:sent:*"))
     run_main(build(settings))
     assert redis_client.xlen(settings.alerts_stream) == first
+
+
+@pytest.fixture(scope="module")
+def late_worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, int, int]]:
+    """A small world with a cash-out pattern from day 45 that the model never saw, and the same
+    world without it (fraud-rich, so that the labels of 25 days are enough to see a change)."""
+    worlds = {}
+    for name, day in (("late", 45), ("none", None)):
+        out = tmp_path_factory.mktemp(name)
+        write_files(
+            out,
+            GeneratorConfig(
+                seed=5, days=70, n_cards=300, n_merchants=60, drift_day=day, fraud_rate_target=0.03
+            ),
+        )
+        worlds[name] = (out / "transactions.jsonl", out / "labels.jsonl", 0, 0)
+    return worlds
+
+
+def test_drift_events_reach_their_stream_once_alike_for_one_or_three_workers(
+    late_worlds: dict[str, tuple[Path, Path, int, int]],
+    redis_url: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flow's drift watch on a late-pattern world: a concept-drift event (XGBoost starts
+    missing frauds) after the pattern's start, none in the same world without the pattern. Events
+    carry every field; a replay writes none twice (the sink's markers); three workers raise the
+    concept events one does (every scorer replica learns every label in the same order; their
+    identical events are written once)."""
+
+    def run(world: str, stream: str, workers: int) -> list[dict[str, str]]:
+        settings = settings_for(late_worlds[world], redis_url, drift_stream=stream)
+        decide(settings, workers)
+        return entries(redis_client, stream)
+
+    one = run("late", "drift:late:1w", 1)
+    for e in one:
+        assert set(e) == {"id", "kind", "what", "state", "value", "threshold", "since", "at", "detail"}
+        assert e["state"] in ("drifting", "recovered") and e["since"] <= e["at"]
+        assert e["id"].startswith(f"{e['kind']}:{e['what']}:{e['state']}:")
+    assert len({e["id"] for e in one}) == len(one)
+    with late_worlds["late"][0].open() as f:
+        start = datetime.fromisoformat(json.loads(f.readline())["ts"]).date()
+    concept = [e for e in one if e["kind"] == "concept" and e["state"] == "drifting"]
+    assert concept and all((datetime.fromisoformat(e["at"]).date() - start).days >= 45 for e in concept), (
+        concept
+    )
+    assert run("late", "drift:late:1w", 1) == one  # replayed: nothing written twice
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    monkeypatch.setenv("FRAUD_DRIFT_STREAM", "drift:late:1w")
+    shown = CliRunner().invoke(app, ["drift", "--count", str(len(one))])
+    assert shown.exit_code == 0, shown.output
+    assert f"{len(one)} drift event(s) in drift:late:1w" in shown.stderr
+    assert " concept xgboost drifting: " in shown.stdout and len(shown.stdout.splitlines()) == len(one)
+    three = run("late", "drift:late:3w", 3)
+    assert len({e["id"] for e in three}) == len(three)
+    assert sorted(e["id"] for e in three if e["kind"] == "concept") == sorted(
+        e["id"] for e in one if e["kind"] == "concept"
+    )
+    assert [e for e in run("none", "drift:none:1w", 1) if e["kind"] == "concept"] == []

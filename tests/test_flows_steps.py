@@ -196,8 +196,8 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     (decision,) = scoring.apply([vector, learned])
     assert isinstance(decision, Decision) and decision.txn.txn_id == "t1"
     assert scoring.scorer.online.n_learned == 1
-    # The models only: nothing per transaction in a scorer replica.
-    assert scoring.snapshot() == (pickle.dumps(scoring.scorer.online),)
+    # The models and the drift watch only: nothing per transaction in a scorer replica.
+    assert scoring.snapshot() == (pickle.dumps(scoring.scorer.online), pickle.dumps(scoring.scorer.monitor))
     assert ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.online.n_learned == 1
 
 

@@ -73,6 +73,10 @@ def test_save_load_round_trip(artifact: ModelArtifact, tmp_path: Path) -> None:
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     save(replace(artifact, threshold=0.5), tmp_path / "a")  # overwriting is fine
     assert load(tmp_path / "a").threshold == 0.5
+    assert loaded.reference is None  # an artifact without a drift reference loads without one
+    ref = {"names": ["x"], "edges": [[0.5]], "expected": [[0.0, 0.4, 0.6]]}
+    save(replace(artifact, reference=ref), tmp_path / "b")
+    assert load(tmp_path / "b").reference == ref
 
 
 def test_load_errors_are_clear(artifact: ModelArtifact, tmp_path: Path) -> None:

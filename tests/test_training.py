@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fraud.cli import app
 from fraud.train import DAY_MS, NO_LABEL, Dataset, Split, fit
+from models.drift import Reference
 from models.xgb import SEARCH_GRID, tune_xgb
 from service.settings import get_settings
 
@@ -136,6 +137,11 @@ def test_cli_train_and_evaluate_report_the_protocol_metrics(late_world: Path, tm
     for period in ("validation", "test"):
         assert {"auc", "ap", "card_precision_at_k", "precision", "recall"} <= set(meta["metrics"][period])
         assert meta["metrics"][period]["k"] == 20
+    # The drift reference: every feature and the score, binned over the training rows.
+    ref = Reference.from_json(meta["reference"])
+    assert ref.names == (*meta["feature_names"], "score")
+    np.testing.assert_allclose(ref.expected.sum(axis=1), 1.0, atol=1e-6)
+    assert sum(len(e) > 0 for e in ref.edges) > len(ref.names) // 2
     get_settings.cache_clear()  # the next command reads FRAUD_MODEL_PATH
     result = CliRunner().invoke(
         app, ["evaluate", *files, "--start-day", "42", "--drift-day", "49", "--end-day", "63", "--k", "20"],
