@@ -19,11 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.common import DAY_MS, log, parser
-from features.engine import FeatureEngine, FeatureVector, LabelEvent
-from features.event_files import replay
 from fraud.datagen import GeneratorConfig, write_files
+from fraud.train import scored_batches
 from models.drift import DriftEvent
-from models.serving import LabelledVector, PendingVectors
 from service.runtime import load_model, new_pipeline, new_scorer
 from service.settings import Settings
 
@@ -32,23 +30,12 @@ def events_of(transactions: Path, labels: Path, settings: Settings) -> tuple[lis
     """Drift events of one replay, and the first transaction's UTC day (epoch ms)."""
     pipeline = new_pipeline(settings)
     scorer = new_scorer(settings, load_model(settings, pipeline))
-    waiting = PendingVectors(round(settings.label_ttl_days * DAY_MS))
-    items: list[FeatureVector | LabelledVector] = []
     events: list[DriftEvent] = []
     first: int | None = None
-    for out in FeatureEngine(pipeline).run(replay(transactions, labels)):
-        if isinstance(out, FeatureVector):
-            first = out.txn.ts_ms if first is None else first
-            waiting.hold(out)
-            items.append(out)
-        elif isinstance(out, LabelEvent) and (joined := waiting.join(out)) is not None:
-            items.append(joined)
-        if len(items) >= 256:
-            scorer.decide(items)
-            events += scorer.last.events
-            items.clear()
-    scorer.decide(items)
-    events += scorer.last.events
+    for decisions in scored_batches(scorer, pipeline, transactions, labels, settings.label_ttl_days):
+        if first is None and decisions:
+            first = decisions[0].txn.ts_ms
+        events += scorer.last.events
     return events, (first or 0) // DAY_MS * DAY_MS
 
 

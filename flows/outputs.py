@@ -134,13 +134,14 @@ def drift_entry(e: DriftEvent) -> dict[str, str]:
         "state": e.state,
         "value": f"{e.value:.6g}",
         "threshold": f"{e.threshold:.6g}",
-        "since": _iso(e.since_ms),
-        "at": _iso(e.at_ms),
+        "since": iso_ms(e.since_ms),
+        "at": iso_ms(e.at_ms),
         "detail": e.detail,
     }
 
 
-def _iso(ms: int) -> str:
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC, to the second."""
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 

@@ -29,7 +29,7 @@ from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
 from flows.expiry import Expired
 from flows.ordering import StepLogic
-from flows.outputs import count_decisions
+from flows.outputs import count_decisions, iso_ms
 from flows.stamping import TICK, Tick, Watermark, partition_of
 from models.drift import DriftEvent, DriftMonitor
 from models.serving import BatchStats, Decision, LabelledVector, Scorer
@@ -389,6 +389,7 @@ class ScoringLogic(StepLogic):
         self.scorer = new_scorer()
         if resume is not None:
             self.scorer.restore(resume)
+        self.exported = (-1, -1)  # the drift watch's (windows judged, quality measured) on the gauges
 
     def apply(self, events: list[Scored | Quarantined]) -> list[Decision | DeadLetter | DriftEvent]:
         scored = [it for it in events if not isinstance(it, Quarantined)]
@@ -406,45 +407,33 @@ class ScoringLogic(StepLogic):
         if stats.unexplained:
             telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)
         dead += [quarantine(it, "score", exc).dead for it, exc in stats.failed]
-        monitor = self.scorer.monitor
-        if monitor is not None and (stats.labels_learned or stats.rows):
-            watch_drift(monitor, stats)
+        if self.scorer.monitor is not None:
+            self.export_drift(self.scorer.monitor, stats)
         return [*decisions, *dead, *stats.events]
+
+    def export_drift(self, monitor: DriftMonitor, stats: BatchStats) -> None:
+        """What the drift watch found in this batch: events counted and logged; the PSI gauges
+        when a window was judged, the quality gauges when they were recomputed."""
+        for e in stats.events:
+            telemetry.DRIFT_EVENTS.labels(kind=e.kind, state=e.state).inc()
+            logger.warning(
+                "drift: %s %s %s (%.4g against %.4g) since %s",
+                *(e.kind, e.what, e.state, e.value, e.threshold, iso_ms(e.since_ms)),
+            )
+        if stats.drift_error is not None:
+            logger.error("the data-drift watch failed on a batch: %r", stats.drift_error)
+        data, concept = monitor.data, monitor.concept
+        if data is not None and data.judged != self.exported[0]:
+            for name, v in zip(data.ref.names, data.last_psi, strict=True):
+                telemetry.FEATURE_PSI.labels(feature=name).set(v)
+        if concept.measured != self.exported[1]:
+            for model, values in concept.metrics.items():
+                for metric, v in values.items():
+                    telemetry.MODEL_QUALITY.labels(model=model, metric=metric).set(v)
+        self.exported = (data.judged if data is not None else 0, concept.measured)
 
     def snapshot(self) -> tuple[Any, ...]:
         return self.scorer.snapshot()
-
-
-def watch_drift(monitor: DriftMonitor, stats: BatchStats) -> None:
-    """Export what the scorer's drift watch found in this batch: events counted and logged, the
-    PSI gauges when an hour closed, the quality gauges when they were recomputed."""
-    for e in stats.events:
-        telemetry.DRIFT_EVENTS.labels(kind=e.kind, state=e.state).inc()
-        logger.warning(
-            "drift: %s %s %s (%.4g against %.4g) since %s",
-            e.kind,
-            e.what,
-            e.state,
-            e.value,
-            e.threshold,
-            datetime.fromtimestamp(e.since_ms / 1000, UTC).isoformat(timespec="minutes"),
-        )
-    if stats.drift_error is not None:
-        logger.error("the data-drift watch failed on a batch: %r", stats.drift_error)
-    data = monitor.data
-    if data is not None and data.last_psi is not _exported.get("psi"):
-        _exported["psi"] = data.last_psi
-        for name, v in zip(data.ref.names, data.last_psi, strict=True):
-            telemetry.FEATURE_PSI.labels(feature=name).set(v)
-    metrics = monitor.concept.metrics
-    if metrics is not _exported.get("quality"):
-        _exported["quality"] = metrics
-        for model, values in metrics.items():
-            for metric, v in values.items():
-                telemetry.MODEL_QUALITY.labels(model=model, metric=metric).set(v)
-
-
-_exported: dict[str, Any] = {}  # the last PSI array and quality dict set on the gauges
 
 
 def starts_state(event: Any) -> str | None:

@@ -34,7 +34,7 @@ from features.event_files import open_text, replay
 from features.events import AwareTime, DeadLetter, to_epoch_ms
 from models import drift, evaluation
 from models.artifact import ModelArtifact, make_version, save
-from models.serving import LabelledVector, PendingVectors
+from models.serving import Decision, LabelledVector, PendingVectors, Scorer
 from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, positive_weight, tune_xgb
 from service.runtime import new_scorer
 from service.settings import Settings
@@ -306,6 +306,31 @@ def train(
     return {"version": artifact.version, "threshold": fitted.threshold, **report}
 
 
+def scored_batches(
+    scorer: Scorer,
+    pipeline: FeaturePipeline,
+    transactions: Path,
+    labels: Path | None,
+    label_ttl_days: float,
+    batch: int = 256,
+) -> Iterator[list[Decision]]:
+    """Replay the files through the serving `scorer` as the flow does (each label joined to the
+    vector its transaction was scored with, River learning it when it arrives): the decisions of
+    each batch of `batch` items; `scorer.last` holds that batch's stats (failures, drift events)."""
+    waiting = PendingVectors(round(label_ttl_days * DAY_MS))
+    items: list[FeatureVector | LabelledVector] = []
+    for out in FeatureEngine(pipeline).run(replay(transactions, labels)):
+        if isinstance(out, FeatureVector):
+            waiting.hold(out)
+            items.append(out)
+        elif isinstance(out, LabelEvent) and (learned := waiting.join(out)) is not None:
+            items.append(learned)
+        if len(items) >= batch:
+            yield scorer.decide(items)
+            items.clear()
+    yield scorer.decide(items)
+
+
 def evaluate(
     settings: Settings,
     pipeline: FeaturePipeline,
@@ -321,29 +346,13 @@ def evaluate(
     judge XGBoost alone and the combined score per period, with the training protocol's rules."""
     known = read_labels(labels)
     patterns = read_patterns(transactions)
-    engine = FeatureEngine(pipeline)
     scorer = new_scorer(settings, artifact)
-    waiting = PendingVectors(round(settings.label_ttl_days * DAY_MS))
     rows: list[tuple[str, int, str, float, float]] = []
-    items: list[FeatureVector | LabelledVector] = []
-
-    def flush() -> None:
-        for d in scorer.decide(items):
-            rows.append((d.txn.txn_id, d.txn.ts_ms, d.txn.card_id, d.xgb, d.score))
+    for decisions in scored_batches(scorer, pipeline, transactions, labels, settings.label_ttl_days, batch):
         if scorer.last.failed:  # an evaluation that left transactions out would misreport quality
             item, exc = scorer.last.failed[0]
             raise RuntimeError(f"scoring failed on {item!r:.200}: {type(exc).__name__}: {exc}") from exc
-        items.clear()
-
-    for out in engine.run(replay(transactions, labels)):
-        if isinstance(out, FeatureVector):
-            waiting.hold(out)
-            items.append(out)
-        elif isinstance(out, LabelEvent) and (learned := waiting.join(out)) is not None:
-            items.append(learned)
-        if len(items) >= batch:
-            flush()
-    flush()
+        rows += [(d.txn.txn_id, d.txn.ts_ms, d.txn.card_id, d.xgb, d.score) for d in decisions]
     ids = [r[0] for r in rows]
     data = Dataset.of(np.empty((len(rows), 0)), [r[1] for r in rows], ids, [r[2] for r in rows], known)
     scores = {"xgboost": np.array([r[3] for r in rows]), "combined": np.array([r[4] for r in rows])}

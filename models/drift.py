@@ -165,6 +165,7 @@ class DataDrift:
         self.newest: int | None = None
         self.first: int | None = None  # first hour seen: no window is judged before it is full
         self.last_psi = np.full(len(reference.names), np.nan)
+        self.judged = 0  # windows judged so far (`last_psi` changes with it)
         self.since: dict[str, int] = {}  # columns drifting now -> window start when first found
 
     def observe(self, ts_ms: np.ndarray, X: np.ndarray, scores: np.ndarray) -> list[DriftEvent]:
@@ -206,6 +207,7 @@ class DataDrift:
             return []
         values = psi(actual, self.ref.expected, self.used)
         self.last_psi = values
+        self.judged += 1
         events = []
         for name, v in zip(self.ref.names, values, strict=True):
             drifting = name in self.since
@@ -222,24 +224,6 @@ class DataDrift:
                     DriftEvent("data", name, "recovered", float(v), self.threshold, since, hour * HOUR_MS)
                 )
         return events
-
-    def state(self) -> tuple[Any, ...]:
-        return (
-            {h: c.astype(np.int64).tobytes() for h, c in self.hours.items()},
-            self.newest,
-            self.first,
-            self.last_psi.tobytes(),
-            dict(self.since),
-        )
-
-    def restore(self, state: tuple[Any, ...]) -> None:
-        hours, self.newest, self.first, last, since = state
-        shape = self.ref.expected.shape
-        self.hours = {
-            h: np.frombuffer(b, dtype=np.int64).reshape(shape).astype(np.float64) for h, b in hours.items()
-        }
-        self.last_psi = np.frombuffer(last, dtype=np.float64).copy()
-        self.since = dict(since)
 
 
 # --- concept drift ------------------------------------------------------------------------------
@@ -272,6 +256,7 @@ class ConceptDrift:
         }  # (label time, miss)
         self.since: dict[str, int] = {}  # models drifting now -> when their change began
         self.metrics: dict[str, dict[str, float]] = {}
+        self.measured = 0  # times `metrics` was recomputed
 
     def observe(self, is_fraud: bool, xgb: float, river: float, final: float, ts_ms: int) -> list[DriftEvent]:
         i = self.n % self.window
@@ -326,6 +311,7 @@ class ConceptDrift:
                 "recall": tp / int(y.sum()) if y.any() else math.nan,
             }
         self.metrics = out
+        self.measured += 1
 
 
 def change_point(outcomes: Sequence[tuple[int, float]], before: float) -> int:

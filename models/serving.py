@@ -114,11 +114,12 @@ class Scorer:
         """
         stats = self.last = BatchStats()
         vectors = [it for it in items if isinstance(it, FeatureVector)]
-        xgb_scores = self._xgb_scores(vectors, stats)
+        xgb_scores, X = self._xgb_scores(vectors, stats)
         skip = {id(it) for it, _ in stats.failed}
         concept = self.monitor.concept if self.monitor is not None else None
         label_xgb = self._label_scores(items) if concept is not None else None
         decisions: list[Decision] = []
+        decided: list[int] = []  # the row of `X` of each decision
         j = k = 0
         for it in items:
             try:
@@ -143,16 +144,18 @@ class Scorer:
                 decisions.append(
                     Decision(it.txn, it.values, xs, online, final, final >= self.threshold, it.late, None)
                 )
+                decided.append(j - 1)
             except Exception as exc:  # one poisoned item must not cost the batch its decisions
                 stats.failed.append((it, exc))
         self._explain([d for d in decisions if d.alert], stats)
         data = self.monitor.data if self.monitor is not None else None
         if data is not None and decisions:
             try:
+                rows = X[decided] if X is not None else np.asarray([d.values for d in decisions], np.float32)
                 stats.events += data.observe(
                     np.fromiter((d.txn.ts_ms for d in decisions), dtype=np.int64, count=len(decisions)),
-                    np.asarray([d.values for d in decisions], dtype=np.float64),
-                    np.fromiter((d.xgb for d in decisions), dtype=np.float64, count=len(decisions)),
+                    rows,
+                    xgb_scores[decided],
                 )
             except Exception as exc:  # drift is watched, never a reason to lose decisions
                 stats.drift_error = exc
@@ -162,19 +165,26 @@ class Scorer:
                 d.latency_s = (now - d.txn.received_ns) / 1e9
         return decisions
 
-    def _xgb_scores(self, vectors: list[FeatureVector], stats: BatchStats) -> np.ndarray:
+    def _xgb_scores(
+        self, vectors: list[FeatureVector], stats: BatchStats
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """XGBoost's scores of `vectors`, and their matrix (None if it could not be built)."""
         if not vectors:
-            return np.empty(0)
+            return np.empty(0), None
+        X = None
         try:
             X = np.asarray([v.values for v in vectors], dtype=np.float32)
-            parts = []
-            for start in range(0, len(vectors), self.batch_size):
-                parts.append(self.xgb.score(X[start : start + self.batch_size]))
-            scores = np.concatenate(parts)
+            scores = self._score_matrix(X)
         except Exception:
             scores = self._xgb_row_by_row(vectors, stats)
         stats.rows = len(vectors)
-        return scores
+        return scores, X
+
+    def _score_matrix(self, X: np.ndarray) -> np.ndarray:
+        """One XGBoost call per `batch_size` rows of `X`."""
+        return np.concatenate(
+            [self.xgb.score(X[s : s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
+        )
 
     def _label_scores(self, items: Sequence[Item]) -> np.ndarray:
         """XGBoost's scores of the labelled vectors in `items` (what it says of them now: the
@@ -183,10 +193,7 @@ class Scorer:
         if not labelled:
             return np.empty(0)
         try:
-            X = np.asarray(labelled, dtype=np.float32)
-            return np.concatenate(
-                [self.xgb.score(X[s : s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
-            )
+            return self._score_matrix(np.asarray(labelled, dtype=np.float32))
         except Exception:
             return np.full(len(labelled), np.nan)
 
