@@ -121,7 +121,7 @@ def main() -> None:
                 # otherwise turn its writes into cheap skips.
                 **{
                     f"FRAUD_{s.upper()}_STREAM": f"cpu{pair}:{s}"
-                    for s in ("alerts", "dlq", "late", "decision")
+                    for s in ("alerts", "dlq", "late", "drift", "decision")
                 },
             }
             runs = {

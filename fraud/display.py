@@ -4,7 +4,7 @@ Anything can be in a Redis stream: a producer bug, a hostile upstream or a hand-
 may write non-UTF-8 bytes, terminal escape sequences (`ESC [2J` clears the screen, `ESC ]…`
 sets the title or a hyperlink, `\\r` and backspace rewrite a line, bidi overrides reorder it),
 megabytes in one field or JSON nested a hundred thousand levels deep. The readers (`fraud
-alerts`, `fraud dead-letters`, `fraud alert-precision`) go through these helpers so that no
+alerts`, `fraud dead-letters`, `fraud drift`, `fraud alert-precision`) go through these helpers so that no
 entry can crash them or forge what the operator sees:
 
 - `decode`: bytes become text with invalid UTF-8 shown as `\\xNN` (backslashreplace), never an error;
@@ -107,3 +107,9 @@ def write_line(out: TextIO, line: str) -> None:
         encoding = getattr(out, "encoding", None) or "ascii"
         out.write(line.encode(encoding, errors="backslashreplace").decode(encoding) + "\n")
     out.flush()
+
+
+def print_json(doc: Any) -> None:
+    """`doc` as indented JSON on stdout; ensure_ascii (the default, made explicit): control
+    characters from stream data leave as \\uNNNN."""
+    print(json.dumps(doc, indent=2, default=str, ensure_ascii=True), flush=True)

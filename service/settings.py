@@ -141,6 +141,17 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(2.0, gt=0, description="Seconds between progress lines.")
     metrics_port: int | None = Field(None, description="Serve /metrics on this port (besides Bytewax's API).")
 
+    @property
+    def output_streams(self) -> list[str]:
+        """Every stream the flow writes (what `fraud reset` deletes)."""
+        return [
+            self.alerts_stream,
+            self.dlq_stream,
+            self.late_stream,
+            self.drift_stream,
+            self.decision_stream,
+        ]
+
     @field_validator(
         "labels_path",
         "redis_url",

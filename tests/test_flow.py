@@ -223,19 +223,22 @@ def test_reset_then_replay_writes_the_alerts_again(
     redis_client: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Replaying the same file is de-duplicated; `fraud reset` clears streams and markers."""
-    settings = settings_for(dataset, redis_url, threshold=0.2)
+    """Replaying the same file is de-duplicated; `fraud reset` clears streams and markers (the
+    alerts and the drift events here: a 24-hour PSI window judges this short replay's cold start)."""
+    settings = settings_for(dataset, redis_url, threshold=0.2, drift_window_hours=24, drift_min_rows=50)
+    streams = (settings.alerts_stream, settings.drift_stream)
     run_main(build(settings))
-    first = redis_client.xlen(settings.alerts_stream)
+    first = [redis_client.xlen(s) for s in streams]
     run_main(build(settings))
-    assert redis_client.xlen(settings.alerts_stream) == first > 0  # the replay wrote nothing twice
+    assert [redis_client.xlen(s) for s in streams] == first and min(first) > 0  # nothing written twice
     monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
     result = CliRunner().invoke(app, ["reset", "--yes"])
     assert result.exit_code == 0, result.output
-    assert redis_client.xlen(settings.alerts_stream) == 0
-    assert not list(redis_client.scan_iter(match=f"{settings.alerts_stream}:sent:*"))
+    for stream in streams:
+        assert redis_client.xlen(stream) == 0
+        assert not list(redis_client.scan_iter(match=f"{stream}:sent:*"))
     run_main(build(settings))
-    assert redis_client.xlen(settings.alerts_stream) == first
+    assert [redis_client.xlen(s) for s in streams] == first
 
 
 @pytest.fixture(scope="module")
