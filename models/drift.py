@@ -20,9 +20,12 @@ and River): no Bytewax, no Redis.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,7 @@ HOUR_MS = 3_600_000
 EPS = 1e-4  # proportions below this count as this (an empty bin would make PSI infinite)
 MODELS = ("xgboost", "river", "final")
 MAX_RECENT = 2000  # fraud-label outcomes kept per detector to date a change
+BIN_ROWS = 2048  # rows of the current hours gathered before they are binned
 RECOVERY = 0.8  # a drifting column recovers once its PSI is below this share of the threshold
 
 
@@ -80,13 +84,19 @@ class Reference:
         return int(self.expected.shape[1])
 
     def bins(self, X: np.ndarray) -> np.ndarray:
-        """Bin index of every value of `X` (rows x columns, the columns in `names` order)."""
-        out = np.zeros(X.shape, dtype=np.int64)
-        for c, edges in enumerate(self.edges):
-            col = X[:, c]
-            b = np.searchsorted(edges, col, side="right") + 1
-            b[~np.isfinite(col)] = 0
-            out[:, c] = b
+        """Bin index of every value of `X` (rows x columns, the columns in `names` order): what
+        searchsorted(edges[c], x, "right") + 1 gives per column, for all columns in one pass
+        (the edges padded with +inf, which only infinities reach, and they go to bin 0)."""
+        B = (X[:, :, None] >= self.padded[None, :, :]).sum(axis=2) + 1
+        B[~np.isfinite(X)] = 0
+        return B
+
+    @cached_property
+    def padded(self) -> np.ndarray:
+        """The edges as one (columns, most edges) matrix, padded with +inf."""
+        out = np.full((len(self.edges), max((len(e) for e in self.edges), default=0)), np.inf)
+        for c, e in enumerate(self.edges):
+            out[c, : len(e)] = e
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -162,8 +172,11 @@ class DataDrift:
         for c, e in enumerate(reference.edges):
             self.used[c, : len(e) + 2] = True
         self.hours: dict[int, np.ndarray] = {}  # hour of event time -> counts
+        self.total = np.zeros(reference.expected.shape)  # the sum of `hours` (counts are exact)
         self.newest: int | None = None
         self.first: int | None = None  # first hour seen: no window is judged before it is full
+        self.waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # rows not binned yet
+        self.waiting_rows = 0
         self.last_psi = np.full(len(reference.names), np.nan)
         self.judged = 0  # windows judged so far (`last_psi` changes with it)
         self.since: dict[str, int] = {}  # columns drifting now -> window start when first found
@@ -173,9 +186,20 @@ class DataDrift:
         return the events of the hours this batch closed."""
         if not len(ts_ms):
             return []
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        new_hour = self.newest is None or int(ts.max()) // HOUR_MS > self.newest
+        # Until an hour begins there is nothing to judge: rows wait and are binned together
+        # (binning costs a call per column, whatever the number of rows). The counts come out as
+        # if each batch had been counted at once: every waiting row's hour is at most `newest`.
+        self.waiting.append((ts, np.asarray(X), np.asarray(scores)))
+        self.waiting_rows += len(ts)
+        if not new_hour and self.waiting_rows < BIN_ROWS:
+            return []
+        ts, X, scores = (np.concatenate([w[i] for w in self.waiting]) for i in range(3))
+        self.waiting, self.waiting_rows = [], 0
         M = np.column_stack([np.asarray(X, dtype=np.float64), np.asarray(scores, dtype=np.float64)])
         B = self.ref.bins(M)
-        hours = np.asarray(ts_ms, dtype=np.int64) // HOUR_MS
+        hours = ts // HOUR_MS
         events: list[DriftEvent] = []
         for h in np.unique(hours):
             hour = int(h)
@@ -190,19 +214,17 @@ class DataDrift:
             counts = _counts(B[hours == h], self.ref.width)
             held = self.hours.get(hour)
             self.hours[hour] = counts if held is None else held + counts
+            self.total += counts
         return events
 
     def _evaluate(self, hour: int) -> list[DriftEvent]:
         """PSI over the `window` hours before `hour` (all complete once `hour` has begun)."""
         start = hour - self.window
         for h in [h for h in self.hours if h < start]:
-            del self.hours[h]
+            self.total -= self.hours.pop(h)
         if self.first is None or start < self.first:
             return []  # the window is not full yet (a day's cycle would be judged in part)
-        inside = [c for h, c in self.hours.items() if h < hour]
-        if not inside:
-            return []
-        actual = np.sum(inside, axis=0)
+        actual = self.total  # every hour held is in [start, hour): none is newer than `newest`
         if actual[0].sum() < self.min_rows:
             return []
         values = psi(actual, self.ref.expected, self.used)
@@ -246,8 +268,10 @@ class ConceptDrift:
         self.window = window
         self.every = every
         self.delta = delta
-        self.y = np.zeros(window, dtype=bool)
-        self.scores = np.zeros((len(MODELS), window), dtype=np.float64)
+        # Rings of the last `window` labels, as plain arrays (one element store per label is far
+        # cheaper there than in numpy); numpy reads them when the metrics are recomputed.
+        self.y = bytearray(window)
+        self.scores = [array("d", bytes(8 * window)) for _ in MODELS]
         self.n = 0  # labels seen
         # clock=1: check for a change at every fraud label (they are few; River checks every 32nd by default)
         self.detectors = {m: drift.ADWIN(delta=delta, clock=1) for m in ("xgboost", "final")}
@@ -261,7 +285,7 @@ class ConceptDrift:
     def observe(self, is_fraud: bool, xgb: float, river: float, final: float, ts_ms: int) -> list[DriftEvent]:
         i = self.n % self.window
         self.y[i] = is_fraud
-        self.scores[:, i] = (xgb, river, final)
+        self.scores[0][i], self.scores[1][i], self.scores[2][i] = xgb, river, final
         self.n += 1
         if self.n % self.every == 0:
             self._measure()
@@ -298,10 +322,10 @@ class ConceptDrift:
 
     def _measure(self) -> None:
         k = min(self.n, self.window)
-        y = self.y[:k]
+        y = np.frombuffer(self.y, dtype=bool)[:k]
         out: dict[str, dict[str, float]] = {}
         for j, model in enumerate(MODELS):
-            s = self.scores[j, :k]
+            s = np.frombuffer(self.scores[j], dtype=np.float64)[:k]
             alert = s >= self.threshold
             tp = int((alert & y).sum())
             out[model] = {
@@ -353,5 +377,10 @@ class DriftMonitor:
             else DataDrift(reference, window_hours=window_hours, threshold=psi_threshold, min_rows=min_rows)
         )
         self.concept = ConceptDrift(
-            threshold, window=label_window, every=max(label_window // 10, 1), delta=delta
+            threshold, window=label_window, every=max(label_window // 5, 1), delta=delta
         )
+        ref = b"" if reference is None else reference.expected.tobytes() + repr(reference.names).encode()
+        digest = hashlib.sha256(ref).hexdigest()  # not hash(): salted per process, and this outlives one
+        self.config = (digest, threshold, window_hours, psi_threshold, min_rows, label_window, delta)
+        """What the watch was built with: a snapshot taken under another configuration (another
+        reference, threshold or setting) is not resumed (`Scorer.restore`)."""

@@ -114,10 +114,10 @@ class Scorer:
         """
         stats = self.last = BatchStats()
         vectors = [it for it in items if isinstance(it, FeatureVector)]
-        xgb_scores, X = self._xgb_scores(vectors, stats)
-        skip = {id(it) for it, _ in stats.failed}
         concept = self.monitor.concept if self.monitor is not None else None
-        label_xgb = self._label_scores(items) if concept is not None else None
+        labelled = [it.values for it in items if type(it) is LabelledVector] if concept is not None else []
+        xgb_scores, X, label_xgb = self._xgb_scores(vectors, labelled, stats)
+        skip = {id(it) for it, _ in stats.failed}
         decisions: list[Decision] = []
         decided: list[int] = []  # the row of `X` of each decision
         j = k = 0
@@ -128,7 +128,7 @@ class Scorer:
                     river = self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
                     stats.learn_s += time.perf_counter() - started
                     stats.labels_learned += 1
-                    if concept is not None and label_xgb is not None:
+                    if concept is not None:
                         xs, k = float(label_xgb[k]), k + 1
                         final = float(combine(xs, river, self.weight))
                         stats.events += concept.observe(it.is_fraud, xs, river, final, it.ts_ms)
@@ -166,36 +166,30 @@ class Scorer:
         return decisions
 
     def _xgb_scores(
-        self, vectors: list[FeatureVector], stats: BatchStats
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """XGBoost's scores of `vectors`, and their matrix (None if it could not be built)."""
-        if not vectors:
-            return np.empty(0), None
+        self, vectors: list[FeatureVector], labelled: list[Sequence[float]], stats: BatchStats
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """XGBoost's scores of `vectors`, their matrix (None if it could not be built), and its
+        scores of the `labelled` vectors (the model is fixed: what it said at decision time), in
+        the same calls. If the batch call fails, vectors are scored row by row (the failing ones
+        listed) and labelled vectors get NaN."""
+        if not vectors and not labelled:
+            return np.empty(0), None, np.empty(0)
         X = None
         try:
-            X = np.asarray([v.values for v in vectors], dtype=np.float32)
-            scores = self._score_matrix(X)
+            X = np.asarray([v.values for v in vectors] + labelled, dtype=np.float32)
+            both = self._score_matrix(X)
+            scores, label_scores = both[: len(vectors)], both[len(vectors) :]
         except Exception:
             scores = self._xgb_row_by_row(vectors, stats)
+            label_scores = np.full(len(labelled), np.nan)
         stats.rows = len(vectors)
-        return scores, X
+        return scores, (X[: len(vectors)] if X is not None else None), label_scores
 
     def _score_matrix(self, X: np.ndarray) -> np.ndarray:
         """One XGBoost call per `batch_size` rows of `X`."""
         return np.concatenate(
             [self.xgb.score(X[s : s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
         )
-
-    def _label_scores(self, items: Sequence[Item]) -> np.ndarray:
-        """XGBoost's scores of the labelled vectors in `items` (what it says of them now: the
-        model does not change, so this is what it said at decision time); NaN if it fails."""
-        labelled = [it.values for it in items if isinstance(it, LabelledVector)]
-        if not labelled:
-            return np.empty(0)
-        try:
-            return self._score_matrix(np.asarray(labelled, dtype=np.float32))
-        except Exception:
-            return np.full(len(labelled), np.nan)
 
     def _xgb_row_by_row(self, vectors: list[FeatureVector], stats: BatchStats) -> np.ndarray:
         """After a failed batch call: score each row alone, listing the rows that fail."""
@@ -232,9 +226,13 @@ class Scorer:
         return (pickle.dumps(self.online), pickle.dumps(self.monitor))
 
     def restore(self, snap: tuple[Any, ...]) -> None:
+        """Resume the online model, and the drift watch when the snapshot's was built like this
+        scorer's (the same reference and settings); otherwise the watch starts afresh, and it stays
+        off when this scorer has none."""
         self.online = pickle.loads(snap[0])
-        if len(snap) > 1:
-            self.monitor = pickle.loads(snap[1])
+        watch = pickle.loads(snap[1]) if len(snap) > 1 else None
+        if self.monitor is not None and watch is not None and watch.config == self.monitor.config:
+            self.monitor = watch
 
 
 class PendingVectors:

@@ -59,8 +59,11 @@ def new_online_model(settings: Settings) -> OnlineModel:
     )
 
 
-def new_drift_monitor(settings: Settings, artifact: ModelArtifact) -> DriftMonitor:
-    """The scorer's drift watch; data drift only when the artifact carries a reference."""
+def new_drift_monitor(settings: Settings, artifact: ModelArtifact) -> DriftMonitor | None:
+    """The scorer's drift watch (None when `FRAUD_DRIFT_WATCH` is off); data drift only when the
+    artifact carries a reference."""
+    if not settings.drift_watch:
+        return None
     return DriftMonitor(
         None if artifact.reference is None else Reference.from_json(artifact.reference),
         artifact.threshold if settings.threshold is None else settings.threshold,

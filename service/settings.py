@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     online_l2: float = Field(0.0, ge=0, description="River L2 regularisation.")
     online_pos_weight: float = Field(1.0, gt=0, description="Weight of a fraud label in River's loss.")
     top_reasons: int = Field(3, ge=0, description="Feature contributions listed in each alert.")
+    drift_watch: bool = Field(
+        True, description="Watch data and concept drift in the scorer (see docs/models.md, Drift)."
+    )
     drift_window_hours: int = Field(
         168, ge=1, le=24 * 60, description="Hours of event time each feature's PSI is computed over."
     )

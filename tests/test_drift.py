@@ -41,6 +41,11 @@ def test_reference_bins_missing_values_apart_and_round_trips_through_json() -> N
     assert ref.expected[0, 1:].max() == pytest.approx(0.1, abs=0.01)
     B = ref.bins(np.array([[np.nan, np.inf, -1e9]]))
     assert B.tolist() == [[0, 0, 1]]
+    M = np.column_stack([X, s])[:500]
+    M[::7, 0] = ref.edges[0][3]  # on an edge: counted in the bin above it, as searchsorted "right"
+    want = np.column_stack([np.searchsorted(e, M[:, c], side="right") + 1 for c, e in enumerate(ref.edges)])
+    want[~np.isfinite(M)] = 0
+    np.testing.assert_array_equal(ref.bins(M), want)
     again = Reference.from_json(ref.to_json())
     assert again.names == ref.names
     np.testing.assert_allclose(again.expected, ref.expected, atol=1e-8)
@@ -155,7 +160,49 @@ def test_change_point_finds_where_misses_began() -> None:
 
 def test_monitor_without_reference_watches_concept_only() -> None:
     m = DriftMonitor(None, 0.5, label_window=100)
-    assert m.data is None and m.concept.every == 10
+    assert m.data is None and m.concept.every == 20
     for i in range(100):
         m.concept.observe(i % 10 == 0, 0.9 if i % 10 == 0 else 0.1, 0.0, 0.5, i)
     assert not math.isnan(m.concept.metrics["xgboost"]["auc"])
+
+
+def test_data_drift_finds_the_same_in_small_batches_as_in_whole_hours() -> None:
+    """Rows of hours already begun wait to be binned together: the events and the PSI come out
+    as if every batch had been counted at once."""
+    rng = np.random.default_rng(8)
+    X, s = world(rng, 10_000)
+    ref = reference_of(X, NAMES, s)
+    hours = [(h, *world(rng, 300, 0.0 if h < 60 else 1.5)) for h in range(100)]
+    whole, small = DataDrift(ref, window_hours=24), DataDrift(ref, window_hours=24)
+    got_whole, got_small = [], []
+    for h, Xh, sh in hours:
+        ts = h * HOUR_MS + np.sort(rng.integers(0, HOUR_MS, len(Xh)))
+        got_whole += whole.observe(ts, Xh, sh)
+        for i in range(0, len(ts), 7):
+            got_small += small.observe(ts[i : i + 7], Xh[i : i + 7], sh[i : i + 7])
+    assert got_small == got_whole and [e.what for e in got_whole if e.state == "drifting"] == ["a"]
+    np.testing.assert_allclose(small.last_psi, whole.last_psi)
+
+
+def test_monitor_config_is_the_same_in_another_process() -> None:
+    """A restarted flow resumes the watch only if its configuration matches the snapshot's: the
+    configuration must not depend on the process (Python's hash() of bytes is salted per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from models.drift import DriftMonitor, reference_of\n"
+        "X = np.arange(200.0).reshape(100, 2); m = DriftMonitor(reference_of(X, ['a', 'b'], X[:, 0] / 100), 0.5)\n"
+        "print(m.config)"
+    )
+    got = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(got) == 1 and "0.5" in got.pop()

@@ -200,6 +200,19 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     assert scoring.snapshot() == (pickle.dumps(scoring.scorer.online), pickle.dumps(scoring.scorer.monitor))
     assert ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.online.n_learned == 1
 
+    # FRAUD_DRIFT_WATCH=false: no watch, the same decision.
+    off = ScoringLogic(load_runtime(Settings(drift_watch=False), need_redis=False).new_scorer, None)
+    (same,) = off.apply([vector, learned])
+    assert off.scorer.monitor is None and scoring.scorer.monitor is not None
+    assert (same.xgb, same.online, same.score) == (decision.xgb, decision.online, decision.score)
+    back_on = ScoringLogic(rt.new_scorer, off.snapshot()).scorer
+    assert back_on.online.n_learned == 1 and back_on.monitor is not None  # the watch starts afresh
+    assert back_on.monitor.concept.n == 0 and scoring.scorer.monitor.concept.n == 1
+    resumed_on = ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.monitor
+    assert resumed_on is not None and resumed_on.concept.n == 1
+    other = load_runtime(Settings(drift_label_window=200), need_redis=False).new_scorer
+    assert ScoringLogic(other, scoring.snapshot()).scorer.monitor.concept.n == 0  # other settings
+
 
 def test_pending_keeps_a_label_that_overtook_its_row(pipeline: FeaturePipeline) -> None:
     """Most labels skip the entity chain, so one can reach `pending` while its row is still held
