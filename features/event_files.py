@@ -16,7 +16,7 @@ from typing import IO
 
 import msgspec
 
-from features.events import AwareTime, DeadLetter, Label, Transaction, decode, to_epoch_ms
+from features.events import AwareTime, Control, DeadLetter, Label, Transaction, decode, to_epoch_ms
 
 
 class _Ts(msgspec.Struct):
@@ -64,4 +64,6 @@ def merged_records(
 def replay(txns: Path, labels: Path | None) -> Iterator[Transaction | Label | DeadLetter]:
     """Decoded events of both files in arrival order."""
     for kind, line, _ in merged_records(txns, labels):
-        yield decode(kind, line)
+        event = decode(kind, line)
+        if not isinstance(event, Control):  # files hold transactions and labels only
+            yield event

@@ -37,6 +37,7 @@ REASONS = (
     "unknown_txn",
     "duplicate_label",
     "internal_error",
+    "bad_control",
 )
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIELD_CHARS)]
@@ -112,14 +113,49 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
     origin: str = ""
 
 
-Kind = Literal["txn", "label"]
+class _WireControl(msgspec.Struct, forbid_unknown_fields=True):
+    command: Literal["champion", "shadow", "rules"]
+    version: Short = ""
+    digest: Short = ""
+    text: str = ""
+
+
+CONTROL_COMMANDS = ("champion", "shadow", "rules")
+
+
+class Control(msgspec.Struct, frozen=True, gc=False):
+    """An operator's command read from the input (`fraud model promote`, `fraud rules load`...): the
+    scorer applies it at its place in the canonical order, so every process switches at the same
+    event. `champion`/`shadow`: serve (or shadow) model `version` of the registry, whose model file
+    has sha256 `digest` (`shadow` with no version turns the shadow off); `rules`: the rule set
+    `text`. It has no event time of its own (`ts_ms` 0): it takes its place after what its partition
+    sent before it."""
+
+    command: str
+    version: str = ""
+    digest: str = ""
+    text: str = ""
+    ts_ms: int = 0
+    received_ns: int = 0
+    seq: int = 0
+    raw: str = ""
+    origin: str = ""
+
+    @property
+    def txn_id(self) -> str:
+        """The key it takes through the steps keyed by transaction: its own, never a transaction's."""
+        return f"~control:{self.origin}"
+
+
+Kind = Literal["txn", "label", "control"]
 Record = tuple[str, str, str]
 """What every source hands the flow: (kind, raw payload, origin). The origin says where the record
 was read (`<stream>#<entry id>`, `<file>:<line>`) and identifies its dead letter."""
-Decoded = Transaction | Label | DeadLetter
+Decoded = Transaction | Label | Control | DeadLetter
 
 _txn_decoder = msgspec.json.Decoder(_WireTransaction)
 _label_decoder = msgspec.json.Decoder(_WireLabel)
+_control_decoder = msgspec.json.Decoder(_WireControl)
 
 
 class _Invalid(ValueError):
@@ -271,6 +307,21 @@ def decode_label(
         return DeadLetter("label", e.reason, e.detail, _kept(raw, e.reason), _txn_id_of(raw), origin)
 
 
+def decode_control(
+    raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = ""
+) -> Control | DeadLetter:
+    """An operator's command (see `Control`); a malformed one is a `bad_control` dead letter."""
+    try:
+        w = _control_decoder.decode(_checked(raw))
+        if w.command in ("champion", "rules") and not (w.version and w.digest):
+            raise _Invalid("bad_control", f"a {w.command!r} command needs a version and a digest")
+        return Control(w.command, w.version, w.digest, w.text, 0, received_ns, seq, _text(raw), origin)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
+        return DeadLetter("control", "bad_control", str(e), _text(raw), None, origin)
+    except _Invalid as e:
+        return DeadLetter("control", e.reason, e.detail, _kept(raw, e.reason), None, origin)
+
+
 def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0, origin: str = "") -> Decoded:
     """Decode one record of `kind` ("txn" or "label"); never raises.
 
@@ -284,6 +335,8 @@ def decode(kind: str, raw: bytes | str, received_ns: int = 0, seq: int = 0, orig
         return decode_transaction(raw, received_ns, seq, origin)
     if kind == "label":
         return decode_label(raw, received_ns, seq, origin)
+    if kind == "control":
+        return decode_control(raw, received_ns, seq, origin)
     return DeadLetter(
         str(kind)[:32], "unknown_kind", f"unknown record kind {kind!r}", _text(raw), None, origin
     )

@@ -47,12 +47,12 @@ from flows.steps import (
     drift_of,
     entity_key,
     is_dead_letter,
-    is_labelled,
     is_valid,
     partitions,
     pending_key,
     scorer_key,
     starts_state,
+    to_every_replica,
     txn_key,
 )
 from service import telemetry
@@ -108,15 +108,14 @@ def build(
         logic=partial(ScoringLogic, rt.new_scorer),
         key=scorer_key,
         per_worker=True,
-        everywhere=is_labelled,
+        everywhere=to_every_replica,
         last=True,
     )
     scored = batch.keep_map("scored_ok", scores, decision_of)
 
-    alert = partial(alert_entry, model_version=rt.version, threshold=rt.threshold)
     op.output(
         "alerts_out",
-        batch.keep_map("alert", scored, alert),
+        batch.keep_map("alert", scored, alert_entry),
         alerts or connectors.stream(rt, s.alerts_stream, "txn_id"),
     )
     late_out = batch.keep_map("late", scored, late_entry)
@@ -139,12 +138,7 @@ def build(
     if decisions is not None:
         op.output("decisions_out", scored, decisions)
     elif s.decision_log:
-        log = partial(
-            decision_entry,
-            model_version=rt.version,
-            threshold=rt.threshold,
-            names=pipeline.names,
-        )
+        log = partial(decision_entry, names=pipeline.names)
         op.output(
             "decision_log",
             op.map("decision", scored, log),

@@ -63,16 +63,18 @@ def _about(d: Decision, card_field: str = "card_id") -> dict[str, str]:
     }
 
 
-def _scores(d: Decision, threshold: float) -> dict[str, str]:
+def _scores(d: Decision) -> dict[str, str]:
+    """Scores, and the model version and threshold that made the decision."""
     return {
         "score": f"{d.score:.6f}",
         "xgb_score": f"{d.xgb:.6f}",
         "online_score": f"{d.online:.6f}",
-        "threshold": f"{threshold:.6f}",
+        "threshold": f"{d.threshold:.6f}",
+        "model_version": d.version,
     }
 
 
-def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, str] | None:
+def alert_entry(d: Decision) -> dict[str, str] | None:
     """The `fraud:alerts` stream entry of an alerting decision, None for the others."""
     if not d.alert:
         return None
@@ -80,21 +82,16 @@ def alert_entry(d: Decision, model_version: str, threshold: float) -> dict[str, 
         **_about(d),
         "ts_ms": str(d.txn.ts_ms),
         "amount": repr(d.txn.amount),
-        **_scores(d, threshold),
-        "model_version": model_version,
+        **_scores(d),
         "reasons": _reasons_json(d),
         "late": "1" if d.late else "0",
         "latency_ms": "" if d.latency_s is None else f"{d.latency_s * 1000:.3f}",
     }
 
 
-def decision_entry(
-    d: Decision,
-    model_version: str,
-    threshold: float,
-    names: list[str],
-) -> dict[str, str]:
-    """The audit-trail entry of every scored transaction: what was seen, scored and decided.
+def decision_entry(d: Decision, names: list[str]) -> dict[str, str]:
+    """The audit-trail entry of every scored transaction: what was seen, scored and decided, by
+    which model version; with a shadow model, what it said (`shadow_*`).
 
     `features` is a JSON object feature name -> value (non-finite values as null), in the order of
     `names`, the artifact's feature names, which must match the decision's vector.
@@ -103,15 +100,20 @@ def decision_entry(
         name: float(value) if math.isfinite(value) else None
         for name, value in zip(names, d.values, strict=True)
     }
-    return {
+    entry = {
         **_about(d, card_field="card"),
-        **_scores(d, threshold),
+        **_scores(d),
         "alert": "1" if d.alert else "0",
-        "model_version": model_version,
         "features": json.dumps(features),
         "reasons": _reasons_json(d),
         "late": "1" if d.late else "0",
     }
+    if d.shadow is not None:
+        entry["shadow_version"] = d.shadow.version
+        entry["shadow_xgb_score"] = f"{d.shadow.xgb:.6f}"
+        entry["shadow_score"] = f"{d.shadow.score:.6f}"
+        entry["shadow_alert"] = "1" if d.shadow.alert else "0"
+    return entry
 
 
 def late_entry(d: Decision) -> dict[str, str] | None:

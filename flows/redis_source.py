@@ -68,7 +68,7 @@ def shard_of(card_id: str, shards: int) -> int:
     return zlib.crc32(card_id.encode()) % shards
 
 
-KINDS = frozenset({"txn", "label"})
+KINDS = frozenset({"txn", "label", "control"})
 UNKNOWN = "unknown"
 LAG_REFRESH_S = 1.0
 # What a read can fail with; `service.redis_client.is_outage` tells waiting from fixing.

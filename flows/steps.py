@@ -24,7 +24,7 @@ from features.engine import (
     duplicate_txn,
     join_label,
 )
-from features.events import DeadLetter, Decoded, Label, Record, Transaction, decode, encode
+from features.events import Control, DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
 from features.privacy import identity, tokenize_raw
 from flows.expiry import Expired
@@ -74,6 +74,8 @@ def _dead_letter(item: Any, detail: str) -> DeadLetter:
     if isinstance(item, LabelledVector):
         raw = msgspec.json.encode({"txn_id": item.txn_id, "is_fraud": item.is_fraud}).decode()
         return DeadLetter("label", "internal_error", detail, raw, item.txn_id, "")
+    if isinstance(item, Control):  # a command the scorer could not apply
+        return DeadLetter("control", "bad_control", detail, item.raw, None, item.origin)
     return DeadLetter("unknown", "internal_error", detail, repr(item)[:MAX_DETAIL_CHARS], None, "")
 
 
@@ -144,7 +146,7 @@ def pending_key(item: Chained | Quarantined | Expired) -> str:
     return item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id
 
 
-Scored = FeatureVector | LabelledVector
+Scored = FeatureVector | LabelledVector | Control
 
 
 def scorer_key(item: Scored | Quarantined) -> str:
@@ -152,9 +154,10 @@ def scorer_key(item: Scored | Quarantined) -> str:
     return item.txn.txn_id if type(item) is FeatureVector else item.txn_id  # type: ignore[union-attr]
 
 
-def is_labelled(item: Scored | Quarantined) -> bool:
-    """A labelled vector goes to every scorer replica: each learns every label."""
-    return type(item) is LabelledVector
+def to_every_replica(item: Scored | Quarantined) -> bool:
+    """A labelled vector goes to every scorer replica (each learns every label), and so does a
+    command (each replica switches model at the same place)."""
+    return type(item) is LabelledVector or type(item) is Control
 
 
 def chain_filters(pipeline: FeaturePipeline) -> tuple[Callable[[Any], bool], Callable[[Any], bool]]:
@@ -234,6 +237,9 @@ class IndexLogic(msgspec.Struct, StepLogic, gc=False):
         for item in events:
             if isinstance(item, Expired):
                 self.entry = None
+                out.append(item)
+                continue
+            if type(item) is Control:  # for the scorer: it keys no transaction
                 out.append(item)
                 continue
             try:
@@ -332,6 +338,9 @@ class PendingLogic(msgspec.Struct, StepLogic, gc=False):
     def apply(self, events: list[Any]) -> list[Scored | Quarantined]:
         out: list[Scored | Quarantined] = []
         for it in events:
+            if type(it) is Control:
+                out.append(it)
+                continue
             if type(it) is Quarantined or type(it) is Expired:
                 if type(it) is Quarantined:
                     out.append(it)
@@ -407,9 +416,30 @@ class ScoringLogic(StepLogic):
         if stats.unexplained:
             telemetry.UNEXPLAINED_ALERTS.inc(stats.unexplained)
         dead += [quarantine(it, "score", exc).dead for it, exc in stats.failed]
+        for it, exc in stats.failed:
+            if type(it) is Control:
+                telemetry.MODEL_COMMANDS.labels(command=it.command, result="refused").inc()
+                logger.error("command %s %r refused: %s", it.command, it.version, exc)
+        if stats.applied:
+            self.export_model(stats.applied)
         if self.scorer.monitor is not None:
             self.export_drift(self.scorer.monitor, stats)
         return [*decisions, *dead, *stats.events]
+
+    def export_model(self, applied: list[Control]) -> None:
+        """Commands applied in this batch: counted and logged; the model-version info updated."""
+        for c in applied:
+            telemetry.MODEL_COMMANDS.labels(command=c.command, result="applied").inc()
+            logger.warning("command applied: %s %s", c.command, c.version or "(off)")
+        champion, shadow = self.scorer.champion.artifact, self.scorer.shadow
+        telemetry.MODEL.info(
+            {
+                "version": champion.version,
+                "schema_hash": champion.schema_hash[:12],
+                "shadow": shadow.version if shadow is not None else "",
+            }
+        )
+        self.exported = (-1, -1)  # a new champion's watch: refresh the gauges
 
     def export_drift(self, monitor: DriftMonitor, stats: BatchStats) -> None:
         """What the drift watch found in this batch: events counted and logged; the PSI gauges

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fraud import stream_commands
+from fraud import model_commands, stream_commands
 from fraud.display import print_json
 from service.settings import SAMPLES, get_settings
 
@@ -17,6 +19,7 @@ app.command()(stream_commands.alerts)
 app.command("alert-precision")(stream_commands.alert_precision)
 app.command("dead-letters")(stream_commands.dead_letters)
 app.command("drift")(stream_commands.drift)
+app.add_typer(model_commands.app, name="model")
 
 
 @app.command()
@@ -108,12 +111,60 @@ def train(
         bool, typer.Option("--search/--no-search", help="Tune XGBoost on validation (8 fits).")
     ] = True,
     seed: int = 0,
+    from_decisions: Annotated[
+        bool,
+        typer.Option(
+            "--from-decisions",
+            help="Train on the features the flow served (FRAUD_DECISION_STREAM, written with "
+            "FRAUD_DECISION_LOG=1) instead of replaying files; labels from --labels, else from the "
+            "input shard streams (FRAUD_INPUT_STREAM). The model is registered as a candidate "
+            "version (`fraud model list`); --out also keeps a copy there.",
+        ),
+    ] = False,
 ) -> None:
     """Replay a file through the feature engine, train and tune XGBoost, judge a later period, save."""
     from fraud import train as training
     from service.runtime import new_pipeline
 
     s = get_settings()
+    if from_decisions:
+        # The decision log: a log that cannot be trained on, or Redis out of reach, is one line on
+        # stderr and exit status 1; periods without fraud labels a usage error, as below.
+        import redis
+
+        from fraud.decision_log import DecisionLogError, train_from_decisions
+        from models.registry import Registry
+        from service.redis_client import connect, redact
+        from service.redis_server import redis_url
+
+        if transactions is not None:
+            raise typer.BadParameter("does not apply with --from-decisions", param_hint="--transactions")
+        if labels is not None and not labels.is_file():
+            raise typer.BadParameter(f"labels file {labels} does not exist", param_hint="--labels")
+        split = training.Split(train_days, valid_days, test_days, gap_days, start_day)
+        url = redis_url(s)
+        client = connect(url)
+        staging = out or Path(tempfile.mkdtemp(prefix="fraud-candidate-"))
+        try:
+            report = train_from_decisions(
+                client, s, new_pipeline(s), staging, labels=labels, split=split, k=k,
+                search=search, seed=seed,
+            )  # fmt: skip
+            report["registered"] = f"{Registry(s.model_registry).add(staging)} in {s.model_registry}"
+        except DecisionLogError as exc:
+            typer.echo(f"fraud train: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            typer.echo(f"fraud train: reading {redact(url)} failed: {type(exc).__name__}: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        finally:
+            client.close()
+            if out is None:
+                shutil.rmtree(staging, ignore_errors=True)
+        print_json(report)
+        return
     txns = transactions or s.transactions_path
     labs = labels or s.labels_path
     if labs is None:
@@ -138,12 +189,35 @@ def evaluate(
     end_day: float = 90,
     start_day: float = 55,
     k: Annotated[int, typer.Option(min=1, help="Cards reviewed per day, for Card Precision@k.")] = 100,
+    from_decisions: Annotated[
+        bool,
+        typer.Option(
+            "--from-decisions",
+            help="Judge what the flow served instead (FRAUD_DECISION_STREAM): each champion version, "
+            "and each shadow against its champion on the same labelled transactions; labels from "
+            "--labels, else from the input shard streams.",
+        ),
+    ] = False,
 ) -> None:
     """Replay through the serving scorer; judge XGBoost alone and XGBoost + the online model."""
     from fraud import train as training
     from service.runtime import load_model, new_pipeline
 
     s = get_settings()
+    if from_decisions:
+        from fraud.decision_log import DecisionLogError, compare_models
+        from service.redis_client import connect
+        from service.redis_server import redis_url
+
+        client = connect(redis_url(s))
+        try:
+            print_json(compare_models(client, s, labels))
+        except DecisionLogError as exc:
+            typer.echo(f"fraud evaluate: {exc}", err=True)
+            raise typer.Exit(1) from None
+        finally:
+            client.close()
+        return
     pipeline = new_pipeline(s)
     labs = labels or s.labels_path
     if labs is None:

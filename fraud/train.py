@@ -284,12 +284,41 @@ def train(
 ) -> dict[str, Any]:
     """Build the dataset, fit (see `fit`), save the artifact; return the report."""
     data = build_dataset(pipeline, transactions, labels)
+    return train_on(
+        settings,
+        pipeline,
+        data,
+        out_dir,
+        source=transactions.name,
+        split=split,
+        k=k,
+        search=search,
+        seed=seed,
+    )
+
+
+def train_on(
+    settings: Settings,
+    pipeline: FeaturePipeline,
+    data: Dataset,
+    out_dir: Path,
+    *,
+    source: str,
+    split: Split,
+    k: int = 100,
+    search: bool = True,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit on `data` (see `fit`), save the artifact to `out_dir`; return the report (`version`,
+    `threshold`, then the artifact's metrics: the fit's report with `source`, the feature set and
+    any `extra` entries)."""
     lookback_days = max(plan.lookback_ms for plan in pipeline.plans) / DAY_MS
     fitted = fit(
         data, list(pipeline.names), split, k=k, search=search, device=settings.xgb_device, seed=seed,
         lookback_days=lookback_days,
     )  # fmt: skip
-    report = {**fitted.report, "source": transactions.name, "feature_set": settings.feature_set}
+    report = {**fitted.report, "source": source, "feature_set": settings.feature_set, **(extra or {})}
     now = datetime.now(UTC)
     artifact = ModelArtifact(
         version=make_version(pipeline.schema_hash, now),
@@ -303,7 +332,7 @@ def train(
         reference=fitted.reference,
     )
     save(artifact, out_dir)
-    return {"version": artifact.version, "threshold": fitted.threshold, **report}
+    return {"version": artifact.version, "threshold": artifact.threshold, **report}
 
 
 def scored_batches(

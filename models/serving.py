@@ -8,10 +8,11 @@ arrival order, so a label teaches it only about transactions that come after it.
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,19 +20,31 @@ import msgspec
 import numpy as np
 
 from features.engine import FeatureVector, LabelEvent
-from features.events import Transaction
-from models.artifact import ModelArtifact
+from features.events import Control, Transaction
+from models.artifact import ArtifactError, ModelArtifact
 from models.combine import combine
 from models.drift import DriftEvent, DriftMonitor
 from models.online import OnlineModel, x_dict
+from models.registry import Registry
 from models.xgb import XGBScorer, positive_weight
 
 Reason = tuple[str, float, float]  # (feature, value, contribution in log-odds)
 
 
+@dataclass(frozen=True)
+class ShadowScore:
+    """What the shadow model said of a transaction (never alerts; goes to the decision log)."""
+
+    version: str
+    xgb: float
+    score: float  # combined with the same online score as the champion's
+    alert: bool  # whether it would have alerted at its own threshold
+
+
 @dataclass
 class Decision:
-    """A scored transaction: component scores, final score, and why when it alerts."""
+    """A scored transaction: component scores, final score, and why when it alerts; which model
+    version decided it and at which threshold; the shadow model's scores when one runs."""
 
     txn: Transaction
     values: list[float]
@@ -42,6 +55,20 @@ class Decision:
     late: bool
     latency_s: float | None
     reasons: list[Reason] = field(default_factory=list)
+    version: str = ""
+    threshold: float = math.nan
+    shadow: ShadowScore | None = None
+
+
+class Served:
+    """A model the scorer serves (champion or shadow): its artifact, XGBoost scorer, threshold."""
+
+    def __init__(self, artifact: ModelArtifact, xgb: XGBScorer, threshold: float, digest: str) -> None:
+        self.artifact, self.xgb, self.threshold, self.digest = artifact, xgb, threshold, digest
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
 
 
 class LabelledVector(msgspec.Struct, frozen=True, gc=False):
@@ -55,7 +82,7 @@ class LabelledVector(msgspec.Struct, frozen=True, gc=False):
     ts_ms: int = 0  # the label's event time (drift events say when)
 
 
-Item = FeatureVector | LabelledVector
+Item = FeatureVector | LabelledVector | Control
 
 
 @dataclass
@@ -68,10 +95,12 @@ class BatchStats:
     learn_s: float = 0.0  # seconds the online model spent learning this batch's labels
     events: list[DriftEvent] = field(default_factory=list)  # drift found in this batch
     drift_error: Exception | None = None  # the data-drift watch failed on this batch (logged)
+    applied: list[Control] = field(default_factory=list)  # commands applied in this batch (logged)
 
 
 class Scorer:
-    """XGBoost + River behind one `decide(items)` call; holds the online model's state."""
+    """XGBoost + River behind one `decide(items)` call; holds the online model's state, the model
+    it serves (champion) and the one it shadows, if any."""
 
     def __init__(
         self,
@@ -85,27 +114,78 @@ class Scorer:
         device: str = "cpu",
         nthread: int = 1,
         monitor: DriftMonitor | None = None,
+        monitor_for: Callable[[ModelArtifact], DriftMonitor | None] | None = None,
+        registry: Registry | None = None,
+        digest: str = "",
     ) -> None:
-        self.artifact = artifact
+        self.device, self.nthread = device, nthread
+        self.fixed_threshold = threshold  # FRAUD_THRESHOLD: every model alerts at it; else its own
+        self.registry = registry  # where the versions a command names are loaded from
+        self.monitor_for = monitor_for  # the drift watch of a newly served champion
         self.monitor = monitor
         self.names = list(artifact.feature_names)
-        self.xgb = XGBScorer(
-            artifact.booster,
-            self.names,
-            device=device,
-            nthread=nthread,
-            positive_weight=positive_weight(artifact.params),
-        )
         self.online = online
-        self.threshold = artifact.threshold if threshold is None else threshold
         self.weight = online_weight
         self.batch_size = batch_size
         self.top_reasons = top_reasons
+        self.shadow: Served | None = None
+        self._serve(self._served(artifact, digest))
         self.last = BatchStats()
+
+    # --- the models served -------------------------------------------------------------------
+
+    def _served(self, artifact: ModelArtifact, digest: str) -> Served:
+        xgb = XGBScorer(
+            artifact.booster,
+            self.names,
+            device=self.device,
+            nthread=self.nthread,
+            positive_weight=positive_weight(artifact.params),
+        )
+        threshold = artifact.threshold if self.fixed_threshold is None else self.fixed_threshold
+        return Served(artifact, xgb, threshold, digest)
+
+    def _serve(self, champion: Served) -> None:
+        self.champion = champion
+        self.artifact, self.xgb, self.threshold = champion.artifact, champion.xgb, champion.threshold
+
+    def _load(self, version: str, digest: str) -> ModelArtifact:
+        """Version `version` from the registry, refused unless its model file has `digest` and it
+        was trained on the feature schema this scorer serves."""
+        if self.registry is None:
+            raise ArtifactError(f"model {version} was named, but this scorer has no registry")
+        artifact = self.registry.load(version, digest)
+        if artifact.schema_hash != self.champion.artifact.schema_hash or artifact.feature_names != self.names:
+            raise ArtifactError(
+                f"model {version} was trained on feature schema {artifact.schema_hash[:12]}, the flow "
+                f"computes {self.champion.artifact.schema_hash[:12]}"
+            )
+        return artifact
+
+    def apply(self, command: Control) -> None:
+        """Apply an operator's command: serve another champion (its drift watch starts afresh,
+        against its own reference), shadow a model or stop shadowing. Raises (`ArtifactError`)
+        when it cannot, and then serves exactly what it served before."""
+        if command.command == "champion":
+            champion = self._served(self._load(command.version, command.digest), command.digest)
+            monitor = self.monitor_for(champion.artifact) if self.monitor_for is not None else self.monitor
+            self._serve(champion)
+            self.monitor = monitor
+        elif command.command == "shadow":
+            self.shadow = (
+                self._served(self._load(command.version, command.digest), command.digest)
+                if command.version
+                else None
+            )
+        else:
+            raise ValueError(f"the scorer has no command {command.command!r}")
+
+    # --- deciding ----------------------------------------------------------------------------
 
     def decide(self, items: Sequence[Item]) -> list[Decision]:
         """Decisions for the feature vectors in `items`; labelled vectors among them train the online
-        model, in order, so a label teaches it only about the transactions after it.
+        model, in order, so a label teaches it only about the transactions after it; commands
+        (`Control`) take effect at their place: the items before one are decided as before it.
 
         Never raises on account of one item: an item that makes a model raise is left out and
         listed in `self.last.failed` with its exception (the flow dead-letters it), and the rest
@@ -113,13 +193,37 @@ class Scorer:
         retried row by row, so only the offending rows are left out.
         """
         stats = self.last = BatchStats()
+        out: list[Decision] = []
+        start = 0
+        for i, it in enumerate(items):
+            if type(it) is Control:
+                out += self._decide(items[start:i], stats)
+                start = i + 1
+                try:
+                    self.apply(it)
+                    stats.applied.append(it)
+                except Exception as exc:  # the command is refused; the models stay as they were
+                    stats.failed.append((it, exc))
+        out += self._decide(items[start:] if start else items, stats)
+        return out
+
+    def _decide(self, items: Sequence[Item], stats: BatchStats) -> list[Decision]:
+        if not items:
+            return []
         vectors = [it for it in items if isinstance(it, FeatureVector)]
         concept = self.monitor.concept if self.monitor is not None else None
         labelled = [it.values for it in items if type(it) is LabelledVector] if concept is not None else []
         xgb_scores, X, label_xgb = self._xgb_scores(vectors, labelled, stats)
+        shadow, shadow_scores = self.shadow, None
+        if shadow is not None and X is not None and len(X):
+            try:
+                shadow_scores = self._score_matrix(X, shadow.xgb)
+            except Exception:  # the shadow never costs the champion a decision
+                shadow_scores = None
         skip = {id(it) for it, _ in stats.failed}
         decisions: list[Decision] = []
         decided: list[int] = []  # the row of `X` of each decision
+        champion = self.champion
         j = k = 0
         for it in items:
             try:
@@ -133,6 +237,8 @@ class Scorer:
                         final = float(combine(xs, river, self.weight))
                         stats.events += concept.observe(it.is_fraud, xs, river, final, it.ts_ms)
                     continue
+                if not isinstance(it, FeatureVector):
+                    continue
                 xs = float(xgb_scores[j])
                 j += 1
                 if skip and id(it) in skip:
@@ -141,9 +247,15 @@ class Scorer:
                     self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
                 )
                 final = float(combine(xs, online, self.weight))
-                decisions.append(
-                    Decision(it.txn, it.values, xs, online, final, final >= self.threshold, it.late, None)
-                )
+                d = Decision(
+                    it.txn, it.values, xs, online, final, final >= champion.threshold, it.late, None,
+                    version=champion.version, threshold=champion.threshold,
+                )  # fmt: skip
+                if shadow_scores is not None and shadow is not None:
+                    sx = float(shadow_scores[j - 1])
+                    sf = float(combine(sx, online, self.weight))
+                    d.shadow = ShadowScore(shadow.version, sx, sf, sf >= shadow.threshold)
+                decisions.append(d)
                 decided.append(j - 1)
             except Exception as exc:  # one poisoned item must not cost the batch its decisions
                 stats.failed.append((it, exc))
@@ -177,18 +289,18 @@ class Scorer:
         X = None
         try:
             X = np.asarray([v.values for v in vectors] + labelled, dtype=np.float32)
-            both = self._score_matrix(X)
+            both = self._score_matrix(X, self.xgb)
             scores, label_scores = both[: len(vectors)], both[len(vectors) :]
         except Exception:
             scores = self._xgb_row_by_row(vectors, stats)
             label_scores = np.full(len(labelled), np.nan)
-        stats.rows = len(vectors)
+        stats.rows += len(vectors)
         return scores, (X[: len(vectors)] if X is not None else None), label_scores
 
-    def _score_matrix(self, X: np.ndarray) -> np.ndarray:
+    def _score_matrix(self, X: np.ndarray, xgb: XGBScorer) -> np.ndarray:
         """One XGBoost call per `batch_size` rows of `X`."""
         return np.concatenate(
-            [self.xgb.score(X[s : s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
+            [xgb.score(X[s : s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
         )
 
     def _xgb_row_by_row(self, vectors: list[FeatureVector], stats: BatchStats) -> np.ndarray:
@@ -220,16 +332,35 @@ class Scorer:
                     d.reasons = []
                     stats.unexplained += 1
 
+    # --- state -------------------------------------------------------------------------------
+
     def snapshot(self) -> tuple[Any, ...]:
-        """Immutable copy: the online model and the drift watch as bytes (the scorer keeps
-        nothing per transaction)."""
-        return (pickle.dumps(self.online), pickle.dumps(self.monitor))
+        """Immutable copy: the online model and the drift watch as bytes, and the versions (with
+        their model digests) served and shadowed; the scorer keeps nothing per transaction."""
+        shadow = self.shadow
+        return (
+            pickle.dumps(self.online),
+            pickle.dumps(self.monitor),
+            self.champion.version,
+            self.champion.digest,
+            shadow.version if shadow is not None else "",
+            shadow.digest if shadow is not None else "",
+        )
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        """Resume the online model, and the drift watch when the snapshot's was built like this
-        scorer's (the same reference and settings); otherwise the watch starts afresh, and it stays
-        off when this scorer has none."""
+        """Resume the online model and the models served and shadowed (loaded from the registry
+        when the snapshot served another version than this scorer starts with: raises
+        `ArtifactError` when it cannot); then the drift watch, when the snapshot's was built like
+        the resumed champion's (the same reference and settings); otherwise the watch starts
+        afresh, and it stays off when this scorer has none."""
         self.online = pickle.loads(snap[0])
+        if len(snap) >= 6:
+            version, digest, shadow_version, shadow_digest = snap[2:6]
+            if version != self.champion.version or (digest and digest != self.champion.digest):
+                self.apply(Control("champion", version, digest))
+            self.shadow = None
+            if shadow_version:
+                self.apply(Control("shadow", shadow_version, shadow_digest))
         watch = pickle.loads(snap[1]) if len(snap) > 1 else None
         if self.monitor is not None and watch is not None and watch.config == self.monitor.config:
             self.monitor = watch

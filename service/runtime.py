@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from features.aggregations import kernel_name
 from features.catalog import CATALOGS
 from features.engine import FeaturePipeline
+from features.events import Control
 from features.privacy import card_token, identity
-from models.artifact import ModelArtifact, check_schema, load
+from models.artifact import MODEL_FILE, ModelArtifact, check_schema, load
 from models.drift import DriftMonitor, Reference
 from models.online import OnlineModel
+from models.registry import Registry, file_digest
 from models.serving import Scorer
 from service import telemetry
 from service.settings import Settings, get_settings
@@ -26,6 +28,12 @@ class Runtime:
     pipeline: FeaturePipeline
     artifact: ModelArtifact
     redis_url: str
+    digest: str = ""  # sha256 of the served model file
+    shadow: str | None = None  # the registry's shadow version at start
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.settings.model_registry)
 
     @property
     def version(self) -> str:
@@ -43,7 +51,10 @@ class Runtime:
         return identity if key is None else card_token(key.get_secret_value().encode())
 
     def new_scorer(self) -> Scorer:
-        return new_scorer(self.settings, self.artifact)
+        scorer = new_scorer(self.settings, self.artifact, self.registry, self.digest)
+        if self.shadow is not None:
+            scorer.apply(Control("shadow", self.shadow, self.registry.digest(self.shadow)))
+        return scorer
 
 
 def new_pipeline(settings: Settings) -> FeaturePipeline:
@@ -75,7 +86,9 @@ def new_drift_monitor(settings: Settings, artifact: ModelArtifact) -> DriftMonit
     )
 
 
-def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
+def new_scorer(
+    settings: Settings, artifact: ModelArtifact, registry: Registry | None = None, digest: str = ""
+) -> Scorer:
     return Scorer(
         artifact,
         new_online_model(settings),
@@ -86,6 +99,9 @@ def new_scorer(settings: Settings, artifact: ModelArtifact) -> Scorer:
         device=settings.xgb_device,
         nthread=settings.xgb_nthread,
         monitor=new_drift_monitor(settings, artifact),
+        monitor_for=lambda served: new_drift_monitor(settings, served),
+        registry=registry,
+        digest=digest,
     )
 
 
@@ -96,21 +112,39 @@ def load_model(settings: Settings, pipeline: FeaturePipeline) -> ModelArtifact:
     return artifact
 
 
+def served_model(settings: Settings, pipeline: FeaturePipeline) -> tuple[ModelArtifact, str, str | None]:
+    """What a flow starting afresh serves: the registry's champion (and shadow) when it has one,
+    else FRAUD_MODEL_PATH's artifact; with the model file's digest."""
+    registry = Registry(settings.model_registry)
+    state = registry.state()
+    if state.champion is None:
+        artifact = load_model(settings, pipeline)
+        return artifact, file_digest(settings.model_path / MODEL_FILE), None
+    digest = registry.digest(state.champion)
+    artifact = registry.load(state.champion, digest)
+    check_schema(artifact, pipeline.schema_hash, pipeline.names)
+    if state.shadow is not None:
+        check_schema(registry.load(state.shadow), pipeline.schema_hash, pipeline.names)
+    return artifact, digest, state.shadow
+
+
 def load_runtime(settings: Settings | None = None, *, need_redis: bool = True) -> Runtime:
     s = settings or get_settings()
     pipeline = new_pipeline(s)
-    artifact = load_model(s, pipeline)
+    artifact, digest, shadow = served_model(s, pipeline)
     url = ""
     if need_redis:
         from service.redis_server import redis_url
 
         url = redis_url(s)
     telemetry.init_labels()
-    telemetry.MODEL.info({"version": artifact.version, "schema_hash": artifact.schema_hash[:12]})
+    telemetry.MODEL.info(
+        {"version": artifact.version, "schema_hash": artifact.schema_hash[:12], "shadow": shadow or ""}
+    )
     telemetry.FEATURE_ENGINE.info({"kernel": kernel_name()})
     if kernel_name() == "python":
         logger.warning(
             "features._kernel is not built (no C compiler at install?): window features run in pure "
             "Python, slower, same values. Install gcc and reinstall the package to build it."
         )
-    return Runtime(s, pipeline, artifact, url)
+    return Runtime(s, pipeline, artifact, url, digest, shadow)

@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     model_path: Path = Field(
         Path("models/artifacts/default"), description="Artifact directory written by `fraud train`."
     )
+    model_registry: Path = Field(
+        Path(".fraud/registry"),
+        description="Registry of model versions (`fraud model`); its champion, when it has one, is served instead of FRAUD_MODEL_PATH.",
+    )
     threshold: float | None = Field(
         None, ge=0, le=1, description="Alert threshold; unset uses the artifact's."
     )

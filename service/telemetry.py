@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_h
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from features.events import REASONS
+from features.events import CONTROL_COMMANDS, REASONS
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -128,7 +128,12 @@ MODEL_QUALITY = Gauge(
 DRIFT_EVENTS = Counter(
     "fraud_drift_events", "Drift events found (data or concept, drifting or recovered).", ["kind", "state"]
 )
-MODEL = Info("fraud_model", "The XGBoost artifact being served.")
+MODEL = Info("fraud_model", "The XGBoost artifact being served (version), and the one shadowed.")
+MODEL_COMMANDS = Counter(
+    "fraud_model_commands",
+    "Operator commands (champion, shadow, rules) the scorer applied or refused, per replica.",
+    ["command", "result"],
+)
 FEATURE_ENGINE = Info(
     "fraud_feature_engine",
     "How window features are computed: kernel compiled (features/_kernel.c) or python.",
@@ -137,7 +142,7 @@ FEATURE_ENGINE = Info(
 
 def init_labels() -> None:
     """Create every bounded label combination at 0 so dashboards see the series before any event."""
-    for kind in ("txn", "label"):
+    for kind in ("txn", "label", "control"):
         for reason in REASONS:
             DEAD_LETTERS.labels(kind=kind, reason=reason)
     for v in ("true", "false"):
@@ -145,6 +150,9 @@ def init_labels() -> None:
     for kind in ("data", "concept"):
         for state in ("drifting", "recovered"):
             DRIFT_EVENTS.labels(kind=kind, state=state)
+    for command in CONTROL_COMMANDS:
+        for result in ("applied", "refused"):
+            MODEL_COMMANDS.labels(command=command, result=result)
 
 
 def serve(port: int) -> None:

@@ -38,6 +38,7 @@ def flow_env(url: str, tag: str, shards: int, workdir: Path, **overrides: str) -
         FRAUD_SOURCE_IDLE_EXIT_S="1.5", FRAUD_ALERTS_STREAM=f"{tag}:alerts", FRAUD_DLQ_STREAM=f"{tag}:dlq",
         FRAUD_LATE_STREAM=f"{tag}:late", FRAUD_DECISION_STREAM=f"{tag}:decisions",
         FRAUD_RECOVERY_DIR=str(workdir / f"{tag}-recovery"), FRAUD_PROGRESS_INTERVAL_S="600",
+        FRAUD_MODEL_REGISTRY=str(workdir / f"{tag}-registry"),
         PYTHONPATH=str(ROOT),
     )  # fmt: skip
     env.update(overrides)

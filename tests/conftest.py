@@ -97,11 +97,13 @@ def failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def isolated_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tests never see the developer's FRAUD_* variables (FRAUD_TEST_* aside) or cached settings."""
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Tests never see the developer's FRAUD_* variables (FRAUD_TEST_* aside) or cached settings,
+    nor the developer's model registry (each test gets an empty one of its own)."""
     for name in list(os.environ):
         if name.startswith("FRAUD_") and not name.startswith("FRAUD_TEST_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("FRAUD_MODEL_REGISTRY", str(tmp_path / "model-registry"))
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

@@ -42,10 +42,10 @@ from flows.steps import (
     dead_letter_of,
     decoder,
     entity_key,
-    is_labelled,
     pending_key,
     scorer_key,
     starts_state,
+    to_every_replica,
     txn_key,
 )
 from models.serving import Decision, LabelledVector
@@ -196,8 +196,14 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     (decision,) = scoring.apply([vector, learned])
     assert isinstance(decision, Decision) and decision.txn.txn_id == "t1"
     assert scoring.scorer.online.n_learned == 1
-    # The models and the drift watch only: nothing per transaction in a scorer replica.
-    assert scoring.snapshot() == (pickle.dumps(scoring.scorer.online), pickle.dumps(scoring.scorer.monitor))
+    # The models, the drift watch and the versions served: nothing per transaction in a replica.
+    champion = scoring.scorer.champion
+    assert scoring.snapshot() == (
+        pickle.dumps(scoring.scorer.online),
+        pickle.dumps(scoring.scorer.monitor),
+        *(champion.version, champion.digest, "", ""),
+    )
+    assert len(champion.digest) == 64
     assert ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.online.n_learned == 1
 
     # FRAUD_DRIFT_WATCH=false: no watch, the same decision.
@@ -264,7 +270,7 @@ def test_scoring_decides_in_canonical_order(runtime: Runtime) -> None:
         partial(ScoringLogic, runtime.new_scorer),
         batch_size=len(vectors) + 1,
         per_worker=True,
-        everywhere=is_labelled,
+        everywhere=to_every_replica,
         last=True,
     )
     assert all(isinstance(d, Decision) for d in out)
@@ -302,7 +308,7 @@ def test_scoring_spreads_vectors_over_worker_replicas_that_all_learn_every_label
     flow = Dataflow("replicas")
     keyed = op.key_on("key", op.input("in", flow, TestingSource(items, 8)), lambda _: "")
     step = ordered(
-        "score", keyed, logic=replica, workers=Workers(3), key=scorer_key, per_worker=True, everywhere=is_labelled,
+        "score", keyed, logic=replica, workers=Workers(3), key=scorer_key, per_worker=True, everywhere=to_every_replica,
         last=True,
     )  # fmt: skip
     op.output("out", op.key_rm("unkey", step), TestingSink(out))

@@ -46,7 +46,7 @@ from flows.redis_sink import (
     write_entries,
 )
 from flows.redis_source import RedisShardSource, shard_stream
-from models.serving import Decision
+from models.serving import Decision, ShadowScore
 from service.redis_client import RedisConfigError, connect
 from testkit.streams import txn_ids
 
@@ -478,6 +478,8 @@ def decision(*, alert: bool = True, late: bool = False) -> Decision:
         late,
         0.002,
         [("amount", 1.5, 0.7), ("gap", float("nan"), 0.1)],
+        version="v1",
+        threshold=0.95,
     )
 
 
@@ -506,7 +508,7 @@ def test_the_decoder_tokenizes_the_card_and_its_raw_payload() -> None:
     assert txn.raw == raw.replace("4111111111111111", tok("4111111111111111"))
     d = decision(late=True)
     d.txn = txn
-    alert, late = alert_entry(d, "v1", 0.5), late_entry(d)
+    alert, late = alert_entry(d), late_entry(d)
     assert alert is not None and late is not None
     assert alert["card_id"] == late["card_id"] == tok("4111111111111111")
     assert all("4111111111111111" not in v for v in (*alert.values(), *late.values()))
@@ -515,7 +517,7 @@ def test_the_decoder_tokenizes_the_card_and_its_raw_payload() -> None:
 
 def test_decision_entry_is_the_full_audit_record() -> None:
     names = ["amount", "gap", "speed"]
-    e = decision_entry(decision(alert=False), "v1", 0.95, names)
+    e = decision_entry(decision(alert=False), names)
     assert set(e) == {
         "txn_id", "card", "merchant_id", "ts", "score", "xgb_score", "online_score",
         "threshold", "alert", "model_version", "features", "reasons", "late",
@@ -527,9 +529,15 @@ def test_decision_entry_is_the_full_audit_record() -> None:
         {"feature": "amount", "value": 1.5, "contribution": 0.7},
         {"feature": "gap", "value": None, "contribution": 0.1},
     ]
-    assert decision_entry(decision(), "v1", 0.5, names)["alert"] == "1"
+    assert decision_entry(decision(), names)["alert"] == "1"
+    assert e["model_version"] == "v1" and "shadow_version" not in e
+    d = decision()
+    d.shadow = ShadowScore("v2", 0.25, 0.5, False)
+    shadowed = decision_entry(d, names)
+    assert (shadowed["shadow_version"], shadowed["shadow_xgb_score"]) == ("v2", "0.250000")
+    assert (shadowed["shadow_score"], shadowed["shadow_alert"]) == ("0.500000", "0")
     with pytest.raises(ValueError):
-        decision_entry(decision(), "v1", 0.5, names[:2])
+        decision_entry(decision(), names[:2])
 
 
 def test_dead_letter_id_identifies_the_record() -> None:

@@ -1,0 +1,356 @@
+"""Model versions: the registry, commands in the input, the scorer switching at their place, shadow
+scores, `fraud model`, and the flow swapping models mid-stream (1 = N processes, SIGKILL inside
+the swap) against a real Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from features.engine import FeatureEngine, FeatureVector
+from features.event_files import replay
+from features.events import Control, decode
+from fraud.cli import app
+from fraud.datagen import GeneratorConfig, write_files
+from fraud.decision_log import stream_labels
+from fraud.model_commands import send_command
+from models.artifact import ArtifactError, load, save
+from models.evaluation import average_precision
+from models.registry import Registry, RegistryState
+from models.xgb import XGBScorer, positive_weight
+from service.redis_client import connect
+from service.runtime import load_runtime
+from service.settings import Settings, get_settings
+from testkit import drill
+from testkit.streams import entries
+from testkit.system import free_port
+
+DEFAULT = Path("models/artifacts/default")
+V1 = load(DEFAULT).version
+V2 = "xgb-20261202000000-" + V1.rsplit("-", 1)[1]  # the same schema, fewer trees, its own threshold
+
+
+@pytest.fixture(scope="module")
+def v2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second version of the default model: its first 20 trees, alerting at 0.3."""
+    base = load(DEFAULT)
+    out = tmp_path_factory.mktemp("v2") / "artifact"
+    save(dataclasses.replace(base, version=V2, booster=base.booster[0:20], threshold=0.3), out)
+    return out
+
+
+@pytest.fixture
+def registry(tmp_path: Path, v2_dir: Path) -> Registry:
+    reg = Registry(tmp_path / "registry")
+    assert reg.add(DEFAULT) == V1 and reg.add(v2_dir) == V2
+    return reg
+
+
+@pytest.fixture(scope="module")
+def vectors() -> list[FeatureVector]:
+    s = Settings()
+    rt = load_runtime(s, need_redis=False)
+    out = FeatureEngine(rt.pipeline).run(replay(s.transactions_path, None))
+    return [v for v, _ in zip((o for o in out if isinstance(o, FeatureVector)), range(900), strict=False)]
+
+
+def xgb_of(artifact_dir: Path, rows: list[list[float]]) -> np.ndarray:
+    a = load(artifact_dir)
+    scorer = XGBScorer(a.booster, a.feature_names, positive_weight=positive_weight(a.params))
+    return scorer.score(np.asarray(rows, dtype=np.float32))
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+def test_the_registry_keeps_each_version_as_added_and_checks_digests(
+    registry: Registry, v2_dir: Path, tmp_path: Path
+) -> None:
+    assert registry.versions() == [V1, V2]
+    assert registry.add(v2_dir) == V2  # the same files again: nothing changes
+    other = tmp_path / "other"
+    a = load(v2_dir)
+    save(dataclasses.replace(a, booster=a.booster[0:5]), other)
+    with pytest.raises(ArtifactError, match="already registered with another model"):
+        registry.add(other)
+    with pytest.raises(ArtifactError, match="registry differs between machines"):
+        registry.load(V2, "0" * 64)
+    with pytest.raises(ArtifactError, match="not in the registry"):
+        registry.digest("xgb-19990101000000-00000000")
+    with pytest.raises(ArtifactError, match="not a version name"):
+        registry.path("../escape")
+    assert registry.state() == RegistryState()
+    registry.save_state(RegistryState(V2, V1, [V1, V2]))
+    assert registry.state() == RegistryState(V2, V1, [V1, V2])
+
+
+# --- the scorer --------------------------------------------------------------------------------
+
+
+def command(registry: Registry, what: str, version: str = "") -> Control:
+    return Control(what, version, registry.digest(version) if version else "")
+
+
+def test_the_scorer_switches_at_each_command_and_a_snapshot_resumes_what_it_served(
+    registry: Registry, vectors: list[FeatureVector], v2_dir: Path
+) -> None:
+    """Vectors before a command are decided as before it; a shadow scores every vector after
+    `shadow` with its own model and threshold without changing the decision; after `champion`
+    the new version decides, at its own threshold; a snapshot resumes champion and shadow."""
+    s = Settings(model_registry=registry.root, threshold=None)
+    alone = load_runtime(s, need_redis=False).new_scorer().decide(vectors)  # V1 throughout
+    scorer = load_runtime(s, need_redis=False).new_scorer()
+    a, b, c = vectors[:300], vectors[300:600], vectors[600:]
+    got = scorer.decide([*a, command(registry, "shadow", V2), *b, command(registry, "champion", V2), *c])
+    assert [x.command for x in scorer.last.applied] == ["shadow", "champion"] and not scorer.last.failed
+    assert len(got) == len(vectors)
+    v2_scores = xgb_of(v2_dir, [v.values for v in vectors])
+    for i, (d, ref) in enumerate(zip(got, alone, strict=True)):
+        if i < 300:
+            assert (d.version, d.xgb, d.score, d.alert, d.shadow) == (V1, ref.xgb, ref.score, ref.alert, None)
+        elif i < 600:
+            assert (d.version, d.xgb, d.score, d.alert) == (V1, ref.xgb, ref.score, ref.alert)
+            assert d.shadow is not None and d.shadow.version == V2
+            assert math.isclose(d.shadow.xgb, float(v2_scores[i]), rel_tol=1e-6)
+            assert d.shadow.alert == (d.shadow.score >= 0.3)
+        else:
+            assert d.version == V2 and d.threshold == 0.3 and d.alert == (d.score >= 0.3)
+            assert math.isclose(d.xgb, float(v2_scores[i]), rel_tol=1e-6)
+    assert any(d.xgb != r.xgb for d, r in zip(got[600:], alone[600:], strict=True))
+    resumed = load_runtime(s, need_redis=False).new_scorer()
+    assert resumed.champion.version == V1
+    resumed.restore(scorer.snapshot())
+    assert resumed.champion.version == V2 and resumed.shadow is not None and resumed.shadow.version == V2
+    assert [d.score for d in resumed.decide(c)] == [d.score for d in scorer.decide(c)]
+
+
+def test_a_refused_command_changes_nothing(
+    registry: Registry, vectors: list[FeatureVector], tmp_path: Path
+) -> None:
+    s = Settings(model_registry=registry.root)
+    scorer = load_runtime(s, need_redis=False).new_scorer()
+    before = [d.score for d in scorer.decide(vectors[:50])]
+    other_schema = tmp_path / "other-schema"
+    a = load(DEFAULT)
+    save(dataclasses.replace(a, version="xgb-20261203000000-aaaaaaaa", schema_hash="a" * 64), other_schema)
+    registry.add(other_schema)
+    bad = [
+        Control("champion", "xgb-19990101000000-00000000", "0" * 64),  # not registered
+        Control("champion", V2, "0" * 64),  # another model than the command named
+        command(registry, "champion", "xgb-20261203000000-aaaaaaaa"),  # another feature schema
+        Control("rules", "x", "y"),  # not the scorer's (yet)
+    ]
+    got = scorer.decide([*bad, *vectors[:50]])
+    assert [str(e).split(" ")[0] for _, e in scorer.last.failed][:1] == ["version"]
+    assert [it for it, _ in scorer.last.failed] == bad and not scorer.last.applied
+    assert "feature schema" in str(scorer.last.failed[2][1])
+    assert [d.score for d in got] == before and {d.version for d in got} == {V1}
+
+
+def test_commands_decode_and_bad_ones_are_dead_letters() -> None:
+    ok = decode("control", '{"command": "champion", "version": "v", "digest": "d"}', origin="s#1-0")
+    assert isinstance(ok, Control) and (ok.command, ok.version, ok.txn_id) == (
+        "champion",
+        "v",
+        "~control:s#1-0",
+    )
+    off = decode("control", '{"command": "shadow"}')
+    assert isinstance(off, Control) and off.version == ""
+    for raw in ('{"command": "champion"}', '{"command": "explode"}', "{", '{"command": "shadow", "x": 1}'):
+        dead = decode("control", raw)
+        assert not isinstance(dead, Control) and (dead.kind, dead.reason) == ("control", "bad_control"), raw
+
+
+# --- fraud model ------------------------------------------------------------------------------
+
+
+def test_fraud_model_commands_write_to_the_input_and_keep_the_state(
+    v2_dir: Path, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FRAUD_SOURCE", "redis")
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    monkeypatch.setenv("FRAUD_INPUT_STREAM", "lc:in")
+    root = tmp_path / "model-registry"
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True) -> str:
+        out = runner.invoke(app, ["model", *args])
+        assert (out.exit_code == 0) == ok, out.output
+        return out.output
+
+    assert "no versions" in run("list")
+    assert "registered " + V2 in run("add", str(v2_dir))
+    assert "not in the registry" in run("promote", "xgb-19990101000000-00000000", ok=False)
+    assert "nothing to roll back" in run("rollback", ok=False)  # registers the served model first
+    assert Registry(root).state() == RegistryState(V1, None, [V1])
+    run("shadow", V2)
+    run("promote", V2)  # the shadow becomes the champion: shadowing it stops
+    assert Registry(root).state() == RegistryState(V2, None, [V1, V2])
+    run("rollback")
+    assert Registry(root).state() == RegistryState(V1, None, [V1])
+    listed = json.loads(run("list", "--json"))
+    assert [(v["version"], v["role"]) for v in listed["versions"]] == [(V1, "champion"), (V2, "")]
+    sent = [json.loads(e["payload"]) for e in entries(redis_client, "lc:in:{0}")]
+    assert all(e["kind"] == "control" for e in entries(redis_client, "lc:in:{0}"))
+    digest = Registry(root).digest(V2)
+    assert [(p["command"], p["version"]) for p in sent] == [
+        ("shadow", V2), ("champion", V2), ("shadow", ""), ("champion", V1),
+    ]  # fmt: skip
+    assert sent[1]["digest"] == digest
+    assert "give a VERSION or --off" in run("shadow", ok=False)
+
+
+# --- the flow ---------------------------------------------------------------------------------
+
+RUN = {
+    "FRAUD_SOURCE_BATCH_SIZE": "100",
+    "FRAUD_SNAPSHOT_INTERVAL_S": "0.05",
+    "FRAUD_DECISION_LOG": "1",
+    "FRAUD_ONLINE_WARMUP_LABELS": "100",
+}
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture(scope="module")
+def thirds(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[Path, Path]], list[int]]:
+    """A generated world cut in three periods of event time (transactions and labels)."""
+    out = tmp_path_factory.mktemp("lc-data")
+    write_files(out, GeneratorConfig(seed=21, days=12, n_cards=150, n_merchants=50, drift_day=None))
+    txns = (out / "transactions.jsonl").read_text().splitlines()
+    labels = (out / "labels.jsonl").read_text().splitlines()
+
+    def ts(line: str) -> int:
+        return int(datetime.fromisoformat(json.loads(line)["ts"]).timestamp() * 1000)
+
+    first, last = ts(txns[0]), ts(txns[-1])
+    cuts = [first + (last - first) // 3, first + 2 * (last - first) // 3]
+    parts = []
+    for i, (lo, hi) in enumerate(((0, cuts[0]), (cuts[0], cuts[1]), (cuts[1], 1 << 62))):
+        t, lab = out / f"t{i}.jsonl", out / f"l{i}.jsonl"
+        t.write_text("".join(x + "\n" for x in txns if lo <= ts(x) < hi))
+        lab.write_text("".join(x + "\n" for x in labels if lo <= ts(x) < hi))
+        parts.append((t, lab))
+    return parts, cuts
+
+
+def fill(url: str, thirds: tuple[list[tuple[Path, Path]], list[int]], tag: str, registry: Path) -> int:
+    """The input of a flow that starts serving V1 and reads: the first period, `shadow V2`, the
+    second, `promote V2`, the third (the commands as `fraud model` sends them)."""
+    client = connect(url)
+    s = Settings(source="redis", redis_url=url, input_stream=f"{tag}:in", model_registry=registry)
+    reg = Registry(registry)
+    reg.add(DEFAULT)
+    n = drill.replay(client, thirds[0][0], tag, 2)
+    send_command(s, "shadow", V2, reg.digest(V2))
+    n += drill.replay(client, thirds[0][1], tag, 2)
+    send_command(s, "champion", V2, reg.digest(V2))
+    send_command(s, "shadow")
+    n += drill.replay(client, thirds[0][2], tag, 2)
+    client.close()
+    return n
+
+
+def judged(client: redis.Redis, env: dict[str, str]) -> dict[str, Any]:
+    """`fraud evaluate --from-decisions` in the environment of a run."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            if name.startswith("FRAUD_"):
+                mp.setenv(name, value)
+        get_settings.cache_clear()
+        out = CliRunner().invoke(app, ["evaluate", "--from-decisions"])
+        get_settings.cache_clear()
+    assert out.exit_code == 0, out.output
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def outcome(client: redis.Redis, tag: str) -> dict[str, tuple[str, ...]]:
+    return {
+        e["txn_id"]: (
+            e["ts"],
+            e["model_version"],
+            e["score"],
+            e.get("shadow_version", ""),
+            e.get("shadow_score", ""),
+        )
+        for e in entries(client, f"{tag}:decisions")
+    }
+
+
+@pytest.mark.redis
+@pytest.mark.e2e
+def test_the_flow_swaps_models_mid_stream_alike_in_one_or_two_processes_and_across_a_crash(
+    thirds: tuple[list[tuple[Path, Path]], list[int]],
+    v2_dir: Path,
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """Each period is decided by the model its commands say (the last hour before each command
+    aside: there the two shards interleave by their own order), alerts carry their version; a
+    two-process cluster and a run SIGKILLed just before and just after the promotion decide every
+    transaction once, exactly as one uninterrupted process."""
+
+    def env(tag: str, **kw: str) -> dict[str, str]:
+        registry = tmp_path / f"{tag}-registry"
+        Registry(registry).add(v2_dir)
+        return drill.flow_env(redis_url, tag, 2, tmp_path, FRAUD_MODEL_REGISTRY=str(registry), **RUN, **kw)
+
+    base_env = env("one")
+    n = fill(redis_url, thirds, "one", Path(base_env["FRAUD_MODEL_REGISTRY"]))
+    drill.finish(drill.start(base_env))
+    expected = outcome(redis_client, "one")
+    assert len(expected) == n
+    cuts = thirds[1]
+    for ts, version, _, shadow, _ in expected.values():
+        t = int(datetime.fromisoformat(ts).timestamp() * 1000)
+        if t < cuts[0] - HOUR_MS:
+            assert (version, shadow) == (V1, "")
+        elif cuts[0] <= t < cuts[1] - HOUR_MS:
+            assert (version, shadow) == (V1, V2)
+        elif t >= cuts[1]:
+            assert (version, shadow) == (V2, "")
+    alerts = entries(redis_client, "one:alerts")
+    assert {a["model_version"] for a in alerts} == {V1, V2}
+    assert all(float(a["threshold"]) == 0.3 for a in alerts if a["model_version"] == V2)
+
+    compared = judged(redis_client, base_env)
+    assert list(compared["champions"]) == [V1, V2] and len(compared["shadows"]) == 1
+    pair = compared["shadows"][0]
+    assert (pair["champion"], pair["challenger"]) == (V1, V2) and pair["positives"] > 0
+    labels = stream_labels(redis_client, "one:in", 2)
+    shadowed = [
+        e for e in entries(redis_client, "one:decisions") if e.get("shadow_version") and e["txn_id"] in labels
+    ]
+    assert pair["n"] == len(shadowed)
+    y = [labels[e["txn_id"]][0] for e in shadowed]
+    assert pair["challenger_final"]["ap"] == average_precision(
+        y, [float(e["shadow_score"]) for e in shadowed]
+    )
+    assert pair["champion_final"]["ap"] == average_precision(y, [float(e["score"]) for e in shadowed])
+
+    crash_env = env("crash")
+    fill(redis_url, thirds, "crash", Path(crash_env["FRAUD_MODEL_REGISTRY"]))
+    for share in (0.6, 0.7):  # the promotion sits at about two thirds of the input
+        drill.kill_when(drill.start(crash_env), lambda s=share: redis_client.xlen("crash:decisions") >= s * n)
+        assert redis_client.xlen("crash:decisions") < n
+    drill.finish(drill.start(crash_env))
+    assert outcome(redis_client, "crash") == expected
+    assert redis_client.xlen("crash:decisions") == n  # nothing written twice
+
+    pair_env = env("pair", FRAUD_RECOVERY_PARTITIONS="2")
+    fill(redis_url, thirds, "pair", Path(pair_env["FRAUD_MODEL_REGISTRY"]))
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    drill.finish_all([drill.start(pair_env, "-i", str(i), "-a", addresses) for i in range(2)])
+    assert outcome(redis_client, "pair") == expected
+    assert redis_client.xlen("pair:decisions") == n
+    assert entries(redis_client, "pair:dlq") == []
