@@ -40,8 +40,10 @@ def rfc3339(ts_ms: int) -> str:
 
 
 def _reasons_json(d: Decision) -> str:
-    """The top contributions as a JSON list (NaN feature values as null)."""
-    reasons = [
+    """The rules that matched (dry-run ones aside), then the model's top contributions, as a JSON
+    list (NaN feature values as null)."""
+    rules: list[dict[str, object]] = [{"rule": h.rule, "action": h.action} for h in d.hits if not h.dry_run]
+    reasons = rules + [
         {
             "feature": name,
             "value": None if value != value else round(value, 4),
@@ -71,6 +73,7 @@ def _scores(d: Decision) -> dict[str, str]:
         "online_score": f"{d.online:.6f}",
         "threshold": f"{d.threshold:.6f}",
         "model_version": d.version,
+        "action": d.action,
     }
 
 
@@ -108,6 +111,10 @@ def decision_entry(d: Decision, names: list[str]) -> dict[str, str]:
         "reasons": _reasons_json(d),
         "late": "1" if d.late else "0",
     }
+    if d.hits:  # every rule that matched, dry-run ones too
+        entry["rules"] = json.dumps(
+            [{"rule": h.rule, "action": h.action, "dry_run": h.dry_run} for h in d.hits]
+        )
     if d.shadow is not None:
         entry["shadow_version"] = d.shadow.version
         entry["shadow_xgb_score"] = f"{d.shadow.xgb:.6f}"
@@ -178,6 +185,10 @@ def dlq_entry(d: DeadLetter) -> dict[str, str | bytes]:
 def count_decisions(decisions: list[Decision]) -> None:
     telemetry.TRANSACTIONS.inc(len(decisions))
     for d in decisions:
+        for h in d.hits:
+            telemetry.RULE_HITS.labels(
+                rule=h.rule, action=h.action, dry_run="true" if h.dry_run else "false"
+            ).inc()
         if d.alert:
             telemetry.ALERTS.inc()
         if d.late:

@@ -20,6 +20,7 @@ app.command("alert-precision")(stream_commands.alert_precision)
 app.command("dead-letters")(stream_commands.dead_letters)
 app.command("drift")(stream_commands.drift)
 app.add_typer(model_commands.app, name="model")
+app.add_typer(model_commands.rules_app, name="rules")
 
 
 @app.command()

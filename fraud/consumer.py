@@ -174,6 +174,8 @@ def _name(value: Any) -> str:
 def _reason(item: Any) -> str:
     if not isinstance(item, dict):
         return UNKNOWN
+    if "rule" in item:
+        return f"rule {_name(item.get('rule'))} ({_name(item.get('action'))})"
     value = item.get("value", UNKNOWN)
     shown = "na" if value is None else _num(value, ".4g")
     return f"{_name(item.get('feature'))}={shown} ({_num(item.get('contribution'), '+.3f')})"
@@ -197,6 +199,12 @@ def _reasons_text(raw: str | None) -> str:
     return ", ".join(parts)
 
 
+def _action(fields: Mapping[str, str]) -> str:
+    """`  action=review` for an alert a rule sent to review (plain alerts say nothing more)."""
+    action = fields.get("action")
+    return f"  action={show(action)}" if action and action != "alert" else ""
+
+
 def format_alert(fields: Mapping[str, str]) -> str:
     """One line for an alert entry: escaped, each field capped, missing or malformed parts as `?`."""
 
@@ -207,7 +215,7 @@ def format_alert(fields: Mapping[str, str]) -> str:
         f"{get('ts')}  txn={get('txn_id')}  card={get('card_id')}  merchant={get('merchant_id')}  "
         f"score={_num(fields.get('score'))} (xgb {_num(fields.get('xgb_score'))}, "
         f"online {_num(fields.get('online_score'))}; threshold {_num(fields.get('threshold'))})  "
-        f"model={get('model_version')}  reasons: {_reasons_text(fields.get('reasons'))}"
+        f"model={get('model_version')}{_action(fields)}  reasons: {_reasons_text(fields.get('reasons'))}"
     )
 
 

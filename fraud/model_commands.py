@@ -1,8 +1,10 @@
-"""`fraud model list | add | promote | shadow | rollback`: the model registry and the running flow.
+"""`fraud model list | add | promote | shadow | rollback` and `fraud rules check | load | show | off`:
+the model registry, the rules in force, and the running flow.
 
-A command checks the version (it loads, it fits the flow's feature schema), writes an operator
+A command checks the version (it loads, it fits the flow's feature schema) or the rule file (it
+parses against the flow's features), writes an operator
 command into the input (`features.events.Control`, on input shard 0) and records the new state in
-the registry's `state.json`. The flow applies the command at its place in the canonical order:
+the registry (`state.json`, `rules.txt`). The flow applies the command at its place in the canonical order:
 every process switches at the same event, and a replay after a crash switches there again. A flow
 that reads files (`FRAUD_SOURCE=file`) has no input to send it: it serves the registry's state at
 its next start.
@@ -192,3 +194,69 @@ def rollback() -> None:
     entry = send_command(s, "champion", previous, _checked(s, previous))
     _registry(s).save_state(replace(state, champion=previous, history=state.history[:-1]))
     _said(f"rolled back to {previous}", entry)
+
+
+rules_app = typer.Typer(help="Rules beside the model: check, load, show, turn off.", no_args_is_help=True)
+
+
+def _parsed(settings: Settings, path: Path) -> Any:
+    """The rule set in `path`, parsed against the flow's features; a bad file is refused with
+    every bad line (exit status 2) and nothing is sent."""
+    from models.rules import RuleError, load_file
+    from service.runtime import new_pipeline
+
+    try:
+        return load_file(path, new_pipeline(settings).names)
+    except RuleError as exc:
+        typer.echo(f"fraud rules: refused, nothing changed:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@rules_app.command()
+def check(path: Path) -> None:
+    """Parse a rule file against the flow's features; list its rules, or every bad line."""
+    rules = _parsed(get_settings(), path)
+    for r in rules.rules:
+        typer.echo(f"line {r.line}: {r.name}: {r.text} -> {r.action}{' dry-run' if r.dry_run else ''}")
+    typer.echo(f"{len(rules)} rule(s), digest {rules.digest[:12]}")
+
+
+@rules_app.command()
+def load(path: Path) -> None:
+    """Check a rule file, then make it the rule set in force: the flow switches at this command's
+    place in its input (no restart); the set it replaces stays if the file is refused."""
+    from features.events import MAX_RECORD_BYTES
+
+    s = get_settings()
+    rules = _parsed(s, path)
+    size = len(
+        json.dumps({"command": "rules", "version": path.name, "digest": rules.digest, "text": rules.text})
+    )
+    if size > MAX_RECORD_BYTES:
+        typer.echo(
+            f"fraud rules: refused, nothing changed: {path} makes a command of {size:,} bytes; an input "
+            f"record holds at most {MAX_RECORD_BYTES:,}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    entry = send_command(s, "rules", path.name, rules.digest, rules.text)
+    _registry(s).save_rules(rules.text)
+    _said(f"loaded {len(rules)} rule(s) from {path} (digest {rules.digest[:12]})", entry)
+
+
+@rules_app.command("show")
+def show_rules() -> None:
+    """Print the rule set in force (as recorded in the registry)."""
+    text = _registry(get_settings()).rules()
+    typer.echo(text if text else "no rules in force", nl=not text.endswith("\n"))
+
+
+@rules_app.command()
+def off() -> None:
+    """Remove every rule: the model alone decides again."""
+    from models.rules import digest
+
+    s = get_settings()
+    entry = send_command(s, "rules", "off", digest(""), "")
+    _registry(s).save_rules("")
+    _said("rules off", entry)

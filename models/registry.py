@@ -3,6 +3,7 @@
 ```
 <root>/<version>/model.ubj, meta.json   one directory per version (`models.artifact`)
 <root>/state.json                        {"champion": V, "shadow": V | null, "history": [V, ...]}
+<root>/rules.txt                         the rule set in force (`models.rules`), when there is one
 ```
 
 `state.json` is what `fraud model list` shows and what a flow starting afresh serves; a running
@@ -27,6 +28,7 @@ from pathlib import Path
 from models.artifact import MODEL_FILE, ArtifactError, ModelArtifact, load
 
 STATE_FILE = "state.json"
+RULES_FILE = "rules.txt"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,18 @@ class Registry:
             return RegistryState(data.get("champion"), data.get("shadow"), list(data.get("history", [])))
         except (OSError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"cannot read {path}: {exc}") from exc
+
+    def rules(self) -> str:
+        """The text of the rule set in force ("" when there is none)."""
+        path = self.root / RULES_FILE
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+    def save_rules(self, text: str) -> None:
+        """Record the rule set in force (atomically); an empty text removes it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{RULES_FILE}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.root / RULES_FILE)
 
     def save_state(self, state: RegistryState) -> None:
         """Write `state.json` atomically (a reader sees the old state or the new one)."""

@@ -26,6 +26,9 @@ from models.combine import combine
 from models.drift import DriftEvent, DriftMonitor
 from models.online import OnlineModel, x_dict
 from models.registry import Registry
+from models.rules import Hit, RuleSet
+from models.rules import decide as rule_decision
+from models.rules import digest as rules_digest
 from models.xgb import XGBScorer, positive_weight
 
 Reason = tuple[str, float, float]  # (feature, value, contribution in log-odds)
@@ -58,6 +61,8 @@ class Decision:
     version: str = ""
     threshold: float = math.nan
     shadow: ShadowScore | None = None
+    action: str = ""  # alert, review, allow (a rule suppressed the model's alert) or none
+    hits: list[Hit] = field(default_factory=list)  # the rules that matched (dry-run ones too)
 
 
 class Served:
@@ -129,6 +134,7 @@ class Scorer:
         self.batch_size = batch_size
         self.top_reasons = top_reasons
         self.shadow: Served | None = None
+        self.rules: RuleSet | None = None
         self._serve(self._served(artifact, digest))
         self.last = BatchStats()
 
@@ -164,8 +170,9 @@ class Scorer:
 
     def apply(self, command: Control) -> None:
         """Apply an operator's command: serve another champion (its drift watch starts afresh,
-        against its own reference), shadow a model or stop shadowing. Raises (`ArtifactError`)
-        when it cannot, and then serves exactly what it served before."""
+        against its own reference), shadow a model or stop shadowing, replace the rule set (an
+        empty text removes it). Raises (`ArtifactError`, `RuleError`, `ValueError`) when it
+        cannot, and then serves exactly what it served before."""
         if command.command == "champion":
             champion = self._served(self._load(command.version, command.digest), command.digest)
             monitor = self.monitor_for(champion.artifact) if self.monitor_for is not None else self.monitor
@@ -177,6 +184,11 @@ class Scorer:
                 if command.version
                 else None
             )
+        elif command.command == "rules":
+            if rules_digest(command.text) != command.digest:
+                raise ValueError("the rule text does not match the digest its command names")
+            rules = RuleSet.parse(command.text, self.names, source=command.version or "rules")
+            self.rules = rules if len(rules) else None
         else:
             raise ValueError(f"the scorer has no command {command.command!r}")
 
@@ -223,7 +235,7 @@ class Scorer:
         skip = {id(it) for it, _ in stats.failed}
         decisions: list[Decision] = []
         decided: list[int] = []  # the row of `X` of each decision
-        champion = self.champion
+        champion, rules = self.champion, self.rules
         j = k = 0
         for it in items:
             try:
@@ -247,10 +259,15 @@ class Scorer:
                     self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
                 )
                 final = float(combine(xs, online, self.weight))
+                alert = final >= champion.threshold
                 d = Decision(
-                    it.txn, it.values, xs, online, final, final >= champion.threshold, it.late, None,
-                    version=champion.version, threshold=champion.threshold,
+                    it.txn, it.values, xs, online, final, alert, it.late, None,
+                    version=champion.version, threshold=champion.threshold, action="alert" if alert else "none",
                 )  # fmt: skip
+                if rules is not None:
+                    d.hits = rules.evaluate(it.txn, it.values)
+                    if d.hits:
+                        d.alert, d.action = rule_decision(alert, d.hits)
                 if shadow_scores is not None and shadow is not None:
                     sx = float(shadow_scores[j - 1])
                     sf = float(combine(sx, online, self.weight))
@@ -335,9 +352,10 @@ class Scorer:
     # --- state -------------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[Any, ...]:
-        """Immutable copy: the online model and the drift watch as bytes, and the versions (with
-        their model digests) served and shadowed; the scorer keeps nothing per transaction."""
-        shadow = self.shadow
+        """Immutable copy: the online model and the drift watch as bytes, the versions (with
+        their model digests) served and shadowed, and the rule set's text and name; the scorer
+        keeps nothing per transaction."""
+        shadow, rules = self.shadow, self.rules
         return (
             pickle.dumps(self.online),
             pickle.dumps(self.monitor),
@@ -345,6 +363,8 @@ class Scorer:
             self.champion.digest,
             shadow.version if shadow is not None else "",
             shadow.digest if shadow is not None else "",
+            rules.text if rules is not None else "",
+            rules.source if rules is not None else "",
         )
 
     def restore(self, snap: tuple[Any, ...]) -> None:
@@ -361,6 +381,9 @@ class Scorer:
             self.shadow = None
             if shadow_version:
                 self.apply(Control("shadow", shadow_version, shadow_digest))
+        if len(snap) >= 8:
+            text, source = snap[6:8]
+            self.rules = RuleSet.parse(text, self.names, source=source) if text else None
         watch = pickle.loads(snap[1]) if len(snap) > 1 else None
         if self.monitor is not None and watch is not None and watch.config == self.monitor.config:
             self.monitor = watch

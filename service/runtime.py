@@ -14,7 +14,8 @@ from features.privacy import card_token, identity
 from models.artifact import MODEL_FILE, ModelArtifact, check_schema, load
 from models.drift import DriftMonitor, Reference
 from models.online import OnlineModel
-from models.registry import Registry, file_digest
+from models.registry import RULES_FILE, Registry, file_digest
+from models.rules import digest as rules_digest
 from models.serving import Scorer
 from service import telemetry
 from service.settings import Settings, get_settings
@@ -51,9 +52,13 @@ class Runtime:
         return identity if key is None else card_token(key.get_secret_value().encode())
 
     def new_scorer(self) -> Scorer:
-        scorer = new_scorer(self.settings, self.artifact, self.registry, self.digest)
+        registry = self.registry
+        scorer = new_scorer(self.settings, self.artifact, registry, self.digest)
         if self.shadow is not None:
-            scorer.apply(Control("shadow", self.shadow, self.registry.digest(self.shadow)))
+            scorer.apply(Control("shadow", self.shadow, registry.digest(self.shadow)))
+        rules = registry.rules()
+        if rules:
+            scorer.apply(Control("rules", RULES_FILE, rules_digest(rules), rules))
         return scorer
 
 

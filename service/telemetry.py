@@ -129,6 +129,11 @@ DRIFT_EVENTS = Counter(
     "fraud_drift_events", "Drift events found (data or concept, drifting or recovered).", ["kind", "state"]
 )
 MODEL = Info("fraud_model", "The XGBoost artifact being served (version), and the one shadowed.")
+RULE_HITS = Counter(
+    "fraud_rule_hits",
+    "Transactions each rule matched (dry-run rules included: they only count).",
+    ["rule", "action", "dry_run"],
+)
 MODEL_COMMANDS = Counter(
     "fraud_model_commands",
     "Operator commands (champion, shadow, rules) the scorer applied or refused, per replica.",

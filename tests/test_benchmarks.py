@@ -128,3 +128,11 @@ def test_long_replay_benchmark_prints_its_rates() -> None:
         r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+$", out.stdout, re.M
     )
     assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
+
+
+def test_lifecycle_benchmark_runs() -> None:
+    out = bench("benchmarks.lifecycle", "--repeats", "1", "--limit", "1500")
+    assert re.search(r"^1,500 transactions, [\d,]+ labels learned", out, re.M), out
+    for variant in ("champion alone", "+ shadow", "+ rules", "+ shadow + rules"):
+        assert re.search(rf"^  {re.escape(variant)} +[\d.]+ CPU-s", out, re.M), out
+    assert "live swap (cached)" in out and out.count("ms to apply a champion command") == 2

@@ -201,7 +201,7 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     assert scoring.snapshot() == (
         pickle.dumps(scoring.scorer.online),
         pickle.dumps(scoring.scorer.monitor),
-        *(champion.version, champion.digest, "", ""),
+        *(champion.version, champion.digest, "", "", "", ""),
     )
     assert len(champion.digest) == 64
     assert ScoringLogic(rt.new_scorer, scoring.snapshot()).scorer.online.n_learned == 1

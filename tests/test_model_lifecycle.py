@@ -26,6 +26,7 @@ from fraud.model_commands import send_command
 from models.artifact import ArtifactError, load, save
 from models.evaluation import average_precision
 from models.registry import Registry, RegistryState
+from models.rules import digest as rules_digest
 from models.xgb import XGBScorer, positive_weight
 from service.redis_client import connect
 from service.runtime import load_runtime
@@ -242,18 +243,28 @@ def thirds(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[Path, P
     return parts, cuts
 
 
+RULES_B = """# sent with the shadow
+big: amount > 500 -> review
+watch: amount > 100 -> alert dry-run
+"""
+RULES_C = "trusted: amount < 50 -> allow\nbig: amount > 300 -> review\n"
+
+
 def fill(url: str, thirds: tuple[list[tuple[Path, Path]], list[int]], tag: str, registry: Path) -> int:
-    """The input of a flow that starts serving V1 and reads: the first period, `shadow V2`, the
-    second, `promote V2`, the third (the commands as `fraud model` sends them)."""
+    """The input of a flow that starts serving V1 without rules and reads: the first period,
+    `shadow V2` and rule set B, the second period, `promote V2` and rule set C, the third (the
+    commands as `fraud model` and `fraud rules` send them)."""
     client = connect(url)
     s = Settings(source="redis", redis_url=url, input_stream=f"{tag}:in", model_registry=registry)
     reg = Registry(registry)
     reg.add(DEFAULT)
     n = drill.replay(client, thirds[0][0], tag, 2)
     send_command(s, "shadow", V2, reg.digest(V2))
+    send_command(s, "rules", "b.rules", rules_digest(RULES_B), RULES_B)
     n += drill.replay(client, thirds[0][1], tag, 2)
     send_command(s, "champion", V2, reg.digest(V2))
     send_command(s, "shadow")
+    send_command(s, "rules", "c.rules", rules_digest(RULES_C), RULES_C)
     n += drill.replay(client, thirds[0][2], tag, 2)
     client.close()
     return n
@@ -281,6 +292,8 @@ def outcome(client: redis.Redis, tag: str) -> dict[str, tuple[str, ...]]:
             e["score"],
             e.get("shadow_version", ""),
             e.get("shadow_score", ""),
+            e["action"],
+            e.get("rules", ""),
         )
         for e in entries(client, f"{tag}:decisions")
     }
@@ -311,17 +324,40 @@ def test_the_flow_swaps_models_mid_stream_alike_in_one_or_two_processes_and_acro
     expected = outcome(redis_client, "one")
     assert len(expected) == n
     cuts = thirds[1]
-    for ts, version, _, shadow, _ in expected.values():
+    amounts = {
+        json.loads(line)["txn_id"]: json.loads(line)["amount"]
+        for t, _ in thirds[0]
+        for line in t.read_text().splitlines()
+    }
+    seen_actions: dict[str, set[str]] = {"a": set(), "b": set(), "c": set()}
+    for txn_id, (ts, version, _, shadow, _, action, rules) in expected.items():
         t = int(datetime.fromisoformat(ts).timestamp() * 1000)
+        amount, hits = amounts[txn_id], [h["rule"] for h in json.loads(rules or "[]")]
         if t < cuts[0] - HOUR_MS:
-            assert (version, shadow) == (V1, "")
+            assert (version, shadow, hits) == (V1, "", []) and action in ("alert", "none")
+            seen_actions["a"].add(action)
         elif cuts[0] <= t < cuts[1] - HOUR_MS:
             assert (version, shadow) == (V1, V2)
+            assert hits == [r for r, hit in (("big", amount > 500), ("watch", amount > 100)) if hit]
+            assert action == "alert" or (action == "review") == (amount > 500)
+            seen_actions["b"].add(action)
         elif t >= cuts[1]:
             assert (version, shadow) == (V2, "")
+            assert hits == [r for r, hit in (("trusted", amount < 50), ("big", amount > 300)) if hit]
+            assert (action == "allow") == (amount < 50)
+            seen_actions["c"].add(action)
+    assert seen_actions == {
+        "a": {"alert", "none"},
+        "b": {"alert", "none", "review"},
+        "c": {"alert", "none", "allow", "review"},
+    }
     alerts = entries(redis_client, "one:alerts")
     assert {a["model_version"] for a in alerts} == {V1, V2}
     assert all(float(a["threshold"]) == 0.3 for a in alerts if a["model_version"] == V2)
+    reviews = [a for a in alerts if a["action"] == "review"]
+    assert reviews and all({"rule": "big", "action": "review"} in json.loads(a["reasons"]) for a in reviews)
+    assert not any("watch" in a["reasons"] for a in alerts)  # a dry-run rule only counts
+    assert not any(amounts[a["txn_id"]] < 50 for a in alerts if a["model_version"] == V2)
 
     compared = judged(redis_client, base_env)
     assert list(compared["champions"]) == [V1, V2] and len(compared["shadows"]) == 1
@@ -354,3 +390,114 @@ def test_the_flow_swaps_models_mid_stream_alike_in_one_or_two_processes_and_acro
     assert outcome(redis_client, "pair") == expected
     assert redis_client.xlen("pair:decisions") == n
     assert entries(redis_client, "pair:dlq") == []
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+
+def rules_command(text: str, name: str = "test.rules") -> Control:
+    return Control("rules", name, rules_digest(text), text)
+
+
+def test_rules_apply_from_their_command_and_a_refused_set_keeps_the_running_one(
+    registry: Registry, vectors: list[FeatureVector]
+) -> None:
+    s = Settings(model_registry=registry.root, threshold=0.001)  # the model alerts on some
+    alone = load_runtime(s, need_redis=False).new_scorer().decide(vectors[:400])
+    assert any(d.alert for d in alone[100:200]) and not all(d.alert for d in alone[100:200])
+    scorer = load_runtime(s, need_redis=False).new_scorer()
+    allow_all, alert_all = (
+        "all: amount >= 0 -> allow\n",
+        "all: amount >= 0 -> alert\nbig: amount > 200 -> review dry-run\n",
+    )
+    got = scorer.decide(
+        [
+            *vectors[:100],
+            rules_command(allow_all),
+            *vectors[100:200],
+            rules_command("oops: amout > 1 -> alert\n"),  # refused: the set in force stays
+            Control("rules", "x", "0" * 64, alert_all),  # refused: not the text its digest names
+            *vectors[200:300],
+            rules_command(alert_all),
+            *vectors[300:400],
+        ]
+    )
+    assert [str(e).splitlines()[-1] for _, e in scorer.last.failed] == [
+        "test.rules: line 1: unknown name 'amout' (did you mean 'amount'?)",
+        "the rule text does not match the digest its command names",
+    ]
+    for d, ref in zip(got[:100], alone[:100], strict=True):
+        assert (d.alert, d.action, d.hits) == (ref.alert, "alert" if ref.alert else "none", [])
+    for d in got[100:300]:  # the model's alerts suppressed: an allow-list for everything
+        assert (d.alert, d.action, [h.rule for h in d.hits]) == (False, "allow", ["all"])
+    for d in got[300:]:  # every transaction alerts, with the model's reasons; the dry-run rule only counts
+        assert d.alert and d.action == "alert" and d.reasons
+        assert [(h.rule, h.dry_run) for h in d.hits] == [("all", False)] + (
+            [("big", True)] if d.txn.amount > 200 else []
+        )
+    assert [d.score for d in got] == [d.score for d in alone]  # rules never change a score
+    resumed = load_runtime(s, need_redis=False).new_scorer()
+    resumed.restore(scorer.snapshot())
+    assert resumed.rules is not None and resumed.rules.text == alert_all
+    scorer.decide([rules_command("")])
+    assert scorer.rules is None and load_runtime(s, need_redis=False).new_scorer().rules is None
+
+
+def test_fraud_rules_check_load_show_off(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FRAUD_SOURCE", "redis")
+    monkeypatch.setenv("FRAUD_REDIS_URL", redis_url)
+    monkeypatch.setenv("FRAUD_INPUT_STREAM", "rl:in")
+    good, bad = tmp_path / "good.rules", tmp_path / "bad.rules"
+    good.write_text("# review big ones\nbig: amount > 2000 and count_by_card_1h >= 5 -> review\n")
+    bad.write_text("ok: amount > 1 -> alert\nbad: amount > 'x' -> alert\nworse: -> nothing\n")
+    runner = CliRunner()
+    out = runner.invoke(app, ["rules", "check", str(good)])
+    assert (
+        out.exit_code == 0 and "line 2: big: amount > 2000 and count_by_card_1h >= 5 -> review" in out.output
+    )
+    refused = runner.invoke(app, ["rules", "load", str(bad)])
+    assert refused.exit_code == 2 and "refused, nothing changed" in refused.stderr
+    assert "line 2:" in refused.stderr and "line 3:" in refused.stderr and "line 1:" not in refused.stderr
+    assert redis_client.exists("rl:in:{0}") == 0  # nothing sent
+    assert runner.invoke(app, ["rules", "load", str(good)]).exit_code == 0
+    assert runner.invoke(app, ["rules", "show"]).output == good.read_text()
+    assert load_runtime(need_redis=False).new_scorer().rules is not None  # a fresh start serves it
+    assert runner.invoke(app, ["rules", "off"]).exit_code == 0
+    assert "no rules in force" in runner.invoke(app, ["rules", "show"]).output
+    sent = [json.loads(e["payload"]) for e in entries(redis_client, "rl:in:{0}")]
+    assert [(p["command"], p["version"], p.get("text", "")) for p in sent] == [
+        ("rules", "good.rules", good.read_text()),
+        ("rules", "off", ""),
+    ]
+    assert sent[0]["digest"] == rules_digest(good.read_text())
+
+
+def test_a_refused_command_is_a_dead_letter_saying_why(
+    registry: Registry, vectors: list[FeatureVector]
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from features.events import DeadLetter
+    from flows.steps import ScoringLogic
+
+    def count(result: str) -> float:
+        return (
+            REGISTRY.get_sample_value("fraud_model_commands_total", {"command": "champion", "result": result})
+            or 0.0
+        )
+
+    rt = load_runtime(Settings(model_registry=registry.root), need_redis=False)
+    step = ScoringLogic(rt.new_scorer, None)
+    refused, applied = count("refused"), count("applied")
+    raw = json.dumps({"command": "champion", "version": "xgb-19990101000000-00000000", "digest": "0" * 64})
+    bad = decode("control", raw, origin="in:{0}#5-0")
+    good = command(registry, "champion", V2)
+    out = step.apply([*vectors[:5], bad, *vectors[5:10], good, *vectors[10:15]])
+    dead = [o for o in out if isinstance(o, DeadLetter)]
+    assert len(dead) == 1 and (dead[0].kind, dead[0].reason, dead[0].raw) == ("control", "bad_control", raw)
+    assert "not in the registry" in dead[0].detail and dead[0].origin == "in:{0}#5-0"
+    assert (count("refused"), count("applied")) == (refused + 1, applied + 1)
+    versions = [o.version for o in out if not isinstance(o, DeadLetter)]
+    assert versions == [V1] * 10 + [V2] * 5

@@ -520,7 +520,7 @@ def test_decision_entry_is_the_full_audit_record() -> None:
     e = decision_entry(decision(alert=False), names)
     assert set(e) == {
         "txn_id", "card", "merchant_id", "ts", "score", "xgb_score", "online_score",
-        "threshold", "alert", "model_version", "features", "reasons", "late",
+        "threshold", "alert", "model_version", "action", "features", "reasons", "late",
     }  # fmt: skip
     assert e["card"] == "4111111111111111" and e["alert"] == "0" and e["late"] == "0"
     assert e["ts"] == "2026-01-05T08:00:00.000+00:00" and e["threshold"] == "0.950000"
