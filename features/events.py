@@ -118,6 +118,7 @@ class _WireControl(msgspec.Struct, forbid_unknown_fields=True):
     version: Short = ""
     digest: Short = ""
     text: str = ""
+    sig: Short = ""
 
 
 CONTROL_COMMANDS = ("champion", "shadow", "rules")
@@ -128,8 +129,9 @@ class Control(msgspec.Struct, frozen=True, gc=False):
     scorer applies it at its place in the canonical order, so every process switches at the same
     event. `champion`/`shadow`: serve (or shadow) model `version` of the registry, whose model file
     has sha256 `digest` (`shadow` with no version turns the shadow off); `rules`: the rule set
-    `text`. It has no event time of its own (`ts_ms` 0): it takes its place after what its partition
-    sent before it."""
+    `text`. `sig`: its HMAC (`features.privacy.command_signature`), checked by the flow's decoder
+    when `FRAUD_COMMAND_KEY` is set. It has no event time of its own (`ts_ms` 0): it takes its
+    place after what its partition sent before it."""
 
     command: str
     version: str = ""
@@ -140,6 +142,7 @@ class Control(msgspec.Struct, frozen=True, gc=False):
     seq: int = 0
     raw: str = ""
     origin: str = ""
+    sig: str = ""
 
     @property
     def txn_id(self) -> str:
@@ -315,7 +318,7 @@ def decode_control(
         w = _control_decoder.decode(_checked(raw))
         if w.command in ("champion", "rules") and not (w.version and w.digest):
             raise _Invalid("bad_control", f"a {w.command!r} command needs a version and a digest")
-        return Control(w.command, w.version, w.digest, w.text, 0, received_ns, seq, _text(raw), origin)
+        return Control(w.command, w.version, w.digest, w.text, 0, received_ns, seq, _text(raw), origin, w.sig)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
         return DeadLetter("control", "bad_control", str(e), _text(raw), None, origin)
     except _Invalid as e:

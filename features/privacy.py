@@ -23,6 +23,23 @@ def identity(card_id: str) -> str:
     return card_id
 
 
+def command_signature(key: bytes, command: str, version: str, digest: str) -> str:
+    """HMAC-SHA256 (hex) of an operator command (`features.events.Control`): what `fraud model`
+    and `fraud rules` attach when `FRAUD_COMMAND_KEY` is set, and what the decoder checks. The
+    digest binds the model file or the rule text the command names."""
+    message = "\0".join((command, version, digest)).encode("utf-8", errors="surrogatepass")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def signed(key: bytes) -> Callable[[str, str, str, str], bool]:
+    """Whether a command's `sig` is its signature under `key` (constant-time comparison)."""
+
+    def check(command: str, version: str, digest: str, sig: str) -> bool:
+        return hmac.compare_digest(command_signature(key, command, version, digest), sig)
+
+    return check
+
+
 def card_token(key: bytes | None) -> Callable[[str], str]:
     """The function mapping a card id to its keyed token; `identity` when `key` is None."""
     if key is None:

@@ -82,7 +82,7 @@ def build(
     needs_chain, skips_chain = chain_filters(pipeline)
 
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
-    decoded = batch.each("decode", read, decoder(rt.card_ref))
+    decoded = batch.each("decode", read, decoder(rt.card_ref, rt.command_key))
     stamped = stamp("stamp", batch.keep("valid", decoded, is_valid), Expiry(ttl, starts_state))
     index = step(
         "index",

@@ -26,7 +26,7 @@ from features.engine import (
 )
 from features.events import Control, DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
-from features.privacy import identity, tokenize_raw
+from features.privacy import identity, signed, tokenize_raw
 from flows.expiry import Expired
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
@@ -110,20 +110,25 @@ def decode_record(record: Record) -> Decoded | Tick:
     return decode(kind, raw, time.time_ns(), 0, origin)
 
 
-def decoder(card_ref: Callable[[str], str]) -> Callable[[Record], Decoded | Tick]:
-    """`decode_record`, tokenizing card ids at the edge when `card_ref` is a token function.
+def decoder(
+    card_ref: Callable[[str], str], command_key: bytes | None = None
+) -> Callable[[Record], Decoded | Tick]:
+    """`decode_record`, tokenizing card ids at the edge when `card_ref` is a token function, and
+    refusing operator commands not signed with `command_key` when there is one (a `bad_control`
+    dead letter: an unsigned command never reaches the scorer).
 
     Everything after the decoder (entity keys, recovery snapshots, held events, alerts, dead
     letters, error messages) then sees only the token: a transaction's `card_id` is replaced, and
     so is the `card_id` member of every raw payload kept for a dead letter
     (`features.privacy.tokenize_raw`). Without a key the plain decoder runs, at no cost.
     """
+    decode = decode_record if command_key is None else _verifying(command_key)
     if card_ref is identity:
-        return decode_record
+        return decode
     replace = msgspec.structs.replace
 
     def decode_tokenized(record: Record) -> Decoded | Tick:
-        e = decode_record(record)
+        e = decode(record)
         if type(e) is Transaction:
             return replace(e, card_id=card_ref(e.card_id), raw=tokenize_raw(e.raw, card_ref))
         if type(e) is DeadLetter or type(e) is Label:
@@ -131,6 +136,24 @@ def decoder(card_ref: Callable[[str], str]) -> Callable[[Record], Decoded | Tick
         return e
 
     return decode_tokenized
+
+
+def _verifying(key: bytes) -> Callable[[Record], Decoded | Tick]:
+    """`decode_record`, with every `Control` checked against its signature under `key`."""
+    check = signed(key)
+
+    def decode_verified(record: Record) -> Decoded | Tick:
+        e = decode_record(record)
+        if type(e) is Control and not check(e.command, e.version, e.digest, e.sig):
+            why = (
+                "not signed with FRAUD_COMMAND_KEY"
+                if not e.sig
+                else "its signature does not match FRAUD_COMMAND_KEY"
+            )
+            return DeadLetter("control", "bad_control", f"command refused: {why}", e.raw, None, e.origin)
+        return e
+
+    return decode_verified
 
 
 def is_valid(event: Decoded | Tick) -> TypeGuard[Transaction | Label | Tick]:

@@ -28,10 +28,11 @@ app = typer.Typer(help="Model versions: list, add, promote, shadow, roll back.",
 def send_command(
     settings: Settings, command: str, version: str = "", digest: str = "", text: str = ""
 ) -> str:
-    """Write an operator command into input shard 0; return its stream entry id ("" when the flow
-    reads files and there is no input to write to)."""
+    """Write an operator command into input shard 0, signed when FRAUD_COMMAND_KEY is set; return
+    its stream entry id ("" when the flow reads files and there is no input to write to)."""
     if settings.source != "redis":
         return ""
+    from features.privacy import command_signature
     from flows.redis_source import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
     from service.redis_client import connect
     from service.redis_server import redis_url
@@ -39,6 +40,9 @@ def send_command(
     payload: dict[str, Any] = {"command": command, "version": version, "digest": digest}
     if text:
         payload["text"] = text
+    if settings.command_key is not None:
+        key = settings.command_key.get_secret_value().encode()
+        payload["sig"] = command_signature(key, command, version, digest)
     client = connect(redis_url(settings))
     try:
         entry = client.xadd(

@@ -46,6 +46,12 @@ class Runtime:
         return self.artifact.threshold if s.threshold is None else s.threshold
 
     @property
+    def command_key(self) -> bytes | None:
+        """The key operator commands must be signed with (FRAUD_COMMAND_KEY), or None."""
+        key = self.settings.command_key
+        return None if key is None else key.get_secret_value().encode()
+
+    @property
     def card_ref(self) -> Callable[[str], str]:
         """How card ids appear in outputs: tokenized with FRAUD_CARD_TOKEN_KEY, else as they are."""
         key = self.settings.card_token_key

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     card_token_key: SecretStr | None = Field(
         None, description="Key of the HMAC that replaces card ids in outputs."
     )
+    command_key: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC that signs operator commands (`fraud model`, `fraud rules`); when set, the flow refuses unsigned ones.",
+    )
 
     # Features
     feature_set: Literal["default", "textbook"] = Field(
@@ -167,6 +171,7 @@ class Settings(BaseSettings):
         "source_idle_exit_s",
         "stream_retention_days",
         "card_token_key",
+        "command_key",
         "recovery_dir",
         mode="before",
     )

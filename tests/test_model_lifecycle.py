@@ -217,6 +217,7 @@ RUN = {
     "FRAUD_SNAPSHOT_INTERVAL_S": "0.05",
     "FRAUD_DECISION_LOG": "1",
     "FRAUD_ONLINE_WARMUP_LABELS": "100",
+    "FRAUD_COMMAND_KEY": "lifecycle-key",
 }
 HOUR_MS = 3_600_000
 
@@ -247,20 +248,27 @@ RULES_B = """# sent with the shadow
 big: amount > 500 -> review
 watch: amount > 100 -> alert dry-run
 """
+ALLOW_ALL = "everything: amount >= 0 -> allow\n"
 RULES_C = "trusted: amount < 50 -> allow\nbig: amount > 300 -> review\n"
 
 
 def fill(url: str, thirds: tuple[list[tuple[Path, Path]], list[int]], tag: str, registry: Path) -> int:
     """The input of a flow that starts serving V1 without rules and reads: the first period,
     `shadow V2` and rule set B, the second period, `promote V2` and rule set C, the third (the
-    commands as `fraud model` and `fraud rules` send them)."""
+    commands as `fraud model` and `fraud rules` send them, signed), and a forged command (unsigned:
+    it must change nothing)."""
     client = connect(url)
-    s = Settings(source="redis", redis_url=url, input_stream=f"{tag}:in", model_registry=registry)
+    s = Settings(
+        source="redis", redis_url=url, input_stream=f"{tag}:in", model_registry=registry,
+        command_key=RUN["FRAUD_COMMAND_KEY"],
+    )  # fmt: skip
+    forged = Settings(source="redis", redis_url=url, input_stream=f"{tag}:in")
     reg = Registry(registry)
     reg.add(DEFAULT)
     n = drill.replay(client, thirds[0][0], tag, 2)
     send_command(s, "shadow", V2, reg.digest(V2))
     send_command(s, "rules", "b.rules", rules_digest(RULES_B), RULES_B)
+    send_command(forged, "rules", "evil", rules_digest(ALLOW_ALL), ALLOW_ALL)
     n += drill.replay(client, thirds[0][1], tag, 2)
     send_command(s, "champion", V2, reg.digest(V2))
     send_command(s, "shadow")
@@ -389,7 +397,10 @@ def test_the_flow_swaps_models_mid_stream_alike_in_one_or_two_processes_and_acro
     drill.finish_all([drill.start(pair_env, "-i", str(i), "-a", addresses) for i in range(2)])
     assert outcome(redis_client, "pair") == expected
     assert redis_client.xlen("pair:decisions") == n
-    assert entries(redis_client, "pair:dlq") == []
+    for tag in ("one", "crash", "pair"):  # the forged command, refused at the edge, once
+        dead = entries(redis_client, f"{tag}:dlq")
+        assert [(d["kind"], d["reason"]) for d in dead] == [("control", "bad_control")], tag
+        assert "not signed with FRAUD_COMMAND_KEY" in dead[0]["detail"]
 
 
 # --- rules -------------------------------------------------------------------------------------
@@ -501,3 +512,32 @@ def test_a_refused_command_is_a_dead_letter_saying_why(
     assert (count("refused"), count("applied")) == (refused + 1, applied + 1)
     versions = [o.version for o in out if not isinstance(o, DeadLetter)]
     assert versions == [V1] * 10 + [V2] * 5
+
+
+def test_with_a_command_key_only_signed_commands_reach_the_scorer(
+    registry: Registry, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Anyone who may write the input could otherwise switch models or allow-list everything:
+    with FRAUD_COMMAND_KEY the decoder refuses a command without the key's signature, or one
+    altered after signing (a `bad_control` dead letter), before it reaches any scorer."""
+    from features.events import DeadLetter
+    from features.privacy import card_token, identity
+    from flows.steps import decoder
+
+    key = "s3cret-command-key"
+    s = Settings(source="redis", redis_url=redis_url, input_stream="sig:in", command_key=key)
+    send_command(s, "champion", V2, registry.digest(V2))
+    send_command(Settings(source="redis", redis_url=redis_url, input_stream="sig:in"), "shadow")  # unsigned
+    signed_raw, unsigned_raw = [e["payload"] for e in entries(redis_client, "sig:in:{0}")]
+    assert key not in signed_raw and "sig" in json.loads(signed_raw) and "sig" not in json.loads(unsigned_raw)
+    tampered = signed_raw.replace(V2, V1)
+    for decode_with in (decoder(identity, key.encode()), decoder(card_token(b"k"), key.encode())):
+        ok = decode_with(("control", signed_raw, "sig:in:{0}#1-0"))
+        assert isinstance(ok, Control) and ok.version == V2
+        for raw, why in ((unsigned_raw, "not signed"), (tampered, "does not match")):
+            dead = decode_with(("control", raw, "sig:in:{0}#2-0"))
+            assert isinstance(dead, DeadLetter) and (dead.kind, dead.reason) == ("control", "bad_control")
+            assert why in dead.detail and dead.raw == raw and key not in dead.detail
+    other_key = decoder(identity, b"another key")(("control", signed_raw, "x#1-0"))
+    assert isinstance(other_key, DeadLetter)
+    assert isinstance(decoder(identity)(("control", unsigned_raw, "x#1-0")), Control)  # no key: accepted
