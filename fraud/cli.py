@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from fraud import model_commands, stream_commands
+from fraud import model_commands, report, stream_commands, top
 from fraud.display import print_json
 from service.settings import SAMPLES, get_settings
 
@@ -19,6 +19,8 @@ app.command()(stream_commands.alerts)
 app.command("alert-precision")(stream_commands.alert_precision)
 app.command("dead-letters")(stream_commands.dead_letters)
 app.command("drift")(stream_commands.drift)
+app.command("report")(report.report_command)
+app.command()(top.top)
 app.add_typer(model_commands.app, name="model")
 app.add_typer(model_commands.rules_app, name="rules")
 

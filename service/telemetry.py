@@ -104,6 +104,7 @@ SCORES = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
 )
 REDIS_ERRORS = Counter("fraud_redis_errors", "Redis operations that failed and were retried.", ["op"])
+REDIS_OPS = ("xread", "xadd", "source_lag")  # the `op` values: the source's reads and lag, the sinks' writes
 SINK_DUPLICATES = Counter(
     "fraud_sink_duplicates",
     "Stream entries not written again because their sent marker existed (replays, retried batches).",
@@ -158,6 +159,8 @@ def init_labels() -> None:
     for command in CONTROL_COMMANDS:
         for result in ("applied", "refused"):
             MODEL_COMMANDS.labels(command=command, result=result)
+    for op in REDIS_OPS:
+        REDIS_ERRORS.labels(op=op)
 
 
 def serve(port: int) -> None:
