@@ -44,3 +44,18 @@ def stream(rt: Runtime, name: str, dedupe_field: str, dedupe_ttl_s: int | None =
         retention_s=None if s.stream_retention_days is None else s.stream_retention_days * 86_400,
         retry_budget_s=s.redis_retry_budget_s,
     )
+
+
+def decision_log(rt: Runtime) -> Sink[Any]:
+    """The decision log's sink: an audit trail, never trimmed by count (a reader that falls behind
+    loses nothing); entries older than `FRAUD_DECISION_RETENTION_DAYS` are dropped, and counted."""
+    s = rt.settings
+    return RedisStreamSink(
+        rt.redis_url,
+        s.decision_stream,
+        None,
+        dedupe_field="txn_id",
+        dedupe_ttl_s=s.decision_dedupe_ttl_s,
+        retention_s=s.decision_retention_days * 86_400,
+        retry_budget_s=s.redis_retry_budget_s,
+    )

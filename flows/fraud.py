@@ -142,7 +142,7 @@ def build(
         op.output(
             "decision_log",
             op.map("decision", scored, log),
-            connectors.stream(rt, s.decision_stream, "txn_id", s.decision_dedupe_ttl_s),
+            connectors.decision_log(rt),
         )
 
     op.output("progress", op.merge("activity", scored, dead), ProgressSink(s.progress_interval_s))

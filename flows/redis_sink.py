@@ -24,8 +24,10 @@ slot: name the streams with a hash tag, e.g. `{fraud}:alerts`, so that the marke
 (`{fraud}:alerts:sent:<txn_id>`) share the stream's slot. On a single server any name works.
 
 **Retention.** Every `XADD` trims to about `maxlen` entries (`MAXLEN ~`); with `retention_s`
-each batch also ends with `XTRIM <stream> MINID ~ <now - retention_s>` (entry ids are the
-server's clock in ms), in the same pipeline.
+each batch also ends with `XTRIM <stream> MINID <now - retention_s>` (entry ids are the
+server's clock in ms), in the same pipeline. With `maxlen=None` nothing is trimmed by count
+(the decision log, an audit trail: only by age), and every entry a trim removes is counted in
+`fraud_stream_trimmed_total{stream}`.
 """
 
 from __future__ import annotations
@@ -63,11 +65,15 @@ _E = TypeVar("_E", bound=Exception)
 
 DEFAULT_DEDUPE_TTL_S = 7 * 86_400
 
-# KEYS[1] stream, KEYS[2] marker; ARGV[1] marker TTL (s), ARGV[2] MAXLEN, ARGV[3..] field, value...
-# SET NX answers nil (false in Lua) when the marker exists: the entry was already written.
+# KEYS[1] stream, KEYS[2] marker; ARGV[1] marker TTL (s), ARGV[2] MAXLEN (0: none), ARGV[3..]
+# field, value... SET NX answers nil (false in Lua) when the marker exists: the entry was already
+# written.
 DEDUPE_XADD_LUA = """\
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
   return false
+end
+if ARGV[2] == '0' then
+  return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
@@ -152,16 +158,18 @@ def write_entries(
     client: redis.Redis,
     stream: str,
     items: Sequence[Mapping[Any, Any]],
-    maxlen: int,
+    maxlen: int | None,
     *,
     dedupe: Dedupe | None = None,
     retention_s: float | None = None,
+    trimmed: list[int] | None = None,
 ) -> list[str | None]:
     """Append `items` to `stream` in one pipeline; return each new id, None for a duplicate.
 
     With `dedupe`, entries go through the marker script (EVALSHA; on NOSCRIPT the script is
     loaded with SCRIPT LOAD and only the entries that were not run are sent again, so nothing is
-    applied twice). With `retention_s`, the pipeline ends with one `XTRIM MINID ~`.
+    applied twice). `maxlen` None: no trim by count. With `retention_s`, the pipeline ends with
+    one `XTRIM MINID` (exact: everything older goes), whose count of removed entries is appended to `trimmed` when given.
     Redis errors other than connection loss are raised (the first one).
     """
     if not items:
@@ -178,17 +186,19 @@ def write_entries(
         with client.pipeline(transaction=False) as pipe:
             for i in pending:
                 if dedupe is None:
-                    pipe.xadd(stream, dict(items[i]), maxlen=maxlen, approximate=True)
+                    pipe.xadd(stream, dict(items[i]), maxlen=maxlen, approximate=maxlen is not None)
                 else:
-                    args = [dedupe.ttl_s, maxlen, *_flat_fields(items[i])]
+                    args = [dedupe.ttl_s, maxlen or 0, *_flat_fields(items[i])]
                     pipe.evalsha(DEDUPE_XADD_SHA, 2, stream, markers[i], *args)
             if trim:
                 assert retention_s is not None
-                pipe.xtrim(stream, minid=_minid(retention_s), approximate=True)
+                pipe.xtrim(stream, minid=_minid(retention_s), approximate=False)
             replies = pipe.execute(raise_on_error=False)
         if trim:
             if isinstance(replies[-1], Exception):
                 raise replies[-1]
+            if trimmed is not None:
+                trimmed.append(int(replies[-1]))
             replies, trim = replies[:-1], False  # trimmed: not again in a NOSCRIPT round
         unloaded: list[int] = []
         for i, reply in zip(pending, replies, strict=True):
@@ -240,6 +250,7 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
         sink = self._sink
         while True:
             began = time.monotonic()
+            trimmed: list[int] = []
             try:
                 ids = write_entries(
                     self._client,
@@ -248,6 +259,7 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
                     sink.maxlen,
                     dedupe=self._dedupe,
                     retention_s=sink.retention_s,
+                    trimmed=trimmed,
                 )
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
                 self._retry_or_raise(exc, began, len(items))
@@ -256,6 +268,8 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
                 duplicates = ids.count(None) if self._dedupe is not None else 0
                 if duplicates:
                     telemetry.SINK_DUPLICATES.labels(stream=sink.stream).inc(duplicates)
+                if sum(trimmed):
+                    telemetry.STREAM_TRIMMED.labels(stream=sink.stream).inc(sum(trimmed))
                 return
 
     def _retry_or_raise(self, exc: redis.RedisError, began: float, n: int) -> None:
@@ -275,7 +289,8 @@ class _RedisStreamPartition(StatelessSinkPartition[Entry]):
 
 
 class RedisStreamSink(DynamicSink[Entry]):
-    """Write `dict[str, str]` items as entries of `stream`, trimmed to about `maxlen`.
+    """Write `dict[str, str]` items as entries of `stream`, trimmed to about `maxlen` (None: never
+    by count).
 
     Every worker opens its own connection; entries from one worker keep their order.
     `dedupe_field` names the field identifying a record (its marker lives `dedupe_ttl_s`); None
@@ -289,7 +304,7 @@ class RedisStreamSink(DynamicSink[Entry]):
         self,
         url: str,
         stream: str,
-        maxlen: int,
+        maxlen: int | None,
         *,
         dedupe_field: str | None = None,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
@@ -298,8 +313,8 @@ class RedisStreamSink(DynamicSink[Entry]):
         initial_backoff_s: float = INITIAL_BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
-        if maxlen < 1:
-            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        if maxlen is not None and maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1 or None, got {maxlen}")
         if retry_budget_s <= 0:
             raise ValueError(f"retry_budget_s must be > 0, got {retry_budget_s}")
         if dedupe_ttl_s < 1:

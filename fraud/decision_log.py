@@ -179,7 +179,9 @@ def read_decision_log(
             columns.check_version(entry_id, version)
             row = columns.row(entry_id, version, fields["features"])
             ts_ms = parse_ts_ms(_text(fields["ts"]))
-            card = _text(fields["card"])
+            card = _text(
+                fields["card_id"] if "card_id" in fields else fields["card"]
+            )  # "card" before 2026-12
         except KeyError as exc:
             raise DecisionLogError(
                 f"decision {entry_id} in {stream!r} has no {exc.args[0]!r} field"

@@ -194,7 +194,11 @@ def decisions_scored(
             scores = [float(decode(f[name])) for name in ("xgb_score", "online_score", "score", "threshold")]
             if not all(math.isfinite(v) for v in scores[:3]):
                 raise ValueError(f"a score is not a finite number: {scores[:3]}")
-            at, card, alert = parse_ts_ms(decode(f["ts"])), decode(f["card"]), decode(f["alert"]) == "1"
+            at, card, alert = (
+                parse_ts_ms(decode(f["ts"])),
+                decode(f["card_id"] if "card_id" in f else f["card"]),
+                decode(f["alert"]) == "1",
+            )
         except KeyError as exc:
             raise DecisionLogError(
                 f"decision {entry_id} in {stream!r} has no {exc.args[0]!r} field"

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         False, description="Write every decision (features, scores, reasons) to the decision stream."
     )
     decision_stream: str = Field("fraud:decisions", description="Stream of the decision log (audit trail).")
+    decision_retention_days: float = Field(
+        400.0,
+        gt=0,
+        description="The decision log keeps every decision this long (by age, never by count: FRAUD_STREAM_MAXLEN does not apply to it).",
+    )
     dedupe_ttl_s: int = Field(
         7 * 86_400, ge=1, description="How long a sent marker prevents a duplicate alert."
     )

@@ -105,6 +105,11 @@ SCORES = Histogram(
 )
 REDIS_ERRORS = Counter("fraud_redis_errors", "Redis operations that failed and were retried.", ["op"])
 REDIS_OPS = ("xread", "xadd", "source_lag")  # the `op` values: the source's reads and lag, the sinks' writes
+STREAM_TRIMMED = Counter(
+    "fraud_stream_trimmed",
+    "Entries removed from an output stream by its age retention (XTRIM MINID), per stream.",
+    ["stream"],
+)
 SINK_DUPLICATES = Counter(
     "fraud_sink_duplicates",
     "Stream entries not written again because their sent marker existed (replays, retried batches).",

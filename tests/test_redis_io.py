@@ -410,3 +410,33 @@ def test_malformed_alert_is_printed_not_fatal(redis_client: redis.Redis) -> None
 )
 def test_redact_hides_passwords(url: str, expected: str) -> None:
     assert redact(url) == expected
+
+
+@pytest.mark.parametrize("dedupe_field", ["txn_id", None], ids=["script", "xadd"])
+def test_the_decision_log_is_trimmed_by_age_only_and_counts_what_it_removes(
+    redis_url: str, redis_client: redis.Redis, dedupe_field: str | None
+) -> None:
+    """An audit trail: no count cap, whatever FRAUD_STREAM_MAXLEN says; entries older than the
+    retention go (entry ids are the server's clock), and the trimmed counter says how many."""
+    from flows.connectors import decision_log
+    from service.runtime import load_runtime
+
+    rt = load_runtime(Settings(stream_maxlen=3, decision_retention_days=1), need_redis=False)
+    configured = decision_log(rt)
+    assert isinstance(configured, RedisStreamSink)
+    assert (configured.maxlen, configured.retention_s) == (None, 86_400)
+    stream = f"decisions:{dedupe_field}"
+    for i in range(40):  # two days old: beyond the retention
+        redis_client.xadd(
+            stream, {"txn_id": f"old-{i}"}, id=f"{int(time.time() * 1000) - 2 * 86_400_000 + i}-0"
+        )
+    part = RedisStreamSink(redis_url, stream, None, dedupe_field=dedupe_field, retention_s=86_400).build(
+        "log", 0, 1
+    )
+    before = REGISTRY.get_sample_value("fraud_stream_trimmed_total", {"stream": stream}) or 0.0
+    for start in range(0, 300, 100):
+        part.write_batch([make_alert(i) for i in range(start, start + 100)])
+    part.close()
+    kept = [fields[b"txn_id"].decode() for _, fields in redis_client.xrange(stream)]
+    assert kept == [make_alert(i)["txn_id"] for i in range(300)]  # all 300 (no cap), none of the old
+    assert REGISTRY.get_sample_value("fraud_stream_trimmed_total", {"stream": stream}) == before + 40

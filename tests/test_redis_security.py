@@ -519,11 +519,14 @@ def test_decision_entry_is_the_full_audit_record() -> None:
     names = ["amount", "gap", "speed"]
     e = decision_entry(decision(alert=False), names)
     assert set(e) == {
-        "txn_id", "card", "merchant_id", "ts", "score", "xgb_score", "online_score",
+        "txn_id", "card_id", "merchant_id", "ts", "score", "xgb_score", "online_score",
         "threshold", "alert", "model_version", "action", "features", "reasons", "late",
     }  # fmt: skip
-    assert e["card"] == "4111111111111111" and e["alert"] == "0" and e["late"] == "0"
-    assert e["ts"] == "2026-01-05T08:00:00.000+00:00" and e["threshold"] == "0.950000"
+    assert e["card_id"] == "4111111111111111" and e["alert"] == "0" and e["late"] == "0"
+    d = decision()
+    d.score = 0.1234567890123456789
+    assert float(decision_entry(d, names)["score"]) == d.score  # full precision, not 6 decimals
+    assert e["ts"] == "2026-01-05T08:00:00.000+00:00" and e["threshold"] == "0.95"
     assert json.loads(e["features"]) == {"amount": 1.5, "gap": None, "speed": None}
     assert json.loads(e["reasons"]) == [
         {"feature": "amount", "value": 1.5, "contribution": 0.7},
@@ -534,8 +537,8 @@ def test_decision_entry_is_the_full_audit_record() -> None:
     d = decision()
     d.shadow = ShadowScore("v2", 0.25, 0.5, False)
     shadowed = decision_entry(d, names)
-    assert (shadowed["shadow_version"], shadowed["shadow_xgb_score"]) == ("v2", "0.250000")
-    assert (shadowed["shadow_score"], shadowed["shadow_alert"]) == ("0.500000", "0")
+    assert (shadowed["shadow_version"], shadowed["shadow_xgb_score"]) == ("v2", "0.25")
+    assert (shadowed["shadow_score"], shadowed["shadow_alert"]) == ("0.5", "0")
     with pytest.raises(ValueError):
         decision_entry(decision(), names[:2])
 

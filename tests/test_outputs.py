@@ -1,0 +1,52 @@
+"""The end-of-run summary: latency percentiles over every transaction, throughput by phase."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+
+from features.events import Transaction
+from flows.outputs import LatencySketch, ProgressSink, throughput_by_tenth
+from models.serving import Decision
+
+
+def test_the_sketch_keeps_every_quantile_within_one_percent_and_merges() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(-3, 1.2) for _ in range(200_000)] + [0.0] * 10
+    a, b = LatencySketch(), LatencySketch()
+    for i, v in enumerate(values):
+        (a if i % 2 else b).add(v)
+    a.merge(b)
+    assert a.n == len(values) and a.zeros == 10
+    exact = np.quantile(np.asarray(values), [0.5, 0.9, 0.95, 0.99, 0.999])
+    for q, want in zip((0.5, 0.9, 0.95, 0.99, 0.999), exact, strict=True):
+        assert abs(a.quantile(q) - want) <= 0.01 * want, (q, a.quantile(q), want)
+    assert len(a.counts) < 2_000  # bounded by the range of values, not their number
+    assert a.quantile(0.0) == 0.0 and math.isnan(LatencySketch().quantile(0.5))
+
+
+def test_throughput_by_tenth_interpolates_between_marks() -> None:
+    # 1,000 decisions: the first 500 in 1 s, the next 500 in 4 s.
+    marks = [(0.0, 0), (1.0, 500), (5.0, 1000)]
+    assert throughput_by_tenth(marks) == pytest.approx([500.0] * 5 + [125.0] * 5)
+    assert throughput_by_tenth([(0.0, 0), (1.0, 5)]) == []
+
+
+def test_the_summary_covers_every_transaction() -> None:
+    out = io.StringIO()
+    part = ProgressSink(3600, out).build("progress", 0, 1)
+    txn = Transaction("t", 1_767_600_000_000, "c", "m", 1.0)
+    batch = [Decision(txn, [], 0.1, 0.0, 0.1, False, False, None) for _ in range(10_000)]
+    for b in range(120):  # 1,200,000 decisions, latencies 1 ms .. 1,200 s
+        for i, d in enumerate(batch):
+            d.latency_s = (b * 10_000 + i + 1) / 1000
+        part.write_batch(batch)
+    part.close()
+    line = next(x for x in out.getvalue().splitlines() if "latency" in x)
+    assert "every one of 1,200,000 transactions" in line  # not the first million only
+    p99 = float(line.split("p99 ")[1].split(" ms")[0])
+    assert abs(p99 - 1_188_000) <= 0.01 * 1_188_000, line  # the slow tail (seconds 1,000+) is in it
