@@ -6,7 +6,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -109,6 +109,21 @@ def train(
     gap_days: Annotated[float, typer.Option(help="Days skipped after training: the label delay.")] = 7,
     valid_days: Annotated[float, typer.Option(help="Days that tune the model and its threshold.")] = 10,
     test_days: Annotated[float, typer.Option(help="Days judged after validation.")] = 10,
+    train_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Calendar bounds instead of day counts: first training time (default: the data's first day)."
+        ),
+    ] = None,
+    train_to: Annotated[
+        str | None, typer.Option(help="End of training (a date, RFC 3339 time or epoch ms).")
+    ] = None,
+    valid_to: Annotated[
+        str | None, typer.Option(help="End of validation (it starts --gap-days after --train-to).")
+    ] = None,
+    test_to: Annotated[
+        str | None, typer.Option(help="End of the test period (it starts at --valid-to).")
+    ] = None,
     k: Annotated[int, typer.Option(min=1, help="Cards reviewed per day, for Card Precision@k.")] = 100,
     search: Annotated[
         bool, typer.Option("--search/--no-search", help="Tune XGBoost on validation (8 fits).")
@@ -130,6 +145,9 @@ def train(
     from service.runtime import new_pipeline
 
     s = get_settings()
+    split = _periods(
+        start_day, train_days, gap_days, valid_days, test_days, (train_from, train_to, valid_to, test_to)
+    )
     if from_decisions:
         # The decision log: a log that cannot be trained on, or Redis out of reach, is one line on
         # stderr and exit status 1; periods without fraud labels a usage error, as below.
@@ -144,7 +162,6 @@ def train(
             raise typer.BadParameter("does not apply with --from-decisions", param_hint="--transactions")
         if labels is not None and not labels.is_file():
             raise typer.BadParameter(f"labels file {labels} does not exist", param_hint="--labels")
-        split = training.Split(train_days, valid_days, test_days, gap_days, start_day)
         url = redis_url(s)
         client = connect(url)
         staging = out or Path(tempfile.mkdtemp(prefix="fraud-candidate-"))
@@ -172,7 +189,6 @@ def train(
     labs = labels or s.labels_path
     if labs is None:
         raise typer.BadParameter("training needs a labels file (--labels or FRAUD_LABELS_PATH)")
-    split = training.Split(train_days, valid_days, test_days, gap_days, start_day)
     try:
         report = training.train(
             s, new_pipeline(s), txns, labs, out or s.model_path, split=split, k=k, search=search, seed=seed
@@ -180,6 +196,33 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     print_json(report)
+
+
+def _periods(
+    start_day: float,
+    train_days: float,
+    gap_days: float,
+    valid_days: float,
+    test_days: float,
+    bounds: tuple[str | None, str | None, str | None, str | None],
+) -> Any:
+    """`fraud train`'s periods: calendar bounds when --train-to, --valid-to and --test-to are given
+    (--train-from optional), else the day counts from the data's first day."""
+    from fraud import train as training
+
+    train_from, *ends = bounds
+    if not any(bounds):
+        return training.Split(train_days, valid_days, test_days, gap_days, start_day)
+    if None in ends:
+        raise typer.BadParameter(
+            "calendar periods need --train-to, --valid-to and --test-to (--train-from is optional)"
+        )
+    try:
+        train_to, valid_to, test_to = (training.parse_when(e) for e in ends if e is not None)
+        start = None if train_from is None else training.parse_when(train_from)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return training.Calendar(train_to, valid_to, test_to, start, gap_days)
 
 
 @app.command()

@@ -39,7 +39,7 @@ from features.events import Label, decode_label
 from flows.redis_source import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
 from fraud.consumer import scan_stream
 from fraud.display import show
-from fraud.train import Dataset, Split, read_labels, train_on
+from fraud.train import Calendar, Dataset, Split, read_labels, train_on
 from models import evaluation
 from service.settings import Settings
 
@@ -297,7 +297,7 @@ def train_from_decisions(
     *,
     labels: Path | None = None,
     stream: str | None = None,
-    split: Split,
+    split: Split | Calendar,
     k: int = 100,
     search: bool = True,
     seed: int = 0,

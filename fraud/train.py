@@ -188,6 +188,71 @@ class Split:
         return self.valid[1], self.valid[1] + self.test_days
 
 
+def parse_when(text: str) -> int:
+    """Epoch milliseconds of a calendar bound: a date (`2026-02-01`, midnight UTC), an RFC 3339
+    time with an offset (`2026-02-01T06:00:00+01:00`), or epoch milliseconds."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a date, an RFC 3339 time or epoch milliseconds") from None
+    if len(text) <= 10:  # a date alone: midnight UTC
+        when = when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset (write Z or +00:00, or give a date alone)")
+    return round(when.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Calendar:
+    """The periods as calendar bounds (epoch ms): training from `train_from_ms` (None: the first
+    transaction's day) to `train_to_ms`, the gap, validation to `valid_to_ms`, test to
+    `test_to_ms`. `split` turns them into the `Split` of a dataset (fractional days from its first
+    day), refusing bounds out of order."""
+
+    train_to_ms: int
+    valid_to_ms: int
+    test_to_ms: int
+    train_from_ms: int | None = None
+    gap_days: float = 7
+
+    def split(self, day0_ms: int) -> Split:
+        def day(ms: int) -> float:
+            return (ms - day0_ms) / DAY_MS
+
+        start = day(self.train_from_ms) if self.train_from_ms is not None else 0.0
+        valid_from = day(self.train_to_ms) + self.gap_days
+        s = Split(
+            train_days=day(self.train_to_ms) - start,
+            valid_days=day(self.valid_to_ms) - valid_from,
+            test_days=day(self.test_to_ms) - day(self.valid_to_ms),
+            gap_days=self.gap_days,
+            start_day=start,
+        )
+        for name, days in (("training", s.train_days), ("validation", s.valid_days), ("test", s.test_days)):
+            if days <= 0:
+                raise ValueError(
+                    f"the {name} period is empty ({days:g} days): the bounds must follow each other "
+                    f"(train from < train to, train to + {self.gap_days:g} gap days < valid to < test to)"
+                )
+        return s
+
+
+def boundaries(data: Dataset, split: Split) -> dict[str, list[str]]:
+    """The exact bounds of each period, as RFC 3339 UTC times (what the report prints)."""
+
+    def at(day: float) -> str:
+        ms = data.day0_ms + round(day * DAY_MS)
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+    return {
+        name: [at(a), at(b)]
+        for name, (a, b) in (("train", split.train), ("validation", split.valid), ("test", split.test))
+    }
+
+
 def judge(data: Dataset, rows: np.ndarray, scores: np.ndarray, threshold: float, k: int) -> dict[str, Any]:
     """AUC, AP, Card Precision@k per day, precision and recall at `threshold` on `rows`."""
     y = data.y[rows]
@@ -277,7 +342,7 @@ def train(
     labels: Path,
     out_dir: Path,
     *,
-    split: Split,
+    split: Split | Calendar,
     k: int = 100,
     search: bool = True,
     seed: int = 0,
@@ -304,21 +369,30 @@ def train_on(
     out_dir: Path,
     *,
     source: str,
-    split: Split,
+    split: Split | Calendar,
     k: int = 100,
     search: bool = True,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit on `data` (see `fit`), save the artifact to `out_dir`; return the report (`version`,
-    `threshold`, then the artifact's metrics: the fit's report with `source`, the feature set and
-    any `extra` entries)."""
+    `threshold`, then the artifact's metrics: the fit's report with `source`, the feature set,
+    the exact period bounds and any `extra` entries). Calendar bounds are resolved against the
+    data's first day here."""
+    if isinstance(split, Calendar):
+        split = split.split(data.day0_ms)
     lookback_days = max(plan.lookback_ms for plan in pipeline.plans) / DAY_MS
     fitted = fit(
         data, list(pipeline.names), split, k=k, search=search, device=settings.xgb_device, seed=seed,
         lookback_days=lookback_days,
     )  # fmt: skip
-    report = {**fitted.report, "source": source, "feature_set": settings.feature_set, **(extra or {})}
+    report = {
+        **fitted.report,
+        "periods": boundaries(data, split),
+        "source": source,
+        "feature_set": settings.feature_set,
+        **(extra or {}),
+    }
     now = datetime.now(UTC)
     artifact = ModelArtifact(
         version=make_version(pipeline.schema_hash, now),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fraud.cli import app
-from fraud.train import DAY_MS, NO_LABEL, Dataset, Split, fit
+from fraud.train import DAY_MS, NO_LABEL, Calendar, Dataset, Split, fit, parse_when
 from models.drift import Reference
 from models.xgb import SEARCH_GRID, tune_xgb
 from service.settings import get_settings
@@ -132,6 +133,22 @@ def test_cli_train_and_evaluate_report_the_protocol_metrics(late_world: Path, tm
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["periods_days"] == {"train": [28, 42], "validation": [49, 56], "test": [56, 63]}
+    day0 = datetime.fromisoformat(report["periods"]["train"][0]) - timedelta(days=28)
+    assert day0.hour == day0.minute == 0  # periods count whole UTC days from the first one
+
+    # The same periods as calendar bounds give the same model; the report names the exact bounds.
+    iso = {k: v for k, v in zip(("from", "to"), report["periods"]["train"], strict=True)}
+    calendar = CliRunner().invoke(
+        app, ["train", *files, "--out", str(tmp_path / "calendar"), "--train-from", iso["from"],
+              "--train-to", iso["to"], "--valid-to", report["periods"]["validation"][1],
+              "--test-to", (day0 + timedelta(days=63)).date().isoformat(), "--no-search", "--k", "20"],
+    )  # fmt: skip
+    assert calendar.exit_code == 0, calendar.output
+    by_dates = json.loads(calendar.stdout)
+    assert by_dates["periods"] == report["periods"] and by_dates["periods_days"] == report["periods_days"]
+    assert (tmp_path / "calendar" / "model.ubj").read_bytes() == (
+        tmp_path / "model" / "model.ubj"
+    ).read_bytes()
     assert report["fraud_label_delay_days"]["p50"] > 0.5
     meta = json.loads((tmp_path / "model" / "meta.json").read_text())
     for period in ("validation", "test"):
@@ -154,6 +171,22 @@ def test_cli_train_and_evaluate_report_the_protocol_metrics(late_world: Path, tm
         m: int(after[m]["caught_by_pattern"]["merchant_cashout"].split("/")[0]) for m in after if m != "days"
     }
     assert caught["combined"] > caught["xgboost"]
+
+
+def test_calendar_bounds_are_parsed_exactly_and_refused_out_of_order() -> None:
+    assert parse_when("2026-02-01") == parse_when("2026-02-01T00:00:00Z") == 1_769_904_000_000
+    assert parse_when("2026-02-01T06:00:00+01:00") == 1_769_904_000_000 + 5 * 3_600_000
+    assert parse_when("1769904000000") == 1_769_904_000_000
+    for bad in ("2026-02-01T06:00:00", "yesterday"):
+        with pytest.raises(ValueError):
+            parse_when(bad)
+    day0 = 1_769_904_000_000
+    split = Calendar(
+        day0 + 10 * DAY_MS + DAY_MS // 2, day0 + 20 * DAY_MS, day0 + 25 * DAY_MS, day0 + DAY_MS, 3
+    ).split(day0)
+    assert (split.start_day, split.train_days, split.valid_days, split.test_days) == (1, 9.5, 6.5, 5)
+    with pytest.raises(ValueError, match="validation period is empty"):
+        Calendar(day0 + 10 * DAY_MS, day0 + 12 * DAY_MS, day0 + 20 * DAY_MS, None, 3).split(day0)
 
 
 def test_cli_train_explains_a_period_without_fraud(late_world: Path, tmp_path: Path) -> None:
