@@ -19,6 +19,7 @@ The protocol is what production would have seen (README, "Models", says why):
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -145,22 +146,28 @@ class Dataset:
 
 
 def build_dataset(pipeline: FeaturePipeline, transactions: Path, labels: Path | None) -> Dataset:
-    """Replay the files (labels merged in event time) and collect every transaction's features."""
+    """Replay the files (labels merged in event time) and collect every transaction's features,
+    straight into one float32 matrix sized by the file's line count (rows never decided, dead
+    letters, leave untouched pages that cost no memory). A Python list per row cost ~8x it."""
     engine = FeatureEngine(pipeline)
-    rows: list[list[float]] = []
-    ts: list[int] = []
+    with open_text(transactions) as f:
+        capacity = sum(1 for line in f if line.strip())
+    X = np.empty((capacity, len(pipeline.names)), dtype=np.float32)
+    filled = 0
+    ts = array("q")
     ids: list[str] = []
     cards: list[str] = []
     dead = 0
     for out in engine.run(replay(transactions, labels)):
         if isinstance(out, FeatureVector):
-            rows.append(out.values)
+            X[filled] = out.values
+            filled += 1
             ts.append(out.txn.ts_ms)
             ids.append(out.txn.txn_id)
             cards.append(out.txn.card_id)
         elif isinstance(out, DeadLetter):
             dead += 1
-    X = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(pipeline.names))
+    X = X[:filled]
     return Dataset.of(X, ts, ids, cards, read_labels(labels), dead)
 
 
@@ -314,8 +321,8 @@ def fit(
     eval_set = (data.X[va], data.y[va])
     grid = SEARCH_GRID if search else ({},)
     booster, params, log = tune_xgb(
-        data.X[tr], data.y[tr], names, eval_set, grid=grid, device=device, seed=seed
-    )
+        data.X, data.y, names, eval_set, grid=grid, device=device, seed=seed, rows=tr
+    )  # the training rows are read in chunks, never copied whole
     scorer = XGBScorer(booster, names, device=device, nthread=0, positive_weight=positive_weight(params))
     valid_scores = scorer.score(data.X[va])
     # Drift is measured against training rows whose look-back windows were full: the first

@@ -136,3 +136,9 @@ def test_lifecycle_benchmark_runs() -> None:
     for variant in ("champion alone", "+ shadow", "+ rules", "+ shadow + rules"):
         assert re.search(rf"^  {re.escape(variant)} +[\d.]+ CPU-s", out, re.M), out
     assert "live swap (cached)" in out and out.count("ms to apply a champion command") == 2
+
+
+def test_train_memory_benchmark_runs() -> None:
+    out = bench("benchmarks.train_memory", "--cards", "150", "--merchants", "60", "--days", "70")
+    assert re.search(r"^fraud train --no-search: [\d,]+ transactions x \d+ features", out, re.M), out
+    assert re.search(r"^peak RSS [\d,]+ MB; float32 matrix [\d,]+ MB; ratio [\d.]+;", out, re.M), out
