@@ -100,6 +100,7 @@ def main() -> None:
         dead_letters=TestingSink([]),
         decisions=clock,
         late=TestingSink([]),
+        drift=TestingSink([]),
     )
     before = rss_bytes()
     started = time.monotonic()

@@ -57,6 +57,7 @@ def main() -> None:
             dead_letters=TestingSink(sinks["dead"]),
             decisions=TestingSink(sinks["decisions"]),
             late=TestingSink(sinks["late"]),
+            drift=TestingSink([]),
         )
         started = cpu_s()
         run_main(flow)

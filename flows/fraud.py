@@ -71,7 +71,13 @@ def build(
     drift: Sink[Any] | None = None,
 ) -> Dataflow:
     """The dataflow for `settings`; tests swap the source and sinks for in-memory ones."""
-    rt = load_runtime(settings, need_redis=source is None or None in (alerts, dead_letters, late, drift))
+    given = settings or get_settings()
+    needs_redis = (
+        (source is None and given.source == "redis")
+        or None in (alerts, dead_letters, late, drift)
+        or (decisions is None and given.decision_log)
+    )
+    rt = load_runtime(given, need_redis=needs_redis)
     s, pipeline = rt.settings, rt.pipeline
     flow = Dataflow("fraud")
 

@@ -25,6 +25,7 @@ def decisions_of(
         dead_letters=TestingSink([]),
         decisions=TestingSink(out),
         late=TestingSink([]),
+        drift=TestingSink([]),
     )
     run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -82,6 +83,52 @@ def small_gz(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out, GeneratorConfig(seed=5, days=12, n_cards=80, n_merchants=50, drift_day=None), compress=True
     )
     return out
+
+
+def _repo_redis() -> Any:
+    from service.redis_server import EmbeddedRedis
+
+    return EmbeddedRedis(Path(__file__).resolve().parents[1] / ".fraud" / "redis")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_embedded_redis_after_the_suite() -> Iterator[None]:
+    """The backstop of `no_embedded_redis_left_behind` for module and session fixtures (set up
+    before it): the suite ends with the repository's embedded Redis as it found it."""
+    from service import redis_server
+
+    repo = _repo_redis()
+    was_up = repo.socket_path.exists() and repo.is_running()
+    start = redis_server.EmbeddedRedis.start
+
+    def refuse_the_repos(self: Any) -> Any:  # in this process: fail where it happens, with a traceback
+        if self.data_dir == repo.data_dir:
+            raise RuntimeError(
+                "a test is starting the repository's embedded Redis (.fraud/redis): give it a Redis URL"
+            )
+        return start(self)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(redis_server.EmbeddedRedis, "start", refuse_the_repos)
+    yield
+    patch.undo()
+    if not was_up and repo.socket_path.exists() and repo.is_running():
+        repo.stop()
+        pytest.fail("the suite started the embedded Redis in .fraud/redis (stopped now): give it a Redis URL")
+
+
+@pytest.fixture(autouse=True)
+def no_embedded_redis_left_behind() -> Iterator[None]:
+    """No test starts the repository's embedded Redis (`.fraud/redis`, the database `make run`
+    uses): a test that builds the flow or runs a command with neither a Redis URL nor an in-memory
+    sink for every output would, and that detached server would outlive pytest and receive test
+    entries. The test that does fails (and the server is stopped)."""
+    repo = _repo_redis()
+    was_up = repo.socket_path.exists() and repo.is_running()
+    yield
+    if not was_up and repo.socket_path.exists() and repo.is_running():
+        repo.stop()
+        pytest.fail("this test started the embedded Redis in .fraud/redis (stopped now): give it a Redis URL")
 
 
 @pytest.fixture(autouse=True)

@@ -75,6 +75,7 @@ def _run_until_killed(data: str, db: str, at: int) -> None:
         dead_letters=TestingSink([]),
         decisions=TestingSink([]),
         late=TestingSink([]),
+        drift=TestingSink([]),
     )
     run_main(flow, epoch_interval=ZERO, recovery_config=RecoveryConfig(db))
 

@@ -39,7 +39,8 @@ def test_metrics_count_the_run_and_are_scrapable(small_gz: Path) -> None:
         value("fraud_scoring_batch_size_count"),
     )
     alerts: list[dict[str, str]] = []
-    run_main(build(settings, alerts=TestingSink(alerts), dead_letters=TestingSink([])))
+    sinks = {"dead_letters": TestingSink([]), "late": TestingSink([]), "drift": TestingSink([])}
+    run_main(build(settings, alerts=TestingSink(alerts), **sinks))  # no Redis: every sink in memory
     n_txn = sum(
         1 for k, _, _ in merged_records(settings.transactions_path, settings.labels_path) if k == "txn"
     )
@@ -79,7 +80,13 @@ def test_a_flow_without_the_compiled_kernel_says_so(
         transactions_path=small_gz / "transactions.jsonl.gz", labels_path=small_gz / "labels.jsonl.gz"
     )
     with caplog.at_level("WARNING", logger="service.runtime"):
-        build(settings, alerts=TestingSink([]), dead_letters=TestingSink([]))
+        build(
+            settings,
+            alerts=TestingSink([]),
+            dead_letters=TestingSink([]),
+            late=TestingSink([]),
+            drift=TestingSink([]),
+        )
     assert "features._kernel is not built" in caplog.text
     assert REGISTRY.get_sample_value("fraud_feature_engine_info", {"kernel": "python"}) == 1.0
     assert all(plan.kernel is None for plan in load_runtime(settings, need_redis=False).pipeline.plans)
