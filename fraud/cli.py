@@ -150,37 +150,25 @@ def train(
     )
     if from_decisions:
         # The decision log: a log that cannot be trained on, or Redis out of reach, is one line on
-        # stderr and exit status 1; periods without fraud labels a usage error, as below.
-        import redis
-
-        from fraud.decision_log import DecisionLogError, train_from_decisions
+        # stderr and exit status 1 (`log_client`); periods without fraud labels a usage error.
+        from fraud.decision_log import log_client, train_from_decisions
         from models.registry import Registry
-        from service.redis_client import connect, redact
-        from service.redis_server import redis_url
 
         if transactions is not None:
             raise typer.BadParameter("does not apply with --from-decisions", param_hint="--transactions")
         if labels is not None and not labels.is_file():
             raise typer.BadParameter(f"labels file {labels} does not exist", param_hint="--labels")
-        url = redis_url(s)
-        client = connect(url)
         staging = out or Path(tempfile.mkdtemp(prefix="fraud-candidate-"))
         try:
-            report = train_from_decisions(
-                client, s, new_pipeline(s), staging, labels=labels, split=split, k=k,
-                search=search, seed=seed,
-            )  # fmt: skip
+            with log_client("fraud train", s) as client:
+                report = train_from_decisions(
+                    client, s, new_pipeline(s), staging, labels=labels, split=split, k=k,
+                    search=search, seed=seed,
+                )  # fmt: skip
             report["registered"] = f"{Registry(s.model_registry).add(staging)} in {s.model_registry}"
-        except DecisionLogError as exc:
-            typer.echo(f"fraud train: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            typer.echo(f"fraud train: reading {redact(url)} failed: {type(exc).__name__}: {exc}", err=True)
-            raise typer.Exit(1) from None
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         finally:
-            client.close()
             if out is None:
                 shutil.rmtree(staging, ignore_errors=True)
         print_json(report)
@@ -251,18 +239,10 @@ def evaluate(
 
     s = get_settings()
     if from_decisions:
-        from fraud.decision_log import DecisionLogError, compare_models
-        from service.redis_client import connect
-        from service.redis_server import redis_url
+        from fraud.decision_log import compare_models, log_client
 
-        client = connect(redis_url(s))
-        try:
+        with log_client("fraud evaluate", s) as client:
             print_json(compare_models(client, s, labels))
-        except DecisionLogError as exc:
-            typer.echo(f"fraud evaluate: {exc}", err=True)
-            raise typer.Exit(1) from None
-        finally:
-            client.close()
         return
     pipeline = new_pipeline(s)
     labs = labels or s.labels_path

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -403,3 +405,27 @@ def compare_models(
             }
         )
     return report
+
+
+@contextmanager
+def log_client(command: str, settings: Settings) -> Iterator[redis.Redis]:
+    """A client of the flow's Redis for a command reading the decision log; a log that cannot be
+    used (`DecisionLogError`) or Redis out of reach ends the command with one line on stderr and
+    exit status 1, never a traceback."""
+    import typer
+
+    from service.redis_client import connect, redact
+    from service.redis_server import redis_url
+
+    url = redis_url(settings)
+    client = connect(url)
+    try:
+        yield client
+    except DecisionLogError as exc:
+        typer.echo(f"{command}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        typer.echo(f"{command}: reading {redact(url)} failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        client.close()

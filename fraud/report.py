@@ -909,18 +909,12 @@ def report_command(
 
     s = get_settings()
     if from_decisions:
-        import redis
-
-        from fraud.decision_log import DecisionLogError, stream_labels
-        from service.redis_client import connect, redact
-        from service.redis_server import redis_url
+        from fraud.decision_log import DecisionLogError, log_client, stream_labels
 
         for p, hint in ((labels, "--labels"), (transactions, "--transactions")):
             if p is not None and not p.is_file():
                 raise typer.BadParameter(f"{p} does not exist", param_hint=hint)
-        url = redis_url(s)
-        client = connect(url)
-        try:
+        with log_client("fraud report", s) as client:
             scored = decisions_scored(client, s)
             if labels is not None:
                 known, where = read_labels(labels), f"the labels file {labels}"
@@ -936,14 +930,6 @@ def report_command(
                         else " (trimmed away, or replayed without labels?): pass --labels"
                     )
                 )
-        except DecisionLogError as exc:
-            typer.echo(f"fraud report: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            typer.echo(f"fraud report: reading {redact(url)} failed: {type(exc).__name__}: {exc}", err=True)
-            raise typer.Exit(1) from None
-        finally:
-            client.close()
         scored.facts["labels"] = where
         patterns = read_patterns(transactions) if transactions is not None else {}
     else:
