@@ -1,17 +1,17 @@
-"""Memory the flow's transaction index holds per transaction (capacity planning).
+"""Memory the flow holds per transaction waiting for its label (capacity planning).
 
-    python -m benchmarks.index_memory [--transactions 400000] [--cards 100000] [--step index|pending]
+    python -m benchmarks.index_memory [--transactions 400000] [--cards 100000]
+                                      [--step both|index|pending]
 
-The `index` step keeps, for every transaction, what its label needs days later (event time,
-entity keys, whether it was labelled) as one Bytewax key per transaction id, for
-`FRAUD_LABEL_TTL_DAYS` of wall-clock time. This runs `decode -> index` alone in Bytewax (one
-worker, the default feature set) over synthetic transactions and reads the process RSS when the
-last transaction has passed the index, against the RSS before the run (input records already
-built): the growth divided by the transaction count is what each indexed transaction costs,
-Bytewax's own per-key bookkeeping included.
-
-`--step pending` measures the other per-transaction step the same way: the scored feature vector
-kept (one key per transaction id) until the label arrives.
+Two steps keep state for every transaction for `FRAUD_LABEL_TTL_DAYS` of wall-clock time, in the
+shards of `flows.shards`: the `index` (what its label needs days later: event time, entity keys)
+and `pending` (the feature vector it was scored with, for the online model to learn with its
+label). This runs `decode -> index -> pending` in Bytewax (one worker, the default feature set,
+the rows given placeholder feature values instead of the entity chain) over synthetic
+transactions and reads the process RSS when the last transaction has passed, against the RSS
+before the run (input records already built): the growth divided by the transaction count is
+what each waiting transaction costs, Bytewax's own bookkeeping included. `--step index` or
+`--step pending` measures one of the two alone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from benchmarks.common import START_MS, parser
-from features.engine import FeatureRow
+from features.engine import FeatureRow, FeatureVector
 from flows.ordering import ordered
 from flows.routing import Workers
 from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
@@ -40,7 +40,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--transactions", type=int, default=400_000)
     ap.add_argument("--cards", type=int, default=100_000)
-    ap.add_argument("--step", choices=["index", "pending"], default="index")
+    ap.add_argument("--step", choices=["both", "index", "pending"], default="both")
     args = ap.parse_args()
     n, cards = args.transactions, args.cards
     pipeline = new_pipeline(Settings())
@@ -55,7 +55,8 @@ def main() -> None:
     at_last: list[int] = []
 
     def probe(kv: tuple[str, Any]) -> bool:
-        if kv[0] == last_id:
+        it = kv[1]
+        if (it.txn.txn_id if isinstance(it, FeatureRow | FeatureVector) else None) == last_id:
             gc.collect()
             at_last.append(rss_bytes())
         return False
@@ -65,29 +66,33 @@ def main() -> None:
         "valid", op.map("decode", op.input("in", flow, TestingSource(records, 1000)), decode_record), is_valid
     )
     keyed = op.key_on("key", decoded.trues, txn_key)
-    if args.step == "index":
-        index = partial(IndexLogic, pipeline)
-        held = ordered("index", keyed, logic=index, workers=Workers(1), key=txn_key)
-    else:
-        widths = [len(plan.names) for plan in pipeline.plans]
+    widths = [len(plan.names) for plan in pipeline.plans]
 
-        def scored_row(kv: tuple[str, Any]) -> tuple[str, FeatureRow]:
-            row, _ = pipeline.start(kv[1])
-            row.parts = [[float(i)] * w for i, w in enumerate(widths)]  # values as the chain adds them
-            return kv[0], row
+    def scored_row(kv: tuple[str, Any]) -> tuple[str, Any]:
+        row = kv[1] if isinstance(kv[1], FeatureRow) else pipeline.start(kv[1])[0]
+        row.parts = [[float(i)] * w for i, w in enumerate(widths)]  # values as the chain adds them
+        return kv[0], row
 
-        rows = op.map("rows", keyed, scored_row)
-        pending = partial(PendingLogic, pipeline)
+    held = keyed
+    if args.step in ("both", "index"):
+        held = ordered(
+            "index", held, logic=partial(IndexLogic, pipeline, None), workers=Workers(1), key=txn_key
+        )
+    if args.step in ("both", "pending"):
+        rows = op.map("rows", held, scored_row)
+        pending = partial(PendingLogic, pipeline, None)
         held = ordered("pending", rows, logic=pending, workers=Workers(1), key=pending_key)
     op.output("out", op.filter("probe", held, probe), TestingSink([]))
     gc.collect()
     before = rss_bytes()
     run_main(flow, epoch_interval=timedelta(seconds=5))
     growth = at_last[0] - before
+    per = growth / n
     print(
         f"{args.step}: {n:,} transactions ({n / cards:.1f} per card) held -> RSS +{growth / 2**20:,.1f} MiB, "
-        f"{growth / n:,.0f} bytes per transaction"
+        f"{per:,.0f} bytes per transaction"
     )
+    print(f"1M transactions a day waiting 60 days: {per * 60e6 / 1e9:,.1f} GB over the cluster")
 
 
 if __name__ == "__main__":

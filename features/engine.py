@@ -118,7 +118,17 @@ class FeaturePipeline:
 
 
 def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent | DeadLetter:
-    """Attach a label to its remembered transaction, or explain why it cannot be used."""
+    """Attach a label to its remembered transaction (marking it labelled), or explain why it
+    cannot be used."""
+    joined = label_event(txn_id, entry, label)
+    if entry is not None and type(joined) is LabelEvent:
+        entry.labelled = True
+    return joined
+
+
+def label_event(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent | DeadLetter:
+    """`join_label` without marking `entry`: the flow's index replaces a labelled entry instead
+    (its values stay immutable, so a snapshot can share them)."""
     raw = label.raw or encode(label).decode()
     if entry is None:
         return DeadLetter(
@@ -138,7 +148,6 @@ def join_label(txn_id: str, entry: TxnEntry | None, label: Label) -> LabelEvent 
             txn_id,
             label.origin,
         )
-    entry.labelled = True
     return LabelEvent(
         txn_id, label.is_fraud, label.ts_ms, entry.ts_ms, entry.keys, label.received_ns, label.seq,
         label.origin,

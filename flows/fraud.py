@@ -1,8 +1,8 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
-(txn_id) -> card -> merchant -> device features (rows, and the labels an entity counts) ->
-pending (txn_id: the vector waits for its label; other labels come straight from the index) ->
+(transaction shards) -> card -> merchant -> device features (rows, and the labels an entity counts) ->
+pending (transaction shards: the vector waits for its label; other labels come straight from the index) ->
 score (one replica per worker) -> alerts, late side output, drift events, decision log; bad records -> dead
 letters, and so does a record any step raised on (`flows.steps.quarantine`). Each step is one
 `flows.ordering.ordered` operator, so any number of processes computes what one does. This
@@ -34,6 +34,7 @@ from flows.outputs import (
     late_entry,
 )
 from flows.routing import WorkerCount, Workers
+from flows.shards import state_files
 from flows.stamping import stamp
 from flows.steps import (
     EntityLogic,
@@ -93,7 +94,7 @@ def build(
     index = step(
         "index",
         stamped,
-        logic=partial(IndexLogic, pipeline),
+        logic=partial(IndexLogic, pipeline, state_files(s.recovery_dir, "index")),
         key=txn_key,
         sources=partitions(src),
     )
@@ -107,7 +108,8 @@ def build(
             sequence=True,
         )
     labels = batch.keep("skip_chain", index, skips_chain)
-    vectors = step("pending", rows, labels, logic=partial(PendingLogic, pipeline), key=pending_key)
+    pending = partial(PendingLogic, pipeline, state_files(s.recovery_dir, "pending"))
+    vectors = step("pending", rows, labels, logic=pending, key=pending_key)
     scores = step(
         "score",
         vectors,

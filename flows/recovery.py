@@ -193,8 +193,9 @@ def _now() -> datetime:
 
 # The layout of the state the flow saves (step ids, snapshot shapes). A store holding state of
 # another layout is refused: resuming would find no state under the new step ids and go on from
-# the inputs' saved positions with empty windows, silently. 2: `flows.ordering.ordered` steps.
-STATE_LAYOUT = 2
+# the inputs' saved positions with empty windows, silently. 2: `flows.ordering.ordered` steps;
+# 3: the index and `pending` in fixed shards with their deltas in `state/` (`flows.shards`).
+STATE_LAYOUT = 3
 
 
 def outdated(directory: Path, layout: Any) -> RecoveryStoreError:

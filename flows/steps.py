@@ -11,6 +11,7 @@ import time
 from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from sys import intern
 from typing import Any, ClassVar, TypeGuard
 
 import msgspec
@@ -22,7 +23,7 @@ from features.engine import (
     LabelEvent,
     TxnEntry,
     duplicate_txn,
-    join_label,
+    label_event,
 )
 from features.events import Control, DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
@@ -30,6 +31,7 @@ from features.privacy import identity, signed, tokenize_raw
 from flows.expiry import Expired
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
+from flows.shards import ShardTable, StateFiles, shard_of
 from flows.stamping import TICK, Tick, Watermark, partition_of
 from models.drift import DriftEvent, DriftMonitor
 from models.serving import BatchStats, Decision, LabelledVector, Scorer
@@ -161,12 +163,13 @@ def is_valid(event: Decoded | Tick) -> TypeGuard[Transaction | Label | Tick]:
 
 
 def txn_key(event: Transaction | Label | Expired) -> str:
-    return event.txn_id
+    """The index shard of an event's transaction (`flows.shards`)."""
+    return shard_of(event.txn_id)
 
 
 def pending_key(item: Chained | Quarantined | Expired) -> str:
-    """A row or label leaving the entity chain is keyed by its transaction for `pending`."""
-    return item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id
+    """A row or label leaving the entity chain goes to its transaction's `pending` shard."""
+    return shard_of(item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id)
 
 
 Scored = FeatureVector | LabelledVector | Control
@@ -240,50 +243,63 @@ def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
     return key
 
 
-class IndexLogic(msgspec.Struct, StepLogic, gc=False):
-    """Keyed by txn_id: rejects duplicate transactions and joins labels to their transaction.
+LABELLED = TxnEntry(0, (), True)  # the value of every labelled entry (one shared object)
+
+
+class IndexLogic(ShardTable):
+    """One shard (`flows.shards`) of the transaction index: rejects duplicate transactions and
+    joins labels to their transaction.
 
     An entry lives until its `Expired` comes (`FRAUD_LABEL_TTL_DAYS` of wall-clock time after it
     arrived: `flows.expiry.Expiry`), which it passes on to `pending`; a label for a transaction
-    never seen, expired, or already labelled, becomes a dead letter.
+    never seen, expired, or already labelled, becomes a dead letter. A labelled entry keeps only
+    that it was labelled (`LABELLED`), to turn a second label away.
     """
 
-    pipeline: FeaturePipeline
-    entry: Any = None  # the TxnEntry; its snapshot (a tuple) when resumed
+    __slots__ = ("pipeline",)
+    value_type = TxnEntry
 
-    def __post_init__(self) -> None:
-        if type(self.entry) is tuple:
-            self.entry = TxnEntry(*self.entry)
+    def __init__(self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any) -> None:
+        self.pipeline = pipeline
+        super().__init__(files, resume)
+
+    def restored(self, items: dict[str, Any]) -> dict[str, Any]:
+        for k, e in items.items():
+            if e.labelled:
+                items[k] = LABELLED
+            else:
+                e.keys = tuple(None if s is None else intern(s) for s in e.keys)
+        return items
 
     def apply(self, events: list[Transaction | Label | Expired]) -> list[Chained | DeadLetter | Expired]:
+        if self.shard is None:
+            self.name(events[0].txn_id)
+        items = self.items
         out: list[Chained | DeadLetter | Expired] = []
         for item in events:
-            if isinstance(item, Expired):
-                self.entry = None
-                out.append(item)
+            t = type(item)
+            if t is Expired:
+                self.drop(item.txn_id)
+                out.append(item)  # type: ignore[arg-type]
                 continue
-            if type(item) is Control:  # for the scorer: it keys no transaction
-                out.append(item)
+            if t is Control:  # for the scorer: it keys no transaction
+                out.append(item)  # type: ignore[arg-type]
                 continue
             try:
-                if isinstance(item, Label):
-                    out.append(join_label(item.txn_id, self.entry, item))
-                elif self.entry is not None:
-                    out.append(duplicate_txn(item))
+                if t is Label:
+                    joined = label_event(item.txn_id, items.get(item.txn_id), item)  # type: ignore[arg-type]
+                    if type(joined) is LabelEvent:
+                        self.put(item.txn_id, LABELLED)
+                    out.append(joined)
+                elif item.txn_id in items:
+                    out.append(duplicate_txn(item))  # type: ignore[arg-type]
                 else:
-                    row, self.entry = self.pipeline.start(item)
+                    row, entry = self.pipeline.start(item)  # type: ignore[arg-type]
+                    self.put(item.txn_id, entry)
                     out.append(row)
             except Exception as exc:
                 out.append(quarantine(item, "index", exc).dead)
         return out
-
-    def done(self) -> bool:
-        return self.entry is None
-
-    def snapshot(self) -> tuple[Any, ...]:
-        e = self.entry
-        assert e is not None
-        return (e.ts_ms, e.keys, e.labelled)
 
 
 class EntityLogic(msgspec.Struct, StepLogic, gc=False):
@@ -334,80 +350,76 @@ class EntityLogic(msgspec.Struct, StepLogic, gc=False):
         return self.state.snapshot()
 
 
-class PendingLogic(msgspec.Struct, StepLogic, gc=False):
-    """Keyed by txn_id, after the entity chain: assembles the transaction's feature vector, passes
-    it on to be scored and keeps a copy until its label arrives (or its `Expired` comes from the
-    index), then sends the label with that copy for the online model to learn.
+class PendingLogic(ShardTable):
+    """One shard (`flows.shards`) of the vectors waiting for their label, after the entity chain:
+    assembles each transaction's feature vector, passes it on to be scored and keeps a copy (its
+    float64 bytes) until its label arrives (or its `Expired` comes from the index), then sends the
+    label with that copy for the online model to learn.
 
     Most labels skip the entity chain (`needs_chain`), so a label may come before its row (still
-    held in the chain): it waits here for the row. The labelled vector keeps the label's `seq`,
-    so the scorer learns it at the same place in the canonical order either way.
+    held in the chain): it waits here (the value is the `LabelEvent`) for the row. The labelled
+    vector keeps the label's `seq`, so the scorer learns it at the same place in the canonical
+    order either way.
     """
 
-    pipeline: FeaturePipeline
-    values: Any = None  # the vector (an array); when resumed, its bytes or the waiting LabelEvent
-    label: LabelEvent | None = None
-    held: ClassVar[int] = 0  # vectors held by this process's keys (the `fraud_pending_transactions` gauge)
+    __slots__ = ("pipeline",)
+    value_type = bytes | LabelEvent
+    held: ClassVar[int] = 0  # vectors held by this process's shards (the `fraud_pending_transactions` gauge)
 
-    def __post_init__(self) -> None:
-        resume = self.values
-        if type(resume) is bytes:
-            self.values = array("d")
-            self.values.frombytes(resume)
-            PendingLogic.held += 1
-        elif type(resume) is LabelEvent:
-            self.values, self.label = None, resume
+    def __init__(self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any) -> None:
+        self.pipeline = pipeline
+        super().__init__(files, resume)
+        PendingLogic.held += sum(type(v) is bytes for v in self.items.values())
 
     def apply(self, events: list[Any]) -> list[Scored | Quarantined]:
+        if self.shard is None:
+            first = events[0]
+            self.name(first.txn.txn_id if type(first) is FeatureRow else first.txn_id)
+        items = self.items
         out: list[Scored | Quarantined] = []
         for it in events:
-            if type(it) is Control:
+            t = type(it)
+            if t is Control:
                 out.append(it)
                 continue
-            if type(it) is Quarantined or type(it) is Expired:
-                if type(it) is Quarantined:
+            if t is Quarantined or t is Expired:
+                if t is Quarantined:
                     out.append(it)
-                if self.values is not None:
+                if type(self.drop(it.txn_id)) is bytes:
                     PendingLogic.held -= 1
-                self.values, self.label = None, None
                 continue
             try:
-                if isinstance(it, FeatureRow):
+                if t is FeatureRow:
+                    txn_id = it.txn.txn_id
                     values = self.pipeline.assemble(it)
                     out.append(FeatureVector(it.txn, values, it.late))
-                    label = self.label
-                    if label is not None:
+                    waiting = items.get(txn_id)
+                    if type(waiting) is LabelEvent:
+                        self.drop(txn_id)
                         out.append(
                             LabelledVector(
-                                label.txn_id, label.is_fraud, array("d", values), label.seq, label.ts_ms
+                                txn_id, waiting.is_fraud, array("d", values), waiting.seq, waiting.ts_ms
                             )
                         )
-                        self.label = None
                         continue
-                    if self.values is None:
+                    if type(waiting) is not bytes:
                         PendingLogic.held += 1
-                    self.values = array("d", values)
+                    self.put(txn_id, array("d", values).tobytes())
                     continue
                 telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
-                if self.values is not None:
-                    out.append(LabelledVector(it.txn_id, it.is_fraud, self.values, it.seq, it.ts_ms))
-                    self.values = None
+                vector = items.get(it.txn_id)
+                if type(vector) is bytes:
+                    self.drop(it.txn_id)
                     PendingLogic.held -= 1
+                    kept = array("d")
+                    kept.frombytes(vector)
+                    out.append(LabelledVector(it.txn_id, it.is_fraud, kept, it.seq, it.ts_ms))
                 else:  # the row is still in the entity chain
-                    self.label = it
+                    self.put(it.txn_id, it)
             except Exception as exc:
                 out.append(quarantine(it, "pending", exc))
         telemetry.PENDING.set(PendingLogic.held)
         return out
-
-    def done(self) -> bool:
-        return self.values is None and self.label is None
-
-    def snapshot(self) -> bytes | LabelEvent:
-        if self.values is not None:
-            return self.values.tobytes()
-        assert self.label is not None
-        return self.label
 
 
 class ScoringLogic(StepLogic):

@@ -25,7 +25,7 @@ def bench(*args: str, timeout: int = 300) -> str:
     return out.stdout
 
 
-@pytest.mark.parametrize("step", ["index", "pending"])
+@pytest.mark.parametrize("step", ["both", "index", "pending"])
 def test_index_memory_benchmark_runs(step: str) -> None:
     out = subprocess.run(
         [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import pickle
-from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -25,7 +24,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from prometheus_client import REGISTRY
 
-from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, join_label
+from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, TxnEntry, join_label
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
 from flows.expiry import WAKE, Expired, Expiry, bucket_key
@@ -33,6 +32,7 @@ from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
 from flows.stamping import INF, NEG, StampStep, Watermark, partition_of, stamp, stamp_router
 from flows.steps import (
+    LABELLED,
     EntityLogic,
     IndexLogic,
     PendingLogic,
@@ -105,7 +105,7 @@ def test_index_dead_letters_a_duplicate_and_joins_labels_once(pipeline: FeatureP
         Label("t1", False, NOW_MS + 2, seq=4),  # labelled already
         Label("t9", True, NOW_MS + 3, seq=5),  # never seen
     ]
-    out = run_step(items, txn_key, partial(IndexLogic, pipeline))
+    out = run_step(items, txn_key, partial(IndexLogic, pipeline, None))
     row, dup, joined, *dead = out
     assert isinstance(row, FeatureRow) and row.txn.amount == 5.0
     assert row.keys == tuple(p.key_of(items[0]) for p in pipeline.plans)  # type: ignore[arg-type]
@@ -165,7 +165,7 @@ def test_pending_holds_the_vector_and_sends_it_with_the_label(pipeline: FeatureP
     _, entry = pipeline.start(row.txn)
     label = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=2))
     assert isinstance(label, LabelEvent)
-    vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline))
+    vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline, None))
     assert isinstance(vector, FeatureVector) and vector.values == pipeline.assemble(row)
     assert isinstance(learned, LabelledVector) and (learned.txn_id, learned.is_fraud) == ("t1", True)
     assert np.array_equal(learned.values, vector.values, equal_nan=True)
@@ -181,15 +181,15 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     row, entry = pipeline.start(t)
     for plan in pipeline.plans:
         pipeline.observe(plan, plan.new_state(), row)
-    logic = PendingLogic(pipeline, None)
+    logic = PendingLogic(pipeline, None, None)
     (vector,) = logic.apply([row])
-    assert isinstance(vector, FeatureVector) and not logic.done()
+    assert isinstance(vector, FeatureVector) and list(logic.items) == ["t1"]
     assert vector.values == pipeline.assemble(row)
-    resumed = PendingLogic(pipeline, logic.snapshot())
+    resumed = PendingLogic(pipeline, None, logic.snapshot())
     label = join_label("t1", entry, Label("t1", True, now_ms + 1, seq=2))
     assert isinstance(label, LabelEvent)
     (learned,) = resumed.apply([label])
-    assert isinstance(learned, LabelledVector) and resumed.done()
+    assert isinstance(learned, LabelledVector) and not resumed.items
     assert learned.is_fraud and np.array_equal(learned.values, vector.values, equal_nan=True)
 
     scoring = ScoringLogic(rt.new_scorer, None)
@@ -228,18 +228,18 @@ def test_pending_keeps_a_label_that_overtook_its_row(pipeline: FeaturePipeline) 
     _, entry = pipeline.start(row.txn)
     label = join_label("t1", entry, Label("t1", False, NOW_MS + 1, seq=7))
     assert isinstance(label, LabelEvent)
-    logic = PendingLogic(pipeline, None)
-    assert logic.apply([label]) == [] and not logic.done()
-    resumed = PendingLogic(pipeline, pickle.loads(pickle.dumps(logic.snapshot())))
+    logic = PendingLogic(pipeline, None, None)
+    assert logic.apply([label]) == [] and logic.items == {"t1": label}
+    resumed = PendingLogic(pipeline, None, pickle.loads(pickle.dumps(logic.snapshot())))
     vector, learned = resumed.apply([row])
     assert isinstance(vector, FeatureVector) and isinstance(learned, LabelledVector)
     assert (learned.txn_id, learned.is_fraud, learned.seq) == ("t1", False, 7)
-    assert np.array_equal(learned.values, vector.values, equal_nan=True) and resumed.done()
+    assert np.array_equal(learned.values, vector.values, equal_nan=True) and not resumed.items
 
-    waiting = PendingLogic(pipeline, None)
+    waiting = PendingLogic(pipeline, None, None)
     waiting.apply([label])
     lost = Quarantined("t1", 1, DeadLetter("txn", "internal_error", "boom", "{}", "t1", ""), ())
-    assert waiting.apply([lost]) == [lost] and waiting.done()
+    assert waiting.apply([lost]) == [lost] and not waiting.items
 
 
 def test_only_labels_that_change_an_entity_go_through_the_chain(pipeline: FeaturePipeline) -> None:
@@ -407,7 +407,7 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     expiry = Expiry(ttl, starts_state, clock=lambda: now[0])
     stamped = stamp("stamp", op.input("in", flow, TestingSource(items(), 1)), expiry)
     workers = Workers(1)
-    index = ordered("index", stamped, logic=partial(IndexLogic, pipeline), workers=workers, key=txn_key)
+    index = ordered("index", stamped, logic=partial(IndexLogic, pipeline, None), workers=workers, key=txn_key)
     needs_chain, skips_chain = chain_filters(pipeline)
     rows = op.map(  # the entity chain, on fresh states
         "chain",
@@ -416,7 +416,7 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     )
     rest = op.filter("rest", index, skips_chain)
     pending = ordered(
-        "pending", rows, rest, logic=partial(PendingLogic, pipeline), workers=workers, key=pending_key
+        "pending", rows, rest, logic=partial(PendingLogic, pipeline, None), workers=workers, key=pending_key
     )
     dead = op.filter_map("dead", index, dead_letter_of)
     op.output("out", op.merge("all", op.key_rm("unkey", pending), dead), TestingSink(out))
@@ -429,16 +429,22 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     assert PendingLogic.held == held  # both vectors dropped from the gauge's count
 
 
-def test_per_transaction_keys_are_compact_and_invisible_to_the_garbage_collector(
+def test_per_transaction_state_is_compact_and_invisible_to_the_garbage_collector(
     pipeline: FeaturePipeline,
 ) -> None:
-    """The index and `pending` hold a key per transaction for weeks: no instance dict, and no GC
-    tracking (a full collection would walk millions of them, a pause of seconds)."""
-    stage = Stage("gc_test", partial(IndexLogic, pipeline), Workers(1), None)
-    _, entry = pipeline.start(txn("t1", 1))
-    index = KeyedStep.build(stage, (entry.ts_ms, entry.keys, False))
-    pending = PendingLogic(pipeline, array("d", [1.0, 2.0]).tobytes())
-    for obj in (index, index.logic, pending, EntityLogic(pipeline, pipeline.plans[0], None)):
-        assert not gc.is_tracked(obj) and not hasattr(obj, "__dict__"), type(obj).__name__
+    """The index and `pending` hold an entry per transaction for weeks, in a few shard keys: the
+    entries are untracked by the GC (a full collection would walk millions of them, a pause of
+    seconds), a labelled entry shares one value, and no object per transaction has a dict."""
+    stage = Stage("gc_test", partial(IndexLogic, pipeline, None), Workers(1), None)
+    index = KeyedStep.build(stage, None)
     assert isinstance(index, StatefulBatchLogic)  # what Bytewax checks
-    assert index.snapshot() == (entry.ts_ms, entry.keys, False)
+    rows = index.on_batch([txn("t1", 1), txn("t2", 2), Label("t1", True, NOW_MS + 1, seq=3)])[0]
+    assert index.logic is not None and not gc.is_tracked(index) and not hasattr(index, "__dict__")
+    items = index.logic.items  # type: ignore[attr-defined]
+    assert items["t1"] is LABELLED and type(items["t2"]) is TxnEntry
+    pending = PendingLogic(pipeline, None, None)
+    pending.apply([r for r in rows if isinstance(r, FeatureRow) and r.txn.txn_id == "t2"])
+    for d in (items, pending.items):
+        gc.collect()
+        assert not gc.is_tracked(d) and not any(map(gc.is_tracked, d.values())), d
+    assert not hasattr(pending, "__dict__") and not hasattr(index.logic, "__dict__")

@@ -19,17 +19,24 @@ from testkit.values import same
 ZERO = timedelta(0)
 
 
-@pytest.mark.parametrize("crash_at", [0.3, 0.75])
-def test_resume_gives_the_uninterrupted_features_and_scores(tmp_path: Path, crash_at: float) -> None:
+@pytest.mark.parametrize(("crash_at", "files"), [(0.3, True), (0.75, True), (0.5, False)])
+def test_resume_gives_the_uninterrupted_features_and_scores(
+    tmp_path: Path, crash_at: float, files: bool
+) -> None:
+    """`files`: the index and `pending` shards save deltas in FRAUD_RECOVERY_DIR (as `fraud run`
+    does), or, without it, whole copies in Bytewax's store (`bytewax.run -r` alone)."""
     write_files(tmp_path, GeneratorConfig(seed=11, days=12, n_cards=60, n_merchants=50, drift_day=None))
     txns, labels = tmp_path / "transactions.jsonl", tmp_path / "labels.jsonl"
-    settings = Settings(
-        transactions_path=txns, labels_path=labels, online_warmup_labels=50, progress_interval_s=60
-    )
-    records: list[object] = [(k, line, f"{k}:{n + 1}") for k, line, n in merged_records(txns, labels)]
-    expected = {d.txn.txn_id: d for d in decisions_of(settings, records)}
-
     db = tmp_path / "recovery"
+    settings = Settings(
+        transactions_path=txns, labels_path=labels, online_warmup_labels=50, progress_interval_s=60,
+        recovery_dir=db if files else None,
+    )  # fmt: skip
+    records: list[object] = [(k, line, f"{k}:{n + 1}") for k, line, n in merged_records(txns, labels)]
+    expected = {
+        d.txn.txn_id: d for d in decisions_of(settings.model_copy(update={"recovery_dir": None}), records)
+    }
+
     db.mkdir()
     init_db_dir(db, 1)
     cut = int(len(records) * crash_at)
@@ -46,6 +53,10 @@ def test_resume_gives_the_uninterrupted_features_and_scores(tmp_path: Path, cras
         assert same(d.values, e.values), txn_id
         assert (d.xgb, d.online, d.score) == (e.xgb, e.online, e.score), txn_id
     assert any(d.online > 0 for d in second)  # the online model was restored, not restarted
+    shard_files = list((db / "state").rglob("*.log"))
+    assert bool(shard_files) == files and all(
+        f.parent.parent.name in ("index", "pending") for f in shard_files
+    )
 
 
 def _make_recovery(directory: str, start: Any) -> None:

@@ -1,0 +1,282 @@
+"""Per-transaction state (the index, `pending`) in a fixed set of shards, saved as deltas.
+
+A transaction waits weeks for its label, so these two steps hold millions of entries. One Bytewax
+key per transaction made each cost Bytewax's per-key bookkeeping and a pickle of its own at every
+epoch close. Here a step keeps its transactions in `SHARDS` keys, each a plain dict
+(`ShardTable`), and a transaction goes to the shard its id hashes to (`shard_of`). The shard count
+is fixed, not the worker count: after a resume on another number of workers every transaction is
+still in the shard its id names, wherever Bytewax now runs that shard. The shard keys are chosen so
+that 1, 2, 3, 4, 6, 8, 12 or 16 workers get the same number each.
+
+Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
+cost its whole content every few seconds. So with a recovery directory (`FRAUD_RECOVERY_DIR`) a
+shard appends only what changed since its last snapshot to a file of its own
+(`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced like Bytewax's own store) and hands Bytewax a
+`Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh the shard twice
+over, the next snapshot writes the whole shard to a new file and the chain restarts there; files
+that left the chain are deleted `KEEP` snapshots later (a resume may use a slightly older epoch),
+and a resumed shard deletes the files its manifest does not name (what a crashed run wrote after
+its last complete epoch). Without a recovery directory a snapshot is a copy of the dict, which
+Bytewax only pickles when recovery is on (`python -m bytewax.run -r DIR` without
+`FRAUD_RECOVERY_DIR`: correct, but whole).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+from zlib import crc32
+
+import msgspec
+
+from flows.ordering import StepLogic
+
+logger = logging.getLogger(__name__)
+
+# Names whose Bytewax routing (flows.routing.worker_of) gives each of 1, 2, 3, 4, 6, 8, 12 and 16
+# workers the same number of shards (tests/test_shards.py checks it): greedily picked.
+_NAMES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 24, 26,
+          27, 29, 30, 31, 32, 35, 36, 40, 43, 45, 52, 56, 57, 61, 65, 66, 69, 72, 92, 110, 121, 131,
+          141)  # fmt: skip
+SHARD_KEYS = tuple(f"shard{i}" for i in _NAMES)
+SHARDS = len(SHARD_KEYS)
+KEEP = 8  # snapshots of a shard during which a file that left its chain is kept
+MIN_COMPACT_BYTES = 1 << 20  # deltas smaller than this never trigger a rewrite
+
+
+def shard_of(txn_id: str) -> str:
+    """The shard key of a transaction id (the same in every run and on every cluster layout)."""
+    return SHARD_KEYS[crc32(txn_id.encode()) % SHARDS]
+
+
+class StateFilesError(RuntimeError):
+    """A shard's files do not hold what its manifest names: the recovery store is damaged."""
+
+
+class Manifest(msgspec.Struct, frozen=True, array_like=True):
+    """A shard's snapshot with a recovery directory: replay `segments` ((file, start, end) byte
+    ranges of records, in order) to rebuild its `entries` entries."""
+
+    step: str
+    shard: str
+    segments: tuple[tuple[str, int, int], ...]
+    entries: int
+    base: int  # bytes of the whole-shard record the chain starts with (0: it starts empty)
+
+
+class FullState:
+    """A shard's snapshot without a recovery directory: a copy of its dict (values are immutable,
+    so a shallow copy is the state of this moment). Bytewax pickles it only when recovery is on."""
+
+    __slots__ = ("items", "shard")
+
+    def __init__(self, shard: str, items: dict[str, Any]) -> None:
+        self.shard, self.items = shard, items
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FullState, (self.shard, self.items))
+
+
+class StateFiles:
+    """Where the shards of one step keep their files (`root/<step>/<shard>/`)."""
+
+    def __init__(self, root: Path, step: str) -> None:
+        self.root, self.step = root, step
+
+    def directory(self, shard: str) -> Path:
+        return self.root / self.step / shard
+
+
+def state_files(recovery_dir: Path | None, step: str) -> StateFiles | None:
+    """Where `step`'s shards keep their files: inside the recovery directory, so that whatever
+    moves, backs up or deletes the store takes them along; None without one."""
+    return None if recovery_dir is None else StateFiles(recovery_dir / "state", step)
+
+
+_HEADER = 8  # each record: its length (8 bytes, little-endian), then msgpack (puts, dels)
+
+
+class ShardLog:
+    """The files of one shard: appends deltas, rewrites the whole shard when the deltas outgrow
+    it, and deletes files no manifest it may be resumed from still names."""
+
+    def __init__(self, directory: Path, step: str, shard: str, value_type: Any) -> None:
+        self.dir, self.step, self.shard = directory, step, shard
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(tuple[dict[str, value_type], list[str]])
+        self.file: str | None = None  # this process's file: a resumed run never appends to old ones
+        self.segments: list[tuple[str, int, int]] = []
+        self.base_bytes = 0
+        self.delta_bytes = 0
+        self.retired: list[tuple[str, int]] = []  # (file, snapshot count when it left the chain)
+        self.snapshots = 0
+        self.swept = False
+
+    # -- reading --
+
+    def load(self, manifest: Manifest) -> dict[str, Any]:
+        """The shard's entries as `manifest` saved them."""
+        items: dict[str, Any] = {}
+        for name, start, end in manifest.segments:
+            path = self.dir / name
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(end - start)
+            except OSError as exc:
+                raise StateFilesError(
+                    f"{self.step} shard {self.shard}: cannot read {path} ({exc.strerror or exc}), which "
+                    "its last snapshot needs: the recovery store is damaged (restore it whole from a "
+                    "backup, or `fraud reset --yes` and `fraud run --fresh`)"
+                ) from exc
+            if len(data) != end - start:
+                raise StateFilesError(
+                    f"{self.step} shard {self.shard}: {path} holds {start + len(data)} bytes, its last "
+                    f"snapshot needs {end}: the recovery store is damaged (restore it whole from a "
+                    "backup, or `fraud reset --yes` and `fraud run --fresh`)"
+                )
+            at = 0
+            while at < len(data):
+                size = int.from_bytes(data[at : at + _HEADER], "little")
+                puts, dels = self.decoder.decode(data[at + _HEADER : at + _HEADER + size])
+                items.update(puts)
+                for k in dels:
+                    items.pop(k, None)
+                at += _HEADER + size
+        if len(items) != manifest.entries:
+            raise StateFilesError(
+                f"{self.step} shard {self.shard}: its files rebuild {len(items)} entries, its last "
+                f"snapshot had {manifest.entries}: the recovery store is damaged"
+            )
+        self.segments = list(manifest.segments)
+        self.base_bytes = manifest.base
+        self.delta_bytes = sum(end - start for _, start, end in manifest.segments) - manifest.base
+        return items
+
+    # -- writing --
+
+    def write(self, puts: dict[str, Any], dels: list[str], items: dict[str, Any]) -> Manifest:
+        """Save the delta (or the whole shard, when the deltas outgrew it) and return the manifest
+        that rebuilds `items`."""
+        self.snapshots += 1
+        if not self.swept:
+            self._sweep()
+        if self.delta_bytes > 2 * self.base_bytes + MIN_COMPACT_BYTES:
+            self._rewrite(items)
+        elif puts or dels:
+            name, start, end = self._append(self.encoder.encode((puts, dels)))
+            last = self.segments[-1] if self.segments else None
+            if last is not None and last[0] == name and last[2] == start:
+                self.segments[-1] = (name, last[1], end)
+            else:
+                self.segments.append((name, start, end))
+            self.delta_bytes += end - start
+        self._collect()
+        return Manifest(self.step, self.shard, tuple(self.segments), len(items), self.base_bytes)
+
+    def _rewrite(self, items: dict[str, Any]) -> None:
+        old = {name for name, _, _ in self.segments}
+        self.file = None  # a base starts a file of its own, so the old ones can go whole
+        name, start, end = self._append(self.encoder.encode((items, [])))
+        self.segments = [(name, start, end)]
+        self.base_bytes, self.delta_bytes = end - start, 0
+        self.retired += [(f, self.snapshots) for f in sorted(old) if f != name]
+
+    def _append(self, payload: bytes) -> tuple[str, int, int]:
+        if self.file is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.file = f"{time.time_ns():x}-{os.getpid()}.log"
+        path = self.dir / self.file
+        with open(path, "ab") as f:
+            start = f.tell()
+            f.write(len(payload).to_bytes(_HEADER, "little"))
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+            end = f.tell()
+        return self.file, start, end
+
+    def _sweep(self) -> None:
+        """Delete what no manifest this shard may resume from names: files written after the epoch
+        it resumed from (by a run that crashed), or by a run whose state was not kept."""
+        self.swept = True
+        keep = {name for name, _, _ in self.segments}
+        if self.dir.is_dir():
+            for path in self.dir.iterdir():
+                if path.name not in keep and path.name != self.file:
+                    path.unlink(missing_ok=True)
+
+    def _collect(self) -> None:
+        due = [f for f, at in self.retired if self.snapshots - at >= KEEP]
+        if due:
+            for f in due:
+                (self.dir / f).unlink(missing_ok=True)
+            self.retired = [(f, at) for f, at in self.retired if self.snapshots - at < KEEP]
+
+
+class ShardTable(StepLogic):
+    """A step logic holding one shard's entries (transaction id -> immutable value), saved as
+    deltas (`ShardLog`) when the step has `StateFiles`, else as a `FullState` copy.
+
+    Subclasses change entries only through `put` and `drop`, which note what changed since the
+    last snapshot. `value_type` is what a value decodes as from the files.
+    """
+
+    __slots__ = ("changed", "files", "items", "log", "shard")
+    value_type: ClassVar[Any] = Any
+
+    def __init__(self, files: StateFiles | None, resume: Manifest | FullState | None) -> None:
+        self.files = files
+        self.items: dict[str, Any] = {}
+        self.changed: set[str] = set()
+        self.log: ShardLog | None = None
+        self.shard: str | None = None
+        if type(resume) is Manifest:
+            if files is None:
+                raise StateFilesError(
+                    f"the recovery store holds {resume.step} shard files, but FRAUD_RECOVERY_DIR is not "
+                    "set: run with FRAUD_RECOVERY_DIR naming the recovery directory (`fraud run`)"
+                )
+            self.shard = resume.shard
+            self.log = ShardLog(files.directory(resume.shard), resume.step, resume.shard, self.value_type)
+            self.items = self.restored(self.log.load(resume))
+        elif type(resume) is FullState:
+            self.shard = resume.shard
+            self.items = self.restored(dict(resume.items))
+            self.changed = set(self.items)  # no file holds them yet: the first delta has them all
+
+    def restored(self, items: dict[str, Any]) -> dict[str, Any]:
+        """The entries as loaded from a snapshot (a subclass may share common values again)."""
+        return items
+
+    def put(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.changed.add(key)
+
+    def drop(self, key: str) -> Any:
+        value = self.items.pop(key, None)
+        if value is not None:
+            self.changed.add(key)
+        return value
+
+    def name(self, txn_id: str) -> None:
+        """Learn this shard's key from the first transaction id it gets."""
+        self.shard = shard_of(txn_id)
+
+    def snapshot(self) -> Manifest | FullState:
+        assert self.shard is not None, "a shard snapshots only after its first event"
+        if self.files is None:
+            self.changed = set()
+            return FullState(self.shard, dict(self.items))
+        if self.log is None:
+            self.log = ShardLog(
+                self.files.directory(self.shard), self.files.step, self.shard, self.value_type
+            )
+        items, changed = self.items, self.changed
+        self.changed = set()
+        puts = {k: items[k] for k in changed if k in items}
+        dels = [k for k in changed if k not in items]
+        return self.log.write(puts, dels, items)

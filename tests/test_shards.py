@@ -1,0 +1,137 @@
+"""Per-transaction state in fixed shards, saved as deltas (`flows.shards`)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows import shards
+from flows.routing import worker_of
+from flows.shards import (
+    KEEP,
+    SHARD_KEYS,
+    SHARDS,
+    FullState,
+    Manifest,
+    ShardTable,
+    StateFiles,
+    StateFilesError,
+    shard_of,
+)
+
+
+class Table(ShardTable):
+    """A shard of str -> bytes, changed by hand."""
+
+    __slots__ = ()
+    value_type = bytes
+
+    def apply(self, events: list[Any]) -> list[Any]:
+        return events
+
+
+def test_every_common_worker_count_gets_the_same_number_of_shards() -> None:
+    assert SHARDS == 48 and len(set(SHARD_KEYS)) == SHARDS
+    for n in (1, 2, 3, 4, 6, 8, 12, 16):
+        counts = Counter(worker_of(k, n) for k in SHARD_KEYS)
+        assert sorted(counts) == list(range(n)) and set(counts.values()) == {SHARDS // n}, n
+    spread = Counter(shard_of(f"t{i:09d}") for i in range(48_000))
+    assert set(spread) == set(SHARD_KEYS) and min(spread.values()) > 800  # ~1,000 each
+    assert shard_of("t000000001") == shard_of("t000000001")
+
+
+def _random_changes(table: Table, rng: random.Random, n: int) -> None:
+    for _ in range(n):
+        k = f"t{rng.randrange(300)}"
+        if rng.random() < 0.35:
+            table.drop(k)
+        else:
+            table.put(k, rng.randbytes(rng.randrange(1, 40)))
+
+
+def test_each_snapshot_rebuilds_the_shard_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random puts and drops over many snapshots, with rewrites of the whole shard along the way:
+    every manifest still kept rebuilds exactly the entries of its moment, and files that left the
+    chain are deleted once `KEEP` later snapshots no longer need them."""
+    monkeypatch.setattr(shards, "MIN_COMPACT_BYTES", 2_000)  # rewrite often
+    files = StateFiles(tmp_path, "index")
+    rng = random.Random(5)
+    table = Table(files, None)
+    table.name("t1")
+    taken: list[tuple[Manifest, dict[str, bytes]]] = []
+    for _ in range(60):
+        _random_changes(table, rng, rng.randrange(0, 80))
+        m = table.snapshot()
+        assert isinstance(m, Manifest) and m.entries == len(table.items)
+        taken.append((m, dict(table.items)))
+    directory = files.directory(table.shard or "")
+    assert any(m.base for m, _ in taken)  # the whole shard was rewritten along the way
+    assert len(list(directory.iterdir())) < 10  # and the files that left the chain went
+    for m, items in taken[-KEEP:]:  # what a resume may use
+        assert Table(files, m).items == items
+    for m, items in taken:  # older ones: rebuilt exactly, or refused, never wrong
+        try:
+            assert Table(files, m).items == items
+        except StateFilesError as exc:
+            assert "cannot read" in str(exc)
+
+
+def test_a_resumed_shard_deletes_what_a_crashed_run_wrote_after_its_epoch(tmp_path: Path) -> None:
+    files = StateFiles(tmp_path, "pending")
+    first = Table(files, None)
+    first.name("t1")
+    first.put("a", b"1")
+    m1 = first.snapshot()
+    first.put("b", b"2")
+    first.snapshot()  # written, but its epoch never completed: the resume uses m1
+    stray = files.directory(first.shard or "") / "stray.log"
+    stray.write_bytes(b"from a run whose state was not kept")
+
+    assert isinstance(m1, Manifest)
+    resumed = Table(files, pickle.loads(pickle.dumps(m1)))
+    assert resumed.items == {"a": b"1"}
+    resumed.put("c", b"3")
+    m2 = resumed.snapshot()
+    assert not stray.exists()
+    assert isinstance(m2, Manifest) and len({name for name, _, _ in m2.segments}) == 2  # a file of its own
+    assert Table(files, m2).items == {"a": b"1", "c": b"3"}
+    assert Table(files, m1).items == {"a": b"1"}  # a crash now would resume from m1 again: still there
+
+
+def test_damaged_or_missing_files_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+    files = StateFiles(tmp_path, "index")
+    table = Table(files, None)
+    table.name("t1")
+    table.put("a", b"1")
+    m = table.snapshot()
+    assert isinstance(m, Manifest)
+    (name, _, end), *_ = m.segments
+    path = files.directory(m.shard) / name
+    path.write_bytes(path.read_bytes()[: end - 3])
+    with pytest.raises(StateFilesError, match="damaged"):
+        Table(files, m)
+    path.unlink()
+    with pytest.raises(StateFilesError, match="cannot read"):
+        Table(files, m)
+    with pytest.raises(StateFilesError, match="FRAUD_RECOVERY_DIR is not set"):
+        Table(None, m)
+
+
+def test_without_a_recovery_directory_a_snapshot_is_a_copy(tmp_path: Path) -> None:
+    table = Table(None, None)
+    table.name("t1")
+    table.put("a", b"1")
+    snap = table.snapshot()
+    table.put("b", b"2")
+    assert isinstance(snap, FullState) and snap.items == {"a": b"1"}  # that moment's entries
+    back = Table(None, pickle.loads(pickle.dumps(snap)))
+    assert back.items == {"a": b"1"} and back.shard == table.shard
+    # Given a directory later, the first delta holds every entry (no file had them).
+    moved = Table(StateFiles(tmp_path, "index"), pickle.loads(pickle.dumps(snap)))
+    m = moved.snapshot()
+    assert isinstance(m, Manifest) and Table(StateFiles(tmp_path, "index"), m).items == {"a": b"1"}
