@@ -352,8 +352,8 @@ class EntityLogic(msgspec.Struct, StepLogic, gc=False):
 
 class PendingLogic(ShardTable):
     """One shard (`flows.shards`) of the vectors waiting for their label, after the entity chain:
-    assembles each transaction's feature vector, passes it on to be scored and keeps a copy (its
-    float64 bytes) until its label arrives (or its `Expired` comes from the index), then sends the
+    assembles each transaction's feature vector, passes it on to be scored and keeps a copy (as
+    float32 bytes: `models.serving.LabelledVector`) until its label arrives (or its `Expired` comes from the index), then sends the
     label with that copy for the online model to learn.
 
     Most labels skip the entity chain (`needs_chain`), so a label may come before its row (still
@@ -398,20 +398,20 @@ class PendingLogic(ShardTable):
                         self.drop(txn_id)
                         out.append(
                             LabelledVector(
-                                txn_id, waiting.is_fraud, array("d", values), waiting.seq, waiting.ts_ms
+                                txn_id, waiting.is_fraud, array("f", values), waiting.seq, waiting.ts_ms
                             )
                         )
                         continue
                     if type(waiting) is not bytes:
                         PendingLogic.held += 1
-                    self.put(txn_id, array("d", values).tobytes())
+                    self.put(txn_id, array("f", values).tobytes())
                     continue
                 telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
                 vector = items.get(it.txn_id)
                 if type(vector) is bytes:
                     self.drop(it.txn_id)
                     PendingLogic.held -= 1
-                    kept = array("d")
+                    kept = array("f")
                     kept.frombytes(vector)
                     out.append(LabelledVector(it.txn_id, it.is_fraud, kept, it.seq, it.ts_ms))
                 else:  # the row is still in the entity chain

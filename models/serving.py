@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +79,12 @@ class Served:
 
 class LabelledVector(msgspec.Struct, frozen=True, gc=False):
     """A label joined to the feature values its transaction was scored with: what the online
-    model learns. The flow keeps the values per transaction in a keyed step and sends this."""
+    model learns. The flow keeps the values per transaction (in `pending`) and sends this.
+
+    The values are kept as float32 (an `array("f")`), by the flow and by `PendingVectors` alike:
+    what XGBoost scores and trains on, and half the memory of a transaction waiting weeks for
+    its label.
+    """
 
     txn_id: str
     is_fraud: bool
@@ -391,7 +397,7 @@ class Scorer:
 
 class PendingVectors:
     """Scored feature vectors waiting for their labels, for batch replays (`fraud evaluate`); the
-    flow keeps each one in its own key of the `pending` step instead.
+    flow keeps them in the shards of its `pending` step instead.
 
     `hold` each vector as it is scored, `join` each label into the `LabelledVector` the online
     model learns (None when its vector is not held). Vectors older than `ttl_ms` of event time
@@ -400,11 +406,11 @@ class PendingVectors:
 
     def __init__(self, ttl_ms: int) -> None:
         self.ttl_ms = ttl_ms
-        self.vectors: OrderedDict[str, tuple[int, tuple[float, ...]]] = OrderedDict()
+        self.vectors: OrderedDict[str, tuple[int, array[float]]] = OrderedDict()
         self.watermark = -(2**62)
 
     def hold(self, v: FeatureVector) -> None:
-        self.vectors[v.txn.txn_id] = (v.txn.ts_ms, tuple(v.values))
+        self.vectors[v.txn.txn_id] = (v.txn.ts_ms, array("f", v.values))
         if v.txn.ts_ms > self.watermark:
             self.watermark = v.txn.ts_ms
         oldest = self.watermark - self.ttl_ms

@@ -48,7 +48,7 @@ from flows.steps import (
     to_every_replica,
     txn_key,
 )
-from models.serving import Decision, LabelledVector
+from models.serving import Decision, LabelledVector, PendingVectors
 from service.runtime import Runtime, load_runtime, new_pipeline
 from service.settings import Settings
 
@@ -161,14 +161,22 @@ def test_flow_entity_keys_are_dropped_after_their_retention(pipeline: FeaturePip
 
 
 def test_pending_holds_the_vector_and_sends_it_with_the_label(pipeline: FeaturePipeline) -> None:
-    (row,) = chained(pipeline, txn("t1", 1))
+    """The vector is kept as float32 (what XGBoost scores; half the memory): River learns those
+    values, as it does in batch mode (`models.serving.PendingVectors`)."""
+    (row,) = chained(pipeline, txn("t1", 1, amount=12.34))  # 12.34 is not a float32
     _, entry = pipeline.start(row.txn)
     label = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=2))
     assert isinstance(label, LabelEvent)
     vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline, None))
     assert isinstance(vector, FeatureVector) and vector.values == pipeline.assemble(row)
     assert isinstance(learned, LabelledVector) and (learned.txn_id, learned.is_fraud) == ("t1", True)
-    assert np.array_equal(learned.values, vector.values, equal_nan=True)
+    as32 = np.asarray(vector.values, dtype=np.float32)
+    assert np.array_equal(np.asarray(learned.values), as32, equal_nan=True)
+    assert not np.array_equal(np.asarray(learned.values, dtype=np.float64), vector.values, equal_nan=True)
+    held = PendingVectors(10**9)
+    held.hold(vector)
+    batch = held.join(label)
+    assert batch is not None and bytes(batch.values) == bytes(learned.values)  # the same in batch mode
 
 
 def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) -> None:
