@@ -47,7 +47,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from flows.routing import Workers
 from flows.stamping import NEG, Watermark
-from service.telemetry import ORDER_HELD, ORDER_LATE, step_timer
+from service.telemetry import ORDER_HELD, ORDER_LATE, snapshot_timer, step_timer
 
 logger = logging.getLogger(__name__)
 
@@ -306,9 +306,11 @@ class Stage:
     fan: int = 1  # inputs merged into it
     forward: bool = True  # send its watermark on (False: the last ordered step)
     clock: list[float] = field(default_factory=list)  # seconds its logic ran: `fraud_step_seconds`
+    snap: list[float] = field(default_factory=list)  # seconds its snapshots took: `fraud_snapshot_seconds`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clock", step_timer(self.name))
+        object.__setattr__(self, "snap", snapshot_timer(self.name))
 
     def relay(self, state: RelayState | None = None) -> Relay:
         return Relay(self.expected, self.workers, state, self.fan)
@@ -365,7 +367,10 @@ class KeyedStep(msgspec.Struct, gc=False):
         if self.relay is not None:
             return self.relay.state()
         assert self.logic is not None and not self.logic.done(), "a done key is dropped, never snapshotted"
-        return self.logic.snapshot()
+        started = perf_counter()
+        state = self.logic.snapshot()
+        self.stage.snap[0] += perf_counter() - started
+        return state
 
 
 StatefulBatchLogic.register(KeyedStep)
@@ -378,6 +383,7 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
     def __init__(self, stage: Stage, resume: HeldState | None) -> None:
         self.batch = OrderedBatch(stage.name, stage.relay(), resume)
         self.clock = step_timer(f"{stage.name}_sequence")
+        self.snap = snapshot_timer(f"{stage.name}_sequence")
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
@@ -397,7 +403,10 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
         return self.batch.drain(), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> HeldState:
-        return self.batch.snapshot()
+        started = perf_counter()
+        state = self.batch.snapshot()
+        self.snap[0] += perf_counter() - started
+        return state
 
 
 WorkerState = tuple[Any, list[Any], RelayState]
@@ -411,7 +420,7 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         state, held = (resume[0], (resume[1], resume[2])) if resume is not None else (None, None)
         self.logic = stage.build(state)
         self.batch = OrderedBatch(stage.name, stage.relay(), held)
-        self.forward, self.clock = stage.forward, stage.clock
+        self.forward, self.clock, self.snap = stage.forward, stage.clock, stage.snap
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
@@ -434,8 +443,11 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         return (self.logic.apply(items) if items else []), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> WorkerState:
+        started = perf_counter()
         held, relay = self.batch.snapshot()
-        return (self.logic.snapshot(), held, relay)
+        state = (self.logic.snapshot(), held, relay)
+        self.snap[0] += perf_counter() - started
+        return state
 
 
 def _tag(i: int) -> Callable[[tuple[str, Any]], tuple[str, Any]]:

@@ -321,6 +321,15 @@ class _ProgressPartition(StatelessSinkPartition[object]):
             f"{tag} process CPU {usage.ru_utime + usage.ru_stime:,.1f} s "
             f"(user {usage.ru_utime:,.1f} s, system {usage.ru_stime:,.1f} s)"
         )
+        snaps = sorted(
+            ((c[0], step) for step, c in telemetry.SNAPSHOT_SECONDS.items() if c[0] > 0), reverse=True
+        )
+        if snaps:
+            self._print(
+                f"{tag} state snapshots at epoch closes: {sum(t for t, _ in snaps):,.2f} s in this process ("
+                + ", ".join(f"{step} {t:,.2f} s" for t, step in snaps[:5])
+                + ")"
+            )
 
     def _print(self, line: str) -> None:
         print(line, file=self.out, flush=True)

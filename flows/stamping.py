@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 from zlib import crc32
 
@@ -23,6 +24,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
 from flows.expiry import WAKE, Expiry, ExpiryBucket, notes
+from service.telemetry import snapshot_timer
 
 INF = 1 << 200  # a watermark past every seq: the end of the input
 NEG = -(1 << 200)  # before every seq: a partition that has sent nothing yet
@@ -165,7 +167,13 @@ class StampStep(StatefulBatchLogic[Any, Any, Any]):
 
     def snapshot(self) -> Any:
         assert self.logic is not None
-        return self.logic.snapshot()
+        started = perf_counter()
+        state = self.logic.snapshot()
+        _SNAP[0] += perf_counter() - started
+        return state
+
+
+_SNAP = snapshot_timer("stamp")
 
 
 @operator

@@ -135,6 +135,30 @@ def test_two_processes_over_two_shards_decide_exactly_as_one_process(
     client.close()
 
 
+def test_a_process_resumed_as_a_two_process_cluster_keeps_every_transaction_and_entity(
+    baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
+) -> None:
+    """One process SIGKILLed half-way, resumed as a cluster of two: the index and `pending` shards
+    and the entity keys move to the worker Bytewax now routes them to, so every label still finds
+    its transaction (no dead letter) and every feature vector, hence every XGBoost score, is the
+    uninterrupted run's. (A scorer replica new to the cluster starts River afresh: online scores
+    may differ, docs/operations.md "Limits".)"""
+    n, expected = baseline
+    client = connect(redis_url)
+    fill(client, dataset, "resize", 1)
+    env = drill.flow_env(redis_url, "resize", 1, tmp_path, FRAUD_RECOVERY_PARTITIONS="2", **RUN)
+    drill.kill_when(drill.start(env), lambda: client.xlen("resize:decisions") >= 0.5 * n)
+    assert client.xlen("resize:decisions") < n, "killed too late to test anything"
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    drill.finish_all([drill.start(env, "-i", str(i), "-a", addresses) for i in range(2)])
+    outcome = drill.Outcome.read(client, "resize")
+    assert len(outcome.scores) == outcome.decisions_written == n  # each transaction decided once
+    assert client.xlen("resize:dlq") == 0  # no label lost its transaction
+    xgb_different = [t for t, s in expected.scores.items() if outcome.scores[t][1] != s[1]]
+    assert not xgb_different, xgb_different[:5]
+    client.close()
+
+
 def test_a_live_flow_decides_everything_while_one_shard_stays_empty(
     baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
 ) -> None:
