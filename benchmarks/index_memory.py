@@ -10,26 +10,32 @@ label). This runs `decode -> index -> pending` in Bytewax (one worker, the defau
 the rows given placeholder feature values instead of the entity chain) over synthetic
 transactions and reads the process RSS when the last transaction has passed, against the RSS
 before the run (input records already built): the growth divided by the transaction count is
-what each waiting transaction costs, Bytewax's own bookkeeping included. `--step index` or
-`--step pending` measures one of the two alone.
+what each waiting transaction costs, Bytewax's own bookkeeping included. It runs as `fraud run`
+does, with Bytewax recovery and the shards' deltas in files (in a temporary directory);
+`--no-recovery` without (each snapshot is then a copy of the shard, held until Bytewax drops it).
+`--step index` or `--step pending` measures one of the two alone.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import tempfile
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from benchmarks.common import START_MS, parser
 from features.engine import FeatureRow, FeatureVector
 from flows.ordering import ordered
 from flows.routing import Workers
+from flows.shards import state_files
 from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
 from service.runtime import new_pipeline
 from service.settings import Settings
@@ -41,6 +47,11 @@ def main() -> None:
     ap.add_argument("--transactions", type=int, default=400_000)
     ap.add_argument("--cards", type=int, default=100_000)
     ap.add_argument("--step", choices=["both", "index", "pending"], default="both")
+    ap.add_argument(
+        "--no-recovery",
+        action="store_true",
+        help="run without Bytewax recovery (the shards' snapshots are then whole copies, held a while)",
+    )
     args = ap.parse_args()
     n, cards = args.transactions, args.cards
     pipeline = new_pipeline(Settings())
@@ -73,23 +84,29 @@ def main() -> None:
         row.parts = [[float(i)] * w for i, w in enumerate(widths)]  # values as the chain adds them
         return kv[0], row
 
+    tmp = tempfile.TemporaryDirectory(prefix="index-memory-")
+    store = None if args.no_recovery else Path(tmp.name)
     held = keyed
     if args.step in ("both", "index"):
-        held = ordered(
-            "index", held, logic=partial(IndexLogic, pipeline, None), workers=Workers(1), key=txn_key
-        )
+        index = partial(IndexLogic, pipeline, state_files(store, "index"))
+        held = ordered("index", held, logic=index, workers=Workers(1), key=txn_key)
     if args.step in ("both", "pending"):
         rows = op.map("rows", held, scored_row)
-        pending = partial(PendingLogic, pipeline, None)
+        pending = partial(PendingLogic, pipeline, state_files(store, "pending"))
         held = ordered("pending", rows, logic=pending, workers=Workers(1), key=pending_key)
     op.output("out", op.filter("probe", held, probe), TestingSink([]))
+    recovery = None
+    if store is not None:  # as `fraud run` runs it: Bytewax recovery, the shards' deltas in files
+        init_db_dir(store, 1)
+        recovery = RecoveryConfig(str(store))
     gc.collect()
     before = rss_bytes()
-    run_main(flow, epoch_interval=timedelta(seconds=5))
+    run_main(flow, epoch_interval=timedelta(seconds=5), recovery_config=recovery)
+    tmp.cleanup()
     growth = at_last[0] - before
     per = growth / n
     print(
-        f"{args.step}: {n:,} transactions ({n / cards:.1f} per card) held -> RSS +{growth / 2**20:,.1f} MiB, "
+        f"{args.step}{' (no recovery)' if args.no_recovery else ''}: {n:,} transactions ({n / cards:.1f} per card) held -> RSS +{growth / 2**20:,.1f} MiB, "
         f"{per:,.0f} bytes per transaction"
     )
     print(f"1M transactions a day waiting 60 days: {per * 60e6 / 1e9:,.1f} GB over the cluster")

@@ -40,6 +40,7 @@ from testkit.system import free_port
 DONE = re.compile(r"\[done(?: w\d+)?\] ([\d,]+) transactions .*· ([\d,.]+)s$", re.M)
 LATENCY = re.compile(r"latency: (p50 [\d.]+ ms · p95 [\d.]+ ms · p99 [\d.]+ ms · p99.9 [\d.]+ ms)")
 CPU = re.compile(r"process CPU ([\d,.]+) s")
+SNAPSHOTS = re.compile(r"state snapshots at epoch closes: (.*)$", re.M)
 STARTUP_S = 5.0  # imports and the model load, before a rate-limited replay starts
 
 
@@ -68,10 +69,13 @@ def start_cluster(
     ]
 
 
-def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, list[str], list[float]]:
-    """Transactions decided, the longest active time, each process's latency percentiles, and
-    each process's CPU seconds (user + system, from its own summary)."""
-    total, longest, latencies, cpu = 0, 0.0, [], []
+def finish_cluster(
+    procs: list[subprocess.Popen[bytes]],
+) -> tuple[int, float, list[str], list[float], list[str]]:
+    """Transactions decided, the longest active time, each process's latency percentiles, each
+    process's CPU seconds (user + system, from its own summary), and where its epoch closes'
+    snapshots spent their time (from its summary)."""
+    total, longest, latencies, cpu, snaps = 0, 0.0, [], [], []
     for out in drill.finish_all(procs, timeout_s=1800):
         done = DONE.findall(out)
         if not done:
@@ -81,7 +85,8 @@ def finish_cluster(procs: list[subprocess.Popen[bytes]]) -> tuple[int, float, li
         longest = max(longest, float(secs.replace(",", "")))
         latencies += LATENCY.findall(out)
         cpu += [float(c.replace(",", "")) for c in CPU.findall(out)[-1:]]
-    return total, longest, latencies, cpu
+        snaps += SNAPSHOTS.findall(out)[-1:]
+    return total, longest, latencies, cpu, snaps
 
 
 def main() -> None:
@@ -135,7 +140,7 @@ def measure(
                     for proc in procs:
                         drill.reap(proc)
                     raise
-            n, secs, latencies, cpu = finish_cluster(procs)
+            n, secs, latencies, cpu, snaps = finish_cluster(procs)
             outcome = drill.Outcome.read(client, tag)
             if reference is None:
                 reference, against = outcome, ""
@@ -154,7 +159,8 @@ def measure(
                 f"processes={processes} transactions={n:,} (replayed {replayed:,}) "
                 f"active={secs:.1f}s {speed}alerts={len(outcome.alerts):,}{against}"
                 f"\n  CPU: {shares}"
-                + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate),
+                + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate)
+                + "".join(f"\n  process {i} snapshots: {snap}" for i, snap in enumerate(snaps)),
                 flush=True,
             )
 
