@@ -142,3 +142,16 @@ def test_train_memory_benchmark_runs() -> None:
     out = bench("benchmarks.train_memory", "--cards", "150", "--merchants", "60", "--days", "70")
     assert re.search(r"^fraud train --no-search: [\d,]+ transactions x \d+ features", out, re.M), out
     assert re.search(r"^peak RSS [\d,]+ MB; float32 matrix [\d,]+ MB; ratio [\d.]+;", out, re.M), out
+
+
+def test_year_benchmark_runs_every_stage_and_logs_every_decision() -> None:
+    """The short version of `python -m benchmarks.year` (the year itself is in docs/benchmarks.md)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.year", "--days", "60", "--cards", "200", "--merchants", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("generate", "train", "replay", "evaluate"):
+        assert re.search(rf"^{stage} +\d+s +[\d,]+ MB  ", out.stdout, re.M), out.stdout
+    logged = re.search(r"^replay .* ([\d,]+) decisions logged for ([\d,]+) transactions", out.stdout, re.M)
+    assert logged and logged.group(1) == logged.group(2), out.stdout
