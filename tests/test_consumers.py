@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,47 @@ def test_cli_alerts_piped_to_a_reader_that_leaves(redis_url: str, redis_client: 
     written = delivered - left  # the lines that reached the pipe, acknowledged
     n, text = drain(redis_client, ALERTS, group="fraud-cli", consumer="cli", as_json=True)
     assert n == 3000 - written and json_ids(text) == ids[written:]
+    assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
+
+
+def test_a_reader_killed_between_reading_and_printing_loses_no_alert(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The consumer's guarantee under a crash: `fraud alerts --json` SIGKILLed while it holds a
+    batch it has read but not printed whole (its output pipe is full and nobody reads it). The
+    next reader of the group shows every alert the killed one did not write out; none is lost,
+    and only the batch in flight may be shown twice."""
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(3000)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fraud.cli", "alerts", "--json"],
+        cwd=ROOT,
+        env={**os.environ, "FRAUD_REDIS_URL": redis_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    stalled = (-1, 0.0)  # (entries delivered to the group, since when unchanged)
+    while time.monotonic() < deadline:  # it reads batches until the pipe fills, then blocks
+        groups = redis_client.xinfo_groups(ALERTS)
+        delivered = ids.index(groups[0]["last-delivered-id"].decode()) + 1 if groups else 0
+        if delivered != stalled[0]:
+            stalled = (delivered, time.monotonic())
+        elif delivered and time.monotonic() - stalled[1] > 1.0:
+            break
+        time.sleep(0.05)
+    assert 0 < stalled[0] < 3000 and proc.poll() is None, "the reader did not block on its output"
+    assert pending_count(redis_client, ALERTS, "fraud-cli") > 0  # a batch read, not all printed
+    proc.kill()
+    proc.wait(timeout=30)
+    written = proc.stdout.read().decode()
+    proc.stdout.close()
+    first = json_ids("".join(line + "\n" for line in written.split("\n")[:-1]))  # whole lines only
+    n, text = drain(redis_client, ALERTS, group="fraud-cli", consumer="cli", as_json=True)
+    second = json_ids(text)
+    assert n == len(second) and set(first) | set(second) == set(ids)  # nothing lost
+    assert first == ids[: len(first)] and second[-1] == ids[-1]
+    assert len(first) + len(second) - 3000 <= 100  # shown twice: at most the batch in flight
     assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
 
 

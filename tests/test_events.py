@@ -50,6 +50,9 @@ def test_optional_fields_and_unknown_fields() -> None:
         (GOOD.replace('"2026-01-05T10:00:00.250+01:00"', "1767603600"), "bad_time"),
         (GOOD[:-1] + ',"lat":91,"lon":0}', "bad_location"),
         (GOOD[:-1] + ',"lat":45}', "bad_location"),
+        (GOOD[:-1] + ',"lat":"45.5","lon":2.1}', "bad_location"),  # a coordinate of the wrong type
+        (GOOD[:-1] + ',"lat":45.5,"lon":[2.1]}', "bad_location"),
+        (GOOD[:-1] + ',"lat":45.5,"lon":2.1,"channel":7}', "schema"),  # another field: not a location
     ],
 )
 def test_bad_transactions_become_dead_letters(raw: str, reason: str) -> None:

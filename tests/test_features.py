@@ -579,6 +579,38 @@ def test_names_line_up_with_values_when_entities_are_interleaved() -> None:
     assert named["amount_sum_by_merchant_1h"] == 7.0
 
 
+def test_a_key_is_kept_while_an_event_within_the_allowed_lateness_can_still_need_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event up to the allowed lateness behind the newest one is exact: it gets the features
+    it would have got on time. So a card's history may only be dropped once its newest event is a
+    look-back *and* the lateness behind: here the stream has moved a look-back plus half the
+    lateness past the card's fraud, and a transaction of that card arriving exactly the lateness
+    behind still counts that fraud in its delayed fraud rate."""
+    import features.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "EXPIRY_EVERY", 1)  # sweep idle keys after every transaction
+    pipeline = FeaturePipeline(FEATURES, LATENESS_MS)
+    card = pipeline.plans[0]
+    first = Transaction("a", T0, "c1", "m1", 10.0)
+    fraud = Label("a", True, T0 + 3_600_000)
+    now = T0 + card.lookback_ms + LATENESS_MS // 2  # where the stream is when the late one comes
+    late = Transaction("b", now - LATENESS_MS, "c1", "m1", 20.0)  # exactly the lateness behind
+    others = [Transaction(f"x{i}", now + i, "c2", "m2", 5.0) for i in range(2)]
+
+    def vector_of_b(events: list[Transaction | Label]) -> list[float]:
+        engine = FeatureEngine(pipeline)
+        out = {e.txn_id: engine.process(e) for e in events}
+        b = out["b"]
+        assert isinstance(b, FeatureVector) and not b.late
+        return b.values
+
+    on_time = vector_of_b([first, fraud, late, *others])
+    assert same(vector_of_b([first, fraud, *others, late]), on_time)
+    rate = pipeline.names.index("fraud_rate_by_card_30d_delay_3d")
+    assert on_time[rate] == 1.0  # the fraud is inside b's delayed window: the kept history counts
+
+
 def test_idle_keys_expire_once_their_longest_window_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
     import features.engine as engine_module
 
