@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -70,8 +71,14 @@ def build(
     decisions: Sink[Any] | None = None,
     late: Sink[Any] | None = None,
     drift: Sink[Any] | None = None,
+    state_dir: Path | None = None,
 ) -> Dataflow:
-    """The dataflow for `settings`; tests swap the source and sinks for in-memory ones."""
+    """The dataflow for `settings`; tests swap the source and sinks for in-memory ones.
+
+    `state_dir`: where the index and `pending` shards append their deltas (`flows.shards`);
+    `fraud run` passes `<FRAUD_RECOVERY_DIR>/state` when it runs with recovery. Without it their
+    snapshots are whole copies: right for any runner, with or without recovery, and nothing is
+    written (a flow that runs without recovery must not touch a recovery store's files)."""
     given = settings or get_settings()
     needs_redis = (
         (source is None and given.source == "redis")
@@ -94,7 +101,7 @@ def build(
     index = step(
         "index",
         stamped,
-        logic=partial(IndexLogic, pipeline, state_files(s.recovery_dir, "index")),
+        logic=partial(IndexLogic, pipeline, state_files(state_dir, "index")),
         key=txn_key,
         sources=partitions(src),
     )
@@ -108,7 +115,7 @@ def build(
             sequence=True,
         )
     labels = batch.keep("skip_chain", index, skips_chain)
-    pending = partial(PendingLogic, pipeline, state_files(s.recovery_dir, "pending"))
+    pending = partial(PendingLogic, pipeline, state_files(state_dir, "pending"))
     vectors = step("pending", rows, labels, logic=pending, key=pending_key)
     scores = step(
         "score",

@@ -15,6 +15,7 @@ from bytewax.testing import cluster_main, run_main
 from flows.fraud import build
 from flows.recovery import RedisRegistry, recovery_config
 from flows.recovery_check import RecoveryStoreError
+from flows.shards import STATE_DIR
 from service import telemetry
 from service.settings import Settings
 
@@ -42,7 +43,8 @@ def run(
     )
     if settings.metrics_port:
         telemetry.serve(settings.metrics_port + process_id)
-    flow = build(settings)
+    state = None if recovery is None or settings.recovery_dir is None else settings.recovery_dir / STATE_DIR
+    flow = build(settings, state_dir=state)
     epoch = timedelta(seconds=settings.snapshot_interval_s)
     if addresses or workers > 1:
         cluster_main(

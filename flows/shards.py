@@ -9,16 +9,16 @@ still in the shard its id names, wherever Bytewax now runs that shard. The shard
 that 1, 2, 3, 4, 6, 8, 12 or 16 workers get the same number each.
 
 Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
-cost its whole content every few seconds. So with a recovery directory (`FRAUD_RECOVERY_DIR`) a
-shard appends only what changed since its last snapshot to a file of its own
-(`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced like Bytewax's own store) and hands Bytewax a
-`Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh the shard twice
+cost its whole content every few seconds. So when `fraud run` runs with recovery
+(`FRAUD_RECOVERY_DIR`), a shard appends only what changed since its last snapshot to a file of its
+own (`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced like Bytewax's own store) and hands
+Bytewax a `Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh the shard twice
 over, the next snapshot writes the whole shard to a new file and the chain restarts there; files
 that left the chain are deleted `KEEP` snapshots later (a resume may use a slightly older epoch),
 and a resumed shard deletes the files its manifest does not name (what a crashed run wrote after
-its last complete epoch). Without a recovery directory a snapshot is a copy of the dict, which
-Bytewax only pickles when recovery is on (`python -m bytewax.run -r DIR` without
-`FRAUD_RECOVERY_DIR`: correct, but whole).
+its last complete epoch). Otherwise (no recovery, or Bytewax's own runner with `-r DIR`) a
+snapshot is a copy of the dict, which Bytewax only pickles when recovery is on: correct, but whole,
+and a flow that runs without recovery never touches a store's files.
 """
 
 from __future__ import annotations
@@ -90,10 +90,12 @@ class StateFiles:
         return self.root / self.step / shard
 
 
-def state_files(recovery_dir: Path | None, step: str) -> StateFiles | None:
-    """Where `step`'s shards keep their files: inside the recovery directory, so that whatever
-    moves, backs up or deletes the store takes them along; None without one."""
-    return None if recovery_dir is None else StateFiles(recovery_dir / "state", step)
+STATE_DIR = "state"  # inside the recovery directory: whatever moves, backs up or deletes the store takes them
+
+
+def state_files(state_dir: Path | None, step: str) -> StateFiles | None:
+    """Where `step`'s shards keep their files (`<state_dir>/<step>/<shard>/`); None without one."""
+    return None if state_dir is None else StateFiles(state_dir, step)
 
 
 _HEADER = 8  # each record: its length (8 bytes, little-endian), then msgpack (puts, dels)
@@ -141,7 +143,14 @@ class ShardLog:
             at = 0
             while at < len(data):
                 size = int.from_bytes(data[at : at + _HEADER], "little")
-                puts, dels = self.decoder.decode(data[at + _HEADER : at + _HEADER + size])
+                try:
+                    puts, dels = self.decoder.decode(data[at + _HEADER : at + _HEADER + size])
+                except (msgspec.DecodeError, ValueError) as exc:
+                    raise StateFilesError(
+                        f"{self.step} shard {self.shard}: {path} at byte {start + at} does not hold what "
+                        f"its last snapshot wrote ({exc}): the recovery store is damaged (restore it whole "
+                        "from a backup, or `fraud reset --yes` and `fraud run --fresh`)"
+                    ) from exc
                 items.update(puts)
                 for k in dels:
                     items.pop(k, None)

@@ -23,28 +23,26 @@ ZERO = timedelta(0)
 def test_resume_gives_the_uninterrupted_features_and_scores(
     tmp_path: Path, crash_at: float, files: bool
 ) -> None:
-    """`files`: the index and `pending` shards save deltas in FRAUD_RECOVERY_DIR (as `fraud run`
-    does), or, without it, whole copies in Bytewax's store (`bytewax.run -r` alone)."""
+    """`files`: the index and `pending` shards save deltas in the recovery directory (as `fraud
+    run` does), or whole copies in Bytewax's store (as with `bytewax.run -r`)."""
     write_files(tmp_path, GeneratorConfig(seed=11, days=12, n_cards=60, n_merchants=50, drift_day=None))
     txns, labels = tmp_path / "transactions.jsonl", tmp_path / "labels.jsonl"
     db = tmp_path / "recovery"
     settings = Settings(
-        transactions_path=txns, labels_path=labels, online_warmup_labels=50, progress_interval_s=60,
-        recovery_dir=db if files else None,
-    )  # fmt: skip
+        transactions_path=txns, labels_path=labels, online_warmup_labels=50, progress_interval_s=60
+    )
     records: list[object] = [(k, line, f"{k}:{n + 1}") for k, line, n in merged_records(txns, labels)]
-    expected = {
-        d.txn.txn_id: d for d in decisions_of(settings.model_copy(update={"recovery_dir": None}), records)
-    }
+    expected = {d.txn.txn_id: d for d in decisions_of(settings, records)}
+    state = db / "state" if files else None
 
     db.mkdir()
     init_db_dir(db, 1)
     cut = int(len(records) * crash_at)
     crashing = [*records[:cut], TestingSource.ABORT(), *records[cut:]]
     recovery = RecoveryConfig(str(db))
-    first = decisions_of(settings, crashing, recovery=recovery)
+    first = decisions_of(settings, crashing, recovery=recovery, state_dir=state)
     assert 0 < len(first) < len(expected)  # it really stopped part-way
-    second = decisions_of(settings, crashing, recovery=recovery)
+    second = decisions_of(settings, crashing, recovery=recovery, state_dir=state)
 
     resumed = {d.txn.txn_id: d for d in first + second}  # a replayed epoch may score a txn twice
     assert resumed.keys() == expected.keys()
@@ -57,6 +55,22 @@ def test_resume_gives_the_uninterrupted_features_and_scores(
     assert bool(shard_files) == files and all(
         f.parent.parent.name in ("index", "pending") for f in shard_files
     )
+
+
+def test_a_flow_without_recovery_never_touches_a_recovery_store(tmp_path: Path) -> None:
+    """FRAUD_RECOVERY_DIR in the environment of a flow run without recovery (`make run`,
+    `bytewax.run` without -r): the shards keep whole-copy snapshots and write no file, so they
+    cannot delete the files a real store's snapshots name."""
+    write_files(tmp_path, GeneratorConfig(seed=11, days=3, n_cards=30, n_merchants=50, drift_day=None))
+    txns, labels = tmp_path / "transactions.jsonl", tmp_path / "labels.jsonl"
+    store = tmp_path / "recovery"
+    kept = store / "state" / "index" / "shard0" / "1-1.log"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"a snapshot's delta")
+    settings = Settings(transactions_path=txns, labels_path=labels, recovery_dir=store)
+    records: list[object] = [(k, line, f"{k}:{n + 1}") for k, line, n in merged_records(txns, labels)]
+    assert decisions_of(settings, records)
+    assert [p for p in store.rglob("*") if p.is_file()] == [kept]
 
 
 def _make_recovery(directory: str, start: Any) -> None:

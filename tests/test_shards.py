@@ -112,7 +112,11 @@ def test_damaged_or_missing_files_are_refused_with_a_clear_error(tmp_path: Path)
     assert isinstance(m, Manifest)
     (name, _, end), *_ = m.segments
     path = files.directory(m.shard) / name
-    path.write_bytes(path.read_bytes()[: end - 3])
+    good = path.read_bytes()
+    path.write_bytes(good[:9] + b"\xc1" * (len(good) - 9))  # same length, not what was written
+    with pytest.raises(StateFilesError, match="does not hold what its last snapshot wrote"):
+        Table(files, m)
+    path.write_bytes(good[: end - 3])
     with pytest.raises(StateFilesError, match="damaged"):
         Table(files, m)
     path.unlink()
