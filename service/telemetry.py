@@ -50,9 +50,12 @@ ONLINE_LEARN_SECONDS = Counter(
     "fraud_online_learn_seconds", "Time River spent learning labels, in this process's scorer replicas."
 )
 
-# Seconds each ordered step's logic ran in this process (`flows.ordering` adds to one cell per step:
-# a float added to in place, read at scrape time, costs the hot path less than a Counter's lock).
+# Seconds per step, in cells the hot path adds to in place (a float added to, read at scrape time,
+# costs less than a Counter's lock): each ordered step's logic (`fraud_step_seconds`), and its
+# `snapshot()` calls at epoch closes (`fraud_snapshot_seconds`: what Bytewax then pickles is not
+# counted), the part of the latency tail the epoch closes cause.
 STEP_SECONDS: dict[str, list[float]] = {}
+SNAPSHOT_SECONDS: dict[str, list[float]] = {}
 
 
 def step_timer(step: str) -> list[float]:
@@ -60,43 +63,36 @@ def step_timer(step: str) -> list[float]:
     return STEP_SECONDS.setdefault(step, [0.0])
 
 
-class _StepSeconds(Collector):
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "fraud_step_seconds",
-            "Time each step's logic ran in this process (flows.ordering).",
-            labels=["step"],
-        )
-        for step, cell in sorted(STEP_SECONDS.items()):
-            family.add_metric([step], cell[0])
-        yield family
-
-
-REGISTRY.register(_StepSeconds())
-
-# Seconds the steps' `snapshot()` calls took at epoch closes in this process (what Bytewax then
-# pickles is not counted): the part of the latency tail the epoch closes cause, per step.
-SNAPSHOT_SECONDS: dict[str, list[float]] = {}
-
-
 def snapshot_timer(step: str) -> list[float]:
     """The cell `step`'s snapshots add their seconds to."""
     return SNAPSHOT_SECONDS.setdefault(step, [0.0])
 
 
-class _SnapshotSeconds(Collector):
+class _StepCells(Collector):
+    """A counter per step, read from `cells` at scrape time."""
+
+    def __init__(self, name: str, doc: str, cells: dict[str, list[float]]) -> None:
+        self.name, self.doc, self.cells = name, doc, cells
+
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "fraud_snapshot_seconds",
-            "Time each step's state snapshots took at epoch closes in this process (flows.ordering).",
-            labels=["step"],
-        )
-        for step, cell in sorted(SNAPSHOT_SECONDS.items()):
+        family = CounterMetricFamily(self.name, self.doc, labels=["step"])
+        for step, cell in sorted(self.cells.items()):
             family.add_metric([step], cell[0])
         yield family
 
 
-REGISTRY.register(_SnapshotSeconds())
+REGISTRY.register(
+    _StepCells(
+        "fraud_step_seconds", "Time each step's logic ran in this process (flows.ordering).", STEP_SECONDS
+    )
+)
+REGISTRY.register(
+    _StepCells(
+        "fraud_snapshot_seconds",
+        "Time each step's state snapshots took at epoch closes in this process (flows.ordering).",
+        SNAPSHOT_SECONDS,
+    )
+)
 PENDING = Gauge("fraud_pending_transactions", "Scored transactions still waiting for their label.")
 ORDER_HELD = Gauge(
     "fraud_order_held_events",
