@@ -353,8 +353,8 @@ class EntityLogic(msgspec.Struct, StepLogic, gc=False):
 class PendingLogic(ShardTable):
     """One shard (`flows.shards`) of the vectors waiting for their label, after the entity chain:
     assembles each transaction's feature vector, passes it on to be scored and keeps a copy (as
-    float32 bytes: `models.serving.LabelledVector`) until its label arrives (or its `Expired` comes from the index), then sends the
-    label with that copy for the online model to learn.
+    float32 bytes: `models.serving.LabelledVector`) until its label arrives (or its `Expired`
+    comes from the index), then sends the label with that copy for the online model to learn.
 
     Most labels skip the entity chain (`needs_chain`), so a label may come before its row (still
     held in the chain): it waits here (the value is the `LabelEvent`) for the row. The labelled
