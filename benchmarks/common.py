@@ -4,7 +4,10 @@ constants of the synthetic worlds."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,42 @@ ROOT = Path(__file__).resolve().parents[1]
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """A benchmark's command line, its module docstring as the help text."""
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# `python -m <module> <args>` in a child process, which prints its own peak RSS on stderr last (so
+# that only that process counts, not a generator or another child before it).
+_MEASURED = """
+import resource, runpy, sys
+module, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+"""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a measured child printed, how long it ran, and its own peak RSS (MiB)."""
+
+    stdout: str
+    stderr: str
+    wall_s: float
+    peak_mb: float
+
+
+def run_measured(name: str, module: str, args: list[str], env: dict[str, str] | None = None) -> Measured:
+    """`python -m module args` from the repository root, measured; exits naming `name` with the
+    child's output if it fails. `stderr` is the child's without the measurement line."""
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURED, module, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    wall = time.monotonic() - started
+    if out.returncode != 0:
+        sys.exit(f"{name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    body, _, tail = out.stderr.rpartition("peak_rss_kb=")
+    return Measured(out.stdout, body, wall, int(tail.split()[0]) / 1024)
 
 
 def log(msg: str) -> None:

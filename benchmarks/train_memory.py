@@ -17,24 +17,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, log, parser
+from benchmarks.common import ROOT, log, parser, run_measured
 from features.event_files import open_text
 from service.runtime import new_pipeline
 from service.settings import Settings
-
-# `fraud <args>` in this process, then its own peak RSS on stderr (the generator, another child,
-# must not count).
-MEASURED = """
-import resource, runpy, sys
-sys.argv = ["fraud", *sys.argv[1:]]
-try:
-    runpy.run_module("fraud.cli", run_name="__main__")
-finally:
-    print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
-"""
 
 
 def _memory() -> tuple[float, float]:
@@ -87,21 +75,16 @@ def main() -> None:
             rows = sum(1 for line in f if line.strip())
         width = len(new_pipeline(Settings()).names)
         log(f"training on {rows:,} transactions")
-        started = time.monotonic()
-        out = subprocess.run(
-            [sys.executable, "-c", MEASURED, "train", "--transactions", str(txns), "--labels", str(labels),
-             "--no-search", "--out", str(Path(tmp) / "model"), *args.train_args],
-            cwd=ROOT, capture_output=True, text=True,
+        train = run_measured(
+            "fraud train", "fraud.cli",
+            ["train", "--transactions", str(txns), "--labels", str(labels), "--no-search", "--out",
+             str(Path(tmp) / "model"), *args.train_args],
         )  # fmt: skip
-        wall = time.monotonic() - started
-        if out.returncode != 0:
-            sys.exit(f"fraud train failed:\n{out.stderr[-3000:]}")
-        peak_kb = int(out.stderr.rsplit("peak_rss_kb=", 1)[1].split()[0])
-        report = json.loads(out.stdout)
+        wall, peak_mb = train.wall_s, train.peak_mb * 2**20 / 1e6  # decimal MB, like the matrix
+        report = json.loads(train.stdout)
         if args.stages:
             stages(txns, labels)
     matrix_mb = rows * width * 4 / 1e6
-    peak_mb = peak_kb * 1024 / 1e6
     print(
         f"fraud train --no-search: {rows:,} transactions x {width} features, trained on "
         f"{report['train']['rows']:,} rows; {wall:.1f} s wall"

@@ -30,39 +30,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, START_MS, log, parser
+from benchmarks.common import ROOT, START_MS, log, parser, run_measured
 from service.runtime import new_pipeline
 from service.settings import Settings
-
-# `<module> <args>` run in this child, then its own peak RSS on stderr.
-MEASURED = """
-import resource, runpy, sys
-module, sys.argv = sys.argv[1], sys.argv[1:]
-try:
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-finally:
-    print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
-"""
 
 
 def stage(name: str, module: str, args: list[str], env: dict[str, str]) -> tuple[str, float, float]:
     """Run `python -m module args` measured; (stdout, wall seconds, peak RSS MB). The child's
     stderr (progress, the run summary) is echoed to ours."""
     log(f"[{name}] {module} {' '.join(args)}")
-    started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", MEASURED, module, *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    wall = time.monotonic() - started
-    if out.returncode != 0:
-        sys.exit(f"{name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    body, _, tail = out.stderr.rpartition("peak_rss_kb=")
-    log(body.rstrip())
-    return out.stdout, wall, int(tail.split()[0]) / 1024
+    run = run_measured(name, module, args, env)
+    log(run.stderr.rstrip())
+    return run.stdout, run.wall_s, run.peak_mb
 
 
 def day(days: float) -> str:

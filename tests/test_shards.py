@@ -45,6 +45,14 @@ def test_every_common_worker_count_gets_the_same_number_of_shards() -> None:
     assert shard_of("t000000001") == shard_of("t000000001")
 
 
+def _one_entry(files: StateFiles | None) -> tuple[Table, Manifest | FullState]:
+    """A shard holding {"a": b"1"}, and its first snapshot."""
+    table = Table(files, None)
+    table.name("t1")
+    table.put("a", b"1")
+    return table, table.snapshot()
+
+
 def _random_changes(table: Table, rng: random.Random, n: int) -> None:
     for _ in range(n):
         k = f"t{rng.randrange(300)}"
@@ -83,10 +91,7 @@ def test_each_snapshot_rebuilds_the_shard_as_it_was(tmp_path: Path, monkeypatch:
 
 def test_a_resumed_shard_deletes_what_a_crashed_run_wrote_after_its_epoch(tmp_path: Path) -> None:
     files = StateFiles(tmp_path, "pending")
-    first = Table(files, None)
-    first.name("t1")
-    first.put("a", b"1")
-    m1 = first.snapshot()
+    first, m1 = _one_entry(files)
     first.put("b", b"2")
     first.snapshot()  # written, but its epoch never completed: the resume uses m1
     stray = files.directory(first.shard or "") / "stray.log"
@@ -105,10 +110,7 @@ def test_a_resumed_shard_deletes_what_a_crashed_run_wrote_after_its_epoch(tmp_pa
 
 def test_damaged_or_missing_files_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     files = StateFiles(tmp_path, "index")
-    table = Table(files, None)
-    table.name("t1")
-    table.put("a", b"1")
-    m = table.snapshot()
+    _, m = _one_entry(files)
     assert isinstance(m, Manifest)
     (name, _, end), *_ = m.segments
     path = files.directory(m.shard) / name
@@ -127,10 +129,7 @@ def test_damaged_or_missing_files_are_refused_with_a_clear_error(tmp_path: Path)
 
 
 def test_without_a_recovery_directory_a_snapshot_is_a_copy(tmp_path: Path) -> None:
-    table = Table(None, None)
-    table.name("t1")
-    table.put("a", b"1")
-    snap = table.snapshot()
+    table, snap = _one_entry(None)
     table.put("b", b"2")
     assert isinstance(snap, FullState) and snap.items == {"a": b"1"}  # that moment's entries
     back = Table(None, pickle.loads(pickle.dumps(snap)))
