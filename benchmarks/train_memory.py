@@ -8,7 +8,7 @@ etc. passed through) as a child process and prints its wall time and peak RSS, t
 float32 matrix of all its rows (transactions x features x 4 bytes), their ratio, and the peak per
 million transactions. The generated world is `fraud generate`'s (seed 11), about 88 transactions
 per card over 90 days. `--stages` then repeats the work in this process and prints the resident
-memory after each stage (labels read, dataset built, model fitted): where the peak comes from.
+memory after each stage (dataset built, model fitted): where the peak comes from.
 """
 
 from __future__ import annotations
@@ -41,12 +41,10 @@ def stages(transactions: Path, labels: Path) -> None:
 
     print("stages (this process):")
     show("imports")
-    pipeline = new_pipeline(Settings())
-    known = training.read_labels(labels)
-    show(f"labels read ({len(known):,})")
-    del known
-    data = training.build_dataset(pipeline, transactions, labels)
-    show(f"dataset built ({len(data.txn_ids):,} rows)")
+    settings = Settings()
+    pipeline = new_pipeline(settings)
+    data = training.build_dataset(pipeline, transactions, labels, label_ttl_days=settings.label_ttl_days)
+    show(f"dataset built ({len(data):,} rows)")
     training.fit(data, list(pipeline.names), training.Split(), search=False)
     show("model fitted")
 

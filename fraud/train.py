@@ -20,7 +20,7 @@ The protocol is what production would have seen (README, "Models", says why):
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -35,6 +35,7 @@ from features.event_files import open_text, replay
 from features.events import AwareTime, DeadLetter, to_epoch_ms
 from models import drift, evaluation
 from models.artifact import ModelArtifact, make_version, save
+from models.matrix import Matrix, RowFile
 from models.serving import Decision, LabelledVector, PendingVectors, Scorer
 from models.xgb import DEFAULT_PARAMS, SEARCH_GRID, XGBScorer, positive_weight, tune_xgb
 from service.runtime import new_scorer
@@ -42,6 +43,7 @@ from service.settings import Settings
 
 DAY_MS = 86_400_000
 NO_LABEL = np.iinfo(np.int64).max  # label time of a transaction that never got one
+CHUNK = 65_536  # ids gathered into one array at a time
 
 
 class _Truth(msgspec.Struct):
@@ -93,16 +95,68 @@ def read_patterns(transactions: Path) -> dict[str, str]:
     return {p.txn_id: p.pattern for p in _records(transactions, _Pattern) if p.pattern}
 
 
+def id_array(ids: Iterable[str]) -> np.ndarray:
+    """Transaction ids as one NumPy bytes array (UTF-8, each with a `.` appended: NumPy drops
+    trailing NUL bytes, the terminator keeps every id exact). A list of 3M Python strings costs
+    ~70 bytes a row; this costs the id's length plus one."""
+    return np.array([i.encode() + b"." for i in ids], dtype=np.bytes_)
+
+
+def label_columns(labels: Path | None, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's verdict (1 fraud, 0 genuine, -1 none) and its arrival time (NO_LABEL: none) for
+    the rows' `ids` (`id_array`): the first verdict of the labels file per txn_id, as
+    `read_labels` has it. The labels are read a chunk at a time and looked up in the sorted ids:
+    nothing of the file is kept (a dictionary of a year's labels costs more than its matrix)."""
+    y = np.full(len(ids), -1, dtype=np.int8)
+    when = np.full(len(ids), NO_LABEL, dtype=np.int64)
+    if labels is None or not len(ids):
+        return y, when
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+
+    def join(chunk: list[str], verdicts: list[bool], times: list[int]) -> None:
+        found, first = np.unique(id_array(chunk), return_index=True)  # a chunk's first verdicts
+        lo = np.searchsorted(ordered, found, side="left")
+        hi = np.searchsorted(ordered, found, side="right")
+        for repeat in range(int((hi - lo).max(initial=0))):  # a txn_id on several rows: each
+            at = np.flatnonzero(hi - lo > repeat)
+            rows = order[lo[at] + repeat]
+            unset = when[rows] == NO_LABEL  # an earlier chunk's verdict counts
+            rows, at = rows[unset], first[at[unset]]
+            y[rows] = np.asarray(verdicts, dtype=np.int8)[at]
+            when[rows] = np.asarray(times, dtype=np.int64)[at]
+
+    chunk: list[str] = []
+    verdicts: list[bool] = []
+    times: list[int] = []
+    for t in _records(labels, _Truth):
+        try:
+            times.append(to_epoch_ms(t.ts))
+        except ValueError:
+            continue
+        verdicts.append(t.is_fraud)
+        chunk.append(t.txn_id)
+        if len(chunk) == CHUNK:
+            join(chunk, verdicts, times)
+            chunk, verdicts, times = [], [], []
+    join(chunk, verdicts, times)
+    return y, when
+
+
 @dataclass
 class Dataset:
-    """Transactions in arrival order with their features, eventual label and its arrival time."""
+    """Transactions in arrival order with their features, eventual label and its arrival time.
 
-    X: np.ndarray
+    `X` is a NumPy matrix or a `RowFile` (rows on disk, what `build_dataset` makes); `cards`
+    holds each row's card as its rank among the card ids (int32: equal for one card, ordered as
+    the ids are); `ids` the rows' txn_ids as `id_array` makes them."""
+
+    X: Matrix
     y: np.ndarray  # 1 fraud, 0 genuine, -1 no label in the file
     label_ts: np.ndarray  # when the label arrived (epoch ms); NO_LABEL when it never did
     ts_ms: np.ndarray
     cards: np.ndarray
-    txn_ids: list[str]
+    ids: np.ndarray
     dead_letters: int = 0
     day0_ms: int = field(init=False)
 
@@ -111,12 +165,21 @@ class Dataset:
 
     @classmethod
     def of(
-        cls, X: np.ndarray, ts: Sequence[int], ids: list[str], cards: Sequence[str],
+        cls, X: Matrix, ts: Sequence[int], ids: list[str], cards: Sequence[str],
         labels: dict[str, tuple[bool, int]], dead_letters: int = 0,
     ) -> Dataset:  # fmt: skip
         y = np.array([int(labels[i][0]) if i in labels else -1 for i in ids], dtype=np.int8)
         label_ts = np.array([labels[i][1] if i in labels else NO_LABEL for i in ids], dtype=np.int64)
-        return cls(X, y, label_ts, np.asarray(ts, dtype=np.int64), np.asarray(cards), ids, dead_letters)
+        ts_ms = np.asarray(ts, dtype=np.int64)
+        ranks = np.unique(np.asarray(cards), return_inverse=True)[1].reshape(-1).astype(np.int32)
+        return cls(X, y, label_ts, ts_ms, ranks, id_array(ids), dead_letters)
+
+    @property
+    def txn_ids(self) -> list[str]:
+        return [i[:-1].decode() for i in self.ids.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.ts_ms)
 
     @property
     def day(self) -> np.ndarray:
@@ -145,30 +208,53 @@ class Dataset:
         return first[codes] < self.day0_ms + self.day * DAY_MS
 
 
-def build_dataset(pipeline: FeaturePipeline, transactions: Path, labels: Path | None) -> Dataset:
-    """Replay the files (labels merged in event time) and collect every transaction's features,
-    straight into one float32 matrix sized by the file's line count (rows never decided, dead
-    letters, leave untouched pages that cost no memory). A Python list per row cost ~8x it."""
-    engine = FeatureEngine(pipeline)
-    with open_text(transactions) as f:
-        capacity = sum(1 for line in f if line.strip())
-    X = np.empty((capacity, len(pipeline.names)), dtype=np.float32)
-    filled = 0
+def build_dataset(
+    pipeline: FeaturePipeline,
+    transactions: Path,
+    labels: Path | None,
+    *,
+    label_ttl_days: float | None = None,
+    directory: Path | None = None,
+) -> Dataset:
+    """Replay the files (labels merged in event time) and collect every transaction's features
+    into a `RowFile` (a temporary file in `directory`, the system's temporary directory by
+    default), its time, id and card as arrays, and its label joined from the labels file. With
+    `label_ttl_days` the engine forgets a transaction once its label can no longer arrive, as the
+    flow does (a label later than that joins no feature, in training as in serving); without it
+    the engine keeps every transaction. What stays in memory is the engine's windows, the
+    transactions waiting for their labels and ~21 bytes a row plus the ids."""
+    ttl = None if label_ttl_days is None else round(label_ttl_days * DAY_MS)
+    engine = FeatureEngine(pipeline, index_ttl_ms=ttl)
+    X = RowFile(len(pipeline.names), directory)
     ts = array("q")
-    ids: list[str] = []
-    cards: list[str] = []
+    card_of: dict[str, int] = {}
+    card_codes = array("i")
+    id_parts: list[np.ndarray] = []
+    chunk: list[str] = []
     dead = 0
     for out in engine.run(replay(transactions, labels)):
         if isinstance(out, FeatureVector):
-            X[filled] = out.values
-            filled += 1
+            X.append(out.values)
             ts.append(out.txn.ts_ms)
-            ids.append(out.txn.txn_id)
-            cards.append(out.txn.card_id)
+            chunk.append(out.txn.txn_id)
+            if len(chunk) == CHUNK:
+                id_parts.append(id_array(chunk))
+                chunk.clear()
+            code = card_of.get(out.txn.card_id)
+            if code is None:
+                code = card_of[out.txn.card_id] = len(card_of)
+            card_codes.append(code)
         elif isinstance(out, DeadLetter):
             dead += 1
-    X = X[:filled]
-    return Dataset.of(X, ts, ids, cards, read_labels(labels), dead)
+    del engine
+    id_parts.append(id_array(chunk))
+    ids = np.concatenate(id_parts)
+    # Cards as their rank among the card ids: the same equalities and order as the ids themselves.
+    rank = np.empty(len(card_of), dtype=np.int32)
+    rank[np.argsort(np.array(list(card_of)))] = np.arange(len(card_of), dtype=np.int32)
+    cards = rank[np.frombuffer(card_codes, dtype=np.int32)] if card_codes else np.empty(0, np.int32)
+    y, label_ts = label_columns(labels, ids)
+    return Dataset(X, y, label_ts, np.frombuffer(ts, dtype=np.int64), cards, ids, dead)
 
 
 @dataclass(frozen=True)
@@ -286,6 +372,17 @@ def label_delays(data: Dataset, split: Split) -> dict[str, float]:
 
 
 MIN_REFERENCE_ROWS = 1000  # fewer settled training rows than this: the reference uses them all
+MAX_REFERENCE_ROWS = 100_000  # more: an even sample of them (bin shares within ~0.1 % of all)
+
+
+def reference_rows(rows: np.ndarray) -> np.ndarray:
+    """The rows (of mask `rows`) the drift reference is computed on: all of them up to
+    `MAX_REFERENCE_ROWS`, else that many spread evenly over them (every day of the period keeps
+    its share)."""
+    idx = np.flatnonzero(rows)
+    if idx.size <= MAX_REFERENCE_ROWS:
+        return idx
+    return idx[np.linspace(0, idx.size - 1, MAX_REFERENCE_ROWS).round().astype(np.int64)]
 
 
 @dataclass
@@ -324,12 +421,14 @@ def fit(
         data.X, data.y, names, eval_set, grid=grid, device=device, seed=seed, rows=tr
     )  # the training rows are read in chunks, never copied whole
     scorer = XGBScorer(booster, names, device=device, nthread=0, positive_weight=positive_weight(params))
-    valid_scores = scorer.score(data.X[va])
+    valid_scores = scorer.score(eval_set[0])
     # Drift is measured against training rows whose look-back windows were full: the first
     # `lookback_days` of a file see a shorter history than any later day would.
     settled = tr & data.period(split.train[0] + lookback_days, split.train[1])
-    ref_rows = settled if settled.sum() >= MIN_REFERENCE_ROWS else tr
-    reference = drift.reference_of(data.X[ref_rows], names, scorer.score(data.X[ref_rows])).to_json()
+    ref_rows = reference_rows(settled if settled.sum() >= MIN_REFERENCE_ROWS else tr)
+    ref_X = data.X[ref_rows]
+    reference = drift.reference_of(ref_X, names, scorer.score(ref_X)).to_json()
+    del ref_X
     threshold = evaluation.best_f1_threshold(data.y[va], valid_scores)
     report = {
         "periods_days": {"train": split.train, "validation": split.valid, "test": split.test},
@@ -355,7 +454,7 @@ def train(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Build the dataset, fit (see `fit`), save the artifact; return the report."""
-    data = build_dataset(pipeline, transactions, labels)
+    data = build_dataset(pipeline, transactions, labels, label_ttl_days=settings.label_ttl_days)
     return train_on(
         settings,
         pipeline,

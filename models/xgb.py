@@ -8,6 +8,8 @@ Python/C++ crossing overhead rather than in the trees.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 import xgboost as xgb
 
 from models.evaluation import average_precision
+from models.matrix import Matrix
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary:logistic",
@@ -47,11 +50,14 @@ CHUNK_ROWS = 65_536  # rows handed to XGBoost at a time when it builds a trainin
 class _Rows(xgb.DataIter):
     """Rows `rows` of `X` with their labels, `CHUNK_ROWS` at a time: XGBoost builds its quantised
     training matrix from the chunks, so the selection is never copied whole (a year of rows would
-    be copied once more, then again as XGBoost's own float matrix)."""
+    be copied once more, then again as XGBoost's own float matrix). With `cache_prefix` XGBoost
+    keeps that matrix on disk there, in pages it reads back at each round."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, rows: np.ndarray, names: list[str]) -> None:
+    def __init__(
+        self, X: Matrix, y: np.ndarray, rows: np.ndarray, names: list[str], cache_prefix: str | None = None
+    ) -> None:
         self.X, self.y, self.rows, self.names, self.at = X, y, rows, names, 0
-        super().__init__(release_data=True)
+        super().__init__(cache_prefix=cache_prefix, release_data=True)
 
     def next(self, input_data: Any) -> bool:
         if self.at >= len(self.rows):
@@ -78,7 +84,7 @@ def _matrix(X: np.ndarray, n_features: int) -> np.ndarray:
 
 
 def train_xgb(
-    X: np.ndarray,
+    X: Matrix,
     y: np.ndarray,
     feature_names: list[str],
     *,
@@ -92,8 +98,11 @@ def train_xgb(
     """Train a binary fraud classifier; `params` override `DEFAULT_PARAMS` key by key.
 
     `rows` (indices or a boolean mask) selects the training rows of `X` and `y` without copying
-    them: XGBoost reads them in chunks into its quantised matrix (`QuantileDMatrix`, what
-    `tree_method="hist"` trains on), about one byte per value instead of the floats.
+    them: XGBoost reads them in chunks into its quantised matrix (what `tree_method="hist"`
+    trains on). On the CPU that matrix is kept on disk (`ExtMemQuantileDMatrix`, in a temporary
+    directory removed when training ends) and read back page by page at each round: the same
+    model as the in-memory `QuantileDMatrix`, whose index costs ~5 bytes a value (as much as the
+    floats) once some values are missing. On a GPU it is built in memory.
 
     With `eval_set`, training stops once eval aucpr has not improved for `EARLY_STOPPING_ROUNDS`
     rounds and the returned booster is sliced to the best iteration, so that saving and
@@ -113,35 +122,43 @@ def train_xgb(
         selected = np.arange(len(X))
     else:
         selected = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows)
-    dtrain = xgb.QuantileDMatrix(
-        _Rows(X, labels, selected, names),
-        missing=np.nan,
-        nthread=nthread,
-        max_bin=int(merged["max_bin"]),
-    )
     num_round = int(merged.pop("num_boost_round", NUM_BOOST_ROUND))
-    evals: list[tuple[xgb.DMatrix, str]] = []
-    if eval_set is not None:
-        X_eval, y_eval = eval_set
-        deval = xgb.QuantileDMatrix(
-            _matrix(X_eval, len(names)),
-            label=np.asarray(y_eval, dtype=np.float32),
-            feature_names=names,
-            missing=np.nan,
-            nthread=nthread,
-            ref=dtrain,
+    with tempfile.TemporaryDirectory(prefix="fraud-xgb-") as cache:
+        if device == "cpu":  # the quantised matrix on disk: the same model, a fraction of the memory
+            rows_in = _Rows(X, labels, selected, names, cache_prefix=os.path.join(cache, "train"))
+            dtrain: xgb.DMatrix = xgb.ExtMemQuantileDMatrix(
+                rows_in, missing=np.nan, nthread=nthread, max_bin=int(merged["max_bin"])
+            )
+        else:
+            dtrain = xgb.QuantileDMatrix(
+                _Rows(X, labels, selected, names),
+                missing=np.nan,
+                nthread=nthread,
+                max_bin=int(merged["max_bin"]),
+            )
+        evals: list[tuple[xgb.DMatrix, str]] = []
+        if eval_set is not None:
+            X_eval, y_eval = eval_set
+            deval = xgb.QuantileDMatrix(
+                _matrix(X_eval, len(names)),
+                label=np.asarray(y_eval, dtype=np.float32),
+                feature_names=names,
+                missing=np.nan,
+                nthread=nthread,
+                ref=dtrain,
+            )
+            evals.append((deval, "eval"))
+        booster = xgb.train(
+            merged,
+            dtrain,
+            num_boost_round=num_round,
+            evals=evals,
+            early_stopping_rounds=EARLY_STOPPING_ROUNDS if evals else None,
+            verbose_eval=False,
         )
-        evals.append((deval, "eval"))
-    booster = xgb.train(
-        merged,
-        dtrain,
-        num_boost_round=num_round,
-        evals=evals,
-        early_stopping_rounds=EARLY_STOPPING_ROUNDS if evals else None,
-        verbose_eval=False,
-    )
-    if evals:
-        booster = booster[: booster.best_iteration + 1]
+        if evals:
+            booster = booster[: booster.best_iteration + 1]
+        del dtrain, evals  # before their cache files go
     return booster
 
 
@@ -276,7 +293,7 @@ validation period's aucpr; the one with the best validation average precision wi
 
 
 def tune_xgb(
-    X: np.ndarray,
+    X: Matrix,
     y: np.ndarray,
     feature_names: list[str],
     eval_set: tuple[np.ndarray, np.ndarray],
