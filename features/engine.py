@@ -181,9 +181,10 @@ class FeatureEngine:
     """Batch mode: replay events in arrival order through the same steps the flow runs."""
 
     def __init__(self, pipeline: FeaturePipeline, index_ttl_ms: int | None = None) -> None:
-        """`index_ttl_ms`: how long (event time) a transaction waits for its label; None keeps
-        every transaction (training on a file), 0 keeps none (features only: no labels, no
-        duplicate detection)."""
+        """`index_ttl_ms`: how long (event time, behind the newest transaction) a transaction
+        waits for its label; a label or a repeat of its id after that finds nothing, whenever
+        the periodic sweep drops the entry. None keeps every transaction, 0 keeps none
+        (features only: no labels, no duplicate detection)."""
         self.pipeline = pipeline
         self.index_ttl_ms = index_ttl_ms
         self.index: dict[str, TxnEntry] = {}
@@ -202,13 +203,13 @@ class FeatureEngine:
         if isinstance(event, DeadLetter):
             return event
         if isinstance(event, Label):
-            joined = join_label(event.txn_id, self.index.get(event.txn_id), event)
+            joined = join_label(event.txn_id, self._remembered(event.txn_id), event)
             if isinstance(joined, LabelEvent):
                 for plan, key in zip(p.plans, joined.keys, strict=True):
                     if key is not None:
                         p.observe_label(plan, self._state(plan, key), joined)
             return joined
-        if event.txn_id in self.index:
+        if self._remembered(event.txn_id) is not None:
             return duplicate_txn(event)
         t = event.ts_ms
         if t > self.watermark:
@@ -235,6 +236,13 @@ class FeatureEngine:
         if self.index_ttl_ms != 0:
             self.index[event.txn_id] = TxnEntry(t, tuple(keys))
         return FeatureVector(event, values, late)
+
+    def _remembered(self, txn_id: str) -> TxnEntry | None:
+        """`txn_id`'s entry unless its time is up: whether the sweep has dropped it yet or not."""
+        entry = self.index.get(txn_id)
+        if entry is not None and self.index_ttl_ms and entry.ts_ms < self.watermark - self.index_ttl_ms:
+            return None
+        return entry
 
     def _expire(self) -> None:
         """Every `EXPIRY_EVERY` transactions, drop keys whose newest event left every window."""

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features import aggregations, buffer
+from features import engine as engine_module
 from features.aggregations import haversine_km
 from features.buffer import EntityState, stable_hash
 from features.catalog import FEATURES, LABEL_DELAY
@@ -452,6 +453,27 @@ def test_labels_and_duplicates_become_dead_letters() -> None:
     assert isinstance(engine.process(Label("a", False, T0)), LabelEvent)
     again = engine.process(Label("a", True, T0))
     assert isinstance(again, DeadLetter) and again.reason == "duplicate_label"
+
+
+@pytest.mark.parametrize("sweep_every", [1, 10**9])
+def test_a_transaction_is_forgotten_exactly_at_its_ttl_whenever_the_sweep_runs(
+    sweep_every: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `index_ttl_ms`, a label (or a repeated id) more than the TTL behind the newest
+    transaction finds nothing, at the TTL it still joins: the same whether the sweep has run."""
+    monkeypatch.setattr(engine_module, "EXPIRY_EVERY", sweep_every)
+    ttl = 10 * 86_400_000
+    engine = FeatureEngine(FeaturePipeline(FEATURES, LATENESS_MS), index_ttl_ms=ttl)
+    engine.process(Transaction("a", T0, "c1", "m1", 10.0))
+    engine.process(Transaction("b", T0 + 1, "c1", "m1", 10.0))
+    engine.process(Transaction("c", T0 + ttl, "c2", "m1", 10.0))  # a is exactly the TTL behind
+    assert isinstance(engine.process(Label("a", True, T0 + ttl)), LabelEvent)
+    engine.process(Transaction("d", T0 + ttl + 2, "c2", "m1", 10.0))  # now b is past it
+    late = engine.process(Label("b", True, T0 + ttl + 2))
+    assert isinstance(late, DeadLetter) and late.reason == "unknown_txn"
+    again = engine.process(Transaction("b", T0 + ttl + 3, "c3", "m1", 10.0))
+    assert isinstance(again, FeatureVector)  # a new transaction, not a duplicate
+    assert isinstance(engine.process(Label("b", False, T0 + ttl + 4)), LabelEvent)
 
 
 def test_a_growing_key_leaves_the_small_object_allocator_at_16_events() -> None:
