@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit setup tls-redis chromium tmux prometheus sample model clean
+.PHONY: run test lint typecheck unit setup tls-redis chromium tmux prometheus sample model mutation clean
 
 $(STAMP): pyproject.toml constraints.txt setup.py features/_kernel.c
 	$(PYTHON) -m venv $(VENV)
@@ -71,5 +71,12 @@ sample: setup
 model: setup
 	$(BIN)/fraud train
 
+## Mutation testing (slow, on demand): mutmut over [tool.mutmut] in pyproject.toml, then the score per
+## module (benchmarks/mutation.py). `make mutation ONLY='models.combine*'` runs some mutants only.
+mutation: setup
+	$(BIN)/pip install --quiet "mutmut==3.8.1"
+	$(BIN)/mutmut run --max-children $$(nproc) $(ONLY)
+	$(BIN)/python -m benchmarks.mutation
+
 clean:
-	rm -rf $(VENV) .fraud .pytest_cache .mypy_cache .ruff_cache dataflow.json
+	rm -rf $(VENV) .fraud .pytest_cache .mypy_cache .ruff_cache dataflow.json mutants

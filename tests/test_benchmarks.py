@@ -6,6 +6,7 @@ Tiny sizes: this checks that they run and print their figure, never what the fig
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -155,3 +156,17 @@ def test_year_benchmark_runs_every_stage_and_logs_every_decision() -> None:
         assert re.search(rf"^{stage} +\d+s +[\d,]+ MB  ", out.stdout, re.M), out.stdout
     logged = re.search(r"^replay .* ([\d,]+) decisions logged for ([\d,]+) transactions", out.stdout, re.M)
     assert logged and logged.group(1) == logged.group(2), out.stdout
+
+
+def test_the_mutation_report_scores_each_module_without_its_equivalent_mutants(tmp_path: Path) -> None:
+    from benchmarks.mutation import report
+
+    (tmp_path / "models").mkdir()
+    codes = {"m.x_f__mutmut_1": 1, "m.x_f__mutmut_2": 0, "m.x_f__mutmut_3": -24, "m.x_f__mutmut_4": 0,
+             "m.x_f__mutmut_5": None, "m.x_f__mutmut_6": 33}  # fmt: skip
+    (tmp_path / "models" / "m.py.meta").write_text(json.dumps({"exit_code_by_key": codes}))
+    lines = report(tmp_path, {"m.x_f__mutmut_4": "chunk size"})
+    row = lines[1].split()
+    assert row[0] == "models/m.py" and row[1:7] == ["6", "1", "1", "2", "1", "1"]
+    assert row[7] == "50.0%"  # (1 killed + 1 timeout) / (6 - 1 equivalent - 1 not run)
+    assert lines[-2:] == ["  m.x_f__mutmut_2  (survived)", "  m.x_f__mutmut_6  (no tests)"]

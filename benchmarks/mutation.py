@@ -1,0 +1,90 @@
+"""Mutation score per module, from the last `make mutation` run (mutmut's results in `mutants/`).
+
+    make mutation                       (runs mutmut over [tool.mutmut] source_paths, then this)
+    python -m benchmarks.mutation       (the table again, from what mutmut saved)
+
+mutmut changes one thing at a time in the modules `pyproject.toml` lists (an operator, a constant,
+an argument dropped) and runs the tests that execute the changed function against each mutant:
+a mutant is *killed* when a test fails, *survives* when every test passes. The score of a module
+is killed / (mutants - equivalent), where equivalent mutants (a change no behaviour can show, such
+as a different chunk size) are listed with their reason in `tests/mutation_equivalent.txt`.
+Timeouts count as killed (the mutant made a test hang), mutants no test executes as survivors,
+and mutants not run (yet) are counted apart and left out of the score. Prints one line per module, then each survivor by name (`mutmut show NAME` prints its
+diff), and writes the same to `mutants/report.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.common import ROOT, parser
+
+KILLED = {
+    1: "killed",
+    3: "killed",
+    -24: "timeout",
+    24: "timeout",
+    36: "timeout",
+    152: "timeout",
+    255: "timeout",
+}
+SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+
+
+def equivalent(path: Path = ROOT / "tests" / "mutation_equivalent.txt") -> dict[str, str]:
+    """Mutant name -> why it is equivalent (lines `name  # reason`)."""
+    out: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, why = line.partition("#")
+            if name.strip():
+                out[name.strip()] = why.strip()
+    return out
+
+
+def report(mutants: Path, same: dict[str, str]) -> list[str]:
+    """The table and the survivors' names, for mutmut's results in `mutants`."""
+    lines = [
+        f"{'module':<28} {'mutants':>8} {'killed':>7} {'timeout':>8} {'survived':>9} {'equiv.':>7} "
+        f"{'unrun':>6}  score"
+    ]
+    survivors: list[str] = []
+    for meta in sorted(mutants.rglob("*.py.meta")):
+        module = str(meta.relative_to(mutants))[: -len(".meta")]
+        codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+        kinds: Counter[str] = Counter()
+        for name, code in codes.items():
+            if name in same:
+                kinds["equivalent"] += 1
+            elif code in KILLED:
+                kinds[KILLED[code]] += 1
+            elif code in SURVIVED:
+                kinds["survived"] += 1
+                survivors.append(f"{name}  ({SURVIVED[code]})")
+            else:
+                kinds["unrun"] += 1  # not checked (yet), skipped, suspicious, segfault
+        judged = len(codes) - kinds["equivalent"] - kinds["unrun"]
+        score = (kinds["killed"] + kinds["timeout"]) / judged if judged else float("nan")
+        lines.append(
+            f"{module:<28} {len(codes):>8} {kinds['killed']:>7} {kinds['timeout']:>8} {kinds['survived']:>9} "
+            f"{kinds['equivalent']:>7} {kinds['unrun']:>6}  {score:6.1%}"
+        )
+    lines += ["", f"survivors ({len(survivors)}):", *(f"  {s}" for s in survivors)]
+    return lines
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--mutants", type=Path, default=ROOT / "mutants")
+    args = ap.parse_args()
+    if not args.mutants.is_dir():
+        raise SystemExit(f"no mutmut results in {args.mutants}: run `make mutation` first")
+    text = "\n".join(report(args.mutants, equivalent()))
+    print(text)
+    (args.mutants / "report.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
