@@ -355,9 +355,9 @@ def throughput_by_tenth(marks: list[tuple[float, int]]) -> list[float]:
 class ProgressSink(DynamicSink[object]):
     """Prints processed / rate / alerts / dead letters every `interval_s`, and a summary at the end."""
 
-    def __init__(self, interval_s: float, out: TextIO = sys.stdout) -> None:
-        self.interval_s, self.out = interval_s, out
+    def __init__(self, interval_s: float, out: TextIO | None = None) -> None:
+        self.interval_s, self.out = interval_s, out  # None: sys.stdout as it is when the flow runs
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProgressPartition:
         label = f" w{worker_index}" if worker_count > 1 else ""
-        return _ProgressPartition(self.interval_s, self.out, label)
+        return _ProgressPartition(self.interval_s, self.out or sys.stdout, label)
