@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -50,3 +51,14 @@ def test_the_summary_covers_every_transaction() -> None:
     assert "every one of 1,200,000 transactions" in line  # not the first million only
     p99 = float(line.split("p99 ")[1].split(" ms")[0])
     assert abs(p99 - 1_188_000) <= 0.01 * 1_188_000, line  # the slow tail (seconds 1,000+) is in it
+
+
+def test_the_progress_sink_prints_to_stdout_as_it_is_when_the_flow_runs() -> None:
+    """Not the stdout of import time: a harness that redirects (and later closes) stdout gets
+    the lines it is collecting."""
+    sink = ProgressSink(60.0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        partition = sink.build("progress", 0, 1)
+        partition.close()
+    assert "[done]" in out.getvalue()
