@@ -339,8 +339,21 @@ def test_combine_vectorised() -> None:
     assert isinstance(out, np.ndarray) and out.shape == (4,)
     np.testing.assert_allclose(out, 1 - (1 - x.astype(np.float64)) * 0.75)
     assert isinstance(combine(0.2, 0.5, 0.5), float)
-    with pytest.raises(ValueError):
-        combine(0.2, 0.5, 1.5)
+    for weight in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"weight must be in \[0, 1\], got {weight}"):
+            combine(0.2, 0.5, weight)
+
+
+def test_combine_computes_in_float64_whatever_the_scores_dtype() -> None:
+    """XGBoost and River hand over float32 arrays; the final score is the float64 formula exactly
+    (a float32 step moves scores by ~1e-8: enough to flip an alert at the threshold)."""
+    rng = np.random.default_rng(1)
+    x, o = rng.random(1000).astype(np.float32), rng.random(1000).astype(np.float32)
+    want = combine(x.astype(np.float64), o.astype(np.float64), 0.6)
+    for xs, os_ in ((x, o), (x, o.astype(np.float64)), (x.astype(np.float64), o)):
+        got = combine(xs, os_, 0.6)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
 
 
 def test_xgb_scores_undo_the_positive_weight_of_training() -> None:
