@@ -112,15 +112,6 @@ class OnlineModel:
         xs = x if seen.keys() >= x.keys() else {k: v for k, v in x.items() if k in seen}
         return float(self._classifier.predict_proba_one(self._scaler.transform_one(xs))[True])
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a snapshot; one taken before the River pipeline was named `river_model` holds it
-        as `pipeline`."""
-        if "pipeline" in state:
-            state["river_model"] = state.pop("pipeline")
-        if "_classifier" not in state:
-            state["_classifier"] = list(state["river_model"].steps.values())[-1]
-        self.__dict__.update(state)
-
     def __repr__(self) -> str:
         return (
             f"OnlineModel(lr={self.lr}, l2={self.l2}, pos_weight={self.pos_weight}, "

@@ -280,21 +280,6 @@ def test_online_drops_nan_and_keeps_learning_identically_after_pickle() -> None:
     assert (clone.n_learned, clone.n_positive) == (3, 2)
 
 
-def test_online_restores_a_snapshot_taken_before_the_river_model_was_renamed() -> None:
-    """Recovery stores written before `OnlineModel.pipeline` became `river_model` still resume."""
-    model = OnlineModel(warmup=1)
-    model.learn_one({"a": 1.0}, True)
-    model.learn_one({"a": -1.0}, False)
-    state = model.__dict__.copy()
-    state["pipeline"] = state.pop("river_model")
-    old = OnlineModel.__new__(OnlineModel)
-    old.__setstate__(state)
-    assert not hasattr(old, "pipeline")
-    assert old.predict_proba_one({"a": 0.5}) == model.predict_proba_one({"a": 0.5})
-    old.learn_one({"a": 0.5}, True)
-    assert old.n_learned == 3
-
-
 def test_online_predict_with_unseen_feature_leaves_state_unchanged(
     online_trained: OnlineModel,
 ) -> None:
