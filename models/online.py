@@ -62,8 +62,8 @@ class OnlineModel:
         *,
         lr: float = 0.01,
         l2: float = 0.0,
-        pos_weight: float = 10.0,
-        warmup: int = 500,
+        pos_weight: float = 1.0,
+        warmup: int = 5000,
     ) -> None:
         if lr <= 0 or l2 < 0 or pos_weight <= 0 or warmup < 0:
             raise ValueError("need lr > 0, l2 >= 0, pos_weight > 0 and warmup >= 0")

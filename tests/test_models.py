@@ -366,3 +366,52 @@ def test_xgb_scores_undo_the_positive_weight_of_training() -> None:
     assert np.array_equal(old.score(X[6000:]), raw)
     with pytest.raises(ValueError):
         XGBScorer(weighted, ["a", "b", "c"], positive_weight=0.0)
+
+
+def test_online_model_defaults_are_the_settings_defaults() -> None:
+    """`OnlineModel()` (tests, notebooks) is the model the flow builds from default settings."""
+    from service.runtime import new_online_model
+    from service.settings import Settings
+
+    assert repr(OnlineModel()) == repr(new_online_model(Settings()))
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0.0}, {"l2": -0.1}, {"pos_weight": 0.0}, {"warmup": -1}])
+def test_online_model_refuses_each_invalid_parameter_alone(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="need lr > 0"):
+        OnlineModel(**bad)  # type: ignore[arg-type]
+
+
+def test_online_model_is_river_s_weighted_pipeline_and_returns_its_prequential_score() -> None:
+    """Exactly StandardScaler | LogisticRegression(SGD) learning positives with `pos_weight`
+    and negatives with 1; `learn_one` returns the probability given just before learning (0.0
+    during warm-up)."""
+    from river import linear_model, optim, preprocessing
+
+    rng = np.random.default_rng(5)
+    model = OnlineModel(lr=0.05, l2=0.001, pos_weight=4.0, warmup=20)
+    river = preprocessing.StandardScaler() | linear_model.LogisticRegression(
+        optimizer=optim.SGD(0.05), l2=0.001
+    )
+    befores = []
+    for i in range(300):
+        x = {"a": float(rng.normal()), "b": float(rng.normal())}
+        y = bool(x["a"] > 1.0 or i == 3)
+        befores.append(model.learn_one(x, y))
+        if i >= 20:  # ready: the score before learning, with x already counted by the scaler
+            scaler, classifier = river.steps.values()
+            scaler.learn_one(x)
+            assert befores[-1] == pytest.approx(
+                classifier.predict_proba_one(scaler.transform_one(x))[True], abs=1e-12
+            )
+            classifier.learn_one(scaler.transform_one(x), y, w=4.0 if y else 1.0)
+        else:
+            assert befores[-1] == 0.0
+            river.learn_one(x, y, w=4.0 if y else 1.0)
+        probe = {"a": 0.3, "b": -0.2}
+        assert model.ready is (i >= 19)
+        if model.ready:
+            assert model.predict_proba_one(probe) == pytest.approx(
+                river.predict_proba_one(probe)[True], abs=1e-12
+            )
+    assert max(befores[21:]) > 0.5 > min(befores[21:]) > 0.0
