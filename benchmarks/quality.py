@@ -26,7 +26,8 @@ from features.catalog import CARD, CATALOGS, FEATURES, MERCHANT, default_feature
 from features.engine import FeaturePipeline
 from features.spec import FeatureSet, WindowFeature
 from fraud.datagen import write_files
-from fraud.train import Dataset, build_dataset, evaluate, fit
+from fraud.dataset import Dataset, build_dataset
+from fraud.train import evaluate, fit
 from fraud.worlds import SPLIT, WORLDS, World
 from models.artifact import ModelArtifact
 from service.settings import Settings

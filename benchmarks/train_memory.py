@@ -33,6 +33,7 @@ def _memory() -> tuple[float, float]:
 
 def stages(transactions: Path, labels: Path) -> None:
     """Resident memory after each stage of `fraud train --no-search`, in this process."""
+    from fraud import dataset
     from fraud import train as training
 
     def show(stage: str) -> None:
@@ -43,7 +44,7 @@ def stages(transactions: Path, labels: Path) -> None:
     show("imports")
     settings = Settings()
     pipeline = new_pipeline(settings)
-    data = training.build_dataset(pipeline, transactions, labels, label_ttl_days=settings.label_ttl_days)
+    data = dataset.build_dataset(pipeline, transactions, labels, label_ttl_days=settings.label_ttl_days)
     show(f"dataset built ({len(data):,} rows)")
     training.fit(data, list(pipeline.names), training.Split(), search=False)
     show("model fitted")

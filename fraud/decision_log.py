@@ -2,7 +2,7 @@
 
 With the decision log on, the flow writes every scored transaction to `FRAUD_DECISION_STREAM`
 (`flows.outputs.decision_entry`): its id, card, event time and the feature vector it was scored
-with, by name. That is the training matrix `fraud.train.build_dataset` would rebuild by replaying
+with, by name. That is the training matrix `fraud.dataset.build_dataset` would rebuild by replaying
 the files, without the files and without replaying weeks of history through the feature engine:
 `fraud train --from-decisions` fits on it.
 
@@ -13,7 +13,7 @@ the files, without the files and without replaying weeks of history through the 
   decision logged by a model of another feature schema is refused, not silently misread.
 - A transaction logged twice (the sink is idempotent, so it should not be) keeps its first entry.
 - Labels (with their arrival time, which `Dataset.training_rows` needs) come from a labels file
-  (`fraud.train.read_labels`), or else from the label records of the input shard streams
+  (`fraud.dataset.read_labels`), or else from the label records of the input shard streams
   (`FRAUD_INPUT_STREAM:{i}`), whose event time is their arrival time, as in a labels file.
 - Rows are in event-time order, ties by txn_id: `build_dataset`'s order on a time-ordered file
   whose ids sort in time within a millisecond (generated files); the flow's own output order
@@ -40,8 +40,9 @@ from features.engine import FeaturePipeline
 from features.events import Label, decode_label
 from flows.redis_source import ENTRY_KIND, ENTRY_PAYLOAD, shard_stream
 from fraud.consumer import scan_stream
+from fraud.dataset import Dataset, read_labels
 from fraud.display import show
-from fraud.train import Calendar, Dataset, Split, read_labels, train_on
+from fraud.train import Calendar, Split, train_on
 from models import evaluation
 from service.settings import Settings
 

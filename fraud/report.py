@@ -9,7 +9,7 @@ Two sources, one report:
   pages, with its labels from a file or else from the input shard streams (as
   `fraud evaluate --from-decisions` reads them), and the alerts stream's latencies.
 
-Every quality number is judged by `fraud evaluate`'s rules (`fraud.train.Dataset`): labelled
+Every quality number is judged by `fraud evaluate`'s rules (`fraud.dataset.Dataset`): labelled
 transactions only, without those of cards whose fraud label had already arrived before that day
 (they are blocked already). Days are counted from the first transaction's UTC day, as the
 training protocol counts them.
@@ -410,7 +410,7 @@ def _figure(title: str, **layout: Any) -> Any:
 
 @dataclass
 class Judged:
-    """A source's transactions judged by `fraud evaluate`'s rules (`fraud.train.Dataset`)."""
+    """A source's transactions judged by `fraud evaluate`'s rules (`fraud.dataset.Dataset`)."""
 
     scored: Scored
     y: np.ndarray  # int8: 1 fraud, 0 genuine or no label
@@ -425,7 +425,7 @@ class Judged:
     def of(
         cls, scored: Scored, labels: Mapping[str, tuple[bool, int]], patterns: Mapping[str, str]
     ) -> Judged:
-        from fraud.train import Dataset
+        from fraud.dataset import Dataset
 
         ids = scored.txn_ids
         data = Dataset.of(np.empty((len(ids), 0)), scored.ts_ms.tolist(), ids, scored.cards, dict(labels))
@@ -903,8 +903,8 @@ def report_command(
     """Write one self-contained HTML report: ROC and precision-recall curves per model, score
     distributions, alerts and precision per day, Card Precision@k per day, recall per fraud
     pattern, the adaptation curve, latencies and the top alert reasons."""
+    from fraud.dataset import read_labels, read_patterns
     from fraud.display import print_json
-    from fraud.train import read_labels, read_patterns
     from service.settings import get_settings
 
     s = get_settings()

@@ -75,7 +75,7 @@ def alert_precision(labels: Path | None = None) -> None:
     without a readable txn_id counts as an alert that no label matches.
     """
     from fraud.consumer import scan_stream
-    from fraud.train import read_truth
+    from fraud.dataset import read_truth
     from service.redis_client import connect
     from service.redis_server import redis_url
 

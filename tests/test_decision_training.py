@@ -20,6 +20,7 @@ from features.engine import FeaturePipeline
 from flows.fraud import build
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
+from fraud.dataset import Dataset, build_dataset, read_labels
 from fraud.decision_log import (
     DecisionLogError,
     dataset_of,
@@ -29,7 +30,7 @@ from fraud.decision_log import (
     stream_labels,
 )
 from fraud.producer import replay_files
-from fraud.train import Dataset, Split, build_dataset, read_labels, train
+from fraud.train import Split, train
 from models.artifact import load
 from models.registry import Registry
 from service.redis_client import connect

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fraud.cli import app
-from fraud.train import DAY_MS, NO_LABEL, Calendar, Dataset, Split, fit, parse_when
+from fraud.dataset import DAY_MS, NO_LABEL, Dataset
+from fraud.train import Calendar, Split, fit, parse_when
 from models.drift import Reference
 from models.xgb import SEARCH_GRID, tune_xgb
 from service.settings import get_settings

@@ -14,20 +14,13 @@ import pytest
 import xgboost as xgb
 from typer.testing import CliRunner
 
-import fraud.train
+import fraud.dataset
 import models.matrix
 from features.engine import FeatureEngine, FeatureVector
 from features.event_files import replay
 from fraud.cli import app
-from fraud.train import (
-    MAX_REFERENCE_ROWS,
-    Dataset,
-    build_dataset,
-    id_array,
-    label_columns,
-    read_labels,
-    reference_rows,
-)
+from fraud.dataset import Dataset, build_dataset, id_array, label_columns, read_labels
+from fraud.train import MAX_REFERENCE_ROWS, reference_rows
 from models.matrix import RowFile
 from models.xgb import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, train_xgb
 from service.runtime import new_pipeline
@@ -66,14 +59,14 @@ def test_a_row_file_reads_back_what_was_appended(monkeypatch: pytest.MonkeyPatch
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 
 
-@pytest.mark.parametrize("chunk", [2, fraud.train.CHUNK])
+@pytest.mark.parametrize("chunk", [2, fraud.dataset.CHUNK])
 def test_labels_join_as_the_dictionary_of_the_labels_file_does(
     chunk: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first valid verdict of a txn_id counts, with its arrival time (also when the file is
     read in chunks of two); ids are matched exactly (non-ASCII, a trailing NUL, prefixes of each
     other); a txn_id on two rows labels both; rows without a label get none."""
-    monkeypatch.setattr(fraud.train, "CHUNK", chunk)
+    monkeypatch.setattr(fraud.dataset, "CHUNK", chunk)
     lines = [
         {"txn_id": "a", "is_fraud": True, "ts": T0 + 1000},
         {"txn_id": "a", "is_fraud": False, "ts": T0 + 500},  # a second verdict: the first counts
