@@ -75,7 +75,6 @@ class OnlineModel:
         self.n_positive = 0
         self._scaler = preprocessing.StandardScaler()
         self._classifier = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
-        self.river_model = self._scaler | self._classifier
 
     @property
     def ready(self) -> bool:
@@ -87,8 +86,8 @@ class OnlineModel:
         probability the model gave it just before (0.0 while not `ready`): its prequential score.
         The scaler has counted `x` by then, the classifier has not learned it."""
         label = bool(y)
-        # What `self.river_model.learn_one(x, label, w=...)` does, without the pipeline's routing
-        # on every call: the scaler learns `x` (unweighted), then the classifier the scaled `x`.
+        # What River's `scaler | classifier` pipeline's `learn_one(x, label, w=...)` does, without
+        # its routing on every call: the scaler learns `x` (unweighted), then the classifier the scaled `x`.
         x = _clean(x)
         self._scaler.learn_one(x)
         xs = self._scaler.transform_one(x)

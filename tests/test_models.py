@@ -378,8 +378,17 @@ def test_online_model_defaults_are_the_settings_defaults() -> None:
 
 @pytest.mark.parametrize("bad", [{"lr": 0.0}, {"l2": -0.1}, {"pos_weight": 0.0}, {"warmup": -1}])
 def test_online_model_refuses_each_invalid_parameter_alone(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="need lr > 0"):
+    with pytest.raises(ValueError, match=r"^need lr > 0, l2 >= 0, pos_weight > 0 and warmup >= 0$"):
         OnlineModel(**bad)  # type: ignore[arg-type]
+
+
+def test_online_model_accepts_the_edges_and_shows_its_parameters() -> None:
+    """No warm-up and no L2 are valid (ready from the first positive); repr names every setting."""
+    model = OnlineModel(lr=0.05, l2=0.0, pos_weight=3.0, warmup=0)
+    assert not model.ready
+    model.learn_one({"a": 1.0}, True)
+    assert model.ready and 0.0 < model.predict_proba_one({"a": 1.0}) < 1.0
+    assert repr(model) == "OnlineModel(lr=0.05, l2=0.0, pos_weight=3.0, warmup=0, n_learned=1, n_positive=1)"
 
 
 def test_online_model_is_river_s_weighted_pipeline_and_returns_its_prequential_score() -> None:
