@@ -424,3 +424,11 @@ def test_online_model_is_river_s_weighted_pipeline_and_returns_its_prequential_s
                 river.predict_proba_one(probe)[True], abs=1e-12
             )
     assert max(befores[21:]) > 0.5 > min(befores[21:]) > 0.0
+
+
+def test_x_dict_keeps_finite_values_as_floats_and_names_a_length_mismatch() -> None:
+    row = np.array([1.5, np.nan, -np.inf, 2.0], dtype=np.float32)
+    x = x_dict(["a", "b", "c", "d"], row)
+    assert x == {"a": 1.5, "d": 2.0} and all(type(v) is float for v in x.values())
+    with pytest.raises(ValueError, match=r"^3 names but 4 values$"):
+        x_dict(["a", "b", "c"], row)
