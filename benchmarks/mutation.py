@@ -66,10 +66,10 @@ def report(mutants: Path, same: dict[str, str]) -> list[str]:
             else:
                 kinds["unrun"] += 1  # not checked (yet), skipped, suspicious, segfault
         judged = len(codes) - kinds["equivalent"] - kinds["unrun"]
-        score = (kinds["killed"] + kinds["timeout"]) / judged if judged else float("nan")
+        score = f"{(kinds['killed'] + kinds['timeout']) / judged:6.1%}" if judged else "not run"
         lines.append(
             f"{module:<28} {len(codes):>8} {kinds['killed']:>7} {kinds['timeout']:>8} {kinds['survived']:>9} "
-            f"{kinds['equivalent']:>7} {kinds['unrun']:>6}  {score:6.1%}"
+            f"{kinds['equivalent']:>7} {kinds['unrun']:>6}  {score}"
         )
     lines += ["", f"survivors ({len(survivors)}):", *(f"  {s}" for s in survivors)]
     return lines
