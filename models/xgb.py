@@ -124,18 +124,13 @@ def train_xgb(
         selected = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows)
     num_round = int(merged.pop("num_boost_round", NUM_BOOST_ROUND))
     with tempfile.TemporaryDirectory(prefix="fraud-xgb-") as cache:
-        if device == "cpu":  # the quantised matrix on disk: the same model, a fraction of the memory
-            rows_in = _Rows(X, labels, selected, names, cache_prefix=os.path.join(cache, "train"))
-            dtrain: xgb.DMatrix = xgb.ExtMemQuantileDMatrix(
-                rows_in, missing=np.nan, nthread=nthread, max_bin=int(merged["max_bin"])
-            )
-        else:
-            dtrain = xgb.QuantileDMatrix(
-                _Rows(X, labels, selected, names),
-                missing=np.nan,
-                nthread=nthread,
-                max_bin=int(merged["max_bin"]),
-            )
+        # On the CPU the quantised matrix lives on disk: the same model, a fraction of the memory.
+        on_disk = device == "cpu"
+        kind = xgb.ExtMemQuantileDMatrix if on_disk else xgb.QuantileDMatrix
+        rows_in = _Rows(
+            X, labels, selected, names, cache_prefix=os.path.join(cache, "train") if on_disk else None
+        )
+        dtrain: xgb.DMatrix = kind(rows_in, missing=np.nan, nthread=nthread, max_bin=int(merged["max_bin"]))
         evals: list[tuple[xgb.DMatrix, str]] = []
         if eval_set is not None:
             X_eval, y_eval = eval_set
