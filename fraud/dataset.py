@@ -185,7 +185,7 @@ class Dataset:
     @cached_property
     def known_compromised(self) -> np.ndarray:
         """Rows whose card had a fraud label arrive before the row's day began."""
-        codes = np.unique(self.cards, return_inverse=True)[1].reshape(-1)
+        codes = self.cards  # ranks 0..cards-1
         first = np.full(int(codes.max()) + 1 if codes.size else 0, NO_LABEL, dtype=np.int64)
         fraud = self.y == 1
         np.minimum.at(first, codes[fraud], self.label_ts[fraud])
