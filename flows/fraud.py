@@ -1,7 +1,8 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
-(transaction shards) -> card -> merchant -> device features (rows, and the labels an entity counts) ->
+(transaction shards) -> card -> merchant -> device features (entity shards; rows, and the labels an
+entity counts) ->
 pending (transaction shards: the vector waits for its label; other labels come straight from the index) ->
 score (one replica per worker) -> alerts, late side output, drift events, decision log; bad records -> dead
 letters, and so does a record any step raised on (`flows.steps.quarantine`). Each step is one
@@ -75,7 +76,8 @@ def build(
 ) -> Dataflow:
     """The dataflow for `settings`; tests swap the source and sinks for in-memory ones.
 
-    `state_dir`: where the index and `pending` shards append their deltas (`flows.shards`);
+    `state_dir`: where the shards of the index, the entity steps and `pending` append their deltas
+    (`flows.shards`);
     `fraud run` passes `<FRAUD_RECOVERY_DIR>/state` when it runs with recovery. Without it their
     snapshots are whole copies: right for any runner, with or without recovery, and nothing is
     written (a flow that runs without recovery must not touch a recovery store's files)."""
@@ -110,7 +112,7 @@ def build(
         rows = step(
             plan.entity.name,
             rows,
-            logic=partial(EntityLogic, pipeline, plan),
+            logic=partial(EntityLogic, pipeline, plan, state_files(state_dir, plan.entity.name)),
             key=entity_key(plan),
             sequence=True,
         )

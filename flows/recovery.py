@@ -194,8 +194,9 @@ def _now() -> datetime:
 # The layout of the state the flow saves (step ids, snapshot shapes). A store holding state of
 # another layout is refused: resuming would find no state under the new step ids and go on from
 # the inputs' saved positions with empty windows, silently. 2: `flows.ordering.ordered` steps;
-# 3: the index and `pending` in fixed shards with their deltas in `state/` (`flows.shards`).
-STATE_LAYOUT = 3
+# 3: the index and `pending` in fixed shards with their deltas in `state/` (`flows.shards`); 4: the
+# entity steps in fixed shards too.
+STATE_LAYOUT = 4
 
 
 def outdated(directory: Path, layout: Any) -> RecoveryStoreError:

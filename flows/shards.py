@@ -1,31 +1,37 @@
-"""Per-transaction state (the index, `pending`) in a fixed set of shards, saved as deltas.
+"""Keyed state (the index, the entity steps, `pending`) in a fixed set of shards, saved as deltas.
 
-A transaction waits weeks for its label, so these two steps hold millions of entries. One Bytewax
-key per transaction made each cost Bytewax's per-key bookkeeping and a pickle of its own at every
-epoch close. Here a step keeps its transactions in `SHARDS` keys, each a plain dict
-(`ShardTable`), and a transaction goes to the shard its id hashes to (`shard_of`). The shard count
-is fixed, not the worker count: after a resume on another number of workers every transaction is
-still in the shard its id names, wherever Bytewax now runs that shard. The shard keys are chosen so
-that 1, 2, 3, 4, 6, 8, 12 or 16 workers get the same number each.
+A transaction waits weeks for its label, so the index and `pending` hold millions of entries, and
+the entity steps hold every active card, merchant and device. One Bytewax key per transaction or
+entity made each cost Bytewax's per-key bookkeeping, a pickle of its own at every epoch close and,
+for an entity's idle timer, a place in the map Bytewax scans at every activation. Here a step keeps
+its keys in `SHARDS` Bytewax keys, each a plain dict (`ShardTable`), and a key goes to the shard
+its id hashes to (`shard_of`). The shard count is fixed, not the worker count: after a resume on
+another number of workers every key is still in the shard its id names, wherever Bytewax now runs
+that shard. The shard keys are chosen so that 1, 2, 3, 4, 6, 8, 12 or 16 workers get the same
+number each.
 
 Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
 cost its whole content every few seconds. So when `fraud run` runs with recovery
 (`FRAUD_RECOVERY_DIR`), a shard appends only what changed since its last snapshot to a file of its
-own (`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced like Bytewax's own store) and hands
-Bytewax a `Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh the shard twice
-over, the next snapshot writes the whole shard to a new file and the chain restarts there; files
-that left the chain are deleted `KEEP` snapshots later (a resume may use a slightly older epoch),
-and a resumed shard deletes the files its manifest does not name (what a crashed run wrote after
-its last complete epoch). Otherwise (no recovery, or Bytewax's own runner with `-r DIR`) a
-snapshot is a copy of the dict, which Bytewax only pickles when recovery is on: correct, but whole,
-and a flow that runs without recovery never touches a store's files.
+own (`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced before Bytewax's store records it) and
+hands Bytewax a `Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh
+the shard twice over, the next snapshot writes the whole shard to a new file and the chain
+restarts there; files that left the chain are deleted `KEEP` snapshots later (a resume may use a
+slightly older epoch), and a resumed shard deletes the files its manifest does not name (what a
+crashed run wrote after its last complete epoch). Otherwise (no recovery, or Bytewax's own runner
+with `-r DIR`) a snapshot is a copy of the dict (for an entity step, of its states' frozen copies,
+refreshed for the keys that changed), which Bytewax only pickles when recovery is on: correct, but
+whole, and a flow that runs without recovery never touches a store's files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 from zlib import crc32
@@ -58,13 +64,57 @@ class StateFilesError(RuntimeError):
 
 class Manifest(msgspec.Struct, frozen=True, array_like=True):
     """A shard's snapshot with a recovery directory: replay `segments` ((file, start, end) byte
-    ranges of records, in order) to rebuild its `entries` entries."""
+    ranges of records, in order) to rebuild its `entries` entries.
+
+    Pickling one makes the files it names durable first (`sync_files`): Bytewax pickles a
+    snapshot in the worker that took it, before its store records it, and records an epoch as
+    complete only after every snapshot of the epoch; so the bytes a manifest names are on disk
+    before any resume can be given it, with one round of fsyncs per epoch close, not one per shard.
+    """
 
     step: str
     shard: str
     segments: tuple[tuple[str, int, int], ...]
     entries: int
     base: int  # bytes of the whole-shard record the chain starts with (0: it starts empty)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        sync_files()
+        return (Manifest, (self.step, self.shard, self.segments, self.entries, self.base))
+
+
+_unsynced: set[Path] = set()  # shard files this process appended to since their last fsync
+_unsynced_lock = threading.Lock()
+_syncer: ThreadPoolExecutor | None = None
+SYNC_THREADS = 8
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # deleted since (left its shard's chain): nothing names it
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_files() -> None:
+    """fsync every shard file this process appended to since the last call, concurrently (the
+    file system commits them together): what a `Manifest` names is then durable."""
+    global _syncer
+    with _unsynced_lock:
+        paths = list(_unsynced)
+        _unsynced.clear()
+        if len(paths) > 1 and _syncer is None:
+            _syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fraud-fsync")
+    if len(paths) == 1:
+        _fsync(paths[0])
+    elif paths:
+        assert _syncer is not None
+        for _ in _syncer.map(_fsync, paths):  # raises the first failure, if any
+            pass
 
 
 class FullState:
@@ -167,14 +217,16 @@ class ShardLog:
 
     # -- writing --
 
-    def write(self, puts: dict[str, Any], dels: list[str], items: dict[str, Any]) -> Manifest:
-        """Save the delta (or the whole shard, when the deltas outgrew it) and return the manifest
-        that rebuilds `items`."""
+    def write(
+        self, puts: dict[str, Any], dels: list[str], entries: int, whole: Callable[[], dict[str, Any]]
+    ) -> Manifest:
+        """Save the delta (or the whole shard, `whole()`, when the deltas outgrew it) and return
+        the manifest that rebuilds the shard's `entries` entries."""
         self.snapshots += 1
         if not self.swept:
             self._sweep()
         if self.delta_bytes > 2 * self.base_bytes + MIN_COMPACT_BYTES:
-            self._rewrite(items)
+            self._rewrite(whole())
         elif puts or dels:
             name, start, end = self._append(self.encoder.encode((puts, dels)))
             last = self.segments[-1] if self.segments else None
@@ -184,7 +236,7 @@ class ShardLog:
                 self.segments.append((name, start, end))
             self.delta_bytes += end - start
         self._collect()
-        return Manifest(self.step, self.shard, tuple(self.segments), len(items), self.base_bytes)
+        return Manifest(self.step, self.shard, tuple(self.segments), entries, self.base_bytes)
 
     def _rewrite(self, items: dict[str, Any]) -> None:
         old = {name for name, _, _ in self.segments}
@@ -203,9 +255,9 @@ class ShardLog:
             start = f.tell()
             f.write(len(payload).to_bytes(_HEADER, "little"))
             f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
             end = f.tell()
+        with _unsynced_lock:
+            _unsynced.add(path)  # made durable when the manifest is pickled (`sync_files`)
         return self.file, start, end
 
     def _sweep(self) -> None:
@@ -227,15 +279,19 @@ class ShardLog:
 
 
 class ShardTable(StepLogic):
-    """A step logic holding one shard's entries (transaction id -> immutable value), saved as
-    deltas (`ShardLog`) when the step has `StateFiles`, else as a `FullState` copy.
+    """A step logic holding one shard's entries (key -> value), saved as deltas (`ShardLog`)
+    when the step has `StateFiles`, else as a `FullState` copy.
 
     Subclasses change entries only through `put` and `drop`, which note what changed since the
-    last snapshot. `value_type` is what a value decodes as from the files.
+    last snapshot; a subclass whose values change in place (`mutable`: an entity's feature state)
+    notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
+    copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
+    as from the files.
     """
 
-    __slots__ = ("changed", "files", "items", "log", "shard")
+    __slots__ = ("changed", "files", "items", "log", "saved", "shard")
     value_type: ClassVar[Any] = Any
+    mutable: ClassVar[bool] = False
 
     def __init__(self, files: StateFiles | None, resume: Manifest | FullState | None) -> None:
         self.files = files
@@ -243,6 +299,9 @@ class ShardTable(StepLogic):
         self.changed: set[str] = set()
         self.log: ShardLog | None = None
         self.shard: str | None = None
+        # Without files, a mutable shard's snapshot is a copy of the frozen values, kept here and
+        # refreshed for the keys that changed.
+        self.saved: dict[str, Any] | None = {} if self.mutable and files is None else None
         if type(resume) is Manifest:
             if files is None:
                 raise StateFilesError(
@@ -258,8 +317,13 @@ class ShardTable(StepLogic):
             self.changed = set(self.items)  # no file holds them yet: the first delta has them all
 
     def restored(self, items: dict[str, Any]) -> dict[str, Any]:
-        """The entries as loaded from a snapshot (a subclass may share common values again)."""
+        """The entries as loaded from a snapshot (a subclass may share common values again, or
+        rebuild mutable values from their frozen copies)."""
         return items
+
+    def frozen(self, value: Any) -> Any:
+        """What a snapshot saves of `value` (a mutable subclass returns an immutable copy)."""
+        return value
 
     def put(self, key: str, value: Any) -> None:
         self.items[key] = value
@@ -271,21 +335,30 @@ class ShardTable(StepLogic):
             self.changed.add(key)
         return value
 
-    def name(self, txn_id: str) -> None:
-        """Learn this shard's key from the first transaction id it gets."""
-        self.shard = shard_of(txn_id)
+    def name(self, key: str) -> None:
+        """Learn this shard's key from the first key (transaction id, entity) it gets."""
+        self.shard = shard_of(key)
 
     def snapshot(self) -> Manifest | FullState:
         assert self.shard is not None, "a shard snapshots only after its first event"
+        items, changed = self.items, self.changed
+        self.changed = set()
+        frozen = self.frozen
         if self.files is None:
-            self.changed = set()
-            return FullState(self.shard, dict(self.items))
+            saved = self.saved
+            if saved is None:
+                return FullState(self.shard, dict(items))
+            for k in changed:
+                v = items.get(k)
+                if v is None:
+                    saved.pop(k, None)
+                else:
+                    saved[k] = frozen(v)
+            return FullState(self.shard, dict(saved))
         if self.log is None:
             self.log = ShardLog(
                 self.files.directory(self.shard), self.files.step, self.shard, self.value_type
             )
-        items, changed = self.items, self.changed
-        self.changed = set()
-        puts = {k: items[k] for k in changed if k in items}
+        puts = {k: frozen(items[k]) for k in changed if k in items}
         dels = [k for k in changed if k not in items]
-        return self.log.write(puts, dels, items)
+        return self.log.write(puts, dels, len(items), lambda: {k: frozen(v) for k, v in items.items()})

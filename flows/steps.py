@@ -38,7 +38,6 @@ from models.serving import BatchStats, Decision, LabelledVector, Scorer
 from service import telemetry
 
 logger = logging.getLogger(__name__)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Chained = FeatureRow | LabelEvent
 
@@ -231,16 +230,21 @@ def drift_of(kv: tuple[str, Any]) -> DriftEvent | None:
 
 
 def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
-    """Key of `plan`'s chain step; an item whose entity is absent gets a private pass-through key."""
+    """Key of `plan`'s chain step: the shard (`flows.shards`) of the item's entity; an item
+    whose entity is absent passes through the shard of its transaction."""
     i = plan.position
 
     def key(item: Chained | Quarantined) -> str:
-        k = item.keys[i]
-        if k is not None:
-            return k
-        return f"~{item.txn.txn_id}" if isinstance(item, FeatureRow) else f"~{item.txn_id}"
+        return shard_of(_entity_or_txn(item, i))
 
     return key
+
+
+def _entity_or_txn(item: Chained | Quarantined, position: int) -> str:
+    k = item.keys[position]
+    if k is not None:
+        return k
+    return item.txn.txn_id if type(item) is FeatureRow else item.txn_id  # type: ignore[union-attr]
 
 
 LABELLED = TxnEntry(0, (), True)  # the value of every labelled entry (one shared object)
@@ -302,52 +306,82 @@ class IndexLogic(ShardTable):
         return out
 
 
-class EntityLogic(msgspec.Struct, StepLogic, gc=False):
-    """Keyed by one entity (card, merchant, device...): adds its window features to each row.
+SWEEP = timedelta(hours=1)  # how often an entity shard looks for keys that went idle
+MINUTE_S = 60
 
-    Idle keys are dropped: `wake_at` is once the key's retention has passed in wall-clock
-    time since its last event (event time runs at wall-clock speed in production; a fast replay
-    keeps every key until it ends), and `wake` drops the key if it has expired.
+
+class EntityLogic(ShardTable):
+    """One shard (`flows.shards`) of an entity step (card, merchant, device...): the feature
+    state of each of its entities, which adds the entity's window features to each row.
+
+    An entity idle for its retention is dropped: once an hour (`SWEEP`) the shard drops each key
+    whose last event arrived more than a retention ago in wall-clock time and whose newest event
+    time has left every window (event time runs at wall-clock speed in production; a fast replay
+    keeps every key until it ends). One wall-clock timer per shard, whatever the number of keys:
+    Bytewax scans every timer of a step at every activation. A resumed shard counts its keys as
+    seen at the resume.
     """
 
-    pipeline: FeaturePipeline
-    plan: EntityPlan
-    state: Any = None  # the EntityState; its snapshot (a tuple) when resumed
-    idle_until: datetime = EPOCH
+    __slots__ = ("pipeline", "plan", "seen", "sweep_at")
+    value_type = tuple[str, str, str, bytes, tuple[bytes, bytes] | None]  # `EntityState.snapshot`
+    mutable = True
 
-    def __post_init__(self) -> None:
-        if type(self.state) is tuple:
-            self.state = self.plan.restore(self.state)
-        self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
+    def __init__(
+        self, pipeline: FeaturePipeline, plan: EntityPlan, files: StateFiles | None, resume: Any
+    ) -> None:
+        self.pipeline, self.plan = pipeline, plan
+        super().__init__(files, resume)
+        self.seen: dict[str, int] = dict.fromkeys(self.items, int(time.time()) // MINUTE_S)
+        self.sweep_at = datetime.now(UTC) + SWEEP
+
+    def restored(self, items: dict[str, Any]) -> dict[str, Any]:
+        restore = self.plan.restore
+        return {k: restore(tuple(v)) for k, v in items.items()}
+
+    def frozen(self, value: Any) -> Any:
+        return value.snapshot()
 
     def apply(self, events: list[Any]) -> list[Any]:
         p, plan = self.pipeline, self.plan
+        i = plan.position
+        if self.shard is None:
+            self.name(_entity_or_txn(events[0], i))
+        items, changed, seen = self.items, self.changed, self.seen
+        minute = int(time.time()) // MINUTE_S
         for n, item in enumerate(events):
             try:
-                if self.state is None and item.keys[plan.position] is not None:
-                    self.state = plan.new_state()
-                if isinstance(item, FeatureRow):
-                    p.observe(plan, self.state, item)
-                elif self.state is not None and type(item) is LabelEvent:
-                    p.observe_label(plan, self.state, item)
+                k = item.keys[i]
+                if k is None:
+                    if type(item) is FeatureRow:
+                        p.observe(plan, None, item)  # the entity is absent: its features are NaN
+                    continue
+                state = items.get(k)
+                if state is None:
+                    state = items[k] = plan.new_state()
+                changed.add(k)
+                seen[k] = minute
+                if type(item) is FeatureRow:
+                    p.observe(plan, state, item)
+                elif type(item) is LabelEvent:
+                    p.observe_label(plan, state, item)
             except Exception as exc:
-                events[n] = quarantine(item, f"{self.plan.entity.name}_features", exc, len(p.plans))
-        self.idle_until = datetime.now(UTC) + timedelta(milliseconds=self.plan.retention_ms)
+                events[n] = quarantine(item, f"{plan.entity.name}_features", exc, len(p.plans))
         return events
 
-    def done(self) -> bool:
-        return self.state is None
-
     def wake_at(self) -> datetime | None:
-        return self.idle_until
+        return self.sweep_at
 
     def wake(self) -> tuple[list[Any], bool]:
-        assert self.state is not None
-        return [], self.plan.expired(self.state, int(datetime.now(UTC).timestamp() * 1000))
-
-    def snapshot(self) -> tuple[Any, ...]:
-        assert self.state is not None
-        return self.state.snapshot()
+        """Drop the keys that went idle (see the class)."""
+        now = time.time()
+        idle = int(now) // MINUTE_S - self.plan.retention_ms // 60_000
+        now_ms = int(now * 1000)
+        expired, items, seen = self.plan.expired, self.items, self.seen
+        for k in [k for k, m in seen.items() if m < idle and expired(items[k], now_ms)]:
+            del seen[k]
+            self.drop(k)
+        self.sweep_at = datetime.now(UTC) + SWEEP
+        return [], False
 
 
 class PendingLogic(ShardTable):

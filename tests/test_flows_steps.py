@@ -13,6 +13,7 @@ import pickle
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -30,6 +31,7 @@ from features.privacy import card_token
 from flows.expiry import WAKE, Expired, Expiry, bucket_key
 from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
+from flows.shards import FullState, Manifest, StateFiles, shard_of
 from flows.stamping import INF, NEG, StampStep, Watermark, partition_of, stamp, stamp_router
 from flows.steps import (
     LABELLED,
@@ -133,7 +135,7 @@ def test_entity_step_adds_its_features_and_quarantines_a_raising_item(
         observe(self, plan, state, row)
 
     monkeypatch.setattr(FeaturePipeline, "observe", observe_)
-    first, second, bad = run_step(rows, entity_key(card), partial(EntityLogic, pipeline, card))
+    first, second, bad = run_step(rows, entity_key(card), partial(EntityLogic, pipeline, card, None))
     count_1h = card.names.index("count_by_card_1h")
     assert [len(r.parts) for r in (first, second)] == [1, 1]
     assert (first.parts[0][count_1h], second.parts[0][count_1h]) == (1.0, 2.0)  # one key's history
@@ -143,18 +145,50 @@ def test_entity_step_adds_its_features_and_quarantines_a_raising_item(
 
 
 def test_flow_entity_keys_are_dropped_after_their_retention(pipeline: FeaturePipeline) -> None:
-    """EntityLogic schedules a wall-clock notification one retention after its last event."""
+    """An entity shard holds one hourly timer whatever its number of keys, and its sweep drops a
+    key only once both its last arrival (wall clock) and its newest event time are a retention
+    old: a fast replay of old events keeps every key, and so does a key seen again since."""
+    card = pipeline.plans[0]
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    row, _ = pipeline.start(Transaction("t1", now_ms, "c1", "m1", 5.0))
-    logic = EntityLogic(pipeline, pipeline.plans[0], None)
-    logic.apply([row])
-    assert not logic.done() and logic.state is not None
+    rows = [pipeline.start(Transaction("t0", now_ms, "c0", "m1", 5.0))[0]]
+    logic = EntityLogic(pipeline, card, None, None)
+    logic.apply(rows[:1])
     wake = logic.wake_at()
-    assert wake is not None and (wake - datetime.now(UTC)).total_seconds() > 29 * 86_400
-    assert logic.wake() == ([], False)  # fired early (e.g. after a restart): still fresh, kept
-    days = pipeline.plans[0].retention_ms // 86_400_000 + 1  # the card's longest look-back, and a day
-    logic.state[0] -= days * 1440  # the key's time origin (minutes): as if its only event were that old
-    assert logic.wake() == ([], True)
+    assert wake is not None and 3590 < (wake - datetime.now(UTC)).total_seconds() <= 3600
+    assert logic.wake() == ([], False) and "card:c0" in logic.items  # fresh: kept
+    days = card.retention_ms // 86_400_000 + 1  # the card's longest look-back, and a day
+    logic.items["card:c0"][0] -= days * 1440  # the key's time origin (minutes): its only event that old
+    assert logic.wake() == ([], False) and "card:c0" in logic.items  # seen a moment ago: a replay, kept
+    logic.seen["card:c0"] -= days * 1440  # and last seen that long ago
+    logic.snapshot()
+    assert logic.wake() == ([], False) and "card:c0" not in logic.items and "card:c0" not in logic.seen
+    snap = logic.snapshot()
+    assert isinstance(snap, FullState) and "card:c0" not in snap.items  # its snapshot forgets it too
+
+
+def test_entity_shard_snapshots_rebuild_every_key(pipeline: FeaturePipeline, tmp_path: Path) -> None:
+    """An entity shard saves only the keys an epoch changed (its delta), and its snapshot, with or
+    without files, rebuilds the states: the next event sees the same history either way."""
+    card = pipeline.plans[0]
+    key = entity_key(card)
+    cards = [c for c in (f"c{j}" for j in range(2000)) if shard_of(f"card:{c}") == shard_of("card:c0")][:3]
+    assert len(cards) == 3  # three cards of one shard
+    rows = [pipeline.start(txn(f"t{i}", i + 1, card=cards[i % 3], minutes=i))[0] for i in range(30)]
+    shard = key(rows[0])
+    assert {key(r) for r in rows} == {shard}
+    for files in (None, StateFiles(tmp_path, "card")):
+        logic = EntityLogic(pipeline, card, files, None)
+        logic.apply(rows[:-1])
+        first = logic.snapshot()
+        logic.apply(rows[-1:])  # touches one key: the next delta holds it alone
+        snap = logic.snapshot()
+        resumed = EntityLogic(pipeline, card, files, snap)
+        assert set(resumed.items) == set(logic.items) and resumed.shard == shard
+        for k, state in logic.items.items():
+            assert resumed.items[k].snapshot() == state.snapshot(), k
+        if files is not None:
+            assert isinstance(first, Manifest) and isinstance(snap, Manifest)
+            assert len(snap.segments) == 1 and snap.segments[0][2] > first.segments[0][2]
 
 
 # --- pending --------------------------------------------------------------------------------------
