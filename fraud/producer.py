@@ -28,7 +28,10 @@ from features.event_files import merged_records, open_text
 from features.events import payload_bytes
 from flows.redis_source import ENTRY_KIND, ENTRY_PAYLOAD, shard_of, shard_stream
 
-RATE_BATCHES_PER_S = 10  # with --rate, flush about this often so the pace is smooth, not bursty
+# With --rate, flush about this often: every 10 ms, so the stream fills as steadily as one fed by
+# many producers. Fewer, larger flushes make the input bursty: the flow then reads each burst as
+# one batch, and a record waits for its whole burst to pass each step (docs/benchmarks.md).
+RATE_FLUSHES_PER_S = 100
 
 
 class _Keys(msgspec.Struct):
@@ -77,6 +80,7 @@ def replay_files(
     shards: int,
     *,
     rate: float | None = None,
+    flushes_per_s: float = RATE_FLUSHES_PER_S,
     batch: int = 500,
     maxlen: int | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -84,7 +88,8 @@ def replay_files(
     """XADD every record of both files, merged in event time, to its shard stream.
 
     One non-transactional pipeline per `batch` records. `rate` is the average number of records
-    per second overall (None: as fast as Redis takes them); `maxlen` trims each shard to about
+    per second overall (None: as fast as Redis takes them), sent in about `flushes_per_s`
+    pipelines a second; `maxlen` trims each shard to about
     that many entries (None: no trim; beware that trimming drops entries the flow has not read
     yet when the replay runs ahead of it). `on_progress(n)` is called after each batch with the
     number of records it pushed. Returns counts per kind and per shard, and the seconds taken.
@@ -95,8 +100,10 @@ def replay_files(
         raise ValueError(f"batch must be >= 1, got {batch}")
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")
+    if flushes_per_s <= 0:
+        raise ValueError(f"flushes_per_s must be > 0, got {flushes_per_s}")
     if rate is not None:
-        batch = max(1, min(batch, int(rate / RATE_BATCHES_PER_S)))
+        batch = max(1, min(batch, int(rate / flushes_per_s)))
     streams = [shard_stream(prefix, i) for i in range(shards)]
     per_shard = [0] * shards
     kinds = {"txn": 0, "label": 0}

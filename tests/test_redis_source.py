@@ -119,6 +119,24 @@ def test_replay_then_read_every_shard_exactly_once_in_card_order(
                 assert txn_shard[json.loads(line)["txn_id"]] == i  # a label sits with its transaction
 
 
+def test_a_paced_replay_sends_steady_small_flushes(
+    redis_client: redis.Redis, small: tuple[Path, Path]
+) -> None:
+    """`rate` is kept on average and spread over `flushes_per_s` pipelines a second: a steady
+    stream, not bursts (a burst is read and processed as one batch, so it sets the latency)."""
+    flushes: list[int] = []
+    began = time.monotonic()
+    summary = replay_files(
+        redis_client, *small, "p:in", 2, rate=4000, flushes_per_s=200, on_progress=flushes.append
+    )
+    took = time.monotonic() - began
+    n = summary["records"]
+    assert set(flushes[:-1]) == {20} and sum(flushes) == n  # 4,000/s in 200 flushes: 20 each
+    assert took >= (n - 20) / 4000  # never ahead of the rate
+    with pytest.raises(ValueError, match="flushes_per_s must be > 0"):
+        replay_files(redis_client, *small, "p:in", 2, rate=10, flushes_per_s=0)
+
+
 def test_unroutable_records_go_to_shard_zero(redis_client: redis.Redis, tmp_path: Path) -> None:
     txns, labels = tmp_path / "t.jsonl", tmp_path / "l.jsonl"
     good = {"txn_id": "t1", "ts": 1000, "card_id": "card-a", "merchant_id": "m", "amount": 1}
