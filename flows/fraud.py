@@ -59,7 +59,7 @@ from flows.steps import (
     txn_key,
 )
 from service import telemetry
-from service.runtime import load_runtime
+from service.runtime import load_runtime, settle_heap
 from service.settings import Settings, get_settings
 
 
@@ -173,5 +173,6 @@ def __getattr__(name: str) -> Dataflow:
         settings = get_settings()
         if settings.metrics_port:
             telemetry.serve(settings.metrics_port)
+        settle_heap()
         return flow
     raise AttributeError(name)

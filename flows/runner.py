@@ -17,6 +17,7 @@ from flows.recovery import RedisRegistry, recovery_config
 from flows.recovery_check import RecoveryStoreError
 from flows.shards import STATE_DIR
 from service import telemetry
+from service.runtime import settle_heap
 from service.settings import Settings
 
 __all__ = ["RecoveryStoreError", "recovery_config", "run"]
@@ -45,6 +46,7 @@ def run(
         telemetry.serve(settings.metrics_port + process_id)
     state = None if recovery is None or settings.recovery_dir is None else settings.recovery_dir / STATE_DIR
     flow = build(settings, state_dir=state)
+    settle_heap()
     epoch = timedelta(seconds=settings.snapshot_interval_s)
     if addresses or workers > 1:
         cluster_main(

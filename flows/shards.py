@@ -30,10 +30,11 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 from zlib import crc32
 
 import msgspec
@@ -160,6 +161,7 @@ class ShardLog:
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(tuple[dict[str, value_type], list[str]])
         self.file: str | None = None  # this process's file: a resumed run never appends to old ones
+        self.out: BinaryIO | None = None  # `file`, open for appending
         self.segments: list[tuple[str, int, int]] = []
         self.base_bytes = 0
         self.delta_bytes = 0
@@ -241,23 +243,31 @@ class ShardLog:
     def _rewrite(self, items: dict[str, Any]) -> None:
         old = {name for name, _, _ in self.segments}
         self.file = None  # a base starts a file of its own, so the old ones can go whole
+        if self.out is not None:
+            self.out.close()
+            self.out = None
         name, start, end = self._append(self.encoder.encode((items, [])))
         self.segments = [(name, start, end)]
         self.base_bytes, self.delta_bytes = end - start, 0
         self.retired += [(f, self.snapshots) for f in sorted(old) if f != name]
 
     def _append(self, payload: bytes) -> tuple[str, int, int]:
-        if self.file is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.file = f"{time.time_ns():x}-{os.getpid()}.log"
-        path = self.dir / self.file
-        with open(path, "ab") as f:
-            start = f.tell()
-            f.write(len(payload).to_bytes(_HEADER, "little"))
-            f.write(payload)
-            end = f.tell()
+        f = self.out
+        if self.file is None or f is None or f.closed:
+            if f is not None:
+                f.close()
+            if self.file is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.file = f"{time.time_ns():x}-{os.getpid()}.log"
+            f = self.out = open(self.dir / self.file, "ab")  # noqa: SIM115 (kept open between snapshots)
+            weakref.finalize(self, f.close)  # closed with its shard (or at exit), whichever first
+        start = f.tell()
+        f.write(len(payload).to_bytes(_HEADER, "little"))
+        f.write(payload)
+        f.flush()  # to the OS: `sync_files` makes it durable from another descriptor
+        end = f.tell()
         with _unsynced_lock:
-            _unsynced.add(path)  # made durable when the manifest is pickled (`sync_files`)
+            _unsynced.add(self.dir / self.file)  # made durable when the manifest is pickled
         return self.file, start, end
 
     def _sweep(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import json
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -493,3 +495,21 @@ def test_per_transaction_state_is_compact_and_invisible_to_the_garbage_collector
         gc.collect()
         assert not gc.is_tracked(d) and not any(map(gc.is_tracked, d.values())), d
     assert not hasattr(pending, "__dict__") and not hasattr(index.logic, "__dict__")
+
+
+def test_a_run_moves_its_start_up_objects_out_of_the_collectors_reach() -> None:
+    """`settle_heap` (called by `fraud run` and `flows.fraud:flow` once the flow is built): a full
+     collection then walks only what the run creates, not every object of every library imported
+    . In a child process: freezing
+     this one would keep the test suite's garbage forever."""
+    code = (
+        "import gc, flows.fraud, service.runtime as r\n"
+        "before = len(gc.get_objects())\n"
+        "r.settle_heap()\n"
+        "print(before, gc.get_freeze_count(), len(gc.get_objects()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    before, frozen, walked = map(int, out.stdout.split())
+    assert before > 50_000 and frozen >= before * 0.9 and walked < 1_000
