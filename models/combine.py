@@ -43,6 +43,10 @@ def combine(
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
+    if type(xgb) is float and type(online) is float:
+        # Two Python floats (the scorer's case, per transaction): the same float64 operations in
+        # the same order as below, without building numpy scalars.
+        return xgb + (1.0 - xgb) * (float(weight) * online)
     x = np.asarray(xgb, dtype=np.float64)
     evidence = weight * np.asarray(online, dtype=np.float64)
     final = x + (1.0 - x) * evidence

@@ -341,6 +341,18 @@ def test_combine_computes_in_float64_whatever_the_scores_dtype() -> None:
         np.testing.assert_array_equal(got, want)
 
 
+@given(prob, prob, st.floats(0.0, 1.0))
+def test_combine_of_two_floats_is_the_array_formula_bit_for_bit(x: float, o: float, w: float) -> None:
+    """The scorer combines one transaction's two Python floats at a time: the same float64 value
+    as the vectorised formula, to the last bit (an alert at the threshold must not depend on the
+    path)."""
+    one = combine(x, o, w)
+    assert type(one) is float
+    assert one == float(combine(np.array([x]), np.array([o]), w)[0])
+    x32, o32 = np.float32(x), np.float32(o)  # numpy scalars take the array path: the same value
+    assert float(combine(x32, o32, w)) == combine(float(x32), float(o32), w)
+
+
 def test_xgb_scores_undo_the_positive_weight_of_training() -> None:
     """Weighting frauds 5x in training inflates every probability; the scorer divides the odds
     back, so scores come near an unweighted model's again (what the noisy-or with River assumes),
