@@ -273,8 +273,9 @@ class StepLogic:
     send and whether to drop the key. `snapshot()` is what `ordered` saves, and gives back to the
     step's builder on resume.
 
-    A keyed step builds one per key (one per transaction in the index and `pending`), so the
-    classes declare `__slots__`: no instance dict per key.
+    A keyed step builds one per key. The steps that hold many keys (transactions, entities) keep
+    them in a fixed set of shards (`flows.shards`), one logic per shard; the classes still
+    declare `__slots__`: no instance dict per key.
     """
 
     __slots__ = ()
@@ -321,9 +322,9 @@ class KeyedStep(msgspec.Struct, gc=False):
     events it covers (its first item is a `Watermark`), or an event key running the step's logic.
 
     A `StatefulBatchLogic` by registration, not inheritance (Bytewax only checks `isinstance`):
-    the abstract class gives every instance a dict, and the index and `pending` build one key
-    per transaction. A struct without GC tracking, like the step logics: millions of them would
-    otherwise make every full garbage collection walk them all (a pause of seconds).
+    the abstract class gives every instance a dict. A struct without GC tracking: a step with a
+    key per item (a Bytewax key per transaction, as the index once had) would otherwise make
+    every full garbage collection walk them all.
     """
 
     stage: Stage
