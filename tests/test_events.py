@@ -12,7 +12,18 @@ from hypothesis import strategies as st
 
 from features.catalog import FEATURES
 from features.engine import FeatureEngine, FeaturePipeline, FeatureVector
-from features.events import MAX_AMOUNT, REASONS, DeadLetter, Label, Transaction, decode, encode
+from features.events import (
+    MAX_AMOUNT,
+    MAX_RECORD_BYTES,
+    REASONS,
+    Control,
+    DeadLetter,
+    Label,
+    Transaction,
+    decode,
+    decode_label,
+    encode,
+)
 from models.artifact import load
 from models.xgb import XGBScorer
 
@@ -208,3 +219,86 @@ def test_json_depth_is_bounded_at_64_levels_whatever_the_stack() -> None:
     assert json_depth(b'{"a": "\\"[[", "b": [[[') == 4
     label = '{"txn_id":"t1","is_fraud":true,"ts":1767603600250,"x":' + "[" * 70 + "]" * 70 + "}"
     assert decode("label", label).reason == "bad_json"  # type: ignore[union-attr]
+
+
+def test_a_label_keeps_its_arrival_metadata_and_payload() -> None:
+    """What the canonical order and the dead letters rely on: a label's place (`seq`), arrival
+    time and origin as the source gave them, and its payload verbatim; read without them (a file,
+    the decision log), it has none."""
+    raw = '{"txn_id":"t1","is_fraud":false,"ts":1767603600250}'
+    got = decode("label", raw, 5, 7, "s#1-0")
+    assert isinstance(got, Label)
+    assert (got.received_ns, got.seq, got.raw, got.origin) == (5, 7, raw, "s#1-0")
+    plain = decode_label(raw)
+    assert isinstance(plain, Label) and (plain.received_ns, plain.seq, plain.origin) == (0, 0, "")
+
+
+def test_a_bad_labels_dead_letter_says_label_and_keeps_the_payload() -> None:
+    raw = '{"txn_id":"t7","is_fraud":"yes","ts":1767603600250}'
+    d = decode("label", raw, 5, 7, "s#2-0")
+    assert isinstance(d, DeadLetter)
+    assert (d.kind, d.reason, d.raw, d.txn_id, d.origin) == ("label", "schema", raw, "t7", "s#2-0")
+
+
+def test_what_the_dead_letter_of_a_payload_that_is_not_json_says() -> None:
+    """The detail is the reader's only clue: the decoder's own message for garbage after a JSON
+    scalar, and that it is not JSON for a string that is not UTF-8."""
+    for kind in ("txn", "label"):
+        d = decode(kind, "1 garbage")
+        assert isinstance(d, DeadLetter) and d.detail.startswith("JSON is malformed: trailing characters")
+        d = decode(kind, b'"\xff"')
+        assert isinstance(d, DeadLetter)
+        assert (d.reason, d.detail) == ("bad_json", "not JSON (nested too deeply, or not UTF-8)")
+
+
+def test_json_depth_counts_closed_siblings_right() -> None:
+    """Many closed arrays side by side are shallow (accepted); an array too deep after a closed
+    sibling is still too deep (refused)."""
+    siblings = GOOD[:-1] + ',"x":{"a":[' + ",".join(["[1]"] * 100) + "]}}"
+    assert isinstance(decode("txn", siblings), Transaction)
+    # the record is level 1, "x" level 2, "a" closes at 3, then 63 arrays: levels 3 to 65
+    deep_after = GOOD[:-1] + ',"x":{"a":[1],"b":' + "[" * 63 + "]" * 63 + "}}"
+    out = decode("txn", deep_after)
+    assert isinstance(out, DeadLetter) and out.reason == "bad_json" and "deeper than 64" in out.detail
+    shallower = GOOD[:-1] + ',"x":{"a":[1],"b":' + "[" * 62 + "]" * 62 + "}}"
+    assert isinstance(decode("txn", shallower), Transaction)
+
+
+def test_a_record_of_exactly_the_size_limit_is_read_and_its_dead_letter_names_it() -> None:
+    base = '{"txn_id":"t5","is_fraud":"yes","ts":1767603600250,"pad":"'
+    raw = base + "x" * (MAX_RECORD_BYTES - len(base) - 2) + '"}'
+    assert len(raw.encode()) == MAX_RECORD_BYTES
+    d = decode("label", raw)
+    assert isinstance(d, DeadLetter) and (d.reason, d.txn_id) == ("schema", "t5")
+    over = decode("label", raw[:-2] + 'x"}')
+    assert isinstance(over, DeadLetter) and (over.reason, over.txn_id) == ("too_large", None)
+
+
+def test_operator_commands_decode_with_their_place_or_become_bad_control_dead_letters() -> None:
+    """A command keeps everything the scorer and the signature check read, and its place in the
+    order; one that cannot be applied is a `bad_control` dead letter that says why."""
+    raw = '{"command":"champion","version":"v2","digest":"ab12","sig":"s1"}'
+    c = decode("control", raw, 5, 7, "s#3-0")
+    assert c == Control("champion", "v2", "ab12", "", 0, 5, 7, raw, "s#3-0", "s1")
+    assert decode("control", '{"command":"shadow"}') == Control("shadow", raw='{"command":"shadow"}')
+    rules = '{"command":"rules","version":"r1","digest":"cd","text":"amount > 5"}'
+    r = decode("control", rules)
+    assert isinstance(r, Control) and (r.command, r.text, r.sig) == ("rules", "amount > 5", "")
+    for bad, detail in (
+        ('{"command":"champion","version":"v2"}', "a 'champion' command needs a version and a digest"),
+        ('{"command":"rules","digest":"cd"}', "a 'rules' command needs a version and a digest"),
+        ('{"command":"retrain"}', "Invalid enum value 'retrain' - at `$.command`"),
+        ('{"command":"shadow","extra":1}', "Object contains unknown field `extra`"),
+        ("{nope", "JSON is malformed: object keys must be strings (byte 1)"),
+    ):
+        d = decode("control", bad, 5, 7, "s#4-0")
+        assert isinstance(d, DeadLetter), bad
+        assert (d.kind, d.reason, d.detail, d.raw, d.origin) == (
+            "control",
+            "bad_control",
+            detail,
+            bad,
+            "s#4-0",
+        )
+    big = decode("control", '{"command":"rules","text":"' + "x" * MAX_RECORD_BYTES + '"}')
+    assert isinstance(big, DeadLetter) and (big.kind, big.reason) == ("control", "too_large")
