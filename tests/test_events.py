@@ -238,6 +238,16 @@ def test_a_bad_labels_dead_letter_says_label_and_keeps_the_payload() -> None:
     d = decode("label", raw, 5, 7, "s#2-0")
     assert isinstance(d, DeadLetter)
     assert (d.kind, d.reason, d.raw, d.txn_id, d.origin) == ("label", "schema", raw, "t7", "s#2-0")
+    assert d.detail == "Expected `bool`, got `str` - at `$.is_fraud`"
+    broken = decode("label", '{"txn_id":"t7",', 5, 7, "s#2-1")  # cut short: not JSON at all
+    assert isinstance(broken, DeadLetter)
+    assert (broken.kind, broken.reason, broken.raw, broken.origin) == (
+        "label",
+        "bad_json",
+        '{"txn_id":"t7",',
+        "s#2-1",
+    )
+    assert broken.detail.startswith("Input data was truncated")
 
 
 def test_what_the_dead_letter_of_a_payload_that_is_not_json_says() -> None:
@@ -302,3 +312,4 @@ def test_operator_commands_decode_with_their_place_or_become_bad_control_dead_le
         )
     big = decode("control", '{"command":"rules","text":"' + "x" * MAX_RECORD_BYTES + '"}')
     assert isinstance(big, DeadLetter) and (big.kind, big.reason) == ("control", "too_large")
+    assert len(big.raw) == MAX_RECORD_BYTES  # the dead letter keeps the first 64 KiB, not all
