@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +315,32 @@ def test_operator_commands_decode_with_their_place_or_become_bad_control_dead_le
     big = decode("control", '{"command":"rules","text":"' + "x" * MAX_RECORD_BYTES + '"}')
     assert isinstance(big, DeadLetter) and (big.kind, big.reason) == ("control", "too_large")
     assert len(big.raw) == MAX_RECORD_BYTES  # the dead letter keeps the first 64 KiB, not all
+
+
+def test_decoding_with_little_stack_left_gives_a_dead_letter_not_a_crash() -> None:
+    """msgspec counts its nesting against the interpreter's recursion limit, so a record it reads
+    fine may fail when the caller's stack is already deep: each kind's decoder still returns a
+    dead letter (`bad_json`, the payload and its origin kept), never raises."""
+    from features.events import _TOO_DEEP
+
+    nested = ',"x":' + "[" * 60 + "]" * 60 + "}"
+    records = {
+        "txn": GOOD[:-1] + nested,
+        "label": '{"txn_id":"t1","is_fraud":true,"ts":1767603600250' + nested,
+    }
+    old = sys.getrecursionlimit()
+    for kind, raw in records.items():
+        assert not isinstance(decode(kind, raw), DeadLetter)  # with room to spare: fine
+        sys.setrecursionlimit(len(inspect.stack()) + 40)
+        try:
+            out = decode(kind, raw, 0, 0, "s#9-0")
+        finally:
+            sys.setrecursionlimit(old)
+        assert isinstance(out, DeadLetter), kind
+        assert (out.kind, out.reason, out.detail, out.raw, out.origin) == (
+            kind,
+            "bad_json",
+            _TOO_DEEP,
+            raw,
+            "s#9-0",
+        )
