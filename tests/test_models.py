@@ -339,6 +339,14 @@ def test_combine_computes_in_float64_whatever_the_scores_dtype() -> None:
         got = combine(xs, os_, 0.6)
         assert got.dtype == np.float64
         np.testing.assert_array_equal(got, want)
+    # One Python float with a float32 array (a single score against a batch): still float64.
+    one = float(x[0])
+    mixed = combine(one, o, 0.6)
+    assert mixed.dtype == np.float64
+    np.testing.assert_array_equal(mixed, combine(np.full(1000, one), o.astype(np.float64), 0.6))
+    mixed = combine(x, 0.37, 0.6)
+    assert mixed.dtype == np.float64
+    np.testing.assert_array_equal(mixed, combine(x.astype(np.float64), np.full(1000, 0.37), 0.6))
 
 
 @given(prob, prob, st.floats(0.0, 1.0))
