@@ -369,6 +369,11 @@ class ShardTable(StepLogic):
             self.log = ShardLog(
                 self.files.directory(self.shard), self.files.step, self.shard, self.value_type
             )
-        puts = {k: frozen(items[k]) for k in changed if k in items}
+        if self.mutable:
+            puts = {k: frozen(items[k]) for k in changed if k in items}
+            whole = lambda: {k: frozen(v) for k, v in items.items()}  # noqa: E731
+        else:  # immutable values are saved as they are: no call per changed key
+            puts = {k: items[k] for k in changed if k in items}
+            whole = lambda: items  # noqa: E731
         dels = [k for k in changed if k not in items]
-        return self.log.write(puts, dels, len(items), lambda: {k: frozen(v) for k, v in items.items()})
+        return self.log.write(puts, dels, len(items), whole)

@@ -374,7 +374,7 @@ class EntityLogic(ShardTable):
     def wake(self) -> tuple[list[Any], bool]:
         """Drop the keys that went idle (see the class)."""
         now = time.time()
-        idle = int(now) // MINUTE_S - self.plan.retention_ms // 60_000
+        idle = int(now) // MINUTE_S - self.plan.retention_ms // (MINUTE_S * 1000)
         now_ms = int(now * 1000)
         expired, items, seen = self.plan.expired, self.items, self.seen
         for k in [k for k, m in seen.items() if m < idle and expired(items[k], now_ms)]:
