@@ -1,7 +1,8 @@
-"""The one compiled module, `features._kernel` (the rest of the configuration is pyproject.toml).
+"""The compiled modules (the rest of the configuration is pyproject.toml): `features._kernel`, the
+window reads, and `features._table`, the compact table of per-transaction state.
 
-Optional: without a C compiler the install goes on and `features.plan` runs the same plans in
-Python, slower, with the same values.
+Optional: without a C compiler the install goes on; `features.plan` runs the same plans in Python,
+slower, with the same values, and `features.table.Table` is a dict (same behaviour, more memory).
 """
 
 from setuptools import Extension, setup
@@ -9,5 +10,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("features._kernel", ["features/_kernel.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension("features._table", ["features/_table.c"], optional=True, extra_compile_args=["-O2"]),
     ]
 )

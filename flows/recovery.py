@@ -195,8 +195,9 @@ def _now() -> datetime:
 # another layout is refused: resuming would find no state under the new step ids and go on from
 # the inputs' saved positions with empty windows, silently. 2: `flows.ordering.ordered` steps;
 # 3: the index and `pending` in fixed shards with their deltas in `state/` (`flows.shards`); 4: the
-# entity steps in fixed shards too.
-STATE_LAYOUT = 4
+# entity steps in fixed shards too; 5: the index's entries as msgpack bytes, `pending`'s vectors
+# packed (`features.table`).
+STATE_LAYOUT = 5
 
 
 def outdated(directory: Path, layout: Any) -> RecoveryStoreError:

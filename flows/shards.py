@@ -4,7 +4,8 @@ A transaction waits weeks for its label, so the index and `pending` hold million
 the entity steps hold every active card, merchant and device. One Bytewax key per transaction or
 entity made each cost Bytewax's per-key bookkeeping, a pickle of its own at every epoch close and,
 for an entity's idle timer, a place in the map Bytewax scans at every activation. Here a step keeps
-its keys in `SHARDS` Bytewax keys, each a plain dict (`ShardTable`), and a key goes to the shard
+its keys in `SHARDS` Bytewax keys, each a dict (`ShardTable`; for the index and `pending`, whose
+entries are bytes, a compact `features.table.Table`), and a key goes to the shard
 its id hashes to (`shard_of`). The shard count is fixed, not the worker count: after a resume on
 another number of workers every key is still in the shard its id names, wherever Bytewax now runs
 that shard. The shard keys are chosen so that 1, 2, 3, 4, 6, 8, 12 or 16 workers get the same
@@ -13,7 +14,8 @@ number each.
 Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
 cost its whole content every few seconds. So when `fraud run` runs with recovery
 (`FRAUD_RECOVERY_DIR`), a shard appends only what changed since its last snapshot to a file of its
-own (`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced before Bytewax's store records it) and
+own (`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced before Bytewax's store records it; in
+records of `CHUNK` keys, so a snapshot's memory does not grow with what the epoch changed) and
 hands Bytewax a `Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh
 the shard twice over, the next snapshot writes the whole shard to a new file and the chain
 restarts there; files that left the chain are deleted `KEEP` snapshots later (a resume may use a
@@ -31,7 +33,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -39,6 +41,7 @@ from zlib import crc32
 
 import msgspec
 
+from features.table import Table, table_of
 from flows.ordering import StepLogic
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ SHARD_KEYS = tuple(f"shard{i}" for i in _NAMES)
 SHARDS = len(SHARD_KEYS)
 KEEP = 8  # snapshots of a shard during which a file that left its chain is kept
 MIN_COMPACT_BYTES = 1 << 20  # deltas smaller than this never trigger a rewrite
+CHUNK = 4096  # keys per record a snapshot encodes: bounds its memory, whatever an epoch changed
 
 
 def shard_of(txn_id: str) -> str:
@@ -119,8 +123,9 @@ def sync_files() -> None:
 
 
 class FullState:
-    """A shard's snapshot without a recovery directory: a copy of its dict (values are immutable,
-    so a shallow copy is the state of this moment). Bytewax pickles it only when recovery is on."""
+    """A shard's snapshot without a recovery directory: a copy of its dict or table (values are
+    immutable, so a shallow copy is the state of this moment). Bytewax pickles it only when
+    recovery is on."""
 
     __slots__ = ("items", "shard")
 
@@ -220,35 +225,49 @@ class ShardLog:
     # -- writing --
 
     def write(
-        self, puts: dict[str, Any], dels: list[str], entries: int, whole: Callable[[], dict[str, Any]]
+        self,
+        delta: Iterable[tuple[dict[str, Any], list[str]]],
+        entries: int,
+        whole: Callable[[], Iterable[dict[str, Any]]],
     ) -> Manifest:
-        """Save the delta (or the whole shard, `whole()`, when the deltas outgrew it) and return
-        the manifest that rebuilds the shard's `entries` entries."""
+        """Save the delta, as (puts, dels) records (or the whole shard, `whole()`'s records, when
+        the deltas outgrew it), and return the manifest that rebuilds the shard's `entries`
+        entries. Records are encoded one at a time: a caller handing bounded chunks bounds what a
+        snapshot holds in memory, however many keys changed."""
         self.snapshots += 1
         if not self.swept:
             self._sweep()
         if self.delta_bytes > 2 * self.base_bytes + MIN_COMPACT_BYTES:
             self._rewrite(whole())
-        elif puts or dels:
-            name, start, end = self._append(self.encoder.encode((puts, dels)))
-            last = self.segments[-1] if self.segments else None
-            if last is not None and last[0] == name and last[2] == start:
-                self.segments[-1] = (name, last[1], end)
-            else:
-                self.segments.append((name, start, end))
-            self.delta_bytes += end - start
+        else:
+            for puts, dels in delta:
+                if puts or dels:
+                    self.delta_bytes += self._add(self.encoder.encode((puts, dels)))
         self._collect()
         return Manifest(self.step, self.shard, tuple(self.segments), entries, self.base_bytes)
 
-    def _rewrite(self, items: dict[str, Any]) -> None:
+    def _add(self, payload: bytes) -> int:
+        """Append a record to the chain; its size on disk."""
+        name, start, end = self._append(payload)
+        last = self.segments[-1] if self.segments else None
+        if last is not None and last[0] == name and last[2] == start:
+            self.segments[-1] = (name, last[1], end)
+        else:
+            self.segments.append((name, start, end))
+        return end - start
+
+    def _rewrite(self, records: Iterable[dict[str, Any]]) -> None:
         old = {name for name, _, _ in self.segments}
         self.file = None  # a base starts a file of its own, so the old ones can go whole
         if self.out is not None:
             self.out.close()
             self.out = None
-        name, start, end = self._append(self.encoder.encode((items, [])))
-        self.segments = [(name, start, end)]
-        self.base_bytes, self.delta_bytes = end - start, 0
+        self.segments, self.base_bytes, self.delta_bytes = [], 0, 0
+        for puts in records:
+            self.base_bytes += self._add(self.encoder.encode((puts, [])))
+        if not self.segments:  # an empty shard: one empty record starts the chain
+            self.base_bytes += self._add(self.encoder.encode(({}, [])))
+        name = self.segments[0][0]
         self.retired += [(f, self.snapshots) for f in sorted(old) if f != name]
 
     def _append(self, payload: bytes) -> tuple[str, int, int]:
@@ -302,10 +321,11 @@ class ShardTable(StepLogic):
     __slots__ = ("changed", "files", "items", "log", "saved", "shard")
     value_type: ClassVar[Any] = Any
     mutable: ClassVar[bool] = False
+    compact: ClassVar[bool] = False  # entries in a `features.table.Table` (bytes values), not a dict
 
     def __init__(self, files: StateFiles | None, resume: Manifest | FullState | None) -> None:
         self.files = files
-        self.items: dict[str, Any] = {}
+        self.items: Any = Table() if self.compact else {}
         self.changed: set[str] = set()
         self.log: ShardLog | None = None
         self.shard: str | None = None
@@ -320,11 +340,14 @@ class ShardTable(StepLogic):
                 )
             self.shard = resume.shard
             self.log = ShardLog(files.directory(resume.shard), resume.step, resume.shard, self.value_type)
-            self.items = self.restored(self.log.load(resume))
+            self.items = self._held(self.restored(self.log.load(resume)))
         elif type(resume) is FullState:
             self.shard = resume.shard
-            self.items = self.restored(dict(resume.items))
+            self.items = self._held(self.restored(resume.items.copy()))
             self.changed = set(self.items)  # no file holds them yet: the first delta has them all
+
+    def _held(self, items: Any) -> Any:
+        return table_of(items) if self.compact and type(items) is not Table else items
 
     def restored(self, items: dict[str, Any]) -> dict[str, Any]:
         """The entries as loaded from a snapshot (a subclass may share common values again, or
@@ -357,7 +380,7 @@ class ShardTable(StepLogic):
         if self.files is None:
             saved = self.saved
             if saved is None:
-                return FullState(self.shard, dict(items))
+                return FullState(self.shard, items.copy())
             for k in changed:
                 v = items.get(k)
                 if v is None:
@@ -369,11 +392,26 @@ class ShardTable(StepLogic):
             self.log = ShardLog(
                 self.files.directory(self.shard), self.files.step, self.shard, self.value_type
             )
-        if self.mutable:
-            puts = {k: frozen(items[k]) for k in changed if k in items}
-            whole = lambda: {k: frozen(v) for k, v in items.items()}  # noqa: E731
-        else:  # immutable values are saved as they are: no call per changed key
-            puts = {k: items[k] for k in changed if k in items}
-            whole = lambda: items  # noqa: E731
-        dels = [k for k in changed if k not in items]
-        return self.log.write(puts, dels, len(items), whole)
+        whole = self._whole if self.mutable or self.compact else lambda: [items]
+        return self.log.write(self._delta(changed), len(items), whole)
+
+    def _whole(self) -> Iterator[dict[str, Any]]:
+        """The shard's entries as saved, `CHUNK` at a time (a table's values, or a mutable
+        shard's frozen copies, are made for the snapshot: chunks bound how many at once)."""
+        items, frozen, keys = self.items, self.frozen, list(self.items.keys())
+        for i in range(0, len(keys), CHUNK):
+            if self.mutable:
+                yield {k: frozen(items[k]) for k in keys[i : i + CHUNK]}
+            else:
+                yield {k: items[k] for k in keys[i : i + CHUNK]}
+
+    def _delta(self, changed: set[str]) -> Iterator[tuple[dict[str, Any], list[str]]]:
+        """The changed keys' (puts, dels) records, `CHUNK` keys at a time."""
+        items, frozen, keys = self.items, self.frozen, list(changed)
+        for i in range(0, len(keys), CHUNK):
+            chunk = keys[i : i + CHUNK]
+            if self.mutable:
+                puts = {k: frozen(items[k]) for k in chunk if k in items}
+            else:  # immutable values are saved as they are: no call per changed key
+                puts = {k: items[k] for k in chunk if k in items}
+            yield puts, [k for k in chunk if k not in items]

@@ -11,7 +11,6 @@ import time
 from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from sys import intern
 from typing import Any, ClassVar, TypeGuard
 
 import msgspec
@@ -28,6 +27,7 @@ from features.engine import (
 from features.events import Control, DeadLetter, Decoded, Label, Record, Transaction, decode, encode
 from features.plan import EntityPlan
 from features.privacy import identity, signed, tokenize_raw
+from features.table import pack_vector, unpack_vector
 from flows.expiry import Expired
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
@@ -247,7 +247,9 @@ def _entity_or_txn(item: Chained | Quarantined, position: int) -> str:
     return item.txn.txn_id if type(item) is FeatureRow else item.txn_id  # type: ignore[union-attr]
 
 
-LABELLED = TxnEntry(0, (), True)  # the value of every labelled entry (one shared object)
+_entry_bytes = msgspec.msgpack.Encoder().encode
+_entry_of = msgspec.msgpack.Decoder(TxnEntry).decode
+LABELLED = _entry_bytes(TxnEntry(0, (), True))  # the value of every labelled entry
 
 
 class IndexLogic(ShardTable):
@@ -257,23 +259,17 @@ class IndexLogic(ShardTable):
     An entry lives until its `Expired` comes (`FRAUD_LABEL_TTL_DAYS` of wall-clock time after it
     arrived: `flows.expiry.Expiry`), which it passes on to `pending`; a label for a transaction
     never seen, expired, or already labelled, becomes a dead letter. A labelled entry keeps only
-    that it was labelled (`LABELLED`), to turn a second label away.
+    that it was labelled (`LABELLED`), to turn a second label away. Entries are held as their
+    `TxnEntry`'s msgpack bytes in a compact table (`features.table`): millions wait weeks.
     """
 
     __slots__ = ("pipeline",)
-    value_type = TxnEntry
+    value_type = bytes
+    compact = True
 
     def __init__(self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any) -> None:
         self.pipeline = pipeline
         super().__init__(files, resume)
-
-    def restored(self, items: dict[str, Any]) -> dict[str, Any]:
-        for k, e in items.items():
-            if e.labelled:
-                items[k] = LABELLED
-            else:
-                e.keys = tuple(None if s is None else intern(s) for s in e.keys)
-        return items
 
     def apply(self, events: list[Transaction | Label | Expired]) -> list[Chained | DeadLetter | Expired]:
         if self.shard is None:
@@ -291,7 +287,9 @@ class IndexLogic(ShardTable):
                 continue
             try:
                 if t is Label:
-                    joined = label_event(item.txn_id, items.get(item.txn_id), item)  # type: ignore[arg-type]
+                    held = items.get(item.txn_id)
+                    entry = None if held is None else _entry_of(held)
+                    joined = label_event(item.txn_id, entry, item)  # type: ignore[arg-type]
                     if type(joined) is LabelEvent:
                         self.put(item.txn_id, LABELLED)
                     out.append(joined)
@@ -299,7 +297,7 @@ class IndexLogic(ShardTable):
                     out.append(duplicate_txn(item))  # type: ignore[arg-type]
                 else:
                     row, entry = self.pipeline.start(item)  # type: ignore[arg-type]
-                    self.put(item.txn_id, entry)
+                    self.put(item.txn_id, _entry_bytes(entry))
                     out.append(row)
             except Exception as exc:
                 out.append(quarantine(item, "index", exc).dead)
@@ -386,9 +384,10 @@ class EntityLogic(ShardTable):
 
 class PendingLogic(ShardTable):
     """One shard (`flows.shards`) of the vectors waiting for their label, after the entity chain:
-    assembles each transaction's feature vector, passes it on to be scored and keeps a copy (as
-    float32 bytes: `models.serving.LabelledVector`) until its label arrives (or its `Expired`
-    comes from the index), then sends the label with that copy for the online model to learn.
+    assembles each transaction's feature vector, passes it on to be scored and keeps a copy (its
+    float32 values, packed: `features.table.pack_vector`, in a compact table) until its label
+    arrives (or its `Expired` comes from the index), then sends the label with that copy
+    (`models.serving.LabelledVector`) for the online model to learn.
 
     Most labels skip the entity chain (`needs_chain`), so a label may come before its row (still
     held in the chain): it waits here (the value is the `LabelEvent`) for the row. The labelled
@@ -398,6 +397,7 @@ class PendingLogic(ShardTable):
 
     __slots__ = ("pipeline",)
     value_type = bytes | LabelEvent
+    compact = True  # vectors inline in a `features.table.Table`; a waiting `LabelEvent` by reference
     held: ClassVar[int] = 0  # vectors held by this process's shards (the `fraud_pending_transactions` gauge)
 
     def __init__(self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any) -> None:
@@ -438,16 +438,16 @@ class PendingLogic(ShardTable):
                         continue
                     if type(waiting) is not bytes:
                         PendingLogic.held += 1
-                    self.put(txn_id, array("f", values).tobytes())
+                    self.put(txn_id, pack_vector(values))
                     continue
                 telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
                 vector = items.get(it.txn_id)
                 if type(vector) is bytes:
                     self.drop(it.txn_id)
                     PendingLogic.held -= 1
-                    kept = array("f")
-                    kept.frombytes(vector)
-                    out.append(LabelledVector(it.txn_id, it.is_fraud, kept, it.seq, it.ts_ms))
+                    out.append(
+                        LabelledVector(it.txn_id, it.is_fraud, unpack_vector(vector), it.seq, it.ts_ms)
+                    )
                 else:  # the row is still in the entity chain
                     self.put(it.txn_id, it)
             except Exception as exc:

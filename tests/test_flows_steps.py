@@ -30,6 +30,7 @@ from prometheus_client import REGISTRY
 from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, TxnEntry, join_label
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
+from features.table import COMPILED, Table
 from flows.expiry import WAKE, Expired, Expiry, bucket_key
 from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
@@ -480,15 +481,18 @@ def test_per_transaction_state_is_compact_and_invisible_to_the_garbage_collector
     pipeline: FeaturePipeline,
 ) -> None:
     """The index and `pending` hold an entry per transaction for weeks, in a few shard keys: the
-    entries are untracked by the GC (a full collection would walk millions of them, a pause of
-    seconds), a labelled entry shares one value, and no object per transaction has a dict."""
+    entries live in compact tables (`features.table`: no Python object per entry), untracked by
+    the GC (a full collection would walk millions of them, a pause of seconds), and no object per
+    transaction has a dict."""
     stage = Stage("gc_test", partial(IndexLogic, pipeline, None), Workers(1), None)
     index = KeyedStep.build(stage, None)
     assert isinstance(index, StatefulBatchLogic)  # what Bytewax checks
     rows = index.on_batch([txn("t1", 1), txn("t2", 2), Label("t1", True, NOW_MS + 1, seq=3)])[0]
     assert index.logic is not None and not gc.is_tracked(index) and not hasattr(index, "__dict__")
     items = index.logic.items  # type: ignore[attr-defined]
-    assert items["t1"] is LABELLED and type(items["t2"]) is TxnEntry
+    assert type(items) is Table and (COMPILED or isinstance(items, dict))
+    assert items["t1"] == LABELLED
+    assert msgspec.msgpack.decode(items["t2"], type=TxnEntry) == pipeline.start(txn("t2", 2))[1]
     pending = PendingLogic(pipeline, None, None)
     pending.apply([r for r in rows if isinstance(r, FeatureRow) and r.txn.txn_id == "t2"])
     for d in (items, pending.items):
