@@ -9,11 +9,13 @@ shows again what an interrupted run read but did not show.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import redis
 from typer.testing import CliRunner
 
 from fraud.cli import app
-from fraud.consumer import ensure_group, pending_count, read_alerts
+from fraud.consumer import ensure_group, format_alert, pending_count, read_alerts, scan_stream
 from fraud.display import FIELD_CAP
 from testkit.streams import drain
 
@@ -300,6 +302,17 @@ def test_cli_alerts_piped_to_a_reader_that_leaves(redis_url: str, redis_client: 
     assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
 
 
+def json_reader(redis_url: str) -> subprocess.Popen[bytes]:
+    """`fraud alerts --json` in a process of its own, its output in a pipe the test reads."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fraud.cli", "alerts", "--json"],
+        cwd=ROOT,
+        env={**os.environ, "FRAUD_REDIS_URL": redis_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def test_a_reader_killed_between_reading_and_printing_loses_no_alert(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -308,13 +321,7 @@ def test_a_reader_killed_between_reading_and_printing_loses_no_alert(
     next reader of the group shows every alert the killed one did not write out; none is lost,
     and only the batch in flight may be shown twice."""
     ids = add(redis_client, ALERTS, [alert(i) for i in range(3000)])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fraud.cli", "alerts", "--json"],
-        cwd=ROOT,
-        env={**os.environ, "FRAUD_REDIS_URL": redis_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = json_reader(redis_url)
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     stalled = (-1, 0.0)  # (entries delivered to the group, since when unchanged)
@@ -338,6 +345,38 @@ def test_a_reader_killed_between_reading_and_printing_loses_no_alert(
     assert n == len(second) and set(first) | set(second) == set(ids)  # nothing lost
     assert first == ids[: len(first)] and second[-1] == ids[-1]
     assert len(first) + len(second) - 3000 <= 100  # shown twice: at most the batch in flight
+    assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
+
+
+def test_a_reader_killed_between_printing_and_acknowledging_shows_the_batch_again(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The other crash point: `fraud alerts --json` has written a whole batch and dies before its
+    XACK reaches Redis (held there: the test pauses Redis's writes once the batch is almost all
+    read, then SIGKILLs the reader waiting on its XACK). Nothing was acknowledged, so the next
+    reader of the group shows that batch again, then the rest: at least once, never lost."""
+    ids = add(redis_client, ALERTS, [alert(i, note="x" * 2000) for i in range(150)])  # 100 lines > a pipe
+    proc = json_reader(redis_url)
+    assert proc.stdout is not None
+    try:
+        lines = [proc.stdout.readline() for _ in range(40)]  # the writer is blocked on the full pipe
+        assert pending_count(redis_client, ALERTS, "fraud-cli") == 100  # one batch read, none acked
+        redis_client.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")  # XACK now waits
+        lines += [proc.stdout.readline() for _ in range(60)]  # the rest of the batch: all printed
+        time.sleep(0.5)
+        assert proc.poll() is None and pending_count(redis_client, ALERTS, "fraud-cli") == 100
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    first = json_ids(b"".join(lines).decode())
+    assert first == ids[:100]  # the whole batch was shown, then the reader died
+    assert pending_count(redis_client, ALERTS, "fraud-cli") == 100  # and none acknowledged
+    n, text = drain(redis_client, ALERTS, group="fraud-cli", consumer="cli", as_json=True)
+    assert n == 150 and json_ids(text) == ids  # shown again, then the rest
     assert pending_count(redis_client, ALERTS, "fraud-cli") == 0
 
 
@@ -486,3 +525,69 @@ def test_fuzz_every_reader_survives_hostile_streams(
     assert_terminal_safe(result.stdout)
     heads = [line.split(" ", 1)[0] for line in result.stdout.splitlines() if not line.startswith("    ")]
     assert heads == dead_ids[::-1]
+
+
+def reasons_shown(reasons: list[Any] | str) -> str:
+    """The reasons part of `fraud alerts`' text line for an alert with these reasons."""
+    raw = reasons if isinstance(reasons, str) else json.dumps(reasons)
+    return format_alert(alert(0, reasons=raw)).split("  reasons: ", 1)[1]
+
+
+def test_the_text_line_shows_each_kind_of_reason() -> None:
+    """What an analyst reads for each reason: a rule with the action it took, a feature with its
+    value (`na` when the model saw it missing, `?` when the entry does not say) and contribution."""
+    assert reasons_shown([{"rule": "velocity_24h", "action": "review"}, {"rule": "blocklist"}]) == (
+        "rule velocity_24h (review), rule blocklist (?)"
+    )
+    assert (
+        reasons_shown(
+            [
+                {"feature": "amount", "value": 15_000_000.0, "contribution": 0.31},
+                {"feature": "device_new", "value": None, "contribution": -0.05},
+                {"feature": "hour", "contribution": 0.2},
+                {"feature": 5, "value": 1, "contribution": 0.1},
+                {"feature": "", "value": 2, "contribution": 0.1},
+            ]
+        )
+        == "amount=1.5e+07 (+0.310), device_new=na (-0.050), hour=? (+0.200), ?=1 (+0.100), ?=2 (+0.100)"
+    )
+    assert (
+        reasons_shown('[{"feature": "amount", "value": 1e999, "contribution": 1e999}]') == "amount=inf (+inf)"
+    )
+    assert reasons_shown([]) == "none" and reasons_shown("not json") == "?" and reasons_shown("{}") == "?"
+
+
+def test_a_long_list_of_reasons_stops_once_past_the_field_cap() -> None:
+    """Reasons are shown until their text passes `FIELD_CAP` characters, then counted: four
+    reasons of exactly a quarter of the cap (with their separators) are not past it, so a fifth
+    is shown, then the line says how many more there are."""
+    name = "f" * (FIELD_CAP // 4 - len("=1 (+0.100)") - len(", "))
+    reasons = [{"feature": name, "value": 1, "contribution": 0.1}] * 8
+    part = f"{name}=1 (+0.100)"
+    assert len(part) + 2 == FIELD_CAP // 4
+    assert reasons_shown(reasons) == ", ".join([part] * 5) + "… (3 more reasons)"
+
+
+def test_a_blocking_read_waits_for_the_next_alert(redis_url: str, redis_client: redis.Redis) -> None:
+    ensure_group(redis_client, ALERTS, "g", start_id="$")
+    timer = threading.Timer(0.3, lambda: add(redis.Redis.from_url(redis_url), ALERTS, [alert(1)]))
+    timer.start()
+    try:
+        got = read_alerts(redis_client, ALERTS, "g", "me", block_ms=10_000)
+    finally:
+        timer.join()
+    assert [fields["txn_id"] for _, fields in got] == ["t1"]
+    assert read_alerts(redis_client, ALERTS, "g", "me", block_ms=None) == []  # returns at once
+
+
+def test_scanning_a_stream_reads_every_entry_once_in_order_across_pages(redis_client: redis.Redis) -> None:
+    """`scan_stream` pages by the last id seen, also across a sequence number at its maximum."""
+    top = 2**64 - 1
+    ids = ["5-1", f"5-{top - 1}", f"5-{top}", "6-0", "7-0", "7-1", "8-0"]
+    for entry_id in ids:
+        redis_client.xadd(ALERTS, {"n": entry_id}, id=entry_id)
+    for page in (1, 2, 3, 100):
+        scanned = list(itertools.islice(scan_stream(redis_client, ALERTS, page), 20))
+        assert [entry_id for entry_id, _ in scanned] == ids, page
+        assert [fields[b"n"].decode() for _, fields in scanned] == ids
+    assert list(scan_stream(redis_client, "fraud:nothing-here", 10)) == []
