@@ -25,7 +25,7 @@ import redis
 from typer.testing import CliRunner
 
 from fraud.cli import app
-from fraud.consumer import ensure_group, format_alert, pending_count, read_alerts, scan_stream
+from fraud.consumer import alert_json, ensure_group, format_alert, pending_count, read_alerts, scan_stream
 from fraud.display import FIELD_CAP
 from testkit.streams import drain
 
@@ -591,3 +591,34 @@ def test_scanning_a_stream_reads_every_entry_once_in_order_across_pages(redis_cl
         assert [entry_id for entry_id, _ in scanned] == ids, page
         assert [fields[b"n"].decode() for _, fields in scanned] == ids
     assert list(scan_stream(redis_client, "fraud:nothing-here", 10)) == []
+
+
+def test_the_text_line_of_an_alert() -> None:
+    """The whole line an analyst reads: time, ids, the three scores and the threshold to three
+    decimals, the model, what a rule made of it (only when it is not a plain alert), the reasons."""
+    assert format_alert(alert(0)) == (
+        "2024-05-01T12:00:00Z  txn=t0  card=c0  merchant=m1  score=0.910 (xgb 0.900, online 0.200; "
+        "threshold 0.500)  model=v1  reasons: amount_z=4.2 (+0.310)"
+    )
+    assert format_alert(alert(0, action="alert")) == format_alert(alert(0))
+    assert "  model=v1  action=review  reasons: " in format_alert(alert(0, action="review"))
+    assert "  model=v1  action=block  reasons: " in format_alert(alert(0, action="block"))
+    assert "threshold ?)" in format_alert({**alert(0), "threshold": "high"})
+    assert "  score=inf (xgb nan, " in format_alert({**alert(0), "score": "inf", "xgb_score": "nan"})
+
+
+def test_the_json_line_of_an_alert_is_compact_ascii_strict_json() -> None:
+    """`fraud alerts --json` writes one compact line per alert: no spaces after separators,
+    every non-ASCII or control character escaped, reasons decoded; reasons holding NaN (not JSON)
+    stay the raw string."""
+    fields = alert(0, merchant_id="café\x1b")
+    line = alert_json("1-0", fields)
+    assert line.startswith(
+        '{"id":"1-0","fields":{"txn_id":"t0","card_id":"c0","merchant_id":"caf\\u00e9\\u001b",'
+    )
+    assert line.isascii() and ", " not in line and '": ' not in line
+    assert json.loads(line)["fields"]["reasons"] == [
+        {"feature": "amount_z", "value": 4.2, "contribution": 0.31}
+    ]
+    nan = alert(0, reasons='[{"feature": "a", "value": NaN}]')
+    assert json.loads(alert_json("1-0", nan))["fields"]["reasons"] == '[{"feature": "a", "value": NaN}]'
