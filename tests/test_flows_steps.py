@@ -30,7 +30,7 @@ from prometheus_client import REGISTRY
 from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEvent, TxnEntry, join_label
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
-from features.table import COMPILED, Table
+from features.table import COMPILED, DictTable, Table
 from flows.expiry import WAKE, Expired, Expiry, bucket_key
 from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
@@ -517,3 +517,53 @@ def test_a_run_moves_its_start_up_objects_out_of_the_collectors_reach() -> None:
     )
     before, frozen, walked = map(int, out.stdout.split())
     assert before > 50_000 and frozen >= before * 0.9 and walked < 1_000
+
+
+@pytest.mark.parametrize("table_kind", ["compiled", "dict"])
+@pytest.mark.parametrize("with_files", [True, False])
+def test_index_and_pending_resume_alike_on_either_table(
+    pipeline: FeaturePipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    table_kind: str,
+    with_files: bool,
+) -> None:
+    """The index and `pending` keep their entries in `features.table.Table` (compiled) or, on an
+    install without a C compiler, a dict: either way a snapshot (files or a pickled copy) resumes
+    the same entries, a label joins its transaction once and brings back the scored values."""
+    if table_kind == "dict":
+        monkeypatch.setattr("features.table.Table", DictTable)
+        monkeypatch.setattr("flows.shards.Table", DictTable)
+    txns = [txn(f"t{i}", i, card=f"c{i % 2}", amount=1.5 + i) for i in range(1, 5)]
+
+    def files(step: str) -> StateFiles | None:
+        return StateFiles(tmp_path, step) if with_files else None
+
+    index, pending = (
+        IndexLogic(pipeline, files("index"), None),
+        PendingLogic(pipeline, files("pending"), None),
+    )
+    rows = [r for r in index.apply(list(txns)) if isinstance(r, FeatureRow)]
+    for r in rows:
+        for plan in pipeline.plans:
+            pipeline.observe(plan, plan.new_state(), r)
+    scored = [v for v in pending.apply(rows) if isinstance(v, FeatureVector)]
+    assert type(index.items) is (DictTable if table_kind == "dict" else Table) and len(index.items) == len(
+        txns
+    )
+    snaps = [pickle.loads(pickle.dumps(logic.snapshot())) for logic in (index, pending)]
+    index, pending = (
+        IndexLogic(pipeline, files("index"), snaps[0]),
+        PendingLogic(pipeline, files("pending"), snaps[1]),
+    )
+    assert sorted(index.items.keys()) == sorted(pending.items.keys()) == sorted(t.txn_id for t in txns)
+    t0 = txns[0].txn_id
+    joined = index.apply(
+        [Label(t0, True, NOW_MS + 9, seq=20), Label(t0, False, NOW_MS + 10, seq=21), txns[0]]
+    )
+    assert [type(j).__name__ for j in joined] == ["LabelEvent", "DeadLetter", "DeadLetter"]
+    assert [d.reason for d in joined[1:]] == ["duplicate_label", "duplicate_txn"]  # type: ignore[union-attr]
+    (learned,) = pending.apply([joined[0]])
+    assert isinstance(learned, LabelledVector) and learned.is_fraud and learned.seq == 20
+    assert np.array_equal(learned.values, np.asarray(scored[0].values, dtype=np.float32), equal_nan=True)
+    assert t0 not in pending.items and len(pending.items) == len(txns) - 1
