@@ -622,3 +622,37 @@ def test_the_json_line_of_an_alert_is_compact_ascii_strict_json() -> None:
     ]
     nan = alert(0, reasons='[{"feature": "a", "value": NaN}]')
     assert json.loads(alert_json("1-0", nan))["fields"]["reasons"] == '[{"feature": "a", "value": NaN}]'
+
+
+def test_a_long_pending_list_is_shown_whole_before_new_alerts(redis_client: redis.Redis) -> None:
+    """A reader that died holding more than a batch (here 250 read, none acknowledged) gets them
+    all back, page after page, before the alerts that came since."""
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(250)])
+    ensure_group(redis_client, ALERTS, "g")
+    for _ in range(3):
+        read_alerts(redis_client, ALERTS, "g", "me", count=100)
+    more = add(redis_client, ALERTS, [alert(i) for i in range(250, 260)])
+    n, text = drain(redis_client, ALERTS, group="g", as_json=True)
+    assert n == 260 and json_ids(text) == ids + more
+    assert pending_count(redis_client, ALERTS, "g") == 0
+
+
+def test_an_entry_the_reader_cannot_render_is_shown_as_such_and_acknowledged(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety net for a rendering bug (planted here: no entry makes the renderers raise): the
+    entry gets a line naming it and the error, and is acknowledged, instead of stopping the reader
+    and coming back forever."""
+    ids = add(redis_client, ALERTS, [alert(0), alert(1)])
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("fraud.consumer.format_alert", broken)
+    monkeypatch.setattr("fraud.consumer.alert_json", broken)
+    n, text = drain(redis_client, ALERTS, group="g", as_json=False)
+    assert n == 2 and text.splitlines() == [f"{i}  unprintable entry (RuntimeError)" for i in ids]
+    ids = add(redis_client, ALERTS, [alert(2)])
+    n, text = drain(redis_client, ALERTS, group="g", as_json=True)
+    assert n == 1 and text == f'{{"id":"{ids[0]}","error":"unprintable entry (RuntimeError)"}}\n'
+    assert pending_count(redis_client, ALERTS, "g") == 0
