@@ -12,6 +12,7 @@ import json
 import pickle
 import subprocess
 import sys
+from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -567,3 +568,27 @@ def test_index_and_pending_resume_alike_on_either_table(
     assert isinstance(learned, LabelledVector) and learned.is_fraud and learned.seq == 20
     assert np.array_equal(learned.values, np.asarray(scored[0].values, dtype=np.float32), equal_nan=True)
     assert t0 not in pending.items and len(pending.items) == len(txns) - 1
+
+
+def test_batch_replays_join_labels_to_held_vectors_within_the_ttl(pipeline: FeaturePipeline) -> None:
+    """`PendingVectors` (what `fraud evaluate` keeps instead of the `pending` step): a label gets
+    its transaction's scored values with its own identity, order and time; a vector older than
+    the TTL behind the newest event is forgotten (one exactly at the TTL is kept); a label for a
+    transaction never held, forgotten or already joined gets None."""
+    held = PendingVectors(ttl_ms=60_000)
+    rows = chained(pipeline, txn("t1", 1), txn("t2", 2, minutes=1), txn("t3", 3, minutes=2))
+    vectors = [FeatureVector(r.txn, pipeline.assemble(r), False) for r in rows]
+    for v in vectors[:2]:
+        held.hold(v)  # t2 is the TTL after t1: t1 is kept
+    assert list(held.vectors) == ["t1", "t2"]
+    _, entry = pipeline.start(rows[1].txn)
+    label = join_label("t2", entry, Label("t2", True, NOW_MS + 5 * 60_000, seq=9))
+    assert isinstance(label, LabelEvent)
+    joined = held.join(label)
+    assert joined == LabelledVector("t2", True, joined.values if joined else [], 9, NOW_MS + 5 * 60_000)
+    assert joined is not None and bytes(joined.values) == bytes(array("f", vectors[1].values))
+    assert held.join(label) is None  # joined once
+    held.hold(vectors[2])  # t3 is two TTLs after t1: t1 is forgotten
+    assert list(held.vectors) == ["t3"]
+    assert held.join(msgspec.structs.replace(label, txn_id="t1")) is None
+    assert held.join(msgspec.structs.replace(label, txn_id="never")) is None
