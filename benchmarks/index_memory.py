@@ -104,7 +104,7 @@ def main() -> None:
         "valid", op.map("decode", op.input("in", flow, TestingSource(records, 1000)), decode_record), is_valid
     )
     keyed = op.key_on("key", decoded.trues, txn_key)
-    parts = sample_parts(pipeline, SAMPLE_ROWS)
+    parts = sample_parts(pipeline, min(SAMPLE_ROWS, n))
     count = [0]
 
     def scored_row(kv: tuple[str, Any]) -> tuple[str, Any]:

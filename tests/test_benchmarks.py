@@ -51,6 +51,7 @@ def test_index_memory_benchmark_runs(step: str) -> None:
         out.stdout,
         re.M,
     )
+    assert re.search(r"^second half alone: -?[\d,]+ bytes per transaction", out.stdout, re.M)
 
 
 def test_quality_benchmark_runs_and_prints_its_table() -> None:
