@@ -75,7 +75,7 @@ model: setup
 ## module (benchmarks/mutation.py). `make mutation ONLY='models.combine*'` runs some mutants only.
 mutation: setup
 	$(BIN)/pip install --quiet "mutmut==3.8.1"
-	$(BIN)/mutmut run --max-children $$(nproc) $(ONLY)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $$(nproc) $(ONLY)
 	$(BIN)/python -m benchmarks.mutation
 
 clean:
