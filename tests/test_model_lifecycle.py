@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -542,3 +543,63 @@ def test_with_a_command_key_only_signed_commands_reach_the_scorer(
     other_key = decoder(identity, b"another key")(("control", signed_raw, "x#1-0"))
     assert isinstance(other_key, DeadLetter)
     assert isinstance(decoder(identity)(("control", unsigned_raw, "x#1-0")), Control)  # no key: accepted
+
+
+def test_what_a_command_or_a_resume_changes_in_the_scorer(
+    registry: Registry, vectors: list[FeatureVector]
+) -> None:
+    """Each command's effect as the next snapshot records it: the champion's version and model
+    digest and a drift watch of its own; a shadow and its digest, and `shadow` with no version
+    turning it off; rules named "rules" when the command names none. A resume from a snapshot (also
+    the shorter ones older flows saved) serves what it names; a refused command says why."""
+    s = Settings(model_registry=registry.root, threshold=None)
+    scorer = load_runtime(s, need_redis=False).new_scorer()
+    scorer.decide(vectors[:50])
+    before, first = scorer.monitor, scorer.snapshot()  # V1's watch has seen 50 rows
+    assert before is not None
+    rules = "big: amount > 100000 -> review\n"
+    scorer.decide(
+        [
+            command(registry, "champion", V2),
+            command(registry, "shadow", V1),
+            Control("rules", "", rules_digest(rules), rules),
+        ]
+    )
+    assert not scorer.last.failed, scorer.last.failed
+    snap = scorer.snapshot()
+    assert snap[2:] == (V2, registry.digest(V2), V1, registry.digest(V1), rules, "rules")
+    assert scorer.monitor is not None and scorer.monitor is not before
+    assert scorer.monitor.config != before.config and scorer.monitor.concept.n == 0  # V2's own reference
+
+    for shape in (snap, snap[:6]):  # the flow's snapshot, and one without the rules
+        resumed = load_runtime(s, need_redis=False).new_scorer()
+        resumed.restore(shape)
+        assert resumed.snapshot()[2:] == snap[2 : len(shape)] + ("", "")[: 8 - len(shape)], len(shape)
+    other_file = load_runtime(s, need_redis=False).new_scorer()  # serving V1 already
+    with pytest.raises(ArtifactError, match="the registry differs between machines"):
+        other_file.restore((*snap[:2], V1, "0" * 64, "", ""))  # V1, but not the model file it served
+    online_only = load_runtime(s, need_redis=False).new_scorer()
+    online_only.restore(snap[:1])  # the oldest shape: the online model alone
+    assert online_only.champion.version == V1 and online_only.monitor is not None
+    assert online_only.monitor.concept.n == 0
+    watch = load_runtime(s, need_redis=False).new_scorer()
+    assert pickle.dumps(watch.monitor) != first[1]
+    watch.restore(first[:2])  # the online model and the watch: V1's watch resumes
+    assert pickle.dumps(watch.monitor) == first[1]
+
+    scorer.decide([Control("shadow", "", "")])
+    assert scorer.shadow is None and scorer.snapshot()[4:6] == ("", "")
+    no_watch = load_runtime(
+        Settings(model_registry=registry.root, drift_watch=False), need_redis=False
+    ).new_scorer()
+    no_watch.decide([command(registry, "champion", V2)])
+    assert not no_watch.last.failed and no_watch.champion.version == V2 and no_watch.monitor is None
+
+    refused = [
+        Control("champion", V2, "0" * 64),  # not the digest of V2's model file
+        Control("bogus", V2, ""),
+    ]
+    scorer.decide(refused)
+    errors = [str(exc) for _, exc in scorer.last.failed]
+    assert len(errors) == 2 and "bogus" not in errors[0] and errors[1] == "the scorer has no command 'bogus'"
+    assert scorer.champion.version == V2 and scorer.champion.digest == registry.digest(V2)
