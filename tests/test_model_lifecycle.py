@@ -597,9 +597,11 @@ def test_what_a_command_or_a_resume_changes_in_the_scorer(
 
     refused = [
         Control("champion", V2, "0" * 64),  # not the digest of V2's model file
+        Control("shadow", V1, "0" * 64),
         Control("bogus", V2, ""),
     ]
     scorer.decide(refused)
     errors = [str(exc) for _, exc in scorer.last.failed]
-    assert len(errors) == 2 and "bogus" not in errors[0] and errors[1] == "the scorer has no command 'bogus'"
+    assert len(errors) == 3 and all("the registry differs between machines" in e for e in errors[:2])
+    assert errors[2] == "the scorer has no command 'bogus'" and scorer.shadow is None
     assert scorer.champion.version == V2 and scorer.champion.digest == registry.digest(V2)
