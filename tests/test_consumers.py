@@ -566,6 +566,8 @@ def test_a_long_list_of_reasons_stops_once_past_the_field_cap() -> None:
     part = f"{name}=1 (+0.100)"
     assert len(part) + 2 == FIELD_CAP // 4
     assert reasons_shown(reasons) == ", ".join([part] * 5) + "… (3 more reasons)"
+    longer = [{"feature": name + "ff", "value": 1, "contribution": 0.1}] * 8  # four pass the cap
+    assert reasons_shown(longer) == ", ".join([f"{name}ff=1 (+0.100)"] * 4) + "… (4 more reasons)"
 
 
 def test_a_blocking_read_waits_for_the_next_alert(redis_url: str, redis_client: redis.Redis) -> None:
