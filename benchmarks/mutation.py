@@ -10,7 +10,8 @@ is killed / (mutants - equivalent), where equivalent mutants (a change no behavi
 as a different chunk size) are listed with their reason in `tests/mutation_equivalent.txt`.
 Timeouts count as killed (the mutant made a test hang), mutants no test executes as survivors,
 and mutants not run (yet) are counted apart and left out of the score. Prints one line per module, then each survivor by name (`mutmut show NAME` prints its
-diff), and writes the same to `mutants/report.txt`.
+diff), and writes the same to `mutants/report.txt` (of the first directory, with `--mutants DIR
+...`: results of clones that each ran some modules, merged).
 """
 
 from __future__ import annotations
@@ -44,16 +45,28 @@ def equivalent(path: Path = ROOT / "tests" / "mutation_equivalent.txt") -> dict[
     return out
 
 
-def report(mutants: Path, same: dict[str, str]) -> list[str]:
-    """The table and the survivors' names, for mutmut's results in `mutants`."""
+def results(dirs: list[Path]) -> dict[str, dict[str, int | None]]:
+    """Module -> mutant -> mutmut's exit code, from one or more `mutants` directories (runs of
+    the same code split over several clones): for each mutant, the last directory that ran it."""
+    out: dict[str, dict[str, int | None]] = {}
+    for mutants in dirs:
+        for meta in sorted(mutants.rglob("*.py.meta")):
+            module = str(meta.relative_to(mutants))[: -len(".meta")]
+            codes = out.setdefault(module, {})
+            for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+                if code is not None or name not in codes:
+                    codes[name] = code
+    return out
+
+
+def report(mutants: Path | list[Path], same: dict[str, str]) -> list[str]:
+    """The table and the survivors' names, for mutmut's results in `mutants` (one directory or several)."""
     lines = [
         f"{'module':<28} {'mutants':>8} {'killed':>7} {'timeout':>8} {'survived':>9} {'equiv.':>7} "
         f"{'unrun':>6}  score"
     ]
     survivors: list[str] = []
-    for meta in sorted(mutants.rglob("*.py.meta")):
-        module = str(meta.relative_to(mutants))[: -len(".meta")]
-        codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+    for module, codes in sorted(results(mutants if isinstance(mutants, list) else [mutants]).items()):
         kinds: Counter[str] = Counter()
         for name, code in codes.items():
             if name in same:
@@ -77,13 +90,20 @@ def report(mutants: Path, same: dict[str, str]) -> list[str]:
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--mutants", type=Path, default=ROOT / "mutants")
+    ap.add_argument(
+        "--mutants",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "mutants"],
+        help="mutmut's results directory; several (clones that ran parts of the same code) merge",
+    )
     args = ap.parse_args()
-    if not args.mutants.is_dir():
-        raise SystemExit(f"no mutmut results in {args.mutants}: run `make mutation` first")
+    for d in args.mutants:
+        if not d.is_dir():
+            raise SystemExit(f"no mutmut results in {d}: run `make mutation` first")
     text = "\n".join(report(args.mutants, equivalent()))
     print(text)
-    (args.mutants / "report.txt").write_text(text + "\n")
+    (args.mutants[0] / "report.txt").write_text(text + "\n")
 
 
 if __name__ == "__main__":

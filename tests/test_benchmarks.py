@@ -171,3 +171,12 @@ def test_the_mutation_report_scores_each_module_without_its_equivalent_mutants(t
     assert row[0] == "models/m.py" and row[1:7] == ["6", "1", "1", "2", "1", "1"]
     assert row[7] == "50.0%"  # (1 killed + 1 timeout) / (6 - 1 equivalent - 1 not run)
     assert lines[-2:] == ["  m.x_f__mutmut_2  (survived)", "  m.x_f__mutmut_6  (no tests)"]
+    # Two clones that each ran part of the same code: each mutant's result is the one a clone has.
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    (other / "models").mkdir(parents=True)
+    (other / "models" / "m.py.meta").write_text(
+        json.dumps({"exit_code_by_key": {**dict.fromkeys(codes), "m.x_f__mutmut_5": 1, "m.x_f__mutmut_2": 1}})
+    )
+    table = report([tmp_path, other], {"m.x_f__mutmut_4": "chunk size"})
+    assert table[2] == ""  # one module
+    assert table[1].split()[1:8] == ["6", "3", "1", "1", "1", "0", "80.0%"]  # mutants 2 and 5 killed there
