@@ -27,6 +27,7 @@ import json
 import tempfile
 from datetime import timedelta
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from benchmarks.common import START_MS, parser
 from features.engine import FeatureEngine, FeatureRow, FeatureVector
 from features.event_files import replay
+from features.table import pack_vector
 from flows.ordering import ordered
 from flows.routing import Workers
 from flows.shards import state_files
@@ -105,6 +107,12 @@ def main() -> None:
     )
     keyed = op.key_on("key", decoded.trues, txn_key)
     parts = sample_parts(pipeline, min(SAMPLE_ROWS, n))
+    width = sum(len(plan.names) for plan in pipeline.plans)
+    packed = [len(pack_vector(list(chain.from_iterable(p)))) for p in parts]
+    print(
+        f"the entity features of {len(parts):,} sample transactions ({width} per vector): packed "
+        f"{sum(packed) / len(packed):,.1f} bytes on average, as float32 {4 * width}"
+    )
     count = [0]
 
     def scored_row(kv: tuple[str, Any]) -> tuple[str, Any]:

@@ -10,8 +10,8 @@ row) by reference, and must not refer back to the table (the table is not garbag
 
 A vector waiting for its label is kept as float32 values (what XGBoost scores), packed: most
 features are counts, flags or missing, so a value takes one byte when it is an integer 0..250 or
-NaN, three for an integer up to 65535, five otherwise (on the bundled sample, 135 bytes for 51
-values instead of 204). `unpack_vector` gives back the same float32 values.
+NaN, three for an integer up to 65535, five otherwise (`python -m benchmarks.index_memory` prints
+what the sample's vectors pack to). `unpack_vector` gives back the same float32 values.
 
 Without a C compiler the install goes on: `Table` is a dict subclass with the same behaviour, and
 the vectors are packed the same way in Python, slower. Tables pickle as their items.
