@@ -30,7 +30,7 @@ typedef struct {
     uint16_t klen;
     uint16_t vlen; /* bytes of the value, or OBJ_FLAG | sizeof(PyObject *) */
     char data[];   /* the key's UTF-8 bytes, then the value's bytes (or the pointer) */
-} Entry;          /* 8 bytes of header: an entry of a 10-byte id and 37 bytes fits malloc's 64 */
+} Entry;          /* 8 bytes of header before the key and value */
 
 typedef struct {
     PyObject_HEAD

@@ -2,8 +2,8 @@
 `pack_vector`, a feature vector in a third fewer bytes.
 
 The index and `pending` (`flows.steps`) keep an entry for every transaction waiting for its
-label: millions per process. In a dict each entry costs a str key object (~60 bytes), a slot
-(~40) and a value object with its header; `features._table.Table` (C, built at install) keeps
+label: millions per process. In a dict each entry costs a str key object, a slot and a value
+object with its header; `features._table.Table` (C, built at install) keeps
 each entry in one allocation (the key's UTF-8 bytes, then the value's bytes) and the table as an
 array of pointers. A bytes value is stored inline; any other value (rare: a label waiting for its
 row) by reference, and must not refer back to the table (the table is not garbage-collected).

@@ -398,20 +398,22 @@ class ShardTable(StepLogic):
     def _whole(self) -> Iterator[dict[str, Any]]:
         """The shard's entries as saved, `CHUNK` at a time (a table's values, or a mutable
         shard's frozen copies, are made for the snapshot: chunks bound how many at once)."""
-        items, frozen, keys = self.items, self.frozen, list(self.items.keys())
+        keys = list(self.items.keys())
         for i in range(0, len(keys), CHUNK):
-            if self.mutable:
-                yield {k: frozen(items[k]) for k in keys[i : i + CHUNK]}
-            else:
-                yield {k: items[k] for k in keys[i : i + CHUNK]}
+            yield self._saved(keys[i : i + CHUNK])
 
     def _delta(self, changed: set[str]) -> Iterator[tuple[dict[str, Any], list[str]]]:
         """The changed keys' (puts, dels) records, `CHUNK` keys at a time."""
-        items, frozen, keys = self.items, self.frozen, list(changed)
+        items, keys = self.items, list(changed)
         for i in range(0, len(keys), CHUNK):
             chunk = keys[i : i + CHUNK]
-            if self.mutable:
-                puts = {k: frozen(items[k]) for k in chunk if k in items}
-            else:  # immutable values are saved as they are: no call per changed key
-                puts = {k: items[k] for k in chunk if k in items}
-            yield puts, [k for k in chunk if k not in items]
+            yield self._saved(chunk), [k for k in chunk if k not in items]
+
+    def _saved(self, keys: list[str]) -> dict[str, Any]:
+        """What a snapshot saves of `keys` still held: the values (immutable ones as they are, no
+        call per key), or a mutable shard's frozen copies."""
+        items = self.items
+        if self.mutable:
+            frozen = self.frozen
+            return {k: frozen(items[k]) for k in keys if k in items}
+        return {k: items[k] for k in keys if k in items}
