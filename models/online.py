@@ -15,6 +15,13 @@ from typing import Any
 
 from river import linear_model, optim, preprocessing
 
+try:  # the compiled scaler updates and feature dict (setup.py); River's own code without them
+    import models._river as _river
+except ImportError:  # pragma: no cover - exercised by the tests through `use_compiled(False)`
+    _river = None
+
+_compiled = _river
+
 
 class Clean(dict[str, float]):
     """A feature dict already without NaN/inf (what `x_dict` builds): not copied again."""
@@ -30,8 +37,41 @@ def x_dict(names: Sequence[str], row: Sequence[float] | Any) -> dict[str, float]
     values = row.tolist() if hasattr(row, "tolist") else row  # numpy scalars are slow to iterate
     if len(names) != len(values):
         raise ValueError(f"{len(names)} names but {len(values)} values")
+    if _compiled is not None:
+        x = _compiled.x_dict(Clean, names, values)
+        if x is not None:
+            return x
     # The finite values, as floats, without a Python-level loop per feature.
     return Clean(compress(zip(names, map(float, values), strict=True), map(isfinite, values)))
+
+
+def use_compiled(on: bool) -> bool:
+    """Run the compiled scaler updates and `x_dict` (when built) or River's own Python code; returns
+    whether the compiled ones were in use. Both give the same floats: the tests run both."""
+    global _compiled
+    was = _compiled is not None
+    _compiled = _river if on else None
+    return was
+
+
+def scaler_learn(scaler: preprocessing.StandardScaler, x: dict[str, float]) -> None:
+    """`scaler.learn_one(x)`, by the compiled loop when it takes `x` (same floats, same keys)."""
+    if (
+        _compiled is None
+        or scaler.window_size is not None
+        or scaler.with_std is not True
+        or _compiled.scaler_learn(scaler.counts, scaler.means, scaler.vars, x) is None
+    ):
+        scaler.learn_one(x)
+
+
+def scaler_transform(scaler: preprocessing.StandardScaler, x: dict[str, float]) -> dict[str, float]:
+    """`scaler.transform_one(x)`, by the compiled loop when it takes `x` (same floats, same keys)."""
+    if _compiled is not None and scaler.window_size is None and scaler.with_std is True:
+        out: dict[str, float] | None = _compiled.scaler_transform(scaler.means, scaler.vars, x)
+        if out is not None:
+            return out
+    return scaler.transform_one(x)
 
 
 def _clean(x: Mapping[str, float]) -> dict[str, float]:
@@ -89,8 +129,8 @@ class OnlineModel:
         # What River's `scaler | classifier` pipeline's `learn_one(x, label, w=...)` does, without
         # its routing on every call: the scaler learns `x` (unweighted), then the classifier the scaled `x`.
         x = _clean(x)
-        self._scaler.learn_one(x)
-        xs = self._scaler.transform_one(x)
+        scaler_learn(self._scaler, x)
+        xs = scaler_transform(self._scaler, x)
         before = float(self._classifier.predict_proba_one(xs)[True]) if self.ready else 0.0
         self._classifier.learn_one(xs, label, w=self.pos_weight if label else 1.0)
         self.n_learned += 1
@@ -109,7 +149,7 @@ class OnlineModel:
         seen = self._scaler.counts
         x = _clean(x)
         xs = x if seen.keys() >= x.keys() else {k: v for k, v in x.items() if k in seen}
-        return float(self._classifier.predict_proba_one(self._scaler.transform_one(xs))[True])
+        return float(self._classifier.predict_proba_one(scaler_transform(self._scaler, xs))[True])
 
     def __repr__(self) -> str:
         return (

@@ -289,6 +289,82 @@ def test_online_predict_with_unseen_feature_leaves_state_unchanged(
     assert pickle.dumps(online_trained) == before
 
 
+def _stream(seed: int, n: int) -> list[tuple[dict[str, float], bool]]:
+    """Rows of very different scales, a constant feature, features that appear late or are absent."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        x = {
+            "big": float(rng.normal(1e9, 1e6)),
+            "tiny": float(rng.normal(0.0, 1e-12)),
+            "const": 3.0,
+            "wide": float(rng.standard_cauchy()),
+            "int_like": float(rng.integers(0, 5)),
+        }
+        if i > n // 3:
+            x["late"] = float(rng.normal(-5.0, 2.0))
+        if rng.random() < 0.2:
+            del x["wide"]
+        rows.append((x, bool(rng.random() < 0.1)))
+    return rows
+
+
+def _state(model: OnlineModel) -> list[Any]:
+    """Everything the model holds, floats as their exact bits, dict orders included."""
+    scaler, clf = model._scaler, model._classifier  # noqa: SLF001
+    as_hex = lambda d: [(k, float(v).hex()) for k, v in d.items()]  # noqa: E731
+    return [
+        list(scaler.counts.items()), as_hex(scaler.means), as_hex(scaler.vars),
+        as_hex(clf._weights), float(clf.intercept).hex(), model.n_learned, model.n_positive,  # noqa: SLF001
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
+    """The compiled scaler updates and feature dict give River's floats, keys and key order: the same
+    predictions, the same learned state, the same pickles, whichever code ran."""
+    from models import online
+
+    if online._river is None:  # noqa: SLF001
+        pytest.skip("models._river is not built")
+    models, scores = {}, {}
+    was = online.use_compiled(True)
+    try:
+        for compiled in (True, False):
+            online.use_compiled(compiled)
+            model, got = OnlineModel(warmup=50, pos_weight=4.0), []
+            for x, y in _stream(seed, 600):
+                got.append(model.predict_proba_one(x))
+                got.append(model.learn_one(x, y))
+            got.append(model.predict_proba_one({"big": 2e9, "late": 1.0, "never_seen": 1.0}))
+            models[compiled], scores[compiled] = model, [v.hex() for v in got]
+    finally:
+        online.use_compiled(was)
+    assert scores[True] == scores[False]
+    assert _state(models[True]) == _state(models[False])
+    assert pickle.dumps(models[True]) == pickle.dumps(models[False])
+    assert any(float.fromhex(v) not in (0.0, 1.0) for v in scores[True])  # it learned something
+
+
+def test_online_compiled_paths_decline_what_they_do_not_handle() -> None:
+    """Values the compiled loops do not take (an int, a numpy scalar) go to River's own code."""
+    from models import online
+
+    _river = online._river  # noqa: SLF001
+    if _river is None:
+        pytest.skip("models._river is not built")
+    model = OnlineModel(warmup=0)
+    scaler = model._scaler  # noqa: SLF001
+    assert _river.scaler_learn(scaler.counts, scaler.means, scaler.vars, {"a": 1}) is None
+    assert _river.scaler_transform(scaler.means, scaler.vars, {"a": np.float64(1.0)}) is None
+    assert _river.x_dict(online.Clean, ["a"], [1]) is None
+    assert not scaler.counts  # declining changed nothing
+    model.learn_one({"a": 1, "b": np.float64(2.0)}, True)  # River's own code takes them
+    model.learn_one({"a": 3.0, "b": 2.0}, False)
+    assert dict(scaler.counts) == {"a": 2, "b": 2}
+    assert scaler.means["a"] == 2.0
+
+
 def test_x_dict_drops_missing_values() -> None:
     assert x_dict(["a", "b", "c"], np.array([1.0, np.nan, -np.inf])) == {"a": 1.0}
     assert x_dict(["a"], [2]) == {"a": 2.0}

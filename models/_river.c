@@ -1,0 +1,189 @@
+/* River's `StandardScaler` (running mean and variance) and the feature dict it is fed, compiled:
+ * the optional fast path of `models.online`.
+ *
+ * `scaler_learn(counts, means, vars, x)` and `scaler_transform(means, vars, x)` do what River
+ * 0.26's `StandardScaler.learn_one(x)` and `.transform_one(x)` do (with_std, no window) on the
+ * scaler's own `counts`, `means` and `vars` dicts: the same floating-point operations in the same
+ * order (Welford's update; `(x - mean) / var ** 0.5`, the power by libm's `pow` as CPython's float
+ * power), so the same doubles, and the same keys inserted in the same order. The scaler stays a
+ * River object; only the interpreter's loop over its features is gone. Each returns None without
+ * changing anything when its inputs are not what this code handles (a value that is not a float,
+ * a count that is not a small int, a negative or non-finite variance): the caller then runs
+ * River's own method.
+ *
+ * `x_dict(cls, names, values)`: an instance of `cls` (a dict subclass) mapping each name to its
+ * value, leaving out the values that are not finite; None when a value is not a float.
+ *
+ * Compiled without floating-point contraction (`-ffp-contract=off`, setup.py): a fused
+ * multiply-add would round differently from the interpreter.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+#define EXACT_LIMIT 9007199254740992LL /* 2**53 */
+
+/* The float value stored under `key` in `d`, 0.0 when absent; -1 when present but not a float. */
+static int get_float(PyObject *d, PyObject *key, double *out) {
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (v == NULL) {
+        if (PyErr_Occurred()) return -2;
+        *out = 0.0;
+        return 0;
+    }
+    if (!PyFloat_CheckExact(v)) return -1;
+    *out = PyFloat_AS_DOUBLE(v);
+    return 1;
+}
+
+static int set_float(PyObject *d, PyObject *key, double value) {
+    PyObject *v = PyFloat_FromDouble(value);
+    if (v == NULL) return -1;
+    int rc = PyDict_SetItem(d, key, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static int all_dicts(PyObject *const *args, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyDict_Check(args[i])) return 0;
+    return 1;
+}
+
+static PyObject *scaler_learn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "scaler_learn(counts, means, vars, x)");
+        return NULL;
+    }
+    PyObject *counts = args[0], *means = args[1], *vars = args[2], *x = args[3];
+    if (!all_dicts(args, 4)) Py_RETURN_NONE;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    double unused;
+    /* First pass: decline before changing anything. */
+    while (PyDict_Next(x, &pos, &key, &value)) {
+        if (!PyFloat_CheckExact(value)) Py_RETURN_NONE;
+        PyObject *c = PyDict_GetItemWithError(counts, key);
+        if (c == NULL && PyErr_Occurred()) return NULL;
+        if (c != NULL) {
+            if (!PyLong_CheckExact(c)) Py_RETURN_NONE;
+            long long n = PyLong_AsLongLong(c);
+            if (n == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            if (n < 0 || n >= EXACT_LIMIT) Py_RETURN_NONE;
+        }
+        int rc = get_float(means, key, &unused);
+        if (rc == -2) return NULL;
+        if (rc == -1) Py_RETURN_NONE;
+        rc = get_float(vars, key, &unused);
+        if (rc == -2) return NULL;
+        if (rc == -1) Py_RETURN_NONE;
+    }
+    pos = 0;
+    while (PyDict_Next(x, &pos, &key, &value)) {
+        double xi = PyFloat_AS_DOUBLE(value);
+        PyObject *c = PyDict_GetItemWithError(counts, key);
+        long long n = c == NULL ? 1 : PyLong_AsLongLong(c) + 1;
+        PyObject *nc = PyLong_FromLongLong(n);
+        if (nc == NULL) return NULL;
+        int rc = PyDict_SetItem(counts, key, nc);
+        Py_DECREF(nc);
+        if (rc < 0) return NULL;
+        double count = (double)n, old_mean, var;
+        if (get_float(means, key, &old_mean) < 0) return NULL;
+        double mean = old_mean + (xi - old_mean) / count;
+        if (set_float(means, key, mean) < 0) return NULL;
+        if (get_float(vars, key, &var) < 0) return NULL;
+        var = var + ((xi - old_mean) * (xi - mean) - var) / count;
+        if (set_float(vars, key, var) < 0) return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *scaler_transform(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "scaler_transform(means, vars, x)");
+        return NULL;
+    }
+    PyObject *means = args[0], *vars = args[1], *x = args[2];
+    if (!all_dicts(args, 3)) Py_RETURN_NONE;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(x, &pos, &key, &value)) {
+        double v, m;
+        if (!PyFloat_CheckExact(value)) Py_RETURN_NONE;
+        int rc = get_float(vars, key, &v);
+        if (rc == -2) return NULL;
+        if (rc == -1 || !(v >= 0.0) || isinf(v)) Py_RETURN_NONE;
+        rc = get_float(means, key, &m);
+        if (rc == -2) return NULL;
+        if (rc == -1) Py_RETURN_NONE;
+    }
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    pos = 0;
+    while (PyDict_Next(x, &pos, &key, &value)) {
+        double xi = PyFloat_AS_DOUBLE(value), v, m, r = 0.0;
+        int present = get_float(vars, key, &v);
+        /* River reads `vars_[i]` first: a defaultdict inserts 0.0 for a key it has not seen. */
+        if (present == 0 && set_float(vars, key, 0.0) < 0) goto fail;
+        if (v != 0.0) {
+            if (get_float(means, key, &m) == 0 && set_float(means, key, 0.0) < 0) goto fail;
+            r = (xi - m) / pow(v, 0.5);
+        }
+        if (set_float(out, key, r) < 0) goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *x_dict(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "x_dict(cls, names, values)");
+        return NULL;
+    }
+    PyObject *names = args[1], *values = args[2];
+    if (!PyList_CheckExact(names) && !PyTuple_CheckExact(names)) Py_RETURN_NONE;
+    if (!PyList_CheckExact(values) && !PyTuple_CheckExact(values)) Py_RETURN_NONE;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
+    if (PySequence_Fast_GET_SIZE(values) != n) Py_RETURN_NONE;
+    PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyFloat_CheckExact(vs[i])) Py_RETURN_NONE;
+    PyObject *out = PyObject_CallNoArgs(args[0]);
+    if (out == NULL) return NULL;
+    if (!PyDict_Check(out)) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_TypeError, "x_dict: cls must make a dict");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!isfinite(PyFloat_AS_DOUBLE(vs[i]))) continue;
+        if (PyDict_SetItem(out, ks[i], vs[i]) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"scaler_learn", (PyCFunction)(void (*)(void))scaler_learn, METH_FASTCALL,
+     "scaler_learn(counts, means, vars, x) -> True, or None when declined (nothing changed)"},
+    {"scaler_transform", (PyCFunction)(void (*)(void))scaler_transform, METH_FASTCALL,
+     "scaler_transform(means, vars, x) -> dict, or None when declined (nothing changed)"},
+    {"x_dict", (PyCFunction)(void (*)(void))x_dict, METH_FASTCALL,
+     "x_dict(cls, names, values) -> cls instance of the finite values, or None when declined"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "models._river", "Compiled StandardScaler updates for models.online.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__river(void) { return PyModule_Create(&module); }
