@@ -11,7 +11,12 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("features._kernel", ["features/_kernel.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension(
+            "features._kernel",
+            ["features/_kernel.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-ffp-contract=off"],
+        ),
         Extension("features._table", ["features/_table.c"], optional=True, extra_compile_args=["-O2"]),
         Extension(
             "models._river",

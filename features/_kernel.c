@@ -1,29 +1,49 @@
 /* The window reads of `features.plan.EntityPlan`, compiled: its optional fast path.
  *
- * `window_features(buffer, n, idx, rel, program, prefix)` computes, for the event at position
- * `idx` of an integer key buffer holding `n` events (layout in `features/buffer.py`), the values
- * of the plan's counts, sums, means, maxima, minima, distinct counts and time since last, exactly
- * as the Python code does (same integers, same divisions, hence the same floats). Any other
- * aggregation gets its window's first index instead, for Python to compute. The buffer is only
- * read; the Python side inserts, evicts and keeps the block sums. Without this module the same
- * plan runs in Python (`features.codegen` falls back on its own), and the tests run both.
+ * `window_features(buffer, n, idx, rel, program, prefix[, labels])` computes, for the event at
+ * position `idx` of an integer key buffer holding `n` events (layout in `features/buffer.py`), the
+ * values of the plan's counts, sums, means, maxima, minima, distinct counts, time since last,
+ * standard deviations, ratios and z-scores against the window's mean, is_new flags, delayed
+ * counts and label counts and rates, exactly as the Python code does (same integers, same
+ * operations in the same order, the same libm calls, Python's own float `sum`, hence the same
+ * floats). `labels` is the key's `EntityState.labels` (None, or its transaction times and label
+ * times, two int64 arrays); label ops need it. Any other aggregation gets its window's first
+ * index instead, for Python to compute. The buffer is only read; the Python side inserts, evicts
+ * and keeps the block sums. Without this module the same plan runs in Python (`features.codegen`
+ * falls back on its own), and the tests run both.
  *
  * `program` (built by `features.codegen.kernel_program`) is a bytes object of int64 words:
- *   itemsize (4 or 8), block (events per block sum), W, W window lengths (ms),
- *   K, then K records: op, column, window index (-1: none), scale, extra (lookback for op 6).
+ *   itemsize (4 or 8), block (events per block sum), bias (added to the time origin, ms), W, W
+ *   window lengths (ms), K, then K records: op, column, window index (-1: none), scale, extra
+ *   (lookback for op 6; for the label-delayed ops 12-14, `scale` is the window and `extra` the
+ *   label delay, both in ms).
+ *
+ * Compiled without floating-point contraction (`-ffp-contract=off`, setup.py): a fused
+ * multiply-add would round differently from the interpreter.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* The `kernel_op` of the entries of `features.aggregations.AGGREGATIONS`. OP_PYTHON (7, that
  * module's KERNEL_PYTHON) leaves a feature to Python; a new op goes at the end. */
-enum { OP_COUNT, OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_DISTINCT, OP_SINCE_LAST, OP_PYTHON };
+enum {
+    OP_COUNT, OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_DISTINCT, OP_SINCE_LAST, OP_PYTHON,
+    OP_RATIO_TO_MEAN, OP_ZSCORE, OP_STD, OP_IS_NEW, OP_DELAYED_COUNT, OP_LABEL_COUNT, OP_LABEL_RATE,
+    OP_END
+};
 
 #define MAX_WINDOWS 64
 #define EXACT_LIMIT 9007199254740992LL /* 2**53: integers up to here convert to double exactly */
+#define MISSING (-2147483648LL)          /* an absent value in a numeric column (features.buffer) */
+#define MINUTE_MS 60000LL
+
+/* The exponent of `(v - mean) ** 2`, read at run time: a constant 2.0 lets the compiler turn
+ * `pow` into a multiplication, which may round differently from libm's pow, which CPython calls. */
+static volatile double TWO = 2.0;
 
 typedef struct {
     const char *base;
@@ -86,6 +106,86 @@ static PyObject *ratio(int64_t r, int64_t scale)
     return out;
 }
 
+/* integer / scale as a C double, as Python's true division rounds it; -1 on error. */
+static int to_double(int64_t c, int64_t scale, double *out)
+{
+    if (c > -EXACT_LIMIT && c < EXACT_LIMIT) {
+        *out = (double)c / (double)scale;
+        return 0;
+    }
+    PyObject *v = ratio(c, scale);
+    if (v == NULL) return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return 0;
+}
+
+/* Python's `sum` of a list of floats (start 0): plain accumulation before 3.12, Neumaier's
+ * compensated summation from 3.12 on, as CPython's builtin does. */
+static double py_sum(const double *v, Py_ssize_t k)
+{
+    double f = 0.0;
+#if PY_VERSION_HEX >= 0x030C0000
+    double c = 0.0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        double x = v[i], t = f + x;
+        if (fabs(f) >= fabs(x))
+            c += (f - t) + x;
+        else
+            c += (x - t) + f;
+        f = t;
+    }
+    if (c != 0.0 && isfinite(c)) f += c;
+#else
+    for (Py_ssize_t i = 0; i < k; i++) f += v[i];
+#endif
+    return f;
+}
+
+/* The present values of numeric column positions [lo, hi) as floats (`features.buffer.numbers`
+ * without its NaNs) into `vals` (k of them), and the last position's value (NaN if absent) into
+ * `current`. Returns k, or -1 on error. */
+static Py_ssize_t present(const Items *a, Py_ssize_t lo, Py_ssize_t hi, int64_t scale, double *vals,
+                          double *current)
+{
+    Py_ssize_t k = 0;
+    *current = NAN;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        int64_t c = load(a, i);
+        if (c == MISSING) {
+            if (i == hi - 1) *current = NAN;
+            continue;
+        }
+        if (to_double(c, scale, &vals[k]) < 0) return -1;
+        if (i == hi - 1) *current = vals[k];
+        k++;
+    }
+    return k;
+}
+
+/* The window's mean and population standard deviation as `features.aggregations` computes them
+ * (`sum(vals) / len(vals)`, `sqrt(sum((v - mean) ** 2 ...) / len(vals))`); k > 0. */
+static void mean_std(double *vals, Py_ssize_t k, double *mean, double *std)
+{
+    *mean = py_sum(vals, k) / (double)k;
+    if (std == NULL) return;
+    for (Py_ssize_t i = 0; i < k; i++) vals[i] = pow(fabs(vals[i] - *mean), TWO); /* CPython: |x| ** 2 */
+    *std = sqrt(py_sum(vals, k) / (double)k);
+}
+
+/* bisect_right over positions [lo, hi) of int64s or buffer items. */
+static Py_ssize_t bisect_items(const Items *a, int64_t x, Py_ssize_t lo, Py_ssize_t hi)
+{
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (x < load(a, mid))
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
 /* Column `col`'s sum over events [start, end), from the key's block sums when it has them
  * (`features.buffer.window_sum`). Returns 0 and sets an error on failure. */
 static int window_sum(const Items *a, Py_ssize_t o, Py_ssize_t start, Py_ssize_t end, PyObject *sums,
@@ -126,8 +226,8 @@ static int window_sum(const Items *a, Py_ssize_t o, Py_ssize_t start, Py_ssize_t
 static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "window_features(buffer, n, idx, rel, program, prefix)");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "window_features(buffer, n, idx, rel, program, prefix[, labels])");
         return NULL;
     }
     Py_ssize_t n = PyLong_AsSsize_t(args[1]), idx = PyLong_AsSsize_t(args[2]);
@@ -139,16 +239,20 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     }
     const int64_t *prog = (const int64_t *)PyBytes_AS_STRING(args[4]);
     Py_ssize_t words = PyBytes_GET_SIZE(args[4]) / (Py_ssize_t)sizeof(int64_t);
-    if (words < 4 || prog[2] < 0 || prog[2] > MAX_WINDOWS || words < 4 + prog[2] || prog[3 + prog[2]] < 0 ||
-        prog[3 + prog[2]] > words || words != 4 + prog[2] + 5 * prog[3 + prog[2]] ||
-        (prog[0] != 4 && prog[0] != 8) || prog[1] < 1) {
+    if (words < 5 || prog[3] < 0 || prog[3] > MAX_WINDOWS || words < 5 + prog[3] || prog[4 + prog[3]] < 0 ||
+        prog[4 + prog[3]] > words || words != 5 + prog[3] + 5 * prog[4 + prog[3]] ||
+        (prog[0] != 4 && prog[0] != 8) || prog[1] < 1 || prog[2] < 0 || prog[2] > EXACT_LIMIT) {
         PyErr_SetString(PyExc_ValueError, "malformed kernel program");
         return NULL;
     }
-    int64_t itemsize = prog[0], block = prog[1], nw = prog[2];
-    const int64_t *win = prog + 3;
-    int64_t nops = prog[3 + nw];
-    const int64_t *ops = prog + 4 + nw;
+    int64_t itemsize = prog[0], block = prog[1], bias = prog[2], nw = prog[3];
+    const int64_t *win = prog + 4;
+    int64_t nops = prog[4 + nw];
+    const int64_t *ops = prog + 5 + nw;
+    PyObject *labels = nargs == 7 ? args[6] : Py_None;
+    Py_buffer lab[2];
+    int nlab = 0; /* label buffers held */
+    Py_ssize_t nlabels = 0;
 
     PyObject *shift_obj = NULL, *sums = NULL;
     int64_t shift = 0;
@@ -179,22 +283,59 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     Items a = {(const char *)view.buf, itemsize == 8};
     Py_ssize_t items = view.len / (Py_ssize_t)itemsize;
     PyObject *out = NULL;
+    double *vals = NULL;
     if (view.itemsize != itemsize || view.len % itemsize != 0 || n < 1 || idx < 0 || idx >= n || 1 + n > items) {
         PyErr_SetString(PyExc_ValueError, "buffer does not match the kernel program");
         goto done;
     }
+    int stats = 0, reads_labels = 0;
     for (int64_t k = 0; k < nops; k++) {
         int64_t col = ops[5 * k + 1], w = ops[5 * k + 2];
         int64_t op = ops[5 * k];
-        int needs_column = op != OP_PYTHON && op != OP_COUNT && op != OP_SINCE_LAST;
+        int delayed = op == OP_DELAYED_COUNT || op == OP_LABEL_COUNT || op == OP_LABEL_RATE;
+        int needs_column = op != OP_PYTHON && op != OP_COUNT && op != OP_SINCE_LAST && !delayed;
         /* column col spans positions [1 + (col + 1) * n, 1 + (col + 2) * n), without overflow */
-        int scaled = op == OP_SUM || op == OP_MEAN || op == OP_MAX || op == OP_MIN;
+        int scaled = op == OP_SUM || op == OP_MEAN || op == OP_MAX || op == OP_MIN || op == OP_RATIO_TO_MEAN ||
+                     op == OP_ZSCORE || op == OP_STD;
         if (w >= nw || (col >= 0 && col + 2 > (items - 1) / n) || (needs_column && (col < 0 || w < 0)) ||
-            (scaled && ops[5 * k + 3] < 1)) {
+            (scaled && ops[5 * k + 3] < 1) ||
+            (delayed && (ops[5 * k + 3] < 0 || ops[5 * k + 3] > EXACT_LIMIT || ops[5 * k + 4] < 0 ||
+                         ops[5 * k + 4] > EXACT_LIMIT))) {
             PyErr_SetString(PyExc_ValueError, "buffer does not match the kernel program");
             goto done;
         }
+        stats |= op == OP_RATIO_TO_MEAN || op == OP_ZSCORE || op == OP_STD;
+        reads_labels |= op == OP_LABEL_COUNT || op == OP_LABEL_RATE;
     }
+    if (reads_labels && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "label features need the key's labels (window_features' 7th argument)");
+        goto done;
+    }
+    if (reads_labels && labels != Py_None) {
+        if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != 2) {
+            PyErr_SetString(PyExc_TypeError, "labels must be None or (transaction times, label times)");
+            goto done;
+        }
+        for (; nlab < 2; nlab++)
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(labels, nlab), &lab[nlab], PyBUF_FORMAT) < 0) goto done;
+        nlabels = lab[0].len / 8;
+        for (int i = 0; i < 2; i++)
+            if (lab[i].itemsize != 8 || lab[i].format == NULL || strcmp(lab[i].format, "q") != 0 ||
+                lab[i].len != nlabels * 8) {
+                PyErr_SetString(PyExc_ValueError, "labels must be two int64 arrays of the same length");
+                goto done;
+            }
+    }
+    if (stats) {
+        vals = PyMem_Malloc((size_t)(idx + 1) * sizeof(double));
+        if (vals == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    /* The epoch ms the buffer's time offsets count from (`features.buffer.origin`). */
+    int64_t base = load(&a, 0) * MINUTE_MS + bias;
+    Items times = {(const char *)(nlab ? lab[0].buf : NULL), 1}, known = {(const char *)(nlab ? lab[1].buf : NULL), 1};
 
     /* Each window's first event: bisect_right over the times of events [0, idx), as in Python. */
     Py_ssize_t end = idx + 1, st[MAX_WINDOWS];
@@ -262,6 +403,58 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
         case OP_PYTHON:
             v = PyFloat_FromDouble((double)start);
             break;
+        case OP_RATIO_TO_MEAN:
+        case OP_ZSCORE:
+        case OP_STD: {
+            double current, mean, std, r = NAN;
+            Py_ssize_t m = present(&a, o + start, o + end, scale, vals, &current);
+            if (m < 0) break;
+            if (m > 0) {
+                mean_std(vals, m, &mean, op[0] == OP_RATIO_TO_MEAN ? NULL : &std);
+                if (op[0] == OP_RATIO_TO_MEAN)
+                    r = mean > 0 ? current / mean : NAN;
+                else if (op[0] == OP_ZSCORE)
+                    r = std > 0 ? (current - mean) / std : NAN;
+                else
+                    r = std;
+            }
+            v = PyFloat_FromDouble(r);
+            break;
+        }
+        case OP_IS_NEW: {
+            int64_t c = load(&a, o + idx);
+            double r = NAN;
+            if (c != 0) {
+                r = 1.0;
+                for (Py_ssize_t i = o + start; i < o + idx; i++)
+                    if (load(&a, i) == c) {
+                        r = 0.0;
+                        break;
+                    }
+            }
+            v = PyFloat_FromDouble(r);
+            break;
+        }
+        case OP_DELAYED_COUNT:
+        case OP_LABEL_COUNT:
+        case OP_LABEL_RATE: {
+            /* (t - delay - window, t - delay], t this event's epoch ms (`features.aggregations`) */
+            int64_t t = base + rel, hi = t - op[4], lo = hi - op[3];
+            Py_ssize_t count = 0, frauds = 0;
+            if (op[0] != OP_LABEL_COUNT)
+                count = bisect_items(&a, hi - base, 1, 1 + n) - bisect_items(&a, lo - base, 1, 1 + n);
+            if (op[0] != OP_DELAYED_COUNT && nlab)
+                for (Py_ssize_t i = bisect_items(&times, lo, 0, nlabels), e = bisect_items(&times, hi, 0, nlabels);
+                     i < e; i++)
+                    frauds += load(&known, i) <= t;
+            if (op[0] == OP_DELAYED_COUNT)
+                v = PyFloat_FromDouble((double)count);
+            else if (op[0] == OP_LABEL_COUNT)
+                v = PyFloat_FromDouble((double)frauds);
+            else
+                v = PyFloat_FromDouble(count ? (double)frauds / (double)count : NAN);
+            break;
+        }
         default:
             PyErr_SetString(PyExc_ValueError, "unknown kernel op");
         }
@@ -272,6 +465,8 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
         PyList_SET_ITEM(out, (Py_ssize_t)k, v);
     }
 done:
+    PyMem_Free(vals);
+    for (int i = 0; i < nlab; i++) PyBuffer_Release(&lab[i]);
     PyBuffer_Release(&view);
     Py_XDECREF(sums);
     return out;
@@ -279,7 +474,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"window_features", (PyCFunction)(void (*)(void))window_features, METH_FASTCALL,
-     "window_features(buffer, n, idx, rel, program, prefix) -> list of float"},
+     "window_features(buffer, n, idx, rel, program, prefix[, labels]) -> list of float"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -302,13 +302,14 @@ def _delayed_count(
 # -- the table ----------------------------------------------------------------------------------
 
 AGGREGATIONS: dict[str, Aggregation] = {
-    # kernel_op: the value of its OP_* in features/_kernel.c (OP_COUNT = 0 ... OP_SINCE_LAST = 6)
+    # kernel_op: the value of its OP_* in features/_kernel.c (OP_COUNT = 0 ... OP_SINCE_LAST = 6,
+    # OP_PYTHON = 7, then OP_RATIO_TO_MEAN = 8 ... OP_LABEL_RATE = 14)
     "count": Aggregation(_count, "float(end - {start})", kernel_op=0),
     "sum": Aggregation(_sum, "{shared}", kernel_op=1, field="numeric", shared="sum", integer_column=True),
     "mean": Aggregation(
         _mean, "{shared} / (end - {start})", kernel_op=2, field="numeric", shared="sum", integer_column=True
     ),
-    "std": Aggregation(_std, field="numeric"),
+    "std": Aggregation(_std, kernel_op=10, field="numeric"),
     "min": Aggregation(
         _min, "{shared} / {scale}", kernel_op=4, field="numeric", shared="min", integer_column=True
     ),
@@ -321,20 +322,20 @@ AGGREGATIONS: dict[str, Aggregation] = {
         kernel_op=5,
         field="categorical",
     ),
-    "is_new": Aggregation(_is_new, field="categorical"),
+    "is_new": Aggregation(_is_new, kernel_op=11, field="categorical"),
     "time_since_last": Aggregation(
         _time_since_last,
         "((rel - s[idx]) / 1000.0 if idx and s[idx] > rel - {lookback} else NAN)",
         kernel_op=6,
         windowed=False,
     ),
-    "ratio_to_mean": Aggregation(_ratio_to_mean, field="numeric"),
-    "zscore": Aggregation(_zscore, field="numeric"),
+    "ratio_to_mean": Aggregation(_ratio_to_mean, kernel_op=8, field="numeric"),
+    "zscore": Aggregation(_zscore, kernel_op=9, field="numeric"),
     "distance_km": Aggregation(_distance_km, windowed=False, geo=True),
     "speed_kmh": Aggregation(_speed_kmh, windowed=False, geo=True),
-    "label_count": Aggregation(_label_count, delayed=True, labels=True, title="fraud_count"),
-    "label_rate": Aggregation(_label_rate, delayed=True, labels=True, title="fraud_rate"),
-    "delayed_count": Aggregation(_delayed_count, delayed=True),
+    "label_count": Aggregation(_label_count, kernel_op=13, delayed=True, labels=True, title="fraud_count"),
+    "label_rate": Aggregation(_label_rate, kernel_op=14, delayed=True, labels=True, title="fraud_rate"),
+    "delayed_count": Aggregation(_delayed_count, kernel_op=12, delayed=True),
 }
 """Every aggregation, by the name a `WindowFeature` declares. Adding one is adding an entry here
 (and, for a compiled fast path, its op in features/_kernel.c): docs/features.md, "Adding an

@@ -57,11 +57,17 @@ def _fast_path(plan: Layout, agg: str, j: int, w: int) -> bool:
 
 
 def kernel_ops(plan: Layout) -> list[tuple[int, int, int, int, int]]:
-    """Per feature: (op, column, window index or -1, scale, lookback) for the kernel."""
+    """Per feature: (op, column, window index or -1, scale, lookback) for the kernel; a feature a
+    label delay may shift reads its own (t - delay - window, t - delay]: (op, column, -1, window,
+    delay)."""
     ops = []
-    for agg, j, w, _ in plan.steps:
+    for agg, j, w, delay in plan.steps:
+        a = AGGREGATIONS[agg]
+        if a.delayed and a.kernel_op is not None:
+            ops.append((a.kernel_op, j, -1, w, delay))
+            continue
         win = plan.windows.index(w) if w in plan.windows else -1
-        op = AGGREGATIONS[agg].kernel_op
+        op = a.kernel_op
         if op is None or not _fast_path(plan, agg, j, w):
             op = KERNEL_PYTHON
         scale = plan.scales[j] if 0 <= j < len(plan.num_fields) else 1
@@ -71,7 +77,9 @@ def kernel_ops(plan: Layout) -> list[tuple[int, int, int, int, int]]:
 
 def kernel_program(plan: Layout) -> bytes:
     """This plan for `features._kernel.window_features` (the format is in its source)."""
-    words = [8 if plan.code == "q" else 4, plan.block, len(plan.windows), *plan.windows, len(plan.steps)]
+    words = [
+        8 if plan.code == "q" else 4, plan.block, plan.bias, len(plan.windows), *plan.windows, len(plan.steps)
+    ]  # fmt: skip
     for op in kernel_ops(plan):
         words += op
     return array("q", words).tobytes()
@@ -178,7 +186,7 @@ def _reference_call(k: int, step: Step, start: str) -> str:
 def _kernel_reads(plan: Layout) -> list[str]:
     """One kernel call reads every window; what it leaves to Python comes back as the window's
     first index and is computed by the feature's reference function."""
-    return ["    out = kernel(s, n, idx, rel, program, s.prefix)"] + [
+    return ["    out = kernel(s, n, idx, rel, program, s.prefix, s.labels)"] + [
         f"    out[{k}] = {_reference_call(k, plan.steps[k], f'int(out[{k}])')}"
         for k, (op, *_) in enumerate(kernel_ops(plan))
         if op == KERNEL_PYTHON

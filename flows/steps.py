@@ -411,6 +411,7 @@ class PendingLogic(ShardTable):
             self.name(first.txn.txn_id if type(first) is FeatureRow else first.txn_id)
         items = self.items
         out: list[Scored | Quarantined] = []
+        frauds = genuine = 0  # labels seen, counted on the metric once per batch
         for it in events:
             t = type(it)
             if t is Control:
@@ -440,7 +441,10 @@ class PendingLogic(ShardTable):
                         PendingLogic.held += 1
                     self.put(txn_id, pack_vector(values))
                     continue
-                telemetry.LABELS.labels(is_fraud="true" if it.is_fraud else "false").inc()
+                if it.is_fraud:
+                    frauds += 1
+                else:
+                    genuine += 1
                 vector = items.get(it.txn_id)
                 if type(vector) is bytes:
                     self.drop(it.txn_id)
@@ -453,6 +457,10 @@ class PendingLogic(ShardTable):
             except Exception as exc:
                 out.append(quarantine(it, "pending", exc))
         telemetry.PENDING.set(PendingLogic.held)
+        if frauds:
+            telemetry.LABELS.labels(is_fraud="true").inc(frauds)
+        if genuine:
+            telemetry.LABELS.labels(is_fraud="false").inc(genuine)
         return out
 
 

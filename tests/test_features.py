@@ -297,31 +297,45 @@ def test_compiled_window_reads_give_the_python_floats_bit_for_bit(
 @pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
 @pytest.mark.parametrize("blocks", [False, True])
 def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> None:
-    """Values the encoder never stores (past 2**53 in sum, 300 categories in a window), 64-bit
-    buffers, with and without block sums: the kernel still returns Python's floats."""
+    """Values the encoder never stores (past 2**53 in sum, 300 categories in a window, absent
+    amounts among present ones), 64-bit buffers, with and without block sums, labels known before
+    and after the event: the kernel still returns Python's floats."""
     card = (
         *expand(CARD, ["count"], ["1m", "90d"]),
         *expand(CARD, ["sum", "mean", "max", "min"], ["1m", "90d"], "amount"),
+        *expand(CARD, ["std", "ratio_to_mean", "zscore"], ["1m", "90d"], "amount"),
+        WindowFeature(CARD, "is_new", "merchant_id", "90d"),
+        WindowFeature(CARD, "delayed_count", window="1m", label_delay="30s"),
+        WindowFeature(CARD, "label_count", window="90d"),
+        WindowFeature(CARD, "label_rate", window="1m", label_delay="10s"),
+        WindowFeature(CARD, "distance_km"),  # left to Python: gets its window's start
         WindowFeature(CARD, "distinct", "merchant_id", "90d"),
         WindowFeature(CARD, "time_since_last"),
-        WindowFeature(CARD, "std", "amount", "90d"),  # left to Python: gets its window's start
     )
     compiled, python = (p.plans[0] for p in both_kernels(FeatureSet(windows=card)))
-    assert compiled.code == "q" and compiled.fields == ["amount", "merchant_id"]
-    n = 300
+    assert compiled.code == "q" and compiled.fields[:2] == ["amount", "lat"]
+    n, width = 300, compiled.width
     s = EntityState("q")
     s.append(0)
     s.extend(i * 1_000 for i in range(n))  # times (ms)
-    s.extend(2**50 + 7 * i for i in range(n))  # amounts: a 90-day sum past 2**53
-    s.extend(0 if i % 7 == 0 else i % 280 + 1 for i in range(n))  # categories, 0 = absent
+    # amounts: a 90-day sum past 2**53, and every 11th absent
+    s.extend(2**50 + 7 * i if i % 11 else buffer.MISSING for i in range(n))
+    for field in compiled.fields[1:]:
+        if field == "merchant_id":
+            s.extend(0 if i % 7 == 0 else i % 280 + 1 for i in range(n))  # categories, 0 = absent
+        else:
+            s.extend(buffer.MISSING for _ in range(n))
+    assert len(s) == 1 + width * n
+    s.labels = (array("q", range(0, n * 1_000, 3_000)), array("q", range(5_000, n * 1_000 + 5_000, 3_000)))
     if blocks:
         compiled.build_prefix(s, n)
         assert s.prefix is not None
-    for idx in (0, 1, 59, 150, n - 1):
+    for idx in (0, 1, 11, 59, 150, 154, n - 1):
         rel = idx * 1_000
         a, b = compiled.compute_fast(s, n, idx, rel), python.compute_fast(s, n, idx, rel)
         assert exactly_equal(a, b), (idx, a, b)
-    assert a[0] == 60.0 and a[1] == float(n) and a[-3] == float(len({i % 280 + 1 for i in range(n) if i % 7}))
+        assert sum(v == v for v in a) > len(a) // 2, a  # mostly values, not NaN
+    assert a[0] == 60.0 and a[1] == float(n) and a[-2] == float(len({i % 280 + 1 for i in range(n) if i % 7}))
 
 
 @pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
@@ -344,6 +358,25 @@ def test_kernel_refuses_a_buffer_that_does_not_match_its_program() -> None:
     ):
         with pytest.raises(ValueError):
             bad()
+    # A label feature reads the key's labels: they must be passed, as two int64 arrays.
+    rate = WindowFeature(CARD, "label_rate", window="1h", label_delay="1s")
+    compiled, _ = both_kernels(FeatureSet(windows=(rate,)))
+    program = compiled.plans[0].kernel_program()
+    s = EntityState("i")
+    s.extend([0, 1000, 2000, 5000])  # base, 3 times (ms after the origin, 2**31)
+    assert COMPILED(s, 3, 2, 5000, program, None, None) == [0.0]
+    txns, known = array("q", [2**31 + 1000, 2**31 + 2000]), array("q", [2**31 + 1500, 2**31 + 6000])
+    assert COMPILED(s, 3, 2, 5000, program, None, (txns, known)) == [0.5]  # one label is known by then
+    bad_labels = [
+        (array("q", [0]), array("q", [5, 6])),
+        (array("i", [0]), array("i", [5])),
+        (array("q", [0]),),
+    ]
+    with pytest.raises(TypeError):
+        COMPILED(s, 3, 2, 5000, program, None)  # no labels at all
+    for labels in bad_labels:
+        with pytest.raises((TypeError, ValueError)):
+            COMPILED(s, 3, 2, 5000, program, None, labels)
 
 
 def check_against_brute_force(events: list[Transaction | Label], pipeline: FeaturePipeline) -> None:

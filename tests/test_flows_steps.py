@@ -234,9 +234,17 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     resumed = PendingLogic(pipeline, None, logic.snapshot())
     label = join_label("t1", entry, Label("t1", True, now_ms + 1, seq=2))
     assert isinstance(label, LabelEvent)
-    (learned,) = resumed.apply([label])
-    assert isinstance(learned, LabelledVector) and not resumed.items
+    _, entry2 = pipeline.start(Transaction("t2", now_ms, "c2", "m1", 7.0, seq=3))
+    early = join_label("t2", entry2, Label("t2", False, now_ms + 2, seq=4))  # before its row
+    assert isinstance(early, LabelEvent)
+    counted = {
+        v: REGISTRY.get_sample_value("fraud_labels_total", {"is_fraud": v}) or 0.0 for v in ("true", "false")
+    }
+    (learned,) = resumed.apply([label, early])
+    assert isinstance(learned, LabelledVector) and list(resumed.items) == ["t2"]
     assert learned.is_fraud and np.array_equal(learned.values, vector.values, equal_nan=True)
+    for v, more in (("true", 1.0), ("false", 1.0)):  # every label that reached the step, on the metric
+        assert REGISTRY.get_sample_value("fraud_labels_total", {"is_fraud": v}) == counted[v] + more
 
     scoring = ScoringLogic(rt.new_scorer, None)
     (decision,) = scoring.apply([vector, learned])
