@@ -171,11 +171,136 @@ static PyObject *x_dict(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* The checks `learn_row` and `predict_row` make before changing anything: names and values two
+ * lists (or tuples) of the same length, the values floats, and what the scaler holds of each
+ * name a small int count, float mean and a variance that is a non-negative float. 1: take it;
+ * 0: decline; -1: error. */
+static int rows_ok(PyObject *names, PyObject *values, PyObject *counts, PyObject *means, PyObject *vars)
+{
+    if (!PyList_CheckExact(names) && !PyTuple_CheckExact(names)) return 0;
+    if (!PyList_CheckExact(values) && !PyTuple_CheckExact(values)) return 0;
+    if (!PyDict_Check(counts) || !PyDict_Check(means) || !PyDict_Check(vars)) return 0;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
+    if (PySequence_Fast_GET_SIZE(values) != n) return 0;
+    PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double unused, v;
+        if (!PyFloat_CheckExact(vs[i])) return 0;
+        PyObject *c = PyDict_GetItemWithError(counts, ks[i]);
+        if (c == NULL && PyErr_Occurred()) return -1;
+        if (c != NULL) {
+            if (!PyLong_CheckExact(c)) return 0;
+            long long k = PyLong_AsLongLong(c);
+            if (k == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return 0;
+            }
+            if (k < 0 || k >= EXACT_LIMIT) return 0;
+        }
+        int rc = get_float(means, ks[i], &unused);
+        if (rc == -2) return -1;
+        if (rc == -1) return 0;
+        rc = get_float(vars, ks[i], &v);
+        if (rc == -2) return -1;
+        if (rc == -1 || (rc == 1 && !(v >= 0.0))) return 0;
+    }
+    return 1;
+}
+
+/* `(x - mean) / var ** 0.5 if var else 0.0`, as River's `transform_one` computes it. */
+static double scaled(double x, double mean, double var) { return var != 0.0 ? (x - mean) / pow(var, 0.5) : 0.0; }
+
+static PyObject *learn_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "learn_row(names, values, counts, means, vars)");
+        return NULL;
+    }
+    PyObject *names = args[0], *values = args[1], *counts = args[2], *means = args[3], *vars = args[4];
+    int ok = rows_ok(names, values, counts, means, vars);
+    if (ok <= 0) {
+        if (ok < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
+    PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double xi = PyFloat_AS_DOUBLE(vs[i]), old_mean, var;
+        if (!isfinite(xi)) continue; /* `x_dict` leaves it out */
+        PyObject *key = ks[i], *c = PyDict_GetItem(counts, key);
+        long long k = c == NULL ? 1 : PyLong_AsLongLong(c) + 1;
+        PyObject *nc = PyLong_FromLongLong(k);
+        if (nc == NULL) goto fail;
+        int rc = PyDict_SetItem(counts, key, nc);
+        Py_DECREF(nc);
+        if (rc < 0) goto fail;
+        /* Welford's update (`StandardScaler.learn_one`), then this feature's `transform_one`: each
+         * feature's scaled value depends on its own statistics only, so feature by feature gives
+         * River's learn-all-then-transform-all floats. */
+        double count = (double)k;
+        if (get_float(means, key, &old_mean) < 0) goto fail;
+        double mean = old_mean + (xi - old_mean) / count;
+        if (set_float(means, key, mean) < 0) goto fail;
+        if (get_float(vars, key, &var) < 0) goto fail;
+        var = var + ((xi - old_mean) * (xi - mean) - var) / count;
+        if (set_float(vars, key, var) < 0) goto fail;
+        if (var < 0.0) { /* cannot happen from a non-negative variance; River would scale by a complex */
+            PyErr_SetString(PyExc_ArithmeticError, "negative running variance");
+            goto fail;
+        }
+        if (set_float(out, key, scaled(xi, mean, var)) < 0) goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *predict_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "predict_row(names, values, counts, means, vars)");
+        return NULL;
+    }
+    PyObject *names = args[0], *values = args[1], *counts = args[2], *means = args[3], *vars = args[4];
+    int ok = rows_ok(names, values, counts, means, vars);
+    if (ok <= 0) {
+        if (ok < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
+    PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
+    /* Every name the scaler has counted must have its statistics, or River's lookups would insert. */
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyDict_GetItem(counts, ks[i]) != NULL &&
+            (PyDict_GetItem(means, ks[i]) == NULL || PyDict_GetItem(vars, ks[i]) == NULL))
+            Py_RETURN_NONE;
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double xi = PyFloat_AS_DOUBLE(vs[i]), mean = 0.0, var = 0.0;
+        if (!isfinite(xi) || PyDict_GetItem(counts, ks[i]) == NULL) continue; /* missing, or never seen */
+        get_float(vars, ks[i], &var);
+        get_float(means, ks[i], &mean);
+        if (set_float(out, ks[i], scaled(xi, mean, var)) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"scaler_learn", (PyCFunction)(void (*)(void))scaler_learn, METH_FASTCALL,
      "scaler_learn(counts, means, vars, x) -> True, or None when declined (nothing changed)"},
     {"scaler_transform", (PyCFunction)(void (*)(void))scaler_transform, METH_FASTCALL,
      "scaler_transform(means, vars, x) -> dict, or None when declined (nothing changed)"},
+    {"learn_row", (PyCFunction)(void (*)(void))learn_row, METH_FASTCALL,
+     "learn_row(names, values, counts, means, vars) -> the scaled features, or None when declined"},
+    {"predict_row", (PyCFunction)(void (*)(void))predict_row, METH_FASTCALL,
+     "predict_row(names, values, counts, means, vars) -> the scaled features, or None when declined"},
     {"x_dict", (PyCFunction)(void (*)(void))x_dict, METH_FASTCALL,
      "x_dict(cls, names, values) -> cls instance of the finite values, or None when declined"},
     {NULL, NULL, 0, NULL},

@@ -130,12 +130,38 @@ class OnlineModel:
         # its routing on every call: the scaler learns `x` (unweighted), then the classifier the scaled `x`.
         x = _clean(x)
         scaler_learn(self._scaler, x)
-        xs = scaler_transform(self._scaler, x)
+        return self._learn_scaled(scaler_transform(self._scaler, x), label)
+
+    def _learn_scaled(self, xs: dict[str, float], label: bool) -> float:
+        """The classifier's part of `learn_one`, once the scaler has learned the row and scaled it."""
         before = float(self._classifier.predict_proba_one(xs)[True]) if self.ready else 0.0
         self._classifier.learn_one(xs, label, w=self.pos_weight if label else 1.0)
         self.n_learned += 1
         self.n_positive += int(label)
         return before
+
+    def learn_values(self, names: Sequence[str], values: Sequence[float] | Any, y: bool) -> float:
+        """`learn_one(x_dict(names, values), y)`: the same model and the same return value, in one
+        compiled pass over the features when `models._river` is built (no intermediate dict)."""
+        scaler = self._scaler
+        if _compiled is not None and scaler.window_size is None and scaler.with_std is True:
+            row = values.tolist() if hasattr(values, "tolist") else values
+            xs = _compiled.learn_row(names, row, scaler.counts, scaler.means, scaler.vars)
+            if xs is not None:
+                return self._learn_scaled(xs, bool(y))
+        return self.learn_one(x_dict(names, values), y)
+
+    def predict_values(self, names: Sequence[str], values: Sequence[float] | Any) -> float:
+        """`predict_proba_one(x_dict(names, values))`, in one compiled pass when it can."""
+        if not self.ready:
+            return 0.0
+        scaler = self._scaler
+        if _compiled is not None and scaler.window_size is None and scaler.with_std is True:
+            row = values.tolist() if hasattr(values, "tolist") else values
+            xs = _compiled.predict_row(names, row, scaler.counts, scaler.means, scaler.vars)
+            if xs is not None:
+                return float(self._classifier.predict_proba_one(xs)[True])
+        return self.predict_proba_one(x_dict(names, values))
 
     def predict_proba_one(self, x: Mapping[str, float]) -> float:
         """Probability of fraud in [0, 1]; 0.0 while not `ready`. Never changes the model.

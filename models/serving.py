@@ -25,7 +25,7 @@ from features.events import Control, Transaction
 from models.artifact import ArtifactError, ModelArtifact
 from models.combine import combine
 from models.drift import DriftEvent, DriftMonitor
-from models.online import OnlineModel, x_dict
+from models.online import OnlineModel
 from models.registry import Registry
 from models.rules import Hit, RuleSet
 from models.rules import decide as rule_decision
@@ -247,7 +247,7 @@ class Scorer:
             try:
                 if isinstance(it, LabelledVector):
                     started = time.perf_counter()
-                    river = self.online.learn_one(x_dict(self.names, it.values), it.is_fraud)
+                    river = self.online.learn_values(self.names, it.values, it.is_fraud)
                     stats.learn_s += time.perf_counter() - started
                     stats.labels_learned += 1
                     if concept is not None:
@@ -261,9 +261,7 @@ class Scorer:
                 j += 1
                 if skip and id(it) in skip:
                     continue
-                online = (
-                    self.online.predict_proba_one(x_dict(self.names, it.values)) if self.online.ready else 0.0
-                )
+                online = self.online.predict_values(self.names, it.values) if self.online.ready else 0.0
                 final = float(combine(xs, online, self.weight))
                 alert = final >= champion.threshold
                 d = Decision(

@@ -346,6 +346,45 @@ def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
     assert any(float.fromhex(v) not in (0.0, 1.0) for v in scores[True])  # it learned something
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_online_rows_learned_in_one_pass_are_rivers_bit_for_bit(seed: int) -> None:
+    """`learn_values` / `predict_values` (names and a row, as the scorer holds them, NaN for a
+    missing value) give what River's own code gives for `x_dict` of the row: the same scores, the
+    same model, the same pickle."""
+    from models import online
+
+    if online._river is None:  # noqa: SLF001
+        pytest.skip("models._river is not built")
+    names = ["big", "tiny", "const", "wide", "int_like", "late", "never_learned"]
+    rows = []
+    for x, y in _stream(seed, 500):
+        row = [x.get(k, float("nan")) for k in names[:-1]] + [float("inf")]
+        rows.append((row, y))
+    models, scores = {}, {}
+    was = online.use_compiled(True)
+    try:
+        for compiled in (True, False):
+            online.use_compiled(compiled)
+            model, got = OnlineModel(warmup=40, pos_weight=3.0), []
+            for row, y in rows:
+                if compiled:
+                    got += [model.predict_values(names, row), model.learn_values(names, np.asarray(row), y)]
+                else:
+                    got += [
+                        model.predict_proba_one(x_dict(names, row)),
+                        model.learn_one(x_dict(names, row), y),
+                    ]
+            models[compiled], scores[compiled] = model, [v.hex() for v in got]
+    finally:
+        online.use_compiled(was)
+    assert scores[True] == scores[False]
+    assert _state(models[True]) == _state(models[False])
+    assert pickle.dumps(models[True]) == pickle.dumps(models[False])
+    assert "never_learned" not in models[True]._scaler.counts  # noqa: SLF001 - inf is left out
+    with pytest.raises(ValueError):
+        models[True].learn_values(names, [1.0], True)  # a row that does not match the names
+
+
 def test_online_compiled_paths_decline_what_they_do_not_handle() -> None:
     """Values the compiled loops do not take (an int, a numpy scalar) go to River's own code."""
     from models import online
