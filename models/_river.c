@@ -125,7 +125,7 @@ static PyObject *scaler_transform(PyObject *self, PyObject *const *args, Py_ssiz
     if (out == NULL) return NULL;
     pos = 0;
     while (PyDict_Next(x, &pos, &key, &value)) {
-        double xi = PyFloat_AS_DOUBLE(value), v, m, r = 0.0;
+        double xi = PyFloat_AS_DOUBLE(value), v = 0.0, m = 0.0, r = 0.0;
         int present = get_float(vars, key, &v);
         /* River reads `vars_[i]` first: a defaultdict inserts 0.0 for a key it has not seen. */
         if (present == 0 && set_float(vars, key, 0.0) < 0) goto fail;
@@ -171,11 +171,22 @@ static PyObject *x_dict(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
-/* The checks `learn_row` and `predict_row` make before changing anything: names and values two
- * lists (or tuples) of the same length, the values floats, and what the scaler holds of each
- * name a small int count, float mean and a variance that is a non-negative float. 1: take it;
- * 0: decline; -1: error. */
-static int rows_ok(PyObject *names, PyObject *values, PyObject *counts, PyObject *means, PyObject *vars)
+/* One feature of a row, with what the scaler holds of it, read once. */
+typedef struct {
+    PyObject *key;
+    double x, mean, var;
+    long long count;
+    int has_count, has_mean, has_var;
+} Feat;
+
+#define SMALL_ROW 64
+
+/* Reads a row for `learn_row` and `predict_row` before anything changes: names and values two
+ * lists (or tuples) of the same length, the values floats, and what the scaler holds of each name
+ * with a finite value a small int count, a float mean and a non-negative float variance. Fills
+ * `f` (the finite values only) and `*m`. 1: take it; 0: decline; -1: error. */
+static int read_row(PyObject *names, PyObject *values, PyObject *counts, PyObject *means, PyObject *vars, Feat **f,
+                    Feat *small, Py_ssize_t *m)
 {
     if (!PyList_CheckExact(names) && !PyTuple_CheckExact(names)) return 0;
     if (!PyList_CheckExact(values) && !PyTuple_CheckExact(values)) return 0;
@@ -183,32 +194,52 @@ static int rows_ok(PyObject *names, PyObject *values, PyObject *counts, PyObject
     Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
     if (PySequence_Fast_GET_SIZE(values) != n) return 0;
     PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
+    *f = small;
+    if (n > SMALL_ROW) {
+        *f = PyMem_Malloc((size_t)n * sizeof(Feat));
+        if (*f == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        double unused, v;
         if (!PyFloat_CheckExact(vs[i])) return 0;
+        double x = PyFloat_AS_DOUBLE(vs[i]);
+        if (!isfinite(x)) continue; /* `x_dict` leaves it out */
+        Feat *e = &(*f)[k++];
+        e->key = ks[i];
+        e->x = x;
+        e->count = 0;
         PyObject *c = PyDict_GetItemWithError(counts, ks[i]);
         if (c == NULL && PyErr_Occurred()) return -1;
+        e->has_count = c != NULL;
         if (c != NULL) {
             if (!PyLong_CheckExact(c)) return 0;
-            long long k = PyLong_AsLongLong(c);
-            if (k == -1 && PyErr_Occurred()) {
+            e->count = PyLong_AsLongLong(c);
+            if (e->count == -1 && PyErr_Occurred()) {
                 PyErr_Clear();
                 return 0;
             }
-            if (k < 0 || k >= EXACT_LIMIT) return 0;
+            if (e->count < 0 || e->count >= EXACT_LIMIT) return 0;
         }
-        int rc = get_float(means, ks[i], &unused);
+        int rc = get_float(means, ks[i], &e->mean);
         if (rc == -2) return -1;
         if (rc == -1) return 0;
-        rc = get_float(vars, ks[i], &v);
+        e->has_mean = rc;
+        rc = get_float(vars, ks[i], &e->var);
         if (rc == -2) return -1;
-        if (rc == -1 || (rc == 1 && !(v >= 0.0))) return 0;
+        if (rc == -1 || (rc == 1 && !(e->var >= 0.0))) return 0;
+        e->has_var = rc;
     }
+    *m = k;
     return 1;
 }
 
 /* `(x - mean) / var ** 0.5 if var else 0.0`, as River's `transform_one` computes it. */
 static double scaled(double x, double mean, double var) { return var != 0.0 ? (x - mean) / pow(var, 0.5) : 0.0; }
+
+static PyObject *new_dict(Py_ssize_t n) { return _PyDict_NewPresized(n); }
 
 static PyObject *learn_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -216,46 +247,44 @@ static PyObject *learn_row(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "learn_row(names, values, counts, means, vars)");
         return NULL;
     }
-    PyObject *names = args[0], *values = args[1], *counts = args[2], *means = args[3], *vars = args[4];
-    int ok = rows_ok(names, values, counts, means, vars);
+    PyObject *counts = args[2], *means = args[3], *vars = args[4], *out = NULL;
+    Feat small[SMALL_ROW], *f = NULL;
+    Py_ssize_t m = 0;
+    int ok = read_row(args[0], args[1], counts, means, vars, &f, small, &m);
     if (ok <= 0) {
-        if (ok < 0) return NULL;
-        Py_RETURN_NONE;
+        if (ok == 0) out = Py_NewRef(Py_None);
+        goto done;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
-    PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
-    PyObject *out = PyDict_New();
-    if (out == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        double xi = PyFloat_AS_DOUBLE(vs[i]), old_mean, var;
-        if (!isfinite(xi)) continue; /* `x_dict` leaves it out */
-        PyObject *key = ks[i], *c = PyDict_GetItem(counts, key);
-        long long k = c == NULL ? 1 : PyLong_AsLongLong(c) + 1;
-        PyObject *nc = PyLong_FromLongLong(k);
-        if (nc == NULL) goto fail;
-        int rc = PyDict_SetItem(counts, key, nc);
-        Py_DECREF(nc);
-        if (rc < 0) goto fail;
+    out = new_dict(m);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        Feat *e = &f[i];
         /* Welford's update (`StandardScaler.learn_one`), then this feature's `transform_one`: each
          * feature's scaled value depends on its own statistics only, so feature by feature gives
-         * River's learn-all-then-transform-all floats. */
-        double count = (double)k;
-        if (get_float(means, key, &old_mean) < 0) goto fail;
-        double mean = old_mean + (xi - old_mean) / count;
-        if (set_float(means, key, mean) < 0) goto fail;
-        if (get_float(vars, key, &var) < 0) goto fail;
-        var = var + ((xi - old_mean) * (xi - mean) - var) / count;
-        if (set_float(vars, key, var) < 0) goto fail;
+         * River's learn-all-then-transform-all floats, and the keys enter the dicts in River's order. */
+        long long k = e->count + 1;
+        PyObject *nc = PyLong_FromLongLong(k);
+        if (nc == NULL) goto fail;
+        int rc = PyDict_SetItem(counts, e->key, nc);
+        Py_DECREF(nc);
+        if (rc < 0) goto fail;
+        double count = (double)k, old_mean = e->mean;
+        double mean = old_mean + (e->x - old_mean) / count;
+        if (set_float(means, e->key, mean) < 0) goto fail;
+        double var = e->var + ((e->x - old_mean) * (e->x - mean) - e->var) / count;
+        if (set_float(vars, e->key, var) < 0) goto fail;
         if (var < 0.0) { /* cannot happen from a non-negative variance; River would scale by a complex */
             PyErr_SetString(PyExc_ArithmeticError, "negative running variance");
             goto fail;
         }
-        if (set_float(out, key, scaled(xi, mean, var)) < 0) goto fail;
+        if (set_float(out, e->key, scaled(e->x, mean, var)) < 0) goto fail;
     }
-    return out;
+    goto done;
 fail:
-    Py_DECREF(out);
-    return NULL;
+    Py_CLEAR(out);
+done:
+    if (f != small) PyMem_Free(f);
+    return out;
 }
 
 static PyObject *predict_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -264,31 +293,32 @@ static PyObject *predict_row(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "predict_row(names, values, counts, means, vars)");
         return NULL;
     }
-    PyObject *names = args[0], *values = args[1], *counts = args[2], *means = args[3], *vars = args[4];
-    int ok = rows_ok(names, values, counts, means, vars);
+    PyObject *out = NULL;
+    Feat small[SMALL_ROW], *f = NULL;
+    Py_ssize_t m = 0;
+    int ok = read_row(args[0], args[1], args[2], args[3], args[4], &f, small, &m);
     if (ok <= 0) {
-        if (ok < 0) return NULL;
-        Py_RETURN_NONE;
+        if (ok == 0) out = Py_NewRef(Py_None);
+        goto done;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(names);
-    PyObject **ks = PySequence_Fast_ITEMS(names), **vs = PySequence_Fast_ITEMS(values);
-    /* Every name the scaler has counted must have its statistics, or River's lookups would insert. */
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (PyDict_GetItem(counts, ks[i]) != NULL &&
-            (PyDict_GetItem(means, ks[i]) == NULL || PyDict_GetItem(vars, ks[i]) == NULL))
-            Py_RETURN_NONE;
-    PyObject *out = PyDict_New();
-    if (out == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        double xi = PyFloat_AS_DOUBLE(vs[i]), mean = 0.0, var = 0.0;
-        if (!isfinite(xi) || PyDict_GetItem(counts, ks[i]) == NULL) continue; /* missing, or never seen */
-        get_float(vars, ks[i], &var);
-        get_float(means, ks[i], &mean);
-        if (set_float(out, ks[i], scaled(xi, mean, var)) < 0) {
-            Py_DECREF(out);
-            return NULL;
+    /* A name the scaler has counted must have its statistics, or River's lookups would insert. */
+    for (Py_ssize_t i = 0; i < m; i++)
+        if (f[i].has_count && !(f[i].has_mean && f[i].has_var)) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+    out = new_dict(m);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        Feat *e = &f[i];
+        if (!e->has_count) continue; /* never seen: left out (`OnlineModel.predict_proba_one`) */
+        if (set_float(out, e->key, scaled(e->x, e->mean, e->var)) < 0) {
+            Py_CLEAR(out);
+            goto done;
         }
     }
+done:
+    if (f != small && f != NULL) PyMem_Free(f);
     return out;
 }
 
