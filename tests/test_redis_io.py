@@ -132,6 +132,13 @@ def test_xadd_batch_returns_ids_in_order(redis_client: redis.Redis) -> None:
     assert xadd_batch(redis_client, STREAM, [], 1000) == []
 
 
+def test_xadd_batch_keeps_the_stream_near_its_maxlen(redis_client: redis.Redis) -> None:
+    """The cap is approximate (`MAXLEN ~`: Redis drops whole nodes of 100 entries), never ignored."""
+    for start in range(0, 1000, 250):
+        xadd_batch(redis_client, STREAM, [make_alert(i) for i in range(start, start + 250)], 10)
+    assert 10 <= redis_client.xlen(STREAM) <= 110
+
+
 def test_sink_in_dataflow_writes_every_item_in_order(redis_url: str, redis_client: redis.Redis) -> None:
     items = [make_alert(i) for i in range(50)]
     run_sink_flow(redis_url, items)
