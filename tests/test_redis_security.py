@@ -46,6 +46,7 @@ from flows.redis_sink import (
     write_entries,
 )
 from flows.redis_source import RedisShardSource, shard_stream
+from models.rules import Hit
 from models.serving import Decision, ShadowScore
 from service.redis_client import RedisConfigError, connect
 from testkit.streams import txn_ids
@@ -541,6 +542,13 @@ def test_decision_entry_is_the_full_audit_record() -> None:
     assert (shadowed["shadow_score"], shadowed["shadow_alert"]) == ("0.5", "0")
     with pytest.raises(ValueError):
         decision_entry(decision(), names[:2])
+    assert decision_entry(decision(late=True), names)["late"] == "1"
+    d = decision()
+    d.hits = [Hit("big_amount", "block", False), Hit("new_device", "review", True)]
+    assert json.loads(decision_entry(d, names)["rules"]) == [  # every rule that matched, dry runs too
+        {"rule": "big_amount", "action": "block", "dry_run": False},
+        {"rule": "new_device", "action": "review", "dry_run": True},
+    ]
 
 
 def test_dead_letter_id_identifies_the_record() -> None:
