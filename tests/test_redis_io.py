@@ -132,6 +132,23 @@ def test_xadd_batch_returns_ids_in_order(redis_client: redis.Redis) -> None:
     assert xadd_batch(redis_client, STREAM, [], 1000) == []
 
 
+def test_reset_streams_deletes_those_streams_and_only_their_markers(redis_client: redis.Redis) -> None:
+    """`fraud reset`'s Redis part: the named streams and their de-duplication markers, counted; a
+    stream whose name has glob characters does not take another stream's markers with it."""
+    from flows.redis_sink import Dedupe, reset_streams, write_entries
+
+    assert reset_streams(redis_client, []) == (0, 0)
+    for stream, n in (("a*b", 3), ("axb", 2), ("c", 4)):
+        write_entries(redis_client, stream, [make_alert(i) for i in range(n)], None, dedupe=Dedupe("txn_id"))
+    assert reset_streams(redis_client, ["a*b", "c", "missing"]) == (2, 7)
+    assert not redis_client.exists("a*b", "c") and redis_client.xlen("axb") == 2
+    again = write_entries(
+        redis_client, "axb", [make_alert(i) for i in range(2)], None, dedupe=Dedupe("txn_id")
+    )
+    assert again == [None, None]  # axb's markers are still there: its duplicates are still refused
+    assert reset_streams(redis_client, ["axb"]) == (1, 2)
+
+
 def test_xadd_batch_keeps_the_stream_near_its_maxlen(redis_client: redis.Redis) -> None:
     """The cap is approximate (`MAXLEN ~`: Redis drops whole nodes of 100 entries), never ignored."""
     for start in range(0, 1000, 250):
@@ -437,6 +454,9 @@ def test_the_decision_log_is_trimmed_by_age_only_and_counts_what_it_removes(
         redis_client.xadd(
             stream, {"txn_id": f"old-{i}"}, id=f"{int(time.time() * 1000) - 2 * 86_400_000 + i}-0"
         )
+    day_ago = int(time.time() * 1000) - 86_400_000
+    redis_client.xadd(stream, {"txn_id": "edge-old"}, id=f"{day_ago - 30_000}-0")  # 30 s past it: goes
+    redis_client.xadd(stream, {"txn_id": "edge-young"}, id=f"{day_ago + 30_000}-0")  # 30 s inside: stays
     part = RedisStreamSink(redis_url, stream, None, dedupe_field=dedupe_field, retention_s=86_400).build(
         "log", 0, 1
     )
@@ -445,5 +465,5 @@ def test_the_decision_log_is_trimmed_by_age_only_and_counts_what_it_removes(
         part.write_batch([make_alert(i) for i in range(start, start + 100)])
     part.close()
     kept = [fields[b"txn_id"].decode() for _, fields in redis_client.xrange(stream)]
-    assert kept == [make_alert(i)["txn_id"] for i in range(300)]  # all 300 (no cap), none of the old
-    assert REGISTRY.get_sample_value("fraud_stream_trimmed_total", {"stream": stream}) == before + 40
+    assert kept == ["edge-young"] + [make_alert(i)["txn_id"] for i in range(300)]  # no cap, none too old
+    assert REGISTRY.get_sample_value("fraud_stream_trimmed_total", {"stream": stream}) == before + 41
