@@ -147,6 +147,10 @@ def test_reset_streams_deletes_those_streams_and_only_their_markers(redis_client
     )
     assert again == [None, None]  # axb's markers are still there: its duplicates are still refused
     assert reset_streams(redis_client, ["axb"]) == (1, 2)
+    # More markers than one DEL takes (1,000 keys a call): every batch is counted.
+    write_entries(redis_client, "big", [make_alert(i) for i in range(2_500)], None, dedupe=Dedupe("txn_id"))
+    assert reset_streams(redis_client, ["big"]) == (1, 2_500)
+    assert not list(redis_client.scan_iter(match="*big*"))
 
 
 def test_xadd_batch_keeps_the_stream_near_its_maxlen(redis_client: redis.Redis) -> None:
