@@ -319,10 +319,9 @@ def _state(model: OnlineModel) -> list[Any]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
-    """The compiled scaler updates and feature dict give River's floats, keys and key order: the same
-    predictions, the same learned state, the same pickles, whichever code ran."""
+def _alike_both_ways(run: Callable[[bool], tuple[OnlineModel, list[float]]]) -> OnlineModel:
+    """Run `run(compiled)` with the compiled code and with River's own; the scores it returns, the
+    models' state and their pickles must be the same to the bit. Returns the compiled run's model."""
     from models import online
 
     if online._river is None:  # noqa: SLF001
@@ -332,11 +331,7 @@ def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
     try:
         for compiled in (True, False):
             online.use_compiled(compiled)
-            model, got = OnlineModel(warmup=50, pos_weight=4.0), []
-            for x, y in _stream(seed, 600):
-                got.append(model.predict_proba_one(x))
-                got.append(model.learn_one(x, y))
-            got.append(model.predict_proba_one({"big": 2e9, "late": 1.0, "never_seen": 1.0}))
+            model, got = run(compiled)
             models[compiled], scores[compiled] = model, [v.hex() for v in got]
     finally:
         online.use_compiled(was)
@@ -344,6 +339,22 @@ def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
     assert _state(models[True]) == _state(models[False])
     assert pickle.dumps(models[True]) == pickle.dumps(models[False])
     assert any(float.fromhex(v) not in (0.0, 1.0) for v in scores[True])  # it learned something
+    return models[True]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
+    """The compiled scaler updates and feature dict give River's floats, keys and key order: the same
+    predictions, the same learned state, the same pickles, whichever code ran."""
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=50, pos_weight=4.0), []
+        for x, y in _stream(seed, 600):
+            got += [model.predict_proba_one(x), model.learn_one(x, y)]
+        got.append(model.predict_proba_one({"big": 2e9, "late": 1.0, "never_seen": 1.0}))
+        return model, got
+
+    _alike_both_ways(run)
 
 
 @pytest.mark.parametrize("seed", [3, 4])
@@ -351,38 +362,23 @@ def test_online_rows_learned_in_one_pass_are_rivers_bit_for_bit(seed: int) -> No
     """`learn_values` / `predict_values` (names and a row, as the scorer holds them, NaN for a
     missing value) give what River's own code gives for `x_dict` of the row: the same scores, the
     same model, the same pickle."""
-    from models import online
-
-    if online._river is None:  # noqa: SLF001
-        pytest.skip("models._river is not built")
     names = ["big", "tiny", "const", "wide", "int_like", "late", "never_learned"]
-    rows = []
-    for x, y in _stream(seed, 500):
-        row = [x.get(k, float("nan")) for k in names[:-1]] + [float("inf")]
-        rows.append((row, y))
-    models, scores = {}, {}
-    was = online.use_compiled(True)
-    try:
-        for compiled in (True, False):
-            online.use_compiled(compiled)
-            model, got = OnlineModel(warmup=40, pos_weight=3.0), []
-            for row, y in rows:
-                if compiled:
-                    got += [model.predict_values(names, row), model.learn_values(names, np.asarray(row), y)]
-                else:
-                    got += [
-                        model.predict_proba_one(x_dict(names, row)),
-                        model.learn_one(x_dict(names, row), y),
-                    ]
-            models[compiled], scores[compiled] = model, [v.hex() for v in got]
-    finally:
-        online.use_compiled(was)
-    assert scores[True] == scores[False]
-    assert _state(models[True]) == _state(models[False])
-    assert pickle.dumps(models[True]) == pickle.dumps(models[False])
-    assert "never_learned" not in models[True]._scaler.counts  # noqa: SLF001 - inf is left out
+    rows = [([x.get(k, float("nan")) for k in names[:-1]] + [float("inf")], y) for x, y in _stream(seed, 500)]
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=40, pos_weight=3.0), []
+        for row, y in rows:
+            if compiled:
+                got += [model.predict_values(names, row), model.learn_values(names, np.asarray(row), y)]
+            else:
+                x = x_dict(names, row)
+                got += [model.predict_proba_one(x), model.learn_one(x, y)]
+        return model, got
+
+    model = _alike_both_ways(run)
+    assert "never_learned" not in model._scaler.counts  # noqa: SLF001 - inf is left out
     with pytest.raises(ValueError):
-        models[True].learn_values(names, [1.0], True)  # a row that does not match the names
+        model.learn_values(names, [1.0], True)  # a row that does not match the names
 
 
 def test_online_compiled_paths_decline_what_they_do_not_handle() -> None:
