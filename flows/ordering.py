@@ -66,18 +66,44 @@ def broadcast(mark: Watermark, workers: Workers) -> list[tuple[str, Watermark]]:
 Router = Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]]
 
 
+# A router sends a batch's events as bundles: one list per destination key, in arrival order,
+# so the keyed step that follows gets one item per key and batch instead of one per event (Bytewax
+# pays per item it routes to a key). Watermarks go after the bundles: a watermark that comes later
+# than the events it covers is still true, one that overtook them would not be. `unbundle` gives
+# the step its events back.
+
+
+def unbundle(items: list[Any]) -> list[Any]:
+    """A keyed step's batch with its bundles (lists of events) opened, in arrival order."""
+    if all(type(i) is not list for i in items):
+        return items
+    out: list[Any] = []
+    for i in items:
+        if type(i) is list:
+            out += i
+        else:
+            out.append(i)
+    return out
+
+
 def by_key(key_of: Callable[[Any], str], workers: Workers) -> Router:
-    """Route each event of a batch of keyed items to `key_of(event)`, each watermark to every
-    worker (for `op.flat_map_batch`: one call per batch)."""
+    """Route the events of a batch of keyed items to `key_of(event)`, bundled per key, and each
+    watermark to every worker (for `op.flat_map_batch`: one call per batch)."""
 
     def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
+        bundles: dict[str, list[Any]] = {}
+        marks: list[tuple[str, Any]] = []
         for _, item in batch:
             if type(item) is Watermark:
-                out += broadcast(item, workers)
+                marks += broadcast(item, workers)
             else:
-                out.append((key_of(item), item))
-        return out
+                k = key_of(item)
+                bundle = bundles.get(k)
+                if bundle is None:
+                    bundles[k] = [item]
+                else:
+                    bundle.append(item)
+        return [*bundles.items(), *marks]
 
     return route
 
@@ -85,21 +111,23 @@ def by_key(key_of: Callable[[Any], str], workers: Workers) -> Router:
 def by_bucket(
     key_of: Callable[[Any], str], workers: Workers, everywhere: Callable[[Any], bool] | None = None
 ) -> Router:
-    """Route each event to the bucket (one per worker) of `key_of(event)`, each watermark, and
-    each event `everywhere` says so of, to every bucket."""
+    """Route each event to the bucket (one per worker) of `key_of(event)`, bundled per bucket, and
+    each watermark, and each event `everywhere` says so of, to every bucket."""
 
     def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         keys = workers.worker_keys()
         n = len(keys)
-        out: list[tuple[str, Any]] = []
+        bundles: list[list[Any]] = [[] for _ in keys]
+        marks: list[tuple[str, Any]] = []
         for _, item in batch:
             if type(item) is Watermark:
-                out += broadcast(item, workers)
+                marks += broadcast(item, workers)
             elif everywhere is not None and everywhere(item):
-                out += [(k, item) for k in keys]
+                for bundle in bundles:
+                    bundle.append(item)
             else:
-                out.append((keys[crc32(key_of(item).encode()) % n], item))
-        return out
+                bundles[crc32(key_of(item).encode()) % n].append(item)
+        return [*((k, b) for k, b in zip(keys, bundles, strict=True) if b), *marks]
 
     return route
 
@@ -339,6 +367,7 @@ class KeyedStep(msgspec.Struct, gc=False):
         return cls(stage, None, None if resume is None else stage.build(resume))
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
+        items = unbundle(items)
         logic = self.logic
         if logic is None:
             if self.relay is not None or type(items[0]) is Watermark:
@@ -388,7 +417,7 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
-        out, fwd = self.batch.take(items)
+        out, fwd = self.batch.take(unbundle(items))
         if fwd is not None:
             out.append(fwd)
         self.clock[0] += perf_counter() - started
@@ -425,7 +454,7 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
-        out, fwd = self.batch.take(items)
+        out, fwd = self.batch.take(unbundle(items))
         done = self.logic.apply(out) if out else []
         if fwd is not None and self.forward:
             done.append(fwd)

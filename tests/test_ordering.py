@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from features.events import Transaction
-from flows.ordering import FAN, Relay, SequencerLogic, Stage, by_bucket
+from flows.ordering import FAN, Relay, SequencerLogic, Stage, broadcast, by_bucket, by_key, unbundle
 from flows.routing import Workers, worker_of
 from flows.stamping import INF, NEG, StampLogic, Tick, Watermark, make_seq, partition_code
 
@@ -190,6 +190,27 @@ def test_bucket_routing_sends_a_key_to_one_bucket_and_a_watermark_to_all() -> No
     assert len(buckets) == 1 and buckets <= set(workers.worker_keys())
     marks = route([("", Watermark(2, 7))])
     assert marks == [(k, Watermark(2, 7, j)) for j, k in enumerate(workers.worker_keys())]
+
+
+def test_routers_bundle_a_batch_per_key_in_arrival_order_with_watermarks_after() -> None:
+    """One item per destination key and batch (Bytewax pays per item), the events in the order
+    they came, and every watermark after the events: late is still true, early would not be."""
+    workers = Workers(2)
+    events = [Transaction(f"t{i}", i, f"c{i % 3}", "m1", 1.0, seq=i) for i in range(6)]
+    batch = [("", events[0]), ("", Watermark(0, 0)), *(("", e) for e in events[1:])]
+    routed = by_key(lambda item: item.card_id, workers)(batch)
+    *bundles, m0, m1 = routed
+    assert (m0, m1) == tuple(broadcast(Watermark(0, 0), workers))
+    assert all(type(b) is list for _, b in bundles)
+    assert {k: [e.seq for e in b] for k, b in bundles} == {
+        k: [e.seq for e in events if e.card_id == k] for k in {e.card_id for e in events}
+    }
+    assert unbundle([b for _, b in bundles] + [m0[1]]) == [e for _, b in bundles for e in b] + [m0[1]]
+    everywhere = by_bucket(lambda item: item.card_id, workers, lambda item: item.seq == 2)(batch)
+    opened = {k: [getattr(e, "seq", e) for e in unbundle([b])] for k, b in everywhere[:-2]}
+    assert all(2 in seqs for seqs in opened.values()) and len(opened) == 2  # in every bucket
+    assert sorted(x for seqs in opened.values() for x in seqs if x != 2) == [0, 1, 3, 4, 5]
+    assert unbundle([Watermark(0, 1)]) == [Watermark(0, 1)]
 
 
 def test_sequencer_releases_what_it_held_once_no_watermark_came_for_too_long() -> None:
