@@ -1,6 +1,6 @@
 """CPU per transaction: this flow against the naive peer, in paired runs on the same data.
 
-    python -m benchmarks.cpu_ratio [--pairs 3] [--transactions N]
+    python -m benchmarks.cpu_ratio [--pairs 3] [--transactions N] [--baseline DIR] [--floor]
 
 Runs `python -m bytewax.run flows.fraud` (what `make run` runs: file replay, an embedded-style
 private Redis for the outputs, the default model and features) and the peer flow
@@ -13,6 +13,12 @@ runs once, unmeasured, on the sample's first 2,000 transactions (or `--transacti
 run after a change compiles the modules' bytecode, which the pairs must not count. Prints each
 pair and the median ratio flow / peer. The order alternates between pairs so that a drifting machine does not
 favour one side. Exits 2 when the peer is not there.
+
+`--baseline DIR`: a checkout of other code (an older commit, in a `git worktree`, with its C
+modules built in place: `python setup.py build_ext --inplace`) whose flow runs in every pair
+too, from that directory, on the same data; prints its ratio to the peer and the flow's CPU over
+the baseline's, median of the pairs: the code before a change against the code after, measured
+side by side.
 
 `--floor`: also print the part of the flow's CPU that no change to the flow's steps can remove
 while it does what it does today: importing its modules (a process that only imports
@@ -56,11 +62,11 @@ def sample(out: Path, limit: int | None) -> tuple[Path, Path, int]:
     return txns, labels, len(kept)
 
 
-def cpu_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+def cpu_of(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float, float, str]:
     """(CPU seconds, wall seconds, output) of one process run to its end; raises if it failed."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert proc.stdout is not None
     output = proc.stdout.read()
@@ -102,12 +108,18 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--transactions", type=int, default=None, help="only the sample's first N")
     ap.add_argument("--floor", action="store_true", help="also print the CPU no step change removes")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of other code (built: its C modules in place) whose flow runs in every pair too",
+    )
     args = ap.parse_args()
     if not PEER.is_file():
         print(f"the peer flow is not at {PEER}: nothing to compare with", file=sys.stderr)
         sys.exit(2)
     base = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
-    ratios, peers = [], []
+    ratios, peers, base_ratios, against_base = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, private_redis() as url:
         warm = Path(tmp) / "warm"
         warm.mkdir()
@@ -115,7 +127,7 @@ def main() -> None:
         txns, labels, n = sample(Path(tmp), args.transactions)
         n_labels = sum(1 for _ in labels.open())
 
-        def runs(pair: int, txns: Path, labels: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+        def runs(pair: int, txns: Path, labels: Path) -> dict[str, tuple[list[str], dict[str, str], Path]]:
             flow_env = {
                 **base,
                 "FRAUD_TRANSACTIONS_PATH": str(txns),
@@ -129,33 +141,53 @@ def main() -> None:
                     for s in ("alerts", "dlq", "late", "drift", "decision")
                 },
             }
-            return {
-                "flow": ([sys.executable, "-m", "bytewax.run", "flows.fraud"], flow_env),
+            flow = [sys.executable, "-m", "bytewax.run", "flows.fraud"]
+            sides = {
+                "flow": (flow, flow_env, ROOT),
                 "peer": (
                     [sys.executable, "-m", "bytewax.run", f"{PEER}:flow"],
                     {**base, "NAIVE_TX": str(txns)},
+                    ROOT,
                 ),
             }
+            if args.baseline is not None:  # its own streams: its writes are not the flow's duplicates
+                sides["baseline"] = (
+                    flow,
+                    {**flow_env, **{k: f"base{v}" for k, v in flow_env.items() if k.endswith("_STREAM")}},
+                    args.baseline,
+                )
+            return sides
 
-        for cmd, env in runs(0, warm_txns, warm_labels).values():  # unmeasured: bytecode, caches
-            cpu_of(cmd, env)
+        for cmd, env, cwd in runs(0, warm_txns, warm_labels).values():  # unmeasured: bytecode, caches
+            cpu_of(cmd, env, cwd)
         for pair in range(1, args.pairs + 1):
-            order = ["flow", "peer"] if pair % 2 else ["peer", "flow"]
             cmds = runs(pair, txns, labels)
+            order = list(cmds)
+            order = order[pair % len(order) :] + order[: pair % len(order)]  # each side first in turn
             got = {name: cpu_of(*cmds[name]) for name in order}
             (flow_cpu, flow_wall, _), (peer_cpu, peer_wall, _) = got["flow"], got["peer"]
             ratios.append(flow_cpu / peer_cpu)
             peers.append(peer_cpu)
-            print(
+            line = (
                 f"pair {pair}: flow {flow_cpu:.1f} CPU-s ({flow_cpu / n * 1e6:,.0f} µs/tx, wall {flow_wall:.1f} s), "
                 f"peer {peer_cpu:.1f} CPU-s ({peer_cpu / n * 1e6:,.0f} µs/tx, wall {peer_wall:.1f} s), "
-                f"ratio {ratios[-1]:.2f}",
-                flush=True,
+                f"ratio {ratios[-1]:.2f}"
             )
+            if "baseline" in got:
+                base_cpu = got["baseline"][0]
+                base_ratios.append(base_cpu / peer_cpu)
+                against_base.append(flow_cpu / base_cpu)
+                line += f"; baseline {base_cpu:.1f} CPU-s, ratio {base_ratios[-1]:.2f}"
+            print(line, flush=True)
     print(
         f"median CPU ratio flow / peer over {len(ratios)} pair(s): {statistics.median(ratios):.2f} "
         f"({n:,} transactions; whole-process user + system CPU, Redis not counted)"
     )
+    if base_ratios:
+        print(
+            f"baseline {args.baseline}: median CPU ratio baseline / peer {statistics.median(base_ratios):.2f}; "
+            f"flow / baseline {statistics.median(against_base):.2f} (median of the pairs)"
+        )
     if args.floor:
         imports, river = floor(n, n_labels)
         budget = 1.5 * statistics.median(peers)

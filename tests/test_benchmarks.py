@@ -93,8 +93,19 @@ def test_features_benchmark_runs(mode: list[str], expect: str) -> None:
 
 @pytest.mark.skipif(not (ROOT.parent / "shared/peers/naive_flow.py").is_file(), reason="no peer flow here")
 def test_cpu_ratio_benchmark_runs_a_pair() -> None:
+    """With this checkout as its own baseline: the flow runs twice a pair, from either directory."""
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cpu_ratio", "--pairs", "1", "--transactions", "500"],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.cpu_ratio",
+            "--pairs",
+            "1",
+            "--transactions",
+            "500",
+            "--baseline",
+            ".",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -104,6 +115,10 @@ def test_cpu_ratio_benchmark_runs_a_pair() -> None:
     assert re.search(r"^pair 1: flow [\d.]+ CPU-s .* peer [\d.]+ CPU-s .* ratio [\d.]+$", out.stdout, re.M)
     assert re.search(
         r"^median CPU ratio flow / peer over 1 pair\(s\): [\d.]+ \(500 transactions", out.stdout, re.M
+    )
+    assert re.search(r"; baseline [\d.]+ CPU-s, ratio [\d.]+$", out.stdout, re.M)
+    assert re.search(
+        r"^baseline \.: median CPU ratio baseline / peer [\d.]+; flow / baseline [\d.]+ ", out.stdout, re.M
     )
 
 
