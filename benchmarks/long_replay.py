@@ -12,8 +12,10 @@ card, merchant and device.
 
 Prints the rate over the first and the last 10 % of the transactions decided (by the wall time
 at which the decision count crossed 10 % and 90 %) and their ratio; the rate in every tenth of
-the run, in transactions and in records (transactions + labels joined) per second; the process's
-CPU, and its RSS at the end. The first tenth is a warm-up whatever the flow does: no label
+the run, in transactions and in records (transactions + labels joined) per second; the same
+tenths in transactions per CPU-second of the process (what each tenth cost the flow, whatever
+else the machine was doing: on a shared machine the wall-clock rates drift with the neighbours);
+the process's CPU, and its RSS at the end. The first tenth is a warm-up whatever the flow does: no label
 arrives in the first `--label-delay-days` days, and the windows (up to 30 days) are still filling,
 so each transaction costs less there; the second tenth is the fair baseline.
 `--days 30 --cards 500` is a quick version.
@@ -44,28 +46,33 @@ def labels_joined() -> int:
     )
 
 
+Mark = tuple[int, float, float, int]  # decisions so far, wall clock, process CPU, labels joined
+
+
 class _Clock(StatelessSinkPartition[Any]):
-    def __init__(self, marks: list[tuple[int, float, int]]) -> None:
+    def __init__(self, marks: list[Mark]) -> None:
         self.marks, self.n = marks, 0
 
     def write_batch(self, items: list[Any]) -> None:
         self.n += len(items)
-        self.marks.append((self.n, time.monotonic(), labels_joined()))
+        self.marks.append((self.n, time.monotonic(), time.process_time(), labels_joined()))
 
 
 class ClockSink(DynamicSink[Any]):
-    """Counts the decisions and notes when each batch of them arrived (and the labels joined by then)."""
+    """Counts the decisions and notes when each batch of them arrived, the process's CPU time
+    then, and the labels joined by then."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[int, float, int]] = []
+        self.marks: list[Mark] = []
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Clock:
         return _Clock(self.marks)
 
 
-def crossing(marks: list[tuple[int, float, int]], count: int) -> tuple[float, int]:
-    """When the decision count first reached `count`, and the labels joined by then."""
-    return next((t, labels) for n, t, labels in marks if n >= count)
+def crossing(marks: list[Mark], count: int) -> tuple[float, float, int]:
+    """When (wall clock, process CPU) the decision count first reached `count`, and the labels
+    joined by then."""
+    return next((t, cpu, labels) for n, t, cpu, labels in marks if n >= count)
 
 
 def main() -> None:
@@ -103,18 +110,21 @@ def main() -> None:
         drift=TestingSink([]),
     )
     before = rss_bytes()
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     run_main(flow)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     n = clock.marks[-1][0]
-    cuts = [(started, 0)] + [crossing(clock.marks, n * k // 10) for k in range(1, 10)] + [clock.marks[-1][1:]]
+    cuts = [(started, cpu_started, 0)] + [crossing(clock.marks, n * k // 10) for k in range(1, 10)]
+    cuts.append(clock.marks[-1][1:])
     spans = [cuts[k + 1][0] - cuts[k][0] for k in range(10)]
-    if min(spans) <= 0:
+    cpu_spans = [cuts[k + 1][1] - cuts[k][1] for k in range(10)]
+    if min(spans) <= 0 or min(cpu_spans) <= 0:
         raise SystemExit(
             "too short a run: two tenths of it were decided in one batch (more --days or --cards)"
         )
     tx = [(n * (k + 1) // 10 - n * k // 10) / spans[k] for k in range(10)]
-    records = [(n * (k + 1) // 10 - n * k // 10 + cuts[k + 1][1] - cuts[k][1]) / spans[k] for k in range(10)]
+    records = [(n * (k + 1) // 10 - n * k // 10 + cuts[k + 1][2] - cuts[k][2]) / spans[k] for k in range(10)]
+    per_cpu = [(n * (k + 1) // 10 - n * k // 10) / cpu_spans[k] for k in range(10)]
     print(
         f"{n:,} transactions over {args.days} days ({args.cards:,} cards, every one labelled "
         f"{args.label_delay_days:g} days later), {clock.marks[-1][1] - started:,.0f} s"
@@ -127,6 +137,11 @@ def main() -> None:
     print(
         f"last / second tenth (the windows full, labels flowing since day {args.label_delay_days:g}): "
         f"{tx[-1] / tx[1]:.2f} tx/s, {records[-1] / records[1]:.2f} records/s"
+    )
+    print("tx per CPU-second by tenth:     " + " ".join(f"{r:,.0f}" for r in per_cpu))
+    print(
+        f"per CPU-second, last / first tenth: {per_cpu[-1] / per_cpu[0]:.2f} · last / second: "
+        f"{per_cpu[-1] / per_cpu[1]:.2f} · last / third: {per_cpu[-1] / per_cpu[2]:.2f}"
     )
     print(
         f"process CPU {usage.ru_utime + usage.ru_stime:,.0f} s · RSS at the end "

@@ -145,6 +145,12 @@ def test_long_replay_benchmark_prints_its_rates() -> None:
         r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+$", out.stdout, re.M
     )
     assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
+    assert re.search(r"^tx per CPU-second by tenth: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
+    assert re.search(
+        r"^per CPU-second, last / first tenth: [\d.]+ · last / second: [\d.]+ · last / third: [\d.]+$",
+        out.stdout,
+        re.M,
+    )
 
 
 def test_lifecycle_benchmark_runs() -> None:
