@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,16 @@ from redis.retry import Retry
 
 from features.events import DeadLetter, Transaction
 from features.privacy import card_token, identity
-from flows.outputs import ProgressSink, alert_entry, decision_entry, dlq_entry, late_entry
+from flows.outputs import (
+    ProgressSink,
+    alert_entry,
+    count_dead_letter,
+    count_decisions,
+    decision_entry,
+    dlq_entry,
+    iso_ms,
+    late_entry,
+)
 from flows.redis_sink import (
     DEDUPE_XADD_LUA,
     DEDUPE_XADD_SHA,
@@ -549,6 +559,54 @@ def test_decision_entry_is_the_full_audit_record() -> None:
         {"rule": "big_amount", "action": "block", "dry_run": False},
         {"rule": "new_device", "action": "review", "dry_run": True},
     ]
+
+
+def test_the_late_entry_and_the_shadow_alert_say_what_was_decided() -> None:
+    late = late_entry(decision(late=True))
+    assert late is not None and (late["score"], late["alert"]) == ("0.9", "1")
+    quiet = late_entry(decision(alert=False, late=True))
+    assert quiet is not None and quiet["alert"] == "0"
+    assert late_entry(decision()) is None  # in time: no late entry
+    d = decision()
+    d.shadow = ShadowScore("v2", 0.25, 0.97, True)
+    assert decision_entry(d, ["amount", "gap", "speed"])["shadow_alert"] == "1"
+
+
+def test_a_dead_letter_entry_cuts_its_detail_and_stamps_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        e = dlq_entry(DeadLetter("txn", "bad_json", "x" * 5000, "{not json"))
+        drift_times = iso_ms(1_767_600_000_000)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert e["detail"] == b"x" * 1000 and e["raw"] == b"{not json" and e["txn_id"] == ""
+    at = datetime.fromisoformat(str(e["at"]))
+    assert at.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - at) < timedelta(minutes=1)
+    assert drift_times == "2026-01-05T08:00:00+00:00"  # the drift stream's `since` and `at`
+
+
+def test_the_outputs_count_rule_hits_and_dead_letters_by_their_labels() -> None:
+    def value(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    hit = {"rule": "big_amount", "action": "block", "dry_run": "true"}
+    letter = {"kind": "label", "reason": "unknown_txn"}
+    before = value("fraud_rule_hits_total", hit), value("fraud_dead_letters_total", letter)
+    d = decision()
+    d.hits = [Hit("big_amount", "block", True)]
+    count_decisions([d, decision()])
+    dl = DeadLetter("label", "unknown_txn", "no such transaction", "{}")
+    assert count_dead_letter(dl) is dl
+    assert (value("fraud_rule_hits_total", hit), value("fraud_dead_letters_total", letter)) == (
+        before[0] + 1,
+        before[1] + 1,
+    )
+    with pytest.raises(AssertionError, match="not a dead letter: str"):
+        count_dead_letter("oops")
 
 
 def test_dead_letter_id_identifies_the_record() -> None:
