@@ -28,9 +28,10 @@ from models.artifact import ArtifactError, load, save
 from models.evaluation import average_precision
 from models.registry import Registry, RegistryState
 from models.rules import digest as rules_digest
+from models.serving import Scorer
 from models.xgb import XGBScorer, positive_weight
 from service.redis_client import connect
-from service.runtime import load_runtime
+from service.runtime import load_runtime, new_drift_monitor, new_online_model, new_scorer
 from service.settings import Settings, get_settings
 from testkit import drill
 from testkit.streams import entries
@@ -155,8 +156,30 @@ def test_a_refused_command_changes_nothing(
     assert "not in the registry" in str(scorer.last.failed[0][1])
     assert "the command named" in str(scorer.last.failed[1][1])  # another digest
     assert [it for it, _ in scorer.last.failed] == bad and not scorer.last.applied
-    assert "feature schema" in str(scorer.last.failed[2][1])
+    assert (
+        str(scorer.last.failed[2][1])
+        == (  # both schemas named by their first 12 hex digits
+            f"model xgb-20261203000000-aaaaaaaa was trained on feature schema {'a' * 12}, the flow "
+            f"computes {a.schema_hash[:12]}"
+        )
+    )
     assert [d.score for d in got] == before and {d.version for d in got} == {V1}
+
+
+def test_a_scorer_without_a_registry_or_a_drift_factory_says_so_or_serves_on(
+    registry: Registry, vectors: list[FeatureVector]
+) -> None:
+    """Built by hand (no registry): a command naming a model is refused, saying why. Built with a
+    registry but no drift-watch factory: a new champion is served, its drift watch kept."""
+    s = Settings(model_registry=registry.root)
+    artifact = load(DEFAULT)
+    bare = new_scorer(s, artifact)
+    bare.decide([command(registry, "champion", V2), *vectors[:5]])
+    assert [str(e) for _, e in bare.last.failed] == [f"model {V2} was named, but this scorer has no registry"]
+    plain = Scorer(artifact, new_online_model(s), registry=registry, monitor=new_drift_monitor(s, artifact))
+    watch = plain.monitor
+    plain.decide([command(registry, "champion", V2), *vectors[:5]])
+    assert not plain.last.failed and plain.champion.version == V2 and plain.monitor is watch
 
 
 def test_commands_decode_and_bad_ones_are_dead_letters() -> None:
