@@ -54,24 +54,26 @@ def use_compiled(on: bool) -> bool:
     return was
 
 
+def _fast(scaler: preprocessing.StandardScaler) -> Any:
+    """The compiled module when it is in use and covers this scaler (River's default: running
+    statistics, scaled by the standard deviation), else None."""
+    return _compiled if scaler.window_size is None and scaler.with_std is True else None
+
+
 def scaler_learn(scaler: preprocessing.StandardScaler, x: dict[str, float]) -> None:
     """`scaler.learn_one(x)`, by the compiled loop when it takes `x` (same floats, same keys)."""
-    if (
-        _compiled is None
-        or scaler.window_size is not None
-        or scaler.with_std is not True
-        or _compiled.scaler_learn(scaler.counts, scaler.means, scaler.vars, x) is None
-    ):
+    fast = _fast(scaler)
+    if fast is None or fast.scaler_learn(scaler.counts, scaler.means, scaler.vars, x) is None:
         scaler.learn_one(x)
 
 
 def scaler_transform(scaler: preprocessing.StandardScaler, x: dict[str, float]) -> dict[str, float]:
     """`scaler.transform_one(x)`, by the compiled loop when it takes `x` (same floats, same keys)."""
-    if _compiled is not None and scaler.window_size is None and scaler.with_std is True:
-        out: dict[str, float] | None = _compiled.scaler_transform(scaler.means, scaler.vars, x)
-        if out is not None:
-            return out
-    return scaler.transform_one(x)
+    fast = _fast(scaler)
+    out: dict[str, float] | None = (
+        None if fast is None else fast.scaler_transform(scaler.means, scaler.vars, x)
+    )
+    return scaler.transform_one(x) if out is None else out
 
 
 def _clean(x: Mapping[str, float]) -> dict[str, float]:
@@ -143,10 +145,10 @@ class OnlineModel:
     def learn_values(self, names: Sequence[str], values: Sequence[float] | Any, y: bool) -> float:
         """`learn_one(x_dict(names, values), y)`: the same model and the same return value, in one
         compiled pass over the features when `models._river` is built (no intermediate dict)."""
-        scaler = self._scaler
-        if _compiled is not None and scaler.window_size is None and scaler.with_std is True:
+        scaler, fast = self._scaler, _fast(self._scaler)
+        if fast is not None:
             row = values.tolist() if hasattr(values, "tolist") else values
-            xs = _compiled.learn_row(names, row, scaler.counts, scaler.means, scaler.vars)
+            xs = fast.learn_row(names, row, scaler.counts, scaler.means, scaler.vars)
             if xs is not None:
                 return self._learn_scaled(xs, bool(y))
         return self.learn_one(x_dict(names, values), y)
@@ -155,10 +157,10 @@ class OnlineModel:
         """`predict_proba_one(x_dict(names, values))`, in one compiled pass when it can."""
         if not self.ready:
             return 0.0
-        scaler = self._scaler
-        if _compiled is not None and scaler.window_size is None and scaler.with_std is True:
+        scaler, fast = self._scaler, _fast(self._scaler)
+        if fast is not None:
             row = values.tolist() if hasattr(values, "tolist") else values
-            xs = _compiled.predict_row(names, row, scaler.counts, scaler.means, scaler.vars)
+            xs = fast.predict_row(names, row, scaler.counts, scaler.means, scaler.vars)
             if xs is not None:
                 return float(self._classifier.predict_proba_one(xs)[True])
         return self.predict_proba_one(x_dict(names, values))

@@ -381,6 +381,27 @@ def test_online_rows_learned_in_one_pass_are_rivers_bit_for_bit(seed: int) -> No
         model.learn_values(names, [1.0], True)  # a row that does not match the names
 
 
+def test_online_a_scaler_the_compiled_code_does_not_cover_runs_rivers_own() -> None:
+    """A scaler other than River's default (here: no division by the std) is left to River's code,
+    whichever path the row takes. (A rolling one holds no floats, which the compiled code refuses
+    by itself.)"""
+    from river import preprocessing
+
+    names = ["tiny", "const", "int_like", "late"]
+    rows = [([x.get(k, float("nan")) for k in names], y) for x, y in _stream(5, 200)]
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=20), []
+        model._scaler = preprocessing.StandardScaler(with_std=False)  # noqa: SLF001
+        for row, y in rows:
+            got += [model.predict_values(names, row), model.learn_values(names, row, y)]
+            x = x_dict(names, row)
+            got += [model.predict_proba_one(x)]
+        return model, got
+
+    _alike_both_ways(run)
+
+
 def test_online_compiled_paths_decline_what_they_do_not_handle() -> None:
     """Values the compiled loops do not take (an int, a numpy scalar) go to River's own code."""
     from models import online
