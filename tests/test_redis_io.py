@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -201,6 +202,7 @@ def test_sink_rides_out_a_restart(
     logged = [r for r in caplog.records if r.name == "flows.redis_sink"]
     assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO]  # not one per attempt
     assert "answers again after" in logged[1].getMessage()
+    assert all("writing 10 entries" in r.getMessage() for r in logged)  # the batch that waited
     assert xadd_errors() - errors >= 2  # every failed attempt is counted
     assert all("'alerts'" in r.getMessage() and ":***@" in r.getMessage() for r in logged)
     assert "s3cret" not in caplog.text
@@ -222,6 +224,42 @@ def test_sink_gives_up_naming_the_step(
     assert isinstance(info.value, RedisUnavailableError)
     assert "s3cret" not in str(info.value)
     assert failures == [str(info.value)]  # the progress summary says why the flow stopped
+
+
+def test_sink_retries_at_its_configured_backoff(redis_server_factory: Callable[..., RedisTestServer]) -> None:
+    """The sink's `initial_backoff_s` and `max_backoff_s` reach its retries: with a short first
+    delay it tries more often in a budget than the defaults (0.1 s doubling to 5 s) would, and
+    more often still with a short cap. The count is in the give-up message."""
+    server = redis_server_factory()
+    url = server.url
+    server.stop()
+
+    def attempts(**backoff: float) -> int:
+        part = RedisStreamSink(url, STREAM, 1000, retry_budget_s=1.0, **backoff).build("alerts_out", 0, 1)
+        try:
+            with pytest.raises(RedisSinkError, match=r"writing 3 entries") as info:
+                part.write_batch([make_alert(i) for i in range(3)])
+        finally:
+            part.close()
+        found = re.search(r"\((\d+) attempts\)", str(info.value))
+        assert found is not None, str(info.value)
+        return int(found.group(1))
+
+    assert attempts(initial_backoff_s=0.01) >= 7  # 0.01 s doubling: 8 in 1 s; from 0.1 s: 5
+    assert attempts(initial_backoff_s=0.01, max_backoff_s=0.02) >= 20  # ~45 in 1 s; uncapped: 8
+
+
+def test_sink_without_dedupe_counts_no_duplicates(redis_url: str) -> None:
+    stream = "no-dedupe"
+    before = REGISTRY.get_sample_value("fraud_sink_duplicates_total", {"stream": stream})
+    part = RedisStreamSink(redis_url, stream, 1).build("alerts_out", 0, 1)  # a cap of 1 is allowed
+    try:
+        part.write_batch([make_alert(i) for i in range(3)])
+    finally:
+        part.close()
+    assert REGISTRY.get_sample_value("fraud_sink_duplicates_total", {"stream": stream}) == before
+    with pytest.raises(ValueError):
+        RedisStreamSink(redis_url, stream, 0)
 
 
 def fill_past_maxmemory(client: redis.Redis) -> list[str]:
