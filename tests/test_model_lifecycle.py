@@ -559,10 +559,14 @@ def test_with_a_command_key_only_signed_commands_reach_the_scorer(
     for decode_with in (decoder(identity, key.encode()), decoder(card_token(b"k"), key.encode())):
         ok = decode_with(("control", signed_raw, "sig:in:{0}#1-0"))
         assert isinstance(ok, Control) and ok.version == V2
-        for raw, why in ((unsigned_raw, "not signed"), (tampered, "does not match")):
+        for raw, why in (
+            (unsigned_raw, "not signed with FRAUD_COMMAND_KEY"),
+            (tampered, "its signature does not match FRAUD_COMMAND_KEY"),
+        ):
             dead = decode_with(("control", raw, "sig:in:{0}#2-0"))
             assert isinstance(dead, DeadLetter) and (dead.kind, dead.reason) == ("control", "bad_control")
-            assert why in dead.detail and dead.raw == raw and key not in dead.detail
+            assert dead.detail == f"command refused: {why}" and dead.raw == raw and key not in dead.detail
+            assert (dead.txn_id, dead.origin) == (None, "sig:in:{0}#2-0")  # where it was read
     other_key = decoder(identity, b"another key")(("control", signed_raw, "x#1-0"))
     assert isinstance(other_key, DeadLetter)
     assert isinstance(decoder(identity)(("control", unsigned_raw, "x#1-0")), Control)  # no key: accepted
@@ -628,3 +632,30 @@ def test_what_a_command_or_a_resume_changes_in_the_scorer(
     assert len(errors) == 3 and all("the registry differs between machines" in e for e in errors[:2])
     assert errors[2] == "the scorer has no command 'bogus'" and scorer.shadow is None
     assert scorer.champion.version == V2 and scorer.champion.digest == registry.digest(V2)
+
+
+def test_the_flow_logs_each_command_it_applied_and_the_model_info_follows(
+    registry: Registry, vectors: list[FeatureVector], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator reads in the log which command took effect (a shadow turned off says `(off)`),
+    and `fraud_model_info` names what is served now."""
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    from flows.steps import ScoringLogic
+
+    logic = ScoringLogic(
+        load_runtime(Settings(model_registry=registry.root), need_redis=False).new_scorer, None
+    )
+    with caplog.at_level(logging.WARNING, logger="flows.steps"):
+        logic.apply([command(registry, "shadow", V2), *vectors[:5]])
+        logic.apply([command(registry, "champion", V2), command(registry, "shadow"), *vectors[5:10]])
+    applied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("command applied")]
+    assert applied == [
+        f"command applied: shadow {V2}",
+        f"command applied: champion {V2}",
+        "command applied: shadow (off)",
+    ]
+    served = {"version": V2, "schema_hash": load(DEFAULT).schema_hash[:12], "shadow": ""}
+    assert REGISTRY.get_sample_value("fraud_model_info", served) == 1.0

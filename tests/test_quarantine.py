@@ -237,3 +237,41 @@ def test_after_a_restart_the_poison_record_is_not_met_again(
     # appended later are applied as they come, in no promised order among themselves.
     assert len(decided) == len(set(decided)) == n_txn + 1 + 5
     assert sorted(decided[-5:]) == [f"after-{i}" for i in range(5)]
+
+
+def test_what_a_quarantined_record_says_whatever_step_held_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Each kind of record a step may hold becomes the dead letter closest to what was received:
+    its kind, the internal error, its raw payload, transaction id and origin."""
+    import logging
+
+    from features.events import Control, Label
+    from flows.steps import quarantine
+    from models.serving import LabelledVector
+
+    boom = RuntimeError("boom")
+    txn = Transaction("t1", 1_767_600_000_000, "c1", "m1", 5.0, raw='{"txn_id":"t1"}', origin="in:{0}#1-0")
+    label = Label("t2", True, 1_767_600_000_000, raw='{"txn_id":"t2","is_fraud":true}', origin="labels#7-0")
+    joined = LabelEvent("t3", False, 1_767_600_000_000, 1_767_500_000_000, ("c1",), origin="labels#8-0")
+    vector = LabelledVector("t4", True, np.zeros(2, dtype=np.float32), 9, 0)
+    command = Control("champion", "v2", "d", raw='{"command":"champion"}', origin="control#1-0")
+    got = [quarantine(it, "card", boom).dead for it in (txn, label, joined, vector, command, 42)]
+    assert [(d.kind, d.reason, d.txn_id, d.origin) for d in got] == [
+        ("txn", "internal_error", "t1", "in:{0}#1-0"),
+        ("label", "internal_error", "t2", "labels#7-0"),
+        ("label", "internal_error", "t3", "labels#8-0"),
+        ("label", "internal_error", "t4", ""),
+        ("control", "bad_control", None, "control#1-0"),
+        ("unknown", "internal_error", None, ""),
+    ]
+    assert [d.raw for d in got[:2]] == [txn.raw, label.raw] and got[4].raw == command.raw
+    assert json.loads(got[2].raw)["txn_id"] == "t3" and json.loads(got[3].raw) == {
+        "txn_id": "t4",
+        "is_fraud": True,
+    }
+    assert got[5].raw == "42" and all(d.detail == "step 'card' raised RuntimeError: boom" for d in got)
+    # The log: the first failure of a (step, exception type), then one line every 1,000.
+    with caplog.at_level(logging.ERROR, logger="flows.steps"):
+        for _ in range(2_000):
+            quarantine(txn, "cadence_test", ValueError("again"))
+    counts = [r.args[-1] for r in caplog.records if "cadence_test" in r.getMessage()]  # type: ignore[index]
+    assert counts == [1, 1000, 2000]
