@@ -356,6 +356,7 @@ def test_a_reader_killed_between_printing_and_acknowledging_shows_the_batch_agai
     read, then SIGKILLs the reader waiting on its XACK). Nothing was acknowledged, so the next
     reader of the group shows that batch again, then the rest: at least once, never lost."""
     ids = add(redis_client, ALERTS, [alert(i, note="x" * 2000) for i in range(150)])  # 100 lines > a pipe
+    ours = {c["id"] for c in redis_client.client_list()}
     proc = json_reader(redis_url)
     assert proc.stdout is not None
     try:
@@ -367,6 +368,12 @@ def test_a_reader_killed_between_printing_and_acknowledging_shows_the_batch_agai
         assert proc.poll() is None and pending_count(redis_client, ALERTS, "fraud-cli") == 100
         proc.kill()
         proc.wait(timeout=30)
+        # Unpause only once Redis has dropped the dead reader's connection: a held XACK of a
+        # connection still open when writes resume would run (the reader had sent it).
+        deadline = time.monotonic() + 20
+        while {c["id"] for c in redis_client.client_list()} - ours and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not {c["id"] for c in redis_client.client_list()} - ours, "the reader's connection outlived it"
     finally:
         redis_client.execute_command("CLIENT", "UNPAUSE")
         proc.kill()
