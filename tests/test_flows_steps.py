@@ -600,3 +600,19 @@ def test_batch_replays_join_labels_to_held_vectors_within_the_ttl(pipeline: Feat
     assert list(held.vectors) == ["t3"]
     assert held.join(msgspec.structs.replace(label, txn_id="t1")) is None
     assert held.join(msgspec.structs.replace(label, txn_id="never")) is None
+
+
+def test_pending_keeps_its_shard_in_the_state_files_it_is_given(
+    pipeline: FeaturePipeline, tmp_path: Path
+) -> None:
+    """With a recovery store, `pending` writes its shard to the step's files (a snapshot names them
+    instead of copying the entries) and resumes from them."""
+    from flows.shards import state_files
+
+    logic = PendingLogic(pipeline, state_files(tmp_path, "pending"), None)
+    (row,) = chained(pipeline, txn("t1", 1, amount=3.0))
+    logic.apply([row])
+    snap = logic.snapshot()
+    assert [p for p in (tmp_path / "pending").rglob("*") if p.is_file()]  # the shard's own files
+    resumed = PendingLogic(pipeline, state_files(tmp_path, "pending"), pickle.loads(pickle.dumps(snap)))
+    assert list(resumed.items) == ["t1"]

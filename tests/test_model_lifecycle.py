@@ -659,3 +659,17 @@ def test_the_flow_logs_each_command_it_applied_and_the_model_info_follows(
     ]
     served = {"version": V2, "schema_hash": load(DEFAULT).schema_hash[:12], "shadow": ""}
     assert REGISTRY.get_sample_value("fraud_model_info", served) == 1.0
+    # A refused command and a failing drift watch are logged too, saying what failed.
+    caplog.clear()
+    monitor = logic.scorer.monitor
+    assert monitor is not None and monitor.data is not None
+
+    def broken(*_: Any) -> list[Any]:
+        raise RuntimeError("no bins")
+
+    monitor.data.observe = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="flows.steps"):
+        logic.apply([Control("champion", "xgb-19990101000000-00000000", "0" * 64), *vectors[10:15]])
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("command champion 'xgb-19990101000000-00000000' refused: ") for m in said), said
+    assert "the data-drift watch failed on a batch: RuntimeError('no bins')" in said
