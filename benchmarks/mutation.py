@@ -47,13 +47,17 @@ def equivalent(path: Path = ROOT / "tests" / "mutation_equivalent.txt") -> dict[
 
 def results(dirs: list[Path]) -> dict[str, dict[str, int | None]]:
     """Module -> mutant -> mutmut's exit code, from one or more `mutants` directories (runs of
-    the same code split over several clones): for each mutant, the last directory that ran it."""
+    the same code split over several clones): for each mutant, a kill if any directory killed it
+    (a survivor run again by name in another clone, once tests were added, is killed there while
+    the first clone still holds its old result), else the last directory that ran it."""
     out: dict[str, dict[str, int | None]] = {}
     for mutants in dirs:
         for meta in sorted(mutants.rglob("*.py.meta")):
             module = str(meta.relative_to(mutants))[: -len(".meta")]
             codes = out.setdefault(module, {})
             for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+                if codes.get(name) in KILLED:
+                    continue
                 if code is not None or name not in codes:
                     codes[name] = code
     return out

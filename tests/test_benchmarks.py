@@ -201,3 +201,8 @@ def test_the_mutation_report_scores_each_module_without_its_equivalent_mutants(t
     table = report([tmp_path, other], {"m.x_f__mutmut_4": "chunk size"})
     assert table[2] == ""  # one module
     assert table[1].split()[1:8] == ["6", "3", "1", "1", "1", "0", "80.0%"]  # mutants 2 and 5 killed there
+    # A kill stands whichever clone holds it: mutant 1, killed in the first, survived in a third.
+    third = tmp_path.parent / f"{tmp_path.name}-third"
+    (third / "models").mkdir(parents=True)
+    (third / "models" / "m.py.meta").write_text(json.dumps({"exit_code_by_key": {"m.x_f__mutmut_1": 0}}))
+    assert report([tmp_path, other, third], {"m.x_f__mutmut_4": "chunk size"})[1] == table[1]
