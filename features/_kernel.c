@@ -152,10 +152,7 @@ static Py_ssize_t present(const Items *a, Py_ssize_t lo, Py_ssize_t hi, int64_t 
     *current = NAN;
     for (Py_ssize_t i = lo; i < hi; i++) {
         int64_t c = load(a, i);
-        if (c == MISSING) {
-            if (i == hi - 1) *current = NAN;
-            continue;
-        }
+        if (c == MISSING) continue; /* absent: not in the window's values (the current stays NaN) */
         if (to_double(c, scale, &vals[k]) < 0) return -1;
         if (i == hi - 1) *current = vals[k];
         k++;
