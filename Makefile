@@ -75,7 +75,15 @@ model: setup
 ## module (benchmarks/mutation.py). `make mutation ONLY='models.combine*'` runs some mutants only.
 mutation: setup
 	$(BIN)/pip install --quiet "mutmut==3.8.1"
+ifdef SAMPLE
+	@# mutmut writes its mutants (and the tests' coverage) before it looks at the names it is given:
+	@# a name that matches nothing stops it there, and the sample is drawn from what it wrote.
+	-OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 'no-mutant-has-this-name' >/dev/null 2>&1
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $$(nproc) \
+	  $$($(BIN)/python -m benchmarks.mutation --sample $(SAMPLE) --seed $(or $(SEED),2026))
+else
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $$(nproc) $(ONLY)
+endif
 	$(BIN)/python -m benchmarks.mutation
 
 clean:

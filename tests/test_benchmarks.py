@@ -206,3 +206,19 @@ def test_the_mutation_report_scores_each_module_without_its_equivalent_mutants(t
     (third / "models").mkdir(parents=True)
     (third / "models" / "m.py.meta").write_text(json.dumps({"exit_code_by_key": {"m.x_f__mutmut_1": 0}}))
     assert report([tmp_path, other, third], {"m.x_f__mutmut_4": "chunk size"})[1] == table[1]
+
+
+def test_the_mutation_sample_draws_per_module_and_bounds_the_score(tmp_path: Path) -> None:
+    from benchmarks.mutation import lower_bound, report, sample
+
+    for module, count in (("a", 30), ("b", 3)):
+        codes = {f"m{module}.x_f__mutmut_{i}": None for i in range(count)}
+        (tmp_path / f"m{module}.py.meta").write_text(json.dumps({"exit_code_by_key": codes}))
+    drawn = sample(tmp_path, 5, seed=7)
+    assert len(drawn) == 5 + 3 and len(set(drawn)) == 8  # every mutant of a small module, no repeats
+    assert sum(name.startswith("ma.") for name in drawn) == 5
+    assert drawn == sample(tmp_path, 5, seed=7) and drawn != sample(tmp_path, 5, seed=8)
+    # Wilson's lower bound: 50 of 50 killed says >= 92.9 %, 45 of 50 says >= 78.6 %.
+    assert round(lower_bound(50, 50), 3) == 0.929 and round(lower_bound(45, 50), 3) == 0.786
+    (tmp_path / "ma.py.meta").write_text(json.dumps({"exit_code_by_key": {"ma.x_f__mutmut_1": 1}}))
+    assert report(tmp_path, {})[1].split()[-2:] == ["100.0%", "20.7%"]  # one mutant run says little
