@@ -11,6 +11,9 @@
  * a count that is not a small int, a negative or non-finite variance): the caller then runs
  * River's own method.
  *
+ * `lr_dot(weights, x)` and `lr_step(weights, x, loss_gradient, lr)`: the dot product and the SGD
+ * step of River's `LogisticRegression` over its weights dict, the same doubles in the same order.
+ *
  * `x_dict(cls, names, values)`: an instance of `cls` (a dict subclass) mapping each name to its
  * value, leaving out the values that are not finite; None when a value is not a float.
  *
@@ -322,6 +325,63 @@ done:
     return out;
 }
 
+/* `LogisticRegression`'s weights: River 0.26 keeps them in a dict (inside its VectorDict) that
+ * `lr_dot` and `lr_step` read and update in place. */
+
+/* lr_dot(weights, x): sum of weights[k] * x[k] over the keys of x, in x's order, a key without a
+ * weight contributing nothing: River's `VectorDict.dot(x)`, as `_raw_dot_one` calls it. In learn
+ * mode River first inserts 0.0 for a key without a weight and adds 0.0 * x[k]; that can change
+ * only the sign of a zero sum, which neither the sigmoid nor the loss's gradient can tell. */
+static PyObject *lr_dot(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lr_dot(weights, x)");
+        return NULL;
+    }
+    PyObject *weights = args[0], *x = args[1], *key, *value;
+    if (!all_dicts(args, 2)) Py_RETURN_NONE;
+    double acc = 0.0, w;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(x, &pos, &key, &value)) {
+        if (!PyFloat_CheckExact(value)) Py_RETURN_NONE;
+        int got = get_float(weights, key, &w);
+        if (got == -2) return NULL;
+        if (got < 0) Py_RETURN_NONE;
+        if (got == 1) acc = acc + w * PyFloat_AS_DOUBLE(value);
+    }
+    return PyFloat_FromDouble(acc);
+}
+
+/* lr_step(weights, x, loss_gradient, lr): weights[k] = weights[k] - (x[k] * loss_gradient) * lr
+ * for each key of x, in x's order, a key without a weight starting at 0.0 (River's Zeros
+ * initializer) and entering the dict then: the gradient `VectorDict.from_scaled(x, g)` and SGD's
+ * `w.isub_scaled(gradient, lr)`, rounded as River rounds them. True, or None when declined
+ * (nothing changed). */
+static PyObject *lr_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "lr_step(weights, x, loss_gradient, lr)");
+        return NULL;
+    }
+    PyObject *weights = args[0], *x = args[1], *key, *value;
+    if (!all_dicts(args, 2) || !PyFloat_CheckExact(args[2]) || !PyFloat_CheckExact(args[3])) Py_RETURN_NONE;
+    double g = PyFloat_AS_DOUBLE(args[2]), lr = PyFloat_AS_DOUBLE(args[3]), w;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(x, &pos, &key, &value)) { /* check everything first: decline unchanged */
+        if (!PyFloat_CheckExact(value)) Py_RETURN_NONE;
+        int got = get_float(weights, key, &w);
+        if (got == -2) return NULL;
+        if (got < 0) Py_RETURN_NONE;
+    }
+    pos = 0;
+    while (PyDict_Next(x, &pos, &key, &value)) {
+        if (get_float(weights, key, &w) == -2) return NULL;
+        double step = (PyFloat_AS_DOUBLE(value) * g) * lr;
+        if (set_float(weights, key, w - step) < 0) return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"scaler_learn", (PyCFunction)(void (*)(void))scaler_learn, METH_FASTCALL,
      "scaler_learn(counts, means, vars, x) -> True, or None when declined (nothing changed)"},
@@ -331,6 +391,10 @@ static PyMethodDef methods[] = {
      "learn_row(names, values, counts, means, vars) -> the scaled features, or None when declined"},
     {"predict_row", (PyCFunction)(void (*)(void))predict_row, METH_FASTCALL,
      "predict_row(names, values, counts, means, vars) -> the scaled features, or None when declined"},
+    {"lr_dot", (PyCFunction)(void (*)(void))lr_dot, METH_FASTCALL,
+     "lr_dot(weights, x) -> the weights' dot product with x, or None when declined"},
+    {"lr_step", (PyCFunction)(void (*)(void))lr_step, METH_FASTCALL,
+     "lr_step(weights, x, loss_gradient, lr) -> True, or None when declined (nothing changed)"},
     {"x_dict", (PyCFunction)(void (*)(void))x_dict, METH_FASTCALL,
      "x_dict(cls, names, values) -> cls instance of the finite values, or None when declined"},
     {NULL, NULL, 0, NULL},

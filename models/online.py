@@ -13,7 +13,8 @@ from itertools import compress
 from math import isfinite
 from typing import Any
 
-from river import linear_model, optim, preprocessing
+from river import linear_model, optim, preprocessing, utils
+from river.utils.math import clamp, sigmoid
 
 try:  # the compiled scaler updates and feature dict (setup.py); River's own code without them
     import models._river as _river
@@ -58,6 +59,21 @@ def _fast(scaler: preprocessing.StandardScaler) -> Any:
     """The compiled module when it is in use and covers this scaler (River's default: running
     statistics, scaled by the standard deviation), else None."""
     return _compiled if scaler.window_size is None and scaler.with_std is True else None
+
+
+def _fast_lr(classifier: linear_model.LogisticRegression) -> Any:
+    """The compiled module when it is in use and covers this classifier (River's default: SGD on
+    the log loss with Zeros-initialised weights, no L1/L2 penalty), else None."""
+    if _compiled is None or type(classifier) is not linear_model.LogisticRegression:
+        return None
+    if classifier.l1 != 0 or classifier.l2 != 0 or type(classifier.optimizer) is not optim.SGD:
+        return None
+    if (
+        type(classifier.loss) is not optim.losses.Log
+        or type(classifier.initializer) is not optim.initializers.Zeros
+    ):
+        return None
+    return _compiled
 
 
 def scaler_learn(scaler: preprocessing.StandardScaler, x: dict[str, float]) -> None:
@@ -136,11 +152,45 @@ class OnlineModel:
 
     def _learn_scaled(self, xs: dict[str, float], label: bool) -> float:
         """The classifier's part of `learn_one`, once the scaler has learned the row and scaled it."""
-        before = float(self._classifier.predict_proba_one(xs)[True]) if self.ready else 0.0
-        self._classifier.learn_one(xs, label, w=self.pos_weight if label else 1.0)
+        clf, w = self._classifier, self.pos_weight if label else 1.0
+        fast = _fast_lr(clf)
+        raw = fast.lr_dot(weights := self._weights(), xs) if fast is not None else None
+        if raw is None:
+            before = self._predict_scaled(xs) if self.ready else 0.0
+            clf.learn_one(xs, label, w=w)
+        else:
+            # River's `LogisticRegression.learn_one(xs, label, w)` (`GLM._fit` with SGD), its weight
+            # loops compiled (`lr_dot`, `lr_step`) and the rest River's own functions, in its order.
+            raw += clf.intercept
+            before = float(sigmoid(raw)) if self.ready else 0.0
+            opt = clf.optimizer
+            gradient = float(
+                clamp(clf.loss.gradient(y_true=label, y_pred=raw) * w, -clf.clip_gradient, clf.clip_gradient)
+            )
+            clf.intercept -= clf.intercept_lr.get(opt.n_iterations) * gradient
+            if fast.lr_step(weights, xs, gradient, float(opt.learning_rate)) is None:
+                raise AssertionError("lr_step declined what lr_dot accepted")  # pragma: no cover
+            opt.n_iterations += 1
         self.n_learned += 1
         self.n_positive += int(label)
         return before
+
+    def _weights(self) -> dict[str, float]:
+        """The dict the classifier's weights live in, shared with its VectorDict: River 0.26 gives
+        no handle on a VectorDict's dict, so the model builds the VectorDict around a dict of its own
+        (`VectorDict(d)` keeps a reference; River's learn mode masks the same dict). A classifier
+        whose VectorDict is another one (unpickled, replaced) is given one around a copy first."""
+        clf, shared = self._classifier, getattr(self, "_shared_weights", None)
+        if shared is not None and clf._weights is shared[0]:  # noqa: SLF001 - no public handle
+            return shared[1]
+        weights = clf._weights.to_dict()  # noqa: SLF001 - a copy of the same keys and values
+        clf._weights = utils.VectorDict(weights)  # noqa: SLF001
+        self._shared_weights = (clf._weights, weights)  # noqa: SLF001
+        return weights
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The model without its handle on the weights dict (the pickled VectorDict holds them)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_shared_weights"}
 
     def learn_values(self, names: Sequence[str], values: Sequence[float] | Any, y: bool) -> float:
         """`learn_one(x_dict(names, values), y)`: the same model and the same return value, in one
@@ -162,7 +212,7 @@ class OnlineModel:
             row = values.tolist() if hasattr(values, "tolist") else values
             xs = fast.predict_row(names, row, scaler.counts, scaler.means, scaler.vars)
             if xs is not None:
-                return float(self._classifier.predict_proba_one(xs)[True])
+                return self._predict_scaled(xs)
         return self.predict_proba_one(x_dict(names, values))
 
     def predict_proba_one(self, x: Mapping[str, float]) -> float:
@@ -177,7 +227,16 @@ class OnlineModel:
         seen = self._scaler.counts
         x = _clean(x)
         xs = x if seen.keys() >= x.keys() else {k: v for k, v in x.items() if k in seen}
-        return float(self._classifier.predict_proba_one(scaler_transform(self._scaler, xs))[True])
+        return self._predict_scaled(scaler_transform(self._scaler, xs))
+
+    def _predict_scaled(self, xs: dict[str, float]) -> float:
+        """The classifier's `predict_proba_one(xs)[True]`: the dot product compiled when it can be."""
+        clf = self._classifier
+        fast = _fast_lr(clf)
+        raw = fast.lr_dot(self._weights(), xs) if fast is not None else None
+        if raw is None:
+            return float(clf.predict_proba_one(xs)[True])
+        return float(sigmoid(raw + clf.intercept))  # River's `loss.mean_func` for the log loss
 
     def __repr__(self) -> str:
         return (

@@ -584,3 +584,55 @@ def test_x_dict_keeps_finite_values_as_floats_and_names_a_length_mismatch() -> N
     assert x == {"a": 1.5, "d": 2.0} and all(type(v) is float for v in x.values())
     with pytest.raises(ValueError, match=r"^3 names but 4 values$"):
         x_dict(["a", "b", "c"], row)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_online_compiled_classifier_survives_pickling_and_is_rivers_bit_for_bit(seed: int) -> None:
+    """The compiled dot product and SGD step update the same weights dict River's VectorDict holds:
+    learning resumed after a pickle round trip (a snapshot restored), with River's own code learning
+    in between, gives River's floats, keys and pickles."""
+    rows = _stream(seed, 900)
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        from models import online
+
+        model, got = OnlineModel(warmup=30, pos_weight=5.0, lr=0.05), []
+        for i, (x, y) in enumerate(rows):
+            if i % 300 == 299:
+                model = pickle.loads(pickle.dumps(model))
+            if compiled and 400 <= i < 450:
+                online.use_compiled(False)  # River's own learn_one on the shared dict for a while
+            got += [model.predict_proba_one(x), model.learn_one(x, y)]
+            online.use_compiled(compiled)
+        return model, got
+
+    _alike_both_ways(run)
+
+
+def test_online_a_classifier_the_compiled_code_does_not_cover_runs_rivers_own() -> None:
+    """An L2 penalty, another optimizer, values that are not floats: River's own code learns."""
+    from river import linear_model, optim
+
+    from models import online
+
+    if online._river is None:  # noqa: SLF001
+        pytest.skip("models._river is not built")
+    assert online._fast_lr(linear_model.LogisticRegression(l2=0.1)) is None  # noqa: SLF001
+    assert online._fast_lr(linear_model.LogisticRegression(optimizer=optim.Adam())) is None  # noqa: SLF001
+    assert online._fast_lr(linear_model.LogisticRegression()) is online._river  # noqa: SLF001
+    weights = {"a": 1.0, "b": 2}
+    assert online._river.lr_dot(weights, {"b": 1.0}) is None  # an int weight  # noqa: SLF001
+    assert online._river.lr_step(weights, {"a": 1.0, "b": 1.0}, 0.5, 0.1) is None  # noqa: SLF001
+    assert online._river.lr_step(weights, {"a": 1}, 0.5, 0.1) is None  # noqa: SLF001
+    assert weights == {"a": 1.0, "b": 2}  # declining changed nothing
+    assert online._river.lr_dot(weights, {"a": 3.0, "c": 5.0}) == 3.0  # noqa: SLF001 - no weight: nothing added
+    assert online._river.lr_step(weights, {"c": 2.0, "a": 1.0}, 0.5, 0.1) is True  # noqa: SLF001
+    assert weights == {"a": 1.0 - 0.5 * 0.1, "b": 2, "c": 0.0 - (2.0 * 0.5) * 0.1}
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=20, l2=0.01), []
+        for x, y in _stream(8, 300):
+            got += [model.predict_proba_one(x), model.learn_one(x, y)]
+        return model, got
+
+    _alike_both_ways(run)
