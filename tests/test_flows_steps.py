@@ -48,6 +48,7 @@ from flows.steps import (
     dead_letter_of,
     decoder,
     entity_key,
+    partitions,
     pending_key,
     scorer_key,
     starts_state,
@@ -616,3 +617,13 @@ def test_pending_keeps_its_shard_in_the_state_files_it_is_given(
     assert [p for p in (tmp_path / "pending").rglob("*") if p.is_file()]  # the shard's own files
     resumed = PendingLogic(pipeline, state_files(tmp_path, "pending"), pickle.loads(pickle.dumps(snap)))
     assert list(resumed.items) == ["t1"]
+
+
+def test_the_index_waits_for_a_watermark_from_each_partition_its_source_reads() -> None:
+    """`partitions` is how many watermark senders the ordering waits for: every shard of a Redis
+    source, each partition a source lists, 1 for a source that cannot say."""
+    from flows.redis_source import RedisShardSource
+
+    assert partitions(RedisShardSource("redis://localhost:1", "p", 3)) == 3
+    assert partitions(TestingSource([1, 2])) == 1
+    assert partitions(object()) == 1

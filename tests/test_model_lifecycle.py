@@ -673,3 +673,49 @@ def test_the_flow_logs_each_command_it_applied_and_the_model_info_follows(
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("command champion 'xgb-19990101000000-00000000' refused: ") for m in said), said
     assert "the data-drift watch failed on a batch: RuntimeError('no bins')" in said
+
+
+def test_the_psi_gauges_follow_each_window_the_scorer_judges(vectors: list[FeatureVector]) -> None:
+    """`fraud_feature_psi` shows the last judged data-drift window: NaN before the first, each
+    window's PSI from the first one on, unchanged between windows, and after a restart the PSI of
+    the window the snapshot holds."""
+    from prometheus_client import REGISTRY
+
+    from flows.steps import ScoringLogic
+    from service import telemetry
+
+    rt = load_runtime(Settings(drift_window_hours=1, drift_min_rows=20), need_redis=False)
+    logic = ScoringLogic(rt.new_scorer, None)
+    monitor = logic.scorer.monitor
+    assert monitor is not None and monitor.data is not None
+    data, names = monitor.data, monitor.data.ref.names
+
+    def gauges() -> list[float | None]:
+        return [REGISTRY.get_sample_value("fraud_feature_psi", {"feature": n}) for n in names]
+
+    def set_all(value: float) -> None:
+        for name in names:
+            telemetry.FEATURE_PSI.labels(feature=name).set(value)
+
+    set_all(-1.0)
+    logic.apply(vectors[:1])
+    assert data.judged == 0 and all(math.isnan(v) for v in gauges())  # nothing judged yet
+    seen: list[list[float]] = []
+    judged, first = 0, None
+    for i in range(1, len(vectors), 25):
+        set_all(-2.0)
+        logic.apply(vectors[i : i + 25])
+        if data.judged > judged:
+            judged = data.judged
+            assert gauges() == pytest.approx(list(data.last_psi), nan_ok=True)  # this window's PSI
+            seen.append(list(data.last_psi))
+            if judged == 1:
+                first = (logic.snapshot(), seen[0])
+        else:
+            assert gauges() == [-2.0] * len(names)  # no new window: the gauges are left alone
+    assert len(seen) >= 2 and not all(math.isnan(x) for x in seen[-1])
+    assert first is not None, "no batch ended with exactly one window judged"
+    for snapshot, psi in (first, (logic.snapshot(), seen[-1])):  # after one window, after them all
+        set_all(-3.0)
+        ScoringLogic(rt.new_scorer, snapshot).apply([])
+        assert gauges() == pytest.approx(psi, nan_ok=True)

@@ -275,3 +275,16 @@ def test_what_a_quarantined_record_says_whatever_step_held_it(caplog: pytest.Log
             quarantine(txn, "cadence_test", ValueError("again"))
     counts = [r.args[-1] for r in caplog.records if "cadence_test" in r.getMessage()]  # type: ignore[index]
     assert counts == [1, 1000, 2000]
+    # The line names the step, the exception and the transaction (its id cut at 64 characters, "?"
+    # for a record without one); the record itself carries no entity keys.
+    caplog.clear()
+    long_id = Transaction("x" * 100, 1_767_600_000_000, "c1", "m1", 5.0)
+    with caplog.at_level(logging.ERROR, logger="flows.steps"):
+        assert quarantine(long_id, "line_test", KeyError("k")).keys == ()
+        quarantine(42, "line_test_2", KeyError("k"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"step 'line_test' raised KeyError on transaction '{'x' * 64}' (1 so far): the record goes to "
+        "the dead letters (internal_error) and the flow goes on",
+        "step 'line_test_2' raised KeyError on transaction '?' (1 so far): the record goes to the dead "
+        "letters (internal_error) and the flow goes on",
+    ]
