@@ -289,6 +289,7 @@ def test_pending_keeps_a_label_that_overtook_its_row(pipeline: FeaturePipeline) 
     vector, learned = resumed.apply([row])
     assert isinstance(vector, FeatureVector) and isinstance(learned, LabelledVector)
     assert (learned.txn_id, learned.is_fraud, learned.seq) == ("t1", False, 7)
+    assert learned.ts_ms == NOW_MS + 1  # the label's time: what a drift event it causes is dated by
     assert np.array_equal(learned.values, vector.values, equal_nan=True) and not resumed.items
 
     waiting = PendingLogic(pipeline, None, None)
