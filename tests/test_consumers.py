@@ -274,6 +274,18 @@ def test_entries_abandoned_by_another_consumer_are_claimed_when_idle(redis_clien
     assert pending_count(redis_client, ALERTS, "g") == 0
 
 
+def test_a_limited_reader_claims_no_more_abandoned_entries_than_it_shows(redis_client: redis.Redis) -> None:
+    """`--limit 2` takes two of another consumer's abandoned entries, not a page of them: the rest
+    stay with their consumer, for whoever claims them next."""
+    ids = add(redis_client, ALERTS, [alert(i) for i in range(5)])
+    ensure_group(redis_client, ALERTS, "g")
+    read_alerts(redis_client, ALERTS, "g", "crashed", count=5)
+    n, text = drain(redis_client, ALERTS, group="g", consumer="me", as_json=True, claim_idle_ms=0, limit=2)
+    assert n == 2 and json_ids(text) == ids[:2]
+    owners = {c["name"]: c["pending"] for c in redis_client.xpending(ALERTS, "g")["consumers"]}
+    assert owners == {b"crashed": 3}
+
+
 def test_cli_alerts_piped_to_a_reader_that_leaves(redis_url: str, redis_client: redis.Redis) -> None:
     """`fraud alerts | head -1`: no traceback; what was not written stays pending and comes next."""
     ids = add(

@@ -206,6 +206,10 @@ def test_pending_holds_the_vector_and_sends_it_with_the_label(pipeline: FeatureP
     _, entry = pipeline.start(row.txn)
     label = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=2))
     assert isinstance(label, LabelEvent)
+    before = PendingLogic.held  # the `fraud_pending_transactions` gauge's count
+    logic = PendingLogic(pipeline, None, None)
+    assert len(logic.apply([row])) == 1 and PendingLogic.held == before + 1  # one vector waits
+    assert len(logic.apply([label])) == 1 and PendingLogic.held == before  # its label took it
     vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline, None))
     assert isinstance(vector, FeatureVector) and vector.values == pipeline.assemble(row)
     assert isinstance(learned, LabelledVector) and (learned.txn_id, learned.is_fraud) == ("t1", True)
@@ -563,6 +567,8 @@ def test_index_and_pending_resume_alike_on_either_table(
         txns
     )
     snaps = [pickle.loads(pickle.dumps(logic.snapshot())) for logic in (index, pending)]
+    for step in ("index", "pending"):  # with files, each step wrote its shard to its own
+        assert with_files == any(p.is_file() for p in tmp_path.rglob(f"*{step}*/**/*")), step
     index, pending = (
         IndexLogic(pipeline, files("index"), snaps[0]),
         PendingLogic(pipeline, files("pending"), snaps[1]),
