@@ -195,6 +195,7 @@ def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: P
     out = decode("txn", binary)
     assert isinstance(out, DeadLetter) and out.reason == "bad_json" and "UTF-8" in out.detail
     assert payload_bytes(out.raw) == binary and dlq_entry(out)["raw"] == binary
+    assert out.kind == "txn" and dlq_entry(out)["kind"] == "txn"  # `fraud dead-letters` shows txn:bad_json
 
     path = tmp_path / "t.jsonl"
     path.write_bytes(GOOD.encode() + b"\n" + binary + b"\n" + GOOD.replace('"t1"', '"t2"').encode() + b"\n")
