@@ -279,6 +279,27 @@ def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) 
     assert ScoringLogic(other, scoring.snapshot()).scorer.monitor.concept.n == 0  # other settings
 
 
+def test_the_online_learning_metrics_count_each_label_and_its_time(runtime: Runtime) -> None:
+    """`fraud_online_labels_learned` grows by the labels a batch taught River, and
+    `fraud_online_learn_seconds` by the time that took: never more than the batch's own."""
+    import time
+
+    values = array("f", [0.5] * len(runtime.pipeline.names))
+    labels = [LabelledVector(f"t{i}", i % 2 == 0, values, i, NOW_MS + i) for i in range(3)]
+    scoring = ScoringLogic(runtime.new_scorer, None)
+
+    def metric(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    learned, seconds = metric("fraud_online_labels_learned_total"), metric("fraud_online_learn_seconds_total")
+    started = time.perf_counter()
+    assert scoring.apply(list(labels)) == []  # labels alone decide nothing
+    took = time.perf_counter() - started
+    assert scoring.scorer.online.n_learned == 3
+    assert metric("fraud_online_labels_learned_total") == learned + 3
+    assert 0 < metric("fraud_online_learn_seconds_total") - seconds <= took
+
+
 def test_pending_keeps_a_label_that_overtook_its_row(pipeline: FeaturePipeline) -> None:
     """Most labels skip the entity chain, so one can reach `pending` while its row is still held
     in the chain: it waits (through a snapshot too) and goes out with the row, keeping its own

@@ -526,6 +526,20 @@ def test_the_decoder_tokenizes_the_card_and_its_raw_payload() -> None:
     assert decoder(identity) is decode_record
 
 
+def test_the_alert_entry_is_what_alert_consumers_read() -> None:
+    """Every field a case queue or a blocking service reads from `fraud:alerts`, with its value."""
+    d = decision()
+    assert alert_entry(d) == {
+        "txn_id": "t1", "card_id": "4111111111111111", "merchant_id": "m7",
+        "ts": "2026-01-05T08:00:00.000+00:00", "ts_ms": "1767600000000", "amount": "12.5",
+        "score": "0.9", "xgb_score": "0.8", "online_score": "0.4", "threshold": "0.95",
+        "model_version": "v1", "action": "",
+        "reasons": '[{"feature": "amount", "value": 1.5, "contribution": 0.7}, '
+        '{"feature": "gap", "value": null, "contribution": 0.1}]',
+        "late": "0", "latency_ms": "2.000",
+    }  # fmt: skip
+
+
 def test_decision_entry_is_the_full_audit_record() -> None:
     names = ["amount", "gap", "speed"]
     e = decision_entry(decision(alert=False), names)
