@@ -136,6 +136,25 @@ def test_the_scorer_switches_at_each_command_and_a_snapshot_resumes_what_it_serv
     assert [d.score for d in resumed.decide(c)] == [d.score for d in scorer.decide(c)]
 
 
+def test_a_shadow_score_exactly_at_the_shadow_threshold_is_a_shadow_alert(
+    registry: Registry, vectors: list[FeatureVector]
+) -> None:
+    """The shadow's threshold is, like the champion's, the lowest alerting score: set it to a
+    vector's exact shadow score and that vector is a shadow alert; a hair above, it is not."""
+    scorer = load_runtime(Settings(model_registry=registry.root), need_redis=False).new_scorer()
+    batch = vectors[:200]
+    first = scorer.decide([command(registry, "shadow", V2), *batch])
+    shadow = scorer.shadow
+    assert shadow is not None and not scorer.last.failed
+    scores = sorted({d.shadow.score for d in first if d.shadow is not None and 0.01 < d.shadow.score < 0.99})
+    at = scores[len(scores) // 2]
+    for threshold, alerts in ((at, True), (at + 1e-12, False)):
+        shadow.threshold = threshold
+        again = scorer.decide(batch)
+        exactly = [d.shadow for d in again if d.shadow is not None and d.shadow.score == at]
+        assert exactly and all(s.alert is alerts for s in exactly)
+
+
 def test_a_refused_command_changes_nothing(
     registry: Registry, vectors: list[FeatureVector], tmp_path: Path
 ) -> None:
@@ -719,3 +738,48 @@ def test_the_psi_gauges_follow_each_window_the_scorer_judges(vectors: list[Featu
         set_all(-3.0)
         ScoringLogic(rt.new_scorer, snapshot).apply([])
         assert gauges() == pytest.approx(psi, nan_ok=True)
+
+
+def test_a_batch_scored_row_by_row_feeds_the_drift_watch_the_same_rows(vectors: list[FeatureVector]) -> None:
+    """A batch whose matrix cannot be built (a vector of the wrong length) is scored row by row:
+    its valid rows still reach the data-drift watch, as float32 like a whole batch's, so the
+    watch counts what it would have counted without the bad vector (0.7, at a bin edge, falls
+    on either side of it as float32 or float64)."""
+    from models.drift import DataDrift, reference_of
+
+    rt = load_runtime(Settings(), need_redis=False)
+    whole, fallback = rt.new_scorer(), rt.new_scorer()
+    n = len(whole.names)
+    ref = reference_of(np.full((100, n), 0.7), whole.names, np.full(100, 0.5))
+    for scorer in (whole, fallback):
+        assert scorer.monitor is not None
+        scorer.monitor.data = DataDrift(ref, window_hours=1, min_rows=1)
+    good = [FeatureVector(v.txn, [0.7] * n, False) for v in vectors[:20]]
+    bad = FeatureVector(vectors[20].txn, [0.7] * (n - 1), False)
+    whole.decide(good)
+    fallback.decide([*good, bad])
+    assert [it for it, _ in fallback.last.failed] == [bad] and fallback.last.drift_error is None
+    counted = [s.monitor.data.total for s in (whole, fallback) if s.monitor and s.monitor.data]
+    assert len(counted) == 2 and counted[0].sum() > 0 and np.array_equal(counted[0], counted[1])
+
+
+def test_alerts_are_explained_one_by_one_when_the_batch_explanation_fails(
+    vectors: list[FeatureVector], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If XGBoost's contributions fail for the batch of alerts, each alert is explained alone: the
+    same reasons, none left unexplained."""
+    rt = load_runtime(Settings(threshold=1e-6), need_redis=False)  # every vector alerts
+    batch = vectors[:300]
+    reference = {d.txn.txn_id: d.reasons for d in rt.new_scorer().decide(batch) if d.alert}
+    assert len(reference) >= 2
+    contributions = XGBScorer.contributions
+
+    def one_at_a_time(self: XGBScorer, X: np.ndarray, top: int) -> Any:
+        if len(X) > 1:
+            raise MemoryError("injected: the batch call fails")
+        return contributions(self, X, top)
+
+    monkeypatch.setattr(XGBScorer, "contributions", one_at_a_time)
+    scorer = rt.new_scorer()
+    got = {d.txn.txn_id: d.reasons for d in scorer.decide(batch) if d.alert}
+    assert repr(got) == repr(reference) and scorer.last.unexplained == 0  # repr: NaN values compare equal
