@@ -783,3 +783,13 @@ def test_alerts_are_explained_one_by_one_when_the_batch_explanation_fails(
     scorer = rt.new_scorer()
     got = {d.txn.txn_id: d.reasons for d in scorer.decide(batch) if d.alert}
     assert repr(got) == repr(reference) and scorer.last.unexplained == 0  # repr: NaN values compare equal
+
+    def never(self: XGBScorer, X: np.ndarray, top: int) -> Any:
+        raise MemoryError("injected: every call fails")
+
+    monkeypatch.setattr(
+        XGBScorer, "contributions", never
+    )  # alerts still go out, unexplained, each counted once
+    alerts = [d for d in scorer.decide(batch) if d.alert]
+    assert len(alerts) == len(reference) and all(d.reasons == [] for d in alerts)
+    assert scorer.last.unexplained == len(alerts)

@@ -35,6 +35,29 @@ def test_throughput_by_tenth_interpolates_between_marks() -> None:
     marks = [(0.0, 0), (1.0, 500), (5.0, 1000)]
     assert throughput_by_tenth(marks) == pytest.approx([500.0] * 5 + [125.0] * 5)
     assert throughput_by_tenth([(0.0, 0), (1.0, 5)]) == []
+    assert throughput_by_tenth([(0.0, 0), (1.0, 500)]) == []  # under 2 s of marks: too short to split
+    assert throughput_by_tenth([(0.0, 0), (1.0, 5), (2.0, 9)]) == []  # 9 decisions: too few
+
+
+def test_the_progress_lines_say_what_they_are_and_the_rates_count_each_decision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every `interval_s` a `[progress]` line; at the end the `[done]` lines, the throughput by
+    tenth counting each decision once (a clock the test advances: 1,000 decisions a second)."""
+    clock = [1_000.0]
+    monkeypatch.setattr("flows.outputs.time.monotonic", lambda: clock[0])
+    out = io.StringIO()
+    part = ProgressSink(5.0, out).build("progress", 0, 1)
+    txn = Transaction("t", 1_767_600_000_000, "c", "m", 1.0)
+    batch = [Decision(txn, [], 0.1, 0.0, 0.1, False, False, None) for _ in range(1_000)]
+    for _ in range(20):
+        clock[0] += 1.0
+        part.write_batch(batch)
+    part.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ")[0] for line in lines if not line.startswith("[done]")] == ["[progress]"] * 4
+    assert all(line.endswith(f"· {5.0 * (i + 1):.1f}s") for i, line in enumerate(lines[:4]))
+    assert "[done] throughput by tenth of the transactions: " + " · ".join(["1,000"] * 10) + " /s" in lines
 
 
 def test_the_summary_covers_every_transaction() -> None:
