@@ -196,6 +196,9 @@ def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: P
     assert isinstance(out, DeadLetter) and out.reason == "bad_json" and "UTF-8" in out.detail
     assert payload_bytes(out.raw) == binary and dlq_entry(out)["raw"] == binary
     assert out.kind == "txn" and dlq_entry(out)["kind"] == "txn"  # `fraud dead-letters` shows txn:bad_json
+    label = decode("label", b'{"txn_id": "\xff", "is_fraud": true}')
+    assert isinstance(label, DeadLetter) and (label.kind, label.reason) == ("label", "bad_json")
+    assert label.detail.startswith("not UTF-8: ")
 
     path = tmp_path / "t.jsonl"
     path.write_bytes(GOOD.encode() + b"\n" + binary + b"\n" + GOOD.replace('"t1"', '"t2"').encode() + b"\n")

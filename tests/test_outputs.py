@@ -37,6 +37,8 @@ def test_throughput_by_tenth_interpolates_between_marks() -> None:
     assert throughput_by_tenth([(0.0, 0), (1.0, 5)]) == []
     assert throughput_by_tenth([(0.0, 0), (1.0, 500)]) == []  # under 2 s of marks: too short to split
     assert throughput_by_tenth([(0.0, 0), (1.0, 5), (2.0, 9)]) == []  # 9 decisions: too few
+    # A first second without a decision (dead letters only): the run starts at its first decision.
+    assert throughput_by_tenth([(0.0, 0), (1.0, 0), (2.0, 500), (3.0, 1000)]) == pytest.approx([500.0] * 10)
 
 
 def test_the_progress_lines_say_what_they_are_and_the_rates_count_each_decision(
@@ -85,3 +87,42 @@ def test_the_progress_sink_prints_to_stdout_as_it_is_when_the_flow_runs() -> Non
         partition = sink.build("progress", 0, 1)
         partition.close()
     assert "[done]" in out.getvalue()
+
+
+def test_the_last_lines_of_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 1 of 2 says so in every line; two latencies are enough for the latency line; the
+    snapshot line lists the costliest step first; a run that ends at once has a rate of 0/s."""
+    from flows.outputs import progress_line
+    from service import telemetry
+
+    assert "(0/s)" in progress_line(0.0, "[done]")
+    monkeypatch.setattr(telemetry, "SNAPSHOT_SECONDS", {"index": [0.25], "card": [0.5], "idle": [0.0]})
+    out = io.StringIO()
+    part = ProgressSink(3600, out).build("progress", 1, 2)
+    txn = Transaction("t", 1_767_600_000_000, "c", "m", 1.0)
+    batch = [Decision(txn, [], 0.1, 0.0, 0.1, False, False, None) for _ in range(2)]
+    for d in batch:
+        d.latency_s = 0.002
+    part.write_batch(batch)
+    part.close()
+    lines = out.getvalue().splitlines()
+    assert all(line.startswith("[done w1] ") for line in lines), lines
+    assert any("arrival-to-decision latency: p50 2.0 ms" in line for line in lines), lines
+    assert (
+        lines[-1]
+        == "[done w1] state snapshots at epoch closes: 0.75 s in this process (card 0.50 s, index 0.25 s)"
+    )
+
+
+def test_progress_lines_reach_a_pipe_as_they_are_printed() -> None:
+    """A reader of the flow's output (`| tee`, a log shipper) sees each line when it is printed,
+    not when a buffer fills or the flow ends."""
+    import os
+    import select
+
+    r, w = os.pipe()
+    with open(w, "w") as writer, open(r, "rb", buffering=0) as reader:
+        part = ProgressSink(0.0, writer).build("progress", 0, 1)
+        part.write_batch([])
+        assert select.select([reader], [], [], 5.0)[0], "nothing reached the pipe"
+        assert reader.read(4096).startswith(b"[progress] ")

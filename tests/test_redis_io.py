@@ -260,6 +260,8 @@ def test_sink_without_dedupe_counts_no_duplicates(redis_url: str) -> None:
     assert REGISTRY.get_sample_value("fraud_sink_duplicates_total", {"stream": stream}) == before
     with pytest.raises(ValueError):
         RedisStreamSink(redis_url, stream, 0)
+    with pytest.raises(ValueError, match="retry_budget_s must be > 0, got 0"):
+        RedisStreamSink(redis_url, stream, 10, retry_budget_s=0)  # a sink that could never retry
 
 
 def fill_past_maxmemory(client: redis.Redis) -> list[str]:
