@@ -196,9 +196,13 @@ def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: P
     assert isinstance(out, DeadLetter) and out.reason == "bad_json" and "UTF-8" in out.detail
     assert payload_bytes(out.raw) == binary and dlq_entry(out)["raw"] == binary
     assert out.kind == "txn" and dlq_entry(out)["kind"] == "txn"  # `fraud dead-letters` shows txn:bad_json
-    label = decode("label", b'{"txn_id": "\xff", "is_fraud": true}')
+    raw_label = b'{"txn_id": "\xff", "is_fraud": true}'
+    label = decode("label", raw_label, 0, 0, "labels#9-0")
     assert isinstance(label, DeadLetter) and (label.kind, label.reason) == ("label", "bad_json")
-    assert label.detail.startswith("not UTF-8: ")
+    assert label.detail.startswith("not UTF-8: ") and payload_bytes(label.raw) == raw_label
+    assert (label.txn_id, label.origin) == (None, "labels#9-0")  # where to find it in the stream
+    bad = decode("label", b'{"txn_id": "t1", "is_fraud": "maybe"}', 0, 0, "labels#10-0")
+    assert isinstance(bad, DeadLetter) and (bad.txn_id, bad.origin) == ("t1", "labels#10-0")
 
     path = tmp_path / "t.jsonl"
     path.write_bytes(GOOD.encode() + b"\n" + binary + b"\n" + GOOD.replace('"t1"', '"t2"').encode() + b"\n")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import bytewax.operators as op
 import pytest
@@ -413,6 +413,47 @@ def test_partially_applied_batch_is_completed_without_duplicates(
     assert txn_ids(redis_client, STREAM) == [f"t{i}" for i in range(10)]
     assert sample("fraud_sink_duplicates_total", {"stream": STREAM}) - before == 5
     assert redis_client.script_exists(DEDUPE_XADD_SHA) == [True]
+
+
+def test_a_script_that_vanishes_again_after_loading_stops_the_batch_saying_so(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dedupe script is reloaded once on NOSCRIPT; if it is gone again at once (the cache
+    flushed between SCRIPT LOAD and the retry, as after a failover), the write stops with that
+    reason rather than looping; and a script whose digest is not the one the code expects (its
+    text changed without the constant) is refused by name."""
+    from flows import redis_sink
+
+    load = redis_client.script_load
+
+    def load_then_flush(script: str) -> Any:
+        sha = load(script)
+        redis_client.script_flush()
+        return sha
+
+    monkeypatch.setattr(redis_client, "script_load", load_then_flush)
+    redis_client.script_flush()
+    with pytest.raises(RedisSinkError, match="the dedupe script vanished again right after SCRIPT LOAD"):
+        write_entries(redis_client, STREAM, entries(3), 1000, dedupe=Dedupe("txn_id"))
+    monkeypatch.undo()
+    monkeypatch.setattr(redis_sink, "DEDUPE_XADD_SHA", "0" * 40)
+    with pytest.raises(RedisSinkError, match=f"SCRIPT LOAD returned {DEDUPE_XADD_SHA}, expected {'0' * 40}"):
+        write_entries(redis_client, STREAM, entries(3), 1000, dedupe=Dedupe("txn_id"))
+
+
+def test_a_failing_trim_is_raised_after_the_entries_went_in(tmp_path: Path) -> None:
+    """With a retention, the batch's pipeline ends with XTRIM: if the server refuses it (here a
+    server without XTRIM), the write raises that error, not another reply of the batch."""
+    from testkit.private_redis import RedisTestServer
+
+    server = RedisTestServer(tmp_path, extra=["--rename-command", "XTRIM", "xtrim-not-here"]).start()
+    try:
+        with connect(server.url) as client:
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                write_entries(client, STREAM, entries(3), None, retention_s=60.0)
+            assert client.xlen(STREAM) == 3
+    finally:
+        server.stop()
 
 
 def test_entries_without_their_dedupe_field_are_refused(redis_client: redis.Redis) -> None:
