@@ -203,6 +203,12 @@ def test_payloads_that_are_not_utf8_are_bad_json_and_kept_byte_exact(tmp_path: P
     assert (label.txn_id, label.origin) == (None, "labels#9-0")  # where to find it in the stream
     bad = decode("label", b'{"txn_id": "t1", "is_fraud": "maybe"}', 0, 0, "labels#10-0")
     assert isinstance(bad, DeadLetter) and (bad.txn_id, bad.origin) == ("t1", "labels#10-0")
+    deep = decode("label", b'{"txn_id": "t1", "x": ' + b"[" * 200 + b"]" * 200 + b"}", 0, 0, "labels#11-0")
+    assert isinstance(deep, DeadLetter) and (deep.reason, deep.txn_id, deep.origin) == (
+        "bad_json",
+        "t1",
+        "labels#11-0",
+    )
 
     path = tmp_path / "t.jsonl"
     path.write_bytes(GOOD.encode() + b"\n" + binary + b"\n" + GOOD.replace('"t1"', '"t2"').encode() + b"\n")
