@@ -19,7 +19,8 @@ each ran some modules, merged).
 A whole run takes hours on a small machine (the flow's tests are slow and every mutant runs the
 tests that execute its function). A random sample of each module's mutants gives an unbiased
 estimate of its score: the last column is the lower end of the score's 95 % interval (Wilson's,
-from the mutants judged), the score a module can be said to reach whatever the mutants not run.
+from the mutants judged), the score a module can be said to reach whatever the mutants not run
+(the score itself for a module whose every mutant ran).
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def report(mutants: Path | list[Path], same: dict[str, str]) -> list[str]:
                 kinds["unrun"] += 1  # not checked (yet), skipped, suspicious, segfault
         judged = len(codes) - kinds["equivalent"] - kinds["unrun"]
         caught = kinds["killed"] + kinds["timeout"]
-        score = f"{caught / judged:6.1%} {lower_bound(caught, judged):6.1%}" if judged else "not run"
+        # Every mutant run: the score is exact. A sample: the lower end of its 95 % interval.
+        bound = caught / judged if not kinds["unrun"] else lower_bound(caught, judged) if judged else 0.0
+        score = f"{caught / judged:6.1%} {bound:6.1%}" if judged else "not run"
         lines.append(
             f"{module:<28} {len(codes):>8} {kinds['killed']:>7} {kinds['timeout']:>8} {kinds['survived']:>9} "
             f"{kinds['equivalent']:>7} {kinds['unrun']:>6}  {score}"

@@ -222,3 +222,5 @@ def test_the_mutation_sample_draws_per_module_and_bounds_the_score(tmp_path: Pat
     assert round(lower_bound(50, 50), 3) == 0.929 and round(lower_bound(45, 50), 3) == 0.786
     (tmp_path / "ma.py.meta").write_text(json.dumps({"exit_code_by_key": {"ma.x_f__mutmut_1": 1}}))
     assert report(tmp_path, {})[1].split()[-2:] == ["100.0%", "20.7%"]  # one mutant run says little
+    (tmp_path / "mb.py.meta").write_text(json.dumps({"exit_code_by_key": {"mb.x_f__mutmut_1": 1}}))
+    assert report(tmp_path, {})[2].split()[-2:] == ["100.0%", "100.0%"]  # every mutant run: exact
