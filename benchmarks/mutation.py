@@ -111,10 +111,10 @@ def report(mutants: Path | list[Path], same: dict[str, str]) -> list[str]:
             else:
                 kinds["unrun"] += 1  # not checked (yet), skipped, suspicious, segfault
         judged = len(codes) - kinds["equivalent"] - kinds["unrun"]
-        caught = kinds["killed"] + kinds["timeout"]
-        # Every mutant run: the score is exact. A sample: the lower end of its 95 % interval.
-        bound = caught / judged if not kinds["unrun"] else lower_bound(caught, judged) if judged else 0.0
-        score = f"{caught / judged:6.1%} {bound:6.1%}" if judged else "not run"
+        caught, score = kinds["killed"] + kinds["timeout"], "not run"
+        if judged:  # every mutant run: the score is exact; a sample: the lower end of its 95 % interval
+            bound = lower_bound(caught, judged) if kinds["unrun"] else caught / judged
+            score = f"{caught / judged:6.1%} {bound:6.1%}"
         lines.append(
             f"{module:<28} {len(codes):>8} {kinds['killed']:>7} {kinds['timeout']:>8} {kinds['survived']:>9} "
             f"{kinds['equivalent']:>7} {kinds['unrun']:>6}  {score}"

@@ -225,3 +225,4 @@ def test_the_mutation_sample_draws_per_module_and_bounds_the_score(tmp_path: Pat
     assert report(tmp_path, {})[1].split()[-2:] == ["100.0%", "20.7%"]  # one mutant of 30 run says little
     (tmp_path / "mb.py.meta").write_text(json.dumps({"exit_code_by_key": {"mb.x_f__mutmut_1": 1}}))
     assert report(tmp_path, {})[2].split()[-2:] == ["100.0%", "100.0%"]  # every mutant run: exact
+    assert report(tmp_path, {"mb.x_f__mutmut_1": "a default"})[2].endswith("not run")  # only an equivalent
