@@ -122,10 +122,11 @@ class RedisTestServer:
 
 
 @contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port, no persistence; yields its URL."""
+def private_redis(extra: Sequence[str] = ()) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, no persistence; yields its URL. `extra`:
+    server options, as `RedisTestServer` takes them."""
     with tempfile.TemporaryDirectory(prefix="fraud-redis-") as tmp:
-        server = RedisTestServer(Path(tmp)).start()
+        server = RedisTestServer(Path(tmp), extra=extra).start()
         try:
             yield server.url
         finally:

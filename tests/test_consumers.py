@@ -275,27 +275,24 @@ def test_entries_abandoned_by_another_consumer_are_claimed_when_idle(redis_clien
     assert pending_count(redis_client, ALERTS, "g") == 0
 
 
-def test_a_server_without_xautoclaim_leaves_abandoned_entries_and_shows_the_rest(tmp_path: Path) -> None:
+def test_a_server_without_xautoclaim_leaves_abandoned_entries_and_shows_the_rest() -> None:
     """Redis before 6.2 has no XAUTOCLAIM: the reader shows its own pending entries and new ones,
     and leaves another consumer's abandoned entries where they are, instead of failing."""
-    from testkit.private_redis import RedisTestServer
+    from testkit.private_redis import private_redis
 
-    server = RedisTestServer(
-        tmp_path, extra=["--rename-command", "XAUTOCLAIM", "xautoclaim-not-here"]
-    ).start()
-    try:
-        with connect(server.url) as client:
-            ids = add(client, ALERTS, [alert(i) for i in range(3)])
-            ensure_group(client, ALERTS, "g")
-            read_alerts(client, ALERTS, "g", "crashed", count=2)
-            with pytest.raises(redis.ResponseError, match="unknown command"):
-                client.xautoclaim(ALERTS, "g", "me", 0)
-            n, text = drain(client, ALERTS, group="g", consumer="me", as_json=True, claim_idle_ms=0)
-            assert n == 1 and json_ids(text) == ids[2:]
-            owners = {c["name"]: c["pending"] for c in client.xpending(ALERTS, "g")["consumers"]}
-            assert owners == {b"crashed": 2}
-    finally:
-        server.stop()
+    with (
+        private_redis(["--rename-command", "XAUTOCLAIM", "xautoclaim-not-here"]) as url,
+        connect(url) as client,
+    ):
+        ids = add(client, ALERTS, [alert(i) for i in range(3)])
+        ensure_group(client, ALERTS, "g")
+        read_alerts(client, ALERTS, "g", "crashed", count=2)
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.xautoclaim(ALERTS, "g", "me", 0)
+        n, text = drain(client, ALERTS, group="g", consumer="me", as_json=True, claim_idle_ms=0)
+        assert n == 1 and json_ids(text) == ids[2:]
+        owners = {c["name"]: c["pending"] for c in client.xpending(ALERTS, "g")["consumers"]}
+        assert owners == {b"crashed": 2}
 
 
 def test_a_limited_reader_claims_no_more_abandoned_entries_than_it_shows(redis_client: redis.Redis) -> None:

@@ -441,19 +441,15 @@ def test_a_script_that_vanishes_again_after_loading_stops_the_batch_saying_so(
         write_entries(redis_client, STREAM, entries(3), 1000, dedupe=Dedupe("txn_id"))
 
 
-def test_a_failing_trim_is_raised_after_the_entries_went_in(tmp_path: Path) -> None:
+def test_a_failing_trim_is_raised_after_the_entries_went_in() -> None:
     """With a retention, the batch's pipeline ends with XTRIM: if the server refuses it (here a
     server without XTRIM), the write raises that error, not another reply of the batch."""
-    from testkit.private_redis import RedisTestServer
+    from testkit.private_redis import private_redis
 
-    server = RedisTestServer(tmp_path, extra=["--rename-command", "XTRIM", "xtrim-not-here"]).start()
-    try:
-        with connect(server.url) as client:
-            with pytest.raises(redis.ResponseError, match="unknown command"):
-                write_entries(client, STREAM, entries(3), None, retention_s=60.0)
-            assert client.xlen(STREAM) == 3
-    finally:
-        server.stop()
+    with private_redis(["--rename-command", "XTRIM", "xtrim-not-here"]) as url, connect(url) as client:
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            write_entries(client, STREAM, entries(3), None, retention_s=60.0)
+        assert client.xlen(STREAM) == 3
 
 
 def test_entries_without_their_dedupe_field_are_refused(redis_client: redis.Redis) -> None:
