@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <string.h>
 
 #define EXACT_LIMIT 9007199254740992LL /* 2**53 */
 
@@ -382,6 +383,133 @@ static PyObject *lr_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_TRUE;
 }
 
+/* The row model: River's scaler and classifier state for a fixed list of n feature names, kept in
+ * one array of 5n doubles (`array('d')`), feature i at position i of each block: counts, means,
+ * variances, weights, and the scaled row of the last `rows_learn`. A count of 0 means River's dicts
+ * do not hold the name (nor its weight: the scaler and the classifier learn the same keys). The
+ * same floating-point operations as `learn_row` + `lr_dot` + `lr_step` on River's dicts, in the same
+ * order (the names' order, which is x's order), so the same doubles; `models.online` writes them
+ * back into River's objects (keys in first-seen order, kept in `order`) before anything else reads
+ * those. */
+
+/* The state's blocks, or NULL (and a released view) when `state` is not n x 5 writable doubles. */
+static double *state_of(PyObject *state, Py_buffer *view, Py_ssize_t n)
+{
+    if (PyObject_GetBuffer(state, view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, "d") != 0 || view->len != 5 * n * 8) {
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return (double *)view->buf;
+}
+
+/* The row's values, when a list or tuple of n floats. */
+static PyObject **floats_of(PyObject *values, Py_ssize_t *n)
+{
+    if (!PyList_CheckExact(values) && !PyTuple_CheckExact(values)) return NULL;
+    *n = PySequence_Fast_GET_SIZE(values);
+    PyObject **vs = PySequence_Fast_ITEMS(values);
+    for (Py_ssize_t i = 0; i < *n; i++)
+        if (!PyFloat_CheckExact(vs[i])) return NULL;
+    return vs;
+}
+
+/* rows_learn(values, state, order): the scaler learns the row's finite values (Welford), scales
+ * them into the state's last block and returns the classifier's dot product with its weights
+ * before this row (a name seen for the first time has no weight yet: nothing added; its index is
+ * appended to `order`). None when declined (nothing changed). */
+static PyObject *rows_learn(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "rows_learn(values, state, order)");
+        return NULL;
+    }
+    Py_ssize_t n;
+    PyObject **vs = floats_of(args[0], &n), *order = args[2];
+    if (vs == NULL || !PyList_CheckExact(order)) Py_RETURN_NONE;
+    Py_buffer view;
+    double *st = state_of(args[1], &view, n);
+    if (st == NULL) Py_RETURN_NONE;
+    double *C = st, *M = st + n, *V = st + 2 * n, *W = st + 3 * n, *S = st + 4 * n, acc = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) /* counts must stay exact */
+        if (isfinite(PyFloat_AS_DOUBLE(vs[i])) && !(C[i] >= 0.0 && C[i] + 1.0 < (double)EXACT_LIMIT)) {
+            PyBuffer_Release(&view);
+            Py_RETURN_NONE;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double x = PyFloat_AS_DOUBLE(vs[i]);
+        if (!isfinite(x)) continue;
+        int first = C[i] == 0.0;
+        double count = C[i] + 1.0, old_mean = M[i];
+        double mean = old_mean + (x - old_mean) / count;
+        double var = V[i] + ((x - old_mean) * (x - mean) - V[i]) / count;
+        C[i] = count;
+        M[i] = mean;
+        V[i] = var;
+        S[i] = scaled(x, mean, var);
+        if (first) {
+            PyObject *at = PyLong_FromSsize_t(i);
+            int rc = at == NULL ? -1 : PyList_Append(order, at);
+            Py_XDECREF(at);
+            if (rc < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+        } else {
+            acc = acc + W[i] * S[i];
+        }
+    }
+    PyBuffer_Release(&view);
+    return PyFloat_FromDouble(acc);
+}
+
+/* rows_step(values, state, loss_gradient, lr): the SGD step on the row `rows_learn` scaled last
+ * (its finite values): w = w - (x * g) * lr. True, or None when declined. */
+static PyObject *rows_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "rows_step(values, state, loss_gradient, lr)");
+        return NULL;
+    }
+    Py_ssize_t n;
+    PyObject **vs = floats_of(args[0], &n);
+    if (vs == NULL || !PyFloat_CheckExact(args[2]) || !PyFloat_CheckExact(args[3])) Py_RETURN_NONE;
+    Py_buffer view;
+    double *st = state_of(args[1], &view, n);
+    if (st == NULL) Py_RETURN_NONE;
+    double g = PyFloat_AS_DOUBLE(args[2]), lr = PyFloat_AS_DOUBLE(args[3]), *W = st + 3 * n, *S = st + 4 * n;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (isfinite(PyFloat_AS_DOUBLE(vs[i]))) W[i] = W[i] - (S[i] * g) * lr;
+    PyBuffer_Release(&view);
+    Py_RETURN_TRUE;
+}
+
+/* rows_predict(values, state): the classifier's dot product with the scaled row, the names the
+ * scaler has never counted left out (`OnlineModel.predict_proba_one`). Changes nothing. */
+static PyObject *rows_predict(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "rows_predict(values, state)");
+        return NULL;
+    }
+    Py_ssize_t n;
+    PyObject **vs = floats_of(args[0], &n);
+    if (vs == NULL) Py_RETURN_NONE;
+    Py_buffer view;
+    double *st = state_of(args[1], &view, n);
+    if (st == NULL) Py_RETURN_NONE;
+    double *C = st, *M = st + n, *V = st + 2 * n, *W = st + 3 * n, acc = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double x = PyFloat_AS_DOUBLE(vs[i]);
+        if (isfinite(x) && C[i] > 0.0) acc = acc + W[i] * scaled(x, M[i], V[i]);
+    }
+    PyBuffer_Release(&view);
+    return PyFloat_FromDouble(acc);
+}
+
 static PyMethodDef methods[] = {
     {"scaler_learn", (PyCFunction)(void (*)(void))scaler_learn, METH_FASTCALL,
      "scaler_learn(counts, means, vars, x) -> True, or None when declined (nothing changed)"},
@@ -395,6 +523,12 @@ static PyMethodDef methods[] = {
      "lr_dot(weights, x) -> the weights' dot product with x, or None when declined"},
     {"lr_step", (PyCFunction)(void (*)(void))lr_step, METH_FASTCALL,
      "lr_step(weights, x, loss_gradient, lr) -> True, or None when declined (nothing changed)"},
+    {"rows_learn", (PyCFunction)(void (*)(void))rows_learn, METH_FASTCALL,
+     "rows_learn(values, state, order) -> the dot product before the step, or None when declined"},
+    {"rows_step", (PyCFunction)(void (*)(void))rows_step, METH_FASTCALL,
+     "rows_step(values, state, loss_gradient, lr) -> True, or None when declined"},
+    {"rows_predict", (PyCFunction)(void (*)(void))rows_predict, METH_FASTCALL,
+     "rows_predict(values, state) -> the dot product, or None when declined"},
     {"x_dict", (PyCFunction)(void (*)(void))x_dict, METH_FASTCALL,
      "x_dict(cls, names, values) -> cls instance of the finite values, or None when declined"},
     {NULL, NULL, 0, NULL},

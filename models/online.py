@@ -8,9 +8,10 @@ after training; `models.combine` merges the two scores.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping, Sequence
 from itertools import compress
-from math import isfinite
+from math import inf, isfinite
 from typing import Any
 
 from river import linear_model, optim, preprocessing, utils
@@ -99,6 +100,9 @@ def _clean(x: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in x.items() if v - v == 0}
 
 
+_DERIVED = frozenset({"_shared_weights", "_rows", "_rows_ahead"})  # rebuilt from River's objects
+
+
 class OnlineModel:
     """StandardScaler | LogisticRegression(SGD), class-weighted, with a warm-up gate.
 
@@ -134,6 +138,30 @@ class OnlineModel:
         self._scaler = preprocessing.StandardScaler()
         self._classifier = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
 
+    # River's objects live in the instance dict under these names (the pickled state, as ever).
+    # While `learn_values` / `predict_values` run on the row model (`_rows`), River's objects lag
+    # behind it: reading one through these properties writes the row model back first and drops
+    # it (the reader may change the object); `learn_values` builds it again from River's objects.
+    @property
+    def _scaler(self) -> preprocessing.StandardScaler:
+        self._release_rows()
+        return self.__dict__["_scaler"]
+
+    @_scaler.setter
+    def _scaler(self, scaler: preprocessing.StandardScaler) -> None:
+        self._release_rows()
+        self.__dict__["_scaler"] = scaler
+
+    @property
+    def _classifier(self) -> linear_model.LogisticRegression:
+        self._release_rows()
+        return self.__dict__["_classifier"]
+
+    @_classifier.setter
+    def _classifier(self, classifier: linear_model.LogisticRegression) -> None:
+        self._release_rows()
+        self.__dict__["_classifier"] = classifier
+
     @property
     def ready(self) -> bool:
         """Whether predictions are trusted: warm-up reached and at least one positive seen."""
@@ -159,21 +187,43 @@ class OnlineModel:
             before = self._predict_scaled(xs) if self.ready else 0.0
             clf.learn_one(xs, label, w=w)
         else:
-            # River's `LogisticRegression.learn_one(xs, label, w)` (`GLM._fit` with SGD), its weight
-            # loops compiled (`lr_dot`, `lr_step`) and the rest River's own functions, in its order.
-            raw += clf.intercept
-            before = float(sigmoid(raw)) if self.ready else 0.0
-            opt = clf.optimizer
-            gradient = float(
-                clamp(clf.loss.gradient(y_true=label, y_pred=raw) * w, -clf.clip_gradient, clf.clip_gradient)
-            )
-            clf.intercept -= clf.intercept_lr.get(opt.n_iterations) * gradient
-            if fast.lr_step(weights, xs, gradient, float(opt.learning_rate)) is None:
+            before, gradient, lr = self._sgd(clf, raw, label)
+            if fast.lr_step(weights, xs, gradient, lr) is None:
                 raise AssertionError("lr_step declined what lr_dot accepted")  # pragma: no cover
-            opt.n_iterations += 1
+            clf.optimizer.n_iterations += 1
         self.n_learned += 1
         self.n_positive += int(label)
         return before
+
+    def _learn_rows(self, row: Sequence[float], state: array, raw: float, label: bool) -> float:
+        """The classifier's part of `learn_values` on the row model, once `rows_learn` has scaled
+        the row and returned the dot product `raw`."""
+        clf = self.__dict__["_classifier"]
+        before, gradient, lr = self._sgd(clf, raw, label)
+        if _compiled.rows_step(row, state, gradient, lr) is None:
+            raise AssertionError("rows_step declined what rows_learn accepted")  # pragma: no cover
+        clf.optimizer.n_iterations += 1
+        self.n_learned += 1
+        self.n_positive += int(label)
+        return before
+
+    def _sgd(
+        self, clf: linear_model.LogisticRegression, raw: float, label: bool
+    ) -> tuple[float, float, float]:
+        """River's `LogisticRegression.learn_one(xs, label, w)` (`GLM._fit` with SGD) around its
+        weights' step, River's own functions in its order, for the dot product `raw` of the scaled
+        row with the weights: updates the intercept and returns the probability before learning
+        (0.0 while not `ready`), the clipped loss gradient and the step's learning rate. The caller
+        steps the weights, then counts the iteration."""
+        w = self.pos_weight if label else 1.0
+        raw += clf.intercept
+        before = float(sigmoid(raw)) if self.ready else 0.0
+        opt = clf.optimizer
+        gradient = float(
+            clamp(clf.loss.gradient(y_true=label, y_pred=raw) * w, -clf.clip_gradient, clf.clip_gradient)
+        )
+        clf.intercept -= clf.intercept_lr.get(opt.n_iterations) * gradient
+        return before, gradient, float(opt.learning_rate)
 
     def _weights(self) -> dict[str, float]:
         """The dict the classifier's weights live in, shared with its VectorDict: River 0.26 gives
@@ -189,12 +239,77 @@ class OnlineModel:
         return weights
 
     def __getstate__(self) -> dict[str, Any]:
-        """The model without its handle on the weights dict (the pickled VectorDict holds them)."""
-        return {k: v for k, v in self.__dict__.items() if k != "_shared_weights"}
+        """River's objects, up to date, without the handle on the weights dict (the pickled
+        VectorDict holds them) nor the row model (rebuilt from River's objects when needed)."""
+        self._write_back()
+        return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
+
+    def _rows_for(self, names: Sequence[str]) -> tuple[Sequence[str], array, list[int]] | None:
+        """The row model for `names`: (names, state, order), `state` the 5n doubles `rows_learn`
+        works on (counts, means, variances, weights, last scaled row), `order` the names' indices
+        in the order River's dicts hold them. Built from River's objects on first use; None when
+        the compiled code is off or does not cover the model (another scaler or classifier, a name
+        twice, keys outside `names`, River's dicts not all holding the same keys in the same order,
+        a value that is not a plain float or a count past 2**53)."""
+        rows = self.__dict__.get("_rows")
+        if rows is not None and (rows[0] is names or tuple(rows[0]) == tuple(names)):
+            return rows
+        self._release_rows()
+        scaler, clf = self.__dict__["_scaler"], self.__dict__["_classifier"]
+        if _compiled is None or _fast(scaler) is None or _fast_lr(clf) is None:
+            return None
+        index = {name: i for i, name in enumerate(names)}
+        keys, n = list(scaler.counts), len(names)
+        weights = clf._weights  # noqa: SLF001 - River 0.26 has no public handle
+        if len(index) != n or any(list(d) != keys for d in (scaler.means, scaler.vars, weights)):
+            return None
+        state = array("d", bytes(40 * n))
+        for key in keys:
+            i = index.get(key)
+            c, m, v, w = scaler.counts[key], scaler.means[key], scaler.vars[key], weights[key]
+            if i is None or type(c) is not int or not 0 < c < 2**53 or not 0.0 <= v < inf:
+                return None
+            if type(m) is not float or type(v) is not float or type(w) is not float:
+                return None
+            state[i], state[n + i], state[2 * n + i], state[3 * n + i] = c, m, v, w
+        rows = (names, state, [index[key] for key in keys])
+        self.__dict__["_rows"], self.__dict__["_rows_ahead"] = rows, False
+        return rows
+
+    def _write_back(self) -> None:
+        """Write what the row model learned into River's objects (their keys in first-seen order)."""
+        rows = self.__dict__.get("_rows")
+        if rows is None or not self.__dict__.get("_rows_ahead"):
+            return
+        names, state, order = rows
+        n, scaler, clf = len(names), self.__dict__["_scaler"], self.__dict__["_classifier"]
+        counts, means, variances, weights = scaler.counts, scaler.means, scaler.vars, {}
+        counts.clear(), means.clear(), variances.clear()
+        for i in order:
+            key = names[i]
+            counts[key], means[key], variances[key] = int(state[i]), state[n + i], state[2 * n + i]
+            weights[key] = state[3 * n + i]
+        clf._weights = utils.VectorDict(weights)  # noqa: SLF001
+        self.__dict__["_shared_weights"] = (clf._weights, weights)  # noqa: SLF001
+        self.__dict__["_rows_ahead"] = False
+
+    def _release_rows(self) -> None:
+        """River's objects up to date and the row model dropped."""
+        self._write_back()
+        self.__dict__.pop("_rows", None)
 
     def learn_values(self, names: Sequence[str], values: Sequence[float] | Any, y: bool) -> float:
         """`learn_one(x_dict(names, values), y)`: the same model and the same return value, in one
         compiled pass over the features when `models._river` is built (no intermediate dict)."""
+        rows = self._rows_for(names)
+        if rows is not None:
+            row = values.tolist() if hasattr(values, "tolist") else values
+            if len(row) != len(names):
+                raise ValueError(f"{len(names)} names but {len(row)} values")
+            raw = _compiled.rows_learn(row, rows[1], rows[2])
+            if raw is not None:
+                self.__dict__["_rows_ahead"] = True
+                return self._learn_rows(row, rows[1], raw, bool(y))
         scaler, fast = self._scaler, _fast(self._scaler)
         if fast is not None:
             row = values.tolist() if hasattr(values, "tolist") else values
@@ -207,6 +322,12 @@ class OnlineModel:
         """`predict_proba_one(x_dict(names, values))`, in one compiled pass when it can."""
         if not self.ready:
             return 0.0
+        rows = self._rows_for(names)
+        if rows is not None:
+            row = values.tolist() if hasattr(values, "tolist") else values
+            raw = _compiled.rows_predict(row, rows[1]) if len(row) == len(names) else None
+            if raw is not None:
+                return float(sigmoid(raw + self.__dict__["_classifier"].intercept))
         scaler, fast = self._scaler, _fast(self._scaler)
         if fast is not None:
             row = values.tolist() if hasattr(values, "tolist") else values

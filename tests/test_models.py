@@ -381,6 +381,45 @@ def test_online_rows_learned_in_one_pass_are_rivers_bit_for_bit(seed: int) -> No
         model.learn_values(names, [1.0], True)  # a row that does not match the names
 
 
+@pytest.mark.parametrize("seed", [9, 10])
+def test_online_row_model_survives_pickles_other_names_and_rivers_code_in_between(seed: int) -> None:
+    """The row model (River's state in arrays while rows are learned) hands River's objects back
+    exactly: pickled mid-stream, the same features under names in another order, River's own
+    dict path for a while: the same scores, model and pickle as River's code all along."""
+    names = ["big", "tiny", "const", "wide", "int_like", "late"]
+    rows = [([x.get(k, float("nan")) for k in names], y) for x, y in _stream(seed, 700)]
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=30, pos_weight=2.0, lr=0.03), []
+        for i, (row, y) in enumerate(rows):
+            if i % 250 == 249:
+                model = pickle.loads(pickle.dumps(model))
+            ns, vs = (names[::-1], row[::-1]) if 300 <= i < 400 else (names, row)
+            if compiled and not 450 <= i < 480:
+                got += [model.predict_values(ns, vs), model.learn_values(ns, vs, y)]
+            else:
+                x = x_dict(ns, vs)
+                got += [model.predict_proba_one(x), model.learn_one(x, y)]
+        return model, got
+
+    _alike_both_ways(run)
+
+
+def test_online_row_model_declines_what_it_cannot_hold() -> None:
+    """Names given twice, or River's dicts holding a name the row does not: River's own code."""
+    from models import online
+
+    if online._river is None:  # noqa: SLF001
+        pytest.skip("models._river is not built")
+    model = OnlineModel(warmup=0)
+    assert model._rows_for(["a", "a"]) is None  # noqa: SLF001
+    model.learn_one({"a": 1.0, "z": 2.0}, True)
+    assert model._rows_for(["a", "b"]) is None  # noqa: SLF001
+    assert model._rows_for(["z", "b", "a"]) is not None  # noqa: SLF001
+    model.learn_values(["a", "a"], [3.0, 3.0], False)  # River learns {"a": 3.0}
+    assert dict(model._scaler.counts) == {"a": 2, "z": 1}  # noqa: SLF001
+
+
 def test_online_a_scaler_the_compiled_code_does_not_cover_runs_rivers_own() -> None:
     """A scaler other than River's default (here: no division by the std) is left to River's code,
     whichever path the row takes. (A rolling one holds no floats, which the compiled code refuses
