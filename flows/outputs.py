@@ -231,18 +231,20 @@ def dlq_entry(d: DeadLetter) -> dict[str, str | bytes]:
 
 def count_decisions(decisions: list[Decision]) -> None:
     telemetry.TRANSACTIONS.inc(len(decisions))
+    alerts = late = 0
     for d in decisions:
         for h in d.hits:
             telemetry.RULE_HITS.labels(
                 rule=h.rule, action=h.action, dry_run="true" if h.dry_run else "false"
             ).inc()
-        if d.alert:
-            telemetry.ALERTS.inc()
-        if d.late:
-            telemetry.LATE_EVENTS.inc()
-        if d.latency_s is not None:
-            telemetry.LATENCY.observe(d.latency_s)
-        telemetry.SCORES.observe(d.score)
+        alerts += d.alert
+        late += d.late
+    if alerts:
+        telemetry.ALERTS.inc(alerts)
+    if late:
+        telemetry.LATE_EVENTS.inc(late)
+    telemetry.observe_all(telemetry.LATENCY, [d.latency_s for d in decisions if d.latency_s is not None])
+    telemetry.observe_all(telemetry.SCORES, [d.score for d in decisions])
 
 
 def count_dead_letter(d: object) -> DeadLetter:

@@ -458,9 +458,9 @@ class PendingLogic(ShardTable):
                 out.append(quarantine(it, "pending", exc))
         telemetry.PENDING.set(PendingLogic.held)
         if frauds:
-            telemetry.LABELS.labels(is_fraud="true").inc(frauds)
+            telemetry.FRAUD_LABELS.inc(frauds)
         if genuine:
-            telemetry.LABELS.labels(is_fraud="false").inc(genuine)
+            telemetry.GENUINE_LABELS.inc(genuine)
         return out
 
 

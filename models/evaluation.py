@@ -54,15 +54,7 @@ def _curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 def roc_auc(y: npt.ArrayLike, s: npt.ArrayLike) -> float:
     """Area under the ROC curve: P(score of a random positive > a random negative), ties = 1/2."""
     ya, sa = _check(y, s)
-    n_pos = int(ya.sum())
-    n_neg = ya.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return NAN
-    _, tps, fps = _curve(ya, sa)
-    tpr = np.r_[0, tps] / n_pos
-    fpr = np.r_[0, fps] / n_neg
-    # Trapezoids over grouped thresholds count tied positive/negative pairs as one half.
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    return _auc(ya, _curve(ya, sa) if ya.size else None)
 
 
 def average_precision(y: npt.ArrayLike, s: npt.ArrayLike) -> float:
@@ -71,10 +63,36 @@ def average_precision(y: npt.ArrayLike, s: npt.ArrayLike) -> float:
     No interpolation (unlike the trapezoidal PR-AUC, which is optimistic for rare positives).
     """
     ya, sa = _check(y, s)
-    n_pos = int(ya.sum())
-    if n_pos == 0:
+    return _ap(ya, _curve(ya, sa) if ya.size else None)
+
+
+def auc_and_average_precision(y: npt.ArrayLike, s: npt.ArrayLike) -> tuple[float, float]:
+    """`(roc_auc(y, s), average_precision(y, s))` from one sort of the scores."""
+    ya, sa = _check(y, s)
+    curve = _curve(ya, sa) if ya.size else None
+    return _auc(ya, curve), _ap(ya, curve)
+
+
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _auc(y: np.ndarray, curve: Curve | None) -> float:
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0 or curve is None:
         return NAN
-    _, tps, fps = _curve(ya, sa)
+    _, tps, fps = curve
+    tpr = np.r_[0, tps] / n_pos
+    fpr = np.r_[0, fps] / n_neg
+    # Trapezoids over grouped thresholds count tied positive/negative pairs as one half.
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def _ap(y: np.ndarray, curve: Curve | None) -> float:
+    n_pos = int(y.sum())
+    if n_pos == 0 or curve is None:
+        return NAN
+    _, tps, fps = curve
     precision = tps / (tps + fps)
     recall = tps / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))

@@ -6,8 +6,9 @@ They live in prometheus_client's default registry, which Bytewax's API server ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -56,6 +57,32 @@ ONLINE_LEARN_SECONDS = Counter(
 # counted), the part of the latency tail the epoch closes cause.
 STEP_SECONDS: dict[str, list[float]] = {}
 SNAPSHOT_SECONDS: dict[str, list[float]] = {}
+
+
+def observe_all(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """`histogram.observe(a)` for every `a` of `amounts`, in one pass: the same bucket counts (each
+    amount in the first bucket whose bound is at least it, a NaN in none), the sum of the amounts
+    added to the histogram's sum at once (so its last bits can differ from one add per amount).
+    A prometheus-client without the histogram's bucket values it reads observes one by one."""
+    if not len(amounts):
+        return
+    bounds, buckets = getattr(histogram, "_upper_bounds", None), getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for a in amounts:
+            histogram.observe(a)
+        return
+    histogram._raise_if_not_observable()  # noqa: SLF001 - what `observe` checks first
+    values = np.asarray(amounts, dtype=np.float64)
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds) + 1)
+    total.inc(float(values.sum()))
+    for bucket, n in zip(buckets, counts.tolist(), strict=False):  # the last count: NaN, in no bucket
+        if n:
+            bucket.inc(n)
+
+
+FRAUD_LABELS = LABELS.labels(is_fraud="true")  # the two children, looked up once
+GENUINE_LABELS = LABELS.labels(is_fraud="false")
 
 
 def step_timer(step: str) -> list[float]:

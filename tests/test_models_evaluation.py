@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.evaluation import (
+    auc_and_average_precision,
     average_precision,
     best_f1_threshold,
     card_precision_at_k,
@@ -59,6 +60,17 @@ def test_auc_matches_pairwise_definition(pairs: list[tuple[bool, float]]) -> Non
 def test_ap_matches_step_definition(pairs: list[tuple[bool, float]]) -> None:
     y, s = split(pairs)
     assert average_precision(y, s) == pytest.approx(brute_ap(y, s), abs=1e-12)
+
+
+@given(samples)
+def test_auc_and_ap_from_one_sort_are_the_two_metrics(pairs: list[tuple[bool, float]]) -> None:
+    """What the drift watch reads: the same floats (NaN where either is undefined) as the two calls."""
+    y, s = split(pairs)
+    got, want = auc_and_average_precision(y, s), (roc_auc(y, s), average_precision(y, s))
+    assert [f"{v!r}" for v in got] == [f"{v!r}" for v in want]
+    if len(set(y.tolist())) == 2:
+        assert got[0] == pytest.approx(brute_auc(y, s), abs=1e-12)
+        assert got[1] == pytest.approx(brute_ap(y, s), abs=1e-12)
 
 
 @given(samples.filter(lambda p: any(label for label, _ in p)), st.integers(0, 9))

@@ -90,3 +90,36 @@ def test_a_flow_without_the_compiled_kernel_says_so(
     assert "features._kernel is not built" in caplog.text
     assert REGISTRY.get_sample_value("fraud_feature_engine_info", {"kernel": "python"}) == 1.0
     assert all(plan.kernel is None for plan in load_runtime(settings, need_redis=False).pipeline.plans)
+
+
+def test_observe_all_counts_what_observe_counts_one_by_one() -> None:
+    """The batch observe the decision counter uses: each amount in the bucket `observe` puts it in
+    (an amount on a bound, below the first, infinite, NaN in none), the same count and sum."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    amounts = [0.0, 0.05, 0.050000001, -3.0, 1.0, 2.0, float("inf"), float("nan"), 0.3, 0.3, 0.9999]
+    amounts += [i / 97 for i in range(97)]
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    one, batch = (Histogram("h", "h", buckets=(0.05, 0.3, 1.0), registry=r) for r in registries)
+    for a in amounts:
+        one.observe(a)
+    telemetry.observe_all(batch, amounts[:40])
+    telemetry.observe_all(batch, amounts[40:])
+    telemetry.observe_all(batch, [])
+
+    def samples(r: CollectorRegistry) -> dict[str, float]:
+        return {f"{s.name}{sorted(s.labels.items())}": s.value for m in r.collect() for s in m.samples}
+
+    got, want = samples(registries[1]), samples(registries[0])
+    assert got.keys() == want.keys()
+    for k in want:
+        if k.startswith("h_created"):
+            continue  # when each was made
+        if k.startswith("h_sum"):  # NaN and inf in the amounts: the sums are NaN either way
+            assert f"{got[k]}" == f"{want[k]}" == "nan"
+        else:
+            assert got[k] == want[k], k
+    finite = [a for a in amounts if a == a and abs(a) != float("inf")]
+    third = Histogram("h", "h", buckets=(0.5,), registry=CollectorRegistry())
+    telemetry.observe_all(third, finite)
+    assert third._sum.get() == pytest.approx(sum(finite))  # noqa: SLF001
