@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         None, ge=0, le=1, description="Alert threshold; unset uses the artifact's."
     )
     scoring_batch_size: int = Field(
-        256, ge=1, description="Transactions per vectorised XGBoost call (at most)."
+        1024, ge=1, description="Transactions per vectorised XGBoost call (at most)."
     )
     xgb_device: Literal["cpu", "cuda"] = Field("cpu", description="XGBoost device for training and scoring.")
     xgb_nthread: int = Field(1, ge=1, description="XGBoost threads inside the flow (Bytewax owns a core).")

@@ -226,3 +226,9 @@ def test_the_mutation_sample_draws_per_module_and_bounds_the_score(tmp_path: Pat
     (tmp_path / "mb.py.meta").write_text(json.dumps({"exit_code_by_key": {"mb.x_f__mutmut_1": 1}}))
     assert report(tmp_path, {})[2].split()[-2:] == ["100.0%", "100.0%"]  # every mutant run: exact
     assert report(tmp_path, {"mb.x_f__mutmut_1": "a default"})[2].endswith("not run")  # only an equivalent
+
+
+def test_scoring_batch_benchmark_prints_a_cost_per_batch_size() -> None:
+    out = bench("benchmarks.scoring_batch", "--rows", "512", "--repeat", "2", "--sizes", "64,512")
+    assert re.search(r"batch +64: +[\d.]+ µs/row \([\d.]+x batch 512\)", out), out
+    assert re.search(r"batch +512: +[\d.]+ µs/row \(1\.00x batch 512\)", out), out
