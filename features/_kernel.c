@@ -16,7 +16,8 @@
  *   itemsize (4 or 8), block (events per block sum), bias (added to the time origin, ms), W, W
  *   window lengths (ms), K, then K records: op, column, window index (-1: none), scale, extra
  *   (lookback for op 6; for the label-delayed ops 12-14, `scale` is the window and `extra` the
- *   label delay, both in ms).
+ *   label delay, both in ms; for the geo ops 15-16, `column` is the latitude's column, `window
+ *   index` the longitude's, `scale` both coordinates' and `extra` the lookback).
  *
  * Compiled without floating-point contraction (`-ffp-contract=off`, setup.py): a fused
  * multiply-add would round differently from the interpreter.
@@ -33,13 +34,14 @@
 enum {
     OP_COUNT, OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_DISTINCT, OP_SINCE_LAST, OP_PYTHON,
     OP_RATIO_TO_MEAN, OP_ZSCORE, OP_STD, OP_IS_NEW, OP_DELAYED_COUNT, OP_LABEL_COUNT, OP_LABEL_RATE,
-    OP_END
+    OP_DISTANCE, OP_SPEED, OP_END
 };
 
 #define MAX_WINDOWS 64
 #define EXACT_LIMIT 9007199254740992LL /* 2**53: integers up to here convert to double exactly */
 #define MISSING (-2147483648LL)          /* an absent value in a numeric column (features.buffer) */
 #define MINUTE_MS 60000LL
+#define HOUR_MS 3600000LL
 
 /* The exponent of `(v - mean) ** 2`, read at run time: a constant 2.0 lets the compiler turn
  * `pow` into a multiplication, which may round differently from libm's pow, which CPython calls. */
@@ -220,6 +222,48 @@ static int window_sum(const Items *a, Py_ssize_t o, Py_ssize_t start, Py_ssize_t
     return 1;
 }
 
+/* `features.aggregations.haversine_km`, the same libm calls in the same order (`math.radians` is
+ * a multiplication by pi / 180, `** 2` libm's pow). */
+static double haversine_km(double lat1, double lon1, double lat2, double lon2)
+{
+    const double deg = 3.14159265358979323846 / 180.0;
+    double p1 = lat1 * deg, p2 = lat2 * deg;
+    double dp = p2 - p1, dl = (lon2 - lon1) * deg;
+    double a = pow(sin(dp / 2), TWO) + cos(p1) * cos(p2) * pow(sin(dl / 2), TWO);
+    double r = sqrt(a);
+    return 2 * 6371.0088 * asin(r < 1.0 ? r : 1.0); /* Python's min(1.0, r): 1.0 unless r is less */
+}
+
+/* `features.aggregations._distance_km` / `_speed_kmh` on an integer buffer: the distance (km) to
+ * the newest earlier located event within the lookback, or the speed (km/h) that implies, NaN
+ * when this event or every such one has no location. -1 on error. */
+static int geo(const Items *a, Py_ssize_t n, Py_ssize_t idx, int64_t rel, const int64_t *op, double *out)
+{
+    Py_ssize_t o_lat = 1 + (op[1] + 1) * n, o_lon = 1 + (op[2] + 1) * n;
+    double lat, lon, la, lo;
+    *out = NAN;
+    int64_t c = load(a, o_lat + idx);
+    if (c == MISSING) return 0;
+    if (to_double(c, op[3], &lat) < 0 || to_double(load(a, o_lon + idx), op[3], &lon) < 0) return -1;
+    int64_t oldest = rel - op[4];
+    for (Py_ssize_t i = idx - 1; i >= 0; i--) {
+        int64_t ti = load(a, 1 + i);
+        if (ti <= oldest) break;
+        int64_t ci = load(a, o_lat + i);
+        if (ci == MISSING) continue;
+        if (to_double(ci, op[3], &la) < 0 || to_double(load(a, o_lon + i), op[3], &lo) < 0) return -1;
+        double km = haversine_km(la, lo, lat, lon);
+        if (op[0] == OP_DISTANCE) {
+            *out = km;
+        } else {
+            double hours = (double)(rel - ti) / (double)HOUR_MS, least = 1.0 / 60.0; /* MINUTE_H */
+            *out = km / (least > hours ? least : hours); /* Python's max(hours, MINUTE_H) */
+        }
+        return 0;
+    }
+    return 0;
+}
+
 static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -290,6 +334,13 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
         int64_t col = ops[5 * k + 1], w = ops[5 * k + 2];
         int64_t op = ops[5 * k];
         int delayed = op == OP_DELAYED_COUNT || op == OP_LABEL_COUNT || op == OP_LABEL_RATE;
+        if (op == OP_DISTANCE || op == OP_SPEED) { /* two columns, no window */
+            if (col < 0 || w < 0 || col + 2 > (items - 1) / n || w + 2 > (items - 1) / n || ops[5 * k + 3] < 1) {
+                PyErr_SetString(PyExc_ValueError, "buffer does not match the kernel program");
+                goto done;
+            }
+            continue;
+        }
         int needs_column = op != OP_PYTHON && op != OP_COUNT && op != OP_SINCE_LAST && !delayed;
         /* column col spans positions [1 + (col + 1) * n, 1 + (col + 2) * n), without overflow */
         int scaled = op == OP_SUM || op == OP_MEAN || op == OP_MAX || op == OP_MIN || op == OP_RATIO_TO_MEAN ||
@@ -354,7 +405,8 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     for (int64_t k = 0; k < nops; k++) {
         const int64_t *op = ops + 5 * k;
         int64_t col = op[1], scale = op[3];
-        Py_ssize_t start = op[2] >= 0 ? st[op[2]] : 0;
+        int two_columns = op[0] == OP_DISTANCE || op[0] == OP_SPEED; /* op[2]: a column, not a window */
+        Py_ssize_t start = op[2] >= 0 && !two_columns ? st[op[2]] : 0;
         Py_ssize_t o = 1 + (col + 1) * n;
         PyObject *v = NULL;
         switch (op[0]) {
@@ -430,6 +482,12 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
                     }
             }
             v = PyFloat_FromDouble(r);
+            break;
+        }
+        case OP_DISTANCE:
+        case OP_SPEED: {
+            double r;
+            if (geo(&a, n, idx, rel, op, &r) == 0) v = PyFloat_FromDouble(r);
             break;
         }
         case OP_DELAYED_COUNT:

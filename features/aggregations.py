@@ -303,7 +303,7 @@ def _delayed_count(
 
 AGGREGATIONS: dict[str, Aggregation] = {
     # kernel_op: the value of its OP_* in features/_kernel.c (OP_COUNT = 0 ... OP_SINCE_LAST = 6,
-    # OP_PYTHON = 7, then OP_RATIO_TO_MEAN = 8 ... OP_LABEL_RATE = 14)
+    # OP_PYTHON = 7, then OP_RATIO_TO_MEAN = 8 ... OP_LABEL_RATE = 14, OP_DISTANCE = 15, OP_SPEED = 16)
     "count": Aggregation(_count, "float(end - {start})", kernel_op=0),
     "sum": Aggregation(_sum, "{shared}", kernel_op=1, field="numeric", shared="sum", integer_column=True),
     "mean": Aggregation(
@@ -331,8 +331,8 @@ AGGREGATIONS: dict[str, Aggregation] = {
     ),
     "ratio_to_mean": Aggregation(_ratio_to_mean, kernel_op=8, field="numeric"),
     "zscore": Aggregation(_zscore, kernel_op=9, field="numeric"),
-    "distance_km": Aggregation(_distance_km, windowed=False, geo=True),
-    "speed_kmh": Aggregation(_speed_kmh, windowed=False, geo=True),
+    "distance_km": Aggregation(_distance_km, kernel_op=15, windowed=False, geo=True),
+    "speed_kmh": Aggregation(_speed_kmh, kernel_op=16, windowed=False, geo=True),
     "label_count": Aggregation(_label_count, kernel_op=13, delayed=True, labels=True, title="fraud_count"),
     "label_rate": Aggregation(_label_rate, kernel_op=14, delayed=True, labels=True, title="fraud_rate"),
     "delayed_count": Aggregation(_delayed_count, kernel_op=12, delayed=True),

@@ -59,12 +59,22 @@ def _fast_path(plan: Layout, agg: str, j: int, w: int) -> bool:
 def kernel_ops(plan: Layout) -> list[tuple[int, int, int, int, int]]:
     """Per feature: (op, column, window index or -1, scale, lookback) for the kernel; a feature a
     label delay may shift reads its own (t - delay - window, t - delay]: (op, column, -1, window,
-    delay)."""
+    delay); a distance or speed reads two columns: (op, latitude's column, longitude's column,
+    their scale, lookback), when both have the same scale (else Python computes it)."""
     ops = []
+    lat, lon = plan.lat_column, plan.lon_column
     for agg, j, w, delay in plan.steps:
         a = AGGREGATIONS[agg]
         if a.delayed and a.kernel_op is not None:
             ops.append((a.kernel_op, j, -1, w, delay))
+            continue
+        if a.geo and a.kernel_op is not None:
+            same = min(lat, lon) >= 0 and plan.scales[lat] == plan.scales[lon]
+            ops.append(
+                (a.kernel_op, lat, lon, plan.scales[lat], plan.lookback_ms)
+                if same
+                else (KERNEL_PYTHON, j, -1, 1, plan.lookback_ms)
+            )
             continue
         win = plan.windows.index(w) if w in plan.windows else -1
         op = a.kernel_op

@@ -308,7 +308,8 @@ def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> Non
         WindowFeature(CARD, "delayed_count", window="1m", label_delay="30s"),
         WindowFeature(CARD, "label_count", window="90d"),
         WindowFeature(CARD, "label_rate", window="1m", label_delay="10s"),
-        WindowFeature(CARD, "distance_km"),  # left to Python: gets its window's start
+        WindowFeature(CARD, "distance_km"),
+        WindowFeature(CARD, "speed_kmh"),
         WindowFeature(CARD, "distinct", "merchant_id", "90d"),
         WindowFeature(CARD, "time_since_last"),
     )
@@ -323,6 +324,12 @@ def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> Non
     for field in compiled.fields[1:]:
         if field == "merchant_id":
             s.extend(0 if i % 7 == 0 else i % 280 + 1 for i in range(n))  # categories, 0 = absent
+        elif field in ("lat", "lon"):  # degrees x 1e7, every 5th absent, some past 2**53
+            base = 40 if field == "lat" else -3
+            s.extend(
+                buffer.MISSING if i % 5 == 0 else 2**55 + i if i % 13 == 0 else (base * 10**7 + i * 99_991)
+                for i in range(n)
+            )
         else:
             s.extend(buffer.MISSING for _ in range(n))
     assert len(s) == 1 + width * n
@@ -330,7 +337,7 @@ def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> Non
     if blocks:
         compiled.build_prefix(s, n)
         assert s.prefix is not None
-    for idx in (0, 1, 11, 59, 150, 154, n - 1):
+    for idx in (0, 1, 11, 59, 144, 150, 151, 154, 156, n - 1):
         rel = idx * 1_000
         a, b = compiled.compute_fast(s, n, idx, rel), python.compute_fast(s, n, idx, rel)
         assert exactly_equal(a, b), (idx, a, b)
