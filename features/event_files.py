@@ -6,7 +6,6 @@ event time, with a label after the transactions of the same millisecond.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import heapq
 from collections.abc import Iterator
@@ -33,18 +32,22 @@ def open_text(path: Path) -> IO[str]:
     return path.open("r", encoding="utf-8", errors="surrogateescape")
 
 
-def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, int, str, str]]:
-    """(event time, line number, kind, line); unparseable times sort with the line before them."""
-    last = -(2**62)
+def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool, int, str, str]]:
+    """(event time, is a label, line number, kind, line): in the order `merged_records` wants when
+    compared as tuples (the line numbers of one file differ, the files differ in the second item).
+    An unparseable time sorts with the line before it."""
+    last, label = -(2**62), kind == "label"
+    decode_ts = _ts_decoder.decode
     with open_text(path) as f:
         for n, line in enumerate(islice(f, skip, None), start=skip):
             line = line.rstrip("\n")
-            if not line.strip():
+            if not line or line.isspace():
                 continue
-            # A line that does not parse (even one nested too deep) is dead-lettered by `decode`.
-            with contextlib.suppress(msgspec.DecodeError, ValueError, RecursionError):
-                last = to_epoch_ms(_ts_decoder.decode(line).ts)
-            yield last, n, kind, line
+            try:
+                last = to_epoch_ms(decode_ts(line).ts)
+            except (msgspec.DecodeError, ValueError, RecursionError):
+                pass  # noqa: SIM105 - dead-lettered by `decode`; suppress() costs a context per line
+            yield last, label, n, kind, line
 
 
 def merged_records(
@@ -57,7 +60,7 @@ def merged_records(
     streams = [_keyed_lines(txns, "txn", skip[0])]
     if labels is not None:
         streams.append(_keyed_lines(labels, "label", skip[1]))
-    for _, n, kind, line in heapq.merge(*streams, key=lambda r: (r[0], r[2] == "label")):
+    for _, _, n, kind, line in heapq.merge(*streams):
         yield kind, line, n
 
 

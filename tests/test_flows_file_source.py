@@ -33,3 +33,39 @@ def test_file_source_resumes_after_its_snapshot(small_gz: Path) -> None:
 def test_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="FRAUD_TRANSACTIONS_PATH"):
         FileReplaySource(tmp_path / "nope.jsonl")
+
+
+def test_merged_records_order_by_time_labels_after_transactions_of_their_millisecond(tmp_path: Path) -> None:
+    """Two files each in event-time order, merged: a label after the transactions of its
+    millisecond; equal times in file order; a line whose time does not parse right after the line
+    before it; blank lines skipped."""
+    txns, labels = tmp_path / "t.jsonl", tmp_path / "l.jsonl"
+    txns.write_text(
+        '{"ts": 1767225600000, "id": "a"}\n'
+        '{"ts": 1767225600005, "id": "b"}\n'
+        "not json\n"
+        "   \n"
+        '{"ts": 1767225600005, "id": "c"}\n'
+        '{"ts": "2026-01-01T00:00:00.010+00:00", "id": "d"}\n'
+    )
+    labels.write_text(
+        '{"ts": 1767225600000, "id": "L0"}\n'
+        '{"ts": 1767225600005, "id": "L1"}\n'
+        '{"ts": 1767225600005, "id": "L2"}\n'
+        '{"ts": 1767225600011, "id": "L3"}\n'
+    )
+    got = [
+        (kind, n, line.rsplit('"', 2)[-2] if '"id"' in line else line)
+        for kind, line, n in merged_records(txns, labels)
+    ]
+    assert got == [
+        ("txn", 0, "a"),
+        ("label", 0, "L0"),
+        ("txn", 1, "b"),
+        ("txn", 2, "not json"),
+        ("txn", 4, "c"),
+        ("label", 1, "L1"),
+        ("label", 2, "L2"),
+        ("txn", 5, "d"),
+        ("label", 3, "L3"),
+    ]
