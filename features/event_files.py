@@ -43,10 +43,10 @@ def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool, 
             line = line.rstrip("\n")
             if not line or line.isspace():
                 continue
-            try:
+            try:  # noqa: SIM105
                 last = to_epoch_ms(decode_ts(line).ts)
             except (msgspec.DecodeError, ValueError, RecursionError):
-                pass  # noqa: SIM105 - dead-lettered by `decode`; suppress() costs a context per line
+                pass  # dead-lettered by `decode`; suppress() would cost a context manager per line
             yield last, label, n, kind, line
 
 
