@@ -162,10 +162,20 @@ def load_runtime(settings: Settings | None = None, *, need_redis: bool = True) -
     return Runtime(s, pipeline, artifact, url, digest, shadow)
 
 
+YOUNG_COLLECTION_AT = 20_000
+"""Container objects allocated (net) before the collector walks the youngest generation: above
+what one Bytewax batch (up to `FRAUD_SOURCE_BATCH_SIZE` records) allocates and frees. At Python's
+700, the batches themselves set off a collection every few hundred records, and every tenth of
+those walks older objects too (`python -m benchmarks.gc_pauses` prints both)."""
+
+
 def settle_heap() -> None:
     """Before a long run: collect what start-up left, then move every object alive now (modules,
     settings, the loaded model) out of the garbage collector's reach (`gc.freeze`). A full
     collection then walks only what the run itself keeps, instead of pausing the flow to walk
-    every object of every imported library."""
+    every object of every imported library. The youngest generation is collected only once
+    `YOUNG_COLLECTION_AT` objects outlive their batch (the older thresholds stay Python's)."""
     gc.collect()
     gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, YOUNG_COLLECTION_AT), middle, old)

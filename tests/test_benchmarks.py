@@ -232,3 +232,9 @@ def test_scoring_batch_benchmark_prints_a_cost_per_batch_size() -> None:
     out = bench("benchmarks.scoring_batch", "--rows", "512", "--repeat", "2", "--sizes", "64,512")
     assert re.search(r"batch +64: +[\d.]+ µs/row \([\d.]+x batch 512\)", out), out
     assert re.search(r"batch +512: +[\d.]+ µs/row \(1\.00x batch 512\)", out), out
+
+
+def test_gc_pauses_benchmark_prints_each_threshold() -> None:
+    out = bench("benchmarks.gc_pauses", "--transactions", "1500", "--thresholds", "700,20000")
+    for threshold in (700, 20000):
+        assert re.search(rf"threshold +{threshold}: collections \d+/\d+/\d+ .* run [\d.]+ CPU-s", out), out

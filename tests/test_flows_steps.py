@@ -56,7 +56,7 @@ from flows.steps import (
     txn_key,
 )
 from models.serving import Decision, LabelledVector, PendingVectors
-from service.runtime import Runtime, load_runtime, new_pipeline
+from service.runtime import YOUNG_COLLECTION_AT, Runtime, load_runtime, new_pipeline
 from service.settings import Settings
 
 NOW_MS = int(datetime.now(UTC).timestamp() * 1000)
@@ -546,13 +546,14 @@ def test_a_run_moves_its_start_up_objects_out_of_the_collectors_reach() -> None:
         "import gc, flows.fraud, service.runtime as r\n"
         "before = len(gc.get_objects())\n"
         "r.settle_heap()\n"
-        "print(before, gc.get_freeze_count(), len(gc.get_objects()))\n"
+        "print(before, gc.get_freeze_count(), len(gc.get_objects()), *gc.get_threshold())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    before, frozen, walked = map(int, out.stdout.split())
+    before, frozen, walked, *threshold = map(int, out.stdout.split())
     assert before > 50_000 and frozen >= before * 0.9 and walked < 1_000
+    assert threshold == [YOUNG_COLLECTION_AT, 10, 10]  # batches do not set off collections
 
 
 @pytest.mark.parametrize("table_kind", ["compiled", "dict"])
