@@ -17,7 +17,7 @@ the same floats (tests run every case both ways).
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
@@ -287,7 +287,10 @@ class EntityPlan:
         evicted right after the insertion, being older than the retention)."""
         shift = (int(s[0]) - new_base) * MINUTE_MS
         lo, hi = -INT_LIMIT, INT_LIMIT - 1
-        s[1 : 1 + n] = array(s.typecode, (min(hi, max(lo, x + shift)) for x in s[1 : 1 + n]))
+        # The offsets are sorted: those clamped are a run at either end, found by bisection.
+        with memoryview(s) as view:
+            a, b = bisect_left(view, lo - shift, 1, 1 + n), bisect_right(view, hi - shift, 1, 1 + n)
+        s[1 : 1 + n] = array(s.typecode, [lo] * (a - 1) + [x + shift for x in s[a:b]] + [hi] * (1 + n - b))
         s[0] = new_base
 
     def _evict(self, s: EntityState, d: array[Any], n: int) -> None:

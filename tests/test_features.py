@@ -699,3 +699,21 @@ def test_weekend_and_night_flags_follow_utc_calendar() -> None:
     names = ("is_weekend", "is_night", "day_of_week", "hour_of_day")
     assert txn_features(saturday_3am, names) == [1.0, 1.0, 5.0, 3.0]
     assert txn_features(monday_noon, names) == [0.0, 0.0, 0.0, 12.0]
+
+
+@given(
+    st.lists(st.integers(-(2**31), 2**31 - 1), max_size=30),
+    st.integers(-(2**32), 2**32),
+)
+def test_rebase_shifts_every_offset_and_clamps_to_the_span(offsets: list[int], minutes: int) -> None:
+    """Moving a key's origin: each (sorted) time offset moves by the shift, clamped to the int32
+    span; the other columns and the origin's minute as asked."""
+    plan = FeaturePipeline(FeatureSet(windows=(WindowFeature(CARD, "count", window="1m"),)), 0).plans[0]
+    xs, n = sorted(offsets), len(offsets)
+    s = EntityState("i")
+    s.extend([1_000_000, *xs, *range(n * (plan.width - 1))])
+    new_base = 1_000_000 - minutes // 60_000
+    plan._rebase(s, n, new_base)  # noqa: SLF001
+    shift = minutes // 60_000 * 60_000
+    assert list(s[1 : 1 + n]) == [min(2**31 - 1, max(-(2**31), x + shift)) for x in xs]
+    assert s[0] == new_base and list(s[1 + n :]) == list(range(n * (plan.width - 1)))
