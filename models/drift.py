@@ -234,7 +234,15 @@ class DataDrift:
         self.last_psi = values
         self.judged += 1
         events = []
-        for name, v in zip(self.ref.names, values, strict=True):
+        names = self.ref.names
+        # Only the columns that cross a threshold can change state: found with numpy, then taken
+        # one by one in column order.
+        crossing = values > self.threshold
+        if self.since:
+            held = np.isin(np.arange(len(names)), [names.index(name) for name in self.since])
+            crossing = (crossing & ~held) | ((values <= self.threshold * RECOVERY) & held)
+        for c in np.flatnonzero(crossing).tolist():
+            name, v = names[c], values[c]
             drifting = name in self.since
             if v > self.threshold and not drifting:
                 self.since[name] = start * HOUR_MS
