@@ -242,6 +242,7 @@ class Scorer:
         decisions: list[Decision] = []
         decided: list[int] = []  # the row of `X` of each decision
         champion, rules = self.champion, self.rules
+        xgb_list, label_list = xgb_scores.tolist(), label_xgb.tolist()  # floats, not numpy scalars
         j = k = 0
         for it in items:
             try:
@@ -251,13 +252,13 @@ class Scorer:
                     stats.learn_s += time.perf_counter() - started
                     stats.labels_learned += 1
                     if concept is not None:
-                        xs, k = float(label_xgb[k]), k + 1
+                        xs, k = label_list[k], k + 1
                         final = float(combine(xs, river, self.weight))
                         stats.events += concept.observe(it.is_fraud, xs, river, final, it.ts_ms)
                     continue
                 if not isinstance(it, FeatureVector):
                     continue
-                xs = float(xgb_scores[j])
+                xs = xgb_list[j]
                 j += 1
                 if skip and id(it) in skip:
                     continue
