@@ -239,7 +239,8 @@ class DataDrift:
         # one by one in column order.
         crossing = values > self.threshold
         if self.since:
-            held = np.isin(np.arange(len(names)), [names.index(name) for name in self.since])
+            held = np.zeros(len(names), dtype=bool)
+            held[[names.index(name) for name in self.since]] = True
             crossing = (crossing & ~held) | ((values <= self.threshold * RECOVERY) & held)
         for c in np.flatnonzero(crossing).tolist():
             name, v = names[c], values[c]
