@@ -103,6 +103,27 @@ def _clean(x: Mapping[str, float]) -> dict[str, float]:
 _DERIVED = frozenset({"_shared_weights", "_rows", "_rows_ahead"})  # rebuilt from River's objects
 
 
+class _RiverPart:
+    """One of the model's River objects, held in its instance dict under the attribute's own name
+    (the pickled state, as ever). While `learn_values` / `predict_values` run on the row model
+    (`_rows`), River's objects lag behind it: reading or replacing one through this attribute
+    writes the row model back first and drops it (the reader may change the object);
+    `learn_values` builds it again from River's objects."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: OnlineModel | None, owner: type | None = None) -> Any:
+        if model is None:
+            return self
+        model._release_rows()  # noqa: SLF001 - the model's own helper
+        return model.__dict__[self.name]
+
+    def __set__(self, model: OnlineModel, value: Any) -> None:
+        model._release_rows()  # noqa: SLF001
+        model.__dict__[self.name] = value
+
+
 class OnlineModel:
     """StandardScaler | LogisticRegression(SGD), class-weighted, with a warm-up gate.
 
@@ -138,29 +159,8 @@ class OnlineModel:
         self._scaler = preprocessing.StandardScaler()
         self._classifier = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=l2)
 
-    # River's objects live in the instance dict under these names (the pickled state, as ever).
-    # While `learn_values` / `predict_values` run on the row model (`_rows`), River's objects lag
-    # behind it: reading one through these properties writes the row model back first and drops
-    # it (the reader may change the object); `learn_values` builds it again from River's objects.
-    @property
-    def _scaler(self) -> preprocessing.StandardScaler:
-        self._release_rows()
-        return self.__dict__["_scaler"]
-
-    @_scaler.setter
-    def _scaler(self, scaler: preprocessing.StandardScaler) -> None:
-        self._release_rows()
-        self.__dict__["_scaler"] = scaler
-
-    @property
-    def _classifier(self) -> linear_model.LogisticRegression:
-        self._release_rows()
-        return self.__dict__["_classifier"]
-
-    @_classifier.setter
-    def _classifier(self, classifier: linear_model.LogisticRegression) -> None:
-        self._release_rows()
-        self.__dict__["_classifier"] = classifier
+    _scaler = _RiverPart()
+    _classifier = _RiverPart()
 
     @property
     def ready(self) -> bool:
