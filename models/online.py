@@ -252,7 +252,11 @@ class OnlineModel:
         twice, keys outside `names`, River's dicts not all holding the same keys in the same order,
         a value that is not a plain float or a count past 2**53)."""
         rows = self.__dict__.get("_rows")
-        if rows is not None and (rows[0] is names or tuple(rows[0]) == tuple(names)):
+        if (
+            rows is not None
+            and _compiled is not None
+            and (rows[0] is names or tuple(rows[0]) == tuple(names))
+        ):
             return rows
         self._release_rows()
         scaler, clf = self.__dict__["_scaler"], self.__dict__["_classifier"]

@@ -418,6 +418,13 @@ def test_online_row_model_declines_what_it_cannot_hold() -> None:
     assert model._rows_for(["z", "b", "a"]) is not None  # noqa: SLF001
     model.learn_values(["a", "a"], [3.0, 3.0], False)  # River learns {"a": 3.0}
     assert dict(model._scaler.counts) == {"a": 2, "z": 1}  # noqa: SLF001
+    model.learn_values(["z", "a"], [1.0, 2.0], True)  # on the row model
+    was = online.use_compiled(False)
+    try:  # the compiled code switched off with a row model held: River's code takes over from it
+        model.learn_values(["z", "a"], [1.0, 2.0], True)
+    finally:
+        online.use_compiled(was)
+    assert dict(model._scaler.counts) == {"a": 4, "z": 3}  # noqa: SLF001
 
 
 def test_online_a_scaler_the_compiled_code_does_not_cover_runs_rivers_own() -> None:
