@@ -377,7 +377,7 @@ def test_online_rows_learned_in_one_pass_are_rivers_bit_for_bit(seed: int) -> No
 
     model = _alike_both_ways(run)
     assert "never_learned" not in model._scaler.counts  # noqa: SLF001 - inf is left out
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^7 names but 1 values$"):
         model.learn_values(names, [1.0], True)  # a row that does not match the names
 
 
@@ -403,6 +403,28 @@ def test_online_row_model_survives_pickles_other_names_and_rivers_code_in_betwee
         return model, got
 
     _alike_both_ways(run)
+
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_online_rows_of_a_model_the_row_model_does_not_cover_are_rivers_bit_for_bit(as_array: bool) -> None:
+    """With an L2 penalty the row model declines: rows (lists or numpy arrays) take the compiled
+    scaler and River's classifier, and give what River's own code gives for `x_dict` of the row."""
+    names = ["big", "tiny", "const", "wide", "int_like", "late"]
+    rows = [([x.get(k, float("nan")) for k in names], y) for x, y in _stream(11, 400)]
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=30, l2=0.01, pos_weight=2.0), []
+        for row, y in rows:
+            if compiled:
+                vs = np.asarray(row) if as_array else row
+                got += [model.predict_values(names, vs), model.learn_values(names, vs, y)]
+            else:
+                x = x_dict(names, row)
+                got += [model.predict_proba_one(x), model.learn_one(x, y)]
+        return model, got
+
+    model = _alike_both_ways(run)
+    assert model._rows_for(names) is None  # noqa: SLF001 - the row model was not what learned
 
 
 def test_online_row_model_declines_what_it_cannot_hold() -> None:
