@@ -8,9 +8,9 @@
  * operations in the same order, the same libm calls, Python's own float `sum`, hence the same
  * floats). `labels` is the key's `EntityState.labels` (None, or its transaction times and label
  * times, two int64 arrays); label ops need it. Any other aggregation gets its window's first
- * index instead, for Python to compute. The buffer is only read; the Python side inserts, evicts
- * and keeps the block sums. Without this module the same plan runs in Python (`features.codegen`
- * falls back on its own), and the tests run both.
+ * index instead, for Python to compute. The reads only read the buffer; `Appender` (below) is the
+ * in-order append that inserts, evicts and keeps the block sums around them. Without this module
+ * the same plan runs in Python (`features.codegen` falls back on its own), and the tests run both.
  *
  * `program` (built by `features.codegen.kernel_program`) is a bytes object of int64 words:
  *   itemsize (4 or 8), block (events per block sum), bias (added to the time origin, ms), W, W
@@ -24,6 +24,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -264,6 +265,9 @@ static int geo(const Items *a, Py_ssize_t n, Py_ssize_t idx, int64_t rel, const 
     return 0;
 }
 
+static PyObject *features_of(PyObject *buffer, Py_ssize_t n, Py_ssize_t idx, long long rel, PyObject *program,
+                             PyObject *prefix, PyObject *labels, int has_labels);
+
 static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -274,12 +278,19 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     Py_ssize_t n = PyLong_AsSsize_t(args[1]), idx = PyLong_AsSsize_t(args[2]);
     long long rel = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred()) return NULL;
-    if (!PyBytes_Check(args[4])) {
+    return features_of(args[0], n, idx, rel, args[4], args[5], nargs == 7 ? args[6] : Py_None, nargs == 7);
+}
+
+/* `window_features` with its arguments read (`has_labels`: the 7th was given). */
+static PyObject *features_of(PyObject *buffer, Py_ssize_t n, Py_ssize_t idx, long long rel, PyObject *program,
+                             PyObject *prefix, PyObject *labels, int has_labels)
+{
+    if (!PyBytes_Check(program)) {
         PyErr_SetString(PyExc_TypeError, "program must be bytes");
         return NULL;
     }
-    const int64_t *prog = (const int64_t *)PyBytes_AS_STRING(args[4]);
-    Py_ssize_t words = PyBytes_GET_SIZE(args[4]) / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *prog = (const int64_t *)PyBytes_AS_STRING(program);
+    Py_ssize_t words = PyBytes_GET_SIZE(program) / (Py_ssize_t)sizeof(int64_t);
     if (words < 5 || prog[3] < 0 || prog[3] > MAX_WINDOWS || words < 5 + prog[3] || prog[4 + prog[3]] < 0 ||
         prog[4 + prog[3]] > words || words != 5 + prog[3] + 5 * prog[4 + prog[3]] ||
         (prog[0] != 4 && prog[0] != 8) || prog[1] < 1 || prog[2] < 0 || prog[2] > EXACT_LIMIT) {
@@ -290,15 +301,14 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     const int64_t *win = prog + 4;
     int64_t nops = prog[4 + nw];
     const int64_t *ops = prog + 5 + nw;
-    PyObject *labels = nargs == 7 ? args[6] : Py_None;
     Py_buffer lab[2];
     int nlab = 0; /* label buffers held */
     Py_ssize_t nlabels = 0;
 
     PyObject *shift_obj = NULL, *sums = NULL;
     int64_t shift = 0;
-    if (args[5] != Py_None) {
-        shift_obj = PyObject_GetAttrString(args[5], "shift");
+    if (prefix != Py_None) {
+        shift_obj = PyObject_GetAttrString(prefix, "shift");
         if (shift_obj == NULL) return NULL;
         shift = PyLong_AsLongLong(shift_obj);
         Py_DECREF(shift_obj);
@@ -307,7 +317,7 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
             PyErr_SetString(PyExc_ValueError, "prefix.shift outside [0, block)");
             return NULL;
         }
-        sums = PyObject_GetAttrString(args[5], "sums");
+        sums = PyObject_GetAttrString(prefix, "sums");
         if (sums == NULL) return NULL;
         if (!PyDict_Check(sums)) {
             Py_DECREF(sums);
@@ -317,7 +327,7 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
     }
 
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE) < 0) {
         Py_XDECREF(sums);
         return NULL;
     }
@@ -355,7 +365,7 @@ static PyObject *window_features(PyObject *module, PyObject *const *args, Py_ssi
         stats |= op == OP_RATIO_TO_MEAN || op == OP_ZSCORE || op == OP_STD;
         reads_labels |= op == OP_LABEL_COUNT || op == OP_LABEL_RATE;
     }
-    if (reads_labels && nargs != 7) {
+    if (reads_labels && !has_labels) {
         PyErr_SetString(PyExc_TypeError, "label features need the key's labels (window_features' 7th argument)");
         goto done;
     }
@@ -527,6 +537,418 @@ done:
     return out;
 }
 
+
+/* ---- The in-order append: `Appender` -------------------------------------------------------
+ *
+ * `Appender(header, names, program, presize, build_prefix, extend_prefix, shrink_prefix,
+ * evict_labels, summed, fallback)` is the generated `observe(s, txn)` of a plan
+ * (`features.codegen.compile_plan`), compiled: called with a key's buffer and a transaction, it
+ * does what that Python function does on its fast path (encode the event's values, insert them at
+ * the end of each segment, keep the block sums, read the windows with `features_of`, evict what
+ * expired) and returns `(values, False)`. Anything else (a new, widened or re-based key, an event
+ * out of order, a value that is not exactly storable, an attribute of another type) it hands,
+ * before changing anything, to `fallback`, the generated Python function, which runs it from the
+ * start. The rare steps (presizing, building, growing and shrinking block sums, label eviction)
+ * call the same Python helpers the generated code calls.
+ *
+ * `header` is a bytes object of int64 words: itemsize (4 or 8), width (segments: times, then one
+ * per column), bias, checks (1: a time offset must stay below `limit`), limit (the bound of a
+ * stored value, and of a time offset when checked), retention (ms), lazy shift, lazy min, the
+ * event count to presize at, the count to build block sums at, block, C (columns), then C records:
+ * kind (0: a number, 1: a string, hashed), scale, nullable. `names` holds the attribute names:
+ * "ts_ms", then the columns'. `summed` is the tuple of summed columns.
+ */
+
+#define MAX_COLUMNS 64
+
+static uint32_t crc_table[256];
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[i] = c;
+    }
+}
+
+/* zlib.crc32(data): the CRC-32 of IEEE 802.3 (reflected, initial and final xor all ones). */
+static uint32_t crc32_of(const unsigned char *p, Py_ssize_t len)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    while (len-- > 0) c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *names, *program, *presize, *build_prefix, *extend_prefix, *shrink_prefix, *evict_labels, *summed,
+        *fallback;
+    int64_t itemsize, width, bias, checks, limit, retention, lazy_shift, lazy_min, presize_at, prefix_min, block,
+        columns;
+    int64_t kind[MAX_COLUMNS], scale[MAX_COLUMNS], nullable[MAX_COLUMNS];
+} Appender;
+
+static PyObject *str_append, *str_prefix, *str_labels, *str_shift, *long_zero;
+
+static inline void store(char *base, int wide, Py_ssize_t i, int64_t v)
+{
+    if (wide)
+        ((int64_t *)base)[i] = v;
+    else
+        ((int32_t *)base)[i] = (int32_t)v;
+}
+
+/* The value of column j stored for `v` in *out; 1 when the generated code would not take its fast
+ * path for it (or would raise): nothing was changed then, and no exception is set. */
+static int encode(const Appender *A, int64_t j, PyObject *v, int64_t *out)
+{
+    if (A->kind[j] == 0) {
+        if (v == Py_None) {
+            if (!A->nullable[j]) return 1;
+            *out = MISSING;
+            return 0;
+        }
+        if (!PyFloat_CheckExact(v)) return 1; /* an int, a bool...: Python's arithmetic decides */
+        double x = PyFloat_AS_DOUBLE(v), y = x * (double)A->scale[j];
+        if (!isfinite(y)) return 1;
+        double r = nearbyint(y); /* round(): halves to even, the default rounding mode */
+        if (!(r > -(double)A->limit && r < (double)A->limit) || r / (double)A->scale[j] != x) return 1;
+        *out = (int64_t)r;
+        return 0;
+    }
+    if (v == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    if (!PyUnicode_CheckExact(v)) return 1;
+    uint32_t c;
+    if (PyUnicode_IS_ASCII(v)) {
+        c = crc32_of((const unsigned char *)PyUnicode_DATA(v), PyUnicode_GET_LENGTH(v));
+    } else { /* a temporary copy: PyUnicode_AsUTF8 would keep one in the (long-lived) string */
+        PyObject *b = PyUnicode_AsUTF8String(v);
+        if (b == NULL) {
+            PyErr_Clear(); /* not encodable: `.encode()` raises in Python, which the fallback does */
+            return 1;
+        }
+        c = crc32_of((const unsigned char *)PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+        Py_DECREF(b);
+    }
+    *out = (int64_t)(int32_t)(c ? c : 1); /* ((crc or 1) ^ BIAS) - BIAS */
+    return 0;
+}
+
+static PyObject *call(PyObject *fn, PyObject *const *args, size_t n)
+{
+    return PyObject_Vectorcall(fn, args, n, NULL);
+}
+
+/* 0: done, *result set; 1: not this path (nothing changed, no exception); -1: an exception. */
+static int append_event(Appender *A, PyObject *s, PyObject *txn, PyObject **result)
+{
+    int64_t width = A->width, itemsize = A->itemsize;
+    int wide = itemsize == 8;
+    Py_ssize_t size = PySequence_Size(s);
+    if (size < 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    if (size < 2 || (size - 1) % width != 0) return 1;
+    Py_ssize_t n = (size - 1) / width;
+    int64_t a[MAX_COLUMNS], first, last;
+    {
+        Py_buffer view;
+        if (PyObject_GetBuffer(s, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            return 1;
+        }
+        if (view.len != (Py_ssize_t)(size * itemsize)) {
+            PyBuffer_Release(&view);
+            return 1;
+        }
+        Items b = {(const char *)view.buf, wide};
+        first = load(&b, 0);
+        last = load(&b, n);
+        PyBuffer_Release(&view);
+    }
+    PyObject *ts = PyObject_GetAttr(txn, PyTuple_GET_ITEM(A->names, 0));
+    if (ts == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
+    int overflow = 0;
+    long long ts_ms = PyLong_CheckExact(ts) ? PyLong_AsLongLongAndOverflow(ts, &overflow) : 0;
+    int is_long = PyLong_CheckExact(ts);
+    Py_DECREF(ts);
+    if (!is_long || overflow || (ts_ms == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 1;
+    }
+    int64_t origin, rel;
+    if (__builtin_mul_overflow(first, (int64_t)MINUTE_MS, &origin) || __builtin_add_overflow(origin, A->bias, &origin) ||
+        __builtin_sub_overflow((int64_t)ts_ms, origin, &rel))
+        return 1;
+    if (rel < last || (A->checks && rel >= A->limit)) return 1;
+    for (int64_t j = 0; j < A->columns; j++) {
+        PyObject *v = PyObject_GetAttr(txn, PyTuple_GET_ITEM(A->names, j + 1));
+        if (v == NULL) {
+            PyErr_Clear();
+            return 1;
+        }
+        int r = encode(A, j, v, &a[j]);
+        Py_DECREF(v);
+        if (r) return 1;
+    }
+
+    /* From here on the key changes, as the generated code changes it: one append per segment (the
+     * array grows as `insert` grows it), then each segment's values move to their new place. */
+    for (int64_t k = 0; k < width; k++) {
+        PyObject *r = PyObject_CallMethodOneArg(s, str_append, long_zero);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    {
+        Py_buffer view;
+        if (PyObject_GetBuffer(s, &view, PyBUF_WRITABLE) < 0) return -1;
+        if (view.len != (Py_ssize_t)((size + width) * itemsize)) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "key buffer changed size while appending");
+            return -1;
+        }
+        char *buf = (char *)view.buf;
+        for (int64_t seg = width - 1; seg >= 1; seg--)
+            memmove(buf + (1 + seg * (n + 1)) * itemsize, buf + (1 + seg * n) * itemsize, (size_t)(n * itemsize));
+        store(buf, wide, 1 + n, rel);
+        for (int64_t seg = 1; seg < width; seg++) store(buf, wide, 1 + seg * (n + 1) + n, a[seg - 1]);
+        PyBuffer_Release(&view);
+    }
+    Py_ssize_t idx = n;
+    n += 1;
+    PyObject *n_obj = NULL, *prefix = NULL, *labels = NULL, *out = NULL;
+    if (n == A->presize_at) {
+        PyObject *r = call(A->presize, &s, 1);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    if (PyTuple_GET_SIZE(A->summed)) {
+        prefix = PyObject_GetAttr(s, str_prefix);
+        if (prefix == NULL) return -1;
+        if (prefix != Py_None) {
+            PyObject *shift = PyObject_GetAttr(prefix, str_shift);
+            if (shift == NULL) goto error;
+            long long sh = PyLong_AsLongLong(shift);
+            Py_DECREF(shift);
+            if (sh == -1 && PyErr_Occurred()) goto error;
+            if (((long long)n + sh) % A->block == 0) {
+                if ((n_obj = PyLong_FromSsize_t(n)) == NULL) goto error;
+                PyObject *args[2] = {s, n_obj}, *r = call(A->extend_prefix, args, 2);
+                if (r == NULL) goto error;
+                Py_DECREF(r);
+            }
+        } else if (n >= A->prefix_min) {
+            if ((n_obj = PyLong_FromSsize_t(n)) == NULL) goto error;
+            PyObject *block = PyLong_FromLongLong(A->block);
+            if (block == NULL) goto error;
+            PyObject *args[4] = {s, n_obj, A->summed, block}, *r = call(A->build_prefix, args, 4);
+            Py_DECREF(block);
+            if (r == NULL) goto error;
+            Py_DECREF(r);
+        }
+        Py_CLEAR(prefix);
+    }
+    if ((prefix = PyObject_GetAttr(s, str_prefix)) == NULL || (labels = PyObject_GetAttr(s, str_labels)) == NULL)
+        goto error;
+    out = features_of(s, n, idx, rel, A->program, prefix, labels, 1);
+    if (out == NULL) goto error;
+    Py_CLEAR(prefix);
+    Py_CLEAR(labels);
+
+    /* Eviction, as the generated code does it: a short key drops each event as it expires, a long
+     * one once n >> lazy_shift have. */
+    int64_t horizon = rel - A->retention; /* rel < limit: no overflow */
+    Py_ssize_t k = 0;
+    int evict;
+    {
+        Py_buffer view;
+        if (PyObject_GetBuffer(s, &view, PyBUF_SIMPLE) < 0) goto error;
+        Items b = {(const char *)view.buf, wide};
+        Py_ssize_t items = view.len / (Py_ssize_t)itemsize;
+        Py_ssize_t at = 1 + (n >= A->lazy_min ? n >> A->lazy_shift : 0);
+        evict = at < items && load(&b, at) <= horizon;
+        if (evict) { /* bisect_right(buffer, horizon, 1, n) - 1 */
+            Py_ssize_t lo = 1, hi = n;
+            while (lo < hi) {
+                Py_ssize_t mid = (Py_ssize_t)(((size_t)lo + (size_t)hi) / 2);
+                if (horizon < load(&b, mid))
+                    hi = mid;
+                else
+                    lo = mid + 1;
+            }
+            k = lo - 1;
+        }
+        PyBuffer_Release(&view);
+        if (at >= items) {
+            PyErr_SetString(PyExc_IndexError, "array index out of range");
+            goto error;
+        }
+    }
+    if (evict) {
+        for (int64_t seg = width - 1; seg >= 0; seg--)
+            if (PySequence_DelSlice(s, 1 + seg * n, 1 + seg * n + k) < 0) goto error;
+        if ((prefix = PyObject_GetAttr(s, str_prefix)) == NULL) goto error;
+        if (prefix != Py_None) {
+            PyObject *m = PyLong_FromSsize_t(n - k), *kk = PyLong_FromSsize_t(k), *block = PyLong_FromLongLong(A->block);
+            PyObject *r = NULL;
+            if (m && kk && block) {
+                PyObject *args[4] = {s, m, kk, block};
+                r = call(A->shrink_prefix, args, 4);
+            }
+            Py_XDECREF(m);
+            Py_XDECREF(kk);
+            Py_XDECREF(block);
+            if (r == NULL) goto error;
+            Py_DECREF(r);
+        }
+        Py_CLEAR(prefix);
+    }
+    if ((labels = PyObject_GetAttr(s, str_labels)) == NULL) goto error;
+    if (labels != Py_None) { /* s[0] * MINUTE_MS + bias + rel - retention: the event's time less it */
+        PyObject *h = PyLong_FromLongLong(origin + horizon);
+        if (h == NULL) goto error;
+        PyObject *args[2] = {s, h}, *r = call(A->evict_labels, args, 2);
+        Py_DECREF(h);
+        if (r == NULL) goto error;
+        Py_DECREF(r);
+    }
+    Py_CLEAR(labels);
+    Py_XDECREF(n_obj);
+    *result = PyTuple_Pack(2, out, Py_False);
+    Py_DECREF(out);
+    return *result == NULL ? -1 : 0;
+error:
+    Py_XDECREF(n_obj);
+    Py_XDECREF(prefix);
+    Py_XDECREF(labels);
+    Py_XDECREF(out);
+    return -1;
+}
+
+static PyObject *appender_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Appender *A = (Appender *)op;
+    if (PyVectorcall_NARGS(nargsf) != 2 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "observe(s, txn)");
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int r = append_event(A, args[0], args[1], &result);
+    if (r < 0) return NULL;
+    if (r == 0) return result;
+    return PyObject_Vectorcall(A->fallback, args, 2, NULL);
+}
+
+static PyObject *appender_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *header, *names, *program, *presize, *build_prefix, *extend_prefix, *shrink_prefix, *evict_labels,
+        *summed, *fallback;
+    if (kwds && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Appender takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!OOOOOO!O:Appender", &PyBytes_Type, &header, &PyTuple_Type, &names,
+                          &PyBytes_Type, &program, &presize, &build_prefix, &extend_prefix, &shrink_prefix,
+                          &evict_labels, &PyTuple_Type, &summed, &fallback))
+        return NULL;
+    const int64_t *h = (const int64_t *)PyBytes_AS_STRING(header);
+    Py_ssize_t words = PyBytes_GET_SIZE(header) / (Py_ssize_t)sizeof(int64_t);
+    int ok = PyBytes_GET_SIZE(header) % 8 == 0 && words >= 12 && h[11] >= 0 && h[11] <= MAX_COLUMNS &&
+             words == 12 + 3 * h[11] && (h[0] == 4 || h[0] == 8) && h[1] == h[11] + 1 && h[4] > 0 &&
+             h[4] <= ((int64_t)1 << 52) && h[5] >= 0 && h[5] <= ((int64_t)1 << 52) && h[6] >= 0 && h[6] < 63 &&
+             h[10] >= 1 && PyTuple_GET_SIZE(names) == 1 + h[11];
+    for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(names); i++) ok = PyUnicode_Check(PyTuple_GET_ITEM(names, i));
+    for (int64_t j = 0; ok && j < h[11]; j++) {
+        const int64_t *c = h + 12 + 3 * j;
+        ok = (c[0] == 0 || c[0] == 1) && (c[0] == 1 || (c[1] >= 1 && c[1] <= EXACT_LIMIT));
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "malformed appender header");
+        return NULL;
+    }
+    Appender *A = (Appender *)type->tp_alloc(type, 0);
+    if (A == NULL) return NULL;
+    A->vectorcall = appender_vectorcall;
+    A->itemsize = h[0], A->width = h[1], A->bias = h[2], A->checks = h[3], A->limit = h[4];
+    A->retention = h[5], A->lazy_shift = h[6], A->lazy_min = h[7], A->presize_at = h[8], A->prefix_min = h[9];
+    A->block = h[10], A->columns = h[11];
+    for (int64_t j = 0; j < A->columns; j++) {
+        const int64_t *c = h + 12 + 3 * j;
+        A->kind[j] = c[0], A->scale[j] = c[1], A->nullable[j] = c[2];
+    }
+    PyObject **slots[] = {&A->names, &A->program, &A->presize, &A->build_prefix, &A->extend_prefix,
+                          &A->shrink_prefix, &A->evict_labels, &A->summed, &A->fallback};
+    PyObject *given[] = {names, program, presize, build_prefix, extend_prefix, shrink_prefix, evict_labels, summed,
+                         fallback};
+    for (size_t i = 0; i < sizeof(given) / sizeof(given[0]); i++) *slots[i] = Py_NewRef(given[i]);
+    return (PyObject *)A;
+}
+
+static int appender_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Appender *A = (Appender *)op;
+    Py_VISIT(A->names);
+    Py_VISIT(A->program);
+    Py_VISIT(A->presize);
+    Py_VISIT(A->build_prefix);
+    Py_VISIT(A->extend_prefix);
+    Py_VISIT(A->shrink_prefix);
+    Py_VISIT(A->evict_labels);
+    Py_VISIT(A->summed);
+    Py_VISIT(A->fallback);
+    return 0;
+}
+
+static int appender_clear(PyObject *op)
+{
+    Appender *A = (Appender *)op;
+    Py_CLEAR(A->names);
+    Py_CLEAR(A->program);
+    Py_CLEAR(A->presize);
+    Py_CLEAR(A->build_prefix);
+    Py_CLEAR(A->extend_prefix);
+    Py_CLEAR(A->shrink_prefix);
+    Py_CLEAR(A->evict_labels);
+    Py_CLEAR(A->summed);
+    Py_CLEAR(A->fallback);
+    return 0;
+}
+
+static void appender_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    appender_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyMemberDef appender_members[] = {
+    {"fallback", T_OBJECT, offsetof(Appender, fallback), READONLY, "the generated Python observe"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject AppenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "features._kernel.Appender",
+    .tp_basicsize = sizeof(Appender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A plan's in-order append, compiled (see features/_kernel.c).",
+    .tp_new = appender_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Appender, vectorcall),
+    .tp_traverse = appender_traverse,
+    .tp_clear = appender_clear,
+    .tp_dealloc = appender_dealloc,
+    .tp_members = appender_members,
+};
+
 static PyMethodDef methods[] = {
     {"window_features", (PyCFunction)(void (*)(void))window_features, METH_FASTCALL,
      "window_features(buffer, n, idx, rel, program, prefix[, labels]) -> list of float"},
@@ -538,4 +960,21 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernel(void)
+{
+    crc_init();
+    if (PyType_Ready(&AppenderType) < 0) return NULL;
+    str_append = PyUnicode_InternFromString("append");
+    str_prefix = PyUnicode_InternFromString("prefix");
+    str_labels = PyUnicode_InternFromString("labels");
+    str_shift = PyUnicode_InternFromString("shift");
+    long_zero = PyLong_FromLong(0);
+    if (!str_append || !str_prefix || !str_labels || !str_shift || !long_zero) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Appender", (PyObject *)&AppenderType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

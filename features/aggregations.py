@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     Buffer = array[Any]  # a key's event buffer: an integer `EntityState`, or the float64 one it widened to
 
 try:  # the compiled window reads (features/_kernel.c); the same plans run in Python without it
+    from features._kernel import Appender as APPENDER
     from features._kernel import window_features as KERNEL
 except ImportError:  # pragma: no cover - an install without a C compiler
-    KERNEL = None
+    APPENDER = KERNEL = None
 # Plans read KERNEL when they are built (tests build plans with and without it).
 
 KERNEL_PYTHON = 7  # the kernel's OP_PYTHON: left to Python (the kernel returns its window's start)

@@ -3,7 +3,9 @@
 `compile_plan` writes two functions for a plan's integer buffers, from its declaration: `fast`
 computes the features of one event, and `observe` is the whole in-order hot path (encode, insert,
 read the windows, evict), which hands anything else to the plan's general insertion.
-`kernel_program` encodes the plan for the compiled window reads (`features/_kernel.c`). What each
+`kernel_program` encodes the plan for the compiled window reads (`features/_kernel.c`), and with
+them `observe` itself runs compiled (`features._kernel.Appender`), handing the generated function
+whatever is not its fast path. What each
 aggregation inlines, or which kernel op computes it, is its entry in `features.aggregations`; the
 buffer layout is `features.buffer`. This module reads a plan through `Layout` only.
 """
@@ -27,6 +29,7 @@ Step = tuple[str, int, int, int]
 """One feature of a plan: (aggregation, source column or -1, window ms, label delay ms)."""
 Fast = Callable[[EntityState, int, int, int], list[float]]
 Observe = Callable[[EntityState, "Transaction"], tuple[list[float], bool]]
+MAX_COLUMNS = 64  # the most columns `features._kernel.Appender` takes
 
 
 class Layout(Context, Protocol):
@@ -184,7 +187,37 @@ def compile_plan(plan: Layout) -> tuple[Fast, Observe]:
     scope.update((f"ref{k}", AGGREGATIONS[agg].reference) for k, (agg, *_) in enumerate(plan.steps))
     exec("\n".join(fast), scope)
     exec("\n".join(observe), scope)
-    return scope["fast"], scope["observe"]
+    if summed:  # what `observe` does when a long key's last block fills, for the compiled append
+        extend = ["def extend_prefix(s, n):"]
+        extend += [
+            f"    q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {block}:{j + 2} * n + 1]))"
+            for j in summed
+        ]
+        exec("\n".join(extend), scope)
+    return scope["fast"], _compiled_observe(plan, scope) or scope["observe"]
+
+
+def _compiled_observe(plan: Layout, scope: dict[str, Any]) -> Observe | None:
+    """`observe` compiled (`features._kernel.Appender`), which hands what is not its fast path to
+    the generated `observe`; None where the window reads are not compiled."""
+    from features import aggregations  # read now: tests build plans with and without the kernel
+
+    if plan.kernel is None or aggregations.APPENDER is None or len(plan.fields) > MAX_COLUMNS:
+        return None
+    numeric = len(plan.num_fields)
+    header = [
+        8 if plan.code == "q" else 4, plan.width, plan.bias, int(plan.code == "i"), INT_LIMIT,
+        plan.retention_ms, plan.lazy_shift, plan.lazy_min, PRESIZE_AT, plan.prefix_min, plan.block,
+        len(plan.fields),
+    ]  # fmt: skip
+    for j in range(len(plan.fields)):
+        header += [0, plan.scales[j], int(plan.nullable[j])] if j < numeric else [1, 0, 0]
+    observe: Observe = aggregations.APPENDER(
+        array("q", header).tobytes(), ("ts_ms", *plan.fields), scope["program"], buffer.presize,
+        buffer.build_prefix, scope.get("extend_prefix"), buffer.shrink_prefix, buffer.evict_labels,
+        tuple(plan.summed), scope["observe"],
+    )  # fmt: skip
+    return observe
 
 
 def _reference_call(k: int, step: Step, start: str) -> str:

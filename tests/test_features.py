@@ -294,6 +294,105 @@ def test_compiled_window_reads_give_the_python_floats_bit_for_bit(
             assert exactly_equal(a.values, b.values), (event, a.values, b.values)
 
 
+def key_state(s: EntityState) -> tuple[object, ...]:
+    """Everything a key holds: its buffer (and the memory it takes), the widened one, its labels
+    and its block sums."""
+    prefix = s.prefix
+    sums = None if prefix is None else (prefix.shift, {j: q.tolist() for j, q in prefix.sums.items()})
+    labels = None if s.labels is None else tuple(a.tolist() for a in s.labels)
+    wide = None if s.wide is None else s.wide.tobytes()  # bytes: NaN == NaN, bit for bit
+    return s.typecode, s.tobytes(), sys.getsizeof(s), wide, labels, sums
+
+
+def outcome(fn: object, s: EntityState, txn: Transaction) -> tuple[object, ...]:
+    try:
+        values, late = fn(s, txn)  # type: ignore[operator]
+    except Exception as exc:  # the compiled append must raise what the generated code raises
+        return ("raised", type(exc), str(exc))
+    return ("values", [("nan" if math.isnan(v) else v) for v in values], late)
+
+
+STORABLE = [0.0, 1.0, 9.99, 250.0, 21474836.47, 0.125]  # amounts the fast path stores
+ODD_NUMBERS = [-0.0, 0.005, 0.015, 2.675, 1 / 3, 1e-9, 21474836.48, 1e300, -5.0, math.inf, math.nan]
+ODD_NUMBERS += [7, True, None]  # an int, a bool, None: not floats
+TEXT = ["m1", "m2", "", "é", "日本"]
+ODD_TEXT = ["\udc80", None]  # a lone surrogate has no UTF-8
+
+
+@st.composite
+def odd_streams(draw: st.DrawFn, retention_ms: int) -> list[tuple[str, Transaction | tuple[int, int]]]:
+    """Transactions mostly in order and mostly storable, with now and then a value of any kind a
+    field can hold (valid or not), gaps of exactly the key's retention, and fraud labels."""
+    ts, out = T0, []
+    gaps = [-120_000, -1, 0, 1, 1_000, 60_000, 3_600_000, retention_ms, retention_ms + 1, 40 * 86_400_000]
+    odd = st.integers(0, 19).map(lambda i: i == 0)  # one value in twenty is odd
+    for i in range(draw(st.integers(1, 80))):
+        ts += draw(st.sampled_from(gaps))
+        if draw(st.integers(0, 9)) == 0:
+            out.append(("label", (ts - draw(st.sampled_from([0, 1, 60_000, 600_000])), ts)))
+            continue
+        number = st.sampled_from(ODD_NUMBERS if draw(odd) else STORABLE)
+        text = [draw(st.sampled_from(ODD_TEXT if draw(odd) else TEXT)) for _ in range(3)]
+        loc = draw(st.sampled_from([(None, None), (48.85, 2.35), (52.5362, 13.3754)]))
+        if draw(odd):
+            loc = draw(st.sampled_from([(91.0, 2.35), (math.nan, 2.35), (48.85, None), (1e-8, 2.35)]))
+        out.append(
+            ("txn", Transaction(
+                f"t{i}", ts, "c1", text[0], draw(number), country=text[1], device_id=text[2], lat=loc[0], lon=loc[1]
+            ))
+        )  # fmt: skip
+    return out
+
+
+@pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
+@pytest.mark.parametrize(
+    ("features", "prefix", "lazy"),
+    [
+        (WIDE, (buffer.PREFIX_MIN, buffer.PREFIX_BLOCK), (buffer.LAZY_MIN, buffer.LAZY_SHIFT)),
+        (SHORT, (3, 3), (2, 1)),
+    ],
+    ids=["wide", "short-block-sums-lazy-eviction"],
+)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_compiled_append_changes_a_key_as_the_generated_code_does(
+    kernel: str, features: FeatureSet, prefix: tuple[int, int], lazy: tuple[int, int], data: st.DataObject
+) -> None:
+    """`features._kernel.Appender` (the compiled in-order append) against the generated Python it
+    hands everything else to: the same values, the same exceptions, and the key left byte for byte
+    the same, whatever the fields hold (floats not exactly storable, ints, NaN, non-ASCII and
+    unencodable text), out-of-order events, re-basing, block sums and lazy eviction."""
+    if kernel == "python":
+        return  # compiled plans only
+    with long_key_thresholds(prefix, lazy):
+        plan = FeaturePipeline(features, LATENESS_MS).plans[0]
+    appender = plan.observe_fn
+    assert type(appender) is aggregations.APPENDER
+    a, b = plan.new_state(), plan.new_state()
+    for kind, event in data.draw(odd_streams(plan.retention_ms)):
+        if kind == "label":
+            plan.observe_label(a, *event)
+            plan.observe_label(b, *event)
+        else:
+            assert outcome(appender, a, event) == outcome(appender.fallback, b, event), event
+        assert key_state(a) == key_state(b), event
+
+
+@pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
+def test_compiled_append_refuses_a_malformed_header() -> None:
+    """A header that does not describe the columns named is refused when the appender is built."""
+    with pytest.raises(ValueError, match="malformed appender header"):
+        aggregations.APPENDER(b"\0" * 8, ("ts_ms",), b"", *[None] * 5, (), None)
+    header = array("q", [4, 2, buffer.BIAS, 1, buffer.INT_LIMIT, 60_000, 5, 1024, 8, 128, 32, 1, 0, 100, 0])
+    args = (b"", *[None] * 5, (), None)
+    assert type(aggregations.APPENDER(header.tobytes(), ("ts_ms", "amount"), *args)) is aggregations.APPENDER
+    # a column too few, one too many, a number without a scale, a column of no kind
+    for tail in ([], [0, 100, 0, 1, 0, 0], [0, 0, 0], [2, 100, 0]):
+        words = header[:-3] + array("q", tail)
+        with pytest.raises(ValueError, match="malformed appender header"):
+            aggregations.APPENDER(words.tobytes(), ("ts_ms", "amount"), *args)
+
+
 @pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
 @pytest.mark.parametrize("blocks", [False, True])
 def test_compiled_reads_match_python_on_any_buffer_contents(blocks: bool) -> None:
