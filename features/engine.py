@@ -8,7 +8,7 @@ Training replays a file through `FeatureEngine`, which holds the same per-key st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from sys import intern
 
@@ -77,6 +77,25 @@ def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
     return txn_feature_function(names)(txn)
 
 
+def keys_function(plans: Sequence[EntityPlan]) -> Callable[[Transaction], tuple[str | None, ...]]:
+    """Every plan's state key of a transaction, interned (None where a key field is missing): what
+    `EntityPlan.key_of` gives, as one generated expression (key fields are transaction fields,
+    validated by `features.spec.Entity`)."""
+    parts = []
+    for p in plans:
+        got = [f"t.{f}" for f in p.entity.fields]
+        prefix = repr(p.entity.name + ":")
+        if len(got) == 1:
+            parts.append(f"(intern({prefix} + {got[0]}) if {got[0]} else None)")
+        else:
+            both = ", ".join(got)
+            parts.append(f"(intern({prefix} + '|'.join(({both},))) if all(({both},)) else None)")
+    fn: Callable[[Transaction], tuple[str | None, ...]] = eval(
+        "lambda t: (" + "".join(f"{x}, " for x in parts) + ")", {"intern": intern}
+    )
+    return fn
+
+
 class FeaturePipeline:
     """The compiled feature set: one `EntityPlan` per entity, in declaration order (a plan's
     `position` is its index in `plans`, in a row's `keys` and in a `TxnEntry`'s)."""
@@ -90,11 +109,12 @@ class FeaturePipeline:
         self.names = feature_set.names
         self.schema_hash = feature_set.schema_hash
         self.txn_features = txn_feature_function(feature_set.txn)
+        self.keys_of = keys_function(self.plans)
 
     def start(self, txn: Transaction) -> tuple[FeatureRow, TxnEntry]:
         # Interned: the index keeps every transaction's keys for weeks, and a card's transactions
         # then share one string per key instead of holding a copy each.
-        keys = tuple(None if k is None else intern(k) for k in (p.key_of(txn) for p in self.plans))
+        keys = self.keys_of(txn)
         return FeatureRow(txn, keys), TxnEntry(txn.ts_ms, keys)
 
     def assemble(self, row: FeatureRow) -> list[float]:
