@@ -10,7 +10,8 @@ alternately, `--pairs` times, on the same uncompressed copy of the bundled sampl
 user + system time the kernel accounted to it (`os.wait4`), imports and model loading included.
 The Redis server's own CPU is not counted (the peer writes nothing). Before the pairs, each side
 runs once, unmeasured, on the sample's first 2,000 transactions (or `--transactions`): the first
-run after a change compiles the modules' bytecode, which the pairs must not count. Prints each
+run after a change compiles the modules' bytecode, which the pairs must not count (so the runs
+write bytecode even where PYTHONDONTWRITEBYTECODE is set). Prints each
 pair and the median ratio flow / peer. The order alternates between pairs so that a drifting machine does not
 favour one side. Exits 2 when the peer is not there.
 
@@ -80,7 +81,9 @@ def cpu_of(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float
 
 def floor(n_txns: int, n_labels: int) -> tuple[float, float]:
     """(CPU seconds to import the flow's modules, CPU seconds of River for the sample's counts)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("FRAUD_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     imports, _, _ = cpu_of([sys.executable, "-c", "import flows.fraud, service.runtime"], env)
     import random
 
@@ -118,7 +121,11 @@ def main() -> None:
     if not PEER.is_file():
         print(f"the peer flow is not at {PEER}: nothing to compare with", file=sys.stderr)
         sys.exit(2)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    # The unmeasured first runs write the modules' bytecode, as a user's first run does: an
+    # environment that forbids it (PYTHONDONTWRITEBYTECODE) would have every pair compile them.
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("FRAUD_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     ratios, peers, base_ratios, against_base = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, private_redis() as url:
         warm = Path(tmp) / "warm"

@@ -9,6 +9,15 @@ first `--transactions` if given, with their labels; the outputs to a private Red
 Bytewax worker (`bytewax.testing.run_main`). A `gc.callbacks` hook times every collection. Prints,
 per threshold, the collections of each generation, the seconds they took, the longest one and
 the process's CPU seconds for the run.
+
+    python -m benchmarks.gc_pauses --startup 5
+
+Start-up instead: `--startup` pairs of child processes, alternately, each importing the flow's
+modules as `bytewax.run` does (`flows.fraud`, `service.runtime`) and collecting once as
+`settle_heap` does: one as shipped (`flows.fraud` pauses the collector during its imports and
+freezes what they created), one without (`gc.disable` and `gc.freeze` made no-ops before the
+import). Prints each pair's
+CPU seconds and time in the collector, and the median of each side.
 """
 
 from __future__ import annotations
@@ -64,12 +73,69 @@ def child(threshold: int, txns: Path, labels: Path, url: str) -> None:
     )
 
 
+def startup_child(paused: bool) -> None:
+    """Import the flow's modules and collect once; print CPU and collector seconds."""
+    spent, started = [0.0], [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(timed)
+    if not paused:  # what the pause calls, made no-ops
+        gc.disable = gc.freeze = lambda: None
+    cpu = time.process_time()
+    import flows.fraud  # noqa: F401
+    import service.runtime  # noqa: F401
+
+    gc.collect()  # settle_heap's collection
+    print(f"{time.process_time() - cpu:.3f} {spent[0]:.3f}")
+
+
+def startup(pairs: int) -> None:
+    import statistics
+
+    sides: dict[str, list[tuple[float, float]]] = {"paused": [], "collecting": []}
+    for pair in range(1, pairs + 1):
+        order = ["paused", "collecting"] if pair % 2 else ["collecting", "paused"]
+        for side in order:
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.gc_pauses", "--startup-child", side],
+                cwd=ROOT, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            cpu, collector = map(float, out.stdout.split())
+            sides[side].append((cpu, collector))
+        (pc, pg), (cc, cg) = sides["paused"][-1], sides["collecting"][-1]
+        print(
+            f"pair {pair}: paused {pc:.3f} CPU-s ({pg:.3f} s collecting), "
+            f"collecting {cc:.3f} CPU-s ({cg:.3f} s collecting)"
+        )
+    med = {
+        k: (statistics.median(c for c, _ in v), statistics.median(g for _, g in v)) for k, v in sides.items()
+    }
+    print(
+        f"start-up, median of {pairs}: paused {med['paused'][0]:.3f} CPU-s ({med['paused'][1]:.3f} s collecting), "
+        f"collecting {med['collecting'][0]:.3f} CPU-s ({med['collecting'][1]:.3f} s collecting); "
+        f"the pause saves {med['collecting'][0] - med['paused'][0]:.3f} CPU-s"
+    )
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--thresholds", default="700,20000")
     ap.add_argument("--transactions", type=int)
+    ap.add_argument("--startup", type=int, metavar="PAIRS", help="time start-up instead, in PAIRS pairs")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--startup-child", choices=["paused", "collecting"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.startup_child:
+        startup_child(args.startup_child == "paused")
+        return
+    if args.startup:
+        startup(args.startup)
+        return
     if args.child:
         threshold, txns, labels, url = args.child
         child(int(threshold), Path(txns), Path(labels), url)

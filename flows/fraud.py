@@ -13,54 +13,69 @@ module only wires steps: the logic lives in `features`, `models`, `flows.steps`,
 
 from __future__ import annotations
 
-from datetime import timedelta
-from functools import partial
-from pathlib import Path
-from typing import Any
+import gc
 
-import bytewax.operators as op
-from bytewax.dataflow import Dataflow
-from bytewax.inputs import Source
-from bytewax.outputs import Sink
+# Start-up creates some 120k objects that live as long as the process (the modules' functions,
+# types and constants), and the collector would walk them again and again while they are being
+# created. So collection pauses during these imports, and after them what they created is frozen
+# (`gc.freeze`: never walked again; about a thousand of them are garbage, kept) before it resumes;
+# `settle_heap` later collects and freezes what building the flow created.
+# `python -m benchmarks.gc_pauses --startup 5` prints what this saves at each start.
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    from datetime import timedelta
+    from functools import partial
+    from pathlib import Path
+    from typing import Any
 
-from flows import batch, connectors
-from flows.expiry import Expiry
-from flows.ordering import ordered
-from flows.outputs import (
-    ProgressSink,
-    alert_entry,
-    count_dead_letter,
-    decision_entry,
-    dlq_entry,
-    drift_entry,
-    late_entry,
-)
-from flows.routing import WorkerCount, Workers
-from flows.shards import state_files
-from flows.stamping import stamp
-from flows.steps import (
-    EntityLogic,
-    IndexLogic,
-    PendingLogic,
-    ScoringLogic,
-    chain_filters,
-    dead_letter_of,
-    decision_of,
-    decoder,
-    drift_of,
-    entity_key,
-    is_dead_letter,
-    is_valid,
-    partitions,
-    pending_key,
-    scorer_key,
-    starts_state,
-    to_every_replica,
-    txn_key,
-)
-from service import telemetry
-from service.runtime import load_runtime, settle_heap
-from service.settings import Settings, get_settings
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.inputs import Source
+    from bytewax.outputs import Sink
+
+    from flows import batch, connectors
+    from flows.expiry import Expiry
+    from flows.ordering import ordered
+    from flows.outputs import (
+        ProgressSink,
+        alert_entry,
+        count_dead_letter,
+        decision_entry,
+        dlq_entry,
+        drift_entry,
+        late_entry,
+    )
+    from flows.routing import WorkerCount, Workers
+    from flows.shards import state_files
+    from flows.stamping import stamp
+    from flows.steps import (
+        EntityLogic,
+        IndexLogic,
+        PendingLogic,
+        ScoringLogic,
+        chain_filters,
+        dead_letter_of,
+        decision_of,
+        decoder,
+        drift_of,
+        entity_key,
+        is_dead_letter,
+        is_valid,
+        partitions,
+        pending_key,
+        scorer_key,
+        starts_state,
+        to_every_replica,
+        txn_key,
+    )
+    from service import telemetry
+    from service.runtime import load_runtime, settle_heap
+    from service.settings import Settings, get_settings
+finally:
+    if _collecting:
+        gc.freeze()
+        gc.enable()
 
 
 def build(

@@ -170,10 +170,11 @@ those walks older objects too (`python -m benchmarks.gc_pauses` prints both)."""
 
 
 def settle_heap() -> None:
-    """Before a long run: collect what start-up left, then move every object alive now (modules,
-    settings, the loaded model) out of the garbage collector's reach (`gc.freeze`). A full
-    collection then walks only what the run itself keeps, instead of pausing the flow to walk
-    every object of every imported library. The youngest generation is collected only once
+    """Before a long run: collect what start-up left, then move every object alive now (settings,
+    the loaded model, the built flow; importing `flows.fraud` already froze the modules' objects)
+    out of the garbage collector's reach (`gc.freeze`). A full collection then walks only what
+    the run itself keeps, instead of pausing the flow to walk every object of every imported
+    library. The youngest generation is collected only once
     `YOUNG_COLLECTION_AT` objects outlive their batch (the older thresholds stay Python's)."""
     gc.collect()
     gc.freeze()

@@ -234,6 +234,14 @@ def test_scoring_batch_benchmark_prints_a_cost_per_batch_size() -> None:
     assert re.search(r"batch +512: +[\d.]+ µs/row \(1\.00x batch 512\)", out), out
 
 
+def test_gc_pauses_benchmark_prints_start_up_with_and_without_the_pause() -> None:
+    out = bench("benchmarks.gc_pauses", "--startup", "1")
+    assert re.search(r"pair 1: paused [\d.]+ CPU-s \([\d.]+ s collecting\), collecting [\d.]+ CPU-s", out), (
+        out
+    )
+    assert re.search(r"the pause saves -?[\d.]+ CPU-s", out), out
+
+
 def test_gc_pauses_benchmark_prints_each_threshold() -> None:
     out = bench("benchmarks.gc_pauses", "--transactions", "1500", "--thresholds", "700,20000")
     for threshold in (700, 20000):

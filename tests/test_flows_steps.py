@@ -538,22 +538,30 @@ def test_per_transaction_state_is_compact_and_invisible_to_the_garbage_collector
 
 
 def test_a_run_moves_its_start_up_objects_out_of_the_collectors_reach() -> None:
-    """`settle_heap` (called by `fraud run` and `flows.fraud:flow` once the flow is built): a full
-     collection then walks only what the run creates, not every object of every library imported
-    . In a child process: freezing
-     this one would keep the test suite's garbage forever."""
+    """Importing `flows.fraud` pauses the collector and freezes what its imports created (the
+    modules' objects, walked again and again otherwise); `settle_heap` (called by `fraud run` and
+    `flows.fraud:flow` once the flow is built) collects and freezes what building it created: a
+    full collection then walks only what the run creates. A process whose collector is off keeps
+    it off and nothing is frozen. In child processes: each changes its interpreter's collector."""
     code = (
-        "import gc, flows.fraud, service.runtime as r\n"
-        "before = len(gc.get_objects())\n"
+        "import gc\n"
+        "import flows.fraud, service.runtime as r\n"
+        "after_import = (int(gc.isenabled()), gc.get_freeze_count(), len(gc.get_objects()))\n"
         "r.settle_heap()\n"
-        "print(before, gc.get_freeze_count(), len(gc.get_objects()), *gc.get_threshold())\n"
+        "print(*after_import, gc.get_freeze_count(), len(gc.get_objects()), *gc.get_threshold())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    before, frozen, walked, *threshold = map(int, out.stdout.split())
-    assert before > 50_000 and frozen >= before * 0.9 and walked < 1_000
+    enabled, frozen, walked, frozen_run, walked_run, *threshold = map(int, out.stdout.split())
+    assert enabled == 1 and frozen > 50_000 and walked < frozen / 10
+    assert frozen_run >= frozen and walked_run < 1_000
     assert threshold == [YOUNG_COLLECTION_AT, 10, 10]  # batches do not set off collections
+    code = "import gc\ngc.disable()\nimport flows.fraud\nprint(int(gc.isenabled()), gc.get_freeze_count())\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["0", "0"]
 
 
 @pytest.mark.parametrize("table_kind", ["compiled", "dict"])
