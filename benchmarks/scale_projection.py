@@ -2,7 +2,8 @@
 
     python -m benchmarks.scale_projection [--transactions N]
 
-Runs the flow (`flows.fraud.build`: the default features and model) in this process, one
+Runs the flow (`flows.fraud.build`: the default features and model; then
+`service.runtime.settle_heap`, as `python -m bytewax.run flows.fraud` does) in this process, one
 worker, over the bundled sample (its first `--transactions` if given, with their labels), with
 in-memory sinks, and reads what each step's logic cost from `fraud_step_seconds` (the seconds
 `flows.ordering` accounts to each step) and what River's learning cost from
@@ -34,6 +35,7 @@ from benchmarks.cpu_ratio import sample
 from flows.file_source import FileReplaySource
 from flows.fraud import build
 from service import telemetry
+from service.runtime import settle_heap
 from service.settings import Settings
 
 
@@ -59,6 +61,7 @@ def main() -> None:
             late=TestingSink(sinks["late"]),
             drift=TestingSink([]),
         )
+        settle_heap()  # as `python -m bytewax.run flows.fraud` does before it runs the flow
         started = cpu_s()
         run_main(flow)
         run = cpu_s() - started
