@@ -4,7 +4,8 @@
 
 Generates (once; cached under `.fraud/bench/`) a world of `--days` days with `--cards` cards,
 every transaction labelled `--label-delay-days` later (`fraud.datagen`: label policy "all", fixed
-delay), and replays it through the flow in this process (`flows.fraud.build`, one worker, the
+delay), and replays it through the flow in this process (`flows.fraud.build`, then
+`service.runtime.settle_heap` as `python -m bytewax.run flows.fraud` does; one worker, the
 default features and model, in-memory sinks) as fast as it goes. A fast replay keeps every
 transaction waiting for its label (the label TTL is wall-clock time), so the flow's state grows
 all run long: the index and the pending vectors hold every transaction, the entity steps every
@@ -36,6 +37,7 @@ from benchmarks.common import ROOT, log, parser
 from flows.file_source import FileReplaySource
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
+from service.runtime import settle_heap
 from service.settings import Settings
 from testkit.system import rss_bytes
 
@@ -109,6 +111,7 @@ def main() -> None:
         late=TestingSink([]),
         drift=TestingSink([]),
     )
+    settle_heap()  # as `python -m bytewax.run flows.fraud` does before it runs the flow
     before = rss_bytes()
     started, cpu_started = time.monotonic(), time.process_time()
     run_main(flow)
