@@ -369,7 +369,7 @@ def odd_streams(draw: st.DrawFn, retention_ms: int) -> list[tuple[str, Transacti
     ],
     ids=["wide", "short-block-sums-lazy-eviction"],
 )
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_compiled_append_changes_a_key_as_the_generated_code_does(
     kernel: str, features: FeatureSet, prefix: tuple[int, int], lazy: tuple[int, int], data: st.DataObject

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = "compiled and (any_buffer or refuses or bit_for_bit or window_edges or long_key)"
+TESTS = "compiled and (any_buffer or refuses or bit_for_bit or window_edges or long_key or append)"
 
 
 def sanitizer() -> tuple[str, str]:
