@@ -234,6 +234,18 @@ def test_scoring_batch_benchmark_prints_a_cost_per_batch_size() -> None:
     assert re.search(r"batch +512: +[\d.]+ µs/row \(1\.00x batch 512\)", out), out
 
 
+def test_same_decisions_finds_a_checkout_equal_to_itself_and_says_where_two_part() -> None:
+    out = bench("benchmarks.same_decisions", "--baseline", str(ROOT), "--transactions", "600")
+    assert re.search(r"decision: 600 and 600 entries, same", out), out
+    for stream in ("alerts", "dlq", "late", "drift"):
+        assert re.search(rf"{stream}: [\d,]+ and [\d,]+ entries, same", out), out
+    from benchmarks.same_decisions import verdict
+
+    assert verdict([{b"a": b"1"}], [{b"a": b"1"}]) == "same"
+    assert verdict([{b"a": b"1"}, {b"a": b"2"}], [{b"a": b"1"}, {b"a": b"3"}]) == "DIFFERENT from entry 1"
+    assert verdict([{b"a": b"1"}], [{b"a": b"1"}, {b"a": b"2"}]) == "DIFFERENT from entry 1"
+
+
 def test_gc_pauses_benchmark_prints_start_up_with_and_without_the_pause() -> None:
     out = bench("benchmarks.gc_pauses", "--startup", "1")
     assert re.search(r"pair 1: paused [\d.]+ CPU-s \([\d.]+ s collecting\), collecting [\d.]+ CPU-s", out), (
