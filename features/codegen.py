@@ -5,9 +5,9 @@ computes the features of one event, and `observe` is the whole in-order hot path
 read the windows, evict), which hands anything else to the plan's general insertion.
 `kernel_program` encodes the plan for the compiled window reads (`features/_kernel.c`), and with
 them `observe` itself runs compiled (`features._kernel.Appender`), handing the generated function
-whatever is not its fast path. What each
-aggregation inlines, or which kernel op computes it, is its entry in `features.aggregations`; the
-buffer layout is `features.buffer`. This module reads a plan through `Layout` only.
+whatever is not its fast path. What each aggregation inlines, or which kernel op computes it, is
+its entry in `features.aggregations`; the buffer layout is `features.buffer`. This module reads a
+plan through `Layout` only.
 """
 
 from __future__ import annotations
@@ -149,13 +149,8 @@ def compile_plan(plan: Layout) -> tuple[Fast, Observe]:
     observe.append("    s.insert(1 + n, rel)")
     observe += ["    idx = n", "    n += 1", f"    if n == {PRESIZE_AT}: presize(s)"]
     if summed:
-        # A long key's block sums gain a block each time its last one fills.
         observe.append("    if s.prefix is not None:")
-        observe.append(f"        if (n + s.prefix.shift) % {block} == 0:")
-        observe += [
-            f"            q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {block}:{j + 2} * n + 1]))"
-            for j in summed
-        ]
+        observe.append(f"        if (n + s.prefix.shift) % {block} == 0: extend_prefix(s, n)")
         observe.append(f"    elif n >= {plan.prefix_min}: build_prefix(s, n, {tuple(summed)}, {block})")
     observe += reads
     # Eviction inline: in an in-order append the newest event is this one, at position n. A
@@ -185,15 +180,15 @@ def compile_plan(plan: Layout) -> tuple[Fast, Observe]:
     }  # fmt: skip
     # Features left to their reference function call it as `ref<k>` (k: the feature's position).
     scope.update((f"ref{k}", AGGREGATIONS[agg].reference) for k, (agg, *_) in enumerate(plan.steps))
+    # A long key's block sums gain a block when its last one fills (`observe` and the compiled
+    # append both call this).
+    extend = ["def extend_prefix(s, n):", *(
+        f"    q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {block}:{j + 2} * n + 1]))"
+        for j in summed
+    )] if summed else []  # fmt: skip
+    exec("\n".join(extend), scope)
     exec("\n".join(fast), scope)
     exec("\n".join(observe), scope)
-    if summed:  # what `observe` does when a long key's last block fills, for the compiled append
-        extend = ["def extend_prefix(s, n):"]
-        extend += [
-            f"    q = s.prefix.sums[{j}]; q.append(q[-1] + sum(s[{j + 2} * n + 1 - {block}:{j + 2} * n + 1]))"
-            for j in summed
-        ]
-        exec("\n".join(extend), scope)
     return scope["fast"], _compiled_observe(plan, scope) or scope["observe"]
 
 
