@@ -360,14 +360,21 @@ def test_a_reader_killed_between_reading_and_printing_loses_no_alert(
     stalled = (-1, 0.0)  # (entries delivered to the group, since when unchanged)
     while time.monotonic() < deadline:  # it reads batches until the pipe fills, then blocks
         groups = redis_client.xinfo_groups(ALERTS)
-        delivered = ids.index(groups[0]["last-delivered-id"].decode()) + 1 if groups else 0
+        last = groups[0]["last-delivered-id"].decode() if groups else "0-0"
+        delivered = ids.index(last) + 1 if last in ids else 0  # "0-0": the group exists, none read yet
         if delivered != stalled[0]:
             stalled = (delivered, time.monotonic())
         elif delivered and time.monotonic() - stalled[1] > 1.0:
             break
         time.sleep(0.05)
-    assert 0 < stalled[0] < 3000 and proc.poll() is None, "the reader did not block on its output"
-    assert pending_count(redis_client, ALERTS, "fraud-cli") > 0  # a batch read, not all printed
+    try:
+        assert 0 < stalled[0] < 3000 and proc.poll() is None, "the reader did not block on its output"
+        assert pending_count(redis_client, ALERTS, "fraud-cli") > 0  # a batch read, not all printed
+    except AssertionError:  # no reader left running into the next test
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        raise
     proc.kill()
     proc.wait(timeout=30)
     written = proc.stdout.read().decode()
