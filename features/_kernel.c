@@ -677,11 +677,14 @@ static int append_event(Appender *A, PyObject *s, PyObject *txn, PyObject **resu
         PyErr_Clear();
         return 1;
     }
+    if (!PyLong_CheckExact(ts)) {
+        Py_DECREF(ts);
+        return 1;
+    }
     int overflow = 0;
-    long long ts_ms = PyLong_CheckExact(ts) ? PyLong_AsLongLongAndOverflow(ts, &overflow) : 0;
-    int is_long = PyLong_CheckExact(ts);
+    long long ts_ms = PyLong_AsLongLongAndOverflow(ts, &overflow);
     Py_DECREF(ts);
-    if (!is_long || overflow || (ts_ms == -1 && PyErr_Occurred())) {
+    if (overflow || (ts_ms == -1 && PyErr_Occurred())) {
         PyErr_Clear();
         return 1;
     }
