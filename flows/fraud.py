@@ -94,8 +94,9 @@ def build(
     `state_dir`: where the shards of the index, the entity steps and `pending` append their deltas
     (`flows.shards`);
     `fraud run` passes `<FRAUD_RECOVERY_DIR>/state` when it runs with recovery. Without it their
-    snapshots are whole copies: right for any runner, with or without recovery, and nothing is
-    written (a flow that runs without recovery must not touch a recovery store's files)."""
+    snapshots are their whole tables, lent copy-on-write (copied only while Bytewax still holds
+    one): right for any runner, with or without recovery, and nothing is written (a flow that runs
+    without recovery must not touch a recovery store's files)."""
     given = settings or get_settings()
     needs_redis = (
         (source is None and given.source == "redis")

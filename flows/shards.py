@@ -21,9 +21,13 @@ the shard twice over, the next snapshot writes the whole shard to a new file and
 restarts there; files that left the chain are deleted `KEEP` snapshots later (a resume may use a
 slightly older epoch), and a resumed shard deletes the files its manifest does not name (what a
 crashed run wrote after its last complete epoch). Otherwise (no recovery, or Bytewax's own runner
-with `-r DIR`) a snapshot is a copy of the dict (for an entity step, of its states' frozen copies,
-refreshed for the keys that changed), which Bytewax only pickles when recovery is on: correct, but
-whole, and a flow that runs without recovery never touches a store's files.
+with `-r DIR`) a snapshot is the shard's dict or table itself (for an entity step, the dict of its
+states' frozen copies, refreshed for the keys that changed), lent copy-on-write: the shard copies it
+before its next change only if the snapshot is still alive then. Bytewax drops a snapshot as soon
+as it is taken when recovery is off, so a run without recovery never copies a shard (a copy at
+every epoch close cost time that grew with the state); with Bytewax's own
+`-r DIR` it pickles the snapshot, and the shard copies only while that snapshot is still held. A
+flow that runs without recovery never touches a store's files.
 """
 
 from __future__ import annotations
@@ -123,11 +127,11 @@ def sync_files() -> None:
 
 
 class FullState:
-    """A shard's snapshot without a recovery directory: a copy of its dict or table (values are
-    immutable, so a shallow copy is the state of this moment). Bytewax pickles it only when
-    recovery is on."""
+    """A shard's snapshot without a recovery directory: its dict or table as of the snapshot, lent
+    (the shard copies it before changing it while this is alive: `ShardTable.own`; values are
+    immutable). Bytewax pickles it only when recovery is on."""
 
-    __slots__ = ("items", "shard")
+    __slots__ = ("__weakref__", "items", "shard")
 
     def __init__(self, shard: str, items: dict[str, Any]) -> None:
         self.shard, self.items = shard, items
@@ -312,13 +316,14 @@ class ShardTable(StepLogic):
     when the step has `StateFiles`, else as a `FullState` copy.
 
     Subclasses change entries only through `put` and `drop`, which note what changed since the
-    last snapshot; a subclass whose values change in place (`mutable`: an entity's feature state)
+    last snapshot, after taking the entries with `own()` (never `self.items` kept from before it:
+    without files the last snapshot may still hold them); a subclass whose values change in place (`mutable`: an entity's feature state)
     notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
     copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
     as from the files.
     """
 
-    __slots__ = ("changed", "files", "items", "log", "saved", "shard")
+    __slots__ = ("changed", "files", "items", "lent", "log", "saved", "shard")
     value_type: ClassVar[Any] = Any
     mutable: ClassVar[bool] = False
     compact: ClassVar[bool] = False  # entries in a `features.table.Table` (bytes values), not a dict
@@ -332,6 +337,9 @@ class ShardTable(StepLogic):
         # Without files, a mutable shard's snapshot is a copy of the frozen values, kept here and
         # refreshed for the keys that changed.
         self.saved: dict[str, Any] | None = {} if self.mutable and files is None else None
+        # Without files, the last snapshot's FullState (weakly): while it lives, it holds `items`
+        # (or, for a mutable shard, `saved`) itself, which must be copied before they change.
+        self.lent: weakref.ref[FullState] | None = None
         if type(resume) is Manifest:
             if files is None:
                 raise StateFilesError(
@@ -358,12 +366,23 @@ class ShardTable(StepLogic):
         """What a snapshot saves of `value` (a mutable subclass returns an immutable copy)."""
         return value
 
+    def own(self) -> Any:
+        """The entries, to change: copied first if the last snapshot still holds them (a caller
+        keeps what this returns, not an older `self.items`)."""
+        lent = self.lent
+        if lent is not None and not self.mutable:  # (a mutable shard lends `saved`, not `items`)
+            self.lent = None
+            if lent() is not None:
+                self.items = self.items.copy()
+        return self.items
+
     def put(self, key: str, value: Any) -> None:
-        self.items[key] = value
+        items = self.own() if self.lent is not None else self.items
+        items[key] = value
         self.changed.add(key)
 
     def drop(self, key: str) -> Any:
-        value = self.items.pop(key, None)
+        value = (self.own() if self.lent is not None else self.items).pop(key, None)
         if value is not None:
             self.changed.add(key)
         return value
@@ -380,14 +399,20 @@ class ShardTable(StepLogic):
         if self.files is None:
             saved = self.saved
             if saved is None:
-                return FullState(self.shard, items.copy())
-            for k in changed:
-                v = items.get(k)
-                if v is None:
-                    saved.pop(k, None)
-                else:
-                    saved[k] = frozen(v)
-            return FullState(self.shard, dict(saved))
+                held = FullState(self.shard, items)
+            else:
+                lent = self.lent
+                if lent is not None and lent() is not None:
+                    saved = self.saved = saved.copy()  # the last snapshot still holds it
+                for k in changed:
+                    v = items.get(k)
+                    if v is None:
+                        saved.pop(k, None)
+                    else:
+                        saved[k] = frozen(v)
+                held = FullState(self.shard, saved)
+            self.lent = weakref.ref(held)
+            return held
         if self.log is None:
             self.log = ShardLog(
                 self.files.directory(self.shard), self.files.step, self.shard, self.value_type

@@ -274,7 +274,7 @@ class IndexLogic(ShardTable):
     def apply(self, events: list[Transaction | Label | Expired]) -> list[Chained | DeadLetter | Expired]:
         if self.shard is None:
             self.name(events[0].txn_id)
-        items = self.items
+        items = self.own()
         out: list[Chained | DeadLetter | Expired] = []
         for item in events:
             t = type(item)
@@ -344,7 +344,7 @@ class EntityLogic(ShardTable):
         i = plan.position
         if self.shard is None:
             self.name(_entity_or_txn(events[0], i))
-        items, changed, seen = self.items, self.changed, self.seen
+        items, changed, seen = self.own(), self.changed, self.seen
         minute = int(time.time()) // MINUTE_S
         for n, item in enumerate(events):
             try:
@@ -409,7 +409,7 @@ class PendingLogic(ShardTable):
         if self.shard is None:
             first = events[0]
             self.name(first.txn.txn_id if type(first) is FeatureRow else first.txn_id)
-        items = self.items
+        items = self.own()
         out: list[Scored | Quarantined] = []
         frauds = genuine = 0  # labels seen, counted on the metric once per batch
         for it in events:

@@ -123,6 +123,30 @@ def test_index_dead_letters_a_duplicate_and_joins_labels_once(pipeline: FeatureP
     assert [(d.reason, d.txn_id) for d in dead] == [("duplicate_label", "t1"), ("unknown_txn", "t9")]
 
 
+def test_index_and_pending_read_what_they_wrote_while_a_snapshot_holds_their_table(
+    pipeline: FeaturePipeline,
+) -> None:
+    """Without files a shard lends its table to its snapshot and copies it before its next change
+    while that snapshot lives (Bytewax pickling it later): a batch's later items must still see
+    what its earlier items wrote to the copy."""
+    index = IndexLogic(pipeline, None, None)
+    index.apply([txn("t0", 1)])
+    held = index.snapshot()
+    out = index.apply([txn("t1", 2), txn("t1", 3, amount=9.0)])
+    assert isinstance(out[1], DeadLetter) and out[1].reason == "duplicate_txn"
+    assert isinstance(held, FullState) and list(held.items.keys()) == ["t0"]
+
+    (row,) = chained(pipeline, txn("t1", 1))
+    _, entry = pipeline.start(row.txn)
+    label = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=2))
+    pending = PendingLogic(pipeline, None, None)
+    pending.apply(chained(pipeline, txn("t0", 1)))
+    held = pending.snapshot()
+    joined = pending.apply([label, row])  # the label overtook its row: held, then joined
+    assert [type(o) for o in joined] == [FeatureVector, LabelledVector]
+    assert isinstance(held, FullState) and list(held.items.keys()) == ["t0"]
+
+
 # --- entity chain ---------------------------------------------------------------------------------
 
 
@@ -184,9 +208,21 @@ def test_entity_shard_snapshots_rebuild_every_key(pipeline: FeaturePipeline, tmp
     for files in (None, StateFiles(tmp_path, "card")):
         logic = EntityLogic(pipeline, card, files, None)
         logic.apply(rows[:-1])
+        before = {k: state.snapshot() for k, state in logic.items.items()}
         first = logic.snapshot()
         logic.apply(rows[-1:])  # touches one key: the next delta holds it alone
         snap = logic.snapshot()
+        if files is None:  # `first` is still held (as Bytewax holds one until it pickles it)
+            assert isinstance(first, FullState) and isinstance(snap, FullState)
+            assert first.items is not snap.items  # so the saved copies were copied, not changed
+            back = EntityLogic(pipeline, card, None, first)
+            assert {k: state.snapshot() for k, state in back.items.items()} == before
+            assert before != {k: state.snapshot() for k, state in logic.items.items()}
+            saved = snap.items
+            del snap, first  # dropped, as Bytewax drops them with recovery off: no copy
+            logic.apply(rows[:1])
+            snap = logic.snapshot()
+            assert isinstance(snap, FullState) and snap.items is saved
         resumed = EntityLogic(pipeline, card, files, snap)
         assert set(resumed.items) == set(logic.items) and resumed.shard == shard
         for k, state in logic.items.items():

@@ -171,6 +171,38 @@ def test_without_a_recovery_directory_a_snapshot_is_a_copy(tmp_path: Path) -> No
     assert isinstance(m, Manifest) and Table(StateFiles(tmp_path, "index"), m).items == {"a": b"1"}
 
 
+@pytest.mark.parametrize("kind", [Table, CompactTable])
+def test_a_snapshot_without_files_is_copied_only_while_it_is_held(kind: type[Table]) -> None:
+    """Without a recovery directory the snapshot lends the shard's entries: a shard copies them
+    before its next change only if the snapshot is still alive (Bytewax pickling it later); a
+    dropped one (recovery off) costs no copy, however many entries the shard holds."""
+    table = kind(None, None)
+    table.name("t1")
+    for i in range(50):
+        table.put(f"k{i}", b"%d" % i)
+    snap = table.snapshot()
+    assert isinstance(snap, FullState) and snap.items is table.items  # lent, not copied
+    items = table.own()  # what a step's `apply` changes: a copy, since `snap` is held
+    assert items is table.items and items is not snap.items
+    table.put("new", b"n")
+    table.drop("k0")
+    assert "new" in items and "k0" not in items  # the caller's entries are the shard's
+    assert dict(snap.items.items()) == {f"k{i}": b"%d" % i for i in range(50)}  # that moment's
+    table.put("k1", b"changed")
+    assert snap.items["k1"] == b"1"
+
+    held = table.items
+    snap = table.snapshot()
+    del snap  # what Bytewax does with a snapshot when recovery is off
+    table.put("later", b"l")
+    table.drop("k2")
+    assert table.own() is held  # changed in place: no copy
+    again = table.snapshot()
+    assert isinstance(again, FullState)
+    table.drop("k3")  # `drop` and `put` copy by themselves too
+    assert "k3" in again.items and "k3" not in table.items and table.items is not again.items
+
+
 def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
