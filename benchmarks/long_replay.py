@@ -1,31 +1,49 @@
-"""Does the flow keep its speed as its state grows? A long replay, its first and last 10 %.
+"""Does the flow keep its speed as its state grows? A long replay, the rate over its first and last 10 %.
 
     python -m benchmarks.long_replay [--days 180] [--cards 8500] [--label-delay-days 7] [--seed 3]
+                                     [--warmup-days D] [--paired [--slice 2]]
 
-Generates (once; cached under `.fraud/bench/`) a world of `--days` days with `--cards` cards,
-every transaction labelled `--label-delay-days` later (`fraud.datagen`: label policy "all", fixed
-delay), and replays it through the flow in this process (`flows.fraud.build`, then
+Generates (once; cached under `.fraud/bench/`) a world of `--warmup-days` + `--days` days with
+`--cards` cards, every transaction labelled `--label-delay-days` later (`fraud.datagen`: label
+policy "all", fixed delay), and replays it through the flow (`flows.fraud.build`, then
 `service.runtime.settle_heap` as `python -m bytewax.run flows.fraud` does; one worker, the
 default features and model, in-memory sinks) as fast as it goes. A fast replay keeps every
 transaction waiting for its label (the label TTL is wall-clock time), so the flow's state grows
 all run long: the index and the pending vectors hold every transaction, the entity steps every
 card, merchant and device.
 
-Prints the rate over the first and the last 10 % of the transactions decided (by the wall time
-at which the decision count crossed 10 % and 90 %) and their ratio; the rate in every tenth of
-the run, in transactions and in records (transactions + labels joined) per second; the same
-tenths in transactions per CPU-second of the process (what each tenth cost the flow, whatever
-else the machine was doing: on a shared machine the wall-clock rates drift with the neighbours);
-the process's CPU, and its RSS at the end. The first tenth is a warm-up whatever the flow does: no label
-arrives in the first `--label-delay-days` days, and the windows (up to 30 days) are still filling,
-so each transaction costs less there; the second tenth is the fair baseline.
-`--days 30 --cards 500` is a quick version.
+The measured run is the last `--days` days. The warm-up before it (by default the features'
+longest look-back, 33 days, plus the label delay) is the only stretch whose work differs from the
+rest by design: no label arrives in its first `--label-delay-days` days and the windows are still
+filling, so each of its transactions costs less. It is replayed and its state kept (the measured
+run starts holding it), but not counted.
+
+One replay in this process prints, for the measured run: the rate over its first and last 10 %
+of the transactions decided (by the wall time at which the decision count crossed each tenth)
+and their ratio; the rate in every tenth, in transactions and in records (transactions + labels
+joined) per second; the same tenths in transactions per CPU-second; the whole run's tenths,
+warm-up included; the process's CPU, and its RSS at the end. On a shared machine those tenths,
+minutes apart, drift with the neighbours.
+
+`--paired` compares the two tenths under the same conditions instead: two replays of the world in
+processes of their own, one run alone to the start of its last tenth, the other to the start of
+its first (after the warm-up); then they take turns, `--slice` seconds each (the other paused,
+SIGSTOP), until the early one has done its tenth. Prints each tenth's rate over its turns (per
+wall-second and per CPU-second) and the median of the turn-by-turn ratios: a neighbour that slows
+the machine for a while slows both sides alike. `--days 30 --cards 500` is a quick version.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import multiprocessing
+import os
 import resource
+import signal
+import statistics
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +51,11 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import TestingSink, run_main
 from prometheus_client import REGISTRY
 
-from benchmarks.common import ROOT, log, parser
+from benchmarks.common import DAY_MS, ROOT, log, parser
 from flows.file_source import FileReplaySource
 from flows.fraud import build
 from fraud.datagen import GeneratorConfig, write_files
-from service.runtime import settle_heap
+from service.runtime import new_pipeline, settle_heap
 from service.settings import Settings
 from testkit.system import rss_bytes
 
@@ -52,23 +70,45 @@ Mark = tuple[int, float, float, int]  # decisions so far, wall clock, process CP
 
 
 class _Clock(StatelessSinkPartition[Any]):
-    def __init__(self, marks: list[Mark]) -> None:
-        self.marks, self.n = marks, 0
+    def __init__(self, marks: list[Mark], counter: Any) -> None:
+        self.marks, self.counter, self.n = marks, counter, 0
 
     def write_batch(self, items: list[Any]) -> None:
         self.n += len(items)
         self.marks.append((self.n, time.monotonic(), time.process_time(), labels_joined()))
+        if self.counter is not None:
+            self.counter.value = self.n
 
 
 class ClockSink(DynamicSink[Any]):
     """Counts the decisions and notes when each batch of them arrived, the process's CPU time
-    then, and the labels joined by then."""
+    then, and the labels joined by then (and publishes the count in `counter`, a shared value)."""
 
-    def __init__(self) -> None:
+    def __init__(self, counter: Any = None) -> None:
         self.marks: list[Mark] = []
+        self.counter = counter
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Clock:
-        return _Clock(self.marks)
+        return _Clock(self.marks, self.counter)
+
+
+def replay(txns: Path, labels: Path, clock: ClockSink) -> float:
+    """Replay the files through the flow in this process, as fast as it goes; when it started
+    (after the flow was built and the heap settled)."""
+    settings = Settings(transactions_path=txns, labels_path=labels, progress_interval_s=60)
+    flow = build(
+        settings,
+        source=FileReplaySource(txns, labels),
+        alerts=TestingSink([]),
+        dead_letters=TestingSink([]),
+        decisions=clock,
+        late=TestingSink([]),
+        drift=TestingSink([]),
+    )
+    settle_heap()  # as `python -m bytewax.run flows.fraud` does before it runs the flow
+    started = time.monotonic()
+    run_main(flow)
+    return started
 
 
 def crossing(marks: list[Mark], count: int) -> tuple[float, float, int]:
@@ -77,74 +117,237 @@ def crossing(marks: list[Mark], count: int) -> tuple[float, float, int]:
     return next((t, cpu, labels) for n, t, cpu, labels in marks if n >= count)
 
 
-def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--days", type=int, default=180)
-    ap.add_argument("--cards", type=int, default=8500)
-    ap.add_argument("--label-delay-days", type=float, default=7.0)
-    ap.add_argument("--seed", type=int, default=3)
-    args = ap.parse_args()
-    data = (
-        ROOT / ".fraud" / "bench" / f"long-{args.days}d-{args.cards}c-{args.label_delay_days:g}l-{args.seed}"
-    )
-    txns, labels = data / "transactions.jsonl", data / "labels.jsonl"
-    if not labels.is_file():
-        log(f"generating {data} ...")
-        config = GeneratorConfig(
-            seed=args.seed,
-            days=args.days,
-            n_cards=args.cards,
-            n_merchants=max(200, args.cards // 20),
-            drift_day=None,
-            label_delay="fixed",
-            label_delay_days=args.label_delay_days,
+# -- the paired mode: the first and the last tenth, interleaved ------------------------------------
+
+
+def _replay_child(txns: str, labels: str, counter: Any) -> None:
+    """A replay in a process of its own, publishing its decision count in `counter`."""
+    replay(Path(txns), Path(labels), ClockSink(counter))
+
+
+class Replay:
+    """A replay in a child process, run and paused by signals, its decisions and CPU time read
+    from outside."""
+
+    def __init__(self, txns: Path, labels: Path) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.counter = ctx.RawValue("q", 0)
+        self.proc = ctx.Process(
+            target=_replay_child, args=(str(txns), str(labels), self.counter), daemon=True
         )
-        write_files(data, config)
-    settings = Settings(transactions_path=txns, labels_path=labels, progress_interval_s=60)
-    clock = ClockSink()
-    flow = build(
-        settings,
-        source=FileReplaySource(Path(txns), Path(labels)),
-        alerts=TestingSink([]),
-        dead_letters=TestingSink([]),
-        decisions=clock,
-        late=TestingSink([]),
-        drift=TestingSink([]),
+        self.proc.start()
+        assert self.proc.pid is not None
+        self.pid = self.proc.pid
+        self.running = True
+
+    def decided(self) -> int:
+        return int(self.counter.value)
+
+    def cpu(self) -> float:
+        """The process's CPU seconds so far (its threads'; /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        self.running = False
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+        self.running = True
+
+    def run_until(self, count: int, timeout_s: float = 3600.0) -> None:
+        """Run (alone) until it has decided `count` transactions, then pause."""
+        self.resume()
+        deadline = time.monotonic() + timeout_s
+        while self.decided() < count:
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise SystemExit(f"replay {self.pid} stopped at {self.decided():,} decisions of {count:,}")
+            time.sleep(0.002)
+        self.pause()
+
+    def slice(self, seconds: float) -> tuple[int, float, float]:
+        """Run (alone) for `seconds`, then pause: decisions made, wall and CPU seconds taken."""
+        n, cpu, t = self.decided(), self.cpu(), time.monotonic()
+        self.resume()
+        self.proc.join(seconds)
+        if self.proc.is_alive():
+            self.pause()
+            wall = time.monotonic() - t
+            return self.decided() - n, wall, self.cpu() - cpu
+        return self.decided() - n, time.monotonic() - t, float("nan")  # ended (CPU unreadable)
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(30)
+
+
+def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> None:
+    """The flow's rate over the first and the last tenth of the measured run, from two replays of
+    the same world taking turns on the machine: one run to the start of its last tenth, one to the
+    start of its first (after the warm-up), then `slice_s` each in turn until both tenths are done."""
+    tenth = (total - warm) // 10
+    late_from, early_to = total - tenth, warm + tenth
+    log(f"late replay: to decision {late_from:,} of {total:,} (alone) ...")
+    late = Replay(txns, labels)
+    try:
+        late.run_until(late_from)
+        log(f"early replay: through the warm-up, to decision {warm:,} (alone) ...")
+        early = Replay(txns, labels)
+        try:
+            early.run_until(warm)
+            log(f"taking turns, {slice_s:g} s each ...")
+            pairs: list[tuple[tuple[int, float, float], tuple[int, float, float]]] = []
+            while late.proc.is_alive() and early.decided() < early_to:
+                pairs.append((early.slice(slice_s), late.slice(slice_s)))
+        finally:
+            early.kill()
+        late.resume()
+        late.proc.join(600)
+    finally:
+        late.kill()
+    # Whole pairs only: the last one may hold the late replay's end (its final flush, then exit).
+    done = [(e, lt) for e, lt in pairs if e[1] > 0 and lt[1] > 0 and lt[2] == lt[2]]
+    if len(done) < 3:
+        raise SystemExit("too few turns: more --days or --cards, or a shorter --slice")
+    e_n, e_wall, e_cpu = (sum(e[i] for e, _ in done) for i in range(3))
+    l_n, l_wall, l_cpu = (sum(lt[i] for _, lt in done) for i in range(3))
+    ratios = sorted((lt[0] / lt[1]) / (e[0] / e[1]) for e, lt in done if e[0] > 0)
+    print(
+        f"{total - warm:,} transactions measured after {warm:,} of warm-up; two replays of the world "
+        f"taking turns ({len(done)} turns of {slice_s:g} s each)"
     )
-    settle_heap()  # as `python -m bytewax.run flows.fraud` does before it runs the flow
-    before = rss_bytes()
-    started, cpu_started = time.monotonic(), time.process_time()
-    run_main(flow)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    n = clock.marks[-1][0]
-    cuts = [(started, cpu_started, 0)] + [crossing(clock.marks, n * k // 10) for k in range(1, 10)]
-    cuts.append(clock.marks[-1][1:])
+    print(
+        f"first 10 %: {e_n / e_wall:,.0f} tx/s · last 10 %: {l_n / l_wall:,.0f} tx/s · last / first: "
+        f"{(l_n / l_wall) / (e_n / e_wall):.2f} ({e_n:,} and {l_n:,} transactions decided in the turns)"
+    )
+    print(
+        f"per CPU-second: first {e_n / e_cpu:,.0f} · last {l_n / l_cpu:,.0f} · last / first "
+        f"{(l_n / l_cpu) / (e_n / e_cpu):.2f}"
+    )
+    print(
+        f"last / first by turn: median {statistics.median(ratios):.2f}, middle half "
+        f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
+    )
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def warmup_transactions(txns: Path, cutoff: datetime) -> int:
+    """How many transactions happen before `cutoff`."""
+    with txns.open("rb") as f:
+        return sum(1 for line in f if datetime.fromisoformat(json.loads(line)["ts"]) < cutoff)
+
+
+def tenths(
+    marks: list[Mark], first: int, last: int, start: tuple[float, float, int]
+) -> tuple[list[float], list[float], list[float], list[tuple[float, float]]]:
+    """Transactions/s, records/s and transactions per CPU-second in each tenth of decisions
+    `first`..`last` (`start`: wall clock, CPU and labels when decision `first` was made), and each
+    tenth's wall-clock span."""
+    n = last - first
+    cuts = [start] + [crossing(marks, first + n * k // 10) for k in range(1, 10)]
+    cuts.append(next((t, cpu, labels) for m, t, cpu, labels in marks if m >= last))
     spans = [cuts[k + 1][0] - cuts[k][0] for k in range(10)]
     cpu_spans = [cuts[k + 1][1] - cuts[k][1] for k in range(10)]
     if min(spans) <= 0 or min(cpu_spans) <= 0:
         raise SystemExit(
             "too short a run: two tenths of it were decided in one batch (more --days or --cards)"
         )
-    tx = [(n * (k + 1) // 10 - n * k // 10) / spans[k] for k in range(10)]
-    records = [(n * (k + 1) // 10 - n * k // 10 + cuts[k + 1][2] - cuts[k][2]) / spans[k] for k in range(10)]
-    per_cpu = [(n * (k + 1) // 10 - n * k // 10) / cpu_spans[k] for k in range(10)]
+    sizes = [n * (k + 1) // 10 - n * k // 10 for k in range(10)]
+    tx = [sizes[k] / spans[k] for k in range(10)]
+    records = [(sizes[k] + cuts[k + 1][2] - cuts[k][2]) / spans[k] for k in range(10)]
+    per_cpu = [sizes[k] / cpu_spans[k] for k in range(10)]
+    return tx, records, per_cpu, [(cuts[k][0], cuts[k + 1][0]) for k in range(10)]
+
+
+def _row(values: list[float], digits: int = 0) -> str:
+    return " ".join(f"{v:,.{digits}f}" for v in values)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--days", type=int, default=180, help="the measured run's days")
+    ap.add_argument("--cards", type=int, default=8500)
+    ap.add_argument("--label-delay-days", type=float, default=7.0)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument(
+        "--warmup-days",
+        type=int,
+        default=None,
+        help="replayed before the measured run, not counted (default: the features' longest "
+        "look-back plus the label delay)",
+    )
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="compare the first and the last tenth in two replays taking turns on the machine",
+    )
+    ap.add_argument("--slice", type=float, default=2.0, help="--paired: seconds per turn")
+    args = ap.parse_args()
+    if args.warmup_days is None:
+        lookback_ms = max(plan.lookback_ms for plan in new_pipeline(Settings()).plans)
+        args.warmup_days = math.ceil(lookback_ms / DAY_MS + args.label_delay_days)
+    days = args.warmup_days + args.days
+    data = ROOT / ".fraud" / "bench" / f"long-{days}d-{args.cards}c-{args.label_delay_days:g}l-{args.seed}"
+    txns, labels = data / "transactions.jsonl", data / "labels.jsonl"
+    config = GeneratorConfig(
+        seed=args.seed,
+        days=days,
+        n_cards=args.cards,
+        n_merchants=max(200, args.cards // 20),
+        drift_day=None,
+        label_delay="fixed",
+        label_delay_days=args.label_delay_days,
+    )
+    if not labels.is_file():
+        log(f"generating {data} ...")
+        write_files(data, config)
+    cutoff = datetime.fromisoformat(config.start).astimezone(UTC) + timedelta(days=args.warmup_days)
+    warm = warmup_transactions(txns, cutoff)
+    with txns.open("rb") as f:
+        total = sum(1 for _ in f)  # every generated transaction is valid: each is decided
+    if not 0 < warm < total:
+        raise SystemExit(f"the warm-up holds {warm:,} of the {total:,} transactions: more --days")
+    if args.paired:
+        paired(txns, labels, warm, total, args.slice)
+        return
+
+    clock = ClockSink()
+    before = rss_bytes()
+    cpu_started = time.process_time()
+    started = replay(txns, labels, clock)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    n = clock.marks[-1][0]
+    if n != total:
+        raise SystemExit(f"{n:,} decisions for {total:,} transactions")
+    tx, records, per_cpu, _ = tenths(clock.marks, warm, n, crossing(clock.marks, warm))
+    whole, _, _, _ = tenths(clock.marks, 0, n, (started, cpu_started, 0))
     print(
-        f"{n:,} transactions over {args.days} days ({args.cards:,} cards, every one labelled "
-        f"{args.label_delay_days:g} days later), {clock.marks[-1][1] - started:,.0f} s"
+        f"{n - warm:,} transactions over {args.days} days measured, after {warm:,} over "
+        f"{args.warmup_days} days of warm-up ({args.cards:,} cards, every one labelled "
+        f"{args.label_delay_days:g} days later), {clock.marks[-1][1] - started:,.0f} s in all"
     )
     print(
         f"first 10 %: {tx[0]:,.0f} tx/s · last 10 %: {tx[-1]:,.0f} tx/s · last / first: {tx[-1] / tx[0]:.2f}"
     )
-    print("tx/s by tenth of the run:      " + " ".join(f"{r:,.0f}" for r in tx))
-    print("records/s (transactions + labels): " + " ".join(f"{r:,.0f}" for r in records))
+    print("tx/s by tenth of the run:      " + _row(tx))
     print(
-        f"last / second tenth (the windows full, labels flowing since day {args.label_delay_days:g}): "
-        f"{tx[-1] / tx[1]:.2f} tx/s, {records[-1] / records[1]:.2f} records/s"
+        "records/s (transactions + labels): "
+        + _row(records)
+        + f" (last / first {records[-1] / records[0]:.2f})"
     )
-    print("tx per CPU-second by tenth:     " + " ".join(f"{r:,.0f}" for r in per_cpu))
+    print("tx per CPU-second by tenth:     " + _row(per_cpu))
     print(
         f"per CPU-second, last / first tenth: {per_cpu[-1] / per_cpu[0]:.2f} · last / second: "
         f"{per_cpu[-1] / per_cpu[1]:.2f} · last / third: {per_cpu[-1] / per_cpu[2]:.2f}"
+    )
+    print(
+        "warm-up included, tx/s by tenth of the whole run: "
+        + _row(whole)
+        + f" (last / first {whole[-1] / whole[0]:.2f})"
     )
     print(
         f"process CPU {usage.ru_utime + usage.ru_stime:,.0f} s · RSS at the end "

@@ -134,7 +134,7 @@ def test_scale_projection_benchmark_prints_steps_and_projections() -> None:
 def test_long_replay_benchmark_prints_its_rates() -> None:
     """The short version of `python -m benchmarks.long_replay` (the full one is in docs/benchmarks.md)."""
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.long_replay", "--days", "60", "--cards", "500", "--seed", "5"],
+        [sys.executable, "-m", "benchmarks.long_replay", "--days", "30", "--cards", "500", "--seed", "5"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -144,13 +144,45 @@ def test_long_replay_benchmark_prints_its_rates() -> None:
     assert re.search(
         r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+$", out.stdout, re.M
     )
+    assert re.search(
+        r"^[\d,]+ transactions over 30 days measured, after [\d,]+ over 40 days of warm-up ", out.stdout, re.M
+    ), out.stdout
     assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
+    assert re.search(
+        r"^warm-up included, tx/s by tenth of the whole run: ([\d,]+ ){10}\(last", out.stdout, re.M
+    )
     assert re.search(r"^tx per CPU-second by tenth: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
     assert re.search(
         r"^per CPU-second, last / first tenth: [\d.]+ · last / second: [\d.]+ · last / third: [\d.]+$",
         out.stdout,
         re.M,
     )
+
+
+def test_long_replay_paired_mode_prints_both_tenths() -> None:
+    """`--paired`: two replays taking turns, the first and the last tenth compared turn by turn."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.long_replay",
+            *("--days", "30", "--cards", "500", "--seed", "5"),
+            *("--paired", "--slice", "0.02"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert re.search(
+        r"^[\d,]+ transactions measured after [\d,]+ of warm-up; .* \((\d+) turns of 0.02 s", out.stdout, re.M
+    )
+    assert re.search(
+        r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+ ", out.stdout, re.M
+    )
+    assert re.search(r"^per CPU-second: first [\d,]+ · last [\d,]+ · last / first [\d.]+$", out.stdout, re.M)
+    assert re.search(r"^last / first by turn: median [\d.]+, middle half [\d.]+-[\d.]+$", out.stdout, re.M)
 
 
 def test_lifecycle_benchmark_runs() -> None:
