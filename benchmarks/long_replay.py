@@ -35,6 +35,7 @@ the machine for a while slows both sides alike. `--days 30 --cards 500` is a qui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -138,7 +139,6 @@ class Replay:
         self.proc.start()
         assert self.proc.pid is not None
         self.pid = self.proc.pid
-        self.running = True
 
     def decided(self) -> int:
         return int(self.counter.value)
@@ -148,13 +148,17 @@ class Replay:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def _signal(self, sig: signal.Signals) -> None:
+        # Only while it runs (is_alive reaps it once it ended: its pid may then be reused).
+        if self.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
     def pause(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
-        self.running = False
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-        self.running = True
+        self._signal(signal.SIGCONT)
 
     def run_until(self, count: int, timeout_s: float = 3600.0) -> None:
         """Run (alone) until it has decided `count` transactions, then pause."""
