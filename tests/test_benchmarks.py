@@ -131,58 +131,35 @@ def test_scale_projection_benchmark_prints_steps_and_projections() -> None:
         assert re.search(rf"^P={p:>2}: +[\d.]+x one process .* largest per-process cost: ", out, re.M)
 
 
+QUICK_REPLAY = ("--days", "30", "--cards", "500", "--seed", "5")  # the docstring's quick version
+
+
 def test_long_replay_benchmark_prints_its_rates() -> None:
     """The short version of `python -m benchmarks.long_replay` (the full one is in docs/benchmarks.md)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.long_replay", "--days", "30", "--cards", "500", "--seed", "5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    out = bench("benchmarks.long_replay", *QUICK_REPLAY)
+    assert re.search(r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+$", out, re.M)
     assert re.search(
-        r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+$", out.stdout, re.M
+        r"^[\d,]+ transactions over 30 days measured, after [\d,]+ over 40 days of warm-up ", out, re.M
     )
-    assert re.search(
-        r"^[\d,]+ transactions over 30 days measured, after [\d,]+ over 40 days of warm-up ", out.stdout, re.M
-    ), out.stdout
-    assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
-    assert re.search(
-        r"^warm-up included, tx/s by tenth of the whole run: ([\d,]+ ){10}\(last", out.stdout, re.M
-    )
-    assert re.search(r"^tx per CPU-second by tenth: +([\d,]+ ){9}[\d,]+$", out.stdout, re.M), out.stdout
+    assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out, re.M), out
+    assert re.search(r"^warm-up included, tx/s by tenth of the whole run: ([\d,]+ ){10}\(last", out, re.M)
+    assert re.search(r"^tx per CPU-second by tenth: +([\d,]+ ){9}[\d,]+$", out, re.M), out
     assert re.search(
         r"^per CPU-second, last / first tenth: [\d.]+ · last / second: [\d.]+ · last / third: [\d.]+$",
-        out.stdout,
+        out,
         re.M,
     )
 
 
 def test_long_replay_paired_mode_prints_both_tenths() -> None:
     """`--paired`: two replays taking turns, the first and the last tenth compared turn by turn."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.long_replay",
-            *("--days", "30", "--cards", "500", "--seed", "5"),
-            *("--paired", "--slice", "0.02"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    out = bench("benchmarks.long_replay", *QUICK_REPLAY, "--paired", "--slice", "0.02")
     assert re.search(
-        r"^[\d,]+ transactions measured after [\d,]+ of warm-up; .* \((\d+) turns of 0.02 s", out.stdout, re.M
+        r"^[\d,]+ transactions measured after [\d,]+ of warm-up; .* \((\d+) turns of 0.02 s", out, re.M
     )
-    assert re.search(
-        r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+ ", out.stdout, re.M
-    )
-    assert re.search(r"^per CPU-second: first [\d,]+ · last [\d,]+ · last / first [\d.]+$", out.stdout, re.M)
-    assert re.search(r"^last / first by turn: median [\d.]+, middle half [\d.]+-[\d.]+$", out.stdout, re.M)
+    assert re.search(r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+ ", out, re.M)
+    assert re.search(r"^per CPU-second: first [\d,]+ · last [\d,]+ · last / first [\d.]+$", out, re.M)
+    assert re.search(r"^last / first by turn: median [\d.]+, middle half [\d.]+-[\d.]+$", out, re.M)
 
 
 def test_lifecycle_benchmark_runs() -> None:
