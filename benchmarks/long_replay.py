@@ -22,8 +22,9 @@ One replay in this process prints, for the measured run: the rate over its first
 of the transactions decided (by the wall time at which the decision count crossed each tenth)
 and their ratio; the rate in every tenth, in transactions and in records (transactions + labels
 joined) per second; the same tenths in transactions per CPU-second; the whole run's tenths,
-warm-up included; the process's CPU, and its RSS at the end. On a shared machine those tenths,
-minutes apart, drift with the neighbours.
+warm-up included; the process's CPU, its RSS at the end, and how many times a shard copied its
+table because the snapshot it lent was still held (`flows.shards`: none expected). On a shared
+machine those tenths, minutes apart, drift with the neighbours.
 
 `--paired` compares the two tenths under the same conditions instead: two replays of the world in
 processes of their own, one run alone to the start of its last tenth, the other to the start of
@@ -55,6 +56,7 @@ from prometheus_client import REGISTRY
 from benchmarks.common import DAY_MS, ROOT, log, parser
 from flows.file_source import FileReplaySource
 from flows.fraud import build
+from flows.shards import ShardTable
 from fraud.datagen import GeneratorConfig, write_files
 from service.runtime import new_pipeline, settle_heap
 from service.settings import Settings
@@ -355,7 +357,8 @@ def main() -> None:
     )
     print(
         f"process CPU {usage.ru_utime + usage.ru_stime:,.0f} s · RSS at the end "
-        f"+{(rss_bytes() - before) / 2**20:,.0f} MiB over the start"
+        f"+{(rss_bytes() - before) / 2**20:,.0f} MiB over the start · shard tables copied for a "
+        f"snapshot still held: {ShardTable.copies}"
     )
 
 

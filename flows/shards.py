@@ -325,6 +325,7 @@ class ShardTable(StepLogic):
 
     __slots__ = ("changed", "files", "items", "lent", "log", "saved", "shard")
     value_type: ClassVar[Any] = Any
+    copies: ClassVar[int] = 0  # tables and saved dicts this process copied for a snapshot still held
     mutable: ClassVar[bool] = False
     compact: ClassVar[bool] = False  # entries in a `features.table.Table` (bytes values), not a dict
 
@@ -374,6 +375,7 @@ class ShardTable(StepLogic):
             self.lent = None
             if lent() is not None:
                 self.items = self.items.copy()
+                ShardTable.copies += 1
         return self.items
 
     def put(self, key: str, value: Any) -> None:
@@ -404,6 +406,7 @@ class ShardTable(StepLogic):
                 lent = self.lent
                 if lent is not None and lent() is not None:
                     saved = self.saved = saved.copy()  # the last snapshot still holds it
+                    ShardTable.copies += 1
                 for k in changed:
                     v = items.get(k)
                     if v is None:

@@ -144,6 +144,7 @@ def test_long_replay_benchmark_prints_its_rates() -> None:
     assert re.search(r"^tx/s by tenth of the run: +([\d,]+ ){9}[\d,]+$", out, re.M), out
     assert re.search(r"^warm-up included, tx/s by tenth of the whole run: ([\d,]+ ){10}\(last", out, re.M)
     assert re.search(r"^tx per CPU-second by tenth: +([\d,]+ ){9}[\d,]+$", out, re.M), out
+    assert re.search(r"· shard tables copied for a snapshot still held: 0$", out, re.M), out
     assert re.search(
         r"^per CPU-second, last / first tenth: [\d.]+ · last / second: [\d.]+ · last / third: [\d.]+$",
         out,

@@ -182,7 +182,9 @@ def test_a_snapshot_without_files_is_copied_only_while_it_is_held(kind: type[Tab
         table.put(f"k{i}", b"%d" % i)
     snap = table.snapshot()
     assert isinstance(snap, FullState) and snap.items is table.items  # lent, not copied
+    copies = ShardTable.copies
     items = table.own()  # what a step's `apply` changes: a copy, since `snap` is held
+    assert ShardTable.copies == copies + 1
     assert items is table.items and items is not snap.items
     table.put("new", b"n")
     table.drop("k0")
