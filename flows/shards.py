@@ -22,12 +22,12 @@ restarts there; files that left the chain are deleted `KEEP` snapshots later (a 
 slightly older epoch), and a resumed shard deletes the files its manifest does not name (what a
 crashed run wrote after its last complete epoch). Otherwise (no recovery, or Bytewax's own runner
 with `-r DIR`) a snapshot is the shard's dict or table itself (for an entity step, the dict of its
-states' frozen copies, refreshed for the keys that changed), lent copy-on-write: the shard copies it
-before its next change only if the snapshot is still alive then. Bytewax drops a snapshot as soon
-as it is taken when recovery is off, so a run without recovery never copies a shard (a copy at
-every epoch close cost time that grew with the state); with Bytewax's own
-`-r DIR` it pickles the snapshot, and the shard copies only while that snapshot is still held. A
-flow that runs without recovery never touches a store's files.
+states' frozen copies, refreshed for the keys that changed), lent copy-on-write: the shard copies
+it before its next change only if the snapshot is still alive then. Bytewax drops a snapshot as
+soon as it is taken when recovery is off, and with its own `-r DIR` pickles it within the step
+that took it, so neither copies a shard (a copy at every epoch close cost time that grew with the
+state; `ShardTable.copies` counts any). A flow that runs without recovery never touches a store's
+files.
 """
 
 from __future__ import annotations
@@ -313,12 +313,12 @@ class ShardLog:
 
 class ShardTable(StepLogic):
     """A step logic holding one shard's entries (key -> value), saved as deltas (`ShardLog`)
-    when the step has `StateFiles`, else as a `FullState` copy.
+    when the step has `StateFiles`, else as a lent `FullState`.
 
     Subclasses change entries only through `put` and `drop`, which note what changed since the
     last snapshot, after taking the entries with `own()` (never `self.items` kept from before it:
-    without files the last snapshot may still hold them); a subclass whose values change in place (`mutable`: an entity's feature state)
-    notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
+    without files the last snapshot may still hold them); a subclass whose values change in place
+    (`mutable`: an entity's feature state) notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
     copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
     as from the files.
     """
@@ -335,7 +335,7 @@ class ShardTable(StepLogic):
         self.changed: set[str] = set()
         self.log: ShardLog | None = None
         self.shard: str | None = None
-        # Without files, a mutable shard's snapshot is a copy of the frozen values, kept here and
+        # Without files, a mutable shard's snapshot is its values' frozen copies, kept here and
         # refreshed for the keys that changed.
         self.saved: dict[str, Any] | None = {} if self.mutable and files is None else None
         # Without files, the last snapshot's FullState (weakly): while it lives, it holds `items`
