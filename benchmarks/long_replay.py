@@ -249,10 +249,9 @@ def warmup_transactions(txns: Path, cutoff: datetime) -> int:
 
 def tenths(
     marks: list[Mark], first: int, last: int, start: tuple[float, float, int]
-) -> tuple[list[float], list[float], list[float], list[tuple[float, float]]]:
+) -> tuple[list[float], list[float], list[float]]:
     """Transactions/s, records/s and transactions per CPU-second in each tenth of decisions
-    `first`..`last` (`start`: wall clock, CPU and labels when decision `first` was made), and each
-    tenth's wall-clock span."""
+    `first`..`last` (`start`: wall clock, CPU and labels when decision `first` was made)."""
     n = last - first
     cuts = [start] + [crossing(marks, first + n * k // 10) for k in range(1, 10)]
     cuts.append(next((t, cpu, labels) for m, t, cpu, labels in marks if m >= last))
@@ -266,11 +265,11 @@ def tenths(
     tx = [sizes[k] / spans[k] for k in range(10)]
     records = [(sizes[k] + cuts[k + 1][2] - cuts[k][2]) / spans[k] for k in range(10)]
     per_cpu = [sizes[k] / cpu_spans[k] for k in range(10)]
-    return tx, records, per_cpu, [(cuts[k][0], cuts[k + 1][0]) for k in range(10)]
+    return tx, records, per_cpu
 
 
-def _row(values: list[float], digits: int = 0) -> str:
-    return " ".join(f"{v:,.{digits}f}" for v in values)
+def _row(values: list[float]) -> str:
+    return " ".join(f"{v:,.0f}" for v in values)
 
 
 def main() -> None:
@@ -329,8 +328,8 @@ def main() -> None:
     n = clock.marks[-1][0]
     if n != total:
         raise SystemExit(f"{n:,} decisions for {total:,} transactions")
-    tx, records, per_cpu, _ = tenths(clock.marks, warm, n, crossing(clock.marks, warm))
-    whole, _, _, _ = tenths(clock.marks, 0, n, (started, cpu_started, 0))
+    tx, records, per_cpu = tenths(clock.marks, warm, n, crossing(clock.marks, warm))
+    whole, _, _ = tenths(clock.marks, 0, n, (started, cpu_started, 0))
     print(
         f"{n - warm:,} transactions over {args.days} days measured, after {warm:,} over "
         f"{args.warmup_days} days of warm-up ({args.cards:,} cards, every one labelled "
