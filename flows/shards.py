@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 from zlib import crc32
@@ -47,6 +47,7 @@ import msgspec
 
 from features.table import Table, table_of
 from flows.ordering import StepLogic
+from service.telemetry import snapshot_timer
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class Manifest(msgspec.Struct, frozen=True, array_like=True):
     Pickling one makes the files it names durable first (`sync_files`): Bytewax pickles a
     snapshot in the worker that took it, before its store records it, and records an epoch as
     complete only after every snapshot of the epoch; so the bytes a manifest names are on disk
-    before any resume can be given it, with one round of fsyncs per epoch close, not one per shard.
+    before any resume can be given it. A shard starts its file's fsync as soon as its snapshot is
+    written (`start_sync`), so the disk works while the worker takes the other snapshots, and the
+    first pickle waits only for what is still running.
     """
 
     step: str
@@ -92,10 +95,12 @@ class Manifest(msgspec.Struct, frozen=True, array_like=True):
         return (Manifest, (self.step, self.shard, self.segments, self.entries, self.base))
 
 
-_unsynced: set[Path] = set()  # shard files this process appended to since their last fsync
+_unsynced: set[Path] = set()  # shard files this process appended to, no fsync started since
+_syncing: list[Future[None]] = []  # fsyncs started, not yet waited for
 _unsynced_lock = threading.Lock()
 _syncer: ThreadPoolExecutor | None = None
 SYNC_THREADS = 8
+_SYNC_CLOCK = snapshot_timer("fsync")  # waiting for fsyncs: part of what an epoch close costs
 
 
 def _fsync(path: Path) -> None:
@@ -109,21 +114,34 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def sync_files() -> None:
-    """fsync every shard file this process appended to since the last call, concurrently (the
-    file system commits them together): what a `Manifest` names is then durable."""
+def start_sync() -> None:
+    """Start fsyncing, in background threads, every shard file appended to since the last start:
+    a shard calls it once its snapshot is written, so the disk works while the worker goes on
+    with the other shards' snapshots (an epoch close writes a hundred files or more)."""
     global _syncer
     with _unsynced_lock:
-        paths = list(_unsynced)
-        _unsynced.clear()
-        if len(paths) > 1 and _syncer is None:
+        if not _unsynced:
+            return
+        if _syncer is None:
             _syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fraud-fsync")
-    if len(paths) == 1:
-        _fsync(paths[0])
-    elif paths:
-        assert _syncer is not None
-        for _ in _syncer.map(_fsync, paths):  # raises the first failure, if any
-            pass
+        _syncing.extend(_syncer.submit(_fsync, path) for path in _unsynced)
+        _unsynced.clear()
+
+
+def sync_files() -> None:
+    """Wait until every shard file this process appended to is fsynced (starting the fsyncs not
+    started yet): what a `Manifest` names is then durable."""
+    started = time.perf_counter()
+    start_sync()
+    with _unsynced_lock:
+        pending = list(_syncing)
+        _syncing.clear()
+    try:
+        for future in pending:
+            future.result()  # raises the first failure, if any
+    finally:
+        if pending:
+            _SYNC_CLOCK[0] += time.perf_counter() - started
 
 
 class FullState:
@@ -248,6 +266,7 @@ class ShardLog:
                 if puts or dels:
                     self.delta_bytes += self._add(self.encoder.encode((puts, dels)))
         self._collect()
+        start_sync()
         return Manifest(self.step, self.shard, tuple(self.segments), entries, self.base_bytes)
 
     def _add(self, payload: bytes) -> int:
@@ -290,7 +309,7 @@ class ShardLog:
         f.flush()  # to the OS: `sync_files` makes it durable from another descriptor
         end = f.tell()
         with _unsynced_lock:
-            _unsynced.add(self.dir / self.file)  # made durable when the manifest is pickled
+            _unsynced.add(self.dir / self.file)  # its fsync starts when the snapshot is written
         return self.file, start, end
 
     def _sweep(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -208,17 +210,21 @@ def test_a_snapshot_without_files_is_copied_only_while_it_is_held(kind: type[Tab
 def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bytewax pickles a snapshot before its store records it: that is when the shards' appends
-    are fsynced, every file written since the last round at once, so an epoch close costs one
-    round of fsyncs, not one per shard. (Durability itself cannot be observed without pulling the
-    power; the fsync calls are.)"""
+    """Bytewax pickles a snapshot before its store records it: pickling waits until the shards'
+    appends are fsynced. The fsyncs start in the background as each snapshot is written, so a
+    snapshot does not wait for the disk and an epoch close waits once, for what is still running.
+    (Durability itself cannot be observed without pulling the power; the fsync calls are.)"""
     shards.sync_files()  # what earlier tests wrote
     synced: list[int] = []
+    started: list[int] = []
+    disk = threading.Event()  # the "disk" finishes an fsync only once the test lets it
     real = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_ino)
+        started.append(os.fstat(fd).st_ino)
+        assert disk.wait(30)
         real(fd)
+        synced.append(os.fstat(fd).st_ino)
 
     monkeypatch.setattr(os, "fsync", fsync)
     files = StateFiles(tmp_path, "index")
@@ -227,12 +233,22 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     b.name(next(f"t{i}" for i in range(2, 500) if shard_of(f"t{i}") != a.shard))
     a.put("x", b"1")
     b.put("y", b"2")
-    ma, mb = a.snapshot(), b.snapshot()
+    ma, mb = a.snapshot(), b.snapshot()  # returns while the disk is still busy
     assert isinstance(ma, Manifest) and isinstance(mb, Manifest)
-    assert synced == []  # written, not yet synced
-    pickle.dumps(ma)
     inodes = {(files.directory(m.shard) / m.segments[0][0]).stat().st_ino for m in (ma, mb)}
-    assert sorted(synced) == sorted(inodes)  # both shards' files, in one round
+    assert synced == []
+    deadline = time.monotonic() + 30
+    while len(started) < 2 and time.monotonic() < deadline:  # before anything is pickled
+        time.sleep(0.01)
+    assert sorted(started) == sorted(inodes)
+    pickled = threading.Thread(target=pickle.dumps, args=(ma,))
+    pickled.start()
+    pickled.join(0.2)
+    assert pickled.is_alive()  # the manifest waits for the disk
+    disk.set()
+    pickled.join(30)
+    assert not pickled.is_alive() and sorted(synced) == sorted(inodes)  # both shards' files
+    assert sorted(started) == sorted(inodes)  # once each
     pickle.dumps(mb)
     assert len(synced) == 2  # nothing new to sync
     a.put("z", b"3")
