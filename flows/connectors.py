@@ -24,6 +24,7 @@ def source(rt: Runtime) -> Source[Any]:
             batch_size=s.source_batch_size,
             block_ms=s.source_block_ms,
             poll_ms=s.source_poll_ms,
+            linger_ms=s.source_linger_ms,
             idle_ms=s.source_idle_ms,
             idle_exit_s=s.source_idle_exit_s,
             retry_budget_s=s.redis_retry_budget_s,

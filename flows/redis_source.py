@@ -11,7 +11,10 @@ crashes the flow nor vanishes (and a stray `kind` value never becomes a metric l
 
 Each poll is one `XREAD COUNT batch_size`, which does not wait (`block_ms`, 0 by default): a
 shard with nothing new asks Bytewax to come back after `poll_ms` instead, and the worker goes on
-with the rest of the flow meanwhile. In a cluster that matters: a worker blocked in a read would
+with the rest of the flow meanwhile. A read that caught up (fewer entries than `batch_size`) asks
+Bytewax to come back after `linger_ms`, so that what arrives meanwhile comes as one batch: every
+batch costs a round of activations of every step, and in a cluster its watermarks cross every
+step on every process, whatever its size. A full batch (a backlog) is followed at once. In a cluster that matters: a worker blocked in a read would
 hold up the watermarks every other process is waiting for (`flows.ordering`).
 When Redis is unreachable, hung or loading the partition returns nothing and asks Bytewax to come
 back later (exponential backoff, 0.1 s to 5 s), for at most `retry_budget_s`
@@ -129,6 +132,8 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
         now = time.monotonic()
         if batch:
             self._last_data, self._ticked = now, False
+            if src.linger_ms and len(batch) < src.batch_size:  # caught up: let the next batch fill
+                self._awake = datetime.now(UTC) + timedelta(milliseconds=src.linger_ms)
         elif src.poll_ms:
             self._awake = datetime.now(UTC) + timedelta(milliseconds=src.poll_ms)
         if now >= self._lag_due:
@@ -219,7 +224,8 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
 
     `start_id`: "0-0" reads each stream from its start, "$" only what is added after the first
     poll. `block_ms`: longest one read waits for data (0: never waits). `poll_ms`: after a read
-    that found nothing, how long until the next one (the worker is free meanwhile). `idle_ms`: a
+    that found nothing, how long until the next one (the worker is free meanwhile). `linger_ms`:
+    after a read that found fewer than `batch_size` entries, how long until the next one. `idle_ms`: a
     partition that found nothing for that long hands on one `("tick", "", "<stream>#")` record,
     so that the flow stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once
     it returned nothing for that long (backfills, tests); None runs forever. An outage does not
@@ -236,6 +242,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         batch_size: int = 1000,
         block_ms: int = 0,
         poll_ms: int = 5,
+        linger_ms: int = 0,
         idle_ms: int = 250,
         idle_exit_s: float | None = None,
         start_id: str = "0-0",
@@ -245,8 +252,10 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
             raise ValueError(f"shards must be >= 1, got {shards}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if block_ms < 0 or poll_ms < 0:
-            raise ValueError(f"block_ms and poll_ms must be >= 0, got {block_ms} and {poll_ms}")
+        if min(block_ms, poll_ms, linger_ms) < 0:
+            raise ValueError(
+                f"block_ms, poll_ms and linger_ms must be >= 0, got {block_ms}, {poll_ms} and {linger_ms}"
+            )
         if retry_budget_s <= 0:
             raise ValueError(f"retry_budget_s must be > 0, got {retry_budget_s}")
         self.url = url
@@ -255,6 +264,7 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
         self.batch_size = batch_size
         self.block_ms = block_ms
         self.poll_ms = poll_ms
+        self.linger_ms = linger_ms
         self.idle_ms = idle_ms
         self.idle_exit_s = idle_exit_s
         self.start_id = start_id

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     source_poll_ms: int = Field(
         5, ge=0, le=1000, description="After a read that found nothing, wait this long before the next one."
     )
+    source_linger_ms: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="After a read that found fewer records than a batch, wait this long before the next one.",
+    )
     source_idle_ms: int = Field(
         250,
         ge=1,

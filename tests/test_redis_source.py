@@ -168,6 +168,34 @@ def test_resume_from_snapshot_has_no_gap_and_no_repeat(
     assert first + rest == expected(small)
 
 
+def test_linger_lets_a_caught_up_shard_fill_its_next_batch(redis_url: str, redis_client: redis.Redis) -> None:
+    """`linger_ms`: after a read that caught up (fewer entries than a batch) Bytewax comes back
+    only after the linger, so what arrives meanwhile comes as one batch; a full batch (a backlog)
+    is read on at once, and without a linger a caught-up shard is read again at once."""
+    stream = shard_stream("l:in", 0)
+    for i in range(5):
+        redis_client.xadd(stream, {"kind": "txn", "payload": f'{{"n": {i}}}'})
+    lingering = RedisShardSource(redis_url, "l:in", 1, batch_size=3, linger_ms=200).build_part(
+        "in", "0", None
+    )
+    plain = RedisShardSource(redis_url, "l:in", 1, batch_size=3).build_part("in", "0", None)
+    try:
+        assert len(lingering.next_batch()) == 3 and lingering.next_awake() is None  # full: read on
+        before = datetime.now(UTC)
+        assert len(lingering.next_batch()) == 2  # caught up: wait for the next batch to fill
+        awake = lingering.next_awake()
+        assert awake is not None and before + timedelta(milliseconds=150) <= awake
+        assert awake <= datetime.now(UTC) + timedelta(milliseconds=200)
+        assert len(plain.next_batch()) == 3 and len(plain.next_batch()) == 2
+        assert plain.next_awake() is None  # no linger: Bytewax reads again at once
+        assert lingering.next_batch() == [] and lingering.next_awake() is not None  # poll_ms
+    finally:
+        lingering.close()
+        plain.close()
+    with pytest.raises(ValueError, match="linger_ms"):
+        RedisShardSource(redis_url, "l:in", 1, linger_ms=-1)
+
+
 def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
