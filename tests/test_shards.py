@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from flows import shards
 from flows.routing import worker_of
@@ -241,6 +242,7 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     while len(started) < 2 and time.monotonic() < deadline:  # before anything is pickled
         time.sleep(0.01)
     assert sorted(started) == sorted(inodes)
+    waited = REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "fsync"}) or 0.0
     pickled = threading.Thread(target=pickle.dumps, args=(ma,))
     pickled.start()
     pickled.join(0.2)
@@ -248,6 +250,10 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     disk.set()
     pickled.join(30)
     assert not pickled.is_alive() and sorted(synced) == sorted(inodes)  # both shards' files
+    # the wait is what an epoch close spends on fsyncs: counted for the summary and /metrics
+    assert (
+        REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "fsync"}) or 0.0
+    ) >= waited + 0.2
     assert sorted(started) == sorted(inodes)  # once each
     pickle.dumps(mb)
     assert len(synced) == 2  # nothing new to sync
