@@ -11,11 +11,12 @@ crashes the flow nor vanishes (and a stray `kind` value never becomes a metric l
 
 Each poll is one `XREAD COUNT batch_size`, which does not wait (`block_ms`, 0 by default): a
 shard with nothing new asks Bytewax to come back after `poll_ms` instead, and the worker goes on
-with the rest of the flow meanwhile. A read that caught up (fewer entries than `batch_size`) asks
-Bytewax to come back after `linger_ms`, so that what arrives meanwhile comes as one batch: every
-batch costs a round of activations of every step, and in a cluster its watermarks cross every
-step on every process, whatever its size. A full batch (a backlog) is followed at once. In a cluster that matters: a worker blocked in a read would
-hold up the watermarks every other process is waiting for (`flows.ordering`).
+with the rest of the flow meanwhile. In a cluster that matters: a worker blocked in a read would
+hold up the watermarks every other process is waiting for (`flows.ordering`). A read that caught
+up (fewer entries than `batch_size`) asks Bytewax to come back after `linger_ms`, so that what
+arrives meanwhile comes as one batch: every batch costs each step an activation whatever its
+size, and in a cluster its watermarks cross every step on every process. A full batch (a
+backlog) is followed at once.
 When Redis is unreachable, hung or loading the partition returns nothing and asks Bytewax to come
 back later (exponential backoff, 0.1 s to 5 s), for at most `retry_budget_s`
 (`FRAUD_REDIS_RETRY_BUDGET_S`, 30 s) per outage; then it raises `RedisUnavailableError`. The
@@ -225,8 +226,8 @@ class RedisShardSource(FixedPartitionedSource[Record, str]):
     `start_id`: "0-0" reads each stream from its start, "$" only what is added after the first
     poll. `block_ms`: longest one read waits for data (0: never waits). `poll_ms`: after a read
     that found nothing, how long until the next one (the worker is free meanwhile). `linger_ms`:
-    after a read that found fewer than `batch_size` entries, how long until the next one. `idle_ms`: a
-    partition that found nothing for that long hands on one `("tick", "", "<stream>#")` record,
+    after a read that found fewer than `batch_size` entries, how long until the next one.
+    `idle_ms`: a partition that found nothing for that long hands on one `("tick", "", "<stream>#")` record,
     so that the flow stops waiting for it (`flows.ordering`). `idle_exit_s`: a partition ends once
     it returned nothing for that long (backfills, tests); None runs forever. An outage does not
     count as idle: a partition never ticks nor ends while it cannot tell whether data is waiting.
