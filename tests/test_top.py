@@ -354,7 +354,8 @@ class Tmux:
         self.binary = _tmux()
         self.home = Path(tempfile.mkdtemp(prefix="fraud-top-"))  # short: a socket path has ~100 bytes
         self.socket = str(self.home / "tmux")
-        self.env = {k: v for k, v in env.items() if k not in ("TMUX", "TMUX_PANE")}
+        # COLUMNS and LINES (pytest-xdist's workers have them: 80 x 24) would override the pane's size.
+        self.env = {k: v for k, v in env.items() if k not in ("TMUX", "TMUX_PANE", "COLUMNS", "LINES")}
 
     def __call__(self, *args: str) -> str:
         done = subprocess.run(
