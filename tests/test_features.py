@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import sys
 import zlib
@@ -59,7 +60,18 @@ LATENESS_MS = 60_000
 COMPILED = aggregations.KERNEL  # features._kernel's window reads, or None where it is not built
 
 
-@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
+# `tests/test_kernel_sanitized.py` runs the kernel's tests again under AddressSanitizer, some four
+# times slower: it asks for the compiled kernel only (FRAUD_TEST_KERNELS=compiled) and a third of
+# each test's examples (FRAUD_TEST_EXAMPLES=0.3); the suite itself runs both kernels, every example.
+KERNELS = os.environ.get("FRAUD_TEST_KERNELS", "compiled,python").split(",")
+EXAMPLES = float(os.environ.get("FRAUD_TEST_EXAMPLES", "1"))
+
+
+def examples(n: int) -> int:
+    return max(10, round(n * EXAMPLES))
+
+
+@pytest.fixture(autouse=True, scope="module", params=KERNELS)
 def kernel(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test here runs twice: plans built with the compiled window reads, and without."""
     if request.param == "compiled" and COMPILED is None:
@@ -188,7 +200,7 @@ SHORT = FeatureSet(
     ],
     ids=["scans", "block-sums-2", "block-sums-3", "short-windows-lazy-eviction"],
 )
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=event_streams())
 def test_features_equal_brute_force(
     features: FeatureSet, prefix: tuple[int, int], lazy: tuple[int, int], events: list[Transaction | Label]
@@ -213,7 +225,7 @@ def long_key_thresholds(prefix: tuple[int, int], lazy: tuple[int, int]) -> Itera
         m.PREFIX_MIN, m.PREFIX_BLOCK, m.LAZY_MIN, m.LAZY_SHIFT = saved
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=event_streams(gaps=[0, 1_000, 60_000, 600_000, 1_200_000], most=80))  # ~SHORT's windows
 def test_long_key_paths_change_no_value(events: list[Transaction | Label]) -> None:
     """Late events included: block sums, and dropping expired events in batches, give what window
@@ -279,13 +291,13 @@ def both_kernels(
 
 
 @pytest.mark.skipif(COMPILED is None, reason="features._kernel is not built in this install")
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=event_streams())
 def test_compiled_window_reads_give_the_python_floats_bit_for_bit(
     kernel: str, events: list[Transaction | Label]
 ) -> None:
     if kernel == "python":
-        return  # this test builds both itself: once is enough
+        pytest.skip("builds both kernels itself: once is enough")
     compiled, python = (FeatureEngine(p) for p in both_kernels(WIDE))
     for event in events:
         a, b = compiled.process(event), python.process(event)
@@ -294,7 +306,7 @@ def test_compiled_window_reads_give_the_python_floats_bit_for_bit(
             assert exactly_equal(a.values, b.values), (event, a.values, b.values)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     ids=st.lists(st.sampled_from(["c1", "m1", "d1", "", "é", "a|b"]) | st.none(), min_size=3, max_size=3),
 )
@@ -369,7 +381,7 @@ def odd_streams(draw: st.DrawFn, retention_ms: int) -> list[tuple[str, Transacti
     ],
     ids=["wide", "short-block-sums-lazy-eviction"],
 )
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_compiled_append_changes_a_key_as_the_generated_code_does(
     kernel: str, features: FeatureSet, prefix: tuple[int, int], lazy: tuple[int, int], data: st.DataObject
