@@ -31,7 +31,8 @@ processes of their own, one run alone to the start of its last tenth, the other 
 its first (after the warm-up); then they take turns, `--slice` seconds each (the other paused,
 SIGSTOP), until the early one has done its tenth. Prints each tenth's rate over its turns (per
 wall-second and per CPU-second) and the median of the turn-by-turn ratios: a neighbour that slows
-the machine for a while slows both sides alike. `--days 30 --cards 500` is a quick version.
+the machine for a while slows both sides alike; and where each tenth's time goes: each step's
+logic (`fraud_step_seconds`) and the rest of the process, in µs per transaction (medians by turn). `--days 30 --cards 500` is a quick version.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import resource
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ from flows.shards import ShardTable
 from fraud.datagen import GeneratorConfig, write_files
 from service.runtime import new_pipeline, settle_heap
 from service.settings import Settings
+from service.telemetry import STEP_SECONDS
 from testkit.system import rss_bytes
 
 
@@ -72,27 +75,38 @@ def labels_joined() -> int:
 Mark = tuple[int, float, float, int]  # decisions so far, wall clock, process CPU, labels joined
 
 
+STEPS = 32  # cells of a replay's shared per-step seconds (the flow has fewer timed steps)
+
+
 class _Clock(StatelessSinkPartition[Any]):
-    def __init__(self, marks: list[Mark], counter: Any) -> None:
-        self.marks, self.counter, self.n = marks, counter, 0
+    def __init__(self, marks: list[Mark], counter: Any, steps: Any) -> None:
+        self.marks, self.counter, self.steps, self.n = marks, counter, steps, 0
 
     def write_batch(self, items: list[Any]) -> None:
         self.n += len(items)
         self.marks.append((self.n, time.monotonic(), time.process_time(), labels_joined()))
+        if self.steps is not None:  # before the count: a reader that sees the count sees these
+            values, names = self.steps
+            timed = sorted(STEP_SECONDS)[:STEPS]
+            if not names.value:
+                names.value = "\n".join(timed).encode()
+            for i, name in enumerate(timed):
+                values[i] = STEP_SECONDS[name][0]
         if self.counter is not None:
             self.counter.value = self.n
 
 
 class ClockSink(DynamicSink[Any]):
     """Counts the decisions and notes when each batch of them arrived, the process's CPU time
-    then, and the labels joined by then (and publishes the count in `counter`, a shared value)."""
+    then, and the labels joined by then (and publishes the count in `counter`, a shared value, and
+    the seconds each step's logic has run in `steps`, a shared array, in the order of their names)."""
 
-    def __init__(self, counter: Any = None) -> None:
+    def __init__(self, counter: Any = None, steps: Any = None) -> None:
         self.marks: list[Mark] = []
-        self.counter = counter
+        self.counter, self.steps = counter, steps
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Clock:
-        return _Clock(self.marks, self.counter)
+        return _Clock(self.marks, self.counter, self.steps)
 
 
 def replay(txns: Path, labels: Path, clock: ClockSink) -> float:
@@ -123,9 +137,10 @@ def crossing(marks: list[Mark], count: int) -> tuple[float, float, int]:
 # -- the paired mode: the first and the last tenth, interleaved ------------------------------------
 
 
-def _replay_child(txns: str, labels: str, counter: Any) -> None:
-    """A replay in a process of its own, publishing its decision count in `counter`."""
-    replay(Path(txns), Path(labels), ClockSink(counter))
+def _replay_child(txns: str, labels: str, counter: Any, steps: Any) -> None:
+    """A replay in a process of its own, publishing its decision count in `counter` and its steps'
+    seconds in `steps` (values, and their names once)."""
+    replay(Path(txns), Path(labels), ClockSink(counter, steps))
 
 
 class Replay:
@@ -135,8 +150,12 @@ class Replay:
     def __init__(self, txns: Path, labels: Path) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.counter = ctx.RawValue("q", 0)
+        self.steps = ctx.RawArray("d", STEPS)
+        self.names = ctx.RawArray("c", 64 * STEPS)
         self.proc = ctx.Process(
-            target=_replay_child, args=(str(txns), str(labels), self.counter), daemon=True
+            target=_replay_child,
+            args=(str(txns), str(labels), self.counter, (self.steps, self.names)),
+            daemon=True,
         )
         self.proc.start()
         assert self.proc.pid is not None
@@ -172,21 +191,34 @@ class Replay:
             time.sleep(0.002)
         self.pause()
 
-    def slice(self, seconds: float) -> tuple[int, float, float]:
-        """Run (alone) for `seconds`, then pause: decisions made, wall and CPU seconds taken."""
-        n, cpu, t = self.decided(), self.cpu(), time.monotonic()
+    def step_names(self) -> list[str]:
+        """The timed steps of its flow (`fraud_step_seconds`), in the order of `step_seconds`."""
+        return self.names.value.decode().split("\n") if self.names.value else []
+
+    def step_seconds(self) -> list[float]:
+        """The seconds each step's logic has run, as of its last batch of decisions."""
+        return list(self.steps)
+
+    def slice(self, seconds: float) -> tuple[int, float, float, list[float]]:
+        """Run (alone) for `seconds`, then pause: decisions made, wall and CPU seconds taken, and
+        each step's seconds (as of the last batch decided before and in the turn)."""
+        n, cpu, t, steps = self.decided(), self.cpu(), time.monotonic(), self.step_seconds()
         self.resume()
         self.proc.join(seconds)
         if self.proc.is_alive():
             self.pause()
             wall = time.monotonic() - t
-            return self.decided() - n, wall, self.cpu() - cpu
-        return self.decided() - n, time.monotonic() - t, float("nan")  # ended (CPU unreadable)
+            spent = [b - a for a, b in zip(steps, self.step_seconds(), strict=True)]
+            return self.decided() - n, wall, self.cpu() - cpu, spent
+        return self.decided() - n, time.monotonic() - t, float("nan"), []  # ended (CPU unreadable)
 
     def kill(self) -> None:
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(30)
+
+
+Turn = tuple[int, float, float, list[float]]  # decisions, wall s, CPU s, each step's s
 
 
 def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> None:
@@ -204,9 +236,10 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
         try:
             early.run_until(warm)
             log(f"taking turns, {slice_s:g} s each ...")
-            pairs: list[tuple[tuple[int, float, float], tuple[int, float, float]]] = []
+            pairs: list[tuple[Turn, Turn]] = []
             while late.proc.is_alive() and early.decided() < early_to:
                 pairs.append((early.slice(slice_s), late.slice(slice_s)))
+            names = early.step_names()
         finally:
             early.kill()
         late.resume()
@@ -217,8 +250,8 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
     done = [(e, lt) for e, lt in pairs if e[1] > 0 and lt[1] > 0 and lt[2] == lt[2]]
     if len(done) < 3:
         raise SystemExit("too few turns: more --days or --cards, or a shorter --slice")
-    e_n, e_wall, e_cpu = (sum(e[i] for e, _ in done) for i in range(3))
-    l_n, l_wall, l_cpu = (sum(lt[i] for _, lt in done) for i in range(3))
+    e_n, e_wall, e_cpu = sum(e[0] for e, _ in done), sum(e[1] for e, _ in done), sum(e[2] for e, _ in done)
+    l_n, l_wall, l_cpu = sum(t[0] for _, t in done), sum(t[1] for _, t in done), sum(t[2] for _, t in done)
     ratios = sorted((lt[0] / lt[1]) / (e[0] / e[1]) for e, lt in done if e[0] > 0)
     print(
         f"{total - warm:,} transactions measured after {warm:,} of warm-up; two replays of the world "
@@ -235,6 +268,28 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
     print(
         f"last / first by turn: median {statistics.median(ratios):.2f}, middle half "
         f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
+    )
+
+    # Each step's share, turn by turn: its logic's seconds (wall clock, `fraud_step_seconds`) per
+    # transaction decided, the median over the turns. A pause that stops a replay inside a step
+    # adds the whole pause to that step in the next turn (most turns have one such step, a
+    # different one each time); a step's median leaves those turns out. The rest: the median CPU
+    # per transaction less the steps' medians (Bytewax, the source, the sinks).
+    def per_txn(turns: list[Turn], cell: Callable[[Turn], float]) -> float:
+        return statistics.median(cell(t) / t[0] for t in turns if t[0] > 0) * 1e6
+
+    def step(i: int) -> Callable[[Turn], float]:
+        return lambda t: t[3][i]
+
+    early_turns, late_turns = [e for e, _ in done], [lt for _, lt in done]
+    rows = [(n, per_txn(early_turns, step(i)), per_txn(late_turns, step(i))) for i, n in enumerate(names)]
+    rows = [r for r in rows if r[1] > 0 or r[2] > 0]
+    cpu = per_txn(early_turns, lambda t: t[2]), per_txn(late_turns, lambda t: t[2])
+    rest = cpu[0] - sum(r[1] for r in rows), cpu[1] - sum(r[2] for r in rows)
+    rows += [("the rest of the process", *rest), ("CPU", *cpu)]
+    print(
+        "µs per transaction, first / last 10 % (median by turn): "
+        + " · ".join(f"{n} {a:.1f} / {b:.1f}" for n, a, b in rows)
     )
 
 

@@ -161,6 +161,10 @@ def test_long_replay_paired_mode_prints_both_tenths() -> None:
     assert re.search(r"^first 10 %: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / first: [\d.]+ ", out, re.M)
     assert re.search(r"^per CPU-second: first [\d,]+ · last [\d,]+ · last / first [\d.]+$", out, re.M)
     assert re.search(r"^last / first by turn: median [\d.]+, middle half [\d.]+-[\d.]+$", out, re.M)
+    steps = re.search(r"^µs per transaction, first / last 10 % \(median by turn\): (.*)$", out, re.M)
+    assert steps, out
+    shown = dict(re.findall(r"(\w[\w ]*?) (-?[\d.]+ / -?[\d.]+)(?: · |$)", steps[1]))
+    assert {"index", "card", "pending", "score", "the rest of the process", "CPU"} <= set(shown), steps[1]
 
 
 def test_lifecycle_benchmark_runs() -> None:
