@@ -73,7 +73,7 @@ def examples(n: int) -> int:
 
 @pytest.fixture(autouse=True, scope="module", params=KERNELS)
 def kernel(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs twice: plans built with the compiled window reads, and without."""
+    """Every test here runs twice (`KERNELS`): plans built with the compiled window reads, and without."""
     if request.param == "compiled" and COMPILED is None:
         pytest.skip("features._kernel is not built in this install (no C compiler when installing?)")
     with pytest.MonkeyPatch.context() as mp:
