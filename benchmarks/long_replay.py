@@ -32,7 +32,8 @@ its first (after the warm-up); then they take turns, `--slice` seconds each (the
 SIGSTOP), until the early one has done its tenth. Prints each tenth's rate over its turns (per
 wall-second and per CPU-second) and the median of the turn-by-turn ratios: a neighbour that slows
 the machine for a while slows both sides alike; and where each tenth's time goes: each step's
-logic (`fraud_step_seconds`) and the rest of the process, in µs per transaction (medians by turn). `--days 30 --cards 500` is a quick version.
+logic (`fraud_step_seconds`) and the rest of the process, in µs per transaction (medians by
+turn). `--days 30 --cards 500` is a quick version.
 """
 
 from __future__ import annotations
@@ -81,17 +82,19 @@ STEPS = 32  # cells of a replay's shared per-step seconds (the flow has fewer ti
 class _Clock(StatelessSinkPartition[Any]):
     def __init__(self, marks: list[Mark], counter: Any, steps: Any) -> None:
         self.marks, self.counter, self.steps, self.n = marks, counter, steps, 0
+        self.cells: list[list[float]] = []  # the steps' timers, in the order of `steps`
 
     def write_batch(self, items: list[Any]) -> None:
         self.n += len(items)
         self.marks.append((self.n, time.monotonic(), time.process_time(), labels_joined()))
         if self.steps is not None:  # before the count: a reader that sees the count sees these
             values, names = self.steps
-            timed = sorted(STEP_SECONDS)[:STEPS]
-            if not names.value:
+            if not self.cells:  # the flow is built: its steps have their timers
+                timed = sorted(STEP_SECONDS)[:STEPS]
                 names.value = "\n".join(timed).encode()
-            for i, name in enumerate(timed):
-                values[i] = STEP_SECONDS[name][0]
+                self.cells = [STEP_SECONDS[name] for name in timed]
+            for i, cell in enumerate(self.cells):
+                values[i] = cell[0]
         if self.counter is not None:
             self.counter.value = self.n
 
@@ -99,7 +102,8 @@ class _Clock(StatelessSinkPartition[Any]):
 class ClockSink(DynamicSink[Any]):
     """Counts the decisions and notes when each batch of them arrived, the process's CPU time
     then, and the labels joined by then (and publishes the count in `counter`, a shared value, and
-    the seconds each step's logic has run in `steps`, a shared array, in the order of their names)."""
+    the seconds each step's logic has run in `steps`: shared arrays of the values and of the
+    steps' names, newline-separated)."""
 
     def __init__(self, counter: Any = None, steps: Any = None) -> None:
         self.marks: list[Mark] = []
@@ -141,6 +145,9 @@ def _replay_child(txns: str, labels: str, counter: Any, steps: Any) -> None:
     """A replay in a process of its own, publishing its decision count in `counter` and its steps'
     seconds in `steps` (values, and their names once)."""
     replay(Path(txns), Path(labels), ClockSink(counter, steps))
+
+
+Turn = tuple[int, float, float, list[float]]  # decisions, wall s, CPU s, each step's s
 
 
 class Replay:
@@ -199,7 +206,7 @@ class Replay:
         """The seconds each step's logic has run, as of its last batch of decisions."""
         return list(self.steps)
 
-    def slice(self, seconds: float) -> tuple[int, float, float, list[float]]:
+    def slice(self, seconds: float) -> Turn:
         """Run (alone) for `seconds`, then pause: decisions made, wall and CPU seconds taken, and
         each step's seconds (as of the last batch decided before and in the turn)."""
         n, cpu, t, steps = self.decided(), self.cpu(), time.monotonic(), self.step_seconds()
@@ -216,9 +223,6 @@ class Replay:
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(30)
-
-
-Turn = tuple[int, float, float, list[float]]  # decisions, wall s, CPU s, each step's s
 
 
 def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> None:
