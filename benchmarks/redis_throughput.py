@@ -18,7 +18,9 @@ are printed (a fast replay's latencies only measure its backlog).
 
 Each configuration also prints every process's CPU time (user + system, from the process's own
 summary) and its share of the cluster's total: with 2 processes on 2 shards, how evenly the
-work is spread.
+work is spread; and where the latency tail comes from: the seconds its epoch closes spent in the
+state snapshots, and how long each close left the input unread (Bytewax polls a source again only
+once the closed epoch is saved; records arriving meanwhile wait).
 """
 
 from __future__ import annotations
@@ -43,7 +45,33 @@ DONE = re.compile(r"\[done(?: w\d+)?\] ([\d,]+) transactions .*· ([\d,.]+)s$", 
 LATENCY = re.compile(r"latency: (p50 [\d.]+ ms · p95 [\d.]+ ms · p99 [\d.]+ ms · p99.9 [\d.]+ ms)")
 CPU = re.compile(r"process CPU ([\d,.]+) s")
 SNAPSHOTS = re.compile(r"state snapshots at epoch closes: (.*)$", re.M)
+PAUSES = re.compile(r"input paused at epoch closes: (.*)$", re.M)
 STARTUP_S = 5.0  # imports and the model load, before a rate-limited replay starts
+
+
+def cluster_env(
+    url: str,
+    tag: str,
+    shards: int,
+    processes: int,
+    workdir: Path,
+    idle_exit_s: float,
+    snapshot_s: float = 5.0,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The processes' environment: the benchmark's settings, then `extra` (`--set`) over them."""
+    return drill.flow_env(
+        url,
+        tag,
+        shards,
+        workdir,
+        **{
+            "FRAUD_SOURCE_IDLE_EXIT_S": str(idle_exit_s),
+            "FRAUD_RECOVERY_PARTITIONS": str(max(2, processes)),
+            "FRAUD_SNAPSHOT_INTERVAL_S": str(snapshot_s),
+            **(extra or {}),
+        },
+    )
 
 
 def start_cluster(
@@ -56,16 +84,7 @@ def start_cluster(
     snapshot_s: float = 5.0,
     extra: dict[str, str] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
-    env = drill.flow_env(
-        url,
-        tag,
-        shards,
-        workdir,
-        FRAUD_SOURCE_IDLE_EXIT_S=str(idle_exit_s),
-        FRAUD_RECOVERY_PARTITIONS=str(max(2, processes)),
-        FRAUD_SNAPSHOT_INTERVAL_S=str(snapshot_s),
-        **(extra or {}),
-    )
+    env = cluster_env(url, tag, shards, processes, workdir, idle_exit_s, snapshot_s, extra)
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
     return [
         drill.start(env, *(["-i", str(i), "-a", addresses] if processes > 1 else []))
@@ -75,11 +94,11 @@ def start_cluster(
 
 def finish_cluster(
     procs: list[subprocess.Popen[bytes]],
-) -> tuple[int, float, list[str], list[float], list[str]]:
+) -> tuple[int, float, list[str], list[float], list[str], list[str]]:
     """Transactions decided, the longest active time, each process's latency percentiles, each
-    process's CPU seconds (user + system, from its own summary), and where its epoch closes'
-    snapshots spent their time (from its summary)."""
-    total, longest, latencies, cpu, snaps = 0, 0.0, [], [], []
+    process's CPU seconds (user + system, from its own summary), where its epoch closes'
+    snapshots spent their time, and how long each close held its input (from its summary)."""
+    total, longest, latencies, cpu, snaps, pauses = 0, 0.0, [], [], [], []
     for out in drill.finish_all(procs, timeout_s=1800):
         done = DONE.findall(out)
         if not done:
@@ -90,7 +109,8 @@ def finish_cluster(
         latencies += LATENCY.findall(out)
         cpu += [float(c.replace(",", "")) for c in CPU.findall(out)[-1:]]
         snaps += SNAPSHOTS.findall(out)[-1:]
-    return total, longest, latencies, cpu, snaps
+        pauses += PAUSES.findall(out)[-1:]
+    return total, longest, latencies, cpu, snaps, pauses
 
 
 def main() -> None:
@@ -171,7 +191,7 @@ def measure(
                     for proc in procs:
                         drill.reap(proc)
                     raise
-            n, secs, latencies, cpu, snaps = finish_cluster(procs)
+            n, secs, latencies, cpu, snaps, pauses = finish_cluster(procs)
             outcome = drill.Outcome.read(client, tag)
             if reference is None:
                 reference, against = outcome, ""
@@ -191,7 +211,8 @@ def measure(
                 f"active={secs:.1f}s {speed}alerts={len(outcome.alerts):,}{against}"
                 f"\n  CPU: {shares}"
                 + "".join(f"\n  process {i}: {lat}" for i, lat in enumerate(latencies) if args.rate)
-                + "".join(f"\n  process {i} snapshots: {snap}" for i, snap in enumerate(snaps)),
+                + "".join(f"\n  process {i} snapshots: {snap}" for i, snap in enumerate(snaps))
+                + "".join(f"\n  process {i} input paused at epoch closes: {p}" for i, p in enumerate(pauses)),
                 flush=True,
             )
 

@@ -70,6 +70,11 @@ class LatencySketch:
         return 2 * self.GAMMA ** max(self.counts) / (self.GAMMA + 1)
 
 
+# How long each Redis input partition of this process went unread after an epoch close
+# (`flows.redis_source`; the `fraud_epoch_pause_seconds` histogram, finer): the summary prints it.
+EPOCH_PAUSES = LatencySketch()
+
+
 def mark_failed(why: str) -> None:
     """Record that the flow is stopping on an error (a sink or source that gave up), so that the
     progress summary says `[stopped]` with why instead of `[done]`."""
@@ -331,6 +336,13 @@ class _ProgressPartition(StatelessSinkPartition[object]):
                 f"{tag} state snapshots at epoch closes: {sum(t for t, _ in snaps):,.2f} s in this process ("
                 + ", ".join(f"{step} {t:,.2f} s" for t, step in snaps[:5])
                 + ")"
+            )
+        pauses = EPOCH_PAUSES
+        if pauses.n:
+            p50, p90, top = (pauses.quantile(q) * 1000 for q in (0.5, 0.9, 1.0))
+            self._print(
+                f"{tag} input paused at epoch closes: p50 {p50:.1f} ms · p90 {p90:.1f} ms · max "
+                f"{top:.1f} ms ({pauses.n:,} closes × Redis partitions)"
             )
 
     def _print(self, line: str) -> None:

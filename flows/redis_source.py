@@ -40,7 +40,7 @@ import redis
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.events import Record
-from flows.outputs import mark_failed
+from flows.outputs import EPOCH_PAUSES, mark_failed
 from flows.stamping import TICK
 from service.redis_client import (
     DEFAULT_RETRY_BUDGET_S,
@@ -53,7 +53,7 @@ from service.redis_client import (
     partition_client,
     redact,
 )
-from service.telemetry import REDIS_ERRORS, SOURCE_LAG
+from service.telemetry import EPOCH_PAUSE, REDIS_ERRORS, SOURCE_LAG
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,15 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
         self._ticked = False
         self._outage = Outage(source.retry_budget_s, logger)
         self._awake: datetime | None = None
+        self._closed: float | None = None  # when Bytewax last took this partition's snapshot
 
     def next_batch(self) -> list[Record]:
         src = self._source
         began = time.monotonic()
+        if self._closed is not None:  # the first poll after an epoch close: how long it held the input
+            EPOCH_PAUSE.observe(began - self._closed)
+            EPOCH_PAUSES.add(began - self._closed)
+            self._closed = None
         try:
             reply = self._read()
         except _READ_ERRORS as exc:  # BusyLoadingError, AuthenticationError: ConnectionErrors
@@ -150,6 +155,8 @@ class _ShardPartition(StatefulSourcePartition[Record, str]):
         return self._awake
 
     def snapshot(self) -> str:
+        # Bytewax takes it as it closes the epoch, then polls again once the epoch is saved.
+        self._closed = time.monotonic()
         return self._position
 
     def close(self) -> None:

@@ -167,6 +167,13 @@ SINK_DUPLICATES = Counter(
     "Stream entries not written again because their sent marker existed (replays, retried batches).",
     ["stream"],
 )
+EPOCH_PAUSE = Histogram(
+    "fraud_epoch_pause_seconds",
+    "Per Redis input shard: how long it went unread after each epoch close. Bytewax polls an "
+    "input again only once the closed epoch is through the whole flow and, with recovery, saved "
+    "(snapshots, shard-file fsyncs, its recovery store): records arriving meanwhile wait in Redis.",
+    buckets=LATENCY_BUCKETS,
+)
 SOURCE_LAG = Gauge(
     "fraud_source_lag_seconds",
     "Per input shard: stream-id time of the newest entry minus that of the first unread one.",

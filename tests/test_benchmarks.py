@@ -272,3 +272,29 @@ def test_gc_pauses_benchmark_prints_each_threshold() -> None:
     out = bench("benchmarks.gc_pauses", "--transactions", "1500", "--thresholds", "700,20000")
     for threshold in (700, 20000):
         assert re.search(rf"threshold +{threshold}: collections \d+/\d+/\d+ .* run [\d.]+ CPU-s", out), out
+
+
+def test_redis_throughput_lets_set_override_its_settings_and_reads_the_summary_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--set` wins over the benchmark's own settings (FRAUD_RECOVERY_PARTITIONS once raised a
+    TypeError), and the lines it reads are the ones a process's summary prints."""
+    import io
+
+    from benchmarks.redis_throughput import PAUSES, SNAPSHOTS, cluster_env
+    from flows import outputs
+    from service import telemetry
+
+    env = cluster_env("redis://x", "t", 2, 1, tmp_path, 3.0, extra={"FRAUD_RECOVERY_PARTITIONS": "8"})
+    assert env["FRAUD_RECOVERY_PARTITIONS"] == "8" and env["FRAUD_SOURCE_IDLE_EXIT_S"] == "3.0"
+    assert cluster_env("redis://x", "t", 2, 3, tmp_path, 3.0)["FRAUD_RECOVERY_PARTITIONS"] == "3"
+    pauses = outputs.LatencySketch()
+    pauses.add(0.2)
+    monkeypatch.setattr(outputs, "EPOCH_PAUSES", pauses)
+    monkeypatch.setattr(telemetry, "SNAPSHOT_SECONDS", {"index": [0.25]})
+    out = io.StringIO()
+    outputs.ProgressSink(3600, out).build("progress", 0, 1).close()
+    assert SNAPSHOTS.findall(out.getvalue()) == ["0.25 s in this process (index 0.25 s)"]
+    (pause,) = PAUSES.findall(out.getvalue())
+    p50 = re.match(r"p50 ([\d.]+) ms · p90 [\d.]+ ms · max [\d.]+ ms \(1 closes × Redis partitions\)$", pause)
+    assert p50 is not None and float(p50.group(1)) == pytest.approx(200, rel=0.01), pause

@@ -173,6 +173,7 @@ def test_the_dashboard_is_well_formed() -> None:
         "fraud_end_to_end_latency_seconds_bucket",
         "fraud_scoring_batch_size_bucket",
         "fraud_source_lag_seconds",
+        "fraud_epoch_pause_seconds_bucket",
         "fraud_order_held_events",
         "fraud_redis_errors_total",
         "fraud_score_bucket",

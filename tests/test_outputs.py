@@ -6,11 +6,13 @@ import contextlib
 import io
 import math
 import random
+import re
 
 import numpy as np
 import pytest
 
 from features.events import Transaction
+from flows import outputs
 from flows.outputs import LatencySketch, ProgressSink, throughput_by_tenth
 from models.serving import Decision
 
@@ -97,6 +99,10 @@ def test_the_last_lines_of_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert "(0/s)" in progress_line(0.0, "[done]")
     monkeypatch.setattr(telemetry, "SNAPSHOT_SECONDS", {"index": [0.25], "card": [0.5], "idle": [0.0]})
+    pauses = LatencySketch()
+    for ms in (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000):
+        pauses.add(ms / 1000)
+    monkeypatch.setattr(outputs, "EPOCH_PAUSES", pauses)
     out = io.StringIO()
     part = ProgressSink(3600, out).build("progress", 1, 2)
     txn = Transaction("t", 1_767_600_000_000, "c", "m", 1.0)
@@ -109,9 +115,22 @@ def test_the_last_lines_of_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(line.startswith("[done w1] ") for line in lines), lines
     assert any("arrival-to-decision latency: p50 2.0 ms" in line for line in lines), lines
     assert (
-        lines[-1]
+        lines[-2]
         == "[done w1] state snapshots at epoch closes: 0.75 s in this process (card 0.50 s, index 0.25 s)"
     )
+    pause = re.fullmatch(
+        r"\[done w1\] input paused at epoch closes: p50 ([\d.]+) ms · p90 ([\d.]+) ms · max ([\d.]+) ms "
+        r"\(10 closes × Redis partitions\)",
+        lines[-1],
+    )
+    assert pause is not None, lines[-1]
+    p50, p90, top = (float(v) for v in pause.groups())
+    assert (p50, p90, top) == pytest.approx((500, 900, 1000), rel=0.01)  # within the sketch's 1 %
+    monkeypatch.setattr(outputs, "EPOCH_PAUSES", LatencySketch())  # no close measured: no line
+    out = io.StringIO()
+    part = ProgressSink(3600, out).build("progress", 0, 1)
+    part.close()
+    assert "input paused" not in out.getvalue()
 
 
 def test_progress_lines_reach_a_pipe_as_they_are_printed() -> None:

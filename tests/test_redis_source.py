@@ -196,6 +196,32 @@ def test_linger_lets_a_caught_up_shard_fill_its_next_batch(redis_url: str, redis
         RedisShardSource(redis_url, "l:in", 1, linger_ms=-1)
 
 
+def test_the_first_read_after_an_epoch_close_measures_how_long_the_close_held_the_input(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Bytewax takes a partition's snapshot as it closes an epoch and polls it again once the
+    epoch is saved: that gap is `fraud_epoch_pause_seconds` (and the summary's pause line), once
+    per close; reads between closes add nothing."""
+    from flows import outputs
+
+    redis_client.xadd(shard_stream("p:in", 0), {"kind": "txn", "payload": "{}"})
+    part = RedisShardSource(redis_url, "p:in", 1).build_part("in", "0", None)
+    count, total = metric("fraud_epoch_pause_seconds_count"), metric("fraud_epoch_pause_seconds_sum")
+    closes = outputs.EPOCH_PAUSES.n
+    try:
+        part.next_batch()  # no close yet
+        assert metric("fraud_epoch_pause_seconds_count") == count
+        part.snapshot()
+        time.sleep(0.05)  # the close's snapshots and recovery writes
+        assert len(part.next_batch()) == 0
+        part.next_batch()
+    finally:
+        part.close()
+    assert metric("fraud_epoch_pause_seconds_count") == count + 1
+    assert 0.05 <= metric("fraud_epoch_pause_seconds_sum") - total < 0.05 + GENEROUS_S
+    assert outputs.EPOCH_PAUSES.n == closes + 1
+
+
 def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
