@@ -40,6 +40,7 @@ from benchmarks.common import START_MS, parser
 from features.engine import FeatureEngine, FeatureRow, FeatureVector
 from features.event_files import replay
 from features.table import pack_vector
+from flows.expiry import Expiry
 from flows.ordering import ordered
 from flows.routing import Workers
 from flows.shards import state_files
@@ -47,6 +48,8 @@ from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pendi
 from service.runtime import new_pipeline
 from service.settings import SAMPLES, Settings
 from testkit.system import rss_bytes
+
+TTL = timedelta(days=60)  # `FRAUD_LABEL_TTL_DAYS`'s default: the index notes each id in its bucket
 
 SAMPLE_ROWS = 20_000
 
@@ -125,7 +128,7 @@ def main() -> None:
     store = None if args.no_recovery else Path(tmp.name)
     held = keyed
     if args.step in ("both", "index"):
-        index = partial(IndexLogic, pipeline, state_files(store, "index"))
+        index = partial(IndexLogic, pipeline, state_files(store, "index"), expiry=Expiry(TTL))
         held = ordered("index", held, logic=index, workers=Workers(1), key=txn_key)
     if args.step in ("both", "pending"):
         rows = op.map("rows", held, scored_row)

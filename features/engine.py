@@ -26,6 +26,7 @@ class TxnEntry(msgspec.Struct, array_like=True, gc=False):
     ts_ms: int
     keys: tuple[str | None, ...]
     labelled: bool = False
+    bucket: int = 0  # the wall-clock bucket it arrived in (`flows.expiry`): when it expires
 
 
 class LabelEvent(msgspec.Struct, frozen=True, gc=False):

@@ -1,25 +1,27 @@
 """Per-transaction state that lives `FRAUD_LABEL_TTL_DAYS` of wall-clock time, without a Bytewax
-timer per key.
+key or timer per transaction.
 
-Bytewax 0.21 scans every key's `notify_at` at every activation of a step, so a step with a timer
-per transaction (the index, `pending`) gets slower with every transaction it holds. Instead, the
-`stamp` step (`flows.ordering.stamp`) notes the ids of the transactions of each `bucket_s` of
-arrival time in a key of its own (one key per bucket, no timer: `ExpiryBucket`), and its router,
-which runs with every input batch, wakes the buckets whose time is up (`notes`): each sends an
-`Expired` per id, routed like the transaction, and is dropped. After a restart the router wakes
-every bucket of the `lookback` before the first due one (those whose wake-up the restart may have
-missed); an older one would be kept forever.
+Each index shard (`flows.steps.IndexLogic`) notes, in memory, the ids that arrived in each
+bucket of wall-clock time (`Arrivals`; an entry's bucket is also in its `TxnEntry`, so a resumed
+shard rebuilds them from its entries, and nothing more is saved). When a bucket's time is up, at
+the shard's next batch or at its one timer (`wake_at`, for a shard that gets none), the shard
+drops the bucket's entries and sends an `Expired` per id on to `pending`, routed like the
+transaction. Bytewax's recovery store holds a row per key it ever saved and scans them all at
+every epoch close, so the expiry must not add keys that grow with the TTL: a key per minute of
+arrivals (86,400 for 60 days) would.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import msgspec
+
+MIN_BUCKET_S = 60
+BUCKETS_PER_TTL = 1440  # an entry lives at most 1/1440 of its TTL longer (a minute a day)
 
 
 class Expired(msgspec.Struct, frozen=True, gc=False):
@@ -33,60 +35,62 @@ class Expired(msgspec.Struct, frozen=True, gc=False):
 
 @dataclass(frozen=True)
 class Expiry:
-    """How long per-transaction state lives, and which events start it."""
+    """How long per-transaction state lives, and the clock it is measured with."""
 
     ttl: timedelta
-    id_of: Callable[[Any], str | None]  # the transaction id an event starts state for, or None
-    bucket_s: int = 60
-    lookback: timedelta = timedelta(days=7)
+    bucket_s: int = 0  # 0: the TTL / BUCKETS_PER_TTL, at least MIN_BUCKET_S
     clock: Callable[[], float] = time.time
 
+    @property
+    def seconds(self) -> int:
+        """The bucket's length in seconds."""
+        if self.bucket_s:
+            return self.bucket_s
+        return max(MIN_BUCKET_S, int(self.ttl.total_seconds()) // BUCKETS_PER_TTL)
 
-BUCKET = "\U0010fffe"  # prefix of the buckets' keys in the stamp step
-WAKE = "wake"  # the item a due bucket receives
+    @property
+    def buckets(self) -> int:
+        """Buckets a bucket waits after its own before its entries expire."""
+        return int(self.ttl.total_seconds()) // self.seconds + 1
 
-
-def bucket_key(bucket: int) -> str:
-    return f"{BUCKET}{bucket}"
-
-
-def notes(expiry: Expiry) -> Callable[[list[Any]], list[tuple[str, Any]]]:
-    """For each batch of events: the batch's new ids for the current bucket, and a `WAKE` for
-    each bucket that came due since this worker's last call."""
-    ttl_buckets = int(expiry.ttl.total_seconds()) // expiry.bucket_s + 1
-    lookback = int(expiry.lookback.total_seconds()) // expiry.bucket_s
-    woken: list[int] = []  # the last bucket this worker woke
-
-    def note(batch: list[Any]) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        ids = [i for i in map(expiry.id_of, batch) if i is not None]
-        now = int(expiry.clock()) // expiry.bucket_s
-        if ids:
-            out.append((bucket_key(now), msgspec.msgpack.encode(ids)))
-        due = now - ttl_buckets
-        start = woken[0] if woken else due - lookback
-        if due > start:
-            out += [(bucket_key(b), WAKE) for b in range(start + 1, due + 1)]
-            woken[:] = [due]
-        return out
-
-    return note
+    def bucket(self) -> int:
+        """The bucket of now."""
+        return int(self.clock()) // self.seconds
 
 
-class ExpiryBucket:
-    """The ids that arrived in one bucket of time, as the batches brought them (msgpack-encoded
-    lists: a snapshot is a few bytes objects, whatever the bucket holds)."""
+class Arrivals:
+    """The ids that arrived in each bucket, oldest bucket first: per bucket one bytearray of
+    length-prefixed UTF-8 ids (a dozen bytes per id, no object per id)."""
 
-    def __init__(self, resume: tuple[bytes, ...] | None) -> None:
-        self.chunks: list[bytes] = list(resume or ())
+    __slots__ = ("buckets",)
 
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if WAKE not in items:
-            self.chunks += items
-            return [], False
-        out = [Expired(i) for chunk in self.chunks for i in msgspec.msgpack.decode(chunk)]
-        self.chunks = []
-        return out, True
+    def __init__(self) -> None:
+        self.buckets: dict[int, bytearray] = {}
 
-    def snapshot(self) -> tuple[bytes, ...]:
-        return tuple(self.chunks)
+    def add(self, bucket: int, txn_id: str) -> None:
+        b = txn_id.encode()
+        buf = self.buckets.get(bucket)
+        if buf is None:
+            buf = self.buckets[bucket] = bytearray()
+        buf += len(b).to_bytes(2, "little")
+        buf += b
+
+    def oldest(self) -> int | None:
+        return next(iter(self.buckets), None)
+
+    def due(self, last: int) -> Iterator[tuple[int, str]]:
+        """Remove the buckets up to `last` (oldest first); each one's (bucket, id)s."""
+        for bucket in sorted(b for b in self.buckets if b <= last):
+            buf = self.buckets.pop(bucket)
+            at = 0
+            while at < len(buf):
+                n = int.from_bytes(buf[at : at + 2], "little")
+                yield bucket, buf[at + 2 : at + 2 + n].decode()
+                at += 2 + n
+
+    def sort(self) -> None:
+        """Oldest bucket first again (after a rebuild in any order)."""
+        self.buckets = dict(sorted(self.buckets.items()))
+
+    def __len__(self) -> int:
+        return len(self.buckets)

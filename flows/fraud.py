@@ -65,7 +65,6 @@ try:
         partitions,
         pending_key,
         scorer_key,
-        starts_state,
         to_every_replica,
         txn_key,
     )
@@ -115,11 +114,11 @@ def build(
 
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
     decoded = batch.each("decode", read, decoder(rt.card_ref, rt.command_key))
-    stamped = stamp("stamp", batch.keep("valid", decoded, is_valid), Expiry(ttl, starts_state))
+    stamped = stamp("stamp", batch.keep("valid", decoded, is_valid))
     index = step(
         "index",
         stamped,
-        logic=partial(IndexLogic, pipeline, state_files(state_dir, "index")),
+        logic=partial(IndexLogic, pipeline, state_files(state_dir, "index"), expiry=Expiry(ttl)),
         key=txn_key,
         sources=partitions(src),
     )

@@ -196,8 +196,9 @@ def _now() -> datetime:
 # the inputs' saved positions with empty windows, silently. 2: `flows.ordering.ordered` steps;
 # 3: the index and `pending` in fixed shards with their deltas in `state/` (`flows.shards`); 4: the
 # entity steps in fixed shards too; 5: the index's entries as msgpack bytes, `pending`'s vectors
-# packed (`features.table`).
-STATE_LAYOUT = 5
+# packed (`features.table`); 6: the expiry buckets in the index's entries, none in the `stamp`
+# step (`flows.expiry`).
+STATE_LAYOUT = 6
 
 
 def outdated(directory: Path, layout: Any) -> RecoveryStoreError:

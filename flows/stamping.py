@@ -5,14 +5,11 @@
   holds, so it is the same in every run and after a resume.
 - After each batch a partition sends a `Watermark`: "nothing I send from now on is at or below
   this seq". `flows.ordering` carries them through every step.
-- The stamp step also holds the expiry buckets of `flows.expiry` (one key per minute of
-  arrivals), so the index and `pending` need no timer per transaction.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 from zlib import crc32
@@ -23,7 +20,6 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
-from flows.expiry import WAKE, Expiry, ExpiryBucket, notes
 from service.telemetry import snapshot_timer
 
 INF = 1 << 200  # a watermark past every seq: the end of the input
@@ -129,46 +125,17 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
 # --- the stamp step ---------------------------------------------------------------------------
 
 
-def stamp_router(expiry: Expiry | None) -> Callable[[list[Any]], list[tuple[str, Any]]]:
-    """Key each event by its partition; with `expiry`, add the batch's expiry notes
-    (`flows.expiry.notes`) (for `op.flat_map_batch`: one call per batch)."""
-    if expiry is None:
-        return lambda batch: [stamp_key(e) for e in batch]
-    note = notes(expiry)
-
-    def route(batch: list[Any]) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = [stamp_key(e) for e in batch]
-        out += note(batch)
-        return out
-
-    return route
+def stamp_router(batch: list[Any]) -> list[tuple[str, Any]]:
+    """Key each event by its partition (for `op.flat_map_batch`: one call per batch)."""
+    return [stamp_key(e) for e in batch]
 
 
-class StampStep(StatefulBatchLogic[Any, Any, Any]):
-    """A key of the stamp step: a source partition (`StampLogic`) or an expiry bucket."""
+class StampStep(StampLogic):
+    """A key of the stamp step: a source partition, its snapshots timed."""
 
-    def __init__(self, resume: Any) -> None:
-        self.logic: StampLogic | ExpiryBucket | None = None
-        if type(resume) is tuple and (not resume or type(resume[0]) is bytes):
-            self.logic = ExpiryBucket(resume)
-        elif resume is not None:
-            self.logic = StampLogic(resume)
-
-    def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
-        if self.logic is None:
-            first = items[0]
-            self.logic = ExpiryBucket(None) if first == WAKE or type(first) is bytes else StampLogic(None)
-        return self.logic.on_batch(items)
-
-    def on_eof(self) -> tuple[list[Any], bool]:
-        if type(self.logic) is StampLogic:
-            return self.logic.on_eof()
-        return [], StatefulBatchLogic.RETAIN
-
-    def snapshot(self) -> Any:
-        assert self.logic is not None
+    def snapshot(self) -> StampState:
         started = perf_counter()
-        state = self.logic.snapshot()
+        state = super().snapshot()
         _SNAP[0] += perf_counter() - started
         return state
 
@@ -177,8 +144,7 @@ _SNAP = snapshot_timer("stamp")
 
 
 @operator
-def stamp(step_id: str, up: Stream[Any], expiry: Expiry | None = None) -> KeyedStream[Any]:
+def stamp(step_id: str, up: Stream[Any]) -> KeyedStream[Any]:
     """Give each event its `seq`, per source partition (`StampLogic`), followed by the partition's
-    watermarks: the keyed stream every `ordered` step reads. With `expiry`, also the `Expired`
-    items of the transactions whose time is up."""
-    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router(expiry)), StampStep)
+    watermarks: the keyed stream every `ordered` step reads."""
+    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router), StampStep)

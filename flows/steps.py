@@ -28,7 +28,7 @@ from features.events import Control, DeadLetter, Decoded, Label, Record, Transac
 from features.plan import EntityPlan
 from features.privacy import identity, signed, tokenize_raw
 from features.table import pack_vector, unpack_vector
-from flows.expiry import Expired
+from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
 from flows.shards import ShardTable, StateFiles, shard_of
@@ -249,39 +249,56 @@ def _entity_or_txn(item: Chained | Quarantined, position: int) -> str:
 
 _entry_bytes = msgspec.msgpack.Encoder().encode
 _entry_of = msgspec.msgpack.Decoder(TxnEntry).decode
-LABELLED = _entry_bytes(TxnEntry(0, (), True))  # the value of every labelled entry
+
+
+def labelled(bucket: int) -> bytes:
+    """The value of a labelled entry that arrived in `bucket`."""
+    return _entry_bytes(TxnEntry(0, (), True, bucket))
 
 
 class IndexLogic(ShardTable):
     """One shard (`flows.shards`) of the transaction index: rejects duplicate transactions and
     joins labels to their transaction.
 
-    An entry lives until its `Expired` comes (`FRAUD_LABEL_TTL_DAYS` of wall-clock time after it
-    arrived: `flows.expiry.Expiry`), which it passes on to `pending`; a label for a transaction
-    never seen, expired, or already labelled, becomes a dead letter. A labelled entry keeps only
-    that it was labelled (`LABELLED`), to turn a second label away. Entries are held as their
-    `TxnEntry`'s msgpack bytes in a compact table (`features.table`): millions wait weeks.
+    With an `Expiry`, an entry lives `FRAUD_LABEL_TTL_DAYS` of wall-clock time after the bucket
+    it arrived in (`flows.expiry`): the shard then drops it and sends its `Expired` on to
+    `pending`; a label for a transaction never seen, expired, or already labelled, becomes a dead
+    letter. A labelled entry keeps only that it was labelled, and its bucket (`labelled`), to
+    turn a second label away until then. Entries are held as their `TxnEntry`'s msgpack bytes in
+    a compact table (`features.table`): millions wait weeks.
     """
 
-    __slots__ = ("pipeline",)
+    __slots__ = ("arrivals", "due_at", "expiry", "labelled", "pipeline")
     value_type = bytes
     compact = True
 
-    def __init__(self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any) -> None:
-        self.pipeline = pipeline
+    def __init__(
+        self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any, expiry: Expiry | None = None
+    ) -> None:
+        self.pipeline, self.expiry = pipeline, expiry
+        self.arrivals = Arrivals()
+        self.labelled: dict[int, bytes] = {}  # `labelled(bucket)`, for the buckets seen lately
+        self.due_at: datetime | None = None
         super().__init__(files, resume)
+        if expiry is not None and self.items:  # a resumed shard: its buckets, from its entries
+            for k, v in self.items.items():
+                self.arrivals.add(_entry_of(v).bucket, k)
+            self.arrivals.sort()
+            self._next_due()
 
-    def apply(self, events: list[Transaction | Label | Expired]) -> list[Chained | DeadLetter | Expired]:
+    def apply(self, events: list[Transaction | Label]) -> list[Chained | DeadLetter | Expired]:
         if self.shard is None:
             self.name(events[0].txn_id)
-        items = self.own()
         out: list[Chained | DeadLetter | Expired] = []
+        bucket = 0
+        expiry = self.expiry
+        if expiry is not None:
+            bucket = expiry.bucket()
+            if self.due_at is not None and bucket >= self.arrivals.oldest() + expiry.buckets:  # type: ignore[operator]
+                out += self._expire(bucket)
+        items = self.own()
         for item in events:
             t = type(item)
-            if t is Expired:
-                self.drop(item.txn_id)
-                out.append(item)  # type: ignore[arg-type]
-                continue
             if t is Control:  # for the scorer: it keys no transaction
                 out.append(item)  # type: ignore[arg-type]
                 continue
@@ -291,17 +308,59 @@ class IndexLogic(ShardTable):
                     entry = None if held is None else _entry_of(held)
                     joined = label_event(item.txn_id, entry, item)  # type: ignore[arg-type]
                     if type(joined) is LabelEvent:
-                        self.put(item.txn_id, LABELLED)
+                        b = entry.bucket  # type: ignore[union-attr]
+                        value = self.labelled.get(b)
+                        if value is None:
+                            if len(self.labelled) > 64:
+                                self.labelled.clear()
+                            value = self.labelled[b] = labelled(b)
+                        self.put(item.txn_id, value)
                     out.append(joined)
                 elif item.txn_id in items:
                     out.append(duplicate_txn(item))  # type: ignore[arg-type]
                 else:
                     row, entry = self.pipeline.start(item)  # type: ignore[arg-type]
+                    if expiry is not None:
+                        entry.bucket = bucket
+                        self.arrivals.add(bucket, item.txn_id)
                     self.put(item.txn_id, _entry_bytes(entry))
                     out.append(row)
             except Exception as exc:
                 out.append(quarantine(item, "index", exc).dead)
+        if expiry is not None and self.due_at is None and len(self.arrivals):
+            self._next_due()
         return out
+
+    def _expire(self, bucket: int) -> list[Expired]:
+        """Drop the entries whose time is up at `bucket`; their `Expired`s, for `pending`."""
+        assert self.expiry is not None
+        items = self.own()
+        out: list[Expired] = []
+        for b, txn_id in self.arrivals.due(bucket - self.expiry.buckets):
+            held = items.get(txn_id)
+            if held is not None and _entry_of(held).bucket == b:  # not a later entry of the same id
+                self.drop(txn_id)
+                out.append(Expired(txn_id))
+        self._next_due()
+        return out
+
+    def _next_due(self) -> None:
+        assert self.expiry is not None
+        oldest = self.arrivals.oldest()
+        self.due_at = (
+            None
+            if oldest is None
+            else datetime.fromtimestamp((oldest + self.expiry.buckets) * self.expiry.seconds, UTC)
+        )
+
+    def wake_at(self) -> datetime | None:
+        """When the oldest bucket's entries expire (a shard that gets no batch meanwhile)."""
+        return self.due_at
+
+    def wake(self) -> tuple[list[Any], bool]:
+        if self.expiry is None or self.due_at is None:
+            return [], False
+        return self._expire(self.expiry.bucket()), False
 
 
 SWEEP = timedelta(hours=1)  # how often an entity shard looks for keys that went idle
@@ -541,8 +600,3 @@ class ScoringLogic(StepLogic):
 
     def snapshot(self) -> tuple[Any, ...]:
         return self.scorer.snapshot()
-
-
-def starts_state(event: Any) -> str | None:
-    """The transaction id whose index entry (and pending vector) an event starts (`Expiry.id_of`)."""
-    return event.txn_id if type(event) is Transaction else None

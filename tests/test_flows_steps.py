@@ -12,6 +12,7 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 from array import array
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -32,13 +33,12 @@ from features.engine import FeaturePipeline, FeatureRow, FeatureVector, LabelEve
 from features.events import DeadLetter, Label, Transaction, encode
 from features.privacy import card_token
 from features.table import COMPILED, DictTable, Table
-from flows.expiry import WAKE, Expired, Expiry, bucket_key
+from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
 from flows.shards import FullState, Manifest, StateFiles, shard_of
-from flows.stamping import INF, NEG, StampStep, Watermark, partition_of, stamp, stamp_router
+from flows.stamping import INF, NEG, Watermark, stamp
 from flows.steps import (
-    LABELLED,
     EntityLogic,
     IndexLogic,
     PendingLogic,
@@ -48,10 +48,10 @@ from flows.steps import (
     dead_letter_of,
     decoder,
     entity_key,
+    labelled,
     partitions,
     pending_key,
     scorer_key,
-    starts_state,
     to_every_replica,
     txn_key,
 )
@@ -476,34 +476,51 @@ def test_decoder_tokenizes_card_ids_in_transactions_labels_and_dead_letters() ->
 # --- expiry ---------------------------------------------------------------------------------------
 
 
-def test_expiry_router_notes_new_ids_and_wakes_due_buckets_without_a_timer_per_key() -> None:
-    now = [600.0]
-    expiry = Expiry(
-        timedelta(minutes=2), starts_state, bucket_s=60, lookback=timedelta(minutes=3), clock=lambda: now[0]
-    )
-    route = stamp_router(expiry)
-    t1, t2 = txn("t1", 0), txn("t2", 0)
-    label = Label("t1", True, NOW_MS)
-    first = route([t1, label, t2])
-    assert first[:3] == [(partition_of(t.origin), t) for t in (t1, label, t2)]  # type: ignore[union-attr]
-    woken = [k for k, v in first if v == WAKE]
-    assert woken == [bucket_key(b) for b in range(5, 8)]  # the lookback: a restart may have missed them
-    ((key, chunk),) = [(k, v) for k, v in first if type(v) is bytes]
-    assert key == bucket_key(10) and msgspec.msgpack.decode(chunk) == ["t1", "t2"]  # labels start nothing
-    now[0] = 600.0 + 3 * 60  # bucket 10 (600-660 s) is due two minutes after its end
-    assert [k for k, v in route([]) if v == WAKE] == [bucket_key(b) for b in range(8, 11)]
-    assert route([]) == []  # woken once per worker
-    now[0] += 60
-    assert [k for k, v in route([]) if v == WAKE] == [bucket_key(11)]
+def test_arrivals_keep_each_buckets_ids_and_hand_the_due_ones_back_oldest_first() -> None:
+    arrivals = Arrivals()
+    for bucket, txn_id in ((7, "t1"), (7, "t2"), (8, "té3"), (9, "t4")):
+        arrivals.add(bucket, txn_id)
+    assert arrivals.oldest() == 7 and len(arrivals) == 3
+    assert list(arrivals.due(8)) == [(7, "t1"), (7, "t2"), (8, "té3")]
+    assert list(arrivals.due(8)) == [] and arrivals.oldest() == 9
+    arrivals.add(3, "t5")  # a rebuild adds in any order: sort puts the oldest first again
+    arrivals.sort()
+    assert arrivals.oldest() == 3 and list(arrivals.due(100)) == [(3, "t5"), (9, "t4")]
+    assert arrivals.oldest() is None
+    assert Expiry(timedelta(days=60)).seconds == 3600 and Expiry(timedelta(hours=1)).seconds == 60
+    assert Expiry(timedelta(minutes=2), bucket_s=60).buckets == 3
 
 
-def test_expiry_bucket_keeps_its_ids_through_a_snapshot_and_sends_them_once_due() -> None:
-    bucket = StampStep(None)
-    bucket.on_batch([msgspec.msgpack.encode(["t1", "t2"])])
-    bucket.on_batch([msgspec.msgpack.encode(["t3"])])
-    resumed = StampStep(pickle.loads(pickle.dumps(bucket.snapshot())))
-    assert resumed.on_batch([WAKE]) == ([Expired("t1"), Expired("t2"), Expired("t3")], True)
-    assert StampStep(None).on_batch([WAKE]) == ([], True)  # woken again (another worker): nothing left
+def test_an_index_shard_expires_its_entries_at_its_next_batch_or_its_timer_and_after_a_resume(
+    pipeline: FeaturePipeline,
+) -> None:
+    """An entry lives the TTL after the bucket it arrived in; the shard drops it at its first
+    batch after that (the `Expired` first, for `pending`), or when its one timer fires; a labelled
+    entry keeps its bucket; a resumed shard rebuilds its buckets from its entries; a later entry
+    of an expired id is not dropped with the old bucket. No key or timer per transaction."""
+    now = [6_000_000.0]
+    expiry = Expiry(timedelta(minutes=2), bucket_s=60, clock=lambda: now[0])
+    index = IndexLogic(pipeline, None, None, expiry)
+    assert index.wake_at() is None  # nothing held: no timer
+    out = index.apply([txn("t1", 1), txn("t2", 2), Label("t1", True, NOW_MS + 1, seq=3)])
+    assert [type(o).__name__ for o in out] == ["FeatureRow", "FeatureRow", "LabelEvent"]
+    assert index.items["t1"] == labelled(100_000)  # bucket 100,000 (6,000,000-6,000,060 s)
+    due = datetime.fromtimestamp((100_000 + 3) * 60, UTC)
+    assert index.wake_at() == due
+    now[0] += 120
+    index.apply([txn("t3", 3)])  # not due yet: nothing dropped
+    assert sorted(index.items.keys()) == ["t1", "t2", "t3"] and index.wake_at() == due
+    resumed = IndexLogic(pipeline, None, pickle.loads(pickle.dumps(index.snapshot())), expiry)
+    now[0] += 60  # bucket 100,000 is due: t1 and t2 go, t3 (bucket 100,002) stays
+    out = resumed.apply([txn("t1", 4), Label("t2", True, NOW_MS + 5, seq=5)])
+    assert sorted(out[:2], key=str) == [Expired("t1"), Expired("t2")]  # (a bucket's ids in any order)
+    assert type(out[2]) is FeatureRow and out[2].txn.txn_id == "t1"  # a new transaction of the same id
+    assert type(out[3]) is DeadLetter and out[3].reason == "unknown_txn"  # t2 expired
+    assert sorted(resumed.items.keys()) == ["t1", "t3"]
+    assert resumed.wake_at() == datetime.fromtimestamp((100_002 + 3) * 60, UTC)
+    now[0] += 3600
+    assert resumed.wake() == ([Expired("t3"), Expired("t1")], False)  # the timer: no batch needed
+    assert resumed.wake_at() is None and not resumed.items
     assert Expired("t1").seq == NEG  # outside the canonical order: before every event
 
 
@@ -511,23 +528,30 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     pipeline: FeaturePipeline,
 ) -> None:
     """stamp -> index -> pending with a clock that jumps past the TTL between two batches: the
-    transaction's entry and vector are dropped, and its label becomes an `unknown_txn` dead letter."""
-    now = [1_000_000.0]
+    transactions' entries and vectors are dropped, and their labels become `unknown_txn` dead
+    letters."""
+    now = [time.time()]  # near the real clock: the shards' timers (real time) stay a day away
     ttl = timedelta(days=1)
 
     def items() -> Any:
         yield txn("t1", 0)
         yield txn("t2", 0, card="c2")
-        now[0] += ttl.total_seconds() + 120
+        now[0] += ttl.total_seconds() + 3600
         yield Label("t1", True, NOW_MS + 5)
-        yield Label("t1", True, NOW_MS + 6)  # the first woke t1's bucket: this one finds no entry
+        yield Label("t2", True, NOW_MS + 6)
 
     out: list[Any] = []
     flow = Dataflow("expiry")
-    expiry = Expiry(ttl, starts_state, clock=lambda: now[0])
-    stamped = stamp("stamp", op.input("in", flow, TestingSource(items(), 1)), expiry)
+    expiry = Expiry(ttl, clock=lambda: now[0])
+    stamped = stamp("stamp", op.input("in", flow, TestingSource(items(), 1)))
     workers = Workers(1)
-    index = ordered("index", stamped, logic=partial(IndexLogic, pipeline, None), workers=workers, key=txn_key)
+    index = ordered(
+        "index",
+        stamped,
+        logic=partial(IndexLogic, pipeline, None, expiry=expiry),
+        workers=workers,
+        key=txn_key,
+    )
     needs_chain, skips_chain = chain_filters(pipeline)
     rows = op.map(  # the entity chain, on fresh states
         "chain",
@@ -545,7 +569,7 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     assert sorted(v.txn.txn_id for v in out if isinstance(v, FeatureVector)) == ["t1", "t2"]
     assert not [v for v in out if isinstance(v, LabelledVector)]  # t1's vector was gone when its label came
     dead = [(d.reason, d.txn_id) for d in out if isinstance(d, DeadLetter)]
-    assert dead == [("unknown_txn", "t1"), ("unknown_txn", "t1")]
+    assert sorted(dead) == [("unknown_txn", "t1"), ("unknown_txn", "t2")]
     assert PendingLogic.held == held  # both vectors dropped from the gauge's count
 
 
@@ -563,7 +587,7 @@ def test_per_transaction_state_is_compact_and_invisible_to_the_garbage_collector
     assert index.logic is not None and not gc.is_tracked(index) and not hasattr(index, "__dict__")
     items = index.logic.items  # type: ignore[attr-defined]
     assert type(items) is Table and (COMPILED or isinstance(items, dict))
-    assert items["t1"] == LABELLED
+    assert items["t1"] == labelled(0)  # no expiry: every entry in bucket 0
     assert msgspec.msgpack.decode(items["t2"], type=TxnEntry) == pipeline.start(txn("t2", 2))[1]
     pending = PendingLogic(pipeline, None, None)
     pending.apply([r for r in rows if isinstance(r, FeatureRow) and r.txn.txn_id == "t2"])
