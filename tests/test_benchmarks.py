@@ -298,3 +298,12 @@ def test_redis_throughput_lets_set_override_its_settings_and_reads_the_summary_l
     (pause,) = PAUSES.findall(out.getvalue())
     p50 = re.match(r"p50 ([\d.]+) ms · p90 [\d.]+ ms · max [\d.]+ ms \(1 closes × Redis partitions\)$", pause)
     assert p50 is not None and float(p50.group(1)) == pytest.approx(200, rel=0.01), pause
+
+
+def test_recovery_keys_benchmark_prints_a_close_per_key_count_and_mode() -> None:
+    out = bench("benchmarks.recovery_keys", "--keys", "10", "2000", "--closes", "3")
+    for keys in ("10", "2,000"):
+        for mode in ("retain", "discard"):
+            assert re.search(
+                rf"keys saved +{keys} \( *{mode}\): epoch close +[\d.]+ ms median, +[\d.]+ ms max", out
+            ), out
