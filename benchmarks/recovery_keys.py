@@ -120,7 +120,9 @@ def main() -> None:
     ap.add_argument("--closes", type=int, default=30, help="epoch closes measured per run")
     ap.add_argument("--epoch-ms", type=int, default=100, help="the epoch interval")
     args = ap.parse_args()
-    print(f"Bytewax recovery, one worker, one partition, {args.epoch_ms}-ms epochs, {args.closes} closes each")
+    print(
+        f"Bytewax recovery, one worker, one partition, {args.epoch_ms}-ms epochs, {args.closes} closes each"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for keys in args.keys:
             for discard in (False, True):
