@@ -74,17 +74,8 @@ def cluster_env(
     )
 
 
-def start_cluster(
-    url: str,
-    tag: str,
-    shards: int,
-    processes: int,
-    workdir: Path,
-    idle_exit_s: float,
-    snapshot_s: float = 5.0,
-    extra: dict[str, str] | None = None,
-) -> list[subprocess.Popen[bytes]]:
-    env = cluster_env(url, tag, shards, processes, workdir, idle_exit_s, snapshot_s, extra)
+def start_cluster(env: dict[str, str], processes: int) -> list[subprocess.Popen[bytes]]:
+    """`processes` processes of one cluster, each with `env` (`cluster_env`)."""
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
     return [
         drill.start(env, *(["-i", str(i), "-a", addresses] if processes > 1 else []))
@@ -161,27 +152,12 @@ def measure(
             files = (settings.transactions_path, settings.labels_path)
             if args.rate is None:
                 replayed = drill.replay(client, files, tag, args.shards)
-                procs = start_cluster(
-                    url,
-                    tag,
-                    args.shards,
-                    processes,
-                    workdir,
-                    idle_exit_s=2,
-                    snapshot_s=args.snapshot_s,
-                    extra=args.extra,
-                )
-            else:
-                procs = start_cluster(
-                    url,
-                    tag,
-                    args.shards,
-                    processes,
-                    workdir,
-                    idle_exit_s=STARTUP_S + 5,
-                    snapshot_s=args.snapshot_s,
-                    extra=args.extra,
-                )
+            idle_exit_s = 2 if args.rate is None else STARTUP_S + 5
+            env = cluster_env(
+                url, tag, args.shards, processes, workdir, idle_exit_s, args.snapshot_s, args.extra
+            )
+            procs = start_cluster(env, processes)
+            if args.rate is not None:
                 try:
                     time.sleep(STARTUP_S)
                     replayed = drill.replay(
