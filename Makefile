@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test lint typecheck unit setup tls-redis chromium tmux prometheus sample model mutation clean
 
-$(STAMP): pyproject.toml constraints.txt setup.py features/_kernel.c features/_table.c flows/_fsync.c models/_river.c
+$(STAMP): pyproject.toml constraints.txt setup.py features/_kernel.c features/_table.c models/_river.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'

@@ -1,10 +1,10 @@
 """The compiled modules (the rest of the configuration is pyproject.toml): `features._kernel`, the
-window reads, `features._table`, the compact table of per-transaction state, `flows._fsync`, the
-shard files' fsyncs without the GIL, and `models._river`, the online model's scaler updates.
+window reads, `features._table`, the compact table of per-transaction state, and `models._river`, the
+online model's scaler updates.
 
 Optional: without a C compiler the install goes on; `features.plan` runs the same plans in Python,
 slower, with the same values, `features.table.Table` is a dict (same behaviour, more memory), and
-`models.online` runs River's own scaler code (same floats), and `flows.shards` fsyncs in Python.
+`models.online` runs River's own scaler code (same floats).
 """
 
 from setuptools import Extension, setup
@@ -18,7 +18,6 @@ setup(
             extra_compile_args=["-O2", "-ffp-contract=off"],
         ),
         Extension("features._table", ["features/_table.c"], optional=True, extra_compile_args=["-O2"]),
-        Extension("flows._fsync", ["flows/_fsync.c"], optional=True, extra_compile_args=["-O2"]),
         Extension(
             "models._river",
             ["models/_river.c"],

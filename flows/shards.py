@@ -79,8 +79,8 @@ class Manifest(msgspec.Struct, frozen=True, array_like=True):
     Pickling one makes the files it names durable first (`sync_files`): Bytewax pickles a
     snapshot in the worker that took it, before its store records it, and records an epoch as
     complete only after every snapshot of the epoch; so the bytes a manifest names are on disk
-    before any resume can be given it. The fsyncs start as the snapshots are written, `SYNC_BATCH`
-    files a task (`start_sync`), so the disk works while the worker takes the other snapshots, and the
+    before any resume can be given it. A shard starts its file's fsync as soon as its snapshot is
+    written (`start_sync`), so the disk works while the worker takes the other snapshots, and the
     first pickle waits only for what is still running.
     """
 
@@ -95,61 +95,44 @@ class Manifest(msgspec.Struct, frozen=True, array_like=True):
         return (Manifest, (self.step, self.shard, self.segments, self.entries, self.base))
 
 
-_unsynced: set[bytes] = set()  # shard files this process appended to, no fsync started since
+_unsynced: set[Path] = set()  # shard files this process appended to, no fsync started since
 _syncing: list[Future[None]] = []  # fsyncs started, not yet waited for
 _unsynced_lock = threading.Lock()
 _syncer: ThreadPoolExecutor | None = None
 SYNC_THREADS = 8
-SYNC_BATCH = 16  # files one background fsync task syncs
 _SYNC_CLOCK = snapshot_timer("fsync")  # waiting for fsyncs: part of what an epoch close costs
 
 
-def _fsync_each(paths: tuple[bytes, ...]) -> None:
-    """fsync each file (one that no longer exists is skipped: it left its shard's chain since,
-    and nothing names it)."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # deleted since (left its shard's chain): nothing names it
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-try:  # the same, with the GIL released once for all the files: see flows/_fsync.c
-    from flows._fsync import fsync_paths as _fsync_compiled
-except ImportError:  # pragma: no cover - built at install; the loop does the same in Python
-    _fsync_compiled = None
-fsync_paths: Callable[[tuple[bytes, ...]], None] = _fsync_compiled or _fsync_each
-
-
-def start_sync(*, all_files: bool = False) -> None:
-    """Start fsyncing, in background threads, the shard files appended to since the last start,
-    `SYNC_BATCH` a task (all of them with `all_files`): a shard calls it once its snapshot is
-    written, so the disk works while the worker goes on with the other shards' snapshots (an
-    epoch close writes a hundred files or more). A task syncs its files with the GIL released
-    (`fsync_paths`): a thread per file took the GIL from the worker three times a file."""
+def start_sync() -> None:
+    """Start fsyncing, in background threads, every shard file appended to since the last start:
+    a shard calls it once its snapshot is written, so the disk works while the worker goes on
+    with the other shards' snapshots (an epoch close writes a hundred files or more)."""
     global _syncer
     with _unsynced_lock:
-        if not _unsynced or (len(_unsynced) < SYNC_BATCH and not all_files):
+        if not _unsynced:
             return
         if _syncer is None:
             _syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fraud-fsync")
-        paths = sorted(_unsynced)
+        _syncing.extend(_syncer.submit(_fsync, path) for path in _unsynced)
         _unsynced.clear()
-        _syncing.extend(
-            _syncer.submit(fsync_paths, tuple(paths[i : i + SYNC_BATCH]))
-            for i in range(0, len(paths), SYNC_BATCH)
-        )
 
 
 def sync_files() -> None:
     """Wait until every shard file this process appended to is fsynced (starting the fsyncs not
     started yet): what a `Manifest` names is then durable."""
     started = time.perf_counter()
-    start_sync(all_files=True)
+    start_sync()
     with _unsynced_lock:
         pending = list(_syncing)
         _syncing.clear()
@@ -206,7 +189,6 @@ class ShardLog:
         self.decoder = msgspec.msgpack.Decoder(tuple[dict[str, value_type], list[str]])
         self.file: str | None = None  # this process's file: a resumed run never appends to old ones
         self.out: BinaryIO | None = None  # `file`, open for appending
-        self.sync_path = b""  # `file`'s path, as `fsync_paths` takes it
         self.segments: list[tuple[str, int, int]] = []
         self.base_bytes = 0
         self.delta_bytes = 0
@@ -319,9 +301,7 @@ class ShardLog:
             if self.file is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self.file = f"{time.time_ns():x}-{os.getpid()}.log"
-            path = self.dir / self.file
-            f = self.out = open(path, "ab")  # noqa: SIM115 (kept open between snapshots)
-            self.sync_path = os.fsencode(path)
+            f = self.out = open(self.dir / self.file, "ab")  # noqa: SIM115 (kept open between snapshots)
             weakref.finalize(self, f.close)  # closed with its shard (or at exit), whichever first
         start = f.tell()
         f.write(len(payload).to_bytes(_HEADER, "little"))
@@ -329,7 +309,7 @@ class ShardLog:
         f.flush()  # to the OS: `sync_files` makes it durable from another descriptor
         end = f.tell()
         with _unsynced_lock:
-            _unsynced.add(self.sync_path)  # its fsync starts when the snapshot is written
+            _unsynced.add(self.dir / self.file)  # its fsync starts when the snapshot is written
         return self.file, start, end
 
     def _sweep(self) -> None:

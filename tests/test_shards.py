@@ -212,40 +212,36 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bytewax pickles a snapshot before its store records it: pickling waits until the shards'
-    appends are fsynced. The fsyncs start in the background as the snapshots are written
-    (`SYNC_BATCH` files a task, here 2), so a snapshot does not wait for the disk and an epoch
-    close waits once, for what is still running. (Durability itself cannot be observed without
-    pulling the power; the fsync calls are.)"""
+    appends are fsynced. The fsyncs start in the background as each snapshot is written, so a
+    snapshot does not wait for the disk and an epoch close waits once, for what is still running.
+    (Durability itself cannot be observed without pulling the power; the fsync calls are.)"""
     shards.sync_files()  # what earlier tests wrote
-    synced: list[bytes] = []
-    started: list[bytes] = []
+    synced: list[int] = []
+    started: list[int] = []
     disk = threading.Event()  # the "disk" finishes an fsync only once the test lets it
-    real = shards.fsync_paths
+    real = os.fsync
 
-    def fsync_paths(paths: tuple[bytes, ...]) -> None:
-        started.extend(paths)
+    def fsync(fd: int) -> None:
+        started.append(os.fstat(fd).st_ino)
         assert disk.wait(30)
-        real(paths)
-        synced.extend(paths)
+        real(fd)
+        synced.append(os.fstat(fd).st_ino)
 
-    monkeypatch.setattr(shards, "fsync_paths", fsync_paths)
-    monkeypatch.setattr(shards, "SYNC_BATCH", 2)
+    monkeypatch.setattr(os, "fsync", fsync)
     files = StateFiles(tmp_path, "index")
     a, b = Table(files, None), Table(files, None)
     a.name("t1")
     b.name(next(f"t{i}" for i in range(2, 500) if shard_of(f"t{i}") != a.shard))
     a.put("x", b"1")
     b.put("y", b"2")
-    ma = a.snapshot()
-    assert isinstance(ma, Manifest) and started == []  # one file: not a batch yet
-    mb = b.snapshot()  # returns while the disk is still busy
-    assert isinstance(mb, Manifest)
-    paths = {os.fsencode(files.directory(m.shard) / m.segments[0][0]) for m in (ma, mb)}
+    ma, mb = a.snapshot(), b.snapshot()  # returns while the disk is still busy
+    assert isinstance(ma, Manifest) and isinstance(mb, Manifest)
+    inodes = {(files.directory(m.shard) / m.segments[0][0]).stat().st_ino for m in (ma, mb)}
     assert synced == []
     deadline = time.monotonic() + 30
     while len(started) < 2 and time.monotonic() < deadline:  # before anything is pickled
         time.sleep(0.01)
-    assert sorted(started) == sorted(paths)
+    assert sorted(started) == sorted(inodes)
     waited = REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "fsync"}) or 0.0
     pickled = threading.Thread(target=pickle.dumps, args=(ma,))
     pickled.start()
@@ -253,37 +249,14 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     assert pickled.is_alive()  # the manifest waits for the disk
     disk.set()
     pickled.join(30)
-    assert not pickled.is_alive() and sorted(synced) == sorted(paths)  # both shards' files
+    assert not pickled.is_alive() and sorted(synced) == sorted(inodes)  # both shards' files
     # the wait is what an epoch close spends on fsyncs: counted for the summary and /metrics
     assert (
         REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "fsync"}) or 0.0
     ) >= waited + 0.2
-    assert sorted(started) == sorted(paths)  # once each
+    assert sorted(started) == sorted(inodes)  # once each
     pickle.dumps(mb)
     assert len(synced) == 2  # nothing new to sync
     a.put("z", b"3")
-    pickle.dumps(a.snapshot())  # fewer than a batch: the pickle starts it
+    pickle.dumps(a.snapshot())
     assert len(synced) == 3
-
-
-@pytest.mark.parametrize("how", ["compiled", "python"])
-def test_fsync_paths_syncs_each_file_skips_a_deleted_one_and_names_the_one_that_fails(
-    tmp_path: Path, how: str
-) -> None:
-    if how == "compiled":
-        fsync_paths = pytest.importorskip("flows._fsync").fsync_paths
-        assert shards.fsync_paths is fsync_paths  # what the shards use when it is built
-    else:
-        fsync_paths = shards._fsync_each  # noqa: SLF001
-    good = tmp_path / "a.log"
-    good.write_bytes(b"x")
-    fsync_paths((os.fsencode(good), os.fsencode(tmp_path / "gone.log")))  # a deleted file: skipped
-    fsync_paths(())
-    with pytest.raises(NotADirectoryError) as err:
-        fsync_paths((os.fsencode(good), os.fsencode(good / "x")))
-    assert os.fsdecode(err.value.filename) == str(good / "x")
-    if how == "compiled":
-        with pytest.raises(TypeError):
-            fsync_paths([os.fsencode(good)])  # type: ignore[arg-type]
-        with pytest.raises(TypeError):
-            fsync_paths((str(good),))  # type: ignore[arg-type]
