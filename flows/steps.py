@@ -268,7 +268,7 @@ class IndexLogic(ShardTable):
     a compact table (`features.table`): millions wait weeks.
     """
 
-    __slots__ = ("arrivals", "due_at", "expiry", "labelled", "pipeline")
+    __slots__ = ("arrivals", "due_at", "expiry", "pipeline")
     value_type = bytes
     compact = True
 
@@ -277,7 +277,6 @@ class IndexLogic(ShardTable):
     ) -> None:
         self.pipeline, self.expiry = pipeline, expiry
         self.arrivals = Arrivals()
-        self.labelled: dict[int, bytes] = {}  # `labelled(bucket)`, for the buckets seen lately
         self.due_at: datetime | None = None
         super().__init__(files, resume)
         if expiry is not None and self.items:  # a resumed shard: its buckets, from its entries
@@ -308,13 +307,7 @@ class IndexLogic(ShardTable):
                     entry = None if held is None else _entry_of(held)
                     joined = label_event(item.txn_id, entry, item)  # type: ignore[arg-type]
                     if type(joined) is LabelEvent:
-                        b = entry.bucket  # type: ignore[union-attr]
-                        value = self.labelled.get(b)
-                        if value is None:
-                            if len(self.labelled) > 64:
-                                self.labelled.clear()
-                            value = self.labelled[b] = labelled(b)
-                        self.put(item.txn_id, value)
+                        self.put(item.txn_id, labelled(entry.bucket))  # type: ignore[union-attr]
                     out.append(joined)
                 elif item.txn_id in items:
                     out.append(duplicate_txn(item))  # type: ignore[arg-type]
