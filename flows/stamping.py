@@ -119,7 +119,10 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
         ), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> StampState:
-        return (self.partition, self.running_max, self.position, self.idle)
+        started = perf_counter()
+        state = (self.partition, self.running_max, self.position, self.idle)
+        _SNAP[0] += perf_counter() - started
+        return state
 
 
 # --- the stamp step ---------------------------------------------------------------------------
@@ -130,16 +133,6 @@ def stamp_router(batch: list[Any]) -> list[tuple[str, Any]]:
     return [stamp_key(e) for e in batch]
 
 
-class StampStep(StampLogic):
-    """A key of the stamp step: a source partition, its snapshots timed."""
-
-    def snapshot(self) -> StampState:
-        started = perf_counter()
-        state = super().snapshot()
-        _SNAP[0] += perf_counter() - started
-        return state
-
-
 _SNAP = snapshot_timer("stamp")
 
 
@@ -147,4 +140,4 @@ _SNAP = snapshot_timer("stamp")
 def stamp(step_id: str, up: Stream[Any]) -> KeyedStream[Any]:
     """Give each event its `seq`, per source partition (`StampLogic`), followed by the partition's
     watermarks: the keyed stream every `ordered` step reads."""
-    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router), StampStep)
+    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router), StampLogic)

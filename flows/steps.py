@@ -292,8 +292,9 @@ class IndexLogic(ShardTable):
         bucket = 0
         expiry = self.expiry
         if expiry is not None:
-            bucket = expiry.bucket()
-            if self.due_at is not None and bucket >= self.arrivals.oldest() + expiry.buckets:  # type: ignore[operator]
+            now = expiry.clock()
+            bucket = int(now) // expiry.seconds
+            if self.due_at is not None and now >= self.due_at.timestamp():
                 out += self._expire(bucket)
         items = self.own()
         for item in events:
