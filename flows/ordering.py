@@ -345,6 +345,19 @@ class Stage:
         return Relay(self.expected, self.workers, state, self.fan)
 
 
+def saved(step: str, logic: StepLogic) -> Any:
+    """`logic.snapshot()`, logged with its traceback if it raises: a step that cannot save its
+    state stops the flow, and in a cluster Bytewax then reports only its network threads' panic
+    ("Send thread panic"), not the exception."""
+    try:
+        return logic.snapshot()
+    except Exception:
+        logger.critical(
+            "step %r could not save its state at an epoch close: the flow stops", step, exc_info=True
+        )
+        raise
+
+
 class KeyedStep(msgspec.Struct, gc=False):
     """One key of a keyed step: a relay key, which forwards the step's watermark after the
     events it covers (its first item is a `Watermark`), or an event key running the step's logic.
@@ -398,7 +411,7 @@ class KeyedStep(msgspec.Struct, gc=False):
             return self.relay.state()
         assert self.logic is not None and not self.logic.done(), "a done key is dropped, never snapshotted"
         started = perf_counter()
-        state = self.logic.snapshot()
+        state = saved(self.stage.name, self.logic)
         self.stage.snap[0] += perf_counter() - started
         return state
 
@@ -451,6 +464,7 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         self.logic = stage.build(state)
         self.batch = OrderedBatch(stage.name, stage.relay(), held)
         self.forward, self.clock, self.snap = stage.forward, stage.clock, stage.snap
+        self.stage_name = stage.name
 
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
@@ -475,7 +489,7 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
     def snapshot(self) -> WorkerState:
         started = perf_counter()
         held, relay = self.batch.snapshot()
-        state = (self.logic.snapshot(), held, relay)
+        state = (saved(self.stage_name, self.logic), held, relay)
         self.snap[0] += perf_counter() - started
         return state
 

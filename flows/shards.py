@@ -463,4 +463,9 @@ class ShardTable(StepLogic):
         if self.mutable:
             frozen = self.frozen
             return {k: frozen(items[k]) for k in keys if k in items}
-        return {k: items[k] for k in keys if k in items}
+        return self.storable({k: items[k] for k in keys if k in items})
+
+    def storable(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """What the files keep of `saved` (a chunk of immutable values): a subclass replaces the
+        values msgpack cannot hold (`restored` turns them back)."""
+        return saved

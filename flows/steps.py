@@ -435,6 +435,52 @@ class EntityLogic(ShardTable):
         return [], False
 
 
+_LOW64 = (1 << 64) - 1
+
+
+class SavedLabel(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """A `LabelEvent` waiting in `pending` as its state files keep it: msgpack's integers stop at
+    64 bits and a `seq` (`flows.stamping.make_seq`: event time in milliseconds above 64 bits of
+    partition and position) is wider, so it is kept as its high and low 64 bits."""
+
+    txn_id: str
+    is_fraud: bool
+    ts_ms: int
+    txn_ts_ms: int
+    keys: tuple[str | None, ...]
+    received_ns: int
+    seq_high: int
+    seq_low: int
+    origin: str
+
+    @classmethod
+    def of(cls, e: LabelEvent) -> SavedLabel:
+        return cls(
+            e.txn_id,
+            e.is_fraud,
+            e.ts_ms,
+            e.txn_ts_ms,
+            e.keys,
+            e.received_ns,
+            e.seq >> 64,
+            e.seq & _LOW64,
+            e.origin,
+        )
+
+    def label(self) -> LabelEvent:
+        seq = (self.seq_high << 64) | self.seq_low
+        return LabelEvent(
+            self.txn_id,
+            self.is_fraud,
+            self.ts_ms,
+            self.txn_ts_ms,
+            self.keys,
+            self.received_ns,
+            seq,
+            self.origin,
+        )
+
+
 class PendingLogic(ShardTable):
     """One shard (`flows.shards`) of the vectors waiting for their label, after the entity chain:
     assembles each transaction's feature vector, passes it on to be scored and keeps a copy (its
@@ -449,7 +495,7 @@ class PendingLogic(ShardTable):
     """
 
     __slots__ = ("pipeline",)
-    value_type = bytes | LabelEvent
+    value_type = bytes | SavedLabel
     compact = True  # vectors inline in a `features.table.Table`; a waiting `LabelEvent` by reference
     held: ClassVar[int] = 0  # vectors held by this process's shards (the `fraud_pending_transactions` gauge)
 
@@ -457,6 +503,18 @@ class PendingLogic(ShardTable):
         self.pipeline = pipeline
         super().__init__(files, resume)
         PendingLogic.held += sum(type(v) is bytes for v in self.items.values())
+
+    def storable(self, saved: dict[str, Any]) -> dict[str, Any]:
+        for k, v in saved.items():
+            if type(v) is LabelEvent:
+                saved[k] = SavedLabel.of(v)
+        return saved
+
+    def restored(self, items: dict[str, Any]) -> dict[str, Any]:
+        for k, v in items.items():
+            if type(v) is SavedLabel:
+                items[k] = v.label()
+        return items
 
     def apply(self, events: list[Any]) -> list[Scored | Quarantined]:
         if self.shard is None:

@@ -37,12 +37,13 @@ from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
 from flows.shards import FullState, Manifest, StateFiles, shard_of
-from flows.stamping import INF, NEG, Watermark, stamp
+from flows.stamping import INF, NEG, Watermark, make_seq, partition_code, stamp
 from flows.steps import (
     EntityLogic,
     IndexLogic,
     PendingLogic,
     Quarantined,
+    SavedLabel,
     ScoringLogic,
     chain_filters,
     dead_letter_of,
@@ -256,6 +257,36 @@ def test_pending_holds_the_vector_and_sends_it_with_the_label(pipeline: FeatureP
     held.hold(vector)
     batch = held.join(label)
     assert batch is not None and bytes(batch.values) == bytes(learned.values)  # the same in batch mode
+
+
+def test_a_label_waiting_for_its_row_is_saved_in_the_state_files_with_its_whole_seq(
+    pipeline: FeaturePipeline, tmp_path: Path
+) -> None:
+    """A label skips the entity chain, so it can reach `pending` before its row and wait there
+    over an epoch close. A real `seq` is wider than msgpack's 64-bit integers (the tests above use
+    small ones): saving it to the state files once raised OverflowError and stopped the flow (in
+    a cluster, as a "Send thread panic")."""
+    seq = make_seq(NOW_MS, partition_code("fraud:in:{0}"), 12_345)
+    assert seq > 1 << 64
+    t = Transaction("t1", NOW_MS, "c1", "m1", 5.0, seq=seq - 1)
+    row, entry = pipeline.start(t)
+    for plan in pipeline.plans:
+        pipeline.observe(plan, plan.new_state(), row)
+    early = join_label("t1", entry, Label("t1", True, NOW_MS + 1, seq=seq))
+    assert isinstance(early, LabelEvent)
+    files = StateFiles(tmp_path, "pending")
+    logic = PendingLogic(pipeline, files, None)
+    assert logic.apply([early]) == []  # waits for its row
+    manifest = logic.snapshot()
+    assert isinstance(manifest, Manifest)
+    resumed = PendingLogic(pipeline, files, pickle.loads(pickle.dumps(manifest)))
+    assert resumed.items["t1"] == early
+    vector, learned = resumed.apply([row])
+    assert isinstance(vector, FeatureVector) and isinstance(learned, LabelledVector)
+    assert learned.seq == seq and learned.is_fraud and list(resumed.items) == []
+    for negative in (-seq, -1):  # the split keeps any sign (a seq is never negative today)
+        e = msgspec.structs.replace(early, seq=negative)
+        assert SavedLabel.of(e).label() == e
 
 
 def test_pending_step_keeps_the_scored_vector_until_its_label(runtime: Runtime) -> None:

@@ -20,7 +20,19 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from features.events import Transaction
-from flows.ordering import FAN, Relay, SequencerLogic, Stage, broadcast, by_bucket, by_key, unbundle
+from flows.ordering import (
+    FAN,
+    KeyedStep,
+    Relay,
+    SequencerLogic,
+    Stage,
+    StepLogic,
+    WorkerStep,
+    broadcast,
+    by_bucket,
+    by_key,
+    unbundle,
+)
 from flows.routing import Workers, worker_of
 from flows.stamping import INF, NEG, StampLogic, Tick, Watermark, make_seq, partition_code
 
@@ -222,3 +234,28 @@ def test_sequencer_releases_what_it_held_once_no_watermark_came_for_too_long() -
     logic.batch.deadline = datetime.now(UTC) - timedelta(seconds=1)
     assert [e.seq for e in logic.on_notify()[0]] == [4, 7]
     assert logic.notify_at() is None  # nothing held: nothing to wake up for
+
+
+class _Unsaveable(StepLogic):
+    def apply(self, events: list[Any]) -> list[Any]:
+        return events
+
+    def snapshot(self) -> Any:
+        raise OverflowError("can't serialize ints < -2**63 or > 2**64 - 1")
+
+
+def test_a_step_that_cannot_save_its_state_says_so_before_the_flow_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a cluster Bytewax reports such an exception only as its network threads' panic: the
+    step logs it first, with its name and traceback (keyed steps and per-worker steps alike)."""
+    keyed = KeyedStep.build(Stage("keyed_save", lambda _: _Unsaveable(), Workers(1), None), None)
+    keyed.on_batch([Item(1)])
+    worker = WorkerStep(Stage("worker_save", lambda _: _Unsaveable(), Workers(1), None), None)
+    for logic, name in ((keyed, "keyed_save"), (worker, "worker_save")):
+        caplog.clear()
+        with caplog.at_level("CRITICAL", logger="flows.ordering"), pytest.raises(OverflowError):
+            logic.snapshot()
+        (record,) = caplog.records
+        assert name in record.getMessage() and "epoch close" in record.getMessage()
+        assert record.exc_info is not None and record.exc_info[0] is OverflowError
