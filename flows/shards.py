@@ -466,6 +466,7 @@ class ShardTable(StepLogic):
         return self.storable({k: items[k] for k in keys if k in items})
 
     def storable(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """What the files keep of `saved` (a chunk of immutable values): a subclass replaces the
-        values msgpack cannot hold (`restored` turns them back)."""
+        """What the files keep of `saved`, a chunk of a compact shard's values (a mutable shard
+        saves `frozen` copies; a plain dict shard is written as it is): a subclass replaces the
+        values msgpack cannot hold, and `restored` turns them back."""
         return saved
