@@ -34,10 +34,10 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from functools import partial, wraps
 from operator import attrgetter
 from time import perf_counter
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from zlib import crc32
 
 import bytewax.operators as op
@@ -345,17 +345,31 @@ class Stage:
         return Relay(self.expected, self.workers, state, self.fan)
 
 
-def saved(step: str, logic: StepLogic) -> Any:
-    """`logic.snapshot()`, logged with its traceback if it raises: a step that cannot save its
-    state stops the flow, and in a cluster Bytewax then reports only its network threads' panic
-    ("Send thread panic"), not the exception."""
-    try:
-        return logic.snapshot()
-    except Exception:
-        logger.critical(
-            "step %r could not save its state at an epoch close: the flow stops", step, exc_info=True
-        )
-        raise
+_WHEN = {
+    "on_batch": "on a batch",
+    "on_notify": "on a timer",
+    "on_eof": "at the end of the input",
+    "snapshot": "saving its state at an epoch close",
+}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reported(method: F) -> F:
+    """A Bytewax entry point of a step's logic that logs an exception (step, when, traceback)
+    before it stops the flow. The step logics quarantine what a record makes them raise, so what
+    gets here is a bug; and in a cluster Bytewax reports it only as its network threads' panic
+    ("Send thread panic"), keeping the exception itself unprinted."""
+    when = _WHEN[method.__name__]
+
+    @wraps(method)
+    def call(self: Any, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except Exception:
+            logger.critical("step %r failed %s: the flow stops", self.step_name, when, exc_info=True)
+            raise
+
+    return cast(F, call)
 
 
 class KeyedStep(msgspec.Struct, gc=False):
@@ -372,6 +386,10 @@ class KeyedStep(msgspec.Struct, gc=False):
     relay: Relay | None = None
     logic: StepLogic | None = None
 
+    @property
+    def step_name(self) -> str:
+        return self.stage.name
+
     @classmethod
     def build(cls, stage: Stage, resume: Any) -> KeyedStep:
         """The builder Bytewax calls with a key's snapshot (None for a new key)."""
@@ -379,6 +397,7 @@ class KeyedStep(msgspec.Struct, gc=False):
             return cls(stage, stage.relay(resume))
         return cls(stage, None, None if resume is None else stage.build(resume))
 
+    @reported
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         items = unbundle(items)
         logic = self.logic
@@ -399,19 +418,22 @@ class KeyedStep(msgspec.Struct, gc=False):
     def notify_at(self) -> datetime | None:
         return None if self.logic is None else self.logic.wake_at()
 
+    @reported
     def on_notify(self) -> tuple[list[Any], bool]:
         assert self.logic is not None
         return self.logic.wake()
 
+    @reported
     def on_eof(self) -> tuple[list[Any], bool]:
         return [], StatefulBatchLogic.RETAIN
 
+    @reported
     def snapshot(self) -> Any:
         if self.relay is not None:
             return self.relay.state()
         assert self.logic is not None and not self.logic.done(), "a done key is dropped, never snapshotted"
         started = perf_counter()
-        state = saved(self.stage.name, self.logic)
+        state = self.logic.snapshot()
         self.stage.snap[0] += perf_counter() - started
         return state
 
@@ -425,9 +447,11 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
 
     def __init__(self, stage: Stage, resume: HeldState | None) -> None:
         self.batch = OrderedBatch(stage.name, stage.relay(), resume)
+        self.step_name = f"{stage.name}_sequence"
         self.clock = step_timer(f"{stage.name}_sequence")
         self.snap = snapshot_timer(f"{stage.name}_sequence")
 
+    @reported
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
         out, fwd = self.batch.take(unbundle(items))
@@ -439,12 +463,15 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
     def notify_at(self) -> datetime | None:
         return self.batch.notify_at()
 
+    @reported
     def on_notify(self) -> tuple[list[Any], bool]:
         return self.batch.overdue(), StatefulBatchLogic.RETAIN
 
+    @reported
     def on_eof(self) -> tuple[list[Any], bool]:
         return self.batch.drain(), StatefulBatchLogic.RETAIN
 
+    @reported
     def snapshot(self) -> HeldState:
         started = perf_counter()
         state = self.batch.snapshot()
@@ -464,8 +491,9 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         self.logic = stage.build(state)
         self.batch = OrderedBatch(stage.name, stage.relay(), held)
         self.forward, self.clock, self.snap = stage.forward, stage.clock, stage.snap
-        self.stage_name = stage.name
+        self.step_name = stage.name
 
+    @reported
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         started = perf_counter()
         out, fwd = self.batch.take(unbundle(items))
@@ -478,18 +506,21 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
     def notify_at(self) -> datetime | None:
         return self.batch.notify_at()
 
+    @reported
     def on_notify(self) -> tuple[list[Any], bool]:
         items = self.batch.overdue()
         return (self.logic.apply(items) if items else []), StatefulBatchLogic.RETAIN
 
+    @reported
     def on_eof(self) -> tuple[list[Any], bool]:
         items = self.batch.drain()
         return (self.logic.apply(items) if items else []), StatefulBatchLogic.RETAIN
 
+    @reported
     def snapshot(self) -> WorkerState:
         started = perf_counter()
         held, relay = self.batch.snapshot()
-        state = (saved(self.stage_name, self.logic), held, relay)
+        state = (self.logic.snapshot(), held, relay)
         self.snap[0] += perf_counter() - started
         return state
 

@@ -236,26 +236,40 @@ def test_sequencer_releases_what_it_held_once_no_watermark_came_for_too_long() -
     assert logic.notify_at() is None  # nothing held: nothing to wake up for
 
 
-class _Unsaveable(StepLogic):
+class _Broken(StepLogic):
     def apply(self, events: list[Any]) -> list[Any]:
+        if any(e.seq == 13 for e in events):
+            raise KeyError("a bug, not a bad record")
         return events
 
     def snapshot(self) -> Any:
         raise OverflowError("can't serialize ints < -2**63 or > 2**64 - 1")
 
 
-def test_a_step_that_cannot_save_its_state_says_so_before_the_flow_stops(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_a_step_that_raises_says_so_before_the_flow_stops(caplog: pytest.LogCaptureFixture) -> None:
     """In a cluster Bytewax reports such an exception only as its network threads' panic: the
-    step logs it first, with its name and traceback (keyed steps and per-worker steps alike)."""
-    keyed = KeyedStep.build(Stage("keyed_save", lambda _: _Unsaveable(), Workers(1), None), None)
+    step logs it first, with its name, when it happened and the traceback (keyed steps,
+    sequencers and per-worker steps alike), and re-raises it."""
+    keyed = KeyedStep.build(Stage("keyed_bug", lambda _: _Broken(), Workers(1), None), None)
     keyed.on_batch([Item(1)])
-    worker = WorkerStep(Stage("worker_save", lambda _: _Unsaveable(), Workers(1), None), None)
-    for logic, name in ((keyed, "keyed_save"), (worker, "worker_save")):
+    worker = WorkerStep(Stage("worker_bug", lambda _: _Broken(), Workers(1), None), None)
+    sequencer = SequencerLogic(Stage("seq_bug", lambda _: None, Workers(1), None), None)  # type: ignore[arg-type, return-value]
+    sequencer.batch = None  # type: ignore[assignment]  # a bug in the ordering itself
+    cases = [
+        (keyed.snapshot, "keyed_bug", "saving its state at an epoch close", OverflowError),
+        (worker.snapshot, "worker_bug", "saving its state at an epoch close", OverflowError),
+        (lambda: keyed.on_batch([Item(13)]), "keyed_bug", "on a batch", KeyError),
+        (lambda: worker.on_batch([Item(13), Watermark(0, 13, 0)]), "worker_bug", "on a batch", KeyError),
+        (lambda: sequencer.on_batch([Item(1)]), "seq_bug_sequence", "on a batch", AttributeError),
+    ]
+    for call, name, when, error in cases:
         caplog.clear()
-        with caplog.at_level("CRITICAL", logger="flows.ordering"), pytest.raises(OverflowError):
-            logic.snapshot()
+        with caplog.at_level("CRITICAL", logger="flows.ordering"), pytest.raises(error):
+            call()
         (record,) = caplog.records
-        assert name in record.getMessage() and "epoch close" in record.getMessage()
-        assert record.exc_info is not None and record.exc_info[0] is OverflowError
+        assert record.getMessage() == f"step {name!r} failed {when}: the flow stops"
+        assert record.exc_info is not None and record.exc_info[0] is error
+    caplog.clear()
+    with caplog.at_level("CRITICAL", logger="flows.ordering"):
+        assert [e.seq for e in keyed.on_batch([Item(2)])[0]] == [2]
+    assert caplog.records == []  # nothing logged when nothing raises
