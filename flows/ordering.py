@@ -448,8 +448,8 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
     def __init__(self, stage: Stage, resume: HeldState | None) -> None:
         self.batch = OrderedBatch(stage.name, stage.relay(), resume)
         self.step_name = f"{stage.name}_sequence"
-        self.clock = step_timer(f"{stage.name}_sequence")
-        self.snap = snapshot_timer(f"{stage.name}_sequence")
+        self.clock = step_timer(self.step_name)
+        self.snap = snapshot_timer(self.step_name)
 
     @reported
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
