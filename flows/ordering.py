@@ -38,7 +38,6 @@ from functools import partial, wraps
 from operator import attrgetter
 from time import perf_counter
 from typing import Any, TypeVar, cast
-from zlib import crc32
 
 import bytewax.operators as op
 import msgspec
@@ -112,11 +111,14 @@ def by_bucket(
     key_of: Callable[[Any], str], workers: Workers, everywhere: Callable[[Any], bool] | None = None
 ) -> Router:
     """Route each event to the bucket (one per worker) of `key_of(event)`, bundled per bucket, and
-    each watermark, and each event `everywhere` says so of, to every bucket."""
+    each watermark, and each event `everywhere` says so of, to every bucket.
+
+    A key's bucket is the worker Bytewax runs that key on (`Workers.of`), so the events a bucket
+    releases to their keys stay in its process (no pickling between processes for that hop);
+    `key_of` returns shard keys (`flows.shards`), few enough for `Workers.of` to remember."""
 
     def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         keys = workers.worker_keys()
-        n = len(keys)
         bundles: list[list[Any]] = [[] for _ in keys]
         marks: list[tuple[str, Any]] = []
         for _, item in batch:
@@ -126,7 +128,7 @@ def by_bucket(
                 for bundle in bundles:
                     bundle.append(item)
             else:
-                bundles[crc32(key_of(item).encode()) % n].append(item)
+                bundles[workers.of(key_of(item))].append(item)
         return [*((k, b) for k, b in zip(keys, bundles, strict=True) if b), *marks]
 
     return route

@@ -17,6 +17,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 MARK = "\U0010ffff"  # prefix of the watermark keys: sorts after any entity key
 
 _M64 = (1 << 64) - 1
+PLACED = 4096  # keys whose worker `Workers.of` remembers
 
 
 def _rotl(x: int, b: int) -> int:
@@ -72,6 +73,7 @@ class Workers:
     def __init__(self, count: int = 0) -> None:
         self.count = 0
         self.keys: list[str] = []
+        self.placed: dict[str, int] = {}
         if count:
             self.set(count)
 
@@ -85,11 +87,22 @@ class Workers:
             if len(found) == count:
                 break
         self.keys, self.count = [found[i] for i in range(count)], count
+        self.placed = {}
 
     def known(self) -> int:
         if not self.count:
             raise RuntimeError("the worker count is not known yet: the flow needs its `WorkerCount` input")
         return self.count
+
+    def of(self, key: str) -> int:
+        """The worker Bytewax runs `key` on, remembered: for the few keys a router places (shard
+        keys), where hashing each item's key in Python would cost more than the routing."""
+        w = self.placed.get(key)
+        if w is None:
+            if len(self.placed) >= PLACED:
+                self.placed.clear()  # not few keys after all: bound the memory, not the result
+            w = self.placed[key] = worker_of(key, self.known())
+        return w
 
     def worker_keys(self) -> list[str]:
         """One key per worker, in worker order: `worker_keys()[j]` lands on worker j."""

@@ -175,8 +175,10 @@ Scored = FeatureVector | LabelledVector | Control
 
 
 def scorer_key(item: Scored | Quarantined) -> str:
-    """A vector is scored by the replica its transaction id hashes to (`ordered(per_worker=True)`)."""
-    return item.txn.txn_id if type(item) is FeatureVector else item.txn_id  # type: ignore[union-attr]
+    """A vector is scored by the replica (`ordered(per_worker=True)`) on the worker of its
+    transaction's shard: where `pending` sent it from, so it does not cross to another process.
+    Every replica learns the same labels in the same order, so any replica scores it the same."""
+    return shard_of(item.txn.txn_id if type(item) is FeatureVector else item.txn_id)  # type: ignore[union-attr]
 
 
 def to_every_replica(item: Scored | Quarantined) -> bool:

@@ -34,6 +34,7 @@ from flows.ordering import (
     unbundle,
 )
 from flows.routing import Workers, worker_of
+from flows.shards import shard_of
 from flows.stamping import INF, NEG, StampLogic, Tick, Watermark, make_seq, partition_code
 
 
@@ -202,6 +203,23 @@ def test_bucket_routing_sends_a_key_to_one_bucket_and_a_watermark_to_all() -> No
     assert len(buckets) == 1 and buckets <= set(workers.worker_keys())
     marks = route([("", Watermark(2, 7))])
     assert marks == [(k, Watermark(2, 7, j)) for j, k in enumerate(workers.worker_keys())]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8])
+def test_a_keys_bucket_is_on_the_worker_that_runs_the_key(count: int) -> None:
+    """What a bucket releases goes to keys Bytewax runs on the bucket's own worker: a sequenced
+    step (and the scorer after `pending`) moves no event between processes for that hop."""
+    workers = Workers(count)
+    route = by_bucket(lambda item: shard_of(item.card_id), workers)
+    events = [Transaction(f"t{i}", i, f"c{i}", "m1", 1.0, seq=i) for i in range(300)]
+    routed = route([("", e) for e in events])
+    assert sum(len(b) for _, b in routed) == len(events)
+    for bucket, bundle in routed:
+        assert {worker_of(shard_of(e.card_id), count) for e in bundle} == {worker_of(bucket, count)}
+    assert len(routed) == count  # every worker gets some
+    assert workers.placed == {k: worker_of(k, count) for k in workers.placed}
+    workers.set(count + 1)  # a cluster of another size places every key anew
+    assert workers.placed == {}
 
 
 def test_routers_bundle_a_batch_per_key_in_arrival_order_with_watermarks_after() -> None:
