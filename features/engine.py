@@ -55,6 +55,12 @@ class FeatureRow:
     def seq(self) -> int:
         return self.txn.seq
 
+    def __reduce__(
+        self,
+    ) -> tuple[type[FeatureRow], tuple[Transaction, tuple[str | None, ...], list[list[float]], bool]]:
+        """Pickled as its fields (what crosses between processes in a cluster), not as a dict."""
+        return FeatureRow, (self.txn, self.keys, self.parts, self.late)
+
 
 def _mcc_code(mcc: str | None) -> float:
     return float(mcc) if mcc and mcc.isdigit() else NAN
@@ -193,6 +199,10 @@ class FeatureVector:
     @property
     def seq(self) -> int:
         return self.txn.seq
+
+    def __reduce__(self) -> tuple[type[FeatureVector], tuple[Transaction, list[float], bool]]:
+        """Pickled as its fields (what crosses between processes in a cluster)."""
+        return FeatureVector, (self.txn, self.values, self.late)
 
 
 EXPIRY_EVERY = 100_000

@@ -30,6 +30,7 @@ applied at once). Everything else is exact.
 from __future__ import annotations
 
 import logging
+import pickle
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -72,13 +73,30 @@ Router = Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]]
 # the step its events back.
 
 
+class Bundle(list[Any]):
+    """A router's list of events for one key. One that crosses to another process is pickled
+    once: Bytewax pickles an item for another process twice (timely sizes the message by
+    serialising it, then writes it), so the bundle keeps its pickled events and hands the same
+    bytes to the second pickling. The other side gets a plain list."""
+
+    __slots__ = ("wire",)
+    wire: bytes
+
+    def __reduce__(self) -> tuple[Callable[[bytes], list[Any]], tuple[bytes]]:
+        try:
+            wire = self.wire
+        except AttributeError:
+            wire = self.wire = pickle.dumps(list(self), pickle.HIGHEST_PROTOCOL)
+        return pickle.loads, (wire,)
+
+
 def unbundle(items: list[Any]) -> list[Any]:
     """A keyed step's batch with its bundles (lists of events) opened, in arrival order."""
-    if all(type(i) is not list for i in items):
+    if not any(isinstance(i, list) for i in items):
         return items
     out: list[Any] = []
     for i in items:
-        if type(i) is list:
+        if isinstance(i, list):
             out += i
         else:
             out.append(i)
@@ -90,7 +108,7 @@ def by_key(key_of: Callable[[Any], str], workers: Workers) -> Router:
     watermark to every worker (for `op.flat_map_batch`: one call per batch)."""
 
     def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        bundles: dict[str, list[Any]] = {}
+        bundles: dict[str, Bundle] = {}
         marks: list[tuple[str, Any]] = []
         for _, item in batch:
             if type(item) is Watermark:
@@ -99,7 +117,7 @@ def by_key(key_of: Callable[[Any], str], workers: Workers) -> Router:
                 k = key_of(item)
                 bundle = bundles.get(k)
                 if bundle is None:
-                    bundles[k] = [item]
+                    bundles[k] = Bundle((item,))
                 else:
                     bundle.append(item)
         return [*bundles.items(), *marks]
@@ -119,7 +137,7 @@ def by_bucket(
 
     def route(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         keys = workers.worker_keys()
-        bundles: list[list[Any]] = [[] for _ in keys]
+        bundles = [Bundle() for _ in keys]
         marks: list[tuple[str, Any]] = []
         for _, item in batch:
             if type(item) is Watermark:

@@ -6,6 +6,8 @@ processes in `tests/test_production.py`; these tests pin down the parts it rests
 
 from __future__ import annotations
 
+import math
+import pickle
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,9 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from features.engine import FeatureRow
 from features.events import Transaction
 from flows.ordering import (
     FAN,
+    Bundle,
     KeyedStep,
     Relay,
     SequencerLogic,
@@ -231,7 +235,7 @@ def test_routers_bundle_a_batch_per_key_in_arrival_order_with_watermarks_after()
     routed = by_key(lambda item: item.card_id, workers)(batch)
     *bundles, m0, m1 = routed
     assert (m0, m1) == tuple(broadcast(Watermark(0, 0), workers))
-    assert all(type(b) is list for _, b in bundles)
+    assert all(type(b) is Bundle for _, b in bundles)
     assert {k: [e.seq for e in b] for k, b in bundles} == {
         k: [e.seq for e in events if e.card_id == k] for k in {e.card_id for e in events}
     }
@@ -241,6 +245,31 @@ def test_routers_bundle_a_batch_per_key_in_arrival_order_with_watermarks_after()
     assert all(2 in seqs for seqs in opened.values()) and len(opened) == 2  # in every bucket
     assert sorted(x for seqs in opened.values() for x in seqs if x != 2) == [0, 1, 3, 4, 5]
     assert unbundle([Watermark(0, 1)]) == [Watermark(0, 1)]
+
+
+def test_a_bundle_for_another_process_is_pickled_once_and_arrives_as_its_events() -> None:
+    """Bytewax pickles an item for another process twice (to size the message, then to write
+    it): a bundle's events are encoded the first time only, and come out as a plain list."""
+    reduced: list[int] = []
+
+    class Counted(FeatureRow):
+        def __reduce__(self) -> Any:
+            reduced.append(self.txn.seq)
+            return FeatureRow, (self.txn, self.keys, self.parts, self.late)
+
+    seq = make_seq(1_767_225_600_000, partition_code("txn:0"), 7)  # a real seq: ~105 bits
+    txns = [Transaction(f"t{i}", i, "c1", "m1", 1.0, seq=seq + i, raw='{"x": 1}') for i in range(3)]
+    rows = [Counted(t, ("card:c1", None), [[1.0, float("nan")]], i == 2) for i, t in enumerate(txns)]
+    (key, bundle), *_ = by_key(lambda row: row.txn.card_id, Workers(2))([("", r) for r in rows])
+    sized, sent = pickle.dumps((key, bundle)), pickle.dumps((key, bundle))
+    assert sized == sent and reduced == [seq, seq + 1, seq + 2]
+    got_key, got = pickle.loads(sent)
+    assert got_key == key and type(got) is list and len(got) == 3
+    assert [(type(r), r.txn, r.keys, r.late) for r in got] == [
+        (FeatureRow, r.txn, r.keys, r.late) for r in rows
+    ]
+    assert all(math.isnan(r.parts[0][1]) and r.parts[0][0] == 1.0 for r in got)
+    assert unbundle([got, Watermark(0, 1)]) == [*got, Watermark(0, 1)]
 
 
 def test_sequencer_releases_what_it_held_once_no_watermark_came_for_too_long() -> None:
