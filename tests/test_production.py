@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from flows.redis_source import shard_stream
 from fraud.datagen import GeneratorConfig, write_files
 from service.redis_client import connect
 from testkit import drill
@@ -181,3 +182,59 @@ def test_a_live_flow_decides_everything_while_one_shard_stays_empty(
     assert len(outcome.scores) == outcome.decisions_written == n  # all decided, none twice
     assert len(outcome.alerts) == len(set(outcome.alerts)) > 0
     client.close()
+
+
+def test_labels_that_overtake_their_rows_wait_over_epoch_closes_and_resume_nothing_lost(
+    baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
+) -> None:
+    """One shard far ahead of the other (a backlog read unevenly): the ahead shard's rows wait in
+    the sequencers for the other's watermark while their labels, which skip the entity chain,
+    reach `pending` first and wait there over many epoch closes, so `pending`'s state files must
+    keep a label with its real `seq` (wider than 64 bits). Then the other shard catches up: the
+    same decisions and alerts as the shards read evenly."""
+    n, _ = baseline
+    client = connect(redis_url)
+    fill(client, dataset, "even", 2)
+    drill.finish(drill.start(drill.flow_env(redis_url, "even", 2, tmp_path, **RUN)))
+    expected = drill.Outcome.read(client, "even")
+    assert len(expected.scores) == n
+
+    fill(client, dataset, "src", 2)
+    ahead, behind = (client.xrange(shard_stream("src:in", i)) for i in range(2))
+    head = len(behind) // 20  # the shard behind stops at its first twentieth, a day of the world
+    for shard, entries in ((0, ahead), (1, behind[:head])):
+        pipe = client.pipeline(transaction=False)
+        for _, fields in entries:
+            pipe.xadd(shard_stream("skew:in", shard), fields)
+        pipe.execute()
+    # No idle tick from the shard behind while it waits (it would stop holding the other back);
+    # each shard ends once it has been empty for 15 s.
+    skew = {**RUN, "FRAUD_SOURCE_IDLE_MS": "600000", "FRAUD_SOURCE_IDLE_EXIT_S": "15"}
+    proc = drill.start(drill.flow_env(redis_url, "skew", 2, tmp_path, **skew))
+    try:
+        saved = tmp_path / "skew-recovery" / "state" / "pending"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not _bytes_under(saved):
+            time.sleep(0.05)
+        time.sleep(1.0)  # some twenty epoch closes with labels waiting
+        assert proc.poll() is None, drill.finish(proc)  # the run must not have stopped
+        assert client.xlen("skew:decisions") < n // 2  # the rows ahead are still held
+        pipe = client.pipeline(transaction=False)
+        for _, fields in behind[head:]:
+            pipe.xadd(shard_stream("skew:in", 1), fields)
+        pipe.execute()
+        drill.finish(proc, timeout_s=180)
+    finally:
+        drill.reap(proc)
+    outcome = drill.Outcome.read(client, "skew")
+    report = outcome.compare(expected)
+    assert len(outcome.scores) == outcome.decisions_written == n, report
+    assert report["missing"] == report["extra"] == report["duplicated"] == report["scores_different"] == 0, (
+        report
+    )
+    client.close()
+
+
+def _bytes_under(directory: Path) -> int:
+    """Bytes in the files under `directory` (0 while it does not exist)."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
