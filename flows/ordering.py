@@ -35,16 +35,17 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial, wraps
+from functools import partial
 from operator import attrgetter
 from time import perf_counter
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import bytewax.operators as op
 import msgspec
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from flows.reporting import reported
 from flows.routing import Workers
 from flows.stamping import NEG, Watermark
 from service.telemetry import ORDER_HELD, ORDER_LATE, snapshot_timer, step_timer
@@ -363,33 +364,6 @@ class Stage:
 
     def relay(self, state: RelayState | None = None) -> Relay:
         return Relay(self.expected, self.workers, state, self.fan)
-
-
-_WHEN = {
-    "on_batch": "on a batch",
-    "on_notify": "on a timer",
-    "on_eof": "at the end of the input",
-    "snapshot": "saving its state at an epoch close",
-}
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def reported(method: F) -> F:
-    """A Bytewax entry point of a step's logic that logs an exception (step, when, traceback)
-    before it stops the flow. The step logics quarantine what a record makes them raise, so what
-    gets here is a bug; and in a cluster Bytewax reports it only as its network threads' panic
-    ("Send thread panic"), keeping the exception itself unprinted."""
-    when = _WHEN[method.__name__]
-
-    @wraps(method)
-    def call(self: Any, *args: Any) -> Any:
-        try:
-            return method(self, *args)
-        except Exception:
-            logger.critical("step %r failed %s: the flow stops", self.step_name, when, exc_info=True)
-            raise
-
-    return cast(F, call)
 
 
 class KeyedStep(msgspec.Struct, gc=False):

@@ -20,6 +20,7 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
+from flows.reporting import reported
 from service.telemetry import snapshot_timer
 
 INF = 1 << 200  # a watermark past every seq: the end of the input
@@ -80,12 +81,15 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
     the partition's own snapshot resumes reading.
     """
 
+    step_name = "stamp"
+
     def __init__(self, resume: StampState | None) -> None:
         self.partition, self.running_max, self.position, self.idle = resume or (None, NEG, 0, False)
         self.wm = NEG
         if self.partition is not None and self.position:
             self.wm = make_seq(self.running_max, partition_code(self.partition), self.position)
 
+    @reported
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
         if self.partition is None:
             first = items[0]
@@ -113,11 +117,13 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
             out.append(Watermark(self.partition, self.wm, idle=True))
         return out, StatefulBatchLogic.RETAIN
 
+    @reported
     def on_eof(self) -> tuple[list[Any], bool]:
         return (
             [Watermark(self.partition, INF)] if self.partition is not None else []
         ), StatefulBatchLogic.RETAIN
 
+    @reported
     def snapshot(self) -> StampState:
         started = perf_counter()
         state = (self.partition, self.running_max, self.position, self.idle)

@@ -296,7 +296,7 @@ class _Broken(StepLogic):
 def test_a_step_that_raises_says_so_before_the_flow_stops(caplog: pytest.LogCaptureFixture) -> None:
     """In a cluster Bytewax reports such an exception only as its network threads' panic: the
     step logs it first, with its name, when it happened and the traceback (keyed steps,
-    sequencers and per-worker steps alike), and re-raises it."""
+    sequencers, per-worker steps and `stamp` alike), and re-raises it."""
     keyed = KeyedStep.build(Stage("keyed_bug", lambda _: _Broken(), Workers(1), None), None)
     keyed.on_batch([Item(1)])
     worker = WorkerStep(Stage("worker_bug", lambda _: _Broken(), Workers(1), None), None)
@@ -308,15 +308,16 @@ def test_a_step_that_raises_says_so_before_the_flow_stops(caplog: pytest.LogCapt
         (lambda: keyed.on_batch([Item(13)]), "keyed_bug", "on a batch", KeyError),
         (lambda: worker.on_batch([Item(13), Watermark(0, 13, 0)]), "worker_bug", "on a batch", KeyError),
         (lambda: sequencer.on_batch([Item(1)]), "seq_bug_sequence", "on a batch", AttributeError),
+        (lambda: StampLogic(None).on_batch([Item(1)]), "stamp", "on a batch", AttributeError),  # no origin
     ]
     for call, name, when, error in cases:
         caplog.clear()
-        with caplog.at_level("CRITICAL", logger="flows.ordering"), pytest.raises(error):
+        with caplog.at_level("CRITICAL", logger="flows.reporting"), pytest.raises(error):
             call()
         (record,) = caplog.records
         assert record.getMessage() == f"step {name!r} failed {when}: the flow stops"
         assert record.exc_info is not None and record.exc_info[0] is error
     caplog.clear()
-    with caplog.at_level("CRITICAL", logger="flows.ordering"):
+    with caplog.at_level("CRITICAL", logger="flows.reporting"):
         assert [e.seq for e in keyed.on_batch([Item(2)])[0]] == [2]
     assert caplog.records == []  # nothing logged when nothing raises
