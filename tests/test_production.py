@@ -207,9 +207,9 @@ def test_labels_that_overtake_their_rows_wait_over_epoch_closes_and_resume_nothi
         for _, fields in entries:
             pipe.xadd(shard_stream("skew:in", shard), fields)
         pipe.execute()
-    # No idle tick from the shard behind while it waits (it would stop holding the other back);
-    # each shard ends once it has been empty for 15 s.
-    skew = {**RUN, "FRAUD_SOURCE_IDLE_MS": "600000", "FRAUD_SOURCE_IDLE_EXIT_S": "15"}
+    # No idle tick from the shard behind while it waits (it would stop holding the other back),
+    # and no end of input: the run is stopped once it has decided everything.
+    skew = {**RUN, "FRAUD_SOURCE_IDLE_MS": "600000", "FRAUD_SOURCE_IDLE_EXIT_S": "600"}
     proc = drill.start(drill.flow_env(redis_url, "skew", 2, tmp_path, **skew))
     try:
         saved = tmp_path / "skew-recovery" / "state" / "pending"
@@ -218,12 +218,21 @@ def test_labels_that_overtake_their_rows_wait_over_epoch_closes_and_resume_nothi
             time.sleep(0.05)
         time.sleep(1.0)  # some twenty epoch closes with labels waiting
         assert proc.poll() is None, drill.finish(proc)  # the run must not have stopped
-        assert client.xlen("skew:decisions") < n // 2  # the rows ahead are still held
+        assert _bytes_under(saved) > 0 and client.xlen("skew:decisions") < n // 2  # rows held back
         pipe = client.pipeline(transaction=False)
         for _, fields in behind[head:]:
             pipe.xadd(shard_stream("skew:in", 1), fields)
         pipe.execute()
-        drill.finish(proc, timeout_s=180)
+        deadline = time.monotonic() + 120
+        while (
+            proc.poll() is None
+            and time.monotonic() < deadline
+            and not (
+                client.xlen("skew:decisions") >= n and client.xlen("skew:alerts") >= len(expected.alerts)
+            )
+        ):
+            time.sleep(0.1)
+        assert proc.poll() is None, drill.finish(proc)
     finally:
         drill.reap(proc)
     outcome = drill.Outcome.read(client, "skew")
