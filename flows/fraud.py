@@ -1,8 +1,9 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
-(transaction shards) -> card -> merchant -> device features (entity shards; rows, and the labels an
-entity counts) ->
+(transaction shards; with several partitions, in canonical order: a label may come from another
+partition than its transaction) -> card -> merchant -> device features (entity shards; rows, and
+the labels an entity counts) ->
 pending (transaction shards: the vector waits for its label; other labels come straight from the index) ->
 score (one replica per worker) -> alerts, late side output, drift events, decision log; bad records -> dead
 letters, and so does a record any step raised on (`flows.steps.quarantine`). Each step is one
@@ -115,12 +116,14 @@ def build(
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
     decoded = batch.each("decode", read, decoder(rt.card_ref, rt.command_key))
     stamped = stamp("stamp", batch.keep("valid", decoded, is_valid))
+    parts = partitions(src)
     index = step(
         "index",
         stamped,
         logic=partial(IndexLogic, pipeline, state_files(state_dir, "index"), expiry=Expiry(ttl)),
         key=txn_key,
-        sources=partitions(src),
+        sequence=parts > 1,  # a label may come from another partition than its transaction
+        sources=parts,
     )
     rows = batch.keep("to_chain", index, needs_chain)
     for plan in pipeline.plans:

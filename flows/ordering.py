@@ -553,7 +553,8 @@ def ordered(
     partitions' watermarks (their count); later ones the workers of the step(s) before.
 
     - keyed (default): one Bytewax key per `key(event)`, applying each batch in `seq` order.
-      Enough where a key's events all come from one upstream key (the transaction index).
+      Enough where a key's events all come from one upstream key, in order (the transaction
+      index when there is one partition).
     - `sequence=True`: a bucket per worker first holds events until the watermark passes them
       and releases them in `seq` order, so keys that gather events from many places (a card's
       transactions come from every partition) see them in canonical order.

@@ -6,8 +6,10 @@ processes reading them (FRAUD_SOURCE=redis) with recovery on, until the shards a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from flows.redis_source import shard_stream
 from fraud.datagen import GeneratorConfig, write_files
 from service.redis_client import connect
 from testkit import drill
+from testkit.streams import entries
 from testkit.system import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
@@ -184,45 +187,60 @@ def test_a_live_flow_decides_everything_while_one_shard_stays_empty(
     client.close()
 
 
-def test_labels_that_overtake_their_rows_wait_over_epoch_closes_and_resume_nothing_lost(
+def test_a_shard_read_far_ahead_waits_and_its_labels_still_find_their_transactions(
     baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
 ) -> None:
-    """One shard far ahead of the other (a backlog read unevenly): the ahead shard's rows wait in
-    the sequencers for the other's watermark while their labels, which skip the entity chain,
-    reach `pending` first and wait there over many epoch closes, so `pending`'s state files must
-    keep a label with its real `seq` (wider than 64 bits). Then the other shard catches up: the
-    same decisions and alerts as the shards read evenly."""
+    """One shard far ahead of the other (a backlog read unevenly), and the labels in shard 0
+    whatever their transaction's shard (a label feed that does not know the card): the ahead
+    shard's events wait in the index's buckets for the other's watermark, over many epoch closes,
+    so a label never reaches the index before its transaction (it would be dead-lettered as
+    `unknown_txn` and never learned). Then the other shard catches up: the same decisions, alerts
+    and dead letters as the same shards read evenly."""
     n, _ = baseline
     client = connect(redis_url)
-    fill(client, dataset, "even", 2)
+    fill(client, dataset, "src", 2)
+    shard0, shard1 = (client.xrange(shard_stream("src:in", i)) for i in range(2))
+    moved = [e for e in shard1 if e[1][b"kind"] == b"label"]
+    assert moved, "no label to move"
+    ahead = sorted(shard0 + moved, key=lambda e: tuple(int(p) for p in e[0].split(b"-")))  # replay order
+    # Last in shard 1, a label (for no transaction) after everything: the shard's watermark then
+    # passes all of shard 0, so nothing waits for the 30-s release at the end of the run.
+    last = max(datetime.fromisoformat(json.loads(f[b"payload"])["ts"]) for _, f in shard0 + shard1)
+    end = json.dumps({"txn_id": "t-end", "is_fraud": False, "ts": (last + timedelta(seconds=1)).isoformat()})
+    behind = [e for e in shard1 if e[1][b"kind"] != b"label"] + [
+        (b"0-0", {b"kind": b"label", b"payload": end.encode()})
+    ]
+
+    def write(tag: str, shard: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for _, fields in entries:
+            pipe.xadd(shard_stream(f"{tag}:in", shard), fields)  # type: ignore[arg-type]
+        pipe.execute()
+
+    write("even", 0, ahead)
+    write("even", 1, behind)
     drill.finish(drill.start(drill.flow_env(redis_url, "even", 2, tmp_path, **RUN)))
     expected = drill.Outcome.read(client, "even")
     assert len(expected.scores) == n
+    assert dead_letters(client, "even") == ["t-end"]  # every other label found its transaction
 
-    fill(client, dataset, "src", 2)
-    ahead, behind = (client.xrange(shard_stream("src:in", i)) for i in range(2))
     head = len(behind) // 20  # the shard behind stops at its first twentieth, a day of the world
-    for shard, entries in ((0, ahead), (1, behind[:head])):
-        pipe = client.pipeline(transaction=False)
-        for _, fields in entries:
-            pipe.xadd(shard_stream("skew:in", shard), fields)
-        pipe.execute()
+    write("skew", 0, ahead)
+    write("skew", 1, behind[:head])
     # No idle tick from the shard behind while it waits (it would stop holding the other back),
     # and no end of input: the run is stopped once it has decided everything.
     skew = {**RUN, "FRAUD_SOURCE_IDLE_MS": "600000", "FRAUD_SOURCE_IDLE_EXIT_S": "600"}
     proc = drill.start(drill.flow_env(redis_url, "skew", 2, tmp_path, **skew))
     try:
-        saved = tmp_path / "skew-recovery" / "state" / "pending"
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and not _bytes_under(saved):
-            time.sleep(0.05)
-        time.sleep(1.0)  # some twenty epoch closes with labels waiting
+        saved = tmp_path / "skew-recovery" / "state" / "index"
+        deadline, decided, still = time.monotonic() + 60, -1, 0.0
+        while proc.poll() is None and time.monotonic() < deadline and still < 2.0:
+            time.sleep(0.25)  # until the decisions stop: shard 0 read, the rest held back
+            now = client.xlen("skew:decisions")
+            still, decided = (still + 0.25 if now == decided and _bytes_under(saved) else 0.0), now
         assert proc.poll() is None, drill.finish(proc)  # the run must not have stopped
-        assert _bytes_under(saved) > 0 and client.xlen("skew:decisions") < n // 2  # rows held back
-        pipe = client.pipeline(transaction=False)
-        for _, fields in behind[head:]:
-            pipe.xadd(shard_stream("skew:in", 1), fields)
-        pipe.execute()
+        assert 0 < decided < n // 2, decided  # rows held back
+        write("skew", 1, behind[head:])
         deadline = time.monotonic() + 120
         while (
             proc.poll() is None
@@ -237,11 +255,17 @@ def test_labels_that_overtake_their_rows_wait_over_epoch_closes_and_resume_nothi
         drill.reap(proc)
     outcome = drill.Outcome.read(client, "skew")
     report = outcome.compare(expected)
+    assert set(dead_letters(client, "skew")) <= {"t-end"}, client.xrange("skew:dlq", count=3)  # no label lost
     assert len(outcome.scores) == outcome.decisions_written == n, report
     assert report["missing"] == report["extra"] == report["duplicated"] == report["scores_different"] == 0, (
         report
     )
     client.close()
+
+
+def dead_letters(client: redis.Redis, tag: str) -> list[str]:
+    """The transaction ids of a run's dead letters."""
+    return [f["txn_id"] for f in entries(client, f"{tag}:dlq")]
 
 
 def _bytes_under(directory: Path) -> int:
