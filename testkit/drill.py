@@ -8,6 +8,7 @@ is `testkit.private_redis.private_redis`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import redis
 
+from flows.redis_source import shard_stream
 from fraud.producer import replay_files
 from service.redis_client import connect
 from testkit.private_redis import private_redis
@@ -60,6 +62,41 @@ def replay(client: redis.Redis, files: tuple[Path, Path | None], tag: str, shard
     """Replay (transactions, labels) files into the `<tag>:in` shards a `flow_env(tag)` run reads
     (`fraud.producer.replay_files`; `rate=` paces it): the transactions replayed."""
     return int(replay_files(client, *files, f"{tag}:in", shards, **kwargs)["transactions"])
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py reads it: id, fields
+
+
+def labels_moved(
+    client: redis.Redis, tag: str, shards: int, where: Callable[[str], int]
+) -> list[list[Entry]]:
+    """The entries of the `<tag>:in` shards as a label feed that does not know the card would
+    leave them: each label in shard `where(txn_id)` instead of its transaction's, every shard's
+    entries in the order they were replayed (event time), each transaction where it is."""
+    placed: list[tuple[Entry, int]] = []
+    for i in range(shards):
+        stream: list[Entry] = client.xrange(shard_stream(f"{tag}:in", i))  # type: ignore[assignment]
+        for e in stream:
+            label = e[1][b"kind"] == b"label"
+            placed.append((e, where(json.loads(e[1][b"payload"])["txn_id"]) if label else i))
+    placed.sort(key=lambda p: tuple(int(x) for x in p[0][0].split(b"-")))
+    out: list[list[Entry]] = [[] for _ in range(shards)]
+    for e, i in placed:
+        out[i].append(e)
+    return out
+
+
+def labels_in_shard0(client: redis.Redis, tag: str, shards: int) -> list[list[Entry]]:
+    """`labels_moved` with every label in shard 0."""
+    return labels_moved(client, tag, shards, lambda _: 0)
+
+
+def write(client: redis.Redis, tag: str, shard: int, items: list[Entry]) -> None:
+    """Append `items`' fields to the `<tag>:in` shard `shard` (new ids), in order."""
+    pipe = client.pipeline(transaction=False)
+    for _, fields in items:
+        pipe.xadd(shard_stream(f"{tag}:in", shard), fields)  # type: ignore[arg-type]
+    pipe.execute()
 
 
 def start(env: Mapping[str, str], *args: str) -> subprocess.Popen[bytes]:

@@ -199,34 +199,24 @@ def test_a_shard_read_far_ahead_waits_and_its_labels_still_find_their_transactio
     n, _ = baseline
     client = connect(redis_url)
     fill(client, dataset, "src", 2)
-    shard0, shard1 = (client.xrange(shard_stream("src:in", i)) for i in range(2))
-    moved = [e for e in shard1 if e[1][b"kind"] == b"label"]
-    assert moved, "no label to move"
-    ahead = sorted(shard0 + moved, key=lambda e: tuple(int(p) for p in e[0].split(b"-")))  # replay order
+    ahead, shard1 = drill.labels_in_shard0(client, "src", 2)
+    assert len(ahead) > len(client.xrange(shard_stream("src:in", 0))), "no label to move"
     # Last in shard 1, a label (for no transaction) after everything: the shard's watermark then
     # passes all of shard 0, so nothing waits for the 30-s release at the end of the run.
-    last = max(datetime.fromisoformat(json.loads(f[b"payload"])["ts"]) for _, f in shard0 + shard1)
+    last = max(datetime.fromisoformat(json.loads(f[b"payload"])["ts"]) for _, f in ahead + shard1)
     end = json.dumps({"txn_id": "t-end", "is_fraud": False, "ts": (last + timedelta(seconds=1)).isoformat()})
-    behind = [e for e in shard1 if e[1][b"kind"] != b"label"] + [
-        (b"0-0", {b"kind": b"label", b"payload": end.encode()})
-    ]
+    behind = [*shard1, (b"0-0", {b"kind": b"label", b"payload": end.encode()})]
 
-    def write(tag: str, shard: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        pipe = client.pipeline(transaction=False)
-        for _, fields in entries:
-            pipe.xadd(shard_stream(f"{tag}:in", shard), fields)  # type: ignore[arg-type]
-        pipe.execute()
-
-    write("even", 0, ahead)
-    write("even", 1, behind)
+    drill.write(client, "even", 0, ahead)
+    drill.write(client, "even", 1, behind)
     drill.finish(drill.start(drill.flow_env(redis_url, "even", 2, tmp_path, **RUN)))
     expected = drill.Outcome.read(client, "even")
     assert len(expected.scores) == n
     assert dead_letters(client, "even") == ["t-end"]  # every other label found its transaction
 
     head = len(behind) // 20  # the shard behind stops at its first twentieth, a day of the world
-    write("skew", 0, ahead)
-    write("skew", 1, behind[:head])
+    drill.write(client, "skew", 0, ahead)
+    drill.write(client, "skew", 1, behind[:head])
     # No idle tick from the shard behind while it waits (it would stop holding the other back),
     # and no end of input: the run is stopped once it has decided everything.
     skew = {**RUN, "FRAUD_SOURCE_IDLE_MS": "600000", "FRAUD_SOURCE_IDLE_EXIT_S": "600"}
@@ -240,7 +230,7 @@ def test_a_shard_read_far_ahead_waits_and_its_labels_still_find_their_transactio
             still, decided = (still + 0.25 if now == decided and _bytes_under(saved) else 0.0), now
         assert proc.poll() is None, drill.finish(proc)  # the run must not have stopped
         assert 0 < decided < n // 2, decided  # rows held back
-        write("skew", 1, behind[head:])
+        drill.write(client, "skew", 1, behind[head:])
         deadline = time.monotonic() + 120
         while (
             proc.poll() is None
