@@ -8,7 +8,6 @@ is `testkit.private_redis.private_redis`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -67,28 +66,14 @@ def replay(client: redis.Redis, files: tuple[Path, Path | None], tag: str, shard
 Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py reads it: id, fields
 
 
-def labels_moved(
-    client: redis.Redis, tag: str, shards: int, where: Callable[[str], int]
-) -> list[list[Entry]]:
-    """The entries of the `<tag>:in` shards as a label feed that does not know the card would
-    leave them: each label in shard `where(txn_id)` instead of its transaction's, every shard's
-    entries in the order they were replayed (event time), each transaction where it is."""
-    placed: list[tuple[Entry, int]] = []
-    for i in range(shards):
-        stream: list[Entry] = client.xrange(shard_stream(f"{tag}:in", i))  # type: ignore[assignment]
-        for e in stream:
-            label = e[1][b"kind"] == b"label"
-            placed.append((e, where(json.loads(e[1][b"payload"])["txn_id"]) if label else i))
-    placed.sort(key=lambda p: tuple(int(x) for x in p[0][0].split(b"-")))
-    out: list[list[Entry]] = [[] for _ in range(shards)]
-    for e, i in placed:
-        out[i].append(e)
-    return out
-
-
 def labels_in_shard0(client: redis.Redis, tag: str, shards: int) -> list[list[Entry]]:
-    """`labels_moved` with every label in shard 0."""
-    return labels_moved(client, tag, shards, lambda _: 0)
+    """The entries of the `<tag>:in` shards as a label feed that does not know the card would
+    leave them: every label in shard 0, among shard 0's entries in the order they were replayed
+    (event time); each transaction where it is."""
+    streams: list[list[Entry]] = [client.xrange(shard_stream(f"{tag}:in", i)) for i in range(shards)]  # type: ignore[misc]
+    labels = [e for s in streams[1:] for e in s if e[1][b"kind"] == b"label"]
+    first = sorted(streams[0] + labels, key=lambda e: tuple(int(x) for x in e[0].split(b"-")))
+    return [first] + [[e for e in s if e[1][b"kind"] != b"label"] for s in streams[1:]]
 
 
 def write(client: redis.Redis, tag: str, shard: int, items: list[Entry]) -> None:
