@@ -1,8 +1,8 @@
 """The fraud-scoring dataflow: `python -m bytewax.run flows.fraud`.
 
 read -> decode -> stamp (each event's place in the canonical order, per partition) -> index
-(transaction shards; with several partitions, in canonical order: a label may come from another
-partition than its transaction) -> card -> merchant -> device features (entity shards; rows, and
+(transaction shards; with several partitions a label whose transaction is not there yet waits
+for the watermark: it may come from another partition) -> card -> merchant -> device features (entity shards; rows, and
 the labels an entity counts) ->
 pending (transaction shards: the vector waits for its label; other labels come straight from the index) ->
 score (one replica per worker) -> alerts, late side output, drift events, decision log; bad records -> dead
@@ -120,9 +120,11 @@ def build(
     index = step(
         "index",
         stamped,
-        logic=partial(IndexLogic, pipeline, state_files(state_dir, "index"), expiry=Expiry(ttl)),
+        # a label may come from another partition than its transaction: parked until it is due
+        logic=partial(
+            IndexLogic, pipeline, state_files(state_dir, "index"), expiry=Expiry(ttl), parks=parts > 1
+        ),
         key=txn_key,
-        sequence=parts > 1,  # a label may come from another partition than its transaction
         sources=parts,
     )
     rows = batch.keep("to_chain", index, needs_chain)

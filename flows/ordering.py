@@ -16,6 +16,9 @@ and runs a plain `StepLogic` (`flows.steps`) on the events in order:
   (`SequencerLogic`) holds the events and releases them in `seq` order up to the watermark.
   Each entity key gets its events from one bucket, on one channel, so they arrive in that order.
 - With `per_worker=True` the bucket runs the logic itself (the scorer: one replica per worker).
+- A keyed step without buckets may still park the few events that arrive ahead of the order
+  (`Parking`): the index parks a label whose transaction, from another partition, is not there
+  yet, and its worker's relay forwards no watermark past it until it has gone out.
 - Watermarks travel with the events, through every worker of every step: `Workers.worker_keys()`
   (`flows.routing`) are keys that Bytewax routes to each worker, and a step forwards the
   watermark only after the events it covers (those keys sort after any entity key, and Bytewax
@@ -180,8 +183,9 @@ class Relay:
         s = state or RelayState(-1, {}, [], None)
         self.to, self.marks, self.idle, self.out = s.to, dict(s.marks), set(s.idle), s.out
 
-    def update(self, marks: Iterable[Watermark]) -> Watermark | None:
-        """Take in `marks`; the watermark to forward if it advanced."""
+    def update(self, marks: Iterable[Watermark], parking: Parking | None = None) -> Watermark | None:
+        """Take in `marks`; the watermark to forward if it advanced. With `parking`, tell it the
+        watermark this worker has seen, and forward none at or past an event parked here."""
         for m in marks:
             self.to = m.to
             prev = self.marks.get(m.origin)
@@ -202,6 +206,8 @@ class Relay:
                 return None
             live = [w for o, w in self.marks.items() if o not in self.idle]
             combined = min(live) if live else max(self.marks.values())
+        if parking is not None:
+            combined = parking.seen(self.to, combined)
         if self.out is not None and combined <= self.out:
             return None
         self.out = combined
@@ -212,6 +218,70 @@ class Relay:
 
 
 _seq = attrgetter("seq")
+
+
+POLL = timedelta(milliseconds=5)  # how often a key with parked events looks at the watermark
+
+
+class Parking:
+    """Events that a keyed step's logic parks until the watermark passes them (`StepLogic.parked`:
+    the index's labels that found no transaction yet, which may still come from another
+    partition), per worker.
+
+    A keyed step's keys cannot see its watermark, which its relay key on the same worker gets.
+    So the relay notes here what it has seen (`seen`), and a key with parked events reads it (at
+    its next batch, or polling every `POLL`) to apply those at or below it; until then the relay
+    forwards no watermark at or past the smallest of them, so they still go out ahead of the
+    watermark that covers them, in the canonical order downstream steps expect."""
+
+    def __init__(self) -> None:
+        self.marks: dict[int, int] = {}  # worker -> the largest watermark its relay has seen
+        self.held: dict[int, dict[int, int]] = {}  # worker -> {id of a key: its smallest parked seq}
+        self.sent: dict[int, int] = {}  # worker -> the largest watermark it may have sent
+
+    def seen(self, worker: int, wm: int) -> int:
+        """Note that `worker`'s relay has seen `wm`; what it may forward."""
+        prev = self.marks.get(worker)
+        if prev is None or wm > prev:
+            self.marks[worker] = wm
+        out = self._cap(worker, wm)
+        if out > self.sent.get(worker, out - 1):
+            self.sent[worker] = out
+        return out
+
+    def _cap(self, worker: int, wm: int) -> int:
+        held = self.held.get(worker)
+        if held:
+            low = min(held.values())
+            if low <= wm:
+                return low - 1
+        return wm
+
+    def release(self, worker: int) -> int | None:
+        """After a key of `worker` applied parked events: the watermark its relay may now send
+        beyond what it sent (None: none), for the key to send after them on the relay's behalf
+        (it speaks for the same origin, the worker; a watermark sent twice is harmless)."""
+        wm = self.marks.get(worker)
+        if wm is None:
+            return None
+        out = self._cap(worker, wm)
+        sent = self.sent.get(worker)
+        if sent is not None and out <= sent:
+            return None
+        self.sent[worker] = out
+        return out
+
+    def upto(self, worker: int) -> int | None:
+        """The watermark `worker`'s relay has seen, if any."""
+        return self.marks.get(worker)
+
+    def hold(self, worker: int, key: int, low: int | None) -> None:
+        """Key `key` on `worker` now parks events from `low` on (None: none)."""
+        held = self.held.setdefault(worker, {})
+        if low is None:
+            held.pop(key, None)
+        else:
+            held[key] = low
 
 
 class Held:
@@ -344,6 +414,16 @@ class StepLogic:
     def wake(self) -> tuple[list[Any], bool]:
         return [], False
 
+    def parked(self) -> Any | None:
+        """The parked event with the smallest `seq` (None: none): one `apply` put aside until the
+        step's watermark passes it (`Parking`)."""
+        return None
+
+    def unpark(self, upto: int | None) -> list[Any]:
+        """Apply the parked events at or below `upto` (None: all of them, at the end of the
+        input), in `seq` order; what to send on."""
+        return []
+
 
 @dataclass(frozen=True, slots=True)
 class Stage:
@@ -355,6 +435,8 @@ class Stage:
     expected: int | None  # origins of its watermarks: partitions, or None (the workers before)
     fan: int = 1  # inputs merged into it
     forward: bool = True  # send its watermark on (False: the last ordered step)
+    key: Callable[[Any], str] | None = None  # a keyed step's key of an event
+    parking: Parking | None = None  # a keyed step's parked events (`StepLogic.parked`)
     clock: list[float] = field(default_factory=list)  # seconds its logic ran: `fraud_step_seconds`
     snap: list[float] = field(default_factory=list)  # seconds its snapshots took: `fraud_snapshot_seconds`
 
@@ -364,6 +446,11 @@ class Stage:
 
     def relay(self, state: RelayState | None = None) -> Relay:
         return Relay(self.expected, self.workers, state, self.fan)
+
+    def worker_of(self, event: Any) -> int:
+        """The worker that runs the key of `event`."""
+        assert self.key is not None
+        return self.workers.of(self.key(event))
 
 
 class KeyedStep(msgspec.Struct, gc=False):
@@ -379,6 +466,7 @@ class KeyedStep(msgspec.Struct, gc=False):
     stage: Stage
     relay: Relay | None = None
     logic: StepLogic | None = None
+    worker: int = -1  # the worker this key runs on, once it has parked events
 
     @property
     def step_name(self) -> str:
@@ -389,7 +477,10 @@ class KeyedStep(msgspec.Struct, gc=False):
         """The builder Bytewax calls with a key's snapshot (None for a new key)."""
         if type(resume) is RelayState:
             return cls(stage, stage.relay(resume))
-        return cls(stage, None, None if resume is None else stage.build(resume))
+        step = cls(stage, None, None if resume is None else stage.build(resume))
+        if step.logic is not None and step.logic.parked() is not None:
+            step._park()  # its relay holds its watermark back from the start
+        return step
 
     @reported
     def on_batch(self, items: list[Any]) -> tuple[list[Any], bool]:
@@ -399,26 +490,68 @@ class KeyedStep(msgspec.Struct, gc=False):
             if self.relay is not None or type(items[0]) is Watermark:
                 if self.relay is None:
                     self.relay = self.stage.relay()
-                fwd = self.relay.update(items)
+                fwd = self.relay.update(items, self.stage.parking)
                 return ([fwd] if fwd is not None else []), StatefulBatchLogic.RETAIN
             logic = self.logic = self.stage.build(None)
         started = perf_counter()
         if len(items) > 1:  # Bytewax hands a key its batch in arrival order
             items.sort(key=_seq)
         out = logic.apply(items)
+        if self.worker >= 0 or logic.parked() is not None:
+            out += self._park()
         self.stage.clock[0] += perf_counter() - started
         return out, logic.done()
 
+    def _park(self, upto: int | None = -1) -> list[Any]:
+        """Apply the parked events the watermark has passed (`upto`: -1, what this worker's relay
+        has seen; None: all), and tell `Parking` what is still parked."""
+        logic, parking = self.logic, self.stage.parking
+        assert logic is not None and parking is not None, "only a keyed step's logic parks"
+        first = logic.parked()
+        if first is None:
+            parking.hold(self.worker, id(self), None)
+            return []
+        if self.worker < 0:
+            self.worker = self.stage.worker_of(first)
+        if upto == -1:
+            upto = parking.upto(self.worker)
+            out = logic.unpark(upto) if upto is not None and first.seq <= upto else []
+        else:
+            out = logic.unpark(upto)
+        first = logic.parked()
+        parking.hold(self.worker, id(self), None if first is None else first.seq)
+        if out and upto is not None:
+            # What this key held back may now go out: the relay would forward it only with its
+            # next watermark, which an input with nothing more to read never sends.
+            mark = parking.release(self.worker)
+            if mark is not None:
+                out.append(Watermark(self.worker, mark))
+        return out
+
     def notify_at(self) -> datetime | None:
-        return None if self.logic is None else self.logic.wake_at()
+        logic = self.logic
+        if logic is None:
+            return None
+        wake = logic.wake_at()
+        if self.worker >= 0 and logic.parked() is not None:
+            poll = datetime.now(UTC) + POLL
+            return poll if wake is None or poll < wake else wake
+        return wake
 
     @reported
     def on_notify(self) -> tuple[list[Any], bool]:
-        assert self.logic is not None
-        return self.logic.wake()
+        logic = self.logic
+        assert logic is not None
+        if self.worker < 0:
+            return logic.wake()
+        due = logic.wake_at()  # polled for its parked events: maybe before its own time
+        out, done = logic.wake() if due is not None and due <= datetime.now(UTC) else ([], False)
+        return out + self._park(), done
 
     @reported
     def on_eof(self) -> tuple[list[Any], bool]:
+        if self.logic is not None and self.logic.parked() is not None:
+            return self._park(None), StatefulBatchLogic.RETAIN  # nothing more can come: apply them all
         return [], StatefulBatchLogic.RETAIN
 
     @reported
@@ -553,8 +686,10 @@ def ordered(
     partitions' watermarks (their count); later ones the workers of the step(s) before.
 
     - keyed (default): one Bytewax key per `key(event)`, applying each batch in `seq` order.
-      Enough where a key's events all come from one upstream key, in order (the transaction
-      index when there is one partition).
+      Enough where a key's events all come from one upstream key, in order, and for a logic
+      that parks what may arrive ahead of the order until the watermark passes it
+      (`StepLogic.parked`, `Parking`: the transaction index, whose labels may come from another
+      partition than their transaction).
     - `sequence=True`: a bucket per worker first holds events until the watermark passes them
       and releases them in `seq` order, so keys that gather events from many places (a card's
       transactions come from every partition) see them in canonical order.
@@ -571,14 +706,14 @@ def ordered(
         if fan == 1
         else op.merge("merge", *(op.map(f"tag_{i}", u, _tag(i)) for i, u in enumerate(ups)))
     )
-    stage = Stage(name, logic, workers, sources, fan, not last)
+    stage = Stage(name, logic, workers, sources, fan, not last, key, Parking())
     if per_worker:
         routed = op.flat_map_batch("route", up, by_bucket(key, workers, everywhere))
         return op.stateful_batch("apply", routed, partial(WorkerStep, stage))
     if sequence:
         buckets = op.flat_map_batch("bucket", up, by_bucket(key, workers))
         up = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
-        stage = Stage(name, logic, workers, None)
+        stage = Stage(name, logic, workers, None, key=key, parking=Parking())
     routed = op.flat_map_batch("route", up, by_key(key, workers))
     keyed = cast(
         Callable[[Any], StatefulBatchLogic[Any, Any, Any]], partial(KeyedStep.build, stage)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import Any, ClassVar, TypeGuard
 
 import msgspec
+from msgspec.structs import replace
 
 from features.engine import (
     FeaturePipeline,
@@ -24,7 +27,17 @@ from features.engine import (
     duplicate_txn,
     label_event,
 )
-from features.events import Control, DeadLetter, Decoded, Label, Record, Transaction, decode, encode
+from features.events import (
+    MAX_FIELD_CHARS,
+    Control,
+    DeadLetter,
+    Decoded,
+    Label,
+    Record,
+    Transaction,
+    decode,
+    encode,
+)
 from features.plan import EntityPlan
 from features.privacy import identity, signed, tokenize_raw
 from features.table import pack_vector, unpack_vector
@@ -253,6 +266,13 @@ _entry_bytes = msgspec.msgpack.Encoder().encode
 _entry_of = msgspec.msgpack.Decoder(TxnEntry).decode
 
 
+# A parked label's entry in an index shard: PARKED + its seq, longer than any transaction id can be.
+PARKED = "\x00" * (MAX_FIELD_CHARS + 1)
+_label_bytes = msgspec.msgpack.Encoder().encode
+_label_of = msgspec.msgpack.Decoder(Label).decode
+_seq = attrgetter("seq")
+
+
 def labelled(bucket: int) -> bytes:
     """The value of a labelled entry that arrived in `bucket`."""
     return _entry_bytes(TxnEntry(0, (), True, bucket))
@@ -270,22 +290,34 @@ class IndexLogic(ShardTable):
     a compact table (`features.table`): millions wait weeks.
     """
 
-    __slots__ = ("arrivals", "due_at", "expiry", "pipeline")
+    __slots__ = ("arrivals", "due_at", "expiry", "parks", "pipeline", "waiting", "waiting_ids")
     value_type = bytes
     compact = True
 
     def __init__(
-        self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any, expiry: Expiry | None = None
+        self,
+        pipeline: FeaturePipeline,
+        files: StateFiles | None,
+        resume: Any,
+        expiry: Expiry | None = None,
+        parks: bool = False,
     ) -> None:
-        self.pipeline, self.expiry = pipeline, expiry
+        self.pipeline, self.expiry, self.parks = pipeline, expiry, parks
         self.arrivals = Arrivals()
         self.due_at: datetime | None = None
+        self.waiting: list[Label] = []  # parked labels, in seq order
+        self.waiting_ids: dict[str, int] = {}  # how many parked labels each transaction has
         super().__init__(files, resume)
-        if expiry is not None and self.items:  # a resumed shard: its buckets, from its entries
+        if self.items:  # a resumed shard: its buckets and its parked labels, from its entries
             for k, v in self.items.items():
-                self.arrivals.add(_entry_of(v).bucket, k)
-            self.arrivals.sort()
-            self._next_due()
+                if k.startswith(PARKED):  # its seq (wider than msgpack's ints) is in its key
+                    self._wait(replace(_label_of(v), seq=int(k[len(PARKED) :])))
+                elif expiry is not None:
+                    self.arrivals.add(_entry_of(v).bucket, k)
+            self.waiting.sort(key=_seq)
+            if expiry is not None:
+                self.arrivals.sort()
+                self._next_due()
 
     def apply(self, events: list[Transaction | Label]) -> list[Chained | DeadLetter | Expired]:
         if self.shard is None:
@@ -306,12 +338,11 @@ class IndexLogic(ShardTable):
                 continue
             try:
                 if t is Label:
-                    held = items.get(item.txn_id)
-                    entry = None if held is None else _entry_of(held)
-                    joined = label_event(item.txn_id, entry, item)  # type: ignore[arg-type]
-                    if type(joined) is LabelEvent:
-                        self.put(item.txn_id, labelled(entry.bucket))  # type: ignore[union-attr]
-                    out.append(joined)
+                    if self.parks and (item.txn_id not in items or item.txn_id in self.waiting_ids):
+                        self.put(PARKED + str(item.seq), _label_bytes(replace(item, seq=0)))
+                        self._wait(item)  # type: ignore[arg-type]
+                    else:
+                        out.append(self._join(items, item))  # type: ignore[arg-type]
                 elif item.txn_id in items:
                     out.append(duplicate_txn(item))  # type: ignore[arg-type]
                 else:
@@ -325,6 +356,42 @@ class IndexLogic(ShardTable):
                 out.append(quarantine(item, "index", exc).dead)
         if expiry is not None and self.due_at is None and len(self.arrivals):
             self._next_due()
+        return out
+
+    def _join(self, items: Any, label: Label) -> LabelEvent | DeadLetter:
+        held = items.get(label.txn_id)
+        entry = None if held is None else _entry_of(held)
+        joined = label_event(label.txn_id, entry, label)
+        if type(joined) is LabelEvent:
+            self.put(label.txn_id, labelled(entry.bucket))  # type: ignore[union-attr]
+        return joined
+
+    def _wait(self, label: Label) -> None:
+        self.waiting.append(label)
+        self.waiting_ids[label.txn_id] = self.waiting_ids.get(label.txn_id, 0) + 1
+
+    def parked(self) -> Label | None:
+        """With several partitions (`parks`), a label whose transaction is not here yet waits
+        until the watermark passes it: its transaction, read from another partition, may still
+        come (and so does a later label of the same transaction, to keep their order)."""
+        return self.waiting[0] if self.waiting else None
+
+    def unpark(self, upto: int | None) -> list[Any]:
+        waiting = self.waiting
+        waiting.sort(key=_seq)
+        cut = len(waiting) if upto is None else bisect_right(waiting, upto, key=_seq)
+        ready, self.waiting = waiting[:cut], waiting[cut:]
+        items = self.own()
+        out: list[Any] = []
+        for label in ready:
+            self.drop(PARKED + str(label.seq))
+            left = self.waiting_ids.pop(label.txn_id) - 1
+            if left:
+                self.waiting_ids[label.txn_id] = left
+            try:
+                out.append(self._join(items, label))
+            except Exception as exc:
+                out.append(quarantine(label, "index", exc).dead)
         return out
 
     def _expire(self, bucket: int) -> list[Expired]:

@@ -124,6 +124,44 @@ def test_index_dead_letters_a_duplicate_and_joins_labels_once(pipeline: FeatureP
     assert [(d.reason, d.txn_id) for d in dead] == [("duplicate_label", "t1"), ("unknown_txn", "t9")]
 
 
+@pytest.mark.parametrize("with_files", [True, False])
+def test_an_index_shard_reading_several_partitions_parks_a_label_until_the_watermark_passes_it(
+    pipeline: FeaturePipeline, tmp_path: Path, with_files: bool
+) -> None:
+    """With several partitions a label may come before its transaction (read from another
+    partition): the shard parks it, and so any later label of the same transaction, and applies
+    them in `seq` order once the watermark passes them (`unpark`), joining or dead-lettering
+    each then. Parked labels live in the shard's entries, so its snapshot (files or a pickled
+    copy) keeps them with their whole seq. With one partition a label is applied at once."""
+    base = make_seq(NOW_MS, partition_code("fraud:in:{0}"), 0)
+    files = StateFiles(tmp_path, "index") if with_files else None
+    index = IndexLogic(pipeline, files, None, parks=True)
+    early, again, stray = (
+        Label("t1", True, NOW_MS + 5, seq=base + 10),
+        Label("t1", False, NOW_MS + 6, seq=base + 12),
+        Label("t9", True, NOW_MS + 7, seq=base + 11),
+    )
+    assert index.apply([early, stray]) == [] and index.parked() == early
+    (row,) = index.apply([txn("t1", base + 2)])  # its transaction, from the partition behind
+    assert isinstance(row, FeatureRow)
+    assert index.apply([again]) == []  # t1 has a parked label: this one waits behind it
+    assert index.unpark(base + 9) == [] and index.parked() == early
+    resumed = IndexLogic(pipeline, files, pickle.loads(pickle.dumps(index.snapshot())), parks=True)
+    assert resumed.parked() == early and len(resumed.waiting) == 3
+    joined, unknown = resumed.unpark(base + 11)
+    assert isinstance(joined, LabelEvent) and joined.seq == early.seq and joined.is_fraud
+    assert isinstance(unknown, DeadLetter) and (unknown.reason, unknown.txn_id) == ("unknown_txn", "t9")
+    assert resumed.parked() == again
+    (dup,) = resumed.unpark(None)  # the end of the input: whatever is left
+    assert isinstance(dup, DeadLetter) and dup.reason == "duplicate_label"
+    assert resumed.parked() is None and sorted(resumed.items.keys()) == ["t1"]
+    again_resumed = IndexLogic(pipeline, files, pickle.loads(pickle.dumps(resumed.snapshot())), parks=True)
+    assert again_resumed.parked() is None and sorted(again_resumed.items.keys()) == ["t1"]
+    one = IndexLogic(pipeline, None, None)  # one partition: the order is already the canonical one
+    assert [d.reason for d in one.apply([stray])] == ["unknown_txn"]  # type: ignore[union-attr]
+    assert one.parked() is None
+
+
 def test_index_and_pending_read_what_they_wrote_while_a_snapshot_holds_their_table(
     pipeline: FeaturePipeline,
 ) -> None:

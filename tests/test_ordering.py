@@ -27,6 +27,7 @@ from flows.ordering import (
     FAN,
     Bundle,
     KeyedStep,
+    Parking,
     Relay,
     SequencerLogic,
     Stage,
@@ -143,6 +144,50 @@ class Item:
 
     def __repr__(self) -> str:
         return f"Item({self.seq})"
+
+
+class Parks(StepLogic):
+    """A step logic that parks every event until the watermark passes it."""
+
+    def __init__(self, resume: list[Item] | None) -> None:
+        self.held: list[Item] = list(resume or [])
+
+    def apply(self, events: list[Any]) -> list[Any]:
+        self.held += events
+        return []
+
+    def parked(self) -> Item | None:
+        return min(self.held, key=lambda e: e.seq) if self.held else None
+
+    def unpark(self, upto: int | None) -> list[Any]:
+        ready = sorted((e for e in self.held if upto is None or e.seq <= upto), key=lambda e: e.seq)
+        self.held = [e for e in self.held if e not in ready]
+        return ready
+
+    def snapshot(self) -> list[Item]:
+        return list(self.held)
+
+
+def test_a_keyed_step_holds_its_watermark_behind_a_parked_event_and_sends_it_after_it() -> None:
+    """A key that parks an event (the index's label before its transaction) cannot see the
+    watermark; its worker's relay key can. The relay forwards no watermark at or past a parked
+    event; the key, polling, applies it once the relay has seen the watermark pass it and sends
+    the watermark the relay held back after it (an input with nothing more to read sends no new
+    watermark for the relay to forward it with). A resumed key parks again from its build on."""
+    stage = Stage("park_test", Parks, Workers(1), 2, key=lambda e: "k", parking=Parking())
+    key, relay = KeyedStep.build(stage, None), KeyedStep.build(stage, None)
+    assert key.on_batch([Item(5)]) == ([], False)
+    assert key.notify_at() is not None  # it polls for the watermark
+    assert relay.on_batch([Watermark("a", 10, 0), Watermark("b", 8, 0)]) == ([Watermark(0, 4)], False)
+    out, _ = key.on_notify()
+    assert [getattr(o, "seq", o) for o in out] == [5, Watermark(0, 8)]  # the event, then the watermark
+    assert key.notify_at() is None  # nothing parked: no more polling
+    assert relay.on_batch([Watermark("a", 12, 0), Watermark("b", 12, 0)]) == ([Watermark(0, 12)], False)
+    assert key.on_batch([Item(20)]) == ([], False)
+    saved = key.logic.snapshot()  # type: ignore[union-attr]
+    assert [o.seq for o in key.on_eof()[0]] == [20]  # the end of the input: all of them
+    KeyedStep.build(stage, saved)  # a restart from that snapshot: parked from the start
+    assert relay.on_batch([Watermark("a", 30, 0), Watermark("b", 30, 0)]) == ([Watermark(0, 19)], False)
 
 
 @settings(max_examples=200, deadline=None)

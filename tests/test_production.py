@@ -191,11 +191,11 @@ def test_a_shard_read_far_ahead_waits_and_its_labels_still_find_their_transactio
     baseline: tuple[int, drill.Outcome], dataset: tuple[Path, Path], redis_url: str, tmp_path: Path
 ) -> None:
     """One shard far ahead of the other (a backlog read unevenly), and the labels in shard 0
-    whatever their transaction's shard (a label feed that does not know the card): the ahead
-    shard's events wait in the index's buckets for the other's watermark, over many epoch closes,
-    so a label never reaches the index before its transaction (it would be dead-lettered as
-    `unknown_txn` and never learned). Then the other shard catches up: the same decisions, alerts
-    and dead letters as the same shards read evenly."""
+    whatever their transaction's shard (a label feed that does not know the card): a label
+    that reaches the index before its transaction waits there for the other shard's watermark,
+    over many epoch closes (dead-lettered as `unknown_txn` at once, it would never be learned).
+    Then the other shard catches up: the same decisions, alerts and dead letters as the same
+    shards read evenly."""
     n, _ = baseline
     client = connect(redis_url)
     fill(client, dataset, "src", 2)
