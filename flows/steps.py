@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from array import array
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -314,7 +314,6 @@ class IndexLogic(ShardTable):
                     self._wait(replace(_label_of(v), seq=int(k[len(PARKED) :])))
                 elif expiry is not None:
                     self.arrivals.add(_entry_of(v).bucket, k)
-            self.waiting.sort(key=_seq)
             if expiry is not None:
                 self.arrivals.sort()
                 self._next_due()
@@ -367,7 +366,7 @@ class IndexLogic(ShardTable):
         return joined
 
     def _wait(self, label: Label) -> None:
-        self.waiting.append(label)
+        insort(self.waiting, label, key=_seq)  # labels from several partitions: not in seq order
         self.waiting_ids[label.txn_id] = self.waiting_ids.get(label.txn_id, 0) + 1
 
     def parked(self) -> Label | None:
@@ -378,7 +377,6 @@ class IndexLogic(ShardTable):
 
     def unpark(self, upto: int | None) -> list[Any]:
         waiting = self.waiting
-        waiting.sort(key=_seq)
         cut = len(waiting) if upto is None else bisect_right(waiting, upto, key=_seq)
         ready, self.waiting = waiting[:cut], waiting[cut:]
         items = self.own()

@@ -141,7 +141,8 @@ def test_an_index_shard_reading_several_partitions_parks_a_label_until_the_water
         Label("t1", False, NOW_MS + 6, seq=base + 12),
         Label("t9", True, NOW_MS + 7, seq=base + 11),
     )
-    assert index.apply([early, stray]) == [] and index.parked() == early
+    assert index.apply([stray]) == [] and index.apply([early]) == []  # another partition's, smaller seq
+    assert index.parked() == early  # the smallest, whatever the order they came in
     (row,) = index.apply([txn("t1", base + 2)])  # its transaction, from the partition behind
     assert isinstance(row, FeatureRow)
     assert index.apply([again]) == []  # t1 has a parked label: this one waits behind it
