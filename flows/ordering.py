@@ -502,9 +502,9 @@ class KeyedStep(msgspec.Struct, gc=False):
         self.stage.clock[0] += perf_counter() - started
         return out, logic.done()
 
-    def _park(self, upto: int | None = -1) -> list[Any]:
-        """Apply the parked events the watermark has passed (`upto`: -1, what this worker's relay
-        has seen; None: all), and tell `Parking` what is still parked."""
+    def _park(self, end: bool = False) -> list[Any]:
+        """Apply the parked events the watermark this worker's relay has seen passed (at the
+        `end` of the input: all of them), and tell `Parking` what is still parked."""
         logic, parking = self.logic, self.stage.parking
         assert logic is not None and parking is not None, "only a keyed step's logic parks"
         first = logic.parked()
@@ -513,14 +513,11 @@ class KeyedStep(msgspec.Struct, gc=False):
             return []
         if self.worker < 0:
             self.worker = self.stage.worker_of(first)
-        if upto == -1:
-            upto = parking.upto(self.worker)
-            out = logic.unpark(upto) if upto is not None and first.seq <= upto else []
-        else:
-            out = logic.unpark(upto)
+        upto = None if end else parking.upto(self.worker)
+        out = logic.unpark(upto) if end or (upto is not None and first.seq <= upto) else []
         first = logic.parked()
         parking.hold(self.worker, id(self), None if first is None else first.seq)
-        if out and upto is not None:
+        if out and not end:
             # What this key held back may now go out: the relay would forward it only with its
             # next watermark, which an input with nothing more to read never sends.
             mark = parking.release(self.worker)
@@ -551,7 +548,7 @@ class KeyedStep(msgspec.Struct, gc=False):
     @reported
     def on_eof(self) -> tuple[list[Any], bool]:
         if self.logic is not None and self.logic.parked() is not None:
-            return self._park(None), StatefulBatchLogic.RETAIN  # nothing more can come: apply them all
+            return self._park(end=True), StatefulBatchLogic.RETAIN  # nothing more can come
         return [], StatefulBatchLogic.RETAIN
 
     @reported

@@ -268,7 +268,7 @@ _entry_of = msgspec.msgpack.Decoder(TxnEntry).decode
 
 # A parked label's entry in an index shard: PARKED + its seq, longer than any transaction id can be.
 PARKED = "\x00" * (MAX_FIELD_CHARS + 1)
-_label_bytes = msgspec.msgpack.Encoder().encode
+_label_bytes = _entry_bytes  # (the same msgpack encoder)
 _label_of = msgspec.msgpack.Decoder(Label).decode
 _seq = attrgetter("seq")
 
