@@ -54,6 +54,19 @@ def partition_of(origin: str) -> str:
     return origin.rpartition("#")[0]
 
 
+def arrival_ns(origin: str, now_ns: int) -> int:
+    """When a record arrived, for its arrival-to-decision latency: a Redis stream entry's id time
+    (`<stream>#<ms>-<n>`: Redis's clock when the producer's XADD added it, to the millisecond,
+    rounded down), so the time it waited in the stream counts (an epoch close holding the input,
+    the source's linger and polls, a backlog); `now_ns` for anything else (files, ticks). Never after
+    `now_ns`: a Redis clock ahead of this machine's reads as no wait, not a negative one."""
+    _, sep, entry_id = origin.rpartition("#")
+    ms, dash, _ = entry_id.partition("-")
+    if sep and dash and ms.isdigit():
+        return min(int(ms) * 1_000_000, now_ns)
+    return now_ns
+
+
 def partition_code(partition: str) -> int:
     return crc32(partition.encode()) & ((1 << CODE_BITS) - 1)
 

@@ -45,7 +45,7 @@ from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
 from flows.shards import ShardTable, StateFiles, shard_of
-from flows.stamping import TICK, Tick, Watermark, partition_of
+from flows.stamping import TICK, Tick, Watermark, arrival_ns, partition_of
 from models.drift import DriftEvent, DriftMonitor
 from models.serving import BatchStats, Decision, LabelledVector, Scorer
 from service import telemetry
@@ -116,12 +116,13 @@ def quarantine(item: Any, step: str, exc: Exception, n_keys: int = 0) -> Quarant
 
 
 def decode_record(record: Record) -> Decoded | Tick:
-    """Decode at the edge, stamping arrival time (latency); `flows.ordering.StampLogic` then
-    gives each event its place in the canonical order (`seq`)."""
+    """Decode at the edge, stamping its arrival time (latency: `flows.stamping.arrival_ns`, the
+    time Redis added it); `flows.ordering.StampLogic` then gives each event its place in the
+    canonical order (`seq`)."""
     kind, raw, origin = record
     if kind == TICK:
         return Tick(partition_of(origin))
-    return decode(kind, raw, time.time_ns(), 0, origin)
+    return decode(kind, raw, arrival_ns(origin, time.time_ns()), 0, origin)
 
 
 def decoder(

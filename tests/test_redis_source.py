@@ -222,6 +222,37 @@ def test_the_first_read_after_an_epoch_close_measures_how_long_the_close_held_th
     assert outputs.EPOCH_PAUSES.n == closes + 1
 
 
+def test_latency_counts_from_when_redis_added_the_record_not_from_when_the_flow_read_it(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A record that waited in its stream (an epoch close holding the input, a backlog) waited:
+    its arrival is the entry id's time (Redis's clock at XADD), so the decision's latency counts
+    the wait. A file's record arrives when it is read; an id ahead of this clock reads as no wait."""
+    from flows.stamping import arrival_ns
+    from flows.steps import decode_record
+
+    write_files(tmp_path, GeneratorConfig(seed=3, days=1, n_cards=3, n_merchants=50, drift_day=None))
+    payload = (tmp_path / "transactions.jsonl").read_text().splitlines()[0]
+    added = time.time_ns()
+    redis_client.xadd(shard_stream("a:in", 0), {"kind": "txn", "payload": payload})
+    time.sleep(0.2)  # the record waits in the stream, unread
+    part = RedisShardSource(redis_url, "a:in", 1).build_part("in", "0", None)
+    try:
+        (record,) = part.next_batch()
+    finally:
+        part.close()
+    read = time.time_ns()
+    txn = decode_record(record)
+    assert added - 1_000_000 <= txn.received_ns <= added + 1_000_000  # the id's millisecond
+    assert read - txn.received_ns >= 200_000_000
+
+    now = time.time_ns()
+    assert arrival_ns("transactions.jsonl:7", now) == now  # a file: read now
+    assert arrival_ns("a:in:{0}#", now) == now  # a tick's origin names no entry
+    assert arrival_ns("a:in:{0}#1700000000000-3", now) == 1_700_000_000_000 * 1_000_000
+    assert arrival_ns(f"a:in:{{0}}#{now // 1_000_000 + 60_000}-0", now) == now  # Redis's clock ahead
+
+
 def test_empty_stream_returns_promptly_malformed_entries_and_idle_exit(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
