@@ -111,6 +111,7 @@ def build(
     workers = Workers()
     step = partial(ordered, workers=workers)  # every stateful step: in the canonical order
     ttl = timedelta(days=s.label_ttl_days)
+    ahead = s.snapshot_interval_s if s.snapshot_ahead else None  # shards write ahead of each close
     needs_chain, skips_chain = chain_filters(pipeline)
 
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
@@ -122,7 +123,7 @@ def build(
         stamped,
         # a label may come from another partition than its transaction: parked until it is due
         logic=partial(
-            IndexLogic, pipeline, state_files(state_dir, "index"), expiry=Expiry(ttl), parks=parts > 1
+            IndexLogic, pipeline, state_files(state_dir, "index", ahead), expiry=Expiry(ttl), parks=parts > 1
         ),
         key=txn_key,
         sources=parts,
@@ -132,12 +133,12 @@ def build(
         rows = step(
             plan.entity.name,
             rows,
-            logic=partial(EntityLogic, pipeline, plan, state_files(state_dir, plan.entity.name)),
+            logic=partial(EntityLogic, pipeline, plan, state_files(state_dir, plan.entity.name, ahead)),
             key=entity_key(plan),
             sequence=True,
         )
     labels = batch.keep("skip_chain", index, skips_chain)
-    pending = partial(PendingLogic, pipeline, state_files(state_dir, "pending"))
+    pending = partial(PendingLogic, pipeline, state_files(state_dir, "pending", ahead))
     vectors = step("pending", rows, labels, logic=pending, key=pending_key)
     scores = step(
         "score",

@@ -408,6 +408,10 @@ class StepLogic:
     def done(self) -> bool:
         return False
 
+    def ahead(self) -> None:
+        """After each batch: a moment to do work ahead of the next `snapshot()` (a shard writes
+        its changes so far: `flows.shards.ShardTable.ahead`)."""
+
     def wake_at(self) -> datetime | None:
         return None
 
@@ -499,6 +503,7 @@ class KeyedStep(msgspec.Struct, gc=False):
         out = logic.apply(items)
         if self.worker >= 0 or logic.parked() is not None:
             out += self._park()
+        logic.ahead()
         self.stage.clock[0] += perf_counter() - started
         return out, logic.done()
 

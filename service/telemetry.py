@@ -147,7 +147,7 @@ SCORING_SECONDS = Histogram(
 )
 LATENCY = Histogram(
     "fraud_end_to_end_latency_seconds",
-    "From a record's arrival to its scored decision.",
+    "From a record's arrival (its Redis entry id's time; a file's: when read) to its scored decision.",
     buckets=LATENCY_BUCKETS,
 )
 SCORES = Histogram(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import random
@@ -123,6 +124,102 @@ def test_each_snapshot_rebuilds_the_shard_as_it_was(
     assert isinstance(m, Manifest) and _records(StateFiles(tmp_path, "pending"), m) == 3  # 7 + 7 + 6 keys
 
 
+@pytest.mark.parametrize("kind", [Table, CompactTable])
+def test_writing_ahead_of_each_snapshot_rebuilds_the_same_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: type[Table]
+) -> None:
+    """A shard that writes its changes during the epoch (`ahead`), sometimes rewriting itself
+    whole there: every manifest rebuilds exactly the entries of its snapshot, though the files
+    hold bytes written after it (ahead of a close a crash may never let come), and the files that
+    left the chain are kept while a resumable manifest names them."""
+    monkeypatch.setattr(shards, "MIN_COMPACT_BYTES", 2_000)
+    monkeypatch.setattr(shards, "CHUNK", 7)
+    files = StateFiles(tmp_path, "index", epoch_s=0.0)  # due as soon as a snapshot is taken
+    rng = random.Random(7)
+    table = kind(files, None)
+    table.name("t1")
+    taken: list[tuple[Manifest, dict[str, bytes]]] = []
+    wrote_ahead = 0
+    for _ in range(60):
+        _random_changes(table, rng, rng.randrange(0, 80))
+        size = sum(p.stat().st_size for p in tmp_path.rglob("*.log"))
+        had = bool(table.changed)
+        table.ahead()
+        assert not table.changed or not taken  # written (due from the first snapshot on)
+        if taken and had:
+            wrote_ahead += 1
+            assert sum(p.stat().st_size for p in tmp_path.rglob("*.log")) != size
+        _random_changes(table, rng, rng.randrange(0, 20))
+        m = table.snapshot()
+        assert isinstance(m, Manifest) and m.entries == len(table.items)
+        taken.append((m, dict(table.items.items())))
+    assert wrote_ahead > 40 and any(m.base for m, _ in taken)
+    for m, items in taken[-KEEP:]:
+        assert kind(files, m).items == items
+    for m, items in taken:
+        try:
+            assert kind(files, m).items == items
+        except StateFilesError as exc:
+            assert "cannot read" in str(exc)
+
+
+class Entities(Table):
+    """A shard whose values change in place, as an entity step's feature states do."""
+
+    __slots__ = ()
+    mutable = True
+
+    def frozen(self, value: Any) -> Any:
+        return bytes(value)
+
+
+def test_a_shard_writes_ahead_once_per_epoch_at_its_own_time(tmp_path: Path) -> None:
+    """Not before its time in the epoch (`ahead_fraction`, spread over the shards), once, and the
+    close then writes only what changed after; a shard of values changed in place never does."""
+    from flows.shards import AHEAD_FROM, AHEAD_SPAN, ahead_fraction
+
+    fractions = {ahead_fraction("index", k) for k in SHARD_KEYS}
+    assert len(fractions) > 40 and AHEAD_FROM <= min(fractions) <= max(fractions) < AHEAD_FROM + AHEAD_SPAN
+    files = StateFiles(tmp_path, "pending", epoch_s=0.2)
+    table = Table(files, None)
+    table.name("t1")
+    table.put("a", b"1")
+    table.ahead()  # no snapshot yet: no place in an epoch
+    assert table.changed == {"a"}
+    m1 = table.snapshot()
+    for i in range(20):
+        table.put(f"k{i}", b"v")
+    table.ahead()  # too early
+    assert len(table.changed) == 20
+    time.sleep(0.2)
+    table.ahead()
+    assert not table.changed
+    table.put("late", b"w")
+    table.ahead()  # once per epoch
+    assert table.changed == {"late"}
+    m2 = table.snapshot()
+    assert isinstance(m1, Manifest) and isinstance(m2, Manifest)
+    assert _records(files, m2) == 3  # the first snapshot's, the one written ahead, the close's
+    assert Table(files, m2).items == {"a": b"1", "late": b"w"} | {f"k{i}": b"v" for i in range(20)}
+    assert Table(files, m1).items == {"a": b"1"}
+    entity = Entities(StateFiles(tmp_path, "card", epoch_s=0.0), None)  # values changed in place
+    entity.name("t1")
+    entity.put("c1", bytearray(b"1"))
+    entity.snapshot()
+    entity.items["c1"] += b"2"
+    entity.changed.add("c1")
+    entity.ahead()  # a busy entity would be written twice an epoch: only at snapshots
+    assert entity.changed == {"c1"}
+    off = Table(StateFiles(tmp_path, "index"), None)  # no epoch length: only at snapshots
+    off.name("t1")
+    off.put("a", b"1")
+    off.snapshot()
+    off.put("b", b"2")
+    time.sleep(0.01)
+    off.ahead()
+    assert off.changed == {"b"}
+
+
 def test_a_resumed_shard_deletes_what_a_crashed_run_wrote_after_its_epoch(tmp_path: Path) -> None:
     files = StateFiles(tmp_path, "pending")
     first, m1 = _one_entry(files)
@@ -214,8 +311,10 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     """Bytewax pickles a snapshot before its store records it: pickling waits until the shards'
     appends are fsynced. The fsyncs start in the background as each snapshot is written, so a
     snapshot does not wait for the disk and an epoch close waits once, for what is still running.
-    (Durability itself cannot be observed without pulling the power; the fsync calls are.)"""
+    (Durability itself cannot be observed without pulling the power; the fsync calls are.) This
+    is the path without syncfs (not Linux); the next test covers syncfs."""
     shards.sync_files()  # what earlier tests wrote
+    monkeypatch.setattr(shards, "_SYNCFS", None)
     synced: list[int] = []
     started: list[int] = []
     disk = threading.Event()  # the "disk" finishes an fsync only once the test lets it
@@ -260,3 +359,50 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     a.put("z", b"3")
     pickle.dumps(a.snapshot())
     assert len(synced) == 3
+
+
+def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux one syncfs per filesystem makes every shard file of the close durable (a few
+    hundred fsyncs and their threads cost the worker more): pickling a manifest waits for it, a
+    failure stops the pickling (so Bytewax never records the epoch), and a close with nothing
+    written calls nothing."""
+    if shards._SYNCFS is None:  # noqa: SLF001
+        pytest.skip("no syncfs here (not Linux)")
+    real = shards._SYNCFS  # noqa: SLF001
+    shards.sync_files()  # what earlier tests wrote
+    disk = threading.Event()
+    calls: list[int] = []
+    fail = [0]
+
+    def syncfs(fd: int) -> int:
+        calls.append(os.fstat(fd).st_dev)
+        assert disk.wait(30)
+        if fail[0]:
+            ctypes.set_errno(fail[0])
+            return -1
+        return real(fd)
+
+    monkeypatch.setattr(shards, "_SYNCFS", syncfs)
+    files = StateFiles(tmp_path, "index")
+    a, b = Table(files, None), Table(files, None)
+    a.name("t1")
+    b.name(next(f"t{i}" for i in range(2, 500) if shard_of(f"t{i}") != a.shard))
+    a.put("x", b"1")
+    b.put("y", b"2")
+    ma, mb = a.snapshot(), b.snapshot()
+    assert calls == []  # nothing synced while the shards write
+    pickled = threading.Thread(target=pickle.dumps, args=(ma,))
+    pickled.start()
+    pickled.join(0.2)
+    assert pickled.is_alive()  # the manifest waits for the filesystem
+    disk.set()
+    pickled.join(30)
+    assert not pickled.is_alive() and calls == [tmp_path.stat().st_dev]  # one call for both shards
+    pickle.dumps(mb)
+    assert len(calls) == 1  # nothing new to sync
+    a.put("z", b"3")
+    fail[0] = 5  # EIO: write-back failed
+    with pytest.raises(OSError, match="syncfs of the state files' filesystem failed"):
+        pickle.dumps(a.snapshot())
