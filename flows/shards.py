@@ -16,7 +16,11 @@ cost its whole content every few seconds. So when `fraud run` runs with recovery
 (`FRAUD_RECOVERY_DIR`), a shard appends only what changed since its last snapshot to a file of its
 own (`<FRAUD_RECOVERY_DIR>/state/<step>/<shard>/`, fsynced before Bytewax's store records it; in
 records of `CHUNK` keys, so a snapshot's memory does not grow with what the epoch changed) and
-hands Bytewax a `Manifest`: which byte ranges of which files rebuild it. Once the deltas outweigh
+hands Bytewax a `Manifest`: which byte ranges of which files rebuild it. An epoch close holds the
+whole input until the epoch is saved, so the shards whose entries are written once (the index,
+`pending`) also write what changed once during the epoch (`ShardTable.ahead`), and the files are
+made durable by one syncfs per filesystem (Linux), run in a thread as the snapshots are written,
+rather than by an fsync per file. Once the deltas outweigh
 the shard twice over, the next snapshot writes the whole shard to a new file and the chain
 restarts there; files that left the chain are deleted `KEEP` snapshots later (a resume may use a
 slightly older epoch), and a resumed shard deletes the files its manifest does not name (what a
@@ -99,7 +103,7 @@ class Manifest(msgspec.Struct, frozen=True, array_like=True):
         return (Manifest, (self.step, self.shard, self.segments, self.entries, self.base))
 
 
-_unsynced: dict[str, int] = {}  # shard files this process appended to since the last sync -> device
+_unsynced: dict[str, int] = {}  # shard files this process appended to since the last start -> device
 _unsynced_lock = threading.Lock()
 _syncer: _Syncer | None = None
 SYNC_THREADS = 8
@@ -192,46 +196,102 @@ class _Syncer:
                 self.cond.notify_all()
 
 
+class _FsSyncer:
+    """One thread that runs syncfs on every filesystem this process wrote state files to, again
+    each time `kick` asks after new writes; `wait` returns once a run that started after the last
+    kick is done, and raises the first failure since the last wait. The shards kick it as each
+    snapshot is written, so the disk works while the worker takes the other snapshots."""
+
+    def __init__(self, call: Callable[[int], int]) -> None:
+        self.call = call
+        self.cond = threading.Condition()
+        self.wanted = self.done = 0
+        self.failure: OSError | None = None
+        threading.Thread(target=self._run, name="fraud-syncfs", daemon=True).start()
+
+    def kick(self) -> None:
+        with self.cond:
+            self.wanted += 1
+            self.cond.notify_all()
+
+    def wait(self) -> bool:
+        """Whether there was anything to wait for."""
+        with self.cond:
+            target = self.wanted
+            waited = self.done < target
+            while self.done < target:
+                self.cond.wait()
+            failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+        return waited
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.done >= self.wanted:
+                    self.cond.wait()
+                target = self.wanted  # what this run covers: every write before these kicks
+                fds = list(_fs_fds.values())
+            failure = None
+            for fd in fds:
+                if self.call(fd) != 0:
+                    err = ctypes.get_errno()
+                    failure = OSError(
+                        err, f"syncfs of the state files' filesystem failed: {os.strerror(err)}"
+                    )
+            with self.cond:
+                self.done = target
+                if failure is not None and self.failure is None:
+                    self.failure = failure
+                self.cond.notify_all()
+
+
+_fs_syncer: _FsSyncer | None = None
+
+
+def _forget_threads() -> None:
+    """In a forked child the parent's sync threads do not exist: start new ones when needed."""
+    global _syncer, _fs_syncer
+    _syncer = _fs_syncer = None
+
+
+os.register_at_fork(after_in_child=_forget_threads)
+
+
 def start_sync() -> None:
-    """Start fsyncing, in background threads, every shard file appended to since the last start:
-    a shard calls it once its snapshot is written, so the disk works while the worker goes on
-    with the other shards' snapshots (an epoch close writes a few hundred files). With syncfs
-    (Linux) nothing starts here: `sync_files` makes the whole filesystem durable in one call,
-    which costs less than a few hundred fsyncs and their threads (the worker waits for the GIL
-    each time one of them returns)."""
-    global _syncer
-    if _SYNCFS is not None:
-        return
+    """Start making every shard file appended to since the last start durable, in the
+    background: a shard calls it once its snapshot is written, so the disk works while the
+    worker goes on with the other shards' snapshots (an epoch close writes a few hundred files).
+    On Linux one syncfs per filesystem (`_FsSyncer`) rather than a few hundred fsyncs, whose
+    threads each make the worker wait for the GIL as they return; elsewhere each file's fsync."""
+    global _syncer, _fs_syncer
     with _unsynced_lock:
         if not _unsynced:
             return
         paths = list(_unsynced)
         _unsynced.clear()
-        if _syncer is None:
-            _syncer = _Syncer(SYNC_THREADS)
-        syncer = _syncer
-    syncer.start(paths)
+        if _SYNCFS is not None:
+            if _fs_syncer is None:
+                _fs_syncer = _FsSyncer(_SYNCFS)
+            fs = _fs_syncer
+        else:
+            if _syncer is None:
+                _syncer = _Syncer(SYNC_THREADS)
+            syncer = _syncer
+    if _SYNCFS is not None:
+        fs.kick()
+    else:
+        syncer.start(paths)
 
 
 def sync_files() -> None:
-    """Wait until every shard file this process appended to is durable: with syncfs, one call per
-    filesystem they are on; else their fsyncs (starting those not started yet). What a `Manifest`
-    names is then on disk."""
+    """Wait until every shard file this process appended to is durable (starting what was not
+    started yet): what a `Manifest` names is then on disk."""
     started = time.perf_counter()
-    if _SYNCFS is not None:
-        with _unsynced_lock:
-            devices = set(_unsynced.values())
-            _unsynced.clear()
-        for dev in devices:
-            if _SYNCFS(_fs_fds[dev]) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs of the state files' filesystem failed: {os.strerror(err)}")
-        if devices:
-            _SYNC_CLOCK[0] += time.perf_counter() - started
-        return
     start_sync()
-    syncer = _syncer
-    if syncer is not None and syncer.wait():
+    waiter = _fs_syncer if _SYNCFS is not None else _syncer
+    if waiter is not None and waiter.wait():
         _SYNC_CLOCK[0] += time.perf_counter() - started
 
 

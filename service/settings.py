@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(5.0, gt=0, description="Epoch and snapshot interval with recovery on.")
     snapshot_ahead: bool = Field(
         True,
-        description="With recovery, each state shard writes its changes once during the epoch, so the epoch close (which holds the input) writes only the rest.",
+        description="With recovery, each shard of the label index and of pending writes its changes once during the epoch, so the epoch close (which holds the input) writes only the rest.",
     )
     progress_interval_s: float = Field(2.0, gt=0, description="Seconds between progress lines.")
     metrics_port: int | None = Field(None, description="Serve /metrics on this port (besides Bytewax's API).")

@@ -364,10 +364,10 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
 def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On Linux one syncfs per filesystem makes every shard file of the close durable (a few
-    hundred fsyncs and their threads cost the worker more): pickling a manifest waits for it, a
-    failure stops the pickling (so Bytewax never records the epoch), and a close with nothing
-    written calls nothing."""
+    """On Linux syncfs makes every shard file of the close durable (a few hundred fsyncs and their
+    threads cost the worker more), in a thread kicked as each shard's snapshot is written: pickling
+    a manifest waits for a run that started after the last write, a failure stops the pickling (so
+    Bytewax never records the epoch), and a close with nothing new written waits for nothing."""
     if shards._SYNCFS is None:  # noqa: SLF001
         pytest.skip("no syncfs here (not Linux)")
     real = shards._SYNCFS  # noqa: SLF001
@@ -384,24 +384,30 @@ def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
             return -1
         return real(fd)
 
-    monkeypatch.setattr(shards, "_SYNCFS", syncfs)
+    monkeypatch.setattr(shards, "_fs_syncer", shards._FsSyncer(syncfs))  # noqa: SLF001
     files = StateFiles(tmp_path, "index")
     a, b = Table(files, None), Table(files, None)
     a.name("t1")
     b.name(next(f"t{i}" for i in range(2, 500) if shard_of(f"t{i}") != a.shard))
     a.put("x", b"1")
+    ma = a.snapshot()  # the filesystem's sync starts, and waits for the "disk"
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 1
     b.put("y", b"2")
-    ma, mb = a.snapshot(), b.snapshot()
-    assert calls == []  # nothing synced while the shards write
-    pickled = threading.Thread(target=pickle.dumps, args=(ma,))
+    mb = b.snapshot()  # written while that sync runs: it needs another
+    pickled = threading.Thread(target=pickle.dumps, args=(mb,))
     pickled.start()
     pickled.join(0.2)
     assert pickled.is_alive()  # the manifest waits for the filesystem
     disk.set()
     pickled.join(30)
-    assert not pickled.is_alive() and calls == [tmp_path.stat().st_dev]  # one call for both shards
-    pickle.dumps(mb)
-    assert len(calls) == 1  # nothing new to sync
+    assert not pickled.is_alive()
+    assert len(set(calls)) == 1 and calls[0] == tmp_path.stat().st_dev
+    assert len(calls) == 2  # a run that started after b's write
+    pickle.dumps(ma)
+    assert len(calls) == 2  # nothing new to sync
     a.put("z", b"3")
     fail[0] = 5  # EIO: write-back failed
     with pytest.raises(OSError, match="syncfs of the state files' filesystem failed"):
