@@ -478,16 +478,7 @@ class ShardLog:
         an unbuffered file (the OS has it; `sync_files` makes it durable from another descriptor)."""
         f = self.out
         if self.file is None or f is None or f.closed:
-            if f is not None:
-                f.close()
-            if self.file is None:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                self.file = f"{time.time_ns():x}-{os.getpid()}.log"
-            self.path = str(self.dir / self.file)
-            f = self.out = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open between snapshots)
-            weakref.finalize(self, f.close)  # closed with its shard (or at exit), whichever first
-            self.end = f.seek(0, os.SEEK_END)
-            self.dev = _watch(self.dir, f.fileno())
+            f = self._open()
         start = self.end
         record = len(payload).to_bytes(_HEADER, "little") + payload
         written = f.write(record)
@@ -496,7 +487,32 @@ class ShardLog:
         self.end = start + len(record)
         with _unsynced_lock:
             _unsynced[self.path] = self.dev  # made durable before a manifest naming it is pickled
+        assert self.file is not None  # (set by `_open`)
         return self.file, start, self.end
+
+    def prepare(self) -> None:
+        """Before the shard's first snapshot: delete what a resume does not need (`_sweep`) and
+        create this process's file, so that the first epoch close (which holds the input) does
+        not create a few hundred directories and files."""
+        if not self.swept:
+            self._sweep()
+        f = self.out
+        if self.file is None or f is None or f.closed:
+            self._open()
+
+    def _open(self) -> BinaryIO:
+        f = self.out
+        if f is not None:
+            f.close()
+        if self.file is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.file = f"{time.time_ns():x}-{os.getpid()}.log"
+        self.path = str(self.dir / self.file)
+        f = self.out = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open between snapshots)
+        weakref.finalize(self, f.close)  # closed with its shard (or at exit), whichever first
+        self.end = f.seek(0, os.SEEK_END)
+        self.dev = _watch(self.dir, f.fileno())
+        return f
 
     def _sweep(self) -> None:
         """Delete what no manifest this shard may resume from names: files written after the epoch
@@ -558,6 +574,7 @@ class ShardTable(StepLogic):
             self.shard = resume.shard
             self.log = ShardLog(files.directory(resume.shard), resume.step, resume.shard, self.value_type)
             self.items = self._held(self.restored(self.log.load(resume)))
+            self.log.prepare()
         elif type(resume) is FullState:
             self.shard = resume.shard
             self.items = self._held(self.restored(resume.items.copy()))
@@ -598,8 +615,11 @@ class ShardTable(StepLogic):
         return value
 
     def name(self, key: str) -> None:
-        """Learn this shard's key from the first key (transaction id, entity) it gets."""
+        """Learn this shard's key from the first key (transaction id, entity) it gets (and, with
+        files, create its file now rather than at the epoch close)."""
         self.shard = shard_of(key)
+        if self.files is not None:
+            self._log().prepare()
 
     def ahead(self) -> None:
         """Between batches: once its time in the epoch has come (`ahead_fraction`), write what

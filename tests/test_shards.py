@@ -183,6 +183,8 @@ def test_a_shard_writes_ahead_once_per_epoch_at_its_own_time(tmp_path: Path) -> 
     files = StateFiles(tmp_path, "pending", epoch_s=0.2)
     table = Table(files, None)
     table.name("t1")
+    # its file exists from its first event: the first epoch close does not create it
+    assert [p.stat().st_size for p in files.directory(table.shard or "").iterdir()] == [0]
     table.put("a", b"1")
     table.ahead()  # no snapshot yet: no place in an epoch
     assert table.changed == {"a"}
