@@ -150,69 +150,15 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-class _Syncer:
-    """Threads that fsync the paths `start` queues; `wait` returns once every path queued before
-    it is durable, and raises the first failure since the last wait. A queue rather than a future
-    per file: an epoch close starts a few hundred, and the worker's time per start is the cost."""
+class _Background:
+    """What the sync threads share: `wanted` counts what was asked of them, `done` what they
+    finished (in the same units); `wait` returns once everything asked before it is done, and
+    raises the first failure since the last wait."""
 
-    def __init__(self, threads: int) -> None:
-        self.queue: SimpleQueue[str] = SimpleQueue()
-        self.cond = threading.Condition()
-        self.queued = self.done = 0
-        self.failure: BaseException | None = None
-        for i in range(threads):
-            threading.Thread(target=self._run, name=f"fraud-fsync-{i}", daemon=True).start()
-
-    def start(self, paths: list[str]) -> None:
-        with self.cond:
-            self.queued += len(paths)
-        for path in paths:
-            self.queue.put(path)
-
-    def wait(self) -> bool:
-        """Whether there was anything to wait for."""
-        with self.cond:
-            target = self.queued
-            waited = self.done < target
-            while self.done < target:
-                self.cond.wait()
-            failure, self.failure = self.failure, None
-        if failure is not None:
-            raise failure
-        return waited
-
-    def _run(self) -> None:
-        while True:
-            path = self.queue.get()
-            failure: BaseException | None = None
-            try:
-                _fsync(path)
-            except BaseException as exc:  # handed to the next wait, which raises it
-                failure = exc
-            with self.cond:
-                self.done += 1
-                if failure is not None and self.failure is None:
-                    self.failure = failure
-                self.cond.notify_all()
-
-
-class _FsSyncer:
-    """One thread that runs syncfs on every filesystem this process wrote state files to, again
-    each time `kick` asks after new writes; `wait` returns once a run that started after the last
-    kick is done, and raises the first failure since the last wait. The shards kick it as each
-    snapshot is written, so the disk works while the worker takes the other snapshots."""
-
-    def __init__(self, call: Callable[[int], int]) -> None:
-        self.call = call
+    def __init__(self) -> None:
         self.cond = threading.Condition()
         self.wanted = self.done = 0
-        self.failure: OSError | None = None
-        threading.Thread(target=self._run, name="fraud-syncfs", daemon=True).start()
-
-    def kick(self) -> None:
-        with self.cond:
-            self.wanted += 1
-            self.cond.notify_all()
+        self.failure: BaseException | None = None
 
     def wait(self) -> bool:
         """Whether there was anything to wait for."""
@@ -225,6 +171,59 @@ class _FsSyncer:
         if failure is not None:
             raise failure
         return waited
+
+    def _finished(self, failure: BaseException | None, upto: int | None = None) -> None:
+        """One more thing done (or everything up to `upto`)."""
+        with self.cond:
+            self.done = self.done + 1 if upto is None else upto
+            if failure is not None and self.failure is None:
+                self.failure = failure
+            self.cond.notify_all()
+
+
+class _Syncer(_Background):
+    """Threads that fsync the paths `start` queues (`wanted`: paths queued). A queue rather than
+    a future per file: an epoch close starts a few hundred, and the worker's time per start is
+    the cost."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__()
+        self.queue: SimpleQueue[str] = SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"fraud-fsync-{i}", daemon=True).start()
+
+    def start(self, paths: list[str]) -> None:
+        with self.cond:
+            self.wanted += len(paths)
+        for path in paths:
+            self.queue.put(path)
+
+    def _run(self) -> None:
+        while True:
+            path = self.queue.get()
+            failure: BaseException | None = None
+            try:
+                _fsync(path)
+            except BaseException as exc:  # handed to the next wait, which raises it
+                failure = exc
+            self._finished(failure)
+
+
+class _FsSyncer(_Background):
+    """One thread that runs syncfs on every filesystem this process wrote state files to, again
+    each time `kick` asks after new writes (`wanted`: kicks); a wait returns once a run that
+    started after the last kick is done. The shards kick it as each snapshot is written, so the
+    disk works while the worker takes the other snapshots."""
+
+    def __init__(self, call: Callable[[int], int]) -> None:
+        super().__init__()
+        self.call = call
+        threading.Thread(target=self._run, name="fraud-syncfs", daemon=True).start()
+
+    def kick(self) -> None:
+        with self.cond:
+            self.wanted += 1
+            self.cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -240,11 +239,7 @@ class _FsSyncer:
                     failure = OSError(
                         err, f"syncfs of the state files' filesystem failed: {os.strerror(err)}"
                     )
-            with self.cond:
-                self.done = target
-                if failure is not None and self.failure is None:
-                    self.failure = failure
-                self.cond.notify_all()
+            self._finished(failure, upto=target)
 
 
 _fs_syncer: _FsSyncer | None = None

@@ -307,6 +307,18 @@ def test_a_snapshot_without_files_is_copied_only_while_it_is_held(kind: type[Tab
     assert "k3" in again.items and "k3" not in table.items and table.items is not again.items
 
 
+def _pickled_once_the_disk_is_done(m: Manifest, disk: threading.Event) -> None:
+    """Pickling `m` (as Bytewax does) waits while the test's disk is busy, and ends once `disk`
+    lets it finish."""
+    pickled = threading.Thread(target=pickle.dumps, args=(m,))
+    pickled.start()
+    pickled.join(0.2)
+    assert pickled.is_alive()  # the manifest waits for the disk
+    disk.set()
+    pickled.join(30)
+    assert not pickled.is_alive()
+
+
 def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,13 +356,8 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
         time.sleep(0.01)
     assert sorted(started) == sorted(inodes)
     waited = REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "fsync"}) or 0.0
-    pickled = threading.Thread(target=pickle.dumps, args=(ma,))
-    pickled.start()
-    pickled.join(0.2)
-    assert pickled.is_alive()  # the manifest waits for the disk
-    disk.set()
-    pickled.join(30)
-    assert not pickled.is_alive() and sorted(synced) == sorted(inodes)  # both shards' files
+    _pickled_once_the_disk_is_done(ma, disk)
+    assert sorted(synced) == sorted(inodes)  # both shards' files
     # the wait is what an epoch close spends on fsyncs: counted for the summary and /metrics
     assert (
         REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "fsync"}) or 0.0
@@ -399,13 +406,7 @@ def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
     assert len(calls) == 1
     b.put("y", b"2")
     mb = b.snapshot()  # written while that sync runs: it needs another
-    pickled = threading.Thread(target=pickle.dumps, args=(mb,))
-    pickled.start()
-    pickled.join(0.2)
-    assert pickled.is_alive()  # the manifest waits for the filesystem
-    disk.set()
-    pickled.join(30)
-    assert not pickled.is_alive()
+    _pickled_once_the_disk_is_done(mb, disk)
     assert len(set(calls)) == 1 and calls[0] == tmp_path.stat().st_dev
     assert len(calls) == 2  # a run that started after b's write
     pickle.dumps(ma)
