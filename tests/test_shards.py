@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from flows import shards
+from flows import durable, shards
 from flows.routing import worker_of
 from flows.shards import (
     KEEP,
@@ -327,8 +327,8 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     snapshot does not wait for the disk and an epoch close waits once, for what is still running.
     (Durability itself cannot be observed without pulling the power; the fsync calls are.) This
     is the path without syncfs (not Linux); the next test covers syncfs."""
-    shards.sync_files()  # what earlier tests wrote
-    monkeypatch.setattr(shards, "_SYNCFS", None)
+    durable.sync_files()  # what earlier tests wrote
+    monkeypatch.setattr(durable, "_SYNCFS", None)
     synced: list[int] = []
     started: list[int] = []
     disk = threading.Event()  # the "disk" finishes an fsync only once the test lets it
@@ -377,10 +377,10 @@ def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
     threads cost the worker more), in a thread kicked as each shard's snapshot is written: pickling
     a manifest waits for a run that started after the last write, a failure stops the pickling (so
     Bytewax never records the epoch), and a close with nothing new written waits for nothing."""
-    if shards._SYNCFS is None:  # noqa: SLF001
+    if durable._SYNCFS is None:  # noqa: SLF001
         pytest.skip("no syncfs here (not Linux)")
-    real = shards._SYNCFS  # noqa: SLF001
-    shards.sync_files()  # what earlier tests wrote
+    real = durable._SYNCFS  # noqa: SLF001
+    durable.sync_files()  # what earlier tests wrote
     disk = threading.Event()
     calls: list[int] = []
     fail = [0]
@@ -393,7 +393,7 @@ def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
             return -1
         return real(fd)
 
-    monkeypatch.setattr(shards, "_fs_syncer", shards._FsSyncer(syncfs))  # noqa: SLF001
+    monkeypatch.setattr(durable, "_fs_syncer", durable._FsSyncer(syncfs))  # noqa: SLF001
     files = StateFiles(tmp_path, "index")
     a, b = Table(files, None), Table(files, None)
     a.name("t1")
