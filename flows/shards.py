@@ -280,9 +280,7 @@ class ShardLog:
     def _append(self, payload: bytes) -> tuple[str, int, int]:
         """One record at the end of this process's file: its length and payload in one write to
         an unbuffered file (the OS has it; `sync_files` makes it durable from another descriptor)."""
-        f = self.out
-        if self.file is None or f is None or f.closed:
-            f = self._open()
+        f = self._file()
         start = self.end
         record = len(payload).to_bytes(_HEADER, "little") + payload
         written = f.write(record)
@@ -299,12 +297,13 @@ class ShardLog:
         not create a few hundred directories and files."""
         if not self.swept:
             self._sweep()
-        f = self.out
-        if self.file is None or f is None or f.closed:
-            self._open()
+        self._file()
 
-    def _open(self) -> BinaryIO:
+    def _file(self) -> BinaryIO:
+        """This process's file, open for appending (created, or opened again, when it is not)."""
         f = self.out
+        if self.file is not None and f is not None and not f.closed:
+            return f
         if f is not None:
             f.close()
         if self.file is None:
@@ -442,8 +441,7 @@ class ShardTable(StepLogic):
         self.ahead_at = NEVER  # once per epoch: the snapshot sets the next time
         log = self._log()
         changed, self.changed = self.changed, set()
-        items = self.items
-        log.append(self._delta(changed), self._whole if self.mutable or self.compact else lambda: [items])
+        log.append(self._delta(changed), self._whole)
 
     def _log(self) -> ShardLog:
         assert self.files is not None and self.shard is not None
@@ -479,12 +477,15 @@ class ShardTable(StepLogic):
         epoch_s = self.files.epoch_s
         if epoch_s is not None and not self.mutable:
             self.ahead_at = monotonic() + epoch_s * ahead_fraction(self.files.step, self.shard)
-        whole = self._whole if self.mutable or self.compact else lambda: [items]
-        return self._log().write(self._delta(changed), len(items), whole)
+        return self._log().write(self._delta(changed), len(items), self._whole)
 
     def _whole(self) -> Iterator[dict[str, Any]]:
-        """The shard's entries as saved, `CHUNK` at a time (a table's values, or a mutable
-        shard's frozen copies, are made for the snapshot: chunks bound how many at once)."""
+        """The shard's entries as saved: a plain dict as it is, in one record; a table's values, or
+        a mutable shard's frozen copies, `CHUNK` at a time (they are made for the snapshot: chunks
+        bound how many at once)."""
+        if not (self.mutable or self.compact):
+            yield self.items
+            return
         keys = list(self.items.keys())
         for i in range(0, len(keys), CHUNK):
             yield self._saved(keys[i : i + CHUNK])
