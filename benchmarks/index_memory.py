@@ -43,7 +43,7 @@ from features.table import pack_vector
 from flows.expiry import Expiry
 from flows.ordering import ordered
 from flows.routing import Workers
-from flows.shards import state_files
+from flows.shards import Shards, state_files
 from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
 from service.runtime import new_pipeline
 from service.settings import SAMPLES, Settings
@@ -108,7 +108,8 @@ def main() -> None:
     decoded = op.branch(
         "valid", op.map("decode", op.input("in", flow, TestingSource(records, 1000)), decode_record), is_valid
     )
-    keyed = op.key_on("key", decoded.trues, txn_key)
+    shards = Shards()  # the flow's default count
+    keyed = op.key_on("key", decoded.trues, txn_key(shards))
     parts = sample_parts(pipeline, min(SAMPLE_ROWS, n))
     width = sum(len(plan.names) for plan in pipeline.plans)
     packed = [len(pack_vector(list(chain.from_iterable(p)))) for p in parts]
@@ -128,12 +129,12 @@ def main() -> None:
     store = None if args.no_recovery else Path(tmp.name)
     held = keyed
     if args.step in ("both", "index"):
-        index = partial(IndexLogic, pipeline, state_files(store, "index"), expiry=Expiry(TTL))
-        held = ordered("index", held, logic=index, workers=Workers(1), key=txn_key)
+        index = partial(IndexLogic, pipeline, state_files(store, "index"), expiry=Expiry(TTL), shards=shards)
+        held = ordered("index", held, logic=index, workers=Workers(1), key=txn_key(shards))
     if args.step in ("both", "pending"):
         rows = op.map("rows", held, scored_row)
-        pending = partial(PendingLogic, pipeline, state_files(store, "pending"))
-        held = ordered("pending", rows, logic=pending, workers=Workers(1), key=pending_key)
+        pending = partial(PendingLogic, pipeline, state_files(store, "pending"), shards=shards)
+        held = ordered("pending", rows, logic=pending, workers=Workers(1), key=pending_key(shards))
     op.output("out", op.filter("probe", held, probe), TestingSink([]))
     recovery = None
     if store is not None:  # as `fraud run` runs it: Bytewax recovery, the shards' deltas in files

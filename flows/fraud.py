@@ -48,7 +48,7 @@ try:
         late_entry,
     )
     from flows.routing import WorkerCount, Workers
-    from flows.shards import state_files
+    from flows.shards import Shards, state_files
     from flows.stamping import stamp
     from flows.steps import (
         EntityLogic,
@@ -112,6 +112,7 @@ def build(
     step = partial(ordered, workers=workers)  # every stateful step: in the canonical order
     ttl = timedelta(days=s.label_ttl_days)
     ahead = s.snapshot_interval_s if s.snapshot_ahead else None  # shards write ahead of each close
+    shards = Shards(s.state_shards)
     needs_chain, skips_chain = chain_filters(pipeline)
 
     read = op.merge("records", op.input("read", flow, src), op.input("workers", flow, WorkerCount(workers)))
@@ -123,9 +124,14 @@ def build(
         stamped,
         # a label may come from another partition than its transaction: parked until it is due
         logic=partial(
-            IndexLogic, pipeline, state_files(state_dir, "index", ahead), expiry=Expiry(ttl), parks=parts > 1
+            IndexLogic,
+            pipeline,
+            state_files(state_dir, "index", ahead),
+            expiry=Expiry(ttl),
+            parks=parts > 1,
+            shards=shards,
         ),
-        key=txn_key,
+        key=txn_key(shards),
         sources=parts,
     )
     rows = batch.keep("to_chain", index, needs_chain)
@@ -133,18 +139,20 @@ def build(
         rows = step(
             plan.entity.name,
             rows,
-            logic=partial(EntityLogic, pipeline, plan, state_files(state_dir, plan.entity.name, ahead)),
-            key=entity_key(plan),
+            logic=partial(
+                EntityLogic, pipeline, plan, state_files(state_dir, plan.entity.name, ahead), shards=shards
+            ),
+            key=entity_key(plan, shards),
             sequence=True,
         )
     labels = batch.keep("skip_chain", index, skips_chain)
-    pending = partial(PendingLogic, pipeline, state_files(state_dir, "pending", ahead))
-    vectors = step("pending", rows, labels, logic=pending, key=pending_key)
+    pending = partial(PendingLogic, pipeline, state_files(state_dir, "pending", ahead), shards=shards)
+    vectors = step("pending", rows, labels, logic=pending, key=pending_key(shards))
     scores = step(
         "score",
         vectors,
         logic=partial(ScoringLogic, rt.new_scorer),
-        key=scorer_key,
+        key=scorer_key(shards),
         per_worker=True,
         everywhere=to_every_replica,
         last=True,

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from flows.recovery_check import STORE_FILE, RecoveryStoreError, StoreInfo, check_store, fixes, has_store
+from flows.shards import DEFAULT_SHARDS
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -197,8 +198,9 @@ def _now() -> datetime:
 # 3: the index and `pending` in fixed shards with their deltas in `state/` (`flows.shards`); 4: the
 # entity steps in fixed shards too; 5: the index's entries as msgpack bytes, `pending`'s vectors
 # packed (`features.table`); 6: the expiry buckets in the index's entries, none in the `stamp`
-# step (`flows.expiry`).
-STATE_LAYOUT = 6
+# step (`flows.expiry`); 7: the shard count chosen (`FRAUD_STATE_SHARDS`, recorded as "shards"),
+# the shard keys derived from it.
+STATE_LAYOUT = 7
 
 
 def outdated(directory: Path, layout: Any) -> RecoveryStoreError:
@@ -207,6 +209,14 @@ def outdated(directory: Path, layout: Any) -> RecoveryStoreError:
         f"flow; this version saves layout {STATE_LAYOUT} and cannot resume from it (the windows, "
         "the pending labels and the online model would start empty while the inputs resume where "
         "they stopped). " + fixes(directory)
+    )
+
+
+def other_shards(directory: Path, saved: Any, shards: int) -> RecoveryStoreError:
+    return RecoveryStoreError(
+        f"recovery store {directory} keeps the keyed steps' state in {saved} shards and "
+        f"FRAUD_STATE_SHARDS is {shards}: every key would be looked for in another shard than the one "
+        f"holding it. Set FRAUD_STATE_SHARDS={saved} to resume it, or start a new store. " + fixes(directory)
     )
 
 
@@ -296,13 +306,16 @@ def recovery_config(
     fresh: bool = False,
     registry: StoreRegistry | None = None,
     processes: int = 1,
+    shards: int = DEFAULT_SHARDS,
 ) -> RecoveryConfig:
     """Bytewax recovery in `directory`: checked, or created (with `partitions` partitions) if none.
 
     Raises RecoveryStoreError when the store is damaged, or is not the one `registry` (Redis) says
     produced the outputs; with `fresh`, such a store is moved aside instead and a new one started.
     Without a registry (tests, Bytewax's own runner) only the files are checked. `processes`: how
-    many processes the cluster has (`check_store`).
+    many processes the cluster has (`check_store`). `shards`: the keyed steps' shard count
+    (`FRAUD_STATE_SHARDS`), recorded in a new store; a store that holds state saved with another
+    count is refused.
     """
     directory = Path(directory).resolve()
     with _locked(directory):
@@ -315,6 +328,10 @@ def recovery_config(
             if info is not None and info.epoch is not None and layout != STATE_LAYOUT:
                 tag = "outdated"
                 raise outdated(directory, layout)
+            saved = (info.meta or {}).get("shards", shards) if info is not None else shards
+            if info is not None and info.epoch is not None and saved != shards:
+                tag = "other-shards"
+                raise other_shards(directory, saved, shards)
         except RecoveryStoreError as exc:
             refusal = exc
         records: dict[str, dict[str, Any]] = {}
@@ -338,7 +355,7 @@ def recovery_config(
                 raise refusal
             moved = _move_aside(directory, tag) if has_store(directory) else None
             own = records.get(registry.process, {}) if registry is not None else {}
-            info = _create(directory, partitions, replaces=own.get("id"), takes_over=True)
+            info = _create(directory, partitions, replaces=own.get("id"), takes_over=True, shards=shards)
             logger.warning(
                 "FRAUD_RECOVERY_FRESH: %s; started recovery store %s in %s from the beginning of every "
                 "input (refused because: %s)",
@@ -348,7 +365,7 @@ def recovery_config(
                 str(refusal).split(" Fix: ")[0],
             )
         elif info is None:
-            info = _create(directory, partitions, replaces=None)
+            info = _create(directory, partitions, replaces=None, shards=shards)
             logger.info("created recovery store %s with %d partitions in %s", info.id, partitions, directory)
         elif info.meta is None:
             info = _adopt(info)

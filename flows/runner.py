@@ -40,6 +40,7 @@ def run(
             fresh=settings.recovery_fresh,
             registry=RedisRegistry(settings, process_id),
             processes=max(1, len(addresses or [])),
+            shards=settings.state_shards,
         )
     )
     if settings.metrics_port:

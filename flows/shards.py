@@ -4,12 +4,16 @@ A transaction waits weeks for its label, so the index and `pending` hold million
 the entity steps hold every active card, merchant and device. One Bytewax key per transaction or
 entity made each cost Bytewax's per-key bookkeeping, a pickle of its own at every epoch close and,
 for an entity's idle timer, a place in the map Bytewax scans at every activation. Here a step keeps
-its keys in `SHARDS` Bytewax keys, each a dict (`ShardTable`; for the index and `pending`, whose
-entries are bytes, a compact `features.table.Table`), and a key goes to the shard
-its id hashes to (`shard_of`). The shard count is fixed, not the worker count: after a resume on
-another number of workers every key is still in the shard its id names, wherever Bytewax now runs
-that shard. The shard keys are chosen so that 1, 2, 3, 4, 6, 8, 12 or 16 workers get the same
-number each.
+its keys in a fixed set of Bytewax keys (`Shards`, `FRAUD_STATE_SHARDS`, 16 by default), each a
+dict (`ShardTable`; for the index and `pending`, whose entries are bytes, a compact
+`features.table.Table`), and a key goes to the shard its id hashes to (`Shards.of`). The shard
+count is fixed for a recovery store's life, not tied to the worker count: after a resume on another
+number of workers every key is still in the shard its id names, wherever Bytewax now runs that
+shard. The shard keys are chosen so that every worker count dividing the shard count gets the same
+number each (16: 1, 2, 4, 8 or 16 workers). Every shard of every keyed step is a snapshot at each
+epoch close, and each costs Bytewax and the shard a fixed ~0.1-0.2 ms while the input waits
+(`python -m benchmarks.redis_throughput`: 16 shards closed an epoch in ~45 ms where 48 took ~55):
+so no more shards than the workers need.
 
 Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
 cost its whole content every few seconds. So when `fraud run` runs with recovery
@@ -36,6 +40,7 @@ files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -51,29 +56,75 @@ import msgspec
 from features.table import Table, table_of
 from flows.durable import appended, start_sync, sync_files, watch
 from flows.ordering import StepLogic
+from flows.routing import worker_of
 
 logger = logging.getLogger(__name__)
 
-# Names whose Bytewax routing (flows.routing.worker_of) gives each of 1, 2, 3, 4, 6, 8, 12 and 16
-# workers the same number of shards (tests/test_shards.py checks it): greedily picked.
-_NAMES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 24, 26,
-          27, 29, 30, 31, 32, 35, 36, 40, 43, 45, 52, 56, 57, 61, 65, 66, 69, 72, 92, 110, 121, 131,
-          141)  # fmt: skip
-SHARD_KEYS = tuple(f"shard{i}" for i in _NAMES)
-SHARDS = len(SHARD_KEYS)
+DEFAULT_SHARDS = 16  # FRAUD_STATE_SHARDS: even over 1, 2, 4, 8 and 16 workers
 KEEP = 8  # snapshots of a shard during which a file that left its chain is kept
 MIN_COMPACT_BYTES = 1 << 20  # deltas smaller than this never trigger a rewrite
 NEVER = float("inf")
 CHUNK = 4096  # keys per record a snapshot encodes: bounds its memory, whatever an epoch changed
 
 
-def shard_of(txn_id: str) -> str:
-    """The shard key of a transaction id (the same in every run and on every cluster layout)."""
-    return SHARD_KEYS[crc32(txn_id.encode()) % SHARDS]
+@functools.cache
+def shard_names(count: int) -> tuple[str, ...]:
+    """`count` Bytewax keys that Bytewax's routing (`flows.routing.worker_of`) spreads evenly over
+    every worker count dividing `count`: the first names `shard<i>` whose routes over `count`
+    workers all differ (a route over a divisor is that route modulo the divisor)."""
+    names: list[str] = []
+    taken: set[int] = set()
+    i = 0
+    while len(names) < count:
+        name = f"shard{i}"
+        w = worker_of(name, count)
+        if w not in taken:
+            taken.add(w)
+            names.append(name)
+        i += 1
+    return tuple(names)
+
+
+class Shards:
+    """The fixed set of shards a keyed step keeps its entries in (`FRAUD_STATE_SHARDS`): the
+    Bytewax keys, and the shard of an id. Fixed for a recovery store's life: a resume on another
+    count would find entries in shards their ids no longer name."""
+
+    __slots__ = ("count", "keys")
+
+    def __init__(self, count: int = DEFAULT_SHARDS) -> None:
+        if count < 1:
+            raise ValueError(f"a keyed step needs at least one shard, not {count}")
+        self.count, self.keys = count, shard_names(count)
+
+    def of(self, key: str) -> str:
+        """The shard key of a transaction id or entity key (the same in every run and on every
+        cluster layout)."""
+        return self.keys[crc32(key.encode()) % self.count]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Shards) and other.count == self.count
+
+    def __hash__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"Shards({self.count})"
 
 
 class StateFilesError(RuntimeError):
     """A shard's files do not hold what its manifest names: the recovery store is damaged."""
+
+
+def other_count(saved: int, count: int) -> StateFilesError:
+    """The refusal of state saved in `saved` shards (0: by a version that did not say) by a flow
+    with `count`: each key would be looked for in another shard than the one holding it."""
+    what = f"in {saved} shards" if saved else "in shards of an older version"
+    fix = f"set FRAUD_STATE_SHARDS={saved} to resume it, or " if saved else ""
+    return StateFilesError(
+        f"the recovery store keeps the keyed steps' state {what} and FRAUD_STATE_SHARDS is {count}: "
+        f"{fix}`fraud reset --yes` and `fraud run --fresh` to start a new store"
+    )
 
 
 class Manifest(msgspec.Struct, frozen=True, array_like=True):
@@ -93,10 +144,11 @@ class Manifest(msgspec.Struct, frozen=True, array_like=True):
     segments: tuple[tuple[str, int, int], ...]
     entries: int
     base: int  # bytes of the whole-shard record the chain starts with (0: it starts empty)
+    shards: int  # how many shards the step had (`Shards.count`): a resume must have as many
 
     def __reduce__(self) -> tuple[Any, ...]:
         sync_files()
-        return (Manifest, (self.step, self.shard, self.segments, self.entries, self.base))
+        return (Manifest, (self.step, self.shard, self.segments, self.entries, self.base, self.shards))
 
 
 class FullState:
@@ -104,13 +156,13 @@ class FullState:
     (the shard copies it before changing it while this is alive: `ShardTable.own`; values are
     immutable). Bytewax pickles it only when recovery is on."""
 
-    __slots__ = ("__weakref__", "items", "shard")
+    __slots__ = ("__weakref__", "items", "shard", "shards")
 
-    def __init__(self, shard: str, items: dict[str, Any]) -> None:
-        self.shard, self.items = shard, items
+    def __init__(self, shard: str, items: dict[str, Any], shards: int = 0) -> None:
+        self.shard, self.items, self.shards = shard, items, shards  # shards: as `Manifest.shards`
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (FullState, (self.shard, self.items))
+        return (FullState, (self.shard, self.items, self.shards))
 
 
 class StateFiles:
@@ -221,6 +273,7 @@ class ShardLog:
         delta: Iterable[tuple[dict[str, Any], list[str]]],
         entries: int,
         whole: Callable[[], Iterable[dict[str, Any]]],
+        shards: int,
     ) -> Manifest:
         """Save the delta, as (puts, dels) records (or the whole shard, `whole()`'s records, when
         the deltas outgrew it), and return the manifest that rebuilds the shard's `entries`
@@ -229,7 +282,7 @@ class ShardLog:
         self.snapshots += 1
         self.append(delta, whole, ahead=False)
         self._collect()
-        return Manifest(self.step, self.shard, tuple(self.segments), entries, self.base_bytes)
+        return Manifest(self.step, self.shard, tuple(self.segments), entries, self.base_bytes, shards)
 
     def append(
         self,
@@ -346,14 +399,17 @@ class ShardTable(StepLogic):
     as from the files.
     """
 
-    __slots__ = ("ahead_at", "changed", "files", "items", "lent", "log", "saved", "shard")
+    __slots__ = ("ahead_at", "changed", "files", "items", "lent", "log", "saved", "shard", "shards")
     value_type: ClassVar[Any] = Any
     copies: ClassVar[int] = 0  # tables and saved dicts this process copied for a snapshot still held
     mutable: ClassVar[bool] = False
     compact: ClassVar[bool] = False  # entries in a `features.table.Table` (bytes values), not a dict
 
-    def __init__(self, files: StateFiles | None, resume: Manifest | FullState | None) -> None:
+    def __init__(
+        self, files: StateFiles | None, resume: Manifest | FullState | None, shards: Shards | None = None
+    ) -> None:
         self.files = files
+        self.shards = shards or Shards()
         self.items: Any = Table() if self.compact else {}
         self.changed: set[str] = set()
         self.log: ShardLog | None = None
@@ -367,6 +423,8 @@ class ShardTable(StepLogic):
         # With files and an epoch length: when (monotonic) this shard writes its changes ahead of
         # the next snapshot (`ahead`); set by each snapshot.
         self.ahead_at = NEVER
+        if resume is not None and resume.shards != self.shards.count:
+            raise other_count(resume.shards, self.shards.count)
         if type(resume) is Manifest:
             if files is None:
                 raise StateFilesError(
@@ -419,7 +477,7 @@ class ShardTable(StepLogic):
     def name(self, key: str) -> None:
         """Learn this shard's key from the first key (transaction id, entity) it gets (and, with
         files, create its file now rather than at the epoch close)."""
-        self.shard = shard_of(key)
+        self.shard = self.shards.of(key)
         if self.files is not None:
             self._log().prepare()
 
@@ -459,7 +517,7 @@ class ShardTable(StepLogic):
         if self.files is None:
             saved = self.saved
             if saved is None:
-                held = FullState(self.shard, items)
+                held = FullState(self.shard, items, self.shards.count)
             else:
                 lent = self.lent
                 if lent is not None and lent() is not None:
@@ -471,13 +529,13 @@ class ShardTable(StepLogic):
                         saved.pop(k, None)
                     else:
                         saved[k] = frozen(v)
-                held = FullState(self.shard, saved)
+                held = FullState(self.shard, saved, self.shards.count)
             self.lent = weakref.ref(held)
             return held
         epoch_s = self.files.epoch_s
         if epoch_s is not None and not self.mutable:
             self.ahead_at = monotonic() + epoch_s * ahead_fraction(self.files.step, self.shard)
-        return self._log().write(self._delta(changed), len(items), self._whole)
+        return self._log().write(self._delta(changed), len(items), self._whole, self.shards.count)
 
     def _whole(self) -> Iterator[dict[str, Any]]:
         """The shard's entries as saved: a plain dict as it is, in one record; a table's values, or

@@ -44,7 +44,7 @@ from features.table import pack_vector, unpack_vector
 from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
-from flows.shards import ShardTable, StateFiles, shard_of
+from flows.shards import Shards, ShardTable, StateFiles
 from flows.stamping import TICK, Tick, Watermark, arrival_ns, partition_of
 from models.drift import DriftEvent, DriftMonitor
 from models.serving import BatchStats, Decision, LabelledVector, Scorer
@@ -175,24 +175,40 @@ def is_valid(event: Decoded | Tick) -> TypeGuard[Transaction | Label | Tick]:
     return not isinstance(event, DeadLetter)
 
 
-def txn_key(event: Transaction | Label | Expired) -> str:
-    """The index shard of an event's transaction (`flows.shards`)."""
-    return shard_of(event.txn_id)
+def txn_key(shards: Shards) -> Callable[[Transaction | Label | Expired], str]:
+    """The key of the index: the shard (`flows.shards`) of an event's transaction."""
+    of = shards.of
+
+    def key(event: Transaction | Label | Expired) -> str:
+        return of(event.txn_id)
+
+    return key
 
 
-def pending_key(item: Chained | Quarantined | Expired) -> str:
-    """A row or label leaving the entity chain goes to its transaction's `pending` shard."""
-    return shard_of(item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id)
+def pending_key(shards: Shards) -> Callable[[Chained | Quarantined | Expired], str]:
+    """The key of `pending`: a row or label leaving the entity chain goes to its transaction's shard."""
+    of = shards.of
+
+    def key(item: Chained | Quarantined | Expired) -> str:
+        return of(item.txn.txn_id if isinstance(item, FeatureRow) else item.txn_id)
+
+    return key
 
 
 Scored = FeatureVector | LabelledVector | Control
 
 
-def scorer_key(item: Scored | Quarantined) -> str:
-    """A vector is scored by the replica (`ordered(per_worker=True)`) on the worker of its
-    transaction's shard: where `pending` sent it from, so it does not cross to another process.
-    Every replica learns the same labels in the same order, so any replica scores it the same."""
-    return shard_of(item.txn.txn_id if type(item) is FeatureVector else item.txn_id)  # type: ignore[union-attr]
+def scorer_key(shards: Shards) -> Callable[[Scored | Quarantined], str]:
+    """The key of the scorer: a vector is scored by the replica (`ordered(per_worker=True)`) on the
+    worker of its transaction's shard: where `pending` sent it from, so it does not cross to another
+    process. Every replica learns the same labels in the same order, so any replica scores it the
+    same."""
+    of = shards.of
+
+    def key(item: Scored | Quarantined) -> str:
+        return of(item.txn.txn_id if type(item) is FeatureVector else item.txn_id)  # type: ignore[union-attr]
+
+    return key
 
 
 def to_every_replica(item: Scored | Quarantined) -> bool:
@@ -245,13 +261,13 @@ def drift_of(kv: tuple[str, Any]) -> DriftEvent | None:
     return kv[1] if type(kv[1]) is DriftEvent else None
 
 
-def entity_key(plan: EntityPlan) -> Callable[[Chained | Quarantined], str]:
+def entity_key(plan: EntityPlan, shards: Shards) -> Callable[[Chained | Quarantined], str]:
     """Key of `plan`'s chain step: the shard (`flows.shards`) of the item's entity; an item
     whose entity is absent passes through the shard of its transaction."""
-    i = plan.position
+    i, of = plan.position, shards.of
 
     def key(item: Chained | Quarantined) -> str:
-        return shard_of(_entity_or_txn(item, i))
+        return of(_entity_or_txn(item, i))
 
     return key
 
@@ -302,13 +318,14 @@ class IndexLogic(ShardTable):
         resume: Any,
         expiry: Expiry | None = None,
         parks: bool = False,
+        shards: Shards | None = None,
     ) -> None:
         self.pipeline, self.expiry, self.parks = pipeline, expiry, parks
         self.arrivals = Arrivals()
         self.due_at: datetime | None = None
         self.waiting: list[Label] = []  # parked labels, in seq order
         self.waiting_ids: dict[str, int] = {}  # how many parked labels each transaction has
-        super().__init__(files, resume)
+        super().__init__(files, resume, shards)
         if self.items:  # a resumed shard: its buckets and its parked labels, from its entries
             for k, v in self.items.items():
                 if k.startswith(PARKED):  # its seq (wider than msgpack's ints) is in its key
@@ -446,10 +463,15 @@ class EntityLogic(ShardTable):
     mutable = True
 
     def __init__(
-        self, pipeline: FeaturePipeline, plan: EntityPlan, files: StateFiles | None, resume: Any
+        self,
+        pipeline: FeaturePipeline,
+        plan: EntityPlan,
+        files: StateFiles | None,
+        resume: Any,
+        shards: Shards | None = None,
     ) -> None:
         self.pipeline, self.plan = pipeline, plan
-        super().__init__(files, resume)
+        super().__init__(files, resume, shards)
         self.seen: dict[str, int] = dict.fromkeys(self.items, int(time.time()) // MINUTE_S)
         self.sweep_at = datetime.now(UTC) + SWEEP
 
@@ -567,9 +589,11 @@ class PendingLogic(ShardTable):
     compact = True  # vectors inline in a `features.table.Table`; a waiting `LabelEvent` by reference
     held: ClassVar[int] = 0  # vectors held by this process's shards (the `fraud_pending_transactions` gauge)
 
-    def __init__(self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any) -> None:
+    def __init__(
+        self, pipeline: FeaturePipeline, files: StateFiles | None, resume: Any, shards: Shards | None = None
+    ) -> None:
         self.pipeline = pipeline
-        super().__init__(files, resume)
+        super().__init__(files, resume, shards)
         PendingLogic.held += sum(type(v) is bytes for v in self.items.values())
 
     def storable(self, saved: dict[str, Any]) -> dict[str, Any]:

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     recovery_partitions: int = Field(
         8, ge=1, description="Recovery partitions created (>= workers ever used)."
     )
+    state_shards: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Shards of each keyed step's state (index, entity steps, pending): fixed for a recovery store's life; a multiple of the largest worker count you will run (16: even over 1, 2, 4, 8, 16 workers).",
+    )
     recovery_fresh: bool = Field(
         False,
         description="Move a damaged or mismatched recovery store aside and start a new one, instead of refusing.",

@@ -27,6 +27,7 @@ from features.event_files import merged_records
 from flows.fraud import build
 from flows.recovery import STATE_LAYOUT, RedisRegistry, recovery_config
 from flows.recovery_check import Part, RecoveryStoreError, check_store, consistency
+from flows.shards import DEFAULT_SHARDS
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
 from service.settings import Settings, get_settings
@@ -172,6 +173,26 @@ def test_a_store_of_an_older_state_layout_is_refused_naming_fraud_reset(
         and info.meta is not None
         and info.meta["layout"] == STATE_LAYOUT
     )
+
+
+def test_a_store_saved_with_another_shard_count_is_refused_naming_the_count(
+    crashed: dict[str, Path], tmp_path: Path
+) -> None:
+    """A key's shard depends on the count (FRAUD_STATE_SHARDS): resuming with another would look
+    for every key in a shard that does not hold it. Refused, naming the count to set (or, with
+    --fresh, moved aside)."""
+    db = _damage(crashed, tmp_path)
+    assert json.loads((db / "store.json").read_text())["shards"] == DEFAULT_SHARDS == 16
+    recovery_config(db, 3)  # the count it was made with: resumed
+    with pytest.raises(
+        RecoveryStoreError, match=r"in 16 shards and FRAUD_STATE_SHARDS is 48: every key"
+    ) as refused:
+        recovery_config(db, 3, shards=48)
+    assert "Set FRAUD_STATE_SHARDS=16" in str(refused.value) and "--fresh" in str(refused.value)
+    recovery_config(db, 3, fresh=True, shards=48)
+    (aside,) = tmp_path.glob("store.other-shards-*")
+    assert json.loads((aside / "store.json").read_text())["shards"] == 16
+    assert json.loads((db / "store.json").read_text())["shards"] == 48
 
 
 @pytest.mark.parametrize("cut", ["last transaction", "half of it"])

@@ -36,7 +36,7 @@ from features.table import COMPILED, DictTable, Table
 from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import KeyedStep, Stage, ordered
 from flows.routing import Workers
-from flows.shards import FullState, Manifest, StateFiles, shard_of
+from flows.shards import FullState, Manifest, Shards, StateFiles
 from flows.stamping import INF, NEG, Watermark, make_seq, partition_code, stamp
 from flows.steps import (
     EntityLogic,
@@ -62,6 +62,7 @@ from service.settings import Settings
 
 NOW_MS = int(datetime.now(UTC).timestamp() * 1000)
 TTL = timedelta(days=60)
+SHARDS = Shards()  # the default count
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_index_dead_letters_a_duplicate_and_joins_labels_once(pipeline: FeatureP
         Label("t1", False, NOW_MS + 2, seq=4),  # labelled already
         Label("t9", True, NOW_MS + 3, seq=5),  # never seen
     ]
-    out = run_step(items, txn_key, partial(IndexLogic, pipeline, None))
+    out = run_step(items, txn_key(SHARDS), partial(IndexLogic, pipeline, None))
     row, dup, joined, *dead = out
     assert isinstance(row, FeatureRow) and row.txn.amount == 5.0
     assert row.keys == tuple(p.key_of(items[0]) for p in pipeline.plans)  # type: ignore[arg-type]
@@ -204,7 +205,7 @@ def test_entity_step_adds_its_features_and_quarantines_a_raising_item(
         observe(self, plan, state, row)
 
     monkeypatch.setattr(FeaturePipeline, "observe", observe_)
-    first, second, bad = run_step(rows, entity_key(card), partial(EntityLogic, pipeline, card, None))
+    first, second, bad = run_step(rows, entity_key(card, SHARDS), partial(EntityLogic, pipeline, card, None))
     count_1h = card.names.index("count_by_card_1h")
     assert [len(r.parts) for r in (first, second)] == [1, 1]
     assert (first.parts[0][count_1h], second.parts[0][count_1h]) == (1.0, 2.0)  # one key's history
@@ -239,8 +240,8 @@ def test_entity_shard_snapshots_rebuild_every_key(pipeline: FeaturePipeline, tmp
     """An entity shard saves only the keys an epoch changed (its delta), and its snapshot, with or
     without files, rebuilds the states: the next event sees the same history either way."""
     card = pipeline.plans[0]
-    key = entity_key(card)
-    cards = [c for c in (f"c{j}" for j in range(2000)) if shard_of(f"card:{c}") == shard_of("card:c0")][:3]
+    key = entity_key(card, SHARDS)
+    cards = [c for c in (f"c{j}" for j in range(2000)) if SHARDS.of(f"card:{c}") == SHARDS.of("card:c0")][:3]
     assert len(cards) == 3  # three cards of one shard
     rows = [pipeline.start(txn(f"t{i}", i + 1, card=cards[i % 3], minutes=i))[0] for i in range(30)]
     shard = key(rows[0])
@@ -286,7 +287,7 @@ def test_pending_holds_the_vector_and_sends_it_with_the_label(pipeline: FeatureP
     logic = PendingLogic(pipeline, None, None)
     assert len(logic.apply([row])) == 1 and PendingLogic.held == before + 1  # one vector waits
     assert len(logic.apply([label])) == 1 and PendingLogic.held == before  # its label took it
-    vector, learned = run_step([row, label], pending_key, partial(PendingLogic, pipeline, None))
+    vector, learned = run_step([row, label], pending_key(SHARDS), partial(PendingLogic, pipeline, None))
     assert isinstance(vector, FeatureVector) and vector.values == pipeline.assemble(row)
     assert isinstance(learned, LabelledVector) and (learned.txn_id, learned.is_fraud) == ("t1", True)
     as32 = np.asarray(vector.values, dtype=np.float32)
@@ -454,7 +455,7 @@ def test_scoring_decides_in_canonical_order(runtime: Runtime) -> None:
     snapped = REGISTRY.get_sample_value("fraud_snapshot_seconds_total", {"step": "step"}) or 0.0
     out = run_step(
         [*vectors, Watermark(0, INF, 0)],
-        scorer_key,
+        scorer_key(SHARDS),
         partial(ScoringLogic, runtime.new_scorer),
         batch_size=len(vectors) + 1,
         per_worker=True,
@@ -498,7 +499,7 @@ def test_scoring_spreads_vectors_over_worker_replicas_that_all_learn_every_label
     flow = Dataflow("replicas")
     keyed = op.key_on("key", op.input("in", flow, TestingSource(items, 8)), lambda _: "")
     step = ordered(
-        "score", keyed, logic=replica, workers=Workers(3), key=scorer_key, per_worker=True, everywhere=to_every_replica,
+        "score", keyed, logic=replica, workers=Workers(3), key=scorer_key(SHARDS), per_worker=True, everywhere=to_every_replica,
         last=True,
     )  # fmt: skip
     op.output("out", op.key_rm("unkey", step), TestingSink(out))
@@ -620,7 +621,7 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
         stamped,
         logic=partial(IndexLogic, pipeline, None, expiry=expiry),
         workers=workers,
-        key=txn_key,
+        key=txn_key(SHARDS),
     )
     needs_chain, skips_chain = chain_filters(pipeline)
     rows = op.map(  # the entity chain, on fresh states
@@ -630,7 +631,12 @@ def test_an_expired_transaction_leaves_the_index_and_pending_and_its_label_is_re
     )
     rest = op.filter("rest", index, skips_chain)
     pending = ordered(
-        "pending", rows, rest, logic=partial(PendingLogic, pipeline, None), workers=workers, key=pending_key
+        "pending",
+        rows,
+        rest,
+        logic=partial(PendingLogic, pipeline, None),
+        workers=workers,
+        key=pending_key(SHARDS),
     )
     dead = op.filter_map("dead", index, dead_letter_of)
     op.output("out", op.merge("all", op.key_rm("unkey", pending), dead), TestingSink(out))

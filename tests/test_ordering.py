@@ -39,7 +39,7 @@ from flows.ordering import (
     unbundle,
 )
 from flows.routing import Workers, worker_of
-from flows.shards import shard_of
+from flows.shards import Shards
 from flows.stamping import INF, NEG, StampLogic, Tick, Watermark, make_seq, partition_code
 
 
@@ -259,12 +259,12 @@ def test_a_keys_bucket_is_on_the_worker_that_runs_the_key(count: int) -> None:
     """What a bucket releases goes to keys Bytewax runs on the bucket's own worker: a sequenced
     step (and the scorer after `pending`) moves no event between processes for that hop."""
     workers = Workers(count)
-    route = by_bucket(lambda item: shard_of(item.card_id), workers)
+    route = by_bucket(lambda item: Shards().of(item.card_id), workers)
     events = [Transaction(f"t{i}", i, f"c{i}", "m1", 1.0, seq=i) for i in range(300)]
     routed = route([("", e) for e in events])
     assert sum(len(b) for _, b in routed) == len(events)
     for bucket, bundle in routed:
-        assert {worker_of(shard_of(e.card_id), count) for e in bundle} == {worker_of(bucket, count)}
+        assert {worker_of(Shards().of(e.card_id), count) for e in bundle} == {worker_of(bucket, count)}
     assert len(routed) == count  # every worker gets some
     assert workers.placed == {k: worker_of(k, count) for k in workers.placed}
     workers.set(count + 1)  # a cluster of another size places every key anew

@@ -18,15 +18,15 @@ from prometheus_client import REGISTRY
 from flows import durable, shards
 from flows.routing import worker_of
 from flows.shards import (
+    DEFAULT_SHARDS,
     KEEP,
-    SHARD_KEYS,
-    SHARDS,
     FullState,
     Manifest,
+    Shards,
     ShardTable,
     StateFiles,
     StateFilesError,
-    shard_of,
+    shard_names,
 )
 
 
@@ -40,14 +40,43 @@ class Table(ShardTable):
         return events
 
 
-def test_every_common_worker_count_gets_the_same_number_of_shards() -> None:
-    assert SHARDS == 48 and len(set(SHARD_KEYS)) == SHARDS
-    for n in (1, 2, 3, 4, 6, 8, 12, 16):
-        counts = Counter(worker_of(k, n) for k in SHARD_KEYS)
-        assert sorted(counts) == list(range(n)) and set(counts.values()) == {SHARDS // n}, n
-    spread = Counter(shard_of(f"t{i:09d}") for i in range(48_000))
-    assert set(spread) == set(SHARD_KEYS) and min(spread.values()) > 800  # ~1,000 each
-    assert shard_of("t000000001") == shard_of("t000000001")
+def test_every_worker_count_dividing_the_shard_count_gets_the_same_number_of_shards() -> None:
+    for count in (1, 2, 12, DEFAULT_SHARDS, 48, 96):
+        keys = shard_names(count)
+        assert len(set(keys)) == count and keys == Shards(count).keys
+        for n in (n for n in range(1, count + 1) if count % n == 0):
+            per_worker = Counter(worker_of(k, n) for k in keys)
+            assert sorted(per_worker) == list(range(n)) and set(per_worker.values()) == {count // n}, (
+                count,
+                n,
+            )
+    assert DEFAULT_SHARDS == 16 and shard_names(16)[:4] == ("shard0", "shard1", "shard2", "shard3")
+    shards = Shards()
+    spread = Counter(shards.of(f"t{i:09d}") for i in range(16_000))
+    assert set(spread) == set(shards.keys) and min(spread.values()) > 800  # ~1,000 each
+    assert shards.of("t000000001") == Shards(16).of("t000000001")
+    assert Shards(48).of("t000000001") in shard_names(48)
+    with pytest.raises(ValueError, match="at least one shard"):
+        Shards(0)
+
+
+def test_a_shard_refuses_state_saved_with_another_shard_count(tmp_path: Path) -> None:
+    """A key's shard depends on the count: a resume with another one would look for each key in
+    another shard than the one holding it, so it is refused, naming the count to set."""
+    for files in (None, StateFiles(tmp_path, "index")):
+        table = Table(files, None, Shards(12))
+        table.name("t1")
+        table.put("a", b"1")
+        snap = pickle.loads(pickle.dumps(table.snapshot()))
+        assert snap.shards == 12
+        assert Table(files, snap, Shards(12)).items == {"a": b"1"}
+        with pytest.raises(
+            StateFilesError, match="in 12 shards and FRAUD_STATE_SHARDS is 16: set FRAUD_STATE_SHARDS=12"
+        ):
+            Table(files, snap)
+    old = FullState("shard0", {"a": b"1"})  # as a version that did not record the count
+    with pytest.raises(StateFilesError, match=r"older version.*fraud reset"):
+        Table(None, old)
 
 
 def _one_entry(files: StateFiles | None) -> tuple[Table, Manifest | FullState]:
@@ -178,7 +207,7 @@ def test_a_shard_writes_ahead_once_per_epoch_at_its_own_time(tmp_path: Path) -> 
     close then writes only what changed after; a shard of values changed in place never does."""
     from flows.shards import AHEAD_FROM, AHEAD_SPAN, ahead_fraction
 
-    fractions = {ahead_fraction("index", k) for k in SHARD_KEYS}
+    fractions = {ahead_fraction("index", k) for k in shard_names(48)}
     assert len(fractions) > 40 and AHEAD_FROM <= min(fractions) <= max(fractions) < AHEAD_FROM + AHEAD_SPAN
     files = StateFiles(tmp_path, "pending", epoch_s=0.2)
     table = Table(files, None)
@@ -344,7 +373,7 @@ def test_a_manifest_is_pickled_only_once_the_bytes_it_names_are_on_disk(
     files = StateFiles(tmp_path, "index")
     a, b = Table(files, None), Table(files, None)
     a.name("t1")
-    b.name(next(f"t{i}" for i in range(2, 500) if shard_of(f"t{i}") != a.shard))
+    b.name(next(f"t{i}" for i in range(2, 500) if Shards().of(f"t{i}") != a.shard))
     a.put("x", b"1")
     b.put("y", b"2")
     ma, mb = a.snapshot(), b.snapshot()  # returns while the disk is still busy
@@ -397,7 +426,7 @@ def test_with_syncfs_a_manifest_is_pickled_once_its_filesystem_is_synced(
     files = StateFiles(tmp_path, "index")
     a, b = Table(files, None), Table(files, None)
     a.name("t1")
-    b.name(next(f"t{i}" for i in range(2, 500) if shard_of(f"t{i}") != a.shard))
+    b.name(next(f"t{i}" for i in range(2, 500) if Shards().of(f"t{i}") != a.shard))
     a.put("x", b"1")
     ma = a.snapshot()  # the filesystem's sync starts, and waits for the "disk"
     deadline = time.monotonic() + 30
