@@ -1,7 +1,7 @@
 """Memory the flow holds per transaction waiting for its label (capacity planning).
 
     python -m benchmarks.index_memory [--transactions 400000] [--cards 100000]
-                                      [--step both|index|pending]
+                                      [--step both|index|pending] [--shards 16]
 
 Two steps keep state for every transaction for `FRAUD_LABEL_TTL_DAYS` of wall-clock time, in the
 shards of `flows.shards`: the `index` (what its label needs days later: event time, entity keys)
@@ -17,7 +17,8 @@ growth over the run's second half, divided by its transactions, is printed too: 
 transaction costs, the figure a 60-day backlog is sized by. It runs as `fraud run`
 does, with Bytewax recovery and the shards' deltas in files (in a temporary directory);
 `--no-recovery` without (each snapshot is then a copy of the shard, held until Bytewax drops it).
-`--step index` or `--step pending` measures one of the two alone.
+`--step index` or `--step pending` measures one of the two alone; `--shards N`, with N shards
+per step (`FRAUD_STATE_SHARDS`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from features.table import pack_vector
 from flows.expiry import Expiry
 from flows.ordering import ordered
 from flows.routing import Workers
-from flows.shards import Shards, state_files
+from flows.shards import DEFAULT_SHARDS, Shards, state_files
 from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
 from service.runtime import new_pipeline
 from service.settings import SAMPLES, Settings
@@ -79,6 +80,9 @@ def main() -> None:
     ap.add_argument("--cards", type=int, default=100_000)
     ap.add_argument("--step", choices=["both", "index", "pending"], default="both")
     ap.add_argument(
+        "--shards", type=int, default=DEFAULT_SHARDS, help="FRAUD_STATE_SHARDS: each step's shard count"
+    )
+    ap.add_argument(
         "--no-recovery",
         action="store_true",
         help="run without Bytewax recovery (the shards' snapshots are then whole copies, held a while)",
@@ -108,7 +112,7 @@ def main() -> None:
     decoded = op.branch(
         "valid", op.map("decode", op.input("in", flow, TestingSource(records, 1000)), decode_record), is_valid
     )
-    shards = Shards()  # the flow's default count
+    shards = Shards(args.shards)
     keyed = op.key_on("key", decoded.trues, txn_key(shards))
     parts = sample_parts(pipeline, min(SAMPLE_ROWS, n))
     width = sum(len(plan.names) for plan in pipeline.plans)
