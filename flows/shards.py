@@ -12,8 +12,8 @@ number of workers every key is still in the shard its id names, wherever Bytewax
 shard. The shard keys are chosen so that every worker count dividing the shard count gets the same
 number each (16: 1, 2, 4, 8 or 16 workers). Every shard of every keyed step is a snapshot at each
 epoch close, and each costs Bytewax and the shard a fixed ~0.1-0.2 ms while the input waits
-(`python -m benchmarks.redis_throughput`: 16 shards closed an epoch in ~45 ms where 48 took ~55):
-so no more shards than the workers need.
+(`python -m benchmarks.redis_throughput`: one process closed an epoch in 44-50 ms with 16 shards,
+48-58 with 48): so no more shards than the workers need.
 
 Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
 cost its whole content every few seconds. So when `fraud run` runs with recovery
@@ -101,12 +101,6 @@ class Shards:
         """The shard key of a transaction id or entity key (the same in every run and on every
         cluster layout)."""
         return self.keys[crc32(key.encode()) % self.count]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Shards) and other.count == self.count
-
-    def __hash__(self) -> int:
-        return self.count
 
     def __repr__(self) -> str:
         return f"Shards({self.count})"
@@ -396,7 +390,8 @@ class ShardTable(StepLogic):
     without files the last snapshot may still hold them); a subclass whose values change in place
     (`mutable`: an entity's feature state) notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
     copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
-    as from the files.
+    as from the files. `shards`: the step's shard set (the default count if not given); a resume
+    from a snapshot saved with another count is refused (`other_count`).
     """
 
     __slots__ = ("ahead_at", "changed", "files", "items", "lent", "log", "saved", "shard", "shards")
