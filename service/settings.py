@@ -165,7 +165,11 @@ class Settings(BaseSettings):
         False,
         description="Move a damaged or mismatched recovery store aside and start a new one, instead of refusing.",
     )
-    snapshot_interval_s: float = Field(5.0, gt=0, description="Epoch and snapshot interval with recovery on.")
+    snapshot_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="Epoch and snapshot interval with recovery on: each epoch close holds the input a few tens of ms, and a crash replays up to one epoch of input.",
+    )
     snapshot_ahead: bool = Field(
         True,
         description="With recovery, each shard of the label index and of pending writes its changes once during the epoch, so the epoch close (which holds the input) writes only the rest.",
