@@ -43,8 +43,8 @@ from features.event_files import replay
 from features.table import pack_vector
 from flows.expiry import Expiry
 from flows.ordering import ordered
-from flows.routing import Workers
-from flows.shards import DEFAULT_SHARDS, Shards, state_files
+from flows.routing import DEFAULT_SHARDS, Shards, Workers
+from flows.shards import state_files
 from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
 from service.runtime import new_pipeline
 from service.settings import SAMPLES, Settings

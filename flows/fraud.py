@@ -47,8 +47,8 @@ try:
         drift_entry,
         late_entry,
     )
-    from flows.routing import WorkerCount, Workers
-    from flows.shards import Shards, state_files
+    from flows.routing import Shards, WorkerCount, Workers
+    from flows.shards import state_files
     from flows.stamping import stamp
     from flows.steps import (
         EntityLogic,

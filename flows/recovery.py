@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from flows.recovery_check import STORE_FILE, RecoveryStoreError, StoreInfo, check_store, fixes, has_store
-from flows.shards import DEFAULT_SHARDS
+from flows.routing import DEFAULT_SHARDS
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,9 @@
 
 Bytewax 0.21 routes a key to worker `hash(key) % worker_count`, with Rust's `DefaultHasher`
 (SipHash-1-3, zero key) over the string's bytes and a 0xFF terminator. `worker_of` computes the
-same in Python; `Workers.worker_keys()` are one key per worker. The worker count comes from
+same in Python; `Workers.worker_keys()` are one key per worker, and so are a `Shards`' keys for its
+count (the keyed steps' state shards, `flows.shards`), so that every worker count dividing it gets
+the same number of shards. The worker count comes from
 `WorkerCount`, an input Bytewax builds on every worker before any item flows. `tests/test_ordering.py` checks
 the prediction against real workers, so a Bytewax upgrade that changes the hash fails there.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from typing import Any
+from zlib import crc32
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
@@ -63,6 +66,43 @@ def worker_of(key: str, workers: int) -> int:
     return siphash13(key.encode() + b"\xff") % workers
 
 
+def one_per_worker(prefix: str, count: int) -> tuple[str, ...]:
+    """One key per worker of `count`, in worker order (the `j`th lands on worker `j`): the first
+    `<prefix><n>` to land on each. Over a divisor of `count`, the `j`th lands on `j % divisor`."""
+    found: dict[int, str] = {}
+    for n in itertools.count():
+        key = f"{prefix}{n}"
+        found.setdefault(worker_of(key, count), key)
+        if len(found) == count:
+            return tuple(found[i] for i in range(count))
+    raise AssertionError("unreachable")
+
+
+DEFAULT_SHARDS = 16  # FRAUD_STATE_SHARDS: even over 1, 2, 4, 8 and 16 workers
+
+
+class Shards:
+    """The fixed set of shards a keyed step keeps its entries in (`flows.shards`,
+    `FRAUD_STATE_SHARDS`): the Bytewax keys, one per worker of `count` workers (so every worker
+    count dividing `count` gets the same number each), and the shard of an id. Fixed for a recovery
+    store's life: a resume on another count would find entries in shards their ids no longer name."""
+
+    __slots__ = ("count", "keys")
+
+    def __init__(self, count: int = DEFAULT_SHARDS) -> None:
+        if count < 1:
+            raise ValueError(f"a keyed step needs at least one shard, not {count}")
+        self.count, self.keys = count, one_per_worker("shard", count)
+
+    def of(self, key: str) -> str:
+        """The shard key of a transaction id or entity key (the same in every run and on every
+        cluster layout)."""
+        return self.keys[crc32(key.encode()) % self.count]
+
+    def __repr__(self) -> str:
+        return f"Shards({self.count})"
+
+
 class Workers:
     """The worker count of the cluster a flow runs on, and one key per worker.
 
@@ -80,13 +120,7 @@ class Workers:
     def set(self, count: int) -> None:
         if count == self.count:
             return
-        found: dict[int, str] = {}
-        for n in itertools.count():
-            key = f"{MARK}{n}"
-            found.setdefault(worker_of(key, count), key)
-            if len(found) == count:
-                break
-        self.keys, self.count = [found[i] for i in range(count)], count
+        self.keys, self.count = list(one_per_worker(MARK, count)), count
         self.placed = {}
 
     def known(self) -> int:

@@ -4,7 +4,7 @@ A transaction waits weeks for its label, so the index and `pending` hold million
 the entity steps hold every active card, merchant and device. One Bytewax key per transaction or
 entity made each cost Bytewax's per-key bookkeeping, a pickle of its own at every epoch close and,
 for an entity's idle timer, a place in the map Bytewax scans at every activation. Here a step keeps
-its keys in a fixed set of Bytewax keys (`Shards`, `FRAUD_STATE_SHARDS`, 16 by default), each a
+its keys in a fixed set of Bytewax keys (`flows.routing.Shards`, `FRAUD_STATE_SHARDS`, 16 by default), each a
 dict (`ShardTable`; for the index and `pending`, whose entries are bytes, a compact
 `features.table.Table`), and a key goes to the shard its id hashes to (`Shards.of`). The shard
 count is fixed for a recovery store's life, not tied to the worker count: after a resume on another
@@ -40,7 +40,6 @@ files.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -56,54 +55,14 @@ import msgspec
 from features.table import Table, table_of
 from flows.durable import appended, start_sync, sync_files, watch
 from flows.ordering import StepLogic
-from flows.routing import worker_of
+from flows.routing import Shards
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHARDS = 16  # FRAUD_STATE_SHARDS: even over 1, 2, 4, 8 and 16 workers
 KEEP = 8  # snapshots of a shard during which a file that left its chain is kept
 MIN_COMPACT_BYTES = 1 << 20  # deltas smaller than this never trigger a rewrite
 NEVER = float("inf")
 CHUNK = 4096  # keys per record a snapshot encodes: bounds its memory, whatever an epoch changed
-
-
-@functools.cache
-def shard_names(count: int) -> tuple[str, ...]:
-    """`count` Bytewax keys that Bytewax's routing (`flows.routing.worker_of`) spreads evenly over
-    every worker count dividing `count`: the first names `shard<i>` whose routes over `count`
-    workers all differ (a route over a divisor is that route modulo the divisor)."""
-    names: list[str] = []
-    taken: set[int] = set()
-    i = 0
-    while len(names) < count:
-        name = f"shard{i}"
-        w = worker_of(name, count)
-        if w not in taken:
-            taken.add(w)
-            names.append(name)
-        i += 1
-    return tuple(names)
-
-
-class Shards:
-    """The fixed set of shards a keyed step keeps its entries in (`FRAUD_STATE_SHARDS`): the
-    Bytewax keys, and the shard of an id. Fixed for a recovery store's life: a resume on another
-    count would find entries in shards their ids no longer name."""
-
-    __slots__ = ("count", "keys")
-
-    def __init__(self, count: int = DEFAULT_SHARDS) -> None:
-        if count < 1:
-            raise ValueError(f"a keyed step needs at least one shard, not {count}")
-        self.count, self.keys = count, shard_names(count)
-
-    def of(self, key: str) -> str:
-        """The shard key of a transaction id or entity key (the same in every run and on every
-        cluster layout)."""
-        return self.keys[crc32(key.encode()) % self.count]
-
-    def __repr__(self) -> str:
-        return f"Shards({self.count})"
 
 
 class StateFilesError(RuntimeError):

@@ -44,7 +44,8 @@ from features.table import pack_vector, unpack_vector
 from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import StepLogic
 from flows.outputs import count_decisions, iso_ms
-from flows.shards import Shards, ShardTable, StateFiles
+from flows.routing import Shards
+from flows.shards import ShardTable, StateFiles
 from flows.stamping import TICK, Tick, Watermark, arrival_ns, partition_of
 from models.drift import DriftEvent, DriftMonitor
 from models.serving import BatchStats, Decision, LabelledVector, Scorer

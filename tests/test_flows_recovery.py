@@ -27,7 +27,7 @@ from features.event_files import merged_records
 from flows.fraud import build
 from flows.recovery import STATE_LAYOUT, RedisRegistry, recovery_config
 from flows.recovery_check import Part, RecoveryStoreError, check_store, consistency
-from flows.shards import DEFAULT_SHARDS
+from flows.routing import DEFAULT_SHARDS
 from fraud.cli import app
 from fraud.datagen import GeneratorConfig, write_files
 from service.settings import Settings, get_settings

@@ -35,8 +35,8 @@ from features.privacy import card_token
 from features.table import COMPILED, DictTable, Table
 from flows.expiry import Arrivals, Expired, Expiry
 from flows.ordering import KeyedStep, Stage, ordered
-from flows.routing import Workers
-from flows.shards import FullState, Manifest, Shards, StateFiles
+from flows.routing import Shards, Workers
+from flows.shards import FullState, Manifest, StateFiles
 from flows.stamping import INF, NEG, Watermark, make_seq, partition_code, stamp
 from flows.steps import (
     EntityLogic,

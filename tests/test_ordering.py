@@ -38,8 +38,7 @@ from flows.ordering import (
     by_key,
     unbundle,
 )
-from flows.routing import Workers, worker_of
-from flows.shards import Shards
+from flows.routing import Shards, Workers, worker_of
 from flows.stamping import INF, NEG, StampLogic, Tick, Watermark, make_seq, partition_code
 
 

@@ -16,17 +16,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from flows import durable, shards
-from flows.routing import worker_of
+from flows.routing import DEFAULT_SHARDS, Shards, one_per_worker, worker_of
 from flows.shards import (
-    DEFAULT_SHARDS,
     KEEP,
     FullState,
     Manifest,
-    Shards,
     ShardTable,
     StateFiles,
     StateFilesError,
-    shard_names,
 )
 
 
@@ -42,20 +39,16 @@ class Table(ShardTable):
 
 def test_every_worker_count_dividing_the_shard_count_gets_the_same_number_of_shards() -> None:
     for count in (1, 2, 12, DEFAULT_SHARDS, 48, 96):
-        keys = shard_names(count)
-        assert len(set(keys)) == count and keys == Shards(count).keys
-        for n in (n for n in range(1, count + 1) if count % n == 0):
-            per_worker = Counter(worker_of(k, n) for k in keys)
-            assert sorted(per_worker) == list(range(n)) and set(per_worker.values()) == {count // n}, (
-                count,
-                n,
-            )
-    assert DEFAULT_SHARDS == 16 and shard_names(16)[:4] == ("shard0", "shard1", "shard2", "shard3")
+        keys = Shards(count).keys
+        assert len(set(keys)) == count and keys == one_per_worker("shard", count)
+        for n in (n for n in range(1, count + 1) if count % n == 0):  # the jth shard on worker j % n
+            assert [worker_of(k, n) for k in keys] == [j % n for j in range(count)], (count, n)
+    assert DEFAULT_SHARDS == 16
     shards = Shards()
     spread = Counter(shards.of(f"t{i:09d}") for i in range(16_000))
     assert set(spread) == set(shards.keys) and min(spread.values()) > 800  # ~1,000 each
     assert shards.of("t000000001") == Shards(16).of("t000000001")
-    assert Shards(48).of("t000000001") in shard_names(48)
+    assert Shards(48).of("t000000001") in Shards(48).keys
     with pytest.raises(ValueError, match="at least one shard"):
         Shards(0)
 
@@ -207,7 +200,7 @@ def test_a_shard_writes_ahead_once_per_epoch_at_its_own_time(tmp_path: Path) -> 
     close then writes only what changed after; a shard of values changed in place never does."""
     from flows.shards import AHEAD_FROM, AHEAD_SPAN, ahead_fraction
 
-    fractions = {ahead_fraction("index", k) for k in shard_names(48)}
+    fractions = {ahead_fraction("index", k) for k in Shards(48).keys}
     assert len(fractions) > 40 and AHEAD_FROM <= min(fractions) <= max(fractions) < AHEAD_FROM + AHEAD_SPAN
     files = StateFiles(tmp_path, "pending", epoch_s=0.2)
     table = Table(files, None)
