@@ -11,6 +11,7 @@ the prediction against real workers, so a Bytewax upgrade that changes the hash 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 from zlib import crc32
@@ -66,6 +67,7 @@ def worker_of(key: str, workers: int) -> int:
     return siphash13(key.encode() + b"\xff") % workers
 
 
+@functools.cache  # every shard table of a step asks for the same keys
 def one_per_worker(prefix: str, count: int) -> tuple[str, ...]:
     """One key per worker of `count`, in worker order (the `j`th lands on worker `j`): the first
     `<prefix><n>` to land on each. Over a divisor of `count`, the `j`th lands on `j % divisor`."""
