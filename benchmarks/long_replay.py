@@ -39,6 +39,7 @@ turn). `--days 30 --cards 500` is a quick version.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -77,6 +78,21 @@ Mark = tuple[int, float, float, int]  # decisions so far, wall clock, process CP
 
 
 STEPS = 32  # cells of a replay's shared per-step seconds (the flow has fewer timed steps)
+GC = "garbage collection"  # timed beside the steps: the collector's pauses, whatever step they fall in
+GC_SECONDS = [0.0]
+
+
+def time_collections() -> None:
+    """Add the garbage collector's pauses in this process to `GC_SECONDS` (wall clock)."""
+    began = [0.0]
+
+    def timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            GC_SECONDS[0] += time.perf_counter() - began[0]
+
+    gc.callbacks.append(timer)
 
 
 class _Clock(StatelessSinkPartition[Any]):
@@ -90,9 +106,9 @@ class _Clock(StatelessSinkPartition[Any]):
         if self.steps is not None:  # before the count: a reader that sees the count sees these
             values, names = self.steps
             if not self.cells:  # the flow is built: its steps have their timers
-                timed = sorted(STEP_SECONDS)[:STEPS]
-                names.value = "\n".join(timed).encode()
-                self.cells = [STEP_SECONDS[name] for name in timed]
+                timed = sorted(STEP_SECONDS)[: STEPS - 1]
+                names.value = "\n".join([*timed, GC]).encode()
+                self.cells = [STEP_SECONDS[name] for name in timed] + [GC_SECONDS]
             for i, cell in enumerate(self.cells):
                 values[i] = cell[0]
         if self.counter is not None:
@@ -143,7 +159,8 @@ def crossing(marks: list[Mark], count: int) -> tuple[float, float, int]:
 
 def _replay_child(txns: str, labels: str, counter: Any, steps: Any) -> None:
     """A replay in a process of its own, publishing its decision count in `counter` and its steps'
-    seconds in `steps` (values, and their names once)."""
+    seconds in `steps` (values, and their names once), and the garbage collector's."""
+    time_collections()
     replay(Path(txns), Path(labels), ClockSink(counter, steps))
 
 
@@ -288,9 +305,18 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
     early_turns, late_turns = [e for e, _ in done], [lt for _, lt in done]
     rows = [(n, per_txn(early_turns, step(i)), per_txn(late_turns, step(i))) for i, n in enumerate(names)]
     rows = [r for r in rows if r[1] > 0 or r[2] > 0]
+    rows = [r for r in rows if r[0] != GC]  # its time is inside the steps' and the rest's
     cpu = per_txn(early_turns, lambda t: t[2]), per_txn(late_turns, lambda t: t[2])
     rest = cpu[0] - sum(r[1] for r in rows), cpu[1] - sum(r[2] for r in rows)
     rows += [("the rest of the process", *rest), ("CPU", *cpu)]
+    if GC in names:  # rare long pauses (the full collections): their sum over the turns, not a median
+        i = names.index(GC)
+        rows += [
+            (
+                f"of which {GC} (all turns)",
+                *(sum(t[3][i] for t in ts) / sum(t[0] for t in ts) * 1e6 for ts in (early_turns, late_turns)),
+            )
+        ]
     print(
         "µs per transaction, first / last 10 % (median by turn): "
         + " · ".join(f"{n} {a:.1f} / {b:.1f}" for n, a, b in rows)
