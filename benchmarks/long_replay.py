@@ -1,7 +1,7 @@
 """Does the flow keep its speed as its state grows? A long replay, the rate over its first and last 10 %.
 
     python -m benchmarks.long_replay [--days 180] [--cards 8500] [--label-delay-days 7] [--seed 3]
-                                     [--warmup-days D] [--paired [--slice 2]]
+                                     [--warmup-days D] [--paired | --control] [--slice 2]
 
 Generates (once; cached under `.fraud/bench/`) a world of `--warmup-days` + `--days` days with
 `--cards` cards, every transaction labelled `--label-delay-days` later (`fraud.datagen`: label
@@ -33,7 +33,17 @@ SIGSTOP), until the early one has done its tenth. Prints each tenth's rate over 
 wall-second and per CPU-second) and the median of the turn-by-turn ratios: a neighbour that slows
 the machine for a while slows both sides alike; and where each tenth's time goes: each step's
 logic (`fraud_step_seconds`) and the rest of the process, in µs per transaction (medians by
-turn). `--days 30 --cards 500` is a quick version.
+turn), and the garbage collector's pauses among them (their sum over the turns: the full
+collections are rare and long).
+
+`--control` takes the same turns against a control instead of the first tenth: the last tenth's
+own transactions and labels, replayed after only a warm-up (the world from `--warmup-days`
+before that tenth on; written once beside the world's files). Both replays then decide the same
+transactions, one holding the whole run's state, the other a warm-up's: what the late tenth
+loses to the state it holds (and the process's age), without the difference between two
+stretches of the generated world.
+
+`--days 30 --cards 500 --seed 5` is a quick version (with `--slice 0.02` in the paired modes).
 """
 
 from __future__ import annotations
@@ -242,20 +252,37 @@ class Replay:
         self.proc.join(30)
 
 
-def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> None:
+def paired(
+    txns: Path,
+    labels: Path,
+    warm: int,
+    total: int,
+    slice_s: float,
+    control: tuple[Path, Path, int] | None = None,
+) -> None:
     """The flow's rate over the first and the last tenth of the measured run, from two replays of
     the same world taking turns on the machine: one run to the start of its last tenth, one to the
-    start of its first (after the warm-up), then `slice_s` each in turn until both tenths are done."""
+    start of its first (after the warm-up), then `slice_s` each in turn until both tenths are done.
+
+    `control` (files and their warm-up's transactions): the second replay is of those files, the
+    world from the warm-up before the last tenth on, run to the start of that same tenth: the
+    same transactions and labels against the state of a warm-up only."""
     tenth = (total - warm) // 10
-    late_from, early_to = total - tenth, warm + tenth
+    late_from = total - tenth
+    early_txns, early_labels, early_from = (txns, labels, warm) if control is None else control
+    # what the second replay's turns measure, and what the comparison is called
+    first, ratio = ("first 10 %", "last / first") if control is None else ("control", "last / control")
+    early_to = early_from + tenth
     log(f"late replay: to decision {late_from:,} of {total:,} (alone) ...")
     late = Replay(txns, labels)
     try:
         late.run_until(late_from)
-        log(f"early replay: through the warm-up, to decision {warm:,} (alone) ...")
-        early = Replay(txns, labels)
+        log(
+            f"{'early' if control is None else 'control'} replay: through its warm-up, to decision {early_from:,} (alone) ..."
+        )
+        early = Replay(early_txns, early_labels)
         try:
-            early.run_until(warm)
+            early.run_until(early_from)
             log(f"taking turns, {slice_s:g} s each ...")
             pairs: list[tuple[Turn, Turn]] = []
             while late.proc.is_alive() and early.decided() < early_to:
@@ -267,8 +294,9 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
         late.proc.join(600)
     finally:
         late.kill()
-    # Whole pairs only: the last one may hold the late replay's end (its final flush, then exit).
-    done = [(e, lt) for e, lt in pairs if e[1] > 0 and lt[1] > 0 and lt[2] == lt[2]]
+    # Whole pairs only: the last one may hold the late replay's end (its final flush, then exit),
+    # or the control's, whose files end with the same tenth (an ended turn's CPU is NaN).
+    done = [(e, lt) for e, lt in pairs if e[1] > 0 and lt[1] > 0 and e[2] == e[2] and lt[2] == lt[2]]
     if len(done) < 3:
         raise SystemExit("too few turns: more --days or --cards, or a shorter --slice")
     e_n, e_wall, e_cpu = sum(e[0] for e, _ in done), sum(e[1] for e, _ in done), sum(e[2] for e, _ in done)
@@ -277,17 +305,22 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
     print(
         f"{total - warm:,} transactions measured after {warm:,} of warm-up; two replays of the world "
         f"taking turns ({len(done)} turns of {slice_s:g} s each)"
+        + (
+            ""
+            if control is None
+            else f"; control: the last 10 % replayed after only its warm-up ({early_from:,} transactions)"
+        )
     )
     print(
-        f"first 10 %: {e_n / e_wall:,.0f} tx/s · last 10 %: {l_n / l_wall:,.0f} tx/s · last / first: "
+        f"{first}: {e_n / e_wall:,.0f} tx/s · last 10 %: {l_n / l_wall:,.0f} tx/s · {ratio}: "
         f"{(l_n / l_wall) / (e_n / e_wall):.2f} ({e_n:,} and {l_n:,} transactions decided in the turns)"
     )
     print(
-        f"per CPU-second: first {e_n / e_cpu:,.0f} · last {l_n / l_cpu:,.0f} · last / first "
+        f"per CPU-second: {first.split()[0]} {e_n / e_cpu:,.0f} · last {l_n / l_cpu:,.0f} · {ratio} "
         f"{(l_n / l_cpu) / (e_n / e_cpu):.2f}"
     )
     print(
-        f"last / first by turn: median {statistics.median(ratios):.2f}, middle half "
+        f"{ratio} by turn: median {statistics.median(ratios):.2f}, middle half "
         f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
     )
 
@@ -311,14 +344,13 @@ def paired(txns: Path, labels: Path, warm: int, total: int, slice_s: float) -> N
     rows += [("the rest of the process", *rest), ("CPU", *cpu)]
     if GC in names:  # rare long pauses (the full collections): their sum over the turns, not a median
         i = names.index(GC)
-        rows += [
-            (
-                f"of which {GC} (all turns)",
-                *(sum(t[3][i] for t in ts) / sum(t[0] for t in ts) * 1e6 for ts in (early_turns, late_turns)),
-            )
-        ]
+
+        def collecting(ts: list[Turn]) -> float:
+            return sum(t[3][i] for t in ts) / sum(t[0] for t in ts) * 1e6
+
+        rows += [(f"of which {GC} (all turns)", collecting(early_turns), collecting(late_turns))]
     print(
-        "µs per transaction, first / last 10 % (median by turn): "
+        f"µs per transaction, {first.split()[0]} / last 10 % (median by turn): "
         + " · ".join(f"{n} {a:.1f} / {b:.1f}" for n, a, b in rows)
     )
 
@@ -330,6 +362,28 @@ def warmup_transactions(txns: Path, cutoff: datetime) -> int:
     """How many transactions happen before `cutoff`."""
     with txns.open("rb") as f:
         return sum(1 for line in f if datetime.fromisoformat(json.loads(line)["ts"]) < cutoff)
+
+
+def control_files(txns: Path, labels: Path, late_from: int, warmup: timedelta) -> tuple[Path, Path, int]:
+    """The control replay's files (written once, beside the world's): the world's transactions from
+    `warmup` before transaction `late_from` (0-based, in file order: the start of the last tenth)
+    on, and the labels of those transactions; and how many of them come before `late_from`."""
+    ts = [datetime.fromisoformat(json.loads(line)["ts"]) for line in txns.open("rb")]
+    begin = next(i for i, t in enumerate(ts) if t >= ts[late_from] - warmup)
+    out = txns.parent / f"control-{begin}"
+    out_txns, out_labels = out / "transactions.jsonl", out / "labels.jsonl"
+    if not out_labels.is_file():
+        out.mkdir(exist_ok=True)
+        kept: set[str] = set()
+        with txns.open("rb") as src, out_txns.open("wb") as dst:
+            for i, line in enumerate(src):
+                if i >= begin:
+                    kept.add(json.loads(line)["txn_id"])
+                    dst.write(line)
+        with labels.open("rb") as src, (out / "labels.part").open("wb") as dst:
+            dst.writelines(line for line in src if json.loads(line)["txn_id"] in kept)
+        (out / "labels.part").rename(out_labels)  # last: its presence says the files are whole
+    return out_txns, out_labels, late_from - begin
 
 
 def tenths(
@@ -375,6 +429,12 @@ def main() -> None:
         action="store_true",
         help="compare the first and the last tenth in two replays taking turns on the machine",
     )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="paired, against the last tenth replayed after only a warm-up (the same transactions, "
+        "little state) instead of the first tenth",
+    )
     ap.add_argument("--slice", type=float, default=2.0, help="--paired: seconds per turn")
     args = ap.parse_args()
     if args.warmup_days is None:
@@ -401,8 +461,12 @@ def main() -> None:
         total = sum(1 for _ in f)  # every generated transaction is valid: each is decided
     if not 0 < warm < total:
         raise SystemExit(f"the warm-up holds {warm:,} of the {total:,} transactions: more --days")
-    if args.paired:
-        paired(txns, labels, warm, total, args.slice)
+    if args.paired or args.control:
+        control = None
+        if args.control:
+            late_from = total - (total - warm) // 10
+            control = control_files(txns, labels, late_from, timedelta(days=args.warmup_days))
+        paired(txns, labels, warm, total, args.slice, control)
         return
 
     clock = ClockSink()

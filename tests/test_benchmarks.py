@@ -165,6 +165,24 @@ def test_long_replay_paired_mode_prints_both_tenths() -> None:
     assert steps, out
     shown = dict(re.findall(r"(\w[\w ]*?) (-?[\d.]+ / -?[\d.]+)(?: · |$)", steps[1]))
     assert {"index", "card", "pending", "score", "the rest of the process", "CPU"} <= set(shown), steps[1]
+    assert re.search(r" · of which garbage collection \(all turns\) [\d.]+ / [\d.]+$", steps[1]), steps[1]
+
+
+def test_long_replay_control_mode_replays_the_last_tenth_after_only_a_warm_up() -> None:
+    """`--control`: the last tenth against the same transactions replayed after only a warm-up
+    (written once beside the world's files: its transactions from the warm-up before that tenth)."""
+    out = bench("benchmarks.long_replay", *QUICK_REPLAY, "--control", "--slice", "0.02")
+    found = re.search(
+        r"; control: the last 10 % replayed after only its warm-up \(([\d,]+) transactions\)$", out, re.M
+    )
+    assert found, out
+    measured = re.search(r"^([\d,]+) transactions measured after ([\d,]+) of warm-up", out, re.M)
+    assert measured, out
+    # the control's warm-up is as long in days as the run's: about as many transactions
+    assert 0.8 < int(found[1].replace(",", "")) / int(measured[2].replace(",", "")) < 1.25, out
+    assert re.search(r"^control: [\d,]+ tx/s · last 10 %: [\d,]+ tx/s · last / control: [\d.]+ ", out, re.M)
+    assert re.search(r"^last / control by turn: median [\d.]+", out, re.M), out
+    assert re.search(r"^µs per transaction, control / last 10 % \(median by turn\): .*index", out, re.M), out
 
 
 def test_lifecycle_benchmark_runs() -> None:
