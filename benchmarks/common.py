@@ -4,12 +4,13 @@ constants of the synthetic worlds."""
 from __future__ import annotations
 
 import argparse
+import gc
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     pass
@@ -57,6 +58,21 @@ def run_measured(name: str, module: str, args: list[str], env: dict[str, str] | 
         sys.exit(f"{name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     body, _, tail = out.stderr.rpartition("peak_rss_kb=")
     return Measured(out.stdout, body, wall, int(tail.split()[0]) / 1024)
+
+
+def time_collections(into: list[float]) -> Any:
+    """From now on, add the garbage collector's pauses in this process to `into[0]` (seconds, wall
+    clock); the callback, for `gc.callbacks.remove`."""
+    began = [0.0]
+
+    def timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            into[0] += time.perf_counter() - began[0]
+
+    gc.callbacks.append(timer)
+    return timer
 
 
 def log(msg: str) -> None:

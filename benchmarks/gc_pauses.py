@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, parser
+from benchmarks.common import ROOT, parser, time_collections
 
 
 def child(threshold: int, txns: Path, labels: Path, url: str) -> None:
@@ -75,15 +75,8 @@ def child(threshold: int, txns: Path, labels: Path, url: str) -> None:
 
 def startup_child(paused: bool) -> None:
     """Import the flow's modules and collect once; print CPU and collector seconds."""
-    spent, started = [0.0], [0.0]
-
-    def timed(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            spent[0] += time.perf_counter() - started[0]
-
-    gc.callbacks.append(timed)
+    spent = [0.0]
+    time_collections(spent)
     if not paused:  # what the pause calls, made no-ops
         gc.disable = gc.freeze = lambda: None
     cpu = time.process_time()

@@ -49,7 +49,6 @@ stretches of the generated world.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import math
 import multiprocessing
@@ -67,7 +66,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import TestingSink, run_main
 from prometheus_client import REGISTRY
 
-from benchmarks.common import DAY_MS, ROOT, log, parser
+from benchmarks.common import DAY_MS, ROOT, log, parser, time_collections
 from flows.file_source import FileReplaySource
 from flows.fraud import build
 from flows.shards import ShardTable
@@ -90,19 +89,6 @@ Mark = tuple[int, float, float, int]  # decisions so far, wall clock, process CP
 STEPS = 32  # cells of a replay's shared per-step seconds (the flow has fewer timed steps)
 GC = "garbage collection"  # timed beside the steps: the collector's pauses, whatever step they fall in
 GC_SECONDS = [0.0]
-
-
-def time_collections() -> None:
-    """Add the garbage collector's pauses in this process to `GC_SECONDS` (wall clock)."""
-    began = [0.0]
-
-    def timer(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            began[0] = time.perf_counter()
-        else:
-            GC_SECONDS[0] += time.perf_counter() - began[0]
-
-    gc.callbacks.append(timer)
 
 
 class _Clock(StatelessSinkPartition[Any]):
@@ -170,7 +156,7 @@ def crossing(marks: list[Mark], count: int) -> tuple[float, float, int]:
 def _replay_child(txns: str, labels: str, counter: Any, steps: Any) -> None:
     """A replay in a process of its own, publishing its decision count in `counter` and its steps'
     seconds in `steps` (values, and their names once), and the garbage collector's."""
-    time_collections()
+    time_collections(GC_SECONDS)
     replay(Path(txns), Path(labels), ClockSink(counter, steps))
 
 
