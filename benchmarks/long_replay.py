@@ -255,17 +255,19 @@ def paired(
     same transactions and labels against the state of a warm-up only."""
     tenth = (total - warm) // 10
     late_from = total - tenth
-    early_txns, early_labels, early_from = (txns, labels, warm) if control is None else control
-    # what the second replay's turns measure, and what the comparison is called
-    first, ratio = ("first 10 %", "last / first") if control is None else ("control", "last / control")
+    if control is None:  # what the second replay decides in its turns, and what it is called
+        early_txns, early_labels, early_from = txns, labels, warm
+        first, short, ratio = "first 10 %", "first", "last / first"
+    else:
+        early_txns, early_labels, early_from = control
+        first = short = "control"
+        ratio = "last / control"
     early_to = early_from + tenth
     log(f"late replay: to decision {late_from:,} of {total:,} (alone) ...")
     late = Replay(txns, labels)
     try:
         late.run_until(late_from)
-        log(
-            f"{'early' if control is None else 'control'} replay: through its warm-up, to decision {early_from:,} (alone) ..."
-        )
+        log(f"{short} replay: through its warm-up, to decision {early_from:,} (alone) ...")
         early = Replay(early_txns, early_labels)
         try:
             early.run_until(early_from)
@@ -302,7 +304,7 @@ def paired(
         f"{(l_n / l_wall) / (e_n / e_wall):.2f} ({e_n:,} and {l_n:,} transactions decided in the turns)"
     )
     print(
-        f"per CPU-second: {first.split()[0]} {e_n / e_cpu:,.0f} · last {l_n / l_cpu:,.0f} · {ratio} "
+        f"per CPU-second: {short} {e_n / e_cpu:,.0f} · last {l_n / l_cpu:,.0f} · {ratio} "
         f"{(l_n / l_cpu) / (e_n / e_cpu):.2f}"
     )
     print(
@@ -336,7 +338,7 @@ def paired(
 
         rows += [(f"of which {GC} (all turns)", collecting(early_turns), collecting(late_turns))]
     print(
-        f"µs per transaction, {first.split()[0]} / last 10 % (median by turn): "
+        f"µs per transaction, {short} / last 10 % (median by turn): "
         + " · ".join(f"{n} {a:.1f} / {b:.1f}" for n, a, b in rows)
     )
 
@@ -421,7 +423,7 @@ def main() -> None:
         help="paired, against the last tenth replayed after only a warm-up (the same transactions, "
         "little state) instead of the first tenth",
     )
-    ap.add_argument("--slice", type=float, default=2.0, help="--paired: seconds per turn")
+    ap.add_argument("--slice", type=float, default=2.0, help="--paired, --control: seconds per turn")
     args = ap.parse_args()
     if args.warmup_days is None:
         lookback_ms = max(plan.lookback_ms for plan in new_pipeline(Settings()).plans)
