@@ -8,9 +8,10 @@ import gc
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     pass
@@ -60,7 +61,7 @@ def run_measured(name: str, module: str, args: list[str], env: dict[str, str] | 
     return Measured(out.stdout, body, wall, int(tail.split()[0]) / 1024)
 
 
-def time_collections(into: list[float]) -> Any:
+def time_collections(into: list[float]) -> Callable[[str, dict[str, int]], None]:
     """From now on, add the garbage collector's pauses in this process to `into[0]` (seconds, wall
     clock); the callback, for `gc.callbacks.remove`."""
     began = [0.0]

@@ -12,8 +12,8 @@ number of workers every key is still in the shard its id names, wherever Bytewax
 shard. The shard keys are chosen so that every worker count dividing the shard count gets the same
 number each (16: 1, 2, 4, 8 or 16 workers). Every shard of every keyed step is a snapshot at each
 epoch close, and each costs Bytewax and the shard a fixed ~0.1-0.2 ms while the input waits
-(`python -m benchmarks.redis_throughput`: one process closed an epoch in 44-50 ms with 16 shards,
-48-58 with 48): so no more shards than the workers need.
+(`python -m benchmarks.redis_throughput` prints the closes; docs/benchmarks.md, "Fewer shards,
+shorter closes", has them for 16 and 48): so no more shards than the workers need.
 
 Bytewax saves a key's whole snapshot at each epoch close that touched it, which for a shard would
 cost its whole content every few seconds. So when `fraud run` runs with recovery
