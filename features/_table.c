@@ -6,6 +6,16 @@
    power-of-two array of pointers (linear probing, backward-shift deletion: no tombstones, so a
    table whose entries come and go for months does not fill up with them).
 
+   The entries live apart from the C heap, in blocks of 16-byte size classes carved from 2 MiB
+   chunks mapped for them (`alloc_entry`; a freed block is the next one its class hands out, and
+   a block carries no allocator header), and the chunks, like slot arrays of 2 MiB or more, ask
+   the kernel for transparent huge pages (madvise MADV_HUGEPAGE; granted where
+   /sys/kernel/mm/transparent_hugepage/enabled says "madvise" or "always"), so that reaching one
+   of millions of entries at random (a label finds its transaction days later) costs no
+   page-table walk. In the C heap, entries added in arrival order and freed in label order
+   cost a third more memory (`python -m benchmarks.index_memory`; docs/benchmarks.md). The
+   chunks stay with the process (their blocks are reused), as the C heap's pages would.
+
    Values that are bytes (up to 32 KiB) are stored inline; any other value is stored as a
    reference (for rare values such as a label waiting for its row). Keys are up to 64 KiB. The table does not take part in the garbage
    collector: a value stored by reference must not refer back to the table.
@@ -19,6 +29,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #define OBJ_FLAG 0x8000u /* vlen's top bit: the value is a PyObject * stored by reference */
 #define MAX_INLINE 0x7fffu /* longer bytes values are stored by reference */
@@ -41,6 +54,108 @@ typedef struct {
 } Table;
 
 static PyTypeObject TableType;
+
+/* -- where entries and large slot arrays live -- */
+
+#define CHUNK_BYTES ((size_t)2 << 20) /* one huge page */
+#define RUN_BYTES ((size_t)64 << 10)  /* a size class takes a chunk's space a run at a time */
+#define GRAIN 16                      /* size classes: 16, 32, ... SLAB_MAX bytes */
+#define SLAB_MAX 1024                 /* larger entries come from the C heap */
+
+typedef struct Block {
+    struct Block *next;
+} Block;
+
+typedef struct {
+    Block *free;      /* freed blocks, the last freed first */
+    char *next, *end; /* the rest of the class's current run */
+} SizeClass;
+
+static SizeClass size_classes[SLAB_MAX / GRAIN + 1];
+static char *chunk_next, *chunk_end; /* the rest of the current chunk */
+static size_t chunks_mapped;          /* bytes of chunks mapped for entries */
+
+/* `size` (a multiple of CHUNK_BYTES) bytes of zeroes, aligned to a huge page and asking for huge
+   pages; NULL (no error set) if the system has none to give. */
+static void *map_huge(size_t size) {
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    size_t span = size + CHUNK_BYTES;
+    char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    char *a = (char *)(((uintptr_t)p + CHUNK_BYTES - 1) & ~(uintptr_t)(CHUNK_BYTES - 1));
+    if (a > p) munmap(p, (size_t)(a - p));
+    if (p + span > a + size) munmap(a + size, (size_t)(p + span - (a + size)));
+#ifdef MADV_HUGEPAGE
+    madvise(a, size, MADV_HUGEPAGE); /* a hint: where it is refused, 4 KiB pages serve */
+#endif
+    return a;
+#else
+    return PyMem_RawCalloc(1, size);
+#endif
+}
+
+static void unmap_huge(void *p, size_t size) {
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    munmap(p, size);
+#else
+    (void)size;
+    PyMem_RawFree(p);
+#endif
+}
+
+/* The bytes an entry of `n` requested bytes holds: its size class's. */
+static inline size_t block_size(size_t n) { return n > SLAB_MAX ? n : (n + GRAIN - 1) / GRAIN * GRAIN; }
+
+static void *alloc_entry(size_t n) {
+    if (n > SLAB_MAX) return PyMem_RawMalloc(n);
+    size_t size = block_size(n);
+    SizeClass *c = &size_classes[size / GRAIN];
+    Block *b = c->free;
+    if (b != NULL) {
+        c->free = b->next;
+        return b;
+    }
+    if ((size_t)(c->end - c->next) < size) {
+        if (chunk_next == chunk_end) {
+            char *chunk = map_huge(CHUNK_BYTES);
+            if (chunk == NULL) return NULL;
+            chunks_mapped += CHUNK_BYTES;
+            chunk_next = chunk;
+            chunk_end = chunk + CHUNK_BYTES;
+        }
+        c->next = chunk_next;
+        c->end = chunk_next + RUN_BYTES;
+        chunk_next += RUN_BYTES;
+    }
+    void *p = c->next;
+    c->next += size;
+    return p;
+}
+
+static void free_block(void *p, size_t n) {
+    if (n > SLAB_MAX) {
+        PyMem_RawFree(p);
+        return;
+    }
+    SizeClass *c = &size_classes[block_size(n) / GRAIN];
+    Block *b = p;
+    b->next = c->free;
+    c->free = b;
+}
+
+static Entry **alloc_slots(size_t cap) {
+    size_t size = cap * sizeof(Entry *);
+    return size >= CHUNK_BYTES ? map_huge(size) : PyMem_RawCalloc(cap, sizeof(Entry *));
+}
+
+static void free_slots(Entry **slots, size_t cap) {
+    size_t size = cap * sizeof(Entry *);
+    if (size >= CHUNK_BYTES) {
+        unmap_huge(slots, size);
+    } else {
+        PyMem_RawFree(slots);
+    }
+}
 
 /* FNV-1a, then a 64-bit finaliser; its low 32 bits (the low bits pick the slot). */
 static uint32_t hash_bytes(const char *s, size_t n) {
@@ -70,12 +185,15 @@ static inline size_t entry_size(const Entry *e) {
 }
 
 static void free_entry(Table *t, Entry *e) {
-    t->bytes -= entry_size(e);
+    size_t n = entry_size(e);
+    t->bytes -= block_size(n);
     if (is_obj(e)) {
         PyObject *o = entry_obj(e);
-        Py_DECREF(o);
+        free_block(e, n);
+        Py_DECREF(o); /* last: it may run code that uses tables */
+        return;
     }
-    PyMem_RawFree(e);
+    free_block(e, n);
 }
 
 static PyObject *entry_value(const Entry *e) {
@@ -113,7 +231,7 @@ static size_t find(const Table *t, uint32_t h, const char *k, size_t n) {
 }
 
 static int resize(Table *t, size_t cap) {
-    Entry **slots = PyMem_RawCalloc(cap, sizeof(Entry *));
+    Entry **slots = alloc_slots(cap);
     if (slots == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -126,7 +244,7 @@ static int resize(Table *t, size_t cap) {
         while (slots[i] != NULL) i = (i + 1) & mask;
         slots[i] = e;
     }
-    PyMem_RawFree(t->slots);
+    free_slots(t->slots, t->cap);
     t->slots = slots;
     t->cap = cap;
     return 0;
@@ -164,7 +282,7 @@ static int table_set(Table *t, PyObject *key, PyObject *value) {
         if (resize(t, t->cap ? t->cap * 2 : MIN_CAP) < 0) return -1;
     }
     size_t i = find(t, h, k, (size_t)n);
-    Entry *e = PyMem_RawMalloc(sizeof(Entry) + (size_t)n + vlen);
+    Entry *e = alloc_entry(sizeof(Entry) + (size_t)n + vlen);
     if (e == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -179,7 +297,7 @@ static int table_set(Table *t, PyObject *key, PyObject *value) {
     } else {
         memcpy(e->data + n, PyBytes_AS_STRING(value), vlen);
     }
-    t->bytes += entry_size(e);
+    t->bytes += block_size(entry_size(e));
     if (t->slots[i] != NULL) {
         free_entry(t, t->slots[i]);
     } else {
@@ -215,7 +333,7 @@ static void clear_all(Table *t) {
     for (size_t j = 0; j < t->cap; j++) {
         if (t->slots[j] != NULL) free_entry(t, t->slots[j]);
     }
-    PyMem_RawFree(t->slots);
+    free_slots(t->slots, t->cap);
     t->slots = NULL;
     t->cap = t->len = 0;
 }
@@ -335,7 +453,7 @@ static PyObject *Table_copy(Table *t, PyObject *unused) {
     Table *c = (Table *)Table_new(Py_TYPE(t), NULL, NULL);
     if (c == NULL) return NULL;
     if (t->cap == 0) return (PyObject *)c;
-    c->slots = PyMem_RawCalloc(t->cap, sizeof(Entry *));
+    c->slots = alloc_slots(t->cap);
     if (c->slots == NULL) {
         Py_DECREF(c);
         return PyErr_NoMemory();
@@ -345,7 +463,7 @@ static PyObject *Table_copy(Table *t, PyObject *unused) {
         Entry *e = t->slots[j];
         if (e == NULL) continue;
         size_t size = entry_size(e);
-        Entry *d = PyMem_RawMalloc(size);
+        Entry *d = alloc_entry(size);
         if (d == NULL) {
             Py_DECREF(c);
             return PyErr_NoMemory();
@@ -354,7 +472,7 @@ static PyObject *Table_copy(Table *t, PyObject *unused) {
         if (is_obj(d)) Py_INCREF(entry_obj(d));
         c->slots[j] = d;
         c->len++;
-        c->bytes += size;
+        c->bytes += block_size(size);
     }
     return (PyObject *)c;
 }
@@ -365,8 +483,7 @@ static PyObject *Table_clear(Table *t, PyObject *unused) {
 }
 
 static PyObject *Table_nbytes(Table *t, void *unused) {
-    /* What the table allocated: its slots and its entries' requested sizes (malloc adds its own
-       few bytes per allocation). */
+    /* What the table holds: its slots and its entries' blocks. */
     return PyLong_FromSize_t(t->cap * sizeof(Entry *) + t->bytes);
 }
 
@@ -528,7 +645,10 @@ static PyObject *unpack_floats(PyObject *module, PyObject *data) {
     return raw;
 }
 
+static PyObject *chunk_bytes(PyObject *module, PyObject *unused) { return PyLong_FromSize_t(chunks_mapped); }
+
 static PyMethodDef module_methods[] = {
+    {"chunk_bytes", (PyCFunction)chunk_bytes, METH_NOARGS, "chunk_bytes() -> bytes this process mapped for table entries"},
     {"pack_floats", (PyCFunction)pack_floats, METH_O, "pack_floats(values) -> bytes (a packed float32 vector)"},
     {"unpack_floats", (PyCFunction)unpack_floats, METH_O, "unpack_floats(packed) -> bytes (the float32 values, native order)"},
     {NULL, NULL, 0, NULL},

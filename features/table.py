@@ -4,8 +4,13 @@
 The index and `pending` (`flows.steps`) keep an entry for every transaction waiting for its
 label: millions per process. In a dict each entry costs a str key object, a slot and a value
 object with its header; `features._table.Table` (C, built at install) keeps
-each entry in one allocation (the key's UTF-8 bytes, then the value's bytes) and the table as an
-array of pointers. A bytes value is stored inline; any other value (rare: a label waiting for its
+each entry in one block (the key's UTF-8 bytes, then the value's bytes) and the table as an
+array of pointers. The blocks come from 2 MiB chunks of the tables' own, in 16-byte size
+classes (a freed block is the next one its class hands out), asking for transparent huge pages
+(`madvise`; the kernel grants them where /sys/kernel/mm/transparent_hugepage/enabled is
+"madvise" or "always"): the entries neither pay the C heap's header each nor leave it full of
+holes, and reaching one of millions at random costs no page-table walk. The chunks stay with
+the process (their blocks are reused), as the C heap's pages would. A bytes value is stored inline; any other value (rare: a label waiting for its
 row) by reference, and must not refer back to the table (the table is not garbage-collected).
 
 A vector waiting for its label is kept as float32 values (what XGBoost scores), packed: most
