@@ -19,6 +19,12 @@ does, with Bytewax recovery and the shards' deltas in files (in a temporary dire
 `--no-recovery` without (each snapshot is then a copy of the shard, held until Bytewax drops it).
 `--step index` or `--step pending` measures one of the two alone; `--shards N`, with N shards
 per step (`FRAUD_STATE_SHARDS`).
+
+The flow's figure also moves with how the C heap serves what the run allocates and frees around
+the tables (an epoch's changed keys, the deltas written ahead), by tens of bytes a transaction
+from one run to the next. `--tables-only` measures the tables alone, without Bytewax: the same
+transactions' index entries (`TxnEntry` as the index encodes it) and packed vectors put in
+`--shards` index and pending tables, the RSS growth and the tables' own `nbytes` per transaction.
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from benchmarks.common import START_MS, parser
-from features.engine import FeatureEngine, FeatureRow, FeatureVector
+from features.engine import FeatureEngine, FeatureRow, FeatureVector, TxnEntry
 from features.event_files import replay
-from features.table import pack_vector
+from features.table import Table, pack_vector
 from flows.expiry import Expiry
 from flows.ordering import ordered
 from flows.routing import DEFAULT_SHARDS, Shards, Workers
 from flows.shards import state_files
 from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
+from flows.steps import _entry_bytes as entry_bytes
 from service.runtime import new_pipeline
 from service.settings import SAMPLES, Settings
 from testkit.system import rss_bytes
@@ -74,6 +81,25 @@ def sample_parts(pipeline: Any, n: int) -> list[list[list[float]]]:
     return out
 
 
+def tables_only(n: int, cards: int, shards: int, vectors: list[bytes]) -> None:
+    """The index's and pending's tables alone: `n` transactions' entries, as the flow puts them."""
+    index, pending = [Table() for _ in range(shards)], [Table() for _ in range(shards)]
+    gc.collect()
+    before = rss_bytes()
+    for i in range(n):
+        txn_id, s = f"t{i:09d}", i % shards
+        keys = (f"c{i % cards:07d}", f"m{i % 5000:05d}", f"d{i % (cards * 7 // 10):07d}")
+        index[s][txn_id] = entry_bytes(TxnEntry(START_MS + i * 1000, keys, False, 493_000))
+        pending[s][txn_id] = vectors[i % len(vectors)]
+    growth = rss_bytes() - before
+    nbytes = sum(t.nbytes for t in index + pending)
+    print(
+        f"tables alone: {n:,} transactions in {shards} index and {shards} pending tables -> RSS "
+        f"+{growth / 2**20:,.1f} MiB, {growth / n:,.1f} bytes per transaction (the tables' nbytes: "
+        f"{nbytes / n:,.1f})"
+    )
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--transactions", type=int, default=400_000)
@@ -87,6 +113,7 @@ def main() -> None:
         action="store_true",
         help="run without Bytewax recovery (the shards' snapshots are then whole copies, held a while)",
     )
+    ap.add_argument("--tables-only", action="store_true", help="the two tables alone, without Bytewax")
     args = ap.parse_args()
     n, cards = args.transactions, args.cards
     pipeline = new_pipeline(Settings())
@@ -121,6 +148,9 @@ def main() -> None:
         f"the entity features of {len(parts):,} sample transactions ({width} per vector): packed "
         f"{sum(packed) / len(packed):,.1f} bytes on average, as float32 {4 * width}"
     )
+    if args.tables_only:
+        tables_only(n, cards, args.shards, [pack_vector(list(chain.from_iterable(p))) for p in parts])
+        return
     count = [0]
 
     def scored_row(kv: tuple[str, Any]) -> tuple[str, Any]:

@@ -8,8 +8,8 @@ each entry in one block (the key's UTF-8 bytes, then the value's bytes) and the 
 array of pointers. The blocks come from 2 MiB chunks of the tables' own, in 16-byte size
 classes (a freed block is the next one its class hands out), asking for transparent huge pages
 (`madvise`; the kernel grants them where /sys/kernel/mm/transparent_hugepage/enabled is
-"madvise" or "always"): the entries neither pay the C heap's header each nor leave it full of
-holes, and reaching one of millions at random costs no page-table walk. The chunks stay with
+"madvise" or "always"): the entries do not pay the C heap's header and rounding each, and reaching
+one of millions at random costs no page-table walk. The chunks stay with
 the process (their blocks are reused), as the C heap's pages would. A bytes value is stored inline; any other value (rare: a label waiting for its
 row) by reference, and must not refer back to the table (the table is not garbage-collected).
 

@@ -54,6 +54,20 @@ def test_index_memory_benchmark_runs(step: str) -> None:
     assert re.search(r"^second half alone: -?[\d,]+ bytes per transaction", out.stdout, re.M)
 
 
+def test_index_memory_measures_the_tables_alone() -> None:
+    """`--tables-only`: the two tables without Bytewax, their RSS and own bytes per transaction
+    (an index entry, a packed vector and their slots: more than the vector's ~120 bytes alone)."""
+    out = bench("benchmarks.index_memory", "--tables-only", "--transactions", "20000", "--cards", "2000")
+    m = re.search(
+        r"^tables alone: 20,000 transactions in 16 index and 16 pending tables -> RSS \+[\d.,]+ MiB, "
+        r"-?[\d,.]+ bytes per transaction \(the tables' nbytes: ([\d,.]+)\)$",
+        out,
+        re.M,
+    )
+    assert m, out
+    assert 150 < float(m[1].replace(",", "")) < 400
+
+
 def test_quality_benchmark_runs_and_prints_its_table() -> None:
     """The short version of `python -m benchmarks.quality` (the full one is in docs/benchmarks.md)."""
     out = subprocess.run(
