@@ -22,7 +22,8 @@
 
    Python's dict semantics for what the shards use: t[k], t[k] = v, del t[k], k in t, len(t),
    get, pop, keys, values, items (lists: a copy), copy, == with a dict or a Table. Keys are str
-   only. Not thread-safe beyond the GIL: each shard's table is used by its own worker.
+   only. Not thread-safe beyond the GIL: each shard's table is used by its own worker, and the
+   blocks' size classes are shared by every table of the process, under the GIL.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
