@@ -399,8 +399,8 @@ def _row(values: list[float]) -> str:
     return " ".join(f"{v:,.0f}" for v in values)
 
 
-def main() -> None:
-    ap = parser(__doc__)
+def world_options(ap: Any) -> None:
+    """The options that name the generated world (shared with `benchmarks.engine_age`)."""
     ap.add_argument("--days", type=int, default=180, help="the measured run's days")
     ap.add_argument("--cards", type=int, default=8500)
     ap.add_argument("--label-delay-days", type=float, default=7.0)
@@ -412,19 +412,11 @@ def main() -> None:
         help="replayed before the measured run, not counted (default: the features' longest "
         "look-back plus the label delay)",
     )
-    ap.add_argument(
-        "--paired",
-        action="store_true",
-        help="compare the first and the last tenth in two replays taking turns on the machine",
-    )
-    ap.add_argument(
-        "--control",
-        action="store_true",
-        help="paired, against the last tenth replayed after only a warm-up (the same transactions, "
-        "little state) instead of the first tenth",
-    )
-    ap.add_argument("--slice", type=float, default=2.0, help="--paired, --control: seconds per turn")
-    args = ap.parse_args()
+
+
+def world(args: Any) -> tuple[Path, Path, int, int]:
+    """The world's transaction and label files (generated once, cached), how many transactions
+    its warm-up holds, and how many it holds in all; sets `args.warmup_days` when not given."""
     if args.warmup_days is None:
         lookback_ms = max(plan.lookback_ms for plan in new_pipeline(Settings()).plans)
         args.warmup_days = math.ceil(lookback_ms / DAY_MS + args.label_delay_days)
@@ -449,6 +441,26 @@ def main() -> None:
         total = sum(1 for _ in f)  # every generated transaction is valid: each is decided
     if not 0 < warm < total:
         raise SystemExit(f"the warm-up holds {warm:,} of the {total:,} transactions: more --days")
+    return txns, labels, warm, total
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    world_options(ap)
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="compare the first and the last tenth in two replays taking turns on the machine",
+    )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="paired, against the last tenth replayed after only a warm-up (the same transactions, "
+        "little state) instead of the first tenth",
+    )
+    ap.add_argument("--slice", type=float, default=2.0, help="--paired, --control: seconds per turn")
+    args = ap.parse_args()
+    txns, labels, warm, total = world(args)
     if args.paired or args.control:
         control = None
         if args.control:

@@ -199,6 +199,29 @@ def test_long_replay_control_mode_replays_the_last_tenth_after_only_a_warm_up() 
     assert re.search(r"^µs per transaction, control / last 10 % \(median by turn\): .*index", out, re.M), out
 
 
+def test_engine_age_replays_the_last_tenth_three_ways() -> None:
+    """`benchmarks.engine_age`: the feature engine alone over long_replay's world, whole, from the
+    control's files, and whole with a fresh engine at the control's start; each times the same
+    last tenth (its transaction count in every replay)."""
+    out = bench("benchmarks.engine_age", *QUICK_REPLAY, "--runs", "1")
+    head = re.search(
+        r"^last tenth: ([\d,]+) transactions; whole world ([\d,]+), the control's ([\d,]+)", out, re.M
+    )
+    assert head, out
+    tenth, whole, control = (int(x.replace(",", "")) for x in head.groups())
+    assert 0 < tenth < control < whole, out
+    for name in ("whole", "control", "fresh"):
+        run = re.search(
+            rf"^run 1 {name}: [\d.]+ µs a transaction, [\d.]+ µs a label \(([\d,]+) transactions\)$",
+            out,
+            re.M,
+        )
+        assert run and int(run[1].replace(",", "")) == tenth, out
+    assert re.search(
+        r"^median µs a transaction: whole [\d.]+ · control [\d.]+ · fresh [\d.]+; whole / control", out, re.M
+    )
+
+
 def test_lifecycle_benchmark_runs() -> None:
     out = bench("benchmarks.lifecycle", "--repeats", "1", "--limit", "1500")
     assert re.search(r"^1,500 transactions, [\d,]+ labels learned", out, re.M), out
