@@ -31,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from benchmarks.common import DAY_MS, parser
-from benchmarks.long_replay import control_files, world, world_options
+from benchmarks.long_world import control_files, world, world_options
 from features.engine import FeatureEngine
 from features.event_files import replay
 from features.events import Label
@@ -74,10 +74,12 @@ def last_tenth(
     return tx_s / measured * 1e6, label_s / max(labelled, 1) * 1e6, measured
 
 
-def in_child(*args: object) -> tuple[float, float, int]:
-    """`last_tenth(*args)` in a new process (each replay starts with a young heap)."""
+def in_child(
+    txns: str, labels: str, measure_from: int, fresh_from: int | None, index_ttl_ms: int
+) -> tuple[float, float, int]:
+    """`last_tenth` in a new process (each replay starts with a young heap)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(last_tenth, *args).result()  # type: ignore[arg-type]
+        return pool.submit(last_tenth, txns, labels, measure_from, fresh_from, index_ttl_ms).result()
 
 
 def main() -> None:
