@@ -639,6 +639,27 @@ static int encode(const Appender *A, int64_t j, PyObject *v, int64_t *out)
     return 0;
 }
 
+/* Whether a key's labels (`EntityState.labels`: transaction times, label times) have any to evict
+ * at `horizon`: none left, or the oldest transaction at or before it; -1 on error. */
+static int oldest_label_due(PyObject *labels, int64_t horizon)
+{
+    if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != 2) {
+        PyErr_SetString(PyExc_TypeError, "labels must be None or (transaction times, label times)");
+        return -1;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(labels, 0), &b, PyBUF_FORMAT) < 0) return -1;
+    int due = 1;
+    if (b.itemsize != 8 || b.format == NULL || strcmp(b.format, "q") != 0) {
+        PyErr_SetString(PyExc_ValueError, "labels must be two int64 arrays of the same length");
+        due = -1;
+    } else if (b.len >= 8) {
+        due = ((const int64_t *)b.buf)[0] <= horizon;
+    }
+    PyBuffer_Release(&b);
+    return due;
+}
+
 static PyObject *call(PyObject *fn, PyObject *const *args, size_t n)
 {
     return PyObject_Vectorcall(fn, args, n, NULL);
@@ -816,7 +837,11 @@ static int append_event(Appender *A, PyObject *s, PyObject *txn, PyObject **resu
         Py_CLEAR(prefix);
     }
     if ((labels = PyObject_GetAttr(s, str_labels)) == NULL) goto error;
-    if (labels != Py_None) { /* s[0] * MINUTE_MS + bias + rel - retention: the event's time less it */
+    /* s[0] * MINUTE_MS + bias + rel - retention: the event's time less it. Python evicts only
+     * when the oldest label is that old (most events of a labelled key have none to evict). */
+    int due = 0;
+    if (labels != Py_None && (due = oldest_label_due(labels, origin + horizon)) < 0) goto error;
+    if (due) {
         PyObject *h = PyLong_FromLongLong(origin + horizon);
         if (h == NULL) goto error;
         PyObject *args[2] = {s, h}, *r = call(A->evict_labels, args, 2);

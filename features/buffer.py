@@ -232,9 +232,13 @@ def shrink_prefix(s: EntityState, n: int, k: int, block: int) -> None:
 
 
 def evict_labels(s: EntityState, horizon: int) -> None:
-    """Drop the labels of transactions at or before `horizon` (epoch ms)."""
+    """Drop the labels of transactions at or before `horizon` (epoch ms); a key left with none
+    goes back to `labels = None`, as if never labelled (its events then skip the label reads)."""
     assert s.labels is not None
-    m = bisect_right(s.labels[0], horizon)
-    if m:
-        del s.labels[0][:m]
-        del s.labels[1][:m]
+    txns, known = s.labels
+    m = bisect_right(txns, horizon)
+    if m == len(txns):
+        s.labels = None
+    elif m:
+        del txns[:m]
+        del known[:m]

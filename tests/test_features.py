@@ -610,6 +610,27 @@ def test_merchant_risk_counts_only_labels_already_arrived() -> None:
     assert after.values[rate] == pytest.approx(1 / 2)  # c is too recent for the shifted window
 
 
+def test_a_key_whose_labels_all_left_holds_none() -> None:
+    """A key's fraud labels leave with their transactions: once the last one's transaction is past
+    the retention the key holds no labels (`labels` None, as if never labelled: its events then
+    skip the label reads) and reads and holds exactly what a key never labelled does."""
+    plan = FeaturePipeline(WIDE, LATENESS_MS).plans[0]  # the card, with label features
+    assert plan.uses_labels
+    labelled, never = plan.new_state(), plan.new_state()
+    fraud_count = next(n for n in plan.names if n.startswith("fraud_count"))
+    day = 86_400_000
+    for n, t in enumerate([T0, T0 + 1_000, T0 + day, T0 + plan.retention_ms + day]):
+        if n == 1:
+            plan.observe_label(labelled, T0, T0 + 1)
+        txn = Transaction(f"t{n}", t, "c1", "m1", 10.0)
+        got, want = outcome(plan.observe_fn, labelled, txn), outcome(plan.observe_fn, never, txn)
+        if n in (1, 2):  # the labelled transaction is still held: its label counts
+            assert labelled.labels is not None and list(labelled.labels[0]) == [T0]
+            assert got[1][plan.names.index(fraud_count)] == 1.0, got  # type: ignore[index]
+    assert labelled.labels is None
+    assert got == want and key_state(labelled) == key_state(never)
+
+
 def test_labels_and_duplicates_become_dead_letters() -> None:
     engine = FeatureEngine(FeaturePipeline(FEATURES, LATENESS_MS))
     unknown = engine.process(Label("nope", True, T0))
