@@ -56,19 +56,29 @@ class TimedSweeps(FeatureEngine):
         self.sweeps += 1
 
 
+def held(engine: FeatureEngine) -> str:
+    """What the engine's entity states hold: keys, events, and keys with fraud labels, per entity."""
+    return " · ".join(
+        f"{plan.entity.name} {len(states):,} keys, {sum(map(plan.count, states.values())):,} events, "
+        f"{sum(s.labels is not None for s in states.values()):,} with labels"
+        for plan, states in zip(engine.pipeline.plans, engine.states, strict=True)
+    )
+
+
 def last_tenth(
     txns: str, labels: str, measure_from: int, fresh_from: int | None, index_ttl_ms: int
-) -> tuple[float, float, int, int, float]:
+) -> tuple[float, float, int, int, float, str]:
     """Replay the files through a feature engine: µs per transaction and per label of its `process`
     calls from transaction `measure_from` (0-based, in file order) on, less its sweeps, how many
-    transactions that was, and how many sweeps and their ms in that span. `fresh_from`: drop the
-    engine and start a new one at that transaction."""
+    transactions that was, how many sweeps and their ms in that span, and what the states held at
+    its start (`held`). `fresh_from`: drop the engine and start a new one at that transaction."""
     pipeline = new_pipeline(Settings())
     engine: TimedSweeps | None = TimedSweeps(pipeline, index_ttl_ms)
     settle_heap()  # as the flow does before it runs
     clock = time.perf_counter
     tx_s = label_s = sweep_s = 0.0
     n = labelled = sweeps = 0
+    at_start = ""
     for event in replay(Path(txns), Path(labels)):
         is_label = isinstance(event, Label)
         if not is_label and n == fresh_from:
@@ -76,6 +86,8 @@ def last_tenth(
             gc.collect()
             engine = TimedSweeps(pipeline, index_ttl_ms)
         assert engine is not None
+        if not is_label and n == measure_from:
+            at_start = held(engine)
         if n < measure_from:
             engine.process(event)
         else:
@@ -92,12 +104,12 @@ def last_tenth(
         if not is_label:
             n += 1
     measured = n - measure_from
-    return tx_s / measured * 1e6, label_s / max(labelled, 1) * 1e6, measured, sweeps, sweep_s * 1e3
+    return tx_s / measured * 1e6, label_s / max(labelled, 1) * 1e6, measured, sweeps, sweep_s * 1e3, at_start
 
 
 def in_child(
     txns: str, labels: str, measure_from: int, fresh_from: int | None, index_ttl_ms: int
-) -> tuple[float, float, int, int, float]:
+) -> tuple[float, float, int, int, float, str]:
     """`last_tenth` in a new process (each replay starts with a young heap)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(last_tenth, txns, labels, measure_from, fresh_from, index_ttl_ms).result()
@@ -124,7 +136,7 @@ def main() -> None:
             ("control", (c_txns, c_labels), c_warm, None),
             ("fresh", (txns, labels), late_from, begin),
         ):
-            tx_us, label_us, n, sweeps, sweep_ms = in_child(
+            tx_us, label_us, n, sweeps, sweep_ms, at_start = in_child(
                 str(files[0]), str(files[1]), measure_from, fresh_from, ttl
             )
             runs[name].append(tx_us)
@@ -133,6 +145,8 @@ def main() -> None:
                 f"({n:,} transactions; {sweeps} sweeps, {sweep_ms:.0f} ms, not counted)",
                 flush=True,
             )
+            if r == 0:
+                print(f"  held at the tenth's start: {at_start}")
     med = {name: statistics.median(v) for name, v in runs.items()}
     ratios = [w / c for w, c in zip(runs["whole"], runs["control"], strict=True)]
     fresh = [f / c for f, c in zip(runs["fresh"], runs["control"], strict=True)]

@@ -218,6 +218,11 @@ def test_engine_age_replays_the_last_tenth_three_ways() -> None:
             re.M,
         )
         assert run and int(run[1].replace(",", "")) == tenth, out
+    # what the states held at the tenth's start, once per replay: the same keys in each
+    starts = re.findall(
+        r"^  held at the tenth's start: card ([\d,]+) keys, ([\d,]+) events, ([\d,]+) with labels", out, re.M
+    )
+    assert len(starts) == 3 and all(int(k.replace(",", "")) > 0 for k, _, _ in starts), out
     assert re.search(
         r"^median µs a transaction: whole [\d.]+ · control [\d.]+ · fresh [\d.]+; whole / control", out, re.M
     )
