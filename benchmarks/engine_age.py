@@ -17,8 +17,10 @@ stays small), each replay in a process of its own, in turn:
 Each prints the engine's µs per transaction over the last tenth (its `process` calls, labels
 timed apart, less the engine's periodic sweeps: `FeatureEngine` drops expired keys every
 `EXPIRY_EVERY` transactions inside a `process` call, and a tenth holds one sweep or two depending
-on where it starts, a difference of ~5 % that says nothing about age; their time is printed). `whole / control` above 1 is what the aged process and states cost together;
-`fresh / control` is the process's part, so whole / fresh is the states'. The world and the
+on where it starts, a difference of ~5 % that says nothing about age; their time is printed),
+and, in the first round, what the states hold at the tenth's start. `whole / control` above 1 is
+what the aged process and states cost together; `fresh / control` is the process's part, so
+whole / fresh is the states'. The world and the
 control's files are long_replay's (generated once, cached under `.fraud/bench/`).
 """
 

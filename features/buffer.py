@@ -133,8 +133,8 @@ class EntityState(array):
     """Events of one key in one flat buffer (see the module docstring for the layout).
 
     Slots: `wide` is None, or the float64 buffer that holds the events once the key was widened
-    (this buffer is then empty); `labels` is None until the key's first fraud label: (transaction
-    times, label times); `prefix` (derived, never snapshotted) is None or the block sums of the
+    (this buffer is then empty); `labels` is None while the key holds no fraud label, else
+    (transaction times, label times) of those it holds; `prefix` (derived, never snapshotted) is None or the block sums of the
     summed columns of a long key.
     """
 
