@@ -39,9 +39,11 @@ def _curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     """Cumulative true/false positives at each distinct threshold, highest threshold first.
 
     Equal scores are grouped: a threshold either alerts on all of them or on none, which is how
-    ties are handled by every metric built on top of this.
+    ties are handled by every metric built on top of this. Their order inside a group is read
+    nowhere (only each group's last cumulative count), so the sort need not be stable (numpy's
+    default sort is the faster one on the drift watch's 5,000 changing scores).
     """
-    order = np.argsort(-s, kind="stable")
+    order = np.argsort(-s)
     s_sorted = s[order]
     y_sorted = y[order]
     # Index of the last element of each group of equal scores (callers never pass empty arrays).
