@@ -51,8 +51,7 @@ from flows.expiry import Expiry
 from flows.ordering import ordered
 from flows.routing import DEFAULT_SHARDS, Shards, Workers
 from flows.shards import state_files
-from flows.steps import IndexLogic, PendingLogic, decode_record, is_valid, pending_key, txn_key
-from flows.steps import _entry_bytes as entry_bytes
+from flows.steps import IndexLogic, PendingLogic, decode_record, entry_bytes, is_valid, pending_key, txn_key
 from service.runtime import new_pipeline
 from service.settings import SAMPLES, Settings
 from testkit.system import rss_bytes

@@ -8,10 +8,10 @@ each entry in one block (the key's UTF-8 bytes, then the value's bytes) and the 
 array of pointers. The blocks come from 2 MiB chunks of the tables' own, in 16-byte size
 classes (a freed block is the next one its class hands out), asking for transparent huge pages
 (`madvise`; the kernel grants them where /sys/kernel/mm/transparent_hugepage/enabled is
-"madvise" or "always"): the entries do not pay the C heap's header and rounding each, and reaching
-one of millions at random costs no page-table walk. The chunks stay with
-the process (their blocks are reused), as the C heap's pages would. A bytes value is stored inline; any other value (rare: a label waiting for its
-row) by reference, and must not refer back to the table (the table is not garbage-collected).
+"madvise" or "always"): the entries do not pay the C heap's header and rounding each, and
+reaching one of millions at random costs no page-table walk. The chunks stay with the process
+(their blocks are reused), as the C heap's pages would. A bytes value is stored inline; any
+other value (rare: a label waiting for its row) by reference, and must not refer back to the table (the table is not garbage-collected).
 
 A vector waiting for its label is kept as float32 values (what XGBoost scores), packed: most
 features are counts, flags or missing, so a value takes one byte when it is an integer 0..250 or

@@ -280,20 +280,20 @@ def _entity_or_txn(item: Chained | Quarantined, position: int) -> str:
     return item.txn.txn_id if type(item) is FeatureRow else item.txn_id  # type: ignore[union-attr]
 
 
-_entry_bytes = msgspec.msgpack.Encoder().encode
+entry_bytes = msgspec.msgpack.Encoder().encode  # a `TxnEntry` as an index shard stores it
 _entry_of = msgspec.msgpack.Decoder(TxnEntry).decode
 
 
 # A parked label's entry in an index shard: PARKED + its seq, longer than any transaction id can be.
 PARKED = "\x00" * (MAX_FIELD_CHARS + 1)
-_label_bytes = _entry_bytes  # (the same msgpack encoder)
+_label_bytes = entry_bytes  # (the same msgpack encoder)
 _label_of = msgspec.msgpack.Decoder(Label).decode
 _seq = attrgetter("seq")
 
 
 def labelled(bucket: int) -> bytes:
     """The value of a labelled entry that arrived in `bucket`."""
-    return _entry_bytes(TxnEntry(0, (), True, bucket))
+    return entry_bytes(TxnEntry(0, (), True, bucket))
 
 
 class IndexLogic(ShardTable):
@@ -368,7 +368,7 @@ class IndexLogic(ShardTable):
                     if expiry is not None:
                         entry.bucket = bucket
                         self.arrivals.add(bucket, item.txn_id)
-                    self.put(item.txn_id, _entry_bytes(entry))
+                    self.put(item.txn_id, entry_bytes(entry))
                     out.append(row)
             except Exception as exc:
                 out.append(quarantine(item, "index", exc).dead)
