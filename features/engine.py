@@ -190,19 +190,26 @@ def duplicate_txn(txn: Transaction) -> DeadLetter:
 
 @dataclass(slots=True)
 class FeatureVector:
-    """A transaction with its feature vector (batch-mode output; the flow's scorer input)."""
+    """A transaction with its feature vector (batch-mode output; the flow's scorer input).
+
+    `packed`: the values as `features.table.pack_vector` packs them, when the flow's `pending`
+    step has packed them already (to keep until the label): the scorer builds its float32
+    matrix from them without converting each value again. None elsewhere."""
 
     txn: Transaction
     values: list[float]
     late: bool
+    packed: bytes | None = None
 
     @property
     def seq(self) -> int:
         return self.txn.seq
 
-    def __reduce__(self) -> tuple[type[FeatureVector], tuple[Transaction, list[float], bool]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[FeatureVector], tuple[Transaction, list[float], bool, bytes | None]]:
         """Pickled as its fields (what crosses between processes in a cluster)."""
-        return FeatureVector, (self.txn, self.values, self.late)
+        return FeatureVector, (self.txn, self.values, self.late, self.packed)
 
 
 EXPIRY_EVERY = 100_000

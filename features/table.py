@@ -31,7 +31,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["COMPILED", "Table", "pack_vector", "unpack_vector"]
+__all__ = ["COMPILED", "Table", "pack_vector", "unpack_vector", "vector_bytes"]
 
 _NAN, _U16, _F32, _SMALL = 253, 254, 255, 250  # the codes of features/_table.c
 
@@ -103,6 +103,12 @@ def unpack_vector(packed: bytes) -> array[float]:
     out = array("f")
     out.frombytes(_unpack(packed))
     return out
+
+
+def vector_bytes(packed: bytes) -> bytes:
+    """The float32 values `pack_vector` packed, as their bytes in native order: a row of the
+    matrix XGBoost scores (`models.serving` joins a batch's rows and views them with numpy)."""
+    return _unpack(packed)
 
 
 def table_of(items: Any) -> Any:

@@ -631,7 +631,8 @@ class PendingLogic(ShardTable):
                 if t is FeatureRow:
                     txn_id = it.txn.txn_id
                     values = self.pipeline.assemble(it)
-                    out.append(FeatureVector(it.txn, values, it.late))
+                    packed = pack_vector(values)
+                    out.append(FeatureVector(it.txn, values, it.late, packed))
                     waiting = items.get(txn_id)
                     if type(waiting) is LabelEvent:
                         self.drop(txn_id)
@@ -643,7 +644,7 @@ class PendingLogic(ShardTable):
                         continue
                     if type(waiting) is not bytes:
                         PendingLogic.held += 1
-                    self.put(txn_id, pack_vector(values))
+                    self.put(txn_id, packed)
                     continue
                 if it.is_fraud:
                     frauds += 1

@@ -22,6 +22,7 @@ import numpy as np
 
 from features.engine import FeatureVector, LabelEvent
 from features.events import Control, Transaction
+from features.table import vector_bytes
 from models.artifact import ArtifactError, ModelArtifact
 from models.combine import combine
 from models.drift import DriftEvent, DriftMonitor
@@ -310,7 +311,9 @@ class Scorer:
             return np.empty(0), None, np.empty(0)
         X = None
         try:
-            X = np.asarray([v.values for v in vectors] + labelled, dtype=np.float32)
+            X = _packed_matrix(vectors, labelled, len(self.names))
+            if X is None:
+                X = np.asarray([v.values for v in vectors] + labelled, dtype=np.float32)
             both = self._score_matrix(X, self.xgb)
             scores, label_scores = both[: len(vectors)], both[len(vectors) :]
         except Exception:
@@ -392,6 +395,33 @@ class Scorer:
         watch = pickle.loads(snap[1]) if len(snap) > 1 else None
         if self.monitor is not None and watch is not None and watch.config == self.monitor.config:
             self.monitor = watch
+
+
+def _packed_matrix(
+    vectors: list[FeatureVector], labelled: list[Sequence[float]], width: int
+) -> np.ndarray | None:
+    """The float32 matrix of `vectors` then `labelled`, from the copies the flow's `pending` step
+    packed (`FeatureVector.packed`) and the labelled vectors' float32 arrays: their bytes joined,
+    no value converted again. The same matrix `np.asarray(..., dtype=np.float32)` gives (packing
+    keeps float32 values exactly). None when a row has no such copy or is not `width` values wide:
+    the caller converts the values then, and refuses what does not convert."""
+    size = 4 * width
+    rows: list[bytes | array[float]] = []
+    for v in vectors:
+        if v.packed is None:
+            return None
+        try:
+            row = vector_bytes(v.packed)
+        except ValueError:  # not a packed vector
+            return None
+        if len(row) != size:
+            return None
+        rows.append(row)
+    for values in labelled:
+        if type(values) is not array or values.typecode != "f" or len(values) != width:
+            return None
+        rows.append(values)
+    return np.frombuffer(b"".join(rows), dtype=np.float32).reshape(len(rows), width)
 
 
 class PendingVectors:

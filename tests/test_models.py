@@ -704,3 +704,58 @@ def test_online_a_classifier_the_compiled_code_does_not_cover_runs_rivers_own() 
         return model, got
 
     _alike_both_ways(run)
+
+
+_FLOAT32 = st.one_of(
+    st.floats(width=32, allow_nan=True, allow_infinity=True),
+    st.integers(0, 70_000).map(float),
+    st.sampled_from([0.0, -0.0, 250.0, 251.0, 65535.0, 65536.0, -1.0]),
+)
+
+
+@given(st.lists(st.lists(_FLOAT32, min_size=6, max_size=6), min_size=1, max_size=8), st.integers(0, 8))
+def test_the_scorer_matrix_from_packed_copies_is_the_converted_values(
+    rows: list[list[float]], n_labelled: int
+) -> None:
+    """The flow's scorer builds its float32 matrix from the copies `pending` packed and from the
+    labelled vectors' float32 arrays; it is the matrix converting every value gives (NaN where
+    NaN, -0.0 where -0.0)."""
+    from array import array
+
+    from features.engine import FeatureVector
+    from features.events import Transaction
+    from features.table import pack_vector
+    from models.serving import _packed_matrix
+
+    txn = Transaction("t", 1_700_000_000_000, "c", "m", 1.0, "EUR", "5411", "FR", "pos")
+    vectors = [FeatureVector(txn, r, False, pack_vector(r)) for r in rows]
+    labelled = [array("f", r) for r in rows[:n_labelled]]
+    want = np.asarray([v.values for v in vectors] + labelled, dtype=np.float32)
+    got = _packed_matrix(vectors, list(labelled), len(NAMES))
+    assert got is not None and got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got, want, equal_nan=True)
+    finite = ~np.isnan(want)  # a NaN, whatever its sign or payload, is XGBoost's missing value
+    assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+
+
+def test_the_scorer_converts_the_values_when_a_packed_copy_is_missing_or_the_wrong_width() -> None:
+    """No packed copy (batch replays), a copy of another width, a copy that is not a packed vector,
+    or a labelled vector that is not float32: the scorer converts the values instead (and a
+    row of the wrong width is refused there, as before)."""
+    from array import array
+
+    from features.engine import FeatureVector
+    from features.events import Transaction
+    from features.table import pack_vector
+    from models.serving import _packed_matrix
+
+    txn = Transaction("t", 1_700_000_000_000, "c", "m", 1.0, "EUR", "5411", "FR", "pos")
+    row = [1.0, 2.5, math.nan, 0.0, 300.0, -4.0]
+    ok = FeatureVector(txn, row, False, pack_vector(row))
+    assert _packed_matrix([ok], [array("f", row)], 6) is not None
+    assert _packed_matrix([FeatureVector(txn, row, False)], [], 6) is None
+    assert _packed_matrix([FeatureVector(txn, row, False, pack_vector(row[:5]))], [], 6) is None
+    assert _packed_matrix([FeatureVector(txn, row, False, b"\xfe\x01")], [], 6) is None
+    assert _packed_matrix([ok], [row], 6) is None
+    assert _packed_matrix([ok], [array("d", row)], 6) is None
+    assert _packed_matrix([ok], [array("f", row[:5])], 6) is None
