@@ -95,6 +95,11 @@ class Reference:
         return B
 
     @cached_property
+    def column(self) -> dict[str, int]:
+        """The index of each column's name."""
+        return {name: c for c, name in enumerate(self.names)}
+
+    @cached_property
     def padded(self) -> np.ndarray:
         """The edges as one (columns, most edges) matrix, padded with +inf."""
         out = np.full((len(self.edges), max((len(e) for e in self.edges), default=0)), np.inf)
@@ -240,7 +245,8 @@ class DataDrift:
         crossing = values > self.threshold
         if self.since:
             held = np.zeros(len(names), dtype=bool)
-            held[[names.index(name) for name in self.since]] = True
+            column = self.ref.column
+            held[[column[name] for name in self.since]] = True
             crossing = (crossing & ~held) | ((values <= self.threshold * RECOVERY) & held)
         for c in np.flatnonzero(crossing).tolist():
             name, v = names[c], values[c]
