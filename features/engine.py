@@ -42,18 +42,21 @@ class LabelEvent(msgspec.Struct, frozen=True, gc=False):
     origin: str = ""  # where the label was read: its dead letter's identity if a step fails on it
 
 
-@dataclass
+@dataclass(slots=True)
 class FeatureRow:
-    """A transaction on its way through the entity steps, collecting feature values."""
+    """A transaction on its way through the entity steps, collecting feature values.
+
+    `seq` is the transaction's (a plain attribute: the ordered steps sort and compare rows by it
+    several times a step, and a property costs a Python call each time)."""
 
     txn: Transaction
     keys: tuple[str | None, ...]
     parts: list[list[float]] = field(default_factory=list)
     late: bool = False
+    seq: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def seq(self) -> int:
-        return self.txn.seq
+    def __post_init__(self) -> None:
+        self.seq = self.txn.seq
 
     def __reduce__(
         self,

@@ -268,7 +268,11 @@ def entity_key(plan: EntityPlan, shards: Shards) -> Callable[[Chained | Quaranti
     i, of = plan.position, shards.of
 
     def key(item: Chained | Quarantined) -> str:
-        return of(_entity_or_txn(item, i))
+        # `_entity_or_txn`, inlined: called for every item at each of the step's two routings
+        k = item.keys[i]
+        if k is None:
+            k = item.txn.txn_id if type(item) is FeatureRow else item.txn_id  # type: ignore[union-attr]
+        return of(k)
 
     return key
 

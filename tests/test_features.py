@@ -865,3 +865,19 @@ def test_rebase_shifts_every_offset_and_clamps_to_the_span(offsets: list[int], m
     shift = minutes // 60_000 * 60_000
     assert list(s[1 : 1 + n]) == [min(2**31 - 1, max(-(2**31), x + shift)) for x in xs]
     assert s[0] == new_base and list(s[1 + n :]) == list(range(n * (plan.width - 1)))
+
+
+def test_a_row_in_the_chain_carries_its_transaction_s_seq_across_processes() -> None:
+    """The ordered steps sort the entity chain's rows by `seq`, which is their transaction's
+    place in the canonical order: set when the row starts, and again when a row is unpickled in
+    another process."""
+    pipeline = FeaturePipeline(SHORT, LATENESS_MS)
+    txn = Transaction(
+        "t1", 1_700_000_000_000, "c1", "m1", 12.5, "EUR", "5411", "FR", "pos", seq=(7 << 64) + 3
+    )
+    row, _ = pipeline.start(txn)
+    assert row.seq == txn.seq == (7 << 64) + 3
+    row.parts.append([1.0, 2.0])
+    row.late = True
+    back = pickle.loads(pickle.dumps(row))
+    assert back.seq == txn.seq and back == row and back.parts == [[1.0, 2.0]] and back.late
