@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from sys import intern
 
 import msgspec
 
@@ -88,7 +87,7 @@ def txn_features(txn: Transaction, names: tuple[str, ...]) -> list[float]:
 
 
 def keys_function(plans: Sequence[EntityPlan]) -> Callable[[Transaction], tuple[str | None, ...]]:
-    """Every plan's state key of a transaction, interned (None where a key field is missing): what
+    """Every plan's state key of a transaction (None where a key field is missing): what
     `EntityPlan.key_of` gives, as one generated expression (key fields are transaction fields,
     validated by `features.spec.Entity`)."""
     parts = []
@@ -96,12 +95,12 @@ def keys_function(plans: Sequence[EntityPlan]) -> Callable[[Transaction], tuple[
         got = [f"t.{f}" for f in p.entity.fields]
         prefix = repr(p.entity.name + ":")
         if len(got) == 1:
-            parts.append(f"(intern({prefix} + {got[0]}) if {got[0]} else None)")
+            parts.append(f"({prefix} + {got[0]} if {got[0]} else None)")
         else:
             both = ", ".join(got)
-            parts.append(f"(intern({prefix} + '|'.join(({both},))) if all(({both},)) else None)")
+            parts.append(f"({prefix} + '|'.join(({both},)) if all(({both},)) else None)")
     fn: Callable[[Transaction], tuple[str | None, ...]] = eval(
-        "lambda t: (" + "".join(f"{x}, " for x in parts) + ")", {"intern": intern}
+        "lambda t: (" + "".join(f"{x}, " for x in parts) + ")", {}
     )
     return fn
 
@@ -122,8 +121,6 @@ class FeaturePipeline:
         self.keys_of = keys_function(self.plans)
 
     def start(self, txn: Transaction) -> tuple[FeatureRow, TxnEntry]:
-        # Interned: the index keeps every transaction's keys for weeks, and a card's transactions
-        # then share one string per key instead of holding a copy each.
         keys = self.keys_of(txn)
         return FeatureRow(txn, keys), TxnEntry(txn.ts_ms, keys)
 

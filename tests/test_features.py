@@ -310,16 +310,15 @@ def test_compiled_window_reads_give_the_python_floats_bit_for_bit(
 @given(
     ids=st.lists(st.sampled_from(["c1", "m1", "d1", "", "é", "a|b"]) | st.none(), min_size=3, max_size=3),
 )
-def test_generated_keys_are_each_plans_key_interned(ids: list[str | None]) -> None:
+def test_generated_keys_are_each_plans_key(ids: list[str | None]) -> None:
     """`FeaturePipeline.keys_of` (one generated expression) gives what each plan's `key_of` gives,
-    an empty or missing field included, interned; a two-field entity (card x merchant) too."""
+    an empty or missing field included; a two-field entity (card x merchant) too."""
     card, merchant, device = ids
     txn = Transaction("t1", T0, card, merchant, 1.0, device_id=device)  # type: ignore[arg-type]
     for features in (WIDE, FeatureSet(windows=(WindowFeature(PAIR, "count", window="1h"),))):
         pipeline = FeaturePipeline(features, LATENESS_MS)
         keys = pipeline.keys_of(txn)
         assert keys == tuple(p.key_of(txn) for p in pipeline.plans)
-        assert all(a is b for a, b in zip(keys, pipeline.keys_of(txn), strict=True))  # one string per key
 
 
 def key_state(s: EntityState) -> tuple[object, ...]:
