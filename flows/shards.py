@@ -345,7 +345,9 @@ class ShardTable(StepLogic):
     when the step has `StateFiles`, else as a lent `FullState`.
 
     Subclasses change entries only through `put` and `drop`, which note what changed since the
-    last snapshot, after taking the entries with `own()` (never `self.items` kept from before it:
+    last snapshot (where the snapshot needs it: a delta for the files, or a mutable shard's frozen
+    copies to refresh; without either, a snapshot is the whole table), after taking the entries
+    with `own()` (never `self.items` kept from before it:
     without files the last snapshot may still hold them); a subclass whose values change in place
     (`mutable`: an entity's feature state) notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
     copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
@@ -420,11 +422,12 @@ class ShardTable(StepLogic):
     def put(self, key: str, value: Any) -> None:
         items = self.own() if self.lent is not None else self.items
         items[key] = value
-        self.changed.add(key)
+        if self.files is not None or self.mutable:  # (else a snapshot is the whole table)
+            self.changed.add(key)
 
     def drop(self, key: str) -> Any:
         value = (self.own() if self.lent is not None else self.items).pop(key, None)
-        if value is not None:
+        if value is not None and (self.files is not None or self.mutable):
             self.changed.add(key)
         return value
 

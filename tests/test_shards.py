@@ -53,6 +53,21 @@ def test_every_worker_count_dividing_the_shard_count_gets_the_same_number_of_sha
         Shards(0)
 
 
+def test_a_key_s_remembered_shard_is_the_one_its_hash_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Shards.of` remembers recent keys' shards: asked again, after other keys, and after the
+    memory was cleared to stay bounded, it names the shard the key's CRC-32 names."""
+    import zlib
+
+    from flows import routing
+
+    monkeypatch.setattr(routing, "RECENT", 100)
+    shards = Shards(12)
+    keys = [f"card:c{i % 150:05d}" if i % 3 else f"t{i:09d}" for i in range(2_000)]
+    for key in keys + keys[::-1]:
+        assert shards.of(key) == shards.keys[zlib.crc32(key.encode()) % 12], key
+        assert len(shards.recent) <= 100
+
+
 def test_a_shard_refuses_state_saved_with_another_shard_count(tmp_path: Path) -> None:
     """A key's shard depends on the count: a resume with another one would look for each key in
     another shard than the one holding it, so it is refused, naming the count to set."""
@@ -327,6 +342,32 @@ def test_a_snapshot_without_files_is_copied_only_while_it_is_held(kind: type[Tab
     assert isinstance(again, FullState)
     table.drop("k3")  # `drop` and `put` copy by themselves too
     assert "k3" in again.items and "k3" not in table.items and table.items is not again.items
+
+
+def test_without_files_a_mutable_shard_s_snapshot_loses_what_it_dropped() -> None:
+    """Without files, a shard whose values change in place saves frozen copies, refreshed for the
+    keys noted as changed: a key it drops must leave the next snapshot (a shard of immutable
+    values notes nothing there: its snapshot is the table itself)."""
+    table = Entities(None, None)
+    table.name("e1")
+    for i in range(5):
+        table.put(f"e{i}", b"%d" % i)
+    first = table.snapshot()
+    assert isinstance(first, FullState) and set(first.items) == {f"e{i}" for i in range(5)}
+    table.drop("e1")
+    table.put("e9", b"9")
+    second = table.snapshot()
+    assert isinstance(second, FullState) and set(second.items) == {"e0", "e2", "e3", "e4", "e9"}
+    assert Entities(None, pickle.loads(pickle.dumps(second))).items == {k: v for k, v in table.items.items()}
+
+    plain = Table(None, None)
+    plain.name("t1")
+    plain.put("a", b"1")
+    plain.drop("a")
+    plain.put("b", b"2")
+    assert not plain.changed
+    snap = plain.snapshot()
+    assert isinstance(snap, FullState) and dict(snap.items.items()) == {"b": b"2"}
 
 
 def _pickled_once_the_disk_is_done(m: Manifest, disk: threading.Event) -> None:
