@@ -243,18 +243,28 @@ class Scorer:
         decisions: list[Decision] = []
         decided: list[int] = []  # the row of `X` of each decision
         champion, rules = self.champion, self.rules
+        version, threshold = champion.version, champion.threshold
         xgb_list, label_list = xgb_scores.tolist(), label_xgb.tolist()  # floats, not numpy scalars
+        # Per item, the loop reads these once (the same objects the attributes hold; `predict`
+        # returns 0.0 while the model is not ready, which a label in this batch may change).
+        names, weight, learn, predict = (
+            self.names,
+            self.weight,
+            self.online.learn_values,
+            self.online.predict_values,
+        )
+        clock, learned, learn_s = time.perf_counter, 0, 0.0
         j = k = 0
         for it in items:
             try:
                 if isinstance(it, LabelledVector):
-                    started = time.perf_counter()
-                    river = self.online.learn_values(self.names, it.values, it.is_fraud)
-                    stats.learn_s += time.perf_counter() - started
-                    stats.labels_learned += 1
+                    started = clock()
+                    river = learn(names, it.values, it.is_fraud)
+                    learn_s += clock() - started
+                    learned += 1
                     if concept is not None:
                         xs, k = label_list[k], k + 1
-                        final = float(combine(xs, river, self.weight))
+                        final = float(combine(xs, river, weight))
                         stats.events += concept.observe(it.is_fraud, xs, river, final, it.ts_ms)
                     continue
                 if not isinstance(it, FeatureVector):
@@ -263,12 +273,12 @@ class Scorer:
                 j += 1
                 if skip and id(it) in skip:
                     continue
-                online = self.online.predict_values(self.names, it.values) if self.online.ready else 0.0
-                final = float(combine(xs, online, self.weight))
-                alert = final >= champion.threshold
+                online = predict(names, it.values)
+                final = float(combine(xs, online, weight))
+                alert = final >= threshold
                 d = Decision(
                     it.txn, it.values, xs, online, final, alert, it.late, None,
-                    version=champion.version, threshold=champion.threshold, action="alert" if alert else "none",
+                    version=version, threshold=threshold, action="alert" if alert else "none",
                 )  # fmt: skip
                 if rules is not None:
                     d.hits = rules.evaluate(it.txn, it.values)
@@ -282,6 +292,8 @@ class Scorer:
                 decided.append(j - 1)
             except Exception as exc:  # one poisoned item must not cost the batch its decisions
                 stats.failed.append((it, exc))
+        stats.labels_learned += learned
+        stats.learn_s += learn_s
         self._explain([d for d in decisions if d.alert], stats)
         data = self.monitor.data if self.monitor is not None else None
         if data is not None and decisions:
