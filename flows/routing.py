@@ -80,7 +80,6 @@ def one_per_worker(prefix: str, count: int) -> tuple[str, ...]:
     raise AssertionError("unreachable")
 
 
-RECENT = 1 << 16  # keys whose shard a `Shards` remembers
 DEFAULT_SHARDS = 16  # FRAUD_STATE_SHARDS: even over 1, 2, 4, 8 and 16 workers
 
 
@@ -90,27 +89,17 @@ class Shards:
     count dividing `count` gets the same number each), and the shard of an id. Fixed for a recovery
     store's life: a resume on another count would find entries in shards their ids no longer name."""
 
-    __slots__ = ("count", "keys", "recent")
+    __slots__ = ("count", "keys")
 
     def __init__(self, count: int = DEFAULT_SHARDS) -> None:
         if count < 1:
             raise ValueError(f"a keyed step needs at least one shard, not {count}")
         self.count, self.keys = count, one_per_worker("shard", count)
-        self.recent: dict[str, str] = {}
 
     def of(self, key: str) -> str:
         """The shard key of a transaction id or entity key (the same in every run and on every
-        cluster layout).
-
-        Remembered for the last `RECENT` keys asked: a transaction's id is asked at each of the
-        steps it crosses, a card's or merchant's key at every one of its transactions, and a
-        lookup costs less than encoding the key and hashing it again."""
-        shard = self.recent.get(key)
-        if shard is None:
-            if len(self.recent) >= RECENT:
-                self.recent.clear()  # bound the memory, not the result
-            shard = self.recent[key] = self.keys[crc32(key.encode()) % self.count]
-        return shard
+        cluster layout)."""
+        return self.keys[crc32(key.encode()) % self.count]
 
     def __repr__(self) -> str:
         return f"Shards({self.count})"
