@@ -53,21 +53,6 @@ def test_every_worker_count_dividing_the_shard_count_gets_the_same_number_of_sha
         Shards(0)
 
 
-def test_a_key_s_remembered_shard_is_the_one_its_hash_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`Shards.of` remembers recent keys' shards: asked again, after other keys, and after the
-    memory was cleared to stay bounded, it names the shard the key's CRC-32 names."""
-    import zlib
-
-    from flows import routing
-
-    monkeypatch.setattr(routing, "RECENT", 100)
-    shards = Shards(12)
-    keys = [f"card:c{i % 150:05d}" if i % 3 else f"t{i:09d}" for i in range(2_000)]
-    for key in keys + keys[::-1]:
-        assert shards.of(key) == shards.keys[zlib.crc32(key.encode()) % 12], key
-        assert len(shards.recent) <= 100
-
-
 def test_a_shard_refuses_state_saved_with_another_shard_count(tmp_path: Path) -> None:
     """A key's shard depends on the count: a resume with another one would look for each key in
     another shard than the one holding it, so it is refused, naming the count to set."""
