@@ -48,6 +48,7 @@ import msgspec
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from flows.batch import opened
 from flows.reporting import reported
 from flows.routing import Workers
 from flows.stamping import NEG, Watermark
@@ -92,6 +93,14 @@ class Bundle(list[Any]):
         except AttributeError:
             wire = self.wire = pickle.dumps(list(self), pickle.HIGHEST_PROTOCOL)
         return pickle.loads, (wire,)
+
+
+def bundled(events: list[Any], bundles: bool) -> list[Any]:
+    """What a step hands Bytewax for `events`: one list of them when the step's output is
+    `opened` after it (`bundles`), else the events themselves."""
+    if bundles:
+        return [events] if events else events
+    return events
 
 
 def unbundle(items: list[Any]) -> list[Any]:
@@ -441,6 +450,7 @@ class Stage:
     forward: bool = True  # send its watermark on (False: the last ordered step)
     key: Callable[[Any], str] | None = None  # a keyed step's key of an event
     parking: Parking | None = None  # a keyed step's parked events (`StepLogic.parked`)
+    bundles: bool = False  # a batch's events go out as one list (`opened` after the step)
     clock: list[float] = field(default_factory=list)  # seconds its logic ran: `fraud_step_seconds`
     snap: list[float] = field(default_factory=list)  # seconds its snapshots took: `fraud_snapshot_seconds`
 
@@ -505,7 +515,7 @@ class KeyedStep(msgspec.Struct, gc=False):
             out += self._park()
         logic.ahead()
         self.stage.clock[0] += perf_counter() - started
-        return out, logic.done()
+        return bundled(out, self.stage.bundles), logic.done()
 
     def _park(self, end: bool = False) -> list[Any]:
         """Apply the parked events the watermark this worker's relay has seen passed (at the
@@ -576,6 +586,7 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
 
     def __init__(self, stage: Stage, resume: HeldState | None) -> None:
         self.batch = OrderedBatch(stage.name, stage.relay(), resume)
+        self.bundles = stage.bundles
         self.step_name = f"{stage.name}_sequence"
         self.clock = step_timer(self.step_name)
         self.snap = snapshot_timer(self.step_name)
@@ -587,7 +598,7 @@ class SequencerLogic(StatefulBatchLogic[Any, Any, HeldState]):
         if fwd is not None:
             out.append(fwd)
         self.clock[0] += perf_counter() - started
-        return out, StatefulBatchLogic.RETAIN
+        return bundled(out, self.bundles), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         return self.batch.notify_at()
@@ -620,6 +631,7 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         self.logic = stage.build(state)
         self.batch = OrderedBatch(stage.name, stage.relay(), held)
         self.forward, self.clock, self.snap = stage.forward, stage.clock, stage.snap
+        self.bundles = stage.bundles
         self.step_name = stage.name
 
     @reported
@@ -630,7 +642,7 @@ class WorkerStep(StatefulBatchLogic[Any, Any, WorkerState]):
         if fwd is not None and self.forward:
             done.append(fwd)
         self.clock[0] += perf_counter() - started
-        return done, StatefulBatchLogic.RETAIN
+        return bundled(done, self.bundles), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         return self.batch.notify_at()
@@ -708,16 +720,19 @@ def ordered(
         if fan == 1
         else op.merge("merge", *(op.map(f"tag_{i}", u, _tag(i)) for i, u in enumerate(ups)))
     )
-    stage = Stage(name, logic, workers, sources, fan, not last, key, Parking())
+    stage = Stage(name, logic, workers, sources, fan, not last, key, Parking(), bundles=True)
     if per_worker:
         routed = op.flat_map_batch("route", up, by_bucket(key, workers, everywhere))
-        return op.stateful_batch("apply", routed, partial(WorkerStep, stage))
+        return op.flat_map_batch(
+            "open", op.stateful_batch("apply", routed, partial(WorkerStep, stage)), opened
+        )
     if sequence:
         buckets = op.flat_map_batch("bucket", up, by_bucket(key, workers))
-        up = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
-        stage = Stage(name, logic, workers, None, key=key, parking=Parking())
+        held = op.stateful_batch("sequence", buckets, partial(SequencerLogic, stage))
+        up = op.flat_map_batch("open_sequence", held, opened)
+        stage = Stage(name, logic, workers, None, key=key, parking=Parking(), bundles=True)
     routed = op.flat_map_batch("route", up, by_key(key, workers))
     keyed = cast(
         Callable[[Any], StatefulBatchLogic[Any, Any, Any]], partial(KeyedStep.build, stage)
     )  # registered
-    return op.stateful_batch("apply", routed, keyed)
+    return op.flat_map_batch("open", op.stateful_batch("apply", routed, keyed), opened)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from time import perf_counter
 from typing import Any
 from zlib import crc32
@@ -20,6 +21,7 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from features.events import Label, Transaction
+from flows.batch import opened
 from flows.reporting import reported
 from service.telemetry import snapshot_timer
 
@@ -96,7 +98,8 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
 
     step_name = "stamp"
 
-    def __init__(self, resume: StampState | None) -> None:
+    def __init__(self, resume: StampState | None, bundles: bool = False) -> None:
+        self.bundles = bundles  # the batch's events go out as one list (`flows.ordering.opened`)
         self.partition, self.running_max, self.position, self.idle = resume or (None, NEG, 0, False)
         self.wm = NEG
         if self.partition is not None and self.position:
@@ -128,7 +131,7 @@ class StampLogic(StatefulBatchLogic[Any, Any, StampState]):
         elif ticked and not self.idle:
             self.idle = True
             out.append(Watermark(self.partition, self.wm, idle=True))
-        return out, StatefulBatchLogic.RETAIN
+        return ([out] if self.bundles and out else out), StatefulBatchLogic.RETAIN
 
     @reported
     def on_eof(self) -> tuple[list[Any], bool]:
@@ -159,4 +162,7 @@ _SNAP = snapshot_timer("stamp")
 def stamp(step_id: str, up: Stream[Any]) -> KeyedStream[Any]:
     """Give each event its `seq`, per source partition (`StampLogic`), followed by the partition's
     watermarks: the keyed stream every `ordered` step reads."""
-    return op.stateful_batch("stamp", op.flat_map_batch("key_partition", up, stamp_router), StampLogic)
+    stamped = op.stateful_batch(
+        "stamp", op.flat_map_batch("key_partition", up, stamp_router), partial(StampLogic, bundles=True)
+    )
+    return op.flat_map_batch("open", stamped, opened)

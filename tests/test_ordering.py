@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 
 from features.engine import FeatureRow
 from features.events import Transaction
+from flows.batch import opened
 from flows.ordering import (
     FAN,
     Bundle,
@@ -97,6 +98,37 @@ def test_stamp_numbers_along_the_partition_whatever_the_event_times() -> None:
     assert resumed.on_batch([Tick("in:{0}")])[0] == []
     assert resumed.on_batch([txn(5, 10_000)])[0][-1].idle is False
     assert resumed.on_eof()[0] == [Watermark("in:{0}", INF)]
+
+
+def test_a_step_s_batch_goes_out_as_one_list_and_comes_back_as_its_events() -> None:
+    """Inside the flow, stamping and every `ordered` step hand Bytewax a batch's events as one
+    list (Bytewax then builds one `(key, value)` item, not one per event) and `opened` turns it
+    back into one `(key, event)` item per event, in order, the key shared; a value that is not a
+    list (a relay's watermark, an event from a timer) passes as it is."""
+    plain, bundled = StampLogic(None), StampLogic(None, bundles=True)
+    batch = [txn(1, 5_000), txn(2, 3_000), txn(3, 9_000)]
+    events, _ = plain.on_batch(list(batch))
+    out, keep = bundled.on_batch(list(batch))
+    assert out == [events] and keep is False
+    assert bundled.on_batch([Tick("in:{0}")])[0] == [[Watermark("in:{0}", events[-1].wm, idle=True)]]
+    assert bundled.on_batch([Tick("in:{0}")])[0] == []  # nothing to say: no list at all
+    items = opened([("in:{0}", out[0]), ("relay", Watermark(0, 7)), ("in:{0}", [])])
+    assert items == [*(("in:{0}", e) for e in events), ("relay", Watermark(0, 7))]
+    assert len({id(k) for k, _ in items[:-1]}) == 1
+
+    stage = Stage("bundle_test", _Echo, Workers(1), None, bundles=True)
+    key = KeyedStep.build(stage, None)
+    (together,), done = key.on_batch([Item(3), Item(1)])
+    assert [e.seq for e in together] == [1, 3] and done is False  # one list, in seq order
+    assert key.on_batch([Item(4)])[0][0][0].seq == 4
+
+
+class _Echo(StepLogic):
+    def __init__(self, resume: Any) -> None:
+        pass
+
+    def apply(self, events: list[Any]) -> list[Any]:
+        return events
 
 
 def test_stamp_caps_a_timestamp_far_in_the_future() -> None:
