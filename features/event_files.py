@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import heapq
+import time
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import IO
 
 import msgspec
 
-from features.events import AwareTime, Control, DeadLetter, Label, Transaction, decode, to_epoch_ms
+from features.events import AwareTime, Control, DeadLetter, Decoded, Label, Transaction, decode, to_epoch_ms
 
 
 class _Ts(msgspec.Struct):
@@ -48,6 +49,42 @@ def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool, 
             except (msgspec.DecodeError, ValueError, RecursionError):
                 pass  # dead-lettered by `decode`; suppress() would cost a context manager per line
             yield last, label, n, kind, line
+
+
+def _decoded_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool, int, Decoded]]:
+    """`_keyed_lines` with each line decoded instead (`features.events.decode`, received when it
+    is read, its origin `<file name>:<line>`): (event time, is a label, line number, event). The
+    time comes from the decoded event, so a line is parsed once; a dead letter's time is read as
+    `_keyed_lines` reads it, so both give the same order."""
+    last, label, name = -(2**62), kind == "label", path.name
+    decode_ts = _ts_decoder.decode
+    with open_text(path) as f:
+        for n, line in enumerate(islice(f, skip, None), start=skip):
+            line = line.rstrip("\n")
+            if not line or line.isspace():
+                continue
+            event = decode(kind, line, time.time_ns(), 0, f"{name}:{n + 1}")
+            if isinstance(event, Transaction | Label):
+                last = event.ts_ms
+            else:  # a dead letter (files hold no commands)
+                try:  # noqa: SIM105
+                    last = to_epoch_ms(decode_ts(line).ts)
+                except (msgspec.DecodeError, ValueError, RecursionError):
+                    pass
+            yield last, label, n, event
+
+
+def merged_events(
+    txns: Path, labels: Path | None, skip: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[Decoded, int, bool]]:
+    """`merged_records`, each line decoded as it is read: (event, line number in its own file,
+    whether it is a label), in the same order. The flow's file replay hands Bytewax these events:
+    merging the files needs each line's time, which is most of decoding it."""
+    streams = [_decoded_lines(txns, "txn", skip[0])]
+    if labels is not None:
+        streams.append(_decoded_lines(labels, "label", skip[1]))
+    for _, label, n, event in heapq.merge(*streams):
+        yield event, n, label
 
 
 def merged_records(

@@ -1,8 +1,11 @@
 """Replay a transactions file and a labels file, merged in event time, as a resumable source.
 
-Each record is handed on as raw text with its kind; decoding happens in the flow so that a bad
-line becomes a dead letter there, like any other bad input. The position (lines consumed from
-each file) is the partition's snapshot, so a resumed flow skips what it already handed out.
+Merging the files needs each line's event time, which is most of decoding it, so each line is
+decoded as it is read (`features.event_files.merged_events`) and handed on as its event: a
+transaction, a label, or the dead letter of a bad line, which the flow's decode step passes on
+as it passes on what it decodes itself (`flows.steps.decode_record`). The position (lines
+consumed from each file) is the partition's snapshot, so a resumed flow skips what it already
+handed out.
 """
 
 from __future__ import annotations
@@ -12,24 +15,24 @@ from pathlib import Path
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from features.event_files import merged_records
-from features.events import Record
+from features.event_files import merged_events
+from features.events import Decoded
 
 
-class _ReplayPartition(StatefulSourcePartition[Record, tuple[int, int]]):
+class _ReplayPartition(StatefulSourcePartition[Decoded, tuple[int, int]]):
     def __init__(
         self, txns: Path, labels: Path | None, batch_size: int, resume: tuple[int, int] | None
     ) -> None:
         self._pos = list(resume or (0, 0))
-        self._records = merged_records(txns, labels, (self._pos[0], self._pos[1]))
-        self._names = {"txn": txns.name, "label": labels.name if labels is not None else ""}
+        self._events = merged_events(txns, labels, (self._pos[0], self._pos[1]))
         self._batch_size = batch_size
 
-    def next_batch(self) -> list[Record]:
+    def next_batch(self) -> list[Decoded]:
         batch = []
-        for kind, line, n in islice(self._records, self._batch_size):
-            batch.append((kind, line, f"{self._names[kind]}:{n + 1}"))
-            self._pos[kind == "label"] = n + 1
+        pos = self._pos
+        for event, n, label in islice(self._events, self._batch_size):
+            batch.append(event)
+            pos[label] = n + 1
         if not batch:
             raise StopIteration
         return batch
@@ -38,7 +41,7 @@ class _ReplayPartition(StatefulSourcePartition[Record, tuple[int, int]]):
         return (self._pos[0], self._pos[1])
 
 
-class FileReplaySource(FixedPartitionedSource[Record, tuple[int, int]]):
+class FileReplaySource(FixedPartitionedSource[Decoded, tuple[int, int]]):
     """One partition replaying `transactions` (+ `labels`) in event time, in batches."""
 
     def __init__(self, transactions: Path, labels: Path | None = None, batch_size: int = 1000) -> None:

@@ -116,10 +116,13 @@ def quarantine(item: Any, step: str, exc: Exception, n_keys: int = 0) -> Quarant
     return Quarantined(dead.txn_id or "", getattr(item, "seq", 0), dead, (None,) * n_keys)
 
 
-def decode_record(record: Record) -> Decoded | Tick:
+def decode_record(record: Record | Decoded) -> Decoded | Tick:
     """Decode at the edge, stamping its arrival time (latency: `flows.stamping.arrival_ns`, the
     time Redis added it); `flows.ordering.StampLogic` then gives each event its place in the
-    canonical order (`seq`)."""
+    canonical order (`seq`). An event its source decoded already (the file replay:
+    `flows.file_source`) passes as it is."""
+    if not isinstance(record, tuple):
+        return record
     kind, raw, origin = record
     if kind == TICK:
         return Tick(partition_of(origin))
