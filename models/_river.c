@@ -417,6 +417,52 @@ static PyObject **floats_of(PyObject *values, Py_ssize_t *n)
     return vs;
 }
 
+/* A row's values: a list or tuple of floats, or a float32 buffer (`array('f')`: the copy of a
+ * vector `pending` kept for its label), read as doubles without building a float object each. */
+typedef struct {
+    PyObject **objs;
+    const float *f32;
+    Py_ssize_t n;
+    Py_buffer view;
+    int held;
+} Row;
+
+/* 1 with `r` filled, 0 when `values` is neither (declined; nothing held). */
+static int row_of(PyObject *values, Row *r)
+{
+    r->objs = NULL;
+    r->f32 = NULL;
+    r->held = 0;
+    if (PyList_CheckExact(values) || PyTuple_CheckExact(values)) {
+        r->objs = floats_of(values, &r->n);
+        return r->objs != NULL;
+    }
+    if (!PyObject_CheckBuffer(values)) return 0;
+    if (PyObject_GetBuffer(values, &r->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (r->view.itemsize != 4 || r->view.format == NULL || strcmp(r->view.format, "f") != 0) {
+        PyBuffer_Release(&r->view);
+        return 0;
+    }
+    r->f32 = (const float *)r->view.buf;
+    r->n = r->view.len / 4;
+    r->held = 1;
+    return 1;
+}
+
+static inline double row_at(const Row *r, Py_ssize_t i)
+{
+    return r->f32 != NULL ? (double)r->f32[i] : PyFloat_AS_DOUBLE(r->objs[i]);
+}
+
+static void row_release(Row *r)
+{
+    if (r->held) PyBuffer_Release(&r->view);
+    r->held = 0;
+}
+
 /* rows_learn(values, state, order): the scaler learns the row's finite values (Welford), scales
  * them into the state's last block and returns the classifier's dot product with its weights
  * before this row (a name seen for the first time has no weight yet: nothing added; its index is
@@ -427,20 +473,25 @@ static PyObject *rows_learn(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "rows_learn(values, state, order)");
         return NULL;
     }
-    Py_ssize_t n;
-    PyObject **vs = floats_of(args[0], &n), *order = args[2];
-    if (vs == NULL || !PyList_CheckExact(order)) Py_RETURN_NONE;
+    Row row;
+    PyObject *order = args[2];
+    if (!PyList_CheckExact(order) || !row_of(args[0], &row)) Py_RETURN_NONE;
+    Py_ssize_t n = row.n;
     Py_buffer view;
     double *st = state_of(args[1], &view, n);
-    if (st == NULL) Py_RETURN_NONE;
+    if (st == NULL) {
+        row_release(&row);
+        Py_RETURN_NONE;
+    }
     double *C = st, *M = st + n, *V = st + 2 * n, *W = st + 3 * n, *S = st + 4 * n, acc = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) /* counts must stay exact */
-        if (isfinite(PyFloat_AS_DOUBLE(vs[i])) && !(C[i] >= 0.0 && C[i] + 1.0 < (double)EXACT_LIMIT)) {
+        if (isfinite(row_at(&row, i)) && !(C[i] >= 0.0 && C[i] + 1.0 < (double)EXACT_LIMIT)) {
             PyBuffer_Release(&view);
+            row_release(&row);
             Py_RETURN_NONE;
         }
     for (Py_ssize_t i = 0; i < n; i++) {
-        double x = PyFloat_AS_DOUBLE(vs[i]);
+        double x = row_at(&row, i);
         if (!isfinite(x)) continue;
         int first = C[i] == 0.0;
         double count = C[i] + 1.0, old_mean = M[i];
@@ -456,6 +507,7 @@ static PyObject *rows_learn(PyObject *self, PyObject *const *args, Py_ssize_t na
             Py_XDECREF(at);
             if (rc < 0) {
                 PyBuffer_Release(&view);
+                row_release(&row);
                 return NULL;
             }
         } else {
@@ -463,6 +515,7 @@ static PyObject *rows_learn(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
     }
     PyBuffer_Release(&view);
+    row_release(&row);
     return PyFloat_FromDouble(acc);
 }
 
@@ -474,16 +527,20 @@ static PyObject *rows_step(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "rows_step(values, state, loss_gradient, lr)");
         return NULL;
     }
-    Py_ssize_t n;
-    PyObject **vs = floats_of(args[0], &n);
-    if (vs == NULL || !PyFloat_CheckExact(args[2]) || !PyFloat_CheckExact(args[3])) Py_RETURN_NONE;
+    Row row;
+    if (!PyFloat_CheckExact(args[2]) || !PyFloat_CheckExact(args[3]) || !row_of(args[0], &row)) Py_RETURN_NONE;
+    Py_ssize_t n = row.n;
     Py_buffer view;
     double *st = state_of(args[1], &view, n);
-    if (st == NULL) Py_RETURN_NONE;
+    if (st == NULL) {
+        row_release(&row);
+        Py_RETURN_NONE;
+    }
     double g = PyFloat_AS_DOUBLE(args[2]), lr = PyFloat_AS_DOUBLE(args[3]), *W = st + 3 * n, *S = st + 4 * n;
     for (Py_ssize_t i = 0; i < n; i++)
-        if (isfinite(PyFloat_AS_DOUBLE(vs[i]))) W[i] = W[i] - (S[i] * g) * lr;
+        if (isfinite(row_at(&row, i))) W[i] = W[i] - (S[i] * g) * lr;
     PyBuffer_Release(&view);
+    row_release(&row);
     Py_RETURN_TRUE;
 }
 

@@ -307,7 +307,9 @@ class OnlineModel:
         compiled pass over the features when `models._river` is built (no intermediate dict)."""
         rows = self._rows_for(names)
         if rows is not None:
-            row = values.tolist() if hasattr(values, "tolist") else values
+            # A float32 array (a labelled vector's values) is read in place by the compiled code.
+            f32 = type(values) is array and values.typecode == "f"
+            row = values if f32 else values.tolist() if hasattr(values, "tolist") else values
             if len(row) != len(names):
                 raise ValueError(f"{len(names)} names but {len(row)} values")
             raw = _compiled.rows_learn(row, rows[1], rows[2])

@@ -357,6 +357,34 @@ def test_online_compiled_scaler_is_rivers_bit_for_bit(seed: int) -> None:
     _alike_both_ways(run)
 
 
+@pytest.mark.parametrize("seed", [5, 6])
+def test_online_rows_learned_from_float32_arrays_are_rivers_bit_for_bit(seed: int) -> None:
+    """A labelled vector's values come as a float32 `array` (what `pending` kept), which the
+    compiled code reads in place: the same model as River's own code learning `x_dict` of the
+    same float32 values, NaN and infinity left out."""
+    from array import array
+
+    names = ["big", "tiny", "const", "wide", "int_like", "late", "never_learned"]
+    rows = [
+        (array("f", [x.get(k, float("nan")) for k in names[:-1]] + [float("inf")]), y)
+        for x, y in _stream(seed, 500)
+    ]
+
+    def run(compiled: bool) -> tuple[OnlineModel, list[float]]:
+        model, got = OnlineModel(warmup=40, pos_weight=3.0), []
+        for row, y in rows:
+            if compiled:
+                got += [model.predict_values(names, row.tolist()), model.learn_values(names, row, y)]
+            else:
+                x = x_dict(names, row.tolist())
+                got += [model.predict_proba_one(x), model.learn_one(x, y)]
+        return model, got
+
+    model = _alike_both_ways(run)
+    assert "never_learned" not in model._scaler.counts  # noqa: SLF001 - inf is left out
+    assert model.n_learned == len(rows)
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_online_rows_learned_in_one_pass_are_rivers_bit_for_bit(seed: int) -> None:
     """`learn_values` / `predict_values` (names and a row, as the scorer holds them, NaN for a
