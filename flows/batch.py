@@ -36,8 +36,9 @@ def opened(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
     Bytewax wraps every value a stateful step returns in a `(key, value)` tuple, building the
     key's Python string again for each: a step that returns a batch's events as one list
-    (`flows.ordering.bundled`) pays that once per batch, and this op (`op.flat_map_batch`) makes the items in
-    Python, the key shared. A value that is not a plain list passes as it is."""
+    (`flows.ordering.bundled`) pays that once per batch, and this op (`op.flat_map_batch`)
+    makes the items in Python, the key shared. A value that is not a plain list (no event is
+    one) passes as it is."""
     out: list[tuple[str, Any]] = []
     for kv in batch:
         v = kv[1]

@@ -450,12 +450,22 @@ class ShardTable(StepLogic):
         Only shards whose values are written once (the index, `pending`: an entry is added, then
         dropped) write ahead: an entity's state changes with each of its events, and the busy
         ones (a large merchant's window) would be written twice an epoch (`python -m
-        benchmarks.redis_throughput`: 10 % more CPU for the flow, for 5-10 ms less a close)."""
-        if not self.changed or monotonic() < self.ahead_at:
+        benchmarks.redis_throughput`: 10 % more CPU for the flow, for 5-10 ms less a close).
+
+        Such a shard with files also writes what changed whenever that reaches `CHUNK` keys,
+        whether or not its time has come (and with `FRAUD_SNAPSHOT_AHEAD` off): the keys noted
+        since the last write are held as Python strings until written, which a fast replay or a
+        backfill would otherwise pile up by the hundred thousand each epoch (`python -m
+        benchmarks.index_memory`); at production rates an epoch changes far fewer."""
+        changed = self.changed
+        if not changed:
             return
-        self.ahead_at = NEVER  # once per epoch: the snapshot sets the next time
+        if len(changed) < CHUNK or self.mutable or self.files is None:
+            if monotonic() < self.ahead_at:
+                return
+            self.ahead_at = NEVER  # once per epoch: the snapshot sets the next time
         log = self._log()
-        changed, self.changed = self.changed, set()
+        self.changed = set()
         log.append(self._delta(changed), self._whole)
 
     def _log(self) -> ShardLog:

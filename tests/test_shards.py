@@ -185,6 +185,48 @@ def test_writing_ahead_of_each_snapshot_rebuilds_the_same_shards(
             assert "cannot read" in str(exc)
 
 
+def test_a_shard_writes_what_changed_whenever_it_reaches_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With files, a shard of values written once writes what changed as soon as it reaches
+    `CHUNK` keys, between snapshots and whatever its time in the epoch (here none: write-ahead
+    off), so the keys it holds until written stay bounded; every manifest still rebuilds the
+    entries of its snapshot. Fewer keys wait for their time; a mutable shard never writes ahead."""
+    monkeypatch.setattr(shards, "CHUNK", 7)
+    files = StateFiles(tmp_path, "pending")  # no epoch length: no timed write
+    table = Table(files, None)
+    table.name("t1")
+    rng = random.Random(11)
+    taken: list[tuple[Manifest, dict[str, bytes]]] = []
+    wrote = 0
+    for i in range(40):
+        for j in range(rng.randrange(0, 30)):
+            table.put(f"k{i}-{j}", b"%d" % j)
+            if rng.random() < 0.2:
+                table.drop(f"k{i}-{rng.randrange(0, j + 1)}")
+            had = len(table.changed)
+            table.ahead()
+            assert len(table.changed) < 7
+            wrote += had >= 7
+        m = table.snapshot()
+        assert isinstance(m, Manifest)
+        taken.append((m, dict(table.items.items())))
+    assert wrote > 20
+    for m, items in taken[-KEEP:]:
+        assert Table(files, m).items == items
+    few = Table(StateFiles(tmp_path, "index"), None)
+    few.name("t1")
+    for j in range(6):
+        few.put(f"f{j}", b"x")
+    few.ahead()
+    assert len(few.changed) == 6  # below a chunk, not due: kept for the snapshot
+    entities = Entities(StateFiles(tmp_path, "card"), None)
+    entities.name("e1")
+    entities.changed.update(f"e{j}" for j in range(20))
+    entities.ahead()
+    assert len(entities.changed) == 20
+
+
 class Entities(Table):
     """A shard whose values change in place, as an entity step's feature states do."""
 
