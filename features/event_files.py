@@ -33,22 +33,32 @@ def open_text(path: Path) -> IO[str]:
     return path.open("r", encoding="utf-8", errors="surrogateescape")
 
 
+def _lines(path: Path, skip: int) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each line of `path` past its first `skip`, blank lines left out."""
+    with open_text(path) as f:
+        for n, line in enumerate(islice(f, skip, None), start=skip):
+            line = line.rstrip("\n")
+            if line and not line.isspace():
+                yield n, line
+
+
+def _time_of(line: str, last: int) -> int:
+    """The epoch ms of `line`'s `ts`, or `last` (the line before's) when it does not parse: a bad
+    line sorts with the line before it (`decode` dead-letters it)."""
+    try:
+        return to_epoch_ms(_ts_decoder.decode(line).ts)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return last
+
+
 def _keyed_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool, int, str, str]]:
     """(event time, is a label, line number, kind, line): in the order `merged_records` wants when
     compared as tuples (the line numbers of one file differ, the files differ in the second item).
     An unparseable time sorts with the line before it."""
     last, label = -(2**62), kind == "label"
-    decode_ts = _ts_decoder.decode
-    with open_text(path) as f:
-        for n, line in enumerate(islice(f, skip, None), start=skip):
-            line = line.rstrip("\n")
-            if not line or line.isspace():
-                continue
-            try:  # noqa: SIM105
-                last = to_epoch_ms(decode_ts(line).ts)
-            except (msgspec.DecodeError, ValueError, RecursionError):
-                pass  # dead-lettered by `decode`; suppress() would cost a context manager per line
-            yield last, label, n, kind, line
+    for n, line in _lines(path, skip):
+        last = _time_of(line, last)
+        yield last, label, n, kind, line
 
 
 def _decoded_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool, int, Decoded]]:
@@ -57,21 +67,11 @@ def _decoded_lines(path: Path, kind: str, skip: int) -> Iterator[tuple[int, bool
     time comes from the decoded event, so a line is parsed once; a dead letter's time is read as
     `_keyed_lines` reads it, so both give the same order."""
     last, label, name = -(2**62), kind == "label", path.name
-    decode_ts = _ts_decoder.decode
-    with open_text(path) as f:
-        for n, line in enumerate(islice(f, skip, None), start=skip):
-            line = line.rstrip("\n")
-            if not line or line.isspace():
-                continue
-            event = decode(kind, line, time.time_ns(), 0, f"{name}:{n + 1}")
-            if isinstance(event, Transaction | Label):
-                last = event.ts_ms
-            else:  # a dead letter (files hold no commands)
-                try:  # noqa: SIM105
-                    last = to_epoch_ms(decode_ts(line).ts)
-                except (msgspec.DecodeError, ValueError, RecursionError):
-                    pass
-            yield last, label, n, event
+    for n, line in _lines(path, skip):
+        event = decode(kind, line, time.time_ns(), 0, f"{name}:{n + 1}")
+        # a transaction's or a label's own time; a dead letter's as `_keyed_lines` reads it
+        last = event.ts_ms if isinstance(event, Transaction | Label) else _time_of(line, last)
+        yield last, label, n, event
 
 
 def merged_events(
