@@ -347,10 +347,10 @@ class ShardTable(StepLogic):
     Subclasses change entries only through `put` and `drop`, which note what changed since the
     last snapshot (where the snapshot needs it: a delta for the files, or a mutable shard's frozen
     copies to refresh; without either, a snapshot is the whole table), after taking the entries
-    with `own()` (never `self.items` kept from before it:
-    without files the last snapshot may still hold them); a subclass whose values change in place
-    (`mutable`: an entity's feature state) notes the key in `changed` itself, and saves each value as `frozen(value)` (an immutable
-    copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
+    with `own()` (never `self.items` kept from before it: without files the last snapshot may
+    still hold them); a subclass whose values change in place (`mutable`: an entity's feature
+    state) notes the key in `changed` itself, and saves each value as `frozen(value)` (an
+    immutable copy), which `restored` turns back into a value. `value_type` is what a saved value decodes
     as from the files. `shards`: the step's shard set (the default count if not given); a resume
     from a snapshot saved with another count is refused (`other_count`).
     """
